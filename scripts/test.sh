@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit/property/integration tests, and the fuzz targets
+# (built, then each run briefly on its corpus). FUZZ_SECONDS=0 skips the fuzz runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n\033[1;32m==> %s\033[0m\n' "$*" >&2; }
+
+step "setup"
+bash scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+FUZZ_SECONDS=${FUZZ_SECONDS:-10}
+if [ -f fuzz/Cargo.toml ] && [ "$FUZZ_SECONDS" != 0 ]; then
+  step "fuzz targets: build, then ${FUZZ_SECONDS}s each"
+  ( cd fuzz
+    cargo +nightly fuzz build --release
+    log=$(mktemp)
+    for t in $(cargo +nightly fuzz list); do
+      if ! cargo +nightly fuzz run --release "$t" -- -max_total_time="$FUZZ_SECONDS" >"$log" 2>&1; then
+        tail -n 60 "$log" >&2; echo "fuzz target $t found a crash (see above)" >&2; exit 1
+      fi
+      echo "fuzz $t: $(grep -Eo 'Done [0-9]+ runs in [0-9]+ second\(s\)' "$log" | tail -n 1)"
+    done
+    rm -f "$log" )
+fi
+
+step "all tests passed"
