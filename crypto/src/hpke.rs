@@ -1,0 +1,596 @@
+//! Sealing credentials to a key the device holds: HPKE (RFC 9180), base mode,
+//! DHKEM(X25519, HKDF-SHA256) (KEM 0x0020), HKDF-SHA256 (KDF 0x0001), ChaCha20-Poly1305
+//! (AEAD 0x0003), one single-shot message per encapsulation (RFC 9180 §6.1).
+//!
+//! ```text
+//! info = "companion credential v1"                               (INFO)
+//! aad  = u16-BE(len(device_id)) ‖ device_id (UTF-8) ‖ request_id (16 bytes)
+//! (enc, ciphertext) = SealBase(pkR = device HPKE public key, info, aad, credential bundle)
+//! ```
+//!
+//! The AAD ties the blob to the device and to the request it answers, so a companion that
+//! relays it cannot hand it to another device or replay it against another request; it cannot
+//! read it either (it has no device private key). The primitives are the `hpke` crate's
+//! (RustCrypto X25519/HKDF/ChaCha20-Poly1305); this module only fixes the suite and the framing.
+//! Conformance: RFC 9180 Appendix A.2.1 (tests below).
+
+use core::convert::Infallible;
+use core::fmt;
+
+use hpke::aead::{AeadCtxR, AeadCtxS, ChaCha20Poly1305};
+use hpke::kdf::HkdfSha256;
+use hpke::kem::X25519HkdfSha256;
+use hpke::rand_core::{TryCryptoRng, TryRng};
+use hpke::{Deserializable, Kem as KemTrait, OpModeR, OpModeS, Serializable};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::secret::Secret;
+
+type Kem = X25519HkdfSha256;
+type Kdf = HkdfSha256;
+type Aead = ChaCha20Poly1305;
+type PrivateKey = <Kem as KemTrait>::PrivateKey;
+type PublicKey = <Kem as KemTrait>::PublicKey;
+type EncappedKey = <Kem as KemTrait>::EncappedKey;
+type SenderCtx = AeadCtxS<Aead, Kdf, Kem>;
+type ReceiverCtx = AeadCtxR<Aead, Kdf, Kem>;
+
+/// HPKE `info` for credential sealing.
+pub const INFO: &[u8] = b"companion credential v1";
+/// KEM identifier, DHKEM(X25519, HKDF-SHA256) (RFC 9180 §7.1).
+pub const KEM_ID: u16 = 0x0020;
+/// KDF identifier, HKDF-SHA256 (RFC 9180 §7.2).
+pub const KDF_ID: u16 = 0x0001;
+/// AEAD identifier, ChaCha20-Poly1305 (RFC 9180 §7.3).
+pub const AEAD_ID: u16 = 0x0003;
+/// Length of `enc` and of public keys (Nenc = Npk = 32).
+pub const ENC_LEN: usize = 32;
+/// ChaCha20-Poly1305 tag length: `ciphertext.len() == plaintext.len() + TAG_LEN`.
+pub const TAG_LEN: usize = 16;
+/// Longest device ID the AAD's 16-bit length field can carry.
+pub const MAX_DEVICE_ID_LEN: usize = u16::MAX as usize;
+
+/// HPKE failures. Opening reports one error for every kind of mismatch (wrong key, device ID,
+/// request ID, tampered blob) so the cause cannot be probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HpkeError {
+    /// The recipient public key is unusable (a low-order X25519 point gives an all-zero shared
+    /// secret, RFC 9180 §7.1.4).
+    #[error("invalid recipient public key")]
+    InvalidPublicKey,
+    /// The device ID is longer than 65535 bytes.
+    #[error("device ID too long: {0} bytes (max 65535)")]
+    DeviceIdTooLong(usize),
+    /// The credential could not be opened: wrong key, wrong device ID or request ID, or a
+    /// modified `enc`/ciphertext.
+    #[error("sealed credential could not be opened")]
+    OpenFailed,
+    /// Encryption failed.
+    #[error("sealing failed")]
+    SealFailed,
+    /// The OS random number generator failed.
+    #[error("OS random number generator failed")]
+    Rng,
+}
+
+/// `u16-BE(len(device_id)) ‖ device_id ‖ request_id`. A device ID longer than 65535 bytes is
+/// written with length 0xFFFF (the encoding stays unambiguous because `request_id` has a fixed
+/// length), but [`seal_credential`]/[`open_credential`] refuse such IDs.
+pub fn credential_aad(device_id: &str, request_id: &[u8; 16]) -> Vec<u8> {
+    let id = device_id.as_bytes();
+    let len = u16::try_from(id.len()).unwrap_or(u16::MAX);
+    let mut aad = Vec::with_capacity(2 + id.len() + 16);
+    aad.extend_from_slice(&len.to_be_bytes());
+    aad.extend_from_slice(id);
+    aad.extend_from_slice(request_id);
+    aad
+}
+
+/// The device's X25519 private key. Zeroized on drop (the `hpke` crate wraps
+/// `x25519_dalek::StaticSecret` with its `zeroize` feature); `Debug` shows only the public key.
+#[derive(Clone)]
+pub struct DeviceHpkeKey {
+    sk: PrivateKey,
+}
+
+impl fmt::Debug for DeviceHpkeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceHpkeKey")
+            .field("public_key", &hex::encode(self.public_key()))
+            .field("private_key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl DeviceHpkeKey {
+    /// A new key pair from the OS RNG (RFC 9180 §7.1.3: DeriveKeyPair of 32 random bytes).
+    pub fn try_generate() -> Result<Self, HpkeError> {
+        let ikm = Secret::<32>::try_random().map_err(|_| HpkeError::Rng)?;
+        Ok(Self::derive(ikm.expose()))
+    }
+
+    /// A new key pair from the OS RNG.
+    ///
+    /// # Panics
+    /// Only if the OS RNG fails (see [`DeviceHpkeKey::try_generate`]).
+    pub fn generate() -> Self {
+        match Self::try_generate() {
+            Ok(k) => k,
+            // INVARIANT: fails only when the kernel cannot provide randomness at all; a
+            // predictable private key must never be produced. Use `try_generate` to handle it.
+            #[allow(clippy::panic)]
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// RFC 9180 §7.1.3 DeriveKeyPair(ikm) for DHKEM(X25519, HKDF-SHA256). `ikm` should hold at
+    /// least 32 bytes of entropy (e.g. a per-device seed in firmware).
+    pub fn derive(ikm: &[u8]) -> Self {
+        let (sk, _pk) = Kem::derive_keypair(ikm);
+        Self { sk }
+    }
+
+    /// From the 32-byte private key (RFC 9180 DeserializePrivateKey: clamped on input).
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        let mut b = Zeroizing::new(b);
+        #[allow(clippy::expect_used)]
+        // INVARIANT: X25519 private-key deserialization only checks that the input is 32 bytes
+        // long, which the array type guarantees; it cannot fail.
+        let sk = PrivateKey::from_bytes(&*b).expect("32-byte X25519 private key");
+        b.zeroize();
+        Self { sk }
+    }
+
+    /// The 32-byte (clamped) private key, for storage in a 0600 file or a secure element.
+    /// `from_bytes(k.to_bytes())` gives back the same key.
+    pub fn to_bytes(&self) -> Secret<32> {
+        let mut arr = self.sk.to_bytes();
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&arr);
+        arr.as_mut_slice().zeroize();
+        let s = Secret::from_bytes(out);
+        out.zeroize();
+        s
+    }
+
+    /// The X25519 public key (RFC 9180 SerializePublicKey).
+    pub fn public_key(&self) -> [u8; 32] {
+        Kem::sk_to_pk(&self.sk).to_bytes().into()
+    }
+}
+
+/// A credential sealed to a device key: the encapsulated key and the AEAD ciphertext (tag last).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedCredential {
+    /// HPKE `enc` (the sender's ephemeral X25519 public key).
+    pub enc: [u8; 32],
+    /// ChaCha20-Poly1305 ciphertext ‖ 16-byte tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// An RNG that yields the given 32 bytes of ephemeral IKM, so the ephemeral key can be drawn
+/// fallibly (and, in tests, reproduced from RFC 9180's ikmE). If the KEM ever asks for more, the
+/// extra bytes come from the OS RNG and a failure there is reported through `failed`.
+struct IkmRng {
+    ikm: Zeroizing<[u8; 32]>,
+    used: usize,
+    failed: bool,
+}
+
+impl IkmRng {
+    fn new(ikm: Zeroizing<[u8; 32]>) -> Self {
+        Self {
+            ikm,
+            used: 0,
+            failed: false,
+        }
+    }
+}
+
+impl TryRng for IkmRng {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        let mut b = [0u8; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        let mut b = [0u8; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        let from_ikm = dst.len().min(self.ikm.len() - self.used);
+        dst[..from_ikm].copy_from_slice(&self.ikm[self.used..self.used + from_ikm]);
+        self.used += from_ikm;
+        let rest = &mut dst[from_ikm..];
+        if !rest.is_empty() && getrandom::fill(rest).is_err() {
+            self.failed = true;
+        }
+        Ok(())
+    }
+}
+
+impl TryCryptoRng for IkmRng {}
+
+fn setup_sender(
+    recipient_pk: &[u8; 32],
+    info: &[u8],
+    ikm_e: Zeroizing<[u8; 32]>,
+) -> Result<([u8; 32], SenderCtx), HpkeError> {
+    let pk = PublicKey::from_bytes(recipient_pk).map_err(|_| HpkeError::InvalidPublicKey)?;
+    let mut rng = IkmRng::new(ikm_e);
+    let (enc, ctx) =
+        hpke::setup_sender_with_rng::<Aead, Kdf, Kem>(&OpModeS::Base, &pk, info, &mut rng)
+            .map_err(|_| HpkeError::InvalidPublicKey)?;
+    if rng.failed {
+        return Err(HpkeError::Rng);
+    }
+    Ok((enc.to_bytes().into(), ctx))
+}
+
+fn setup_receiver(
+    key: &DeviceHpkeKey,
+    enc: &[u8; 32],
+    info: &[u8],
+) -> Result<ReceiverCtx, HpkeError> {
+    let enc = EncappedKey::from_bytes(enc).map_err(|_| HpkeError::OpenFailed)?;
+    hpke::setup_receiver::<Aead, Kdf, Kem>(&OpModeR::Base, &key.sk, &enc, info)
+        .map_err(|_| HpkeError::OpenFailed)
+}
+
+fn check_device_id(device_id: &str) -> Result<(), HpkeError> {
+    if device_id.len() > MAX_DEVICE_ID_LEN {
+        return Err(HpkeError::DeviceIdTooLong(device_id.len()));
+    }
+    Ok(())
+}
+
+fn seal_with_ikm(
+    recipient_pk: &[u8; 32],
+    aad: &[u8],
+    plaintext: &[u8],
+    ikm_e: Zeroizing<[u8; 32]>,
+) -> Result<SealedCredential, HpkeError> {
+    let (enc, mut ctx) = setup_sender(recipient_pk, INFO, ikm_e)?;
+    let ciphertext = ctx
+        .seal(plaintext, aad)
+        .map_err(|_| HpkeError::SealFailed)?;
+    Ok(SealedCredential { enc, ciphertext })
+}
+
+/// Seals `plaintext` (the credential bundle) to the device key `recipient_pk`, bound to
+/// `device_id` and `request_id` through the AAD. A fresh ephemeral key is drawn from the OS RNG.
+pub fn seal_credential(
+    recipient_pk: &[u8; 32],
+    device_id: &str,
+    request_id: &[u8; 16],
+    plaintext: &[u8],
+) -> Result<SealedCredential, HpkeError> {
+    check_device_id(device_id)?;
+    let mut ikm_e = Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut *ikm_e).map_err(|_| HpkeError::Rng)?;
+    seal_with_ikm(
+        recipient_pk,
+        &credential_aad(device_id, request_id),
+        plaintext,
+        ikm_e,
+    )
+}
+
+/// Opens a sealed credential with the device key; `device_id` and `request_id` must be the
+/// ones it was sealed for. The plaintext is wiped when the returned buffer is dropped.
+pub fn open_credential(
+    key: &DeviceHpkeKey,
+    device_id: &str,
+    request_id: &[u8; 16],
+    sealed: &SealedCredential,
+) -> Result<Zeroizing<Vec<u8>>, HpkeError> {
+    check_device_id(device_id)?;
+    let mut ctx = setup_receiver(key, &sealed.enc, INFO)?;
+    let aad = credential_aad(device_id, request_id);
+    ctx.open(&sealed.ciphertext, &aad)
+        .map(Zeroizing::new)
+        .map_err(|_| HpkeError::OpenFailed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> Vec<u8> {
+        hex::decode(s).unwrap()
+    }
+
+    fn h32(s: &str) -> [u8; 32] {
+        h(s).try_into().unwrap()
+    }
+
+    // RFC 9180 Appendix A.2.1: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20Poly1305,
+    // base mode (values from the RFC's source, cfrg/draft-irtf-cfrg-hpke draft-irtf-cfrg-hpke.md).
+    const INFO_A21: &str = "4f6465206f6e2061204772656369616e2055726e";
+    const IKM_E: &str = "909a9b35d3dc4713a5e72a4da274b55d3d3821a37e5d099e74a647db583a904b";
+    const PK_EM: &str = "1afa08d3dec047a643885163f1180476fa7ddb54c6a8029ea33f95796bf2ac4a";
+    const SK_EM: &str = "f4ec9b33b792c372c1d2c2063507b684ef925b8c75a42dbcbf57d63ccd381600";
+    const IKM_R: &str = "1ac01f181fdf9f352797655161c58b75c656a6cc2716dcb66372da835542e1df";
+    const PK_RM: &str = "4310ee97d88cc1f088a5576c77ab0cf5c3ac797f3d95139c6c84b5429c59662a";
+    const SK_RM: &str = "8057991eef8f1f1af18f4a9491d16a1ce333f695d4db8e38da75975c4478e0fb";
+    const PT: &str = "4265617574792069732074727574682c20747275746820626561757479";
+    /// (sequence number, aad, ct)
+    const ENCRYPTIONS: [(u32, &str, &str); 6] = [
+        (
+            0,
+            "436f756e742d30",
+            "1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28",
+        ),
+        (
+            1,
+            "436f756e742d31",
+            "6b53c051e4199c518de79594e1c4ab18b96f081549d45ce015be002090bb119e85285337cc95ba5f59992dc98c",
+        ),
+        (
+            2,
+            "436f756e742d32",
+            "71146bd6795ccc9c49ce25dda112a48f202ad220559502cef1f34271e0cb4b02b4f10ecac6f48c32f878fae86b",
+        ),
+        (
+            4,
+            "436f756e742d34",
+            "63357a2aa291f5a4e5f27db6baa2af8cf77427c7c1a909e0b37214dd47db122bb153495ff0b02e9e54a50dbe16",
+        ),
+        (
+            255,
+            "436f756e742d323535",
+            "18ab939d63ddec9f6ac2b60d61d36a7375d2070c9b683861110757062c52b8880a5f6b3936da9cd6c23ef2a95c",
+        ),
+        (
+            256,
+            "436f756e742d323536",
+            "7a4a13e9ef23978e2c520fd4d2e757514ae160cd0cd05e556ef692370ca53076214c0c40d4c728d6ed9e727a5b",
+        ),
+    ];
+    /// (exporter_context, exported_value), L = 32
+    const EXPORTS: [(&str, &str); 3] = [
+        (
+            "",
+            "4bbd6243b8bb54cec311fac9df81841b6fd61f56538a775e7c80a9f40160606e",
+        ),
+        (
+            "00",
+            "8c1df14732580e5501b00f82b10a1647b40713191b7c1240ac80e2b68808ba69",
+        ),
+        (
+            "54657374436f6e74657874",
+            "5acb09211139c43b3090489a9da433e8a30ee7188ba8b0a9a1ccf0c229283e53",
+        ),
+    ];
+
+    fn clamp(mut k: [u8; 32]) -> [u8; 32] {
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        k
+    }
+
+    #[test]
+    fn suite_ids() {
+        assert_eq!(<Kem as KemTrait>::KEM_ID, KEM_ID);
+        assert_eq!(<Kdf as hpke::kdf::Kdf>::KDF_ID, KDF_ID);
+        assert_eq!(<Aead as hpke::aead::Aead>::AEAD_ID, AEAD_ID);
+    }
+
+    #[test]
+    fn rfc9180_a21_derive_keypairs() {
+        let eph = DeviceHpkeKey::derive(&h(IKM_E));
+        assert_eq!(hex::encode(eph.public_key()), PK_EM);
+        assert_eq!(eph.to_bytes().expose(), &clamp(h32(SK_EM)));
+        let r = DeviceHpkeKey::derive(&h(IKM_R));
+        assert_eq!(hex::encode(r.public_key()), PK_RM);
+        assert_eq!(r.to_bytes().expose(), &clamp(h32(SK_RM)));
+        // skRm as printed in the RFC (unclamped) deserializes to the same key.
+        let r2 = DeviceHpkeKey::from_bytes(h32(SK_RM));
+        assert_eq!(hex::encode(r2.public_key()), PK_RM);
+        let r3 = DeviceHpkeKey::from_bytes(*r.to_bytes().expose());
+        assert_eq!(r3.public_key(), r.public_key());
+    }
+
+    #[test]
+    fn rfc9180_a21_sender_encryptions_and_exports() {
+        let (enc, mut ctx) =
+            setup_sender(&h32(PK_RM), &h(INFO_A21), Zeroizing::new(h32(IKM_E))).unwrap();
+        assert_eq!(hex::encode(enc), PK_EM, "enc");
+        let mut seq = 0u32;
+        for (want_seq, aad, ct) in ENCRYPTIONS {
+            // Advance the context's sequence number to `want_seq` with throw-away encryptions.
+            while seq < want_seq {
+                ctx.seal(b"", b"").unwrap();
+                seq += 1;
+            }
+            assert_eq!(
+                hex::encode(ctx.seal(&h(PT), &h(aad)).unwrap()),
+                ct,
+                "seq {want_seq}"
+            );
+            seq += 1;
+        }
+        for (exp_ctx, want) in EXPORTS {
+            let mut out = [0u8; 32];
+            ctx.export(&h(exp_ctx), &mut out).unwrap();
+            assert_eq!(hex::encode(out), want, "export {exp_ctx:?}");
+        }
+    }
+
+    #[test]
+    fn rfc9180_a21_receiver_decryptions() {
+        let r = DeviceHpkeKey::derive(&h(IKM_R));
+        let mut ctx = setup_receiver(&r, &h32(PK_EM), &h(INFO_A21)).unwrap();
+        // A sender with the RFC's ephemeral key steps the receiver over the skipped sequence
+        // numbers (3, 5..=254): the receiver only advances on a successful open.
+        let (_, mut step) =
+            setup_sender(&h32(PK_RM), &h(INFO_A21), Zeroizing::new(h32(IKM_E))).unwrap();
+        let mut seq = 0u32;
+        for (want_seq, aad, ct) in ENCRYPTIONS {
+            while seq < want_seq {
+                let filler = step.seal(b"", b"").unwrap();
+                ctx.open(&filler, b"").unwrap();
+                seq += 1;
+            }
+            let pt = ctx.open(&h(ct), &h(aad)).unwrap();
+            assert_eq!(hex::encode(pt), PT, "seq {want_seq}");
+            step.seal(b"", b"").unwrap();
+            seq += 1;
+        }
+        for (exp_ctx, want) in EXPORTS {
+            let mut out = [0u8; 32];
+            ctx.export(&h(exp_ctx), &mut out).unwrap();
+            assert_eq!(hex::encode(out), want);
+        }
+    }
+
+    #[test]
+    fn seal_with_fixed_ikm_gives_rfc_enc() {
+        // The production path (INFO and credential AAD) with the RFC's ephemeral IKM: `enc`
+        // depends only on ikmE, so it must equal pkEm; the device key opens the result.
+        let r = DeviceHpkeKey::derive(&h(IKM_R));
+        let aad = credential_aad("watch-1", &[9; 16]);
+        let sealed =
+            seal_with_ikm(&r.public_key(), &aad, b"bundle", Zeroizing::new(h32(IKM_E))).unwrap();
+        assert_eq!(hex::encode(sealed.enc), PK_EM);
+        assert_eq!(sealed.ciphertext.len(), 6 + TAG_LEN);
+        let pt = open_credential(&r, "watch-1", &[9; 16], &sealed).unwrap();
+        assert_eq!(pt.as_slice(), b"bundle");
+    }
+
+    #[test]
+    fn aad_layout() {
+        let aad = credential_aad("dev", &[0xAA; 16]);
+        let mut want = vec![0x00, 0x03, b'd', b'e', b'v'];
+        want.extend_from_slice(&[0xAA; 16]);
+        assert_eq!(aad, want);
+        assert_eq!(credential_aad("", &[0; 16]).len(), 18);
+        // Non-ASCII: length is in bytes.
+        assert_eq!(&credential_aad("ü", &[0; 16])[..2], &[0, 2]);
+        let long = "x".repeat(70_000);
+        assert_eq!(&credential_aad(&long, &[0; 16])[..2], &[0xff, 0xff]);
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_failures() {
+        let dev = DeviceHpkeKey::generate();
+        let other = DeviceHpkeKey::generate();
+        let req = [7u8; 16];
+        let bundle = b"supi=imsi-001010000000042;k=...;opc=...".to_vec();
+        let sealed = seal_credential(&dev.public_key(), "sensor-42", &req, &bundle).unwrap();
+        assert_eq!(sealed.ciphertext.len(), bundle.len() + TAG_LEN);
+        assert_ne!(&sealed.ciphertext[..bundle.len()], bundle.as_slice());
+        let pt = open_credential(&dev, "sensor-42", &req, &sealed).unwrap();
+        assert_eq!(pt.as_slice(), bundle.as_slice());
+
+        // Two seals of the same bundle differ (fresh ephemeral key).
+        let sealed2 = seal_credential(&dev.public_key(), "sensor-42", &req, &bundle).unwrap();
+        assert_ne!(sealed.enc, sealed2.enc);
+
+        let fail = Err(HpkeError::OpenFailed);
+        assert_eq!(
+            open_credential(&other, "sensor-42", &req, &sealed),
+            fail,
+            "wrong key"
+        );
+        assert_eq!(
+            open_credential(&dev, "sensor-43", &req, &sealed),
+            fail,
+            "wrong device"
+        );
+        assert_eq!(
+            open_credential(&dev, "sensor-42", &[8; 16], &sealed),
+            fail,
+            "wrong request"
+        );
+        let mut t = sealed.clone();
+        t.ciphertext[0] ^= 1;
+        assert_eq!(
+            open_credential(&dev, "sensor-42", &req, &t),
+            fail,
+            "tampered ct"
+        );
+        let mut t = sealed.clone();
+        t.enc[0] ^= 1;
+        assert_eq!(
+            open_credential(&dev, "sensor-42", &req, &t),
+            fail,
+            "tampered enc"
+        );
+        let mut t = sealed.clone();
+        t.ciphertext.truncate(5);
+        assert_eq!(
+            open_credential(&dev, "sensor-42", &req, &t),
+            fail,
+            "truncated"
+        );
+        t.ciphertext.clear();
+        assert_eq!(open_credential(&dev, "sensor-42", &req, &t), fail, "empty");
+        let zero_enc = SealedCredential {
+            enc: [0; 32],
+            ciphertext: sealed.ciphertext.clone(),
+        };
+        assert_eq!(
+            open_credential(&dev, "sensor-42", &req, &zero_enc),
+            fail,
+            "low-order enc"
+        );
+
+        // Empty plaintext works.
+        let e = seal_credential(&dev.public_key(), "d", &req, b"").unwrap();
+        assert!(open_credential(&dev, "d", &req, &e).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        // Low-order recipient key: all-zero DH output must be refused (RFC 9180 §7.1.4).
+        assert_eq!(
+            seal_credential(&[0u8; 32], "d", &[0; 16], b"x"),
+            Err(HpkeError::InvalidPublicKey)
+        );
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        assert_eq!(
+            seal_credential(&one, "d", &[0; 16], b"x"),
+            Err(HpkeError::InvalidPublicKey)
+        );
+        let long = "x".repeat(MAX_DEVICE_ID_LEN + 1);
+        let dev = DeviceHpkeKey::generate();
+        assert_eq!(
+            seal_credential(&dev.public_key(), &long, &[0; 16], b"x"),
+            Err(HpkeError::DeviceIdTooLong(MAX_DEVICE_ID_LEN + 1))
+        );
+        let ok_long = "x".repeat(MAX_DEVICE_ID_LEN);
+        let s = seal_credential(&dev.public_key(), &ok_long, &[0; 16], b"x").unwrap();
+        assert!(open_credential(&dev, &ok_long, &[0; 16], &s).is_ok());
+    }
+
+    #[test]
+    fn key_debug_is_redacted() {
+        let k = DeviceHpkeKey::derive(&h(IKM_R));
+        let s = format!("{k:?}");
+        assert!(s.contains(PK_RM));
+        let sk = hex::encode(k.to_bytes().expose());
+        assert!(
+            !s.contains(&sk) && !s.contains(&sk[..8]) && !s.contains("8057991e"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn ikm_rng_overdraw_uses_os_rng() {
+        let mut r = IkmRng::new(Zeroizing::new([1u8; 32]));
+        let mut a = [0u8; 40];
+        r.try_fill_bytes(&mut a).unwrap();
+        assert_eq!(&a[..32], &[1u8; 32]);
+        let _ = (r.try_next_u32().unwrap(), r.try_next_u64().unwrap());
+        assert!(!r.failed);
+    }
+}
