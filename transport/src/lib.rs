@@ -1,0 +1,27 @@
+//! QUIC and TLS plumbing shared by `cn-backend`, `gatewayd`, `iotdev` and `loadgen`.
+//!
+//! - [`pki`]: the operator CA and the self-signed P-256 identities devices and gateways present;
+//! - [`verify`]: rustls verifiers that admit peers by public-key fingerprint (pairing, pinning);
+//! - [`quic`]: quinn endpoint configurations (TLS 1.3 only, ring, one ALPN per conversation),
+//!   transport limits, and the TLS exporter the AKA session binding uses.
+//!
+//! Protocol logic lives in `companion-proto`; this crate only moves bytes securely.
+#![forbid(unsafe_code)]
+
+pub mod pki;
+pub mod quic;
+pub mod verify;
+
+pub use pki::{Identity, OperatorCa, PkiError, spki_fingerprint, spki_from_cert};
+pub use quic::{
+    ConfigError, Limits, ServerTrust, client_config, negotiated_alpn, peer_fingerprint,
+    server_config, tls_exporter,
+};
+pub use verify::{KeyPolicy, PinnedClientVerifier, PinnedServerVerifier};
+
+/// ALPN of the device ↔ gateway conversation.
+pub const ALPN_DEVICE: &[u8] = b"companion-device/1";
+/// ALPN of the gateway ↔ CN conversation.
+pub const ALPN_CN: &[u8] = b"companion-cn/1";
+/// ALPN of the device ↔ CN attach conversation.
+pub const ALPN_ATTACH: &[u8] = b"companion-attach/1";

@@ -1,0 +1,182 @@
+//! QUIC endpoint configuration: TLS 1.3 only, ring provider, one ALPN per conversation, and
+//! transport limits sized for many small, slow peers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::RootCertStore;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::CertificateDer;
+use rustls::server::danger::ClientCertVerifier;
+
+use crate::pki::Identity;
+use crate::verify::provider;
+
+/// Errors building an endpoint configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("TLS configuration rejected: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("TLS configuration cannot be used for QUIC: {0}")]
+    Quic(String),
+    #[error("transport limit out of range: {0}")]
+    Limit(String),
+    #[error("trust anchor rejected: {0}")]
+    TrustAnchor(String),
+}
+
+/// Transport limits for one side of a conversation.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Close a connection after this long without any packet.
+    pub idle_timeout: Duration,
+    /// Send keep-alives this often (clients, to hold a NAT binding and detect a dead peer).
+    pub keep_alive: Option<Duration>,
+    /// Bidirectional streams a peer may have open at once.
+    pub max_bidi_streams: u32,
+    /// Flow-control window for one stream, bytes.
+    pub stream_window: u32,
+    /// Flow-control window for a whole connection, bytes.
+    pub connection_window: u32,
+}
+
+impl Limits {
+    /// A device talking to the gateway: one exchange at a time, small messages.
+    pub fn device_link() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Some(Duration::from_secs(10)),
+            max_bidi_streams: 2,
+            stream_window: 64 * 1024,
+            connection_window: 128 * 1024,
+        }
+    }
+
+    /// The gateway's link to the CN: several batches in flight, each up to a few MiB.
+    pub fn cn_link() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60),
+            keep_alive: Some(Duration::from_secs(15)),
+            max_bidi_streams: 64,
+            stream_window: 8 * 1024 * 1024,
+            connection_window: 32 * 1024 * 1024,
+        }
+    }
+
+    fn transport(&self) -> Result<quinn::TransportConfig, ConfigError> {
+        let mut t = quinn::TransportConfig::default();
+        let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|e| ConfigError::Limit(format!("idle timeout: {e}")))?;
+        t.max_idle_timeout(Some(idle))
+            .keep_alive_interval(self.keep_alive)
+            .max_concurrent_bidi_streams(self.max_bidi_streams.into())
+            .max_concurrent_uni_streams(0u8.into())
+            .stream_receive_window(self.stream_window.into())
+            .receive_window(self.connection_window.into());
+        Ok(t)
+    }
+}
+
+fn tls13_server(
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    identity: &Identity,
+    alpns: &[&[u8]],
+) -> Result<rustls::ServerConfig, ConfigError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder.with_single_cert(identity.chain().to_vec(), identity.private_key())?;
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    tls.max_early_data_size = 0;
+    Ok(tls)
+}
+
+/// A QUIC server configuration presenting `identity` and offering `alpns` (one endpoint may serve
+/// several conversations; [`negotiated_alpn`] tells a connection's); with `client_verifier`, every
+/// client must present a certificate the verifier admits.
+pub fn server_config(
+    identity: &Identity,
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    alpns: &[&[u8]],
+    limits: &Limits,
+) -> Result<quinn::ServerConfig, ConfigError> {
+    let tls = tls13_server(client_verifier, identity, alpns)?;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(limits.transport()?));
+    Ok(cfg)
+}
+
+/// How a client decides to trust the server.
+#[derive(Debug)]
+pub enum ServerTrust {
+    /// The server's chain must lead to one of these CA certificates (the operator CA for the CN).
+    Anchors(Vec<CertificateDer<'static>>),
+    /// A custom verifier, such as [`crate::verify::PinnedServerVerifier`] on the LAN.
+    Verifier(Arc<dyn ServerCertVerifier>),
+}
+
+/// A QUIC client configuration; `identity` is presented when the server asks for a certificate.
+pub fn client_config(
+    trust: ServerTrust,
+    identity: Option<&Identity>,
+    alpn: &[u8],
+    limits: &Limits,
+) -> Result<quinn::ClientConfig, ConfigError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match trust {
+        ServerTrust::Anchors(anchors) => {
+            let mut roots = RootCertStore::empty();
+            for anchor in anchors {
+                roots
+                    .add(anchor)
+                    .map_err(|e| ConfigError::TrustAnchor(e.to_string()))?;
+            }
+            builder.with_root_certificates(roots)
+        }
+        ServerTrust::Verifier(v) => builder.dangerous().with_custom_certificate_verifier(v),
+    };
+    let mut tls = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain().to_vec(), id.private_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(limits.transport()?));
+    Ok(cfg)
+}
+
+/// The 32-byte TLS exporter (RFC 8446 §7.5, empty context) under `label` for this connection —
+/// the value AKA answers are bound to.
+pub fn tls_exporter(conn: &quinn::Connection, label: &[u8]) -> Result<[u8; 32], ConfigError> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, label, b"")
+        .map_err(|_| {
+            ConfigError::Quic("TLS exporter unavailable before the handshake completes".into())
+        })?;
+    Ok(out)
+}
+
+/// The application protocol the handshake settled on.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = conn.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    data.protocol
+}
+
+/// The SHA-256 SPKI fingerprint of the certificate the peer presented, if any.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<[u8; 32]> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let leaf = certs.first()?;
+    let spki = crate::pki::spki_from_cert(leaf).ok()?;
+    Some(crate::pki::spki_fingerprint(&spki))
+}
