@@ -1,0 +1,594 @@
+//! Subscription policy (seed step 5, Notes 1–3) as pure functions.
+//!
+//! Nothing here touches storage or clocks: the store reads the parent, counts its children and
+//! passes `now`; these functions decide. That keeps the rules unit-testable and identical for every
+//! storage engine.
+//!
+//! - Lifetime (Note 1): `min(requested, parent policy, operator maximum)`.
+//! - Quota (Note 2): active, unexpired, unrevoked children of a parent `< max_children`.
+//! - Restrictions (Note 3): narrowed, never widened, relative to the parent: roaming only if the
+//!   parent allows it (a request for roaming is silently narrowed), DNNs are the intersection
+//!   (explicitly requesting a DNN the parent does not allow is refused), bitrate is the minimum.
+//! - Idempotency: (parent, device ID, request ID) identifies a request; a retry returns the stored
+//!   answer.
+//! - Renewal keeps SUPI, K and OPc, sets `expires_at = now + lifetime` (same lifetime rule) and
+//!   re-narrows the restrictions against the parent's *current* policy; only an active, unexpired
+//!   credential can be renewed.
+
+use thiserror::Error;
+
+use crate::model::{
+    ChildCredential, ChildStatus, DeviceId, Dnn, Parent, ParentPolicy, RequestId, Restrictions,
+    SubscriptionStatus, Supi, Timestamp, canonical_dnns,
+};
+
+/// Operator-wide limits that apply on top of every subscription's own policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperatorPolicy {
+    /// Longest lifetime of any child credential, in seconds.
+    pub max_lifetime_s: u64,
+}
+
+impl Default for OperatorPolicy {
+    fn default() -> Self {
+        Self {
+            max_lifetime_s: 90 * 24 * 3600,
+        }
+    }
+}
+
+/// Control parameters a companion sends with a provisioning request (seed step 4). `None` and
+/// empty mean "as much as the parent allows".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestedParams {
+    /// Requested lifetime in seconds.
+    pub lifetime_s: Option<u64>,
+    /// Requested roaming permission.
+    pub roaming: Option<bool>,
+    /// Requested DNNs; empty means all the parent allows.
+    pub dnns: Vec<Dnn>,
+    /// Requested bitrate cap in kbit/s.
+    pub max_bitrate_kbps: Option<u32>,
+}
+
+/// Identifies one request for idempotency: a retry with the same key gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    /// The companion subscription that asked.
+    pub parent: Supi,
+    /// The device it asked for.
+    pub device_id: DeviceId,
+    /// The device-chosen request ID.
+    pub request_id: RequestId,
+}
+
+/// Why policy refused a request that was well-formed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Denial {
+    /// The request names a DNN the parent does not allow.
+    #[error("DNN {0} is not allowed by the parent subscription")]
+    DnnNotAllowed(Dnn),
+    /// Re-narrowing a credential's DNNs against the parent's current policy leaves none.
+    #[error("no DNN of the credential is still allowed by the parent subscription")]
+    NoCommonDnn,
+    /// The credential to renew has already expired; a new one must be provisioned.
+    #[error("credential expired at {0}")]
+    Expired(Timestamp),
+    /// The credential to renew was revoked.
+    #[error("credential is revoked")]
+    Revoked,
+}
+
+/// A request that is malformed in a way syntax checks cannot catch.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Invalid {
+    /// A lifetime of zero seconds was requested.
+    #[error("requested lifetime must be at least one second")]
+    ZeroLifetime,
+    /// A bitrate cap of zero was requested.
+    #[error("requested bitrate cap must be at least 1 kbit/s")]
+    ZeroBitrate,
+    /// The request ID is already used by a different request of this device.
+    #[error("request ID already used for a different request")]
+    RequestIdReused,
+    /// The credential could not be sealed to the device key.
+    #[error("sealing failed: {0}")]
+    Seal(String),
+}
+
+/// The outcome of a policy decision that did not grant.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    /// The parent subscription is suspended or revoked.
+    #[error("parent subscription is {0}")]
+    ParentInactive(SubscriptionStatus),
+    /// The parent already has `limit` active children.
+    #[error("quota of {limit} active credentials exhausted")]
+    QuotaExhausted {
+        /// The parent's `max_children`.
+        limit: u32,
+    },
+    /// Policy refused.
+    #[error("policy denied: {0}")]
+    Denied(#[from] Denial),
+    /// Malformed request.
+    #[error("invalid request: {0}")]
+    Invalid(#[from] Invalid),
+}
+
+/// What policy granted: the validity window and the narrowed restrictions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Granted lifetime in seconds.
+    pub lifetime_s: u64,
+    /// `now + lifetime_s`.
+    pub expires_at: Timestamp,
+    /// Narrowed restrictions.
+    pub restrictions: Restrictions,
+}
+
+/// Note 1: `min(requested, parent, operator)`; a requested zero is invalid.
+pub fn grant_lifetime(
+    requested: Option<u64>,
+    parent_max: u64,
+    operator_max: u64,
+) -> Result<u64, Invalid> {
+    if requested == Some(0) {
+        return Err(Invalid::ZeroLifetime);
+    }
+    let cap = parent_max.min(operator_max).max(1);
+    Ok(requested.map_or(cap, |r| r.min(cap)))
+}
+
+/// `None` is "no cap".
+fn min_cap(a: Option<u32>, b: Option<u32>) -> Option<u32> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// Intersection of two DNN lists where empty means "any". `None` if both restrict and share none.
+pub fn intersect_dnns(a: &[Dnn], b: &[Dnn]) -> Option<Vec<Dnn>> {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => Some(canonical_dnns(b.to_vec())),
+        (_, true) => Some(canonical_dnns(a.to_vec())),
+        _ => {
+            let common: Vec<Dnn> = a.iter().filter(|d| b.contains(d)).cloned().collect();
+            if common.is_empty() {
+                None
+            } else {
+                Some(canonical_dnns(common))
+            }
+        }
+    }
+}
+
+/// Note 3 for a new credential: narrows the requested parameters to the parent's policy.
+pub fn narrow_restrictions(
+    parent: &ParentPolicy,
+    requested: &RequestedParams,
+) -> Result<Restrictions, Refusal> {
+    if requested.max_bitrate_kbps == Some(0) {
+        return Err(Invalid::ZeroBitrate.into());
+    }
+    if !parent.allowed_dnns.is_empty()
+        && let Some(bad) = requested
+            .dnns
+            .iter()
+            .find(|d| !parent.allowed_dnns.contains(d))
+    {
+        return Err(Denial::DnnNotAllowed(bad.clone()).into());
+    }
+    let allowed_dnns =
+        intersect_dnns(&parent.allowed_dnns, &requested.dnns).ok_or(Denial::NoCommonDnn)?;
+    Ok(Restrictions {
+        roaming_allowed: parent.roaming_allowed && requested.roaming.unwrap_or(true),
+        allowed_dnns,
+        max_bitrate_kbps: min_cap(parent.max_bitrate_kbps, requested.max_bitrate_kbps),
+    })
+}
+
+/// Re-narrows existing restrictions against a (possibly tightened) parent policy.
+pub fn renarrow(current: &Restrictions, parent: &ParentPolicy) -> Result<Restrictions, Denial> {
+    Ok(Restrictions {
+        roaming_allowed: current.roaming_allowed && parent.roaming_allowed,
+        allowed_dnns: intersect_dnns(&current.allowed_dnns, &parent.allowed_dnns)
+            .ok_or(Denial::NoCommonDnn)?,
+        max_bitrate_kbps: min_cap(current.max_bitrate_kbps, parent.max_bitrate_kbps),
+    })
+}
+
+/// Note 2: may a parent with `active_children` active children get one more?
+pub fn check_quota(active_children: u32, max_children: u32) -> Result<(), Refusal> {
+    if active_children >= max_children {
+        return Err(Refusal::QuotaExhausted {
+            limit: max_children,
+        });
+    }
+    Ok(())
+}
+
+fn check_parent_active(parent: &Parent) -> Result<(), Refusal> {
+    match parent.status {
+        SubscriptionStatus::Active => Ok(()),
+        other => Err(Refusal::ParentInactive(other)),
+    }
+}
+
+/// The whole decision for a new child credential.
+///
+/// Checks run in a fixed order so every engine reports the same reason: parent status, request
+/// validity and restrictions, then quota (a request that policy would refuse anyway is reported as
+/// refused by policy, not by quota).
+pub fn decide_provision(
+    parent: &Parent,
+    active_children: u32,
+    requested: &RequestedParams,
+    operator: &OperatorPolicy,
+    now: Timestamp,
+) -> Result<Grant, Refusal> {
+    check_parent_active(parent)?;
+    let lifetime_s = grant_lifetime(
+        requested.lifetime_s,
+        parent.policy.max_lifetime_s,
+        operator.max_lifetime_s,
+    )?;
+    let restrictions = narrow_restrictions(&parent.policy, requested)?;
+    check_quota(active_children, parent.policy.max_children)?;
+    Ok(Grant {
+        lifetime_s,
+        expires_at: now.plus_secs(lifetime_s),
+        restrictions,
+    })
+}
+
+/// The whole decision for renewing `child` (which must belong to `parent`).
+///
+/// Renewal is allowed only before expiry and only while both are active; it does not count
+/// against the quota (the credential is already counted).
+pub fn decide_renewal(
+    parent: &Parent,
+    child: &ChildCredential,
+    requested_lifetime_s: Option<u64>,
+    operator: &OperatorPolicy,
+    now: Timestamp,
+) -> Result<Grant, Refusal> {
+    check_parent_active(parent)?;
+    if child.status == ChildStatus::Revoked {
+        return Err(Denial::Revoked.into());
+    }
+    if now >= child.expires_at {
+        return Err(Denial::Expired(child.expires_at).into());
+    }
+    let lifetime_s = grant_lifetime(
+        requested_lifetime_s,
+        parent.policy.max_lifetime_s,
+        operator.max_lifetime_s,
+    )?;
+    let restrictions = renarrow(&child.restrictions, &parent.policy)?;
+    Ok(Grant {
+        lifetime_s,
+        expires_at: now.plus_secs(lifetime_s),
+        restrictions,
+    })
+}
+
+/// Why a device attach is refused (issue 3, item 4).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AttachRefusal {
+    /// The credential was revoked.
+    #[error("credential revoked")]
+    Revoked,
+    /// The credential expired.
+    #[error("credential expired at {0}")]
+    Expired(Timestamp),
+    /// The parent subscription is not active.
+    #[error("parent subscription is {0}")]
+    ParentInactive(SubscriptionStatus),
+    /// A visited serving network was used and roaming is not allowed.
+    #[error("roaming not allowed")]
+    RoamingNotAllowed,
+}
+
+/// May `child` attach at `now`? `roaming` is true when the serving network is not the home
+/// network. On success returns the restrictions the answer must carry.
+pub fn check_attach(
+    child: &ChildCredential,
+    parent_status: SubscriptionStatus,
+    now: Timestamp,
+    roaming: bool,
+) -> Result<&Restrictions, AttachRefusal> {
+    if child.status == ChildStatus::Revoked {
+        return Err(AttachRefusal::Revoked);
+    }
+    if parent_status != SubscriptionStatus::Active {
+        return Err(AttachRefusal::ParentInactive(parent_status));
+    }
+    if now >= child.expires_at {
+        return Err(AttachRefusal::Expired(child.expires_at));
+    }
+    if roaming && !child.restrictions.roaming_allowed {
+        return Err(AttachRefusal::RoamingNotAllowed);
+    }
+    Ok(&child.restrictions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Amf, KeyFingerprint};
+
+    fn dnn(s: &str) -> Dnn {
+        Dnn::parse(s).unwrap()
+    }
+
+    fn policy() -> ParentPolicy {
+        ParentPolicy {
+            max_children: 2,
+            max_lifetime_s: 3600,
+            roaming_allowed: false,
+            allowed_dnns: vec![dnn("internet"), dnn("ims")],
+            max_bitrate_kbps: Some(1000),
+        }
+        .validated()
+        .unwrap()
+    }
+
+    fn parent(status: SubscriptionStatus) -> Parent {
+        Parent {
+            supi: Supi::parse("imsi-001010000000001").unwrap(),
+            amf: Amf::DEFAULT,
+            sqn: companion_crypto::aka::Sqn::ZERO,
+            status,
+            policy: policy(),
+            created_at: Timestamp(0),
+            updated_at: Timestamp(0),
+        }
+    }
+
+    fn child(expires_at: i64, status: ChildStatus) -> ChildCredential {
+        ChildCredential {
+            supi: Supi::parse("imsi-001019000000001").unwrap(),
+            parent: Supi::parse("imsi-001010000000001").unwrap(),
+            device_id: DeviceId::parse("watch").unwrap(),
+            device_key_fingerprint: KeyFingerprint([1; 32]),
+            request_id: RequestId([2; 16]),
+            amf: Amf::DEFAULT,
+            sqn: companion_crypto::aka::Sqn::ZERO,
+            issued_at: Timestamp(0),
+            expires_at: Timestamp(expires_at),
+            renewed_at: None,
+            restrictions: Restrictions {
+                roaming_allowed: true,
+                allowed_dnns: vec![dnn("internet")],
+                max_bitrate_kbps: Some(5000),
+            },
+            status,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn lifetime_is_the_minimum() {
+        assert_eq!(grant_lifetime(None, 100, 50), Ok(50));
+        assert_eq!(grant_lifetime(None, 10, 50), Ok(10));
+        assert_eq!(grant_lifetime(Some(5), 10, 50), Ok(5));
+        assert_eq!(grant_lifetime(Some(500), 10, 50), Ok(10));
+        assert_eq!(grant_lifetime(Some(0), 10, 50), Err(Invalid::ZeroLifetime));
+    }
+
+    #[test]
+    fn restrictions_never_widen() {
+        let p = policy();
+        // Asking for everything yields the parent's ceiling with roaming narrowed off.
+        let r = narrow_restrictions(
+            &p,
+            &RequestedParams {
+                roaming: Some(true),
+                max_bitrate_kbps: Some(10_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r, p.ceiling());
+        assert!(!r.roaming_allowed);
+        // A subset of DNNs and a lower bitrate are kept.
+        let r = narrow_restrictions(
+            &p,
+            &RequestedParams {
+                dnns: vec![dnn("IMS")],
+                max_bitrate_kbps: Some(10),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.allowed_dnns, vec![dnn("ims")]);
+        assert_eq!(r.max_bitrate_kbps, Some(10));
+        // A DNN outside the parent's list is refused.
+        let e = narrow_restrictions(
+            &p,
+            &RequestedParams {
+                dnns: vec![dnn("ims"), dnn("corp")],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e, Refusal::Denied(Denial::DnnNotAllowed(dnn("corp"))));
+        // A parent allowing any DNN passes the request through; roaming can be declined.
+        let any = ParentPolicy {
+            allowed_dnns: vec![],
+            roaming_allowed: true,
+            max_bitrate_kbps: None,
+            ..p
+        };
+        let r = narrow_restrictions(
+            &any,
+            &RequestedParams {
+                dnns: vec![dnn("corp")],
+                roaming: Some(false),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.allowed_dnns, vec![dnn("corp")]);
+        assert!(!r.roaming_allowed);
+        assert_eq!(r.max_bitrate_kbps, None);
+        let r = narrow_restrictions(&any, &RequestedParams::default()).unwrap();
+        assert!(r.roaming_allowed);
+        assert!(r.allowed_dnns.is_empty());
+        assert!(matches!(
+            narrow_restrictions(
+                &any,
+                &RequestedParams {
+                    max_bitrate_kbps: Some(0),
+                    ..Default::default()
+                }
+            ),
+            Err(Refusal::Invalid(Invalid::ZeroBitrate))
+        ));
+    }
+
+    #[test]
+    fn dnn_intersection() {
+        assert_eq!(intersect_dnns(&[], &[]), Some(vec![]));
+        assert_eq!(intersect_dnns(&[dnn("a")], &[]), Some(vec![dnn("a")]));
+        assert_eq!(intersect_dnns(&[], &[dnn("b")]), Some(vec![dnn("b")]));
+        assert_eq!(
+            intersect_dnns(&[dnn("a"), dnn("b")], &[dnn("b"), dnn("c")]),
+            Some(vec![dnn("b")])
+        );
+        assert_eq!(intersect_dnns(&[dnn("a")], &[dnn("c")]), None);
+    }
+
+    #[test]
+    fn quota() {
+        assert!(check_quota(0, 1).is_ok());
+        assert_eq!(check_quota(1, 1), Err(Refusal::QuotaExhausted { limit: 1 }));
+        assert_eq!(check_quota(0, 0), Err(Refusal::QuotaExhausted { limit: 0 }));
+    }
+
+    #[test]
+    fn provision_decision_order() {
+        let op = OperatorPolicy {
+            max_lifetime_s: 1800,
+        };
+        let now = Timestamp(1000);
+        let g = decide_provision(
+            &parent(SubscriptionStatus::Active),
+            1,
+            &RequestedParams::default(),
+            &op,
+            now,
+        )
+        .unwrap();
+        assert_eq!(g.lifetime_s, 1800);
+        assert_eq!(g.expires_at, Timestamp(2800));
+        assert_eq!(
+            decide_provision(
+                &parent(SubscriptionStatus::Active),
+                2,
+                &RequestedParams::default(),
+                &op,
+                now
+            ),
+            Err(Refusal::QuotaExhausted { limit: 2 })
+        );
+        // Policy refusal wins over quota, parent status over everything.
+        let bad = RequestedParams {
+            dnns: vec![dnn("corp")],
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide_provision(&parent(SubscriptionStatus::Active), 2, &bad, &op, now),
+            Err(Refusal::Denied(_))
+        ));
+        assert_eq!(
+            decide_provision(&parent(SubscriptionStatus::Suspended), 0, &bad, &op, now),
+            Err(Refusal::ParentInactive(SubscriptionStatus::Suspended))
+        );
+    }
+
+    #[test]
+    fn renewal() {
+        let op = OperatorPolicy::default();
+        let p = parent(SubscriptionStatus::Active);
+        let g = decide_renewal(
+            &p,
+            &child(2000, ChildStatus::Active),
+            Some(60),
+            &op,
+            Timestamp(1000),
+        )
+        .unwrap();
+        assert_eq!(g.expires_at, Timestamp(1060));
+        // Renarrowed against the parent: roaming off, bitrate 1000.
+        assert!(!g.restrictions.roaming_allowed);
+        assert_eq!(g.restrictions.max_bitrate_kbps, Some(1000));
+        assert_eq!(g.restrictions.allowed_dnns, vec![dnn("internet")]);
+        assert_eq!(
+            decide_renewal(
+                &p,
+                &child(1000, ChildStatus::Active),
+                None,
+                &op,
+                Timestamp(1000)
+            ),
+            Err(Refusal::Denied(Denial::Expired(Timestamp(1000))))
+        );
+        assert_eq!(
+            decide_renewal(
+                &p,
+                &child(2000, ChildStatus::Revoked),
+                None,
+                &op,
+                Timestamp(1000)
+            ),
+            Err(Refusal::Denied(Denial::Revoked))
+        );
+        // Parent dropped the child's only DNN: renewal refused rather than widened to "any".
+        let mut tightened = p.clone();
+        tightened.policy.allowed_dnns = vec![dnn("ims")];
+        assert_eq!(
+            decide_renewal(
+                &tightened,
+                &child(2000, ChildStatus::Active),
+                None,
+                &op,
+                Timestamp(0)
+            ),
+            Err(Refusal::Denied(Denial::NoCommonDnn))
+        );
+    }
+
+    #[test]
+    fn attach() {
+        let c = child(2000, ChildStatus::Active);
+        assert!(check_attach(&c, SubscriptionStatus::Active, Timestamp(10), true).is_ok());
+        assert_eq!(
+            check_attach(&c, SubscriptionStatus::Active, Timestamp(2000), false),
+            Err(AttachRefusal::Expired(Timestamp(2000)))
+        );
+        assert_eq!(
+            check_attach(&c, SubscriptionStatus::Suspended, Timestamp(10), false),
+            Err(AttachRefusal::ParentInactive(SubscriptionStatus::Suspended))
+        );
+        let mut no_roam = c.clone();
+        no_roam.restrictions.roaming_allowed = false;
+        assert_eq!(
+            check_attach(&no_roam, SubscriptionStatus::Active, Timestamp(10), true),
+            Err(AttachRefusal::RoamingNotAllowed)
+        );
+        assert!(check_attach(&no_roam, SubscriptionStatus::Active, Timestamp(10), false).is_ok());
+        assert_eq!(
+            check_attach(
+                &child(2000, ChildStatus::Revoked),
+                SubscriptionStatus::Active,
+                Timestamp(10),
+                false
+            ),
+            Err(AttachRefusal::Revoked)
+        );
+    }
+}

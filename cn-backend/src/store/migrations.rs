@@ -1,0 +1,143 @@
+//! Versioned schema migrations for the SQLite engine.
+//!
+//! `PRAGMA user_version` holds the number of migrations applied. Each migration runs in its own
+//! `BEGIN IMMEDIATE` transaction together with the version bump, so a crash leaves the schema at
+//! a whole version. A database with a newer version than this program knows is refused. Append
+//! new migrations at the end; never edit a released one.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::StoreError;
+use super::sqlite::db_err;
+
+/// The migrations, in order; `MIGRATIONS[i]` brings the schema from version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // v1: the initial schema.
+    r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) STRICT;
+
+CREATE TABLE parents (
+    supi             TEXT PRIMARY KEY,
+    k_enc            BLOB NOT NULL,
+    opc_enc          BLOB NOT NULL,
+    amf              BLOB NOT NULL CHECK (length(amf) = 2),
+    sqn              INTEGER NOT NULL CHECK (sqn BETWEEN 0 AND 281474976710655),
+    status           TEXT NOT NULL CHECK (status IN ('active', 'suspended', 'revoked')),
+    max_children     INTEGER NOT NULL CHECK (max_children >= 0),
+    max_lifetime_s   INTEGER NOT NULL CHECK (max_lifetime_s > 0),
+    roaming_allowed  INTEGER NOT NULL CHECK (roaming_allowed IN (0, 1)),
+    allowed_dnns     TEXT NOT NULL,            -- comma-separated, '' = any
+    max_bitrate_kbps INTEGER CHECK (max_bitrate_kbps > 0),
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE children (
+    supi             TEXT PRIMARY KEY,
+    parent_supi      TEXT NOT NULL REFERENCES parents (supi),
+    device_id        TEXT NOT NULL,
+    device_key_fp    BLOB NOT NULL CHECK (length(device_key_fp) = 32),
+    request_id       BLOB NOT NULL CHECK (length(request_id) = 16),
+    k_enc            BLOB NOT NULL,
+    opc_enc          BLOB NOT NULL,
+    amf              BLOB NOT NULL CHECK (length(amf) = 2),
+    sqn              INTEGER NOT NULL CHECK (sqn BETWEEN 0 AND 281474976710655),
+    issued_at        INTEGER NOT NULL,
+    expires_at       INTEGER NOT NULL,
+    renewed_at       INTEGER,
+    roaming_allowed  INTEGER NOT NULL CHECK (roaming_allowed IN (0, 1)),
+    allowed_dnns     TEXT NOT NULL,
+    max_bitrate_kbps INTEGER CHECK (max_bitrate_kbps > 0),
+    status           TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    revoked_at       INTEGER
+) STRICT;
+CREATE INDEX children_by_parent ON children (parent_supi, status, expires_at);
+
+-- The idempotency ledger: the answer to every provision/renew request, replayed on retry.
+CREATE TABLE issuances (
+    parent_supi TEXT NOT NULL REFERENCES parents (supi),
+    device_id   TEXT NOT NULL,
+    request_id  BLOB NOT NULL CHECK (length(request_id) = 16),
+    child_supi  TEXT NOT NULL REFERENCES children (supi),
+    kind        TEXT NOT NULL CHECK (kind IN ('provision', 'renew')),
+    sealed      BLOB NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (parent_supi, device_id, request_id)
+) STRICT;
+CREATE INDEX issuances_by_child ON issuances (child_supi);
+
+-- Next MSIN to try per PLMN; advanced in the same transaction as the child insert.
+CREATE TABLE imsi_allocator (
+    plmn      TEXT PRIMARY KEY,
+    next_msin INTEGER NOT NULL CHECK (next_msin >= 0)
+) STRICT;
+
+CREATE TABLE aka_failures (
+    supi     TEXT PRIMARY KEY,
+    count    INTEGER NOT NULL,
+    first_at INTEGER NOT NULL,
+    last_at  INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE audit (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          INTEGER NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL CHECK (action IN
+                  ('add', 'import', 'policy', 'issue', 'renew', 'revoke', 'suspend', 'resume')),
+    supi        TEXT NOT NULL,
+    parent_supi TEXT,
+    device_id   TEXT,
+    request_id  BLOB,
+    detail      TEXT NOT NULL DEFAULT ''
+) STRICT;
+CREATE INDEX audit_by_supi ON audit (supi);
+CREATE INDEX audit_by_parent ON audit (parent_supi);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'audit trail is append-only');
+END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'audit trail is append-only');
+END;
+"#,
+];
+
+/// The schema version this program writes.
+pub fn latest_version() -> u32 {
+    MIGRATIONS.len() as u32
+}
+
+/// The schema version of `conn`.
+pub fn current_version(conn: &Connection) -> Result<u32, StoreError> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0))
+        .map_err(db_err)
+}
+
+/// Applies every pending migration; returns the resulting version.
+pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        // Read inside the write lock so two processes cannot both apply the same step.
+        let version = current_version(&tx)?;
+        let latest = latest_version();
+        if version > latest {
+            return Err(StoreError::Schema(format!(
+                "database schema version {version} is newer than this program's ({latest})"
+            )));
+        }
+        let Some(sql) = MIGRATIONS.get(version as usize) else {
+            return Ok(version);
+        };
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", version + 1)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+    }
+}

@@ -1,0 +1,986 @@
+//! Engine-neutral conformance suite: every function takes any [`Store`] (freshly created and
+//! empty) and checks one behaviour. `tests/sqlite.rs` runs it against SQLite; a PostgreSQL engine
+//! runs the same functions.
+//!
+//! These are test helpers outside `#[test]` functions, so clippy does not see them as tests;
+//! the workspace allows unwrap/expect/panic in tests (clippy.toml) and so does this module.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cn_backend::model::{
+    Amf, ChildStatus, DeviceId, Dnn, ImsiRange, KeyFingerprint, NewParent, ParentPolicy, RequestId,
+    SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
+};
+use cn_backend::ops::{
+    self, Batch, BatchItem, IssuerConfig, ItemOutcome, ProvisionItem, RenewItem, SealError,
+};
+use cn_backend::policy::{Denial, IdempotencyKey, Invalid, OperatorPolicy, RequestedParams};
+use cn_backend::store::{AuditAction, AuditQuery, IssuanceKind, Store, StoreError, Subscriber};
+use cn_backend::{ChildCredential, import};
+use companion_crypto::aka::{Sqn, next_sqn, sqn_after_resync};
+use companion_crypto::milenage::Milenage;
+use companion_crypto::secret::Key128;
+
+pub const T0: Timestamp = Timestamp(1_700_000_000);
+pub const OP: [u8; 16] = [0x11; 16];
+
+pub fn supi(n: u64) -> Supi {
+    Supi::parse(&format!("imsi-00101{n:010}")).unwrap()
+}
+
+pub fn dnn(s: &str) -> Dnn {
+    Dnn::parse(s).unwrap()
+}
+
+pub fn config(first: u64, last: u64) -> IssuerConfig {
+    IssuerConfig {
+        imsi_range: ImsiRange::new("001", "01", first, last).unwrap(),
+        op: Key128::from_bytes(OP),
+        amf: Amf::DEFAULT,
+        operator: OperatorPolicy {
+            max_lifetime_s: 7 * 24 * 3600,
+        },
+        max_batch_items: 64,
+    }
+}
+
+pub fn cfg() -> IssuerConfig {
+    config(9_000_000_000, 9_000_999_999)
+}
+
+pub fn policy(max_children: u32) -> ParentPolicy {
+    ParentPolicy {
+        max_children,
+        max_lifetime_s: 24 * 3600,
+        roaming_allowed: false,
+        allowed_dnns: vec![dnn("internet"), dnn("ims")],
+        max_bitrate_kbps: Some(2000),
+    }
+}
+
+pub fn add_parent<S: Store + ?Sized>(store: &S, n: u64, max_children: u32) -> Supi {
+    let s = supi(n);
+    let byte = u8::try_from(n % 251).unwrap();
+    ops::add_parent(
+        store,
+        &NewParent {
+            supi: s.clone(),
+            keys: SubscriberKeys {
+                k: Key128::from_bytes([byte; 16]),
+                opc: Key128::from_bytes([byte ^ 0xff; 16]),
+            },
+            amf: Amf([0x80, 0x00]),
+            sqn: Sqn::ZERO,
+            policy: policy(max_children),
+        },
+        "test",
+        T0,
+    )
+    .unwrap();
+    s
+}
+
+/// A sealer whose output is unique per call (a counter), so replays are recognisable, and which
+/// embeds SUPI and K so tests can check what it was given. Fails for recipient `b"bad"`.
+pub fn sealer()
+-> impl Fn(&[u8], &ChildCredential, &SubscriberKeys) -> Result<Vec<u8>, SealError> + Sync {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    |recipient: &[u8], child: &ChildCredential, keys: &SubscriberKeys| {
+        if recipient == b"bad" {
+            return Err(SealError("bad recipient key".into()));
+        }
+        let mut out = recipient.to_vec();
+        out.extend_from_slice(child.supi.as_str().as_bytes());
+        out.extend_from_slice(keys.k.expose());
+        out.extend_from_slice(&child.expires_at.0.to_be_bytes());
+        out.extend_from_slice(&CALLS.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        Ok(out)
+    }
+}
+
+pub fn prov(device: &str, req: u8) -> ProvisionItem {
+    ProvisionItem {
+        device_id: DeviceId::parse(device).unwrap(),
+        device_key_fingerprint: KeyFingerprint([req; 32]),
+        request_id: RequestId([req; 16]),
+        recipient: b"device-pk".to_vec(),
+        params: RequestedParams::default(),
+    }
+}
+
+pub fn batch(parent: &Supi, now: Timestamp, items: Vec<BatchItem>) -> Batch {
+    Batch {
+        parent: parent.clone(),
+        actor: format!("gateway:{parent}"),
+        now,
+        items,
+    }
+}
+
+pub fn issue<S: Store + ?Sized>(store: &S, b: &Batch) -> Vec<ItemOutcome> {
+    ops::issue_batch(store, &cfg(), b, &sealer()).unwrap()
+}
+
+fn issued(o: &ItemOutcome) -> (&ChildCredential, &[u8]) {
+    match o {
+        ItemOutcome::Issued { child, sealed } | ItemOutcome::Renewed { child, sealed } => {
+            (child, sealed)
+        }
+        other => panic!("expected an issued credential, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub fn parents_add_list_policy<S: Store + ?Sized>(store: &S) {
+    for n in [3, 1, 2] {
+        add_parent(store, n, 5);
+    }
+    let dup = ops::add_parent(
+        store,
+        &NewParent {
+            supi: supi(1),
+            keys: SubscriberKeys {
+                k: Key128::from_bytes([0; 16]),
+                opc: Key128::from_bytes([0; 16]),
+            },
+            amf: Amf::DEFAULT,
+            sqn: Sqn::ZERO,
+            policy: policy(1),
+        },
+        "test",
+        T0,
+    );
+    assert!(matches!(dup, Err(StoreError::Duplicate(s)) if s == supi(1)));
+    assert_eq!(store.count_parents().unwrap(), 3);
+    let page1 = store.list_parents(None, 2).unwrap();
+    assert_eq!(
+        page1.iter().map(|p| p.supi.clone()).collect::<Vec<_>>(),
+        vec![supi(1), supi(2)]
+    );
+    let page2 = store.list_parents(Some(&supi(2)), 2).unwrap();
+    assert_eq!(page2.len(), 1);
+    assert_eq!(page2[0].supi, supi(3));
+
+    let p = store.parent(&supi(1)).unwrap().unwrap();
+    assert_eq!(p.status, SubscriptionStatus::Active);
+    assert_eq!(p.policy, policy(5).validated().unwrap());
+    assert_eq!(p.amf, Amf([0x80, 0x00]));
+    assert!(store.parent(&supi(9)).unwrap().is_none());
+
+    let new_policy = ParentPolicy {
+        max_children: 1,
+        roaming_allowed: true,
+        allowed_dnns: vec![],
+        max_bitrate_kbps: None,
+        ..policy(1)
+    };
+    ops::set_parent_policy(store, &supi(1), &new_policy, "op", T0.plus_secs(5)).unwrap();
+    let p = store.parent(&supi(1)).unwrap().unwrap();
+    assert_eq!(p.policy, new_policy);
+    assert_eq!(p.updated_at, T0.plus_secs(5));
+    assert!(matches!(
+        ops::set_parent_policy(store, &supi(9), &new_policy, "op", T0),
+        Err(StoreError::ParentNotFound(_))
+    ));
+    let bad = ParentPolicy {
+        max_lifetime_s: 0,
+        ..policy(1)
+    };
+    assert!(ops::set_parent_policy(store, &supi(1), &bad, "op", T0).is_err());
+
+    let audit = store
+        .audit(&AuditQuery {
+            supi: Some(supi(1)),
+            ..Default::default()
+        })
+        .unwrap();
+    let actions: Vec<_> = audit.iter().map(|a| a.event.action).collect();
+    assert_eq!(actions, vec![AuditAction::Add, AuditAction::Policy]);
+}
+
+pub fn secrets_round_trip<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 7, 5);
+    let m = ops::aka_vector(store, &p).unwrap();
+    assert_eq!(m.keys.k.expose(), &[7; 16]);
+    assert_eq!(m.keys.opc.expose(), &[7 ^ 0xff; 16]);
+    assert!(matches!(m.subscriber, Subscriber::Parent(ref pp) if pp.supi == p));
+    assert_eq!(m.amf, Amf([0x80, 0x00]));
+}
+
+pub fn issue_narrows_and_seals<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 5);
+    let mut item = prov("watch-1", 1);
+    item.params = RequestedParams {
+        lifetime_s: Some(3600),
+        roaming: Some(true),
+        dnns: vec![dnn("ims")],
+        max_bitrate_kbps: Some(5000),
+    };
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(item),
+                BatchItem::Provision(prov("watch-2", 2)),
+            ],
+        ),
+    );
+    assert_eq!(out.len(), 2);
+    let (c1, sealed1) = issued(&out[0]);
+    let (c2, _) = issued(&out[1]);
+    assert_ne!(c1.supi, c2.supi);
+    for c in [c1, c2] {
+        assert!(c.supi.imsi().starts_with("00101"));
+        assert_eq!(c.parent, p);
+        assert_eq!(c.status, ChildStatus::Active);
+        assert_eq!(c.issued_at, T0);
+        assert_eq!(c.amf, Amf::DEFAULT);
+    }
+    assert_eq!(c1.expires_at, T0.plus_secs(3600));
+    assert!(!c1.restrictions.roaming_allowed);
+    assert_eq!(c1.restrictions.allowed_dnns, vec![dnn("ims")]);
+    assert_eq!(c1.restrictions.max_bitrate_kbps, Some(2000));
+    // Defaults: the parent's ceiling and min(parent, operator) lifetime.
+    assert_eq!(c2.expires_at, T0.plus_secs(24 * 3600));
+    assert_eq!(
+        c2.restrictions.allowed_dnns,
+        vec![dnn("ims"), dnn("internet")]
+    );
+
+    // Stored as returned; the sealer saw the stored K; OPc derives from the operator OP.
+    assert_eq!(store.child(&c1.supi).unwrap().as_ref(), Some(c1));
+    let m = ops::aka_vector(store, &c1.supi).unwrap();
+    assert!(sealed1.windows(16).any(|w| w == m.keys.k.expose()));
+    assert_eq!(Milenage::compute_opc(&m.keys.k, &OP), m.keys.opc);
+    let m2 = ops::aka_vector(store, &c2.supi).unwrap();
+    assert_ne!(m.keys.k, m2.keys.k, "fresh K per child");
+    match &m.subscriber {
+        Subscriber::Child {
+            child,
+            parent_status,
+        } => {
+            assert_eq!(child.supi, c1.supi);
+            assert_eq!(*parent_status, SubscriptionStatus::Active);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.children_of(&p).unwrap().len(), 2);
+    assert_eq!(store.count_active_children(&p, T0).unwrap(), 2);
+
+    let key = IdempotencyKey {
+        parent: p.clone(),
+        device_id: c1.device_id.clone(),
+        request_id: c1.request_id,
+    };
+    let iss = store.issuance(&key).unwrap().unwrap();
+    assert_eq!(iss.sealed, sealed1);
+    assert_eq!(iss.kind, IssuanceKind::Provision);
+
+    let audit = store
+        .audit(&AuditQuery {
+            supi: Some(c1.supi.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    let e = &audit[0].event;
+    assert_eq!(e.action, AuditAction::Issue);
+    assert_eq!(e.parent.as_ref(), Some(&p));
+    assert_eq!(e.device_id.as_ref(), Some(&c1.device_id));
+    assert_eq!(e.request_id, Some(c1.request_id));
+    assert_eq!(e.actor, format!("gateway:{p}"));
+}
+
+pub fn idempotent_replay<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 2);
+    let b = batch(&p, T0, vec![BatchItem::Provision(prov("watch", 1))]);
+    let first = issue(store, &b);
+    let (child, sealed) = issued(&first[0]);
+    // Retried later, alone and twice in one batch: same bytes, no new credential.
+    let later = batch(
+        &p,
+        T0.plus_secs(60),
+        vec![
+            BatchItem::Provision(prov("watch", 1)),
+            BatchItem::Provision(prov("watch", 1)),
+        ],
+    );
+    for o in issue(store, &later) {
+        assert_eq!(
+            o,
+            ItemOutcome::AlreadyIssued {
+                kind: IssuanceKind::Provision,
+                child: child.clone(),
+                sealed: sealed.to_vec()
+            }
+        );
+    }
+    assert_eq!(store.children_of(&p).unwrap().len(), 1);
+    // A duplicate inside the first batch is a replay too.
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(prov("cam", 2)),
+                BatchItem::Provision(prov("cam", 2)),
+            ],
+        ),
+    );
+    let (c, s) = issued(&out[0]);
+    assert!(
+        matches!(&out[1], ItemOutcome::AlreadyIssued { child, sealed, .. } if child == c && sealed.as_slice() == s)
+    );
+    // Same request ID from the same device with another key: not a retry.
+    let mut other_key = prov("watch", 1);
+    other_key.device_key_fingerprint = KeyFingerprint([0xee; 32]);
+    assert_eq!(
+        issue(store, &batch(&p, T0, vec![BatchItem::Provision(other_key)]))[0],
+        ItemOutcome::Invalid(Invalid::RequestIdReused)
+    );
+    // Same request ID for another device is a different request (and here over quota).
+    assert_eq!(
+        issue(
+            store,
+            &batch(&p, T0, vec![BatchItem::Provision(prov("lamp", 1))])
+        )[0],
+        ItemOutcome::QuotaExhausted { limit: 2 }
+    );
+}
+
+pub fn quota_counts_active_unexpired<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 2);
+    let mut short = prov("a", 1);
+    short.params.lifetime_s = Some(10);
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(short),
+                BatchItem::Provision(prov("b", 2)),
+                BatchItem::Provision(prov("c", 3)),
+            ],
+        ),
+    );
+    issued(&out[0]);
+    issued(&out[1]);
+    assert_eq!(out[2], ItemOutcome::QuotaExhausted { limit: 2 });
+    assert_eq!(store.count_active_children(&p, T0).unwrap(), 2);
+    // After the short one expires a slot is free again.
+    let later = T0.plus_secs(10);
+    assert_eq!(store.count_active_children(&p, later).unwrap(), 1);
+    let out = issue(
+        store,
+        &batch(&p, later, vec![BatchItem::Provision(prov("c", 3))]),
+    );
+    let (c, _) = issued(&out[0]);
+    // Revoking frees a slot.
+    assert!(ops::revoke_child(store, &c.supi, "op", later).unwrap());
+    let out = issue(
+        store,
+        &batch(&p, later, vec![BatchItem::Provision(prov("d", 4))]),
+    );
+    issued(&out[0]);
+    // Zero quota.
+    let z = add_parent(store, 2, 0);
+    assert_eq!(
+        issue(
+            store,
+            &batch(&z, T0, vec![BatchItem::Provision(prov("a", 1))])
+        )[0],
+        ItemOutcome::QuotaExhausted { limit: 0 }
+    );
+}
+
+pub fn policy_denials<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 5);
+    let mut bad_dnn = prov("a", 1);
+    bad_dnn.params.dnns = vec![dnn("corp")];
+    let mut zero = prov("b", 2);
+    zero.params.lifetime_s = Some(0);
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![BatchItem::Provision(bad_dnn), BatchItem::Provision(zero)],
+        ),
+    );
+    assert_eq!(
+        out,
+        vec![
+            ItemOutcome::PolicyDenied(Denial::DnnNotAllowed(dnn("corp"))),
+            ItemOutcome::Invalid(Invalid::ZeroLifetime)
+        ]
+    );
+    assert!(store.children_of(&p).unwrap().is_empty());
+    // The refused request IDs are not burnt: fixing the request works.
+    let out = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
+    );
+    issued(&out[0]);
+}
+
+pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 2);
+    let mut bad = prov("a", 1);
+    bad.recipient = b"bad".to_vec();
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(bad),
+                BatchItem::Provision(prov("b", 2)),
+                BatchItem::Provision(prov("c", 3)),
+            ],
+        ),
+    );
+    assert!(matches!(&out[0], ItemOutcome::Invalid(Invalid::Seal(m)) if m == "bad recipient key"));
+    issued(&out[1]);
+    issued(&out[2]);
+    assert_eq!(store.children_of(&p).unwrap().len(), 2);
+}
+
+pub fn renewal<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 5);
+    let out = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
+    );
+    let (child, _) = issued(&out[0]);
+    let k_before = ops::aka_vector(store, &child.supi).unwrap().keys.k;
+
+    // Tighten the parent: renewal re-narrows.
+    let tighter = ParentPolicy {
+        allowed_dnns: vec![dnn("internet")],
+        max_bitrate_kbps: Some(100),
+        ..policy(5)
+    };
+    ops::set_parent_policy(store, &p, &tighter, "op", T0).unwrap();
+    let renew = |req: u8, lifetime: Option<u64>, s: &Supi| {
+        BatchItem::Renew(RenewItem {
+            child: s.clone(),
+            request_id: RequestId([req; 16]),
+            recipient: b"device-pk".to_vec(),
+            lifetime_s: lifetime,
+        })
+    };
+    let now = T0.plus_secs(100);
+    let out = issue(
+        store,
+        &batch(&p, now, vec![renew(9, Some(7200), &child.supi)]),
+    );
+    let (renewed, sealed) = issued(&out[0]);
+    assert!(matches!(out[0], ItemOutcome::Renewed { .. }));
+    assert_eq!(renewed.supi, child.supi);
+    assert_eq!(renewed.expires_at, now.plus_secs(7200));
+    assert_eq!(renewed.renewed_at, Some(now));
+    assert_eq!(renewed.issued_at, T0);
+    assert_eq!(renewed.restrictions.allowed_dnns, vec![dnn("internet")]);
+    assert_eq!(renewed.restrictions.max_bitrate_kbps, Some(100));
+    assert_eq!(store.child(&child.supi).unwrap().as_ref(), Some(renewed));
+    assert_eq!(
+        ops::aka_vector(store, &child.supi).unwrap().keys.k,
+        k_before
+    );
+    assert_eq!(store.children_of(&p).unwrap().len(), 1);
+    // Replay of the renewal.
+    let out2 = issue(
+        store,
+        &batch(
+            &p,
+            now.plus_secs(5),
+            vec![renew(9, Some(7200), &child.supi)],
+        ),
+    );
+    assert!(
+        matches!(&out2[0], ItemOutcome::AlreadyIssued { kind: IssuanceKind::Renew, sealed: s, .. } if s.as_slice() == sealed)
+    );
+    // Request ID of the original provisioning reused for a renewal: refused.
+    assert_eq!(
+        issue(store, &batch(&p, now, vec![renew(1, None, &child.supi)]))[0],
+        ItemOutcome::Invalid(Invalid::RequestIdReused)
+    );
+    // Unknown child, and another parent's child: not found.
+    let q = add_parent(store, 2, 5);
+    assert_eq!(
+        issue(store, &batch(&p, now, vec![renew(10, None, &supi(999))]))[0],
+        ItemOutcome::NotFound
+    );
+    assert_eq!(
+        issue(store, &batch(&q, now, vec![renew(10, None, &child.supi)]))[0],
+        ItemOutcome::NotFound
+    );
+    // After expiry: refused.
+    let expired_at = renewed.expires_at;
+    assert_eq!(
+        issue(
+            store,
+            &batch(&p, expired_at, vec![renew(11, None, &child.supi)])
+        )[0],
+        ItemOutcome::PolicyDenied(Denial::Expired(expired_at))
+    );
+    // Revoked: refused.
+    ops::revoke_child(store, &child.supi, "op", now).unwrap();
+    assert_eq!(
+        issue(store, &batch(&p, now, vec![renew(12, None, &child.supi)]))[0],
+        ItemOutcome::PolicyDenied(Denial::Revoked)
+    );
+    let audit = store
+        .audit(&AuditQuery {
+            supi: Some(child.supi.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    let actions: Vec<_> = audit.iter().map(|a| a.event.action).collect();
+    assert_eq!(
+        actions,
+        vec![AuditAction::Issue, AuditAction::Renew, AuditAction::Revoke]
+    );
+}
+
+pub fn revoke_child<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 5);
+    let out = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
+    );
+    let (child, _) = issued(&out[0]);
+    assert!(ops::revoke_child(store, &child.supi, "op", T0.plus_secs(1)).unwrap());
+    assert!(!ops::revoke_child(store, &child.supi, "op", T0.plus_secs(2)).unwrap());
+    let c = store.child(&child.supi).unwrap().unwrap();
+    assert_eq!(c.status, ChildStatus::Revoked);
+    assert_eq!(c.revoked_at, Some(T0.plus_secs(1)));
+    assert!(matches!(
+        ops::revoke_child(store, &supi(999), "op", T0),
+        Err(StoreError::ChildNotFound(_))
+    ));
+    // A replay of the provisioning request still answers with the stored credential, whose
+    // status now shows it is revoked.
+    let out = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
+    );
+    assert!(
+        matches!(&out[0], ItemOutcome::AlreadyIssued { child, .. } if child.status == ChildStatus::Revoked)
+    );
+}
+
+pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 5);
+    let other = add_parent(store, 2, 5);
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(prov("a", 1)),
+                BatchItem::Provision(prov("b", 2)),
+            ],
+        ),
+    );
+    let kids: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
+    let out = issue(
+        store,
+        &batch(&other, T0, vec![BatchItem::Provision(prov("x", 1))]),
+    );
+    let other_kid = issued(&out[0]).0.supi.clone();
+
+    let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Suspended, "op", T0).unwrap();
+    assert_eq!(ch.from, SubscriptionStatus::Active);
+    assert_eq!(ch.revoked_children, kids);
+    for k in &kids {
+        assert_eq!(
+            store.child(k).unwrap().unwrap().status,
+            ChildStatus::Revoked
+        );
+    }
+    assert_eq!(
+        store.child(&other_kid).unwrap().unwrap().status,
+        ChildStatus::Active
+    );
+    assert_eq!(store.count_active_children(&p, T0).unwrap(), 0);
+    // A suspended parent gets nothing, replays included.
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(prov("a", 1)),
+                BatchItem::Provision(prov("c", 3)),
+            ],
+        ),
+    );
+    assert!(
+        out.iter()
+            .all(|o| *o == ItemOutcome::ParentInactive(SubscriptionStatus::Suspended))
+    );
+    // Setting the same status again is a no-op.
+    let again = ops::set_parent_status(store, &p, SubscriptionStatus::Suspended, "op", T0).unwrap();
+    assert!(again.revoked_children.is_empty());
+    // Resume: parent active again, children stay revoked, new ones can be issued.
+    ops::set_parent_status(store, &p, SubscriptionStatus::Active, "op", T0).unwrap();
+    assert_eq!(
+        store.child(&kids[0]).unwrap().unwrap().status,
+        ChildStatus::Revoked
+    );
+    let out = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("c", 3))]),
+    );
+    let new_kid = issued(&out[0]).0.supi.clone();
+    // Revoke: terminal, cascades.
+    let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Revoked, "op", T0).unwrap();
+    assert_eq!(ch.revoked_children, vec![new_kid]);
+    assert!(matches!(
+        ops::set_parent_status(store, &p, SubscriptionStatus::Active, "op", T0),
+        Err(StoreError::InvalidTransition { .. })
+    ));
+    assert!(matches!(
+        ops::set_parent_status(store, &supi(77), SubscriptionStatus::Revoked, "op", T0),
+        Err(StoreError::ParentNotFound(_))
+    ));
+    let m = ops::aka_vector(store, &kids[0]).unwrap();
+    assert!(matches!(
+        m.subscriber,
+        Subscriber::Child {
+            parent_status: SubscriptionStatus::Revoked,
+            ..
+        }
+    ));
+    let audit = store
+        .audit(&AuditQuery {
+            supi: Some(p.clone()),
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+    let parent_actions: Vec<_> = audit
+        .iter()
+        .filter(|a| a.event.supi == p)
+        .map(|a| a.event.action)
+        .collect();
+    assert_eq!(
+        parent_actions,
+        vec![
+            AuditAction::Add,
+            AuditAction::Suspend,
+            AuditAction::Resume,
+            AuditAction::Revoke
+        ]
+    );
+    let child_revokes = audit
+        .iter()
+        .filter(|a| a.event.parent.as_ref() == Some(&p) && a.event.action == AuditAction::Revoke)
+        .count();
+    assert_eq!(child_revokes, 3);
+}
+
+pub fn batch_errors_commit_nothing<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 100);
+    assert!(matches!(
+        ops::issue_batch(
+            store,
+            &cfg(),
+            &batch(&supi(5), T0, vec![BatchItem::Provision(prov("a", 1))]),
+            &sealer()
+        ),
+        Err(StoreError::ParentNotFound(_))
+    ));
+    let big: Vec<BatchItem> = (0..65u8)
+        .map(|i| BatchItem::Provision(prov("a", i)))
+        .collect();
+    assert!(matches!(
+        ops::issue_batch(store, &cfg(), &batch(&p, T0, big), &sealer()),
+        Err(StoreError::BatchTooLarge { len: 65, max: 64 })
+    ));
+    // Range of two SUPIs, three requests: the batch fails as a whole.
+    let tiny = config(5, 6);
+    let three: Vec<BatchItem> = (0..3u8)
+        .map(|i| BatchItem::Provision(prov("a", i)))
+        .collect();
+    assert!(matches!(
+        ops::issue_batch(store, &tiny, &batch(&p, T0, three), &sealer()),
+        Err(StoreError::ImsiRangeExhausted(_))
+    ));
+    assert!(store.children_of(&p).unwrap().is_empty());
+    assert!(
+        store
+            .audit(&AuditQuery {
+                supi: Some(p.clone()),
+                ..Default::default()
+            })
+            .unwrap()
+            .iter()
+            .all(|a| a.event.action == AuditAction::Add)
+    );
+}
+
+pub fn supi_allocation_skips_taken<S: Store + ?Sized>(store: &S) {
+    // A parent whose SUPI lies inside the child range.
+    let p = add_parent(store, 9_000_000_001, 10);
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(prov("a", 1)),
+                BatchItem::Provision(prov("b", 2)),
+            ],
+        ),
+    );
+    let got: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
+    assert_eq!(got, vec![supi(9_000_000_000), supi(9_000_000_002)]);
+    // A SUPI whose sealing failed is never handed out later either.
+    let mut bad = prov("c", 3);
+    bad.recipient = b"bad".to_vec();
+    issue(store, &batch(&p, T0, vec![BatchItem::Provision(bad)]));
+    let out = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("d", 4))]),
+    );
+    assert_eq!(issued(&out[0]).0.supi, supi(9_000_000_004));
+    // Importing a parent over an existing child SUPI is refused.
+    let dup = ops::add_parent(
+        store,
+        &NewParent {
+            supi: supi(9_000_000_000),
+            keys: SubscriberKeys {
+                k: Key128::from_bytes([0; 16]),
+                opc: Key128::from_bytes([0; 16]),
+            },
+            amf: Amf::DEFAULT,
+            sqn: Sqn::ZERO,
+            policy: policy(1),
+        },
+        "test",
+        T0,
+    );
+    assert!(matches!(dup, Err(StoreError::Duplicate(_))));
+}
+
+pub fn sqn_advances_and_resyncs<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 5);
+    let a = ops::aka_vector(store, &p).unwrap().sqn;
+    let b = ops::aka_vector(store, &p).unwrap().sqn;
+    assert_eq!(a, next_sqn(Sqn::ZERO));
+    assert_eq!(b, next_sqn(a));
+    assert_eq!(store.parent(&p).unwrap().unwrap().sqn, b);
+    let sqn_ms = Sqn::from_parts(1000, 3).unwrap();
+    ops::apply_resync(store, &p, sqn_ms).unwrap();
+    assert_eq!(
+        ops::aka_vector(store, &p).unwrap().sqn,
+        sqn_after_resync(sqn_ms)
+    );
+    // Children have their own SQN.
+    let out = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
+    );
+    let c = issued(&out[0]).0.supi.clone();
+    assert_eq!(ops::aka_vector(store, &c).unwrap().sqn, next_sqn(Sqn::ZERO));
+    assert!(matches!(
+        ops::aka_vector(store, &supi(999)),
+        Err(StoreError::UnknownSupi(_))
+    ));
+    assert!(matches!(
+        ops::apply_resync(store, &supi(999), sqn_ms),
+        Err(StoreError::UnknownSupi(_))
+    ));
+}
+
+pub fn sqn_unique_under_concurrency<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 5);
+    let seen: Vec<Vec<Sqn>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..25)
+                        .map(|_| ops::aka_vector(store, &p).unwrap().sqn)
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all: HashSet<Sqn> = seen.iter().flatten().copied().collect();
+    assert_eq!(all.len(), 200);
+}
+
+pub fn aka_failure_counter<S: Store + ?Sized>(store: &S) {
+    let p = add_parent(store, 1, 5);
+    assert_eq!(store.aka_failures(&p).unwrap().count, 0);
+    for i in 1..=3u32 {
+        let f = ops::record_aka_failure(store, &p, T0.plus_secs(u64::from(i))).unwrap();
+        assert_eq!(f.count, i);
+        assert_eq!(f.first_at, Some(T0.plus_secs(1)));
+        assert_eq!(f.last_at, Some(T0.plus_secs(u64::from(i))));
+    }
+    assert_eq!(store.aka_failures(&p).unwrap().count, 3);
+    ops::clear_aka_failures(store, &p).unwrap();
+    assert_eq!(store.aka_failures(&p).unwrap().count, 0);
+}
+
+pub fn audit_paging<S: Store + ?Sized>(store: &S) {
+    for n in 1..=5 {
+        add_parent(store, n, 1);
+    }
+    let all = store.audit(&AuditQuery::default()).unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    let page = store
+        .audit(&AuditQuery {
+            after_id: Some(all[1].id),
+            limit: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![all[2].id, all[3].id]
+    );
+    assert!(
+        all.iter()
+            .all(|r| r.event.at == T0 && r.event.actor == "test")
+    );
+}
+
+const CSV_HEADER: &str = "supi,k,opc,amf,sqn,max_children,max_lifetime_s,roaming,dnns\n";
+
+fn csv_row(n: u64) -> String {
+    format!(
+        "imsi-00101{n:010},{:032x},{:032x},8000,{n},3,86400,{},internet;ims\n",
+        u128::from(n) + 1,
+        u128::from(n) << 64 | 7,
+        n.is_multiple_of(2)
+    )
+}
+
+pub fn import_all_or_nothing<S: Store + ?Sized>(store: &S) {
+    add_parent(store, 5, 1);
+    // Bad syntax on line 4: nothing imported.
+    let bad = format!("{CSV_HEADER}{}{}imsi-1,zz\n", csv_row(1), csv_row(2));
+    let e = import::import_csv(store, bad.as_bytes(), "import", T0).unwrap_err();
+    assert!(matches!(e, import::ImportError::Row { line: 4, .. }), "{e}");
+    // Line 3 collides with a subscriber already in the database: nothing imported.
+    let dup = format!("{CSV_HEADER}{}{}{}", csv_row(1), csv_row(5), csv_row(6));
+    let e = import::import_csv(store, dup.as_bytes(), "import", T0).unwrap_err();
+    assert!(matches!(e, import::ImportError::Row { line: 3, .. }), "{e}");
+    assert_eq!(store.count_parents().unwrap(), 1);
+    assert!(store.parent(&supi(1)).unwrap().is_none());
+    // A good file.
+    let good = format!("{CSV_HEADER}{}{}", csv_row(1), csv_row(2));
+    assert_eq!(
+        import::import_csv(store, good.as_bytes(), "import", T0).unwrap(),
+        2
+    );
+    let p = store.parent(&supi(2)).unwrap().unwrap();
+    assert!(p.policy.roaming_allowed);
+    assert_eq!(p.sqn, Sqn::new(2).unwrap());
+    assert_eq!(p.policy.max_children, 3);
+    let m = ops::aka_vector(store, &supi(1)).unwrap();
+    assert_eq!(m.keys.k.expose(), &2u128.to_be_bytes());
+    assert_eq!(m.keys.opc.expose(), &(1u128 << 64 | 7).to_be_bytes());
+    let audit = store
+        .audit(&AuditQuery {
+            supi: Some(supi(2)),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].event.action, AuditAction::Import);
+    assert_eq!(audit[0].event.detail, "line 3");
+}
+
+pub fn import_ten_thousand<S: Store + ?Sized>(store: &S) {
+    let mut csv = String::from(CSV_HEADER);
+    for n in 0..10_000 {
+        csv.push_str(&csv_row(100_000 + n));
+    }
+    let start = std::time::Instant::now();
+    assert_eq!(
+        import::import_csv(store, csv.as_bytes(), "import", T0).unwrap(),
+        10_000
+    );
+    eprintln!("imported 10,000 subscribers in {:?}", start.elapsed());
+    assert_eq!(store.count_parents().unwrap(), 10_000);
+    let last = store.parent(&supi(109_999)).unwrap().unwrap();
+    assert_eq!(last.status, SubscriptionStatus::Active);
+    assert_eq!(store.list_parents(None, 20_000).unwrap().len(), 10_000);
+}
+
+/// Many threads race batches for the last quota slots of a few parents: no parent ever exceeds
+/// its quota and no SUPI is handed out twice.
+pub fn concurrent_batches_respect_quota<S: Store + ?Sized>(store: &S) {
+    const PARENTS: u64 = 3;
+    const QUOTA: u32 = 7;
+    const THREADS: u8 = 12;
+    const PER_BATCH: u8 = 3;
+    const ROUNDS: u8 = 4;
+    let parents: Vec<Supi> = (1..=PARENTS).map(|n| add_parent(store, n, QUOTA)).collect();
+    let outcomes: Vec<ItemOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let parents = &parents;
+                s.spawn(move || {
+                    let sealer = sealer();
+                    let mut out = Vec::new();
+                    for r in 0..ROUNDS {
+                        let p = &parents[usize::from((t + r) % PARENTS as u8)];
+                        let items = (0..PER_BATCH)
+                            .map(|i| {
+                                let mut it = prov(&format!("dev-{t}-{r}-{i}"), t);
+                                it.request_id =
+                                    RequestId([t, r, i, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+                                BatchItem::Provision(it)
+                            })
+                            .collect();
+                        out.extend(
+                            ops::issue_batch(store, &cfg(), &batch(p, T0, items), &sealer).unwrap(),
+                        );
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let total = usize::from(THREADS) * usize::from(ROUNDS) * usize::from(PER_BATCH);
+    assert_eq!(outcomes.len(), total);
+    let issued: Vec<&ChildCredential> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            ItemOutcome::Issued { child, .. } => Some(child),
+            _ => None,
+        })
+        .collect();
+    let exhausted = outcomes
+        .iter()
+        .filter(|o| matches!(o, ItemOutcome::QuotaExhausted { limit: QUOTA }))
+        .count();
+    assert_eq!(issued.len(), PARENTS as usize * QUOTA as usize);
+    assert_eq!(issued.len() + exhausted, total);
+    let supis: HashSet<&Supi> = issued.iter().map(|c| &c.supi).collect();
+    assert_eq!(supis.len(), issued.len(), "a SUPI was issued twice");
+    for p in &parents {
+        assert_eq!(store.count_active_children(p, T0).unwrap(), QUOTA);
+        assert_eq!(store.children_of(p).unwrap().len(), QUOTA as usize);
+    }
+}

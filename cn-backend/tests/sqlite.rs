@@ -1,0 +1,233 @@
+//! The conformance suite against the SQLite engine, plus SQLite-specific checks (durability
+//! settings, file modes, the append-only trigger, several processes' worth of connections).
+#![allow(clippy::unwrap_used, clippy::panic)] // fixture helpers outside #[test] fns
+
+mod conformance;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use cn_backend::kek::Kek;
+use cn_backend::model::SubscriptionStatus;
+use cn_backend::ops::{self, BatchItem, ItemOutcome};
+use cn_backend::store::{SqliteConfig, SqliteStore, Store, StoreError};
+use conformance::*;
+use tempfile::TempDir;
+
+const KEK: [u8; 32] = [0x5a; 32];
+
+struct Fixture {
+    dir: TempDir,
+    store: SqliteStore,
+}
+
+fn open(path: &Path) -> SqliteStore {
+    SqliteStore::open(path, Kek::from_bytes(&KEK), SqliteConfig::default()).unwrap()
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("cn.db"));
+    Fixture { dir, store }
+}
+
+macro_rules! conformance_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let f = fixture();
+                conformance::$name(&f.store);
+            }
+        )*
+    };
+}
+
+conformance_tests!(
+    parents_add_list_policy,
+    secrets_round_trip,
+    issue_narrows_and_seals,
+    idempotent_replay,
+    quota_counts_active_unexpired,
+    policy_denials,
+    seal_failure_is_per_item,
+    renewal,
+    revoke_child,
+    parent_lifecycle_cascades,
+    batch_errors_commit_nothing,
+    supi_allocation_skips_taken,
+    sqn_advances_and_resyncs,
+    sqn_unique_under_concurrency,
+    aka_failure_counter,
+    audit_paging,
+    import_all_or_nothing,
+    import_ten_thousand,
+    concurrent_batches_respect_quota,
+);
+
+#[test]
+fn durability_settings_and_file_mode() {
+    let f = fixture();
+    let path = f.dir.path().join("cn.db");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(f.store.schema_version().unwrap(), 1);
+    let settings = f.store.settings().unwrap();
+    assert_eq!(settings.journal_mode, "wal");
+    assert!(settings.synchronous_full);
+    assert!(settings.foreign_keys);
+}
+
+#[test]
+fn audit_trail_is_append_only() {
+    let f = fixture();
+    add_parent(&f.store, 1, 1);
+    let conn = rusqlite::Connection::open(f.dir.path().join("cn.db")).unwrap();
+    let upd = conn.execute("UPDATE audit SET actor = 'mallory'", []);
+    assert!(upd.unwrap_err().to_string().contains("append-only"));
+    let del = conn.execute("DELETE FROM audit", []);
+    assert!(del.unwrap_err().to_string().contains("append-only"));
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn secrets_are_encrypted_and_bound_to_their_row() {
+    let f = fixture();
+    let a = add_parent(&f.store, 1, 1);
+    let b = add_parent(&f.store, 2, 1);
+    let conn = rusqlite::Connection::open(f.dir.path().join("cn.db")).unwrap();
+    let k_enc: Vec<u8> = conn
+        .query_row(
+            "SELECT k_enc FROM parents WHERE supi = ?1",
+            [a.as_str()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        !k_enc.windows(16).any(|w| w == [1u8; 16]),
+        "K stored in clear"
+    );
+    // Swap A's encrypted K into B's row: B's keys no longer decrypt.
+    conn.execute(
+        "UPDATE parents SET k_enc = ?1 WHERE supi = ?2",
+        rusqlite::params![k_enc, b.as_str()],
+    )
+    .unwrap();
+    assert!(matches!(
+        ops::aka_vector(&f.store, &b),
+        Err(StoreError::Kek(_))
+    ));
+    assert!(ops::aka_vector(&f.store, &a).is_ok());
+}
+
+#[test]
+fn reopen_keeps_data_and_checks_kek() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cn.db");
+    let sealed = {
+        let store = open(&path);
+        let p = add_parent(&store, 1, 2);
+        let out = issue(
+            &store,
+            &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
+        );
+        match &out[0] {
+            ItemOutcome::Issued { sealed, .. } => sealed.clone(),
+            o => panic!("{o:?}"),
+        }
+    };
+    let store = open(&path);
+    let p = supi(1);
+    let out = issue(
+        &store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
+    );
+    assert!(matches!(&out[0], ItemOutcome::AlreadyIssued { sealed: s, .. } if *s == sealed));
+    // The SUPI allocator continues after a restart.
+    let out = issue(
+        &store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("v", 2))]),
+    );
+    assert!(
+        matches!(&out[0], ItemOutcome::Issued { child, .. } if child.supi == supi(9_000_000_001))
+    );
+    drop(store);
+    let wrong = SqliteStore::open(&path, Kek::from_bytes(&[1; 32]), SqliteConfig::default());
+    assert!(matches!(wrong, Err(StoreError::WrongKek)));
+}
+
+#[test]
+fn kek_file_init_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek_path = dir.path().join("kek.key");
+    let db = dir.path().join("cn.db");
+    let kek = Kek::init(&kek_path).unwrap();
+    let store = SqliteStore::open(&db, kek, SqliteConfig::default()).unwrap();
+    add_parent(&store, 1, 1);
+    drop(store);
+    let store =
+        SqliteStore::open(&db, Kek::load(&kek_path).unwrap(), SqliteConfig::default()).unwrap();
+    assert!(ops::aka_vector(&store, &supi(1)).is_ok());
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cn.db");
+    drop(open(&path));
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let r = SqliteStore::open(&path, Kek::from_bytes(&KEK), SqliteConfig::default());
+    assert!(matches!(r, Err(StoreError::Schema(_))));
+}
+
+/// Two independent stores (separate writer connections, as two processes would have) race for
+/// the same quota: `BEGIN IMMEDIATE` serialises them at the database level.
+#[test]
+fn separate_connections_respect_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cn.db");
+    let stores = [open(&path), open(&path), open(&path)];
+    let p = add_parent(&stores[0], 1, 10);
+    let outcomes: Vec<ItemOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..9u8)
+            .map(|t| {
+                let store = &stores[usize::from(t % 3)];
+                let p = &p;
+                s.spawn(move || {
+                    let items = (0..4u8)
+                        .map(|i| {
+                            let mut it = prov(&format!("d{t}-{i}"), t);
+                            it.request_id.0[1] = i;
+                            BatchItem::Provision(it)
+                        })
+                        .collect();
+                    ops::issue_batch(store, &cfg(), &batch(p, T0, items), &sealer()).unwrap()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let issued: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            ItemOutcome::Issued { child, .. } => Some(child.supi.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(issued.len(), 10);
+    let unique: std::collections::HashSet<_> = issued.iter().collect();
+    assert_eq!(unique.len(), 10);
+    assert_eq!(stores[1].count_active_children(&p, T0).unwrap(), 10);
+    assert_eq!(
+        stores[2].parent(&p).unwrap().unwrap().status,
+        SubscriptionStatus::Active
+    );
+}
