@@ -1,0 +1,550 @@
+//! The daemon's configuration: a TOML file whose every key has a documented default, so the
+//! daemon (and `gatewayctl`) also run with no file at all.
+//!
+//! The annotated reference is `gatewayd/gatewayd.example.toml`. Unknown keys are errors (a typo
+//! must not silently fall back to a default); the error names the key. Durations are written the
+//! `humantime` way: `"30s"`, `"10m"`, `"1day"`, `"30days"`.
+//!
+//! A few settings can be overridden from the environment (tests, containers, systemd drop-ins),
+//! applied by [`Config::apply_env`] after the file: `GATEWAYD_DEVICE_LISTEN`,
+//! `GATEWAYD_STATE_DIR`, `GATEWAYD_CONTROL_SOCKET`, `GATEWAYD_METRICS_LISTEN`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::batcher::BatcherConfig;
+
+/// Where the daemon and `gatewayctl` look for the configuration when no path is given.
+pub const DEFAULT_PATH: &str = "/etc/gatewayd/gatewayd.toml";
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, bad value).
+    #[error("invalid configuration {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value parsed but is out of range or inconsistent with another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// An environment override could not be parsed.
+    #[error("invalid environment override {var}={value:?}: {message}")]
+    Env {
+        var: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+/// The whole configuration. `Config::default()` is what the daemon runs with when there is no file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the database, the gateway's TLS identity and the USIM's SQN state live.
+    /// Default `/var/lib/gatewayd`.
+    pub state_dir: PathBuf,
+    pub devices: DevicesConfig,
+    pub cn: CnConfig,
+    pub companion: CompanionConfig,
+    pub control: ControlConfig,
+    pub metrics: MetricsConfig,
+    pub batching: BatchingConfig,
+    pub credentials: CredentialsConfig,
+    pub pairing: PairingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/gatewayd"),
+            devices: DevicesConfig::default(),
+            cn: CnConfig::default(),
+            companion: CompanionConfig::default(),
+            control: ControlConfig::default(),
+            metrics: MetricsConfig::default(),
+            batching: BatchingConfig::default(),
+            credentials: CredentialsConfig::default(),
+            pairing: PairingConfig::default(),
+        }
+    }
+}
+
+/// The device-facing QUIC server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// UDP address the QUIC server binds. Default `[::]:4433` (all interfaces, IPv4 and IPv6);
+    /// tests use `127.0.0.1:0`.
+    pub listen: SocketAddr,
+    /// A device connection with no packet for this long is closed. Default `30s`.
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// Most simultaneous device connections; more are refused. Default 4096.
+    pub max_connections: usize,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0u16; 8], 4433)),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// The link to the operator's core network (`cn-backend`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CnConfig {
+    /// `host:port` of `cn-backend`. No default: without it the daemon still serves paired
+    /// devices and pending deliveries but answers new requests "retry later".
+    pub endpoint: Option<String>,
+    /// The name the CN's certificate must carry. Default: the host part of `endpoint`.
+    pub server_name: Option<String>,
+    /// The operator CA certificate (PEM) the CN's certificate must chain to.
+    /// Default `/etc/gatewayd/operator-ca.pem`.
+    pub ca_file: PathBuf,
+}
+
+impl Default for CnConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            server_name: None,
+            ca_file: PathBuf::from("/etc/gatewayd/operator-ca.pem"),
+        }
+    }
+}
+
+impl CnConfig {
+    /// The TLS server name to verify: `server_name`, else the host part of `endpoint`
+    /// (`[v6]:port` and `host:port` forms). `None` when no endpoint is configured.
+    pub fn effective_server_name(&self) -> Option<String> {
+        if let Some(name) = &self.server_name {
+            return Some(name.clone());
+        }
+        let endpoint = self.endpoint.as_deref()?;
+        let host = match endpoint.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or(rest),
+            None => endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h),
+        };
+        Some(host.to_string())
+    }
+}
+
+/// The companion's own 3GPP credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompanionConfig {
+    /// TOML file with `supi`, `k`, `opc` (or `op`) and optional `amf`; must be mode 0600 or
+    /// stricter. Default `/etc/gatewayd/companion.toml`.
+    pub credential_file: PathBuf,
+}
+
+impl Default for CompanionConfig {
+    fn default() -> Self {
+        Self {
+            credential_file: PathBuf::from("/etc/gatewayd/companion.toml"),
+        }
+    }
+}
+
+/// The Unix control socket `gatewayctl` talks to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Default `/run/gatewayd/control.sock`.
+    pub socket: PathBuf,
+    /// Group (name) whose members may use the socket besides root and the daemon's own user.
+    /// Default: none.
+    pub group: Option<String>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/gatewayd/control.sock"),
+            group: None,
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Default `true`.
+    pub enabled: bool,
+    /// TCP address serving `GET /metrics` and `GET /healthz`. Default `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// Smart batching towards the CN (see [`crate::batcher`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most requests in one batch. Default 256.
+    pub max_batch: usize,
+    /// Longest a request waits for company while other batches are in flight, ms. Default 5.
+    pub max_wait_ms: u64,
+    /// Most batches outstanding at the CN at once. Default 4.
+    pub max_in_flight: usize,
+    /// Most queued requests; beyond it devices are told "busy, retry after". Default 8192.
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        let b = BatcherConfig::default();
+        Self {
+            max_batch: b.max_batch,
+            max_wait_ms: b.max_wait.as_millis() as u64,
+            max_in_flight: b.max_in_flight,
+            queue_capacity: b.queue_capacity,
+        }
+    }
+}
+
+impl BatchingConfig {
+    /// The batcher's limits.
+    pub fn batcher(&self) -> BatcherConfig {
+        BatcherConfig {
+            max_batch: self.max_batch,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            max_in_flight: self.max_in_flight,
+            queue_capacity: self.queue_capacity,
+        }
+    }
+}
+
+/// What the gateway asks the CN for on behalf of a device, and when it renews.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// Lifetime requested when the device asks for none (the CN may grant less). Default `30days`.
+    #[serde(with = "duration_str")]
+    pub default_lifetime: Duration,
+    /// Renew a paired device's credential when it expires within this. Default `1day`.
+    #[serde(with = "duration_str")]
+    pub renewal_margin: Duration,
+    /// Ask for roaming by default. Default `false`.
+    pub roaming: bool,
+    /// Data network names requested by default; empty = the operator's default. Default `[]`.
+    pub dnns: Vec<String>,
+    /// Bitrate cap requested by default, kbit/s. Default: none.
+    pub max_bitrate_kbps: Option<u64>,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        Self {
+            default_lifetime: Duration::from_secs(30 * 86_400),
+            renewal_margin: Duration::from_secs(86_400),
+            roaming: false,
+            dnns: Vec::new(),
+            max_bitrate_kbps: None,
+        }
+    }
+}
+
+impl CredentialsConfig {
+    /// The control parameters to put in a request the device left unspecified; fields the device
+    /// did specify win.
+    pub fn fill_params(&self, mut p: companion_proto::msg::Params) -> companion_proto::msg::Params {
+        p.lifetime_s.get_or_insert(self.default_lifetime.as_secs());
+        p.roaming.get_or_insert(self.roaming);
+        if p.dnns.is_none() && !self.dnns.is_empty() {
+            p.dnns = Some(self.dnns.clone());
+        }
+        if p.max_bitrate_kbps.is_none() {
+            p.max_bitrate_kbps = self.max_bitrate_kbps;
+        }
+        p
+    }
+}
+
+/// The pairing window (`gatewayctl pair --window`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PairingConfig {
+    /// Window length when `gatewayctl pair --window` gives none. Default `120s`.
+    #[serde(with = "duration_str")]
+    pub window: Duration,
+    /// Longest window the daemon agrees to open. Default `1h`.
+    #[serde(with = "duration_str")]
+    pub max_window: Duration,
+}
+
+impl Default for PairingConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(120),
+            max_window: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// `path` if given (it must exist); otherwise [`DEFAULT_PATH`] if it exists, else the
+    /// defaults. Returns the file actually read, if any.
+    pub fn load_or_default(path: Option<&Path>) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        match path {
+            Some(p) => Ok((Self::load(p)?, Some(p.to_path_buf()))),
+            None => {
+                let p = Path::new(DEFAULT_PATH);
+                if p.exists() {
+                    Ok((Self::load(p)?, Some(p.to_path_buf())))
+                } else {
+                    Ok((Self::default(), None))
+                }
+            }
+        }
+    }
+
+    /// Applies the `GATEWAYD_*` overrides from the process environment.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        self.apply_env_from(|k| std::env::var(k).ok())
+    }
+
+    /// Applies the `GATEWAYD_*` overrides read through `get` (testable form of [`Config::apply_env`]).
+    pub fn apply_env_from(
+        &mut self,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let addr = |var: &'static str, value: String| {
+            value.parse::<SocketAddr>().map_err(|e| ConfigError::Env {
+                var,
+                value,
+                message: e.to_string(),
+            })
+        };
+        if let Some(v) = get("GATEWAYD_DEVICE_LISTEN") {
+            self.devices.listen = addr("GATEWAYD_DEVICE_LISTEN", v)?;
+        }
+        if let Some(v) = get("GATEWAYD_METRICS_LISTEN") {
+            self.metrics.listen = addr("GATEWAYD_METRICS_LISTEN", v)?;
+        }
+        if let Some(v) = get("GATEWAYD_STATE_DIR") {
+            self.state_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("GATEWAYD_CONTROL_SOCKET") {
+            self.control.socket = PathBuf::from(v);
+        }
+        self.validate()
+    }
+
+    /// Range and consistency checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        self.batching
+            .batcher()
+            .validate()
+            .map_err(|m| ConfigError::Invalid(format!("[batching] {m}")))?;
+        if self.devices.max_connections == 0 {
+            return invalid("[devices] max_connections must be at least 1");
+        }
+        if self.devices.idle_timeout.is_zero() {
+            return invalid("[devices] idle_timeout must be longer than 0s");
+        }
+        if self.pairing.window.is_zero() || self.pairing.window > self.pairing.max_window {
+            return invalid("[pairing] window must be longer than 0s and at most max_window");
+        }
+        if self.credentials.default_lifetime.is_zero() {
+            return invalid("[credentials] default_lifetime must be longer than 0s");
+        }
+        if self.credentials.renewal_margin >= self.credentials.default_lifetime {
+            return invalid("[credentials] renewal_margin must be shorter than default_lifetime");
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return invalid("state_dir must not be empty");
+        }
+        if let Some(e) = &self.cn.endpoint {
+            let ok = e
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "[cn] endpoint {e:?} must be host:port (e.g. \"cn.example.net:4434\")"
+                )));
+            }
+        }
+        if matches!(&self.control.group, Some(g) if g.is_empty()) {
+            return invalid("[control] group must not be empty (omit it for no group)");
+        }
+        Ok(())
+    }
+
+    /// Path of the SQLite database inside the state directory.
+    pub fn database_path(&self) -> PathBuf {
+        self.state_dir.join(crate::state::DB_FILE)
+    }
+}
+
+/// `Duration` as a humantime string (`"30s"`, `"2h 5m"`, `"30days"`).
+pub mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            D::Error::custom(format!(
+                "invalid duration {text:?}: {e} (examples: \"30s\", \"10m\", \"1day\")"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../gatewayd.example.toml");
+
+    #[test]
+    fn no_file_means_defaults_and_they_validate() {
+        let cfg = Config::from_toml_str("", "empty").unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.devices.listen.to_string(), "[::]:4433");
+        assert_eq!(cfg.metrics.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(cfg.state_dir, Path::new("/var/lib/gatewayd"));
+        assert_eq!(cfg.control.socket, Path::new("/run/gatewayd/control.sock"));
+        assert_eq!(cfg.batching.batcher(), BatcherConfig::default());
+        assert_eq!(
+            cfg.database_path(),
+            Path::new("/var/lib/gatewayd/gatewayd.db")
+        );
+    }
+
+    #[test]
+    fn example_file_parses_and_matches_defaults_where_it_says_so() {
+        let cfg = Config::from_toml_str(EXAMPLE, "gatewayd.example.toml").unwrap();
+        // The example sets these two on purpose (a CN to talk to and an admin group); everything
+        // else in it is the default value, spelled out.
+        let mut expected = Config::default();
+        expected.cn.endpoint = Some("cn.operator.example:4434".into());
+        expected.control.group = Some("gatewayd".into());
+        assert_eq!(cfg, expected);
+        assert_eq!(
+            cfg.cn.effective_server_name().as_deref(),
+            Some("cn.operator.example")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = Config::from_toml_str("[batching]\nmax_bach = 3\n", "t.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("max_bach"), "{msg}");
+        assert!(msg.contains("t.toml"), "{msg}");
+        let err = Config::from_toml_str("statedir = \"/x\"\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("statedir"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let e = Config::from_toml_str("[devices]\nidle_timeout = \"soon\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("invalid duration"), "{e}");
+        let e = Config::from_toml_str("[batching]\nmax_batch = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("[batching]"), "{e}");
+        let e = Config::from_toml_str("[cn]\nendpoint = \"nohost\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("host:port"), "{e}");
+        let e = Config::from_toml_str("[pairing]\nwindow = \"2h\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("max_window"), "{e}");
+        let e = Config::from_toml_str("[devices]\nlisten = \"localhost\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut cfg = Config::default();
+        cfg.apply_env_from(|k| match k {
+            "GATEWAYD_DEVICE_LISTEN" => Some("127.0.0.1:0".into()),
+            "GATEWAYD_STATE_DIR" => Some("/tmp/gw".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(cfg.devices.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(cfg.state_dir, Path::new("/tmp/gw"));
+        let e = cfg
+            .apply_env_from(|k| (k == "GATEWAYD_METRICS_LISTEN").then(|| "nope".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("GATEWAYD_METRICS_LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn server_name_from_endpoint() {
+        let mut cn = CnConfig {
+            endpoint: Some("[2001:db8::1]:4434".into()),
+            ..CnConfig::default()
+        };
+        assert_eq!(cn.effective_server_name().as_deref(), Some("2001:db8::1"));
+        cn.server_name = Some("cn.example".into());
+        assert_eq!(cn.effective_server_name().as_deref(), Some("cn.example"));
+    }
+
+    #[test]
+    fn default_params_fill_only_what_is_missing() {
+        let c = CredentialsConfig {
+            dnns: vec!["iot".into()],
+            ..CredentialsConfig::default()
+        };
+        let p = c.fill_params(companion_proto::msg::Params {
+            lifetime_s: Some(60),
+            ..Default::default()
+        });
+        assert_eq!(p.lifetime_s, Some(60));
+        assert_eq!(p.roaming, Some(false));
+        assert_eq!(p.dnns, Some(vec!["iot".to_string()]));
+    }
+
+    #[test]
+    fn serialises_back_to_an_equal_config() {
+        let cfg = Config::default();
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(Config::from_toml_str(&text, "t").unwrap(), cfg);
+    }
+}

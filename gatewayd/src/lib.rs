@@ -1,0 +1,25 @@
+//! `gatewayd`: the companion UE for many devices at once (seed steps 1, 2, 4 and 6).
+//!
+//! Foundations, each usable and tested on its own; the device QUIC server and the CN link plug
+//! into them:
+//! - [`config`]: the TOML configuration with documented defaults;
+//! - [`state`]: the embedded database (pairings, credentials, pending deliveries, outstanding
+//!   requests, revocations, blocks);
+//! - [`identity`]: the gateway's own TLS identity;
+//! - [`companion`]: the companion's own 3GPP credential behind the `Usim` trait;
+//! - [`pairing`]: paired keys, the pairing window, and the handshake's `KeyPolicy`;
+//! - [`control`]: the `gatewayctl` ↔ daemon protocol, server and client;
+//! - [`metrics`]: Prometheus metrics and `/metrics`, `/healthz`;
+//! - [`batcher`]: smart batching towards the CN;
+//! - [`clock`]: injectable time.
+#![forbid(unsafe_code)]
+
+pub mod batcher;
+pub mod clock;
+pub mod companion;
+pub mod config;
+pub mod control;
+pub mod identity;
+pub mod metrics;
+pub mod pairing;
+pub mod state;

@@ -1,0 +1,327 @@
+//! Prometheus metrics (`gatewayd_*`) and the small HTTP server that exposes them.
+//!
+//! `GET /metrics` answers the text exposition format; `GET /healthz` answers `200 ok` while the
+//! daemon's health check passes and `503` with the reason otherwise.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State as AxumState;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::control::CnLinkState;
+
+/// Outcome labels of `gatewayd_requests_total`.
+pub mod outcome {
+    /// A credential was issued and delivered (or queued for delivery).
+    pub const ISSUED: &str = "issued";
+    /// The CN refused (quota, policy, revoked parent).
+    pub const REFUSED: &str = "refused";
+    /// The queue was full; the device was told to retry after N ms.
+    pub const BUSY: &str = "busy";
+    /// The CN was unreachable or slow; the device was told to retry later.
+    pub const RETRY_LATER: &str = "retry_later";
+    /// The device's request was malformed or not allowed (unpaired device ID, ...).
+    pub const INVALID: &str = "invalid";
+    /// Any other failure.
+    pub const ERROR: &str = "error";
+}
+
+/// Kinds of `gatewayd_requests_total`.
+pub mod kind {
+    pub const PROVISION: &str = "provision";
+    pub const RENEW: &str = "renew";
+}
+
+/// Every metric the daemon exports, registered in one registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Paired devices.
+    pub devices_paired: IntGauge,
+    /// Credential requests by kind and outcome.
+    pub requests: IntCounterVec,
+    /// Seconds from a device's request arriving to its credential being sent back, by kind.
+    pub request_latency: HistogramVec,
+    /// Requests per batch sent to the CN.
+    pub batch_size: Histogram,
+    /// Requests waiting in the batcher's queue.
+    pub queue_depth: IntGauge,
+    /// CN link: 0 down, 1 connecting, 2 up, -1 not configured.
+    pub cn_link_state: IntGauge,
+    /// Open device QUIC connections.
+    pub active_connections: IntGauge,
+    /// Sealed credentials waiting for their device's acknowledgement.
+    pub deliveries_pending: IntGauge,
+    /// Credentials held by paired devices that expire within 24 hours.
+    pub credentials_expiring_24h: IntGauge,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("gatewayd")
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let devices_paired = IntGauge::with_opts(opts(
+            "devices_paired",
+            "Number of devices paired with this gateway.",
+        ))?;
+        let requests = IntCounterVec::new(
+            opts(
+                "requests_total",
+                "Credential requests from devices, by kind (provision, renew) and outcome \
+                 (issued, refused, busy, retry_later, invalid, error).",
+            ),
+            &["kind", "outcome"],
+        )?;
+        let request_latency = HistogramVec::new(
+            HistogramOpts::from(opts(
+                "request_duration_seconds",
+                "End-to-end time from a device's credential request to the sealed credential \
+                 being sent back to it, by kind.",
+            ))
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["kind"],
+        )?;
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::from(opts(
+                "batch_size",
+                "Number of requests in each batch sent to the core network.",
+            ))
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+        )?;
+        let queue_depth = IntGauge::with_opts(opts(
+            "queue_depth",
+            "Credential requests waiting in the batching queue.",
+        ))?;
+        let cn_link_state = IntGauge::with_opts(opts(
+            "cn_link_state",
+            "State of the link to the core network: 2 up (authenticated), 1 connecting, 0 down, \
+             -1 not configured.",
+        ))?;
+        let active_connections = IntGauge::with_opts(opts(
+            "active_quic_connections",
+            "Open QUIC connections from devices.",
+        ))?;
+        let deliveries_pending = IntGauge::with_opts(opts(
+            "deliveries_pending",
+            "Sealed credentials kept until their device acknowledges them.",
+        ))?;
+        let credentials_expiring_24h = IntGauge::with_opts(opts(
+            "credentials_expiring_24h",
+            "Credentials held by paired devices that expire within the next 24 hours.",
+        ))?;
+        registry.register(Box::new(devices_paired.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_latency.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(cn_link_state.clone()))?;
+        registry.register(Box::new(active_connections.clone()))?;
+        registry.register(Box::new(deliveries_pending.clone()))?;
+        registry.register(Box::new(credentials_expiring_24h.clone()))?;
+        // Pre-create the common series so dashboards see zeros instead of gaps.
+        for k in [kind::PROVISION, kind::RENEW] {
+            for o in [
+                outcome::ISSUED,
+                outcome::REFUSED,
+                outcome::BUSY,
+                outcome::RETRY_LATER,
+                outcome::INVALID,
+                outcome::ERROR,
+            ] {
+                requests.with_label_values(&[k, o]);
+            }
+            request_latency.with_label_values(&[k]);
+        }
+        cn_link_state.set(-1);
+        Ok(Self {
+            registry,
+            devices_paired,
+            requests,
+            request_latency,
+            batch_size,
+            queue_depth,
+            cn_link_state,
+            active_connections,
+            deliveries_pending,
+            credentials_expiring_24h,
+        })
+    }
+
+    /// The registry, to add more collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts one request outcome.
+    pub fn count_request(&self, kind: &str, outcome: &str) {
+        self.requests.with_label_values(&[kind, outcome]).inc();
+    }
+
+    /// Sets the CN link gauge.
+    pub fn set_cn_link(&self, s: CnLinkState) {
+        self.cn_link_state.set(match s {
+            CnLinkState::NotConfigured => -1,
+            CnLinkState::Down => 0,
+            CnLinkState::Connecting => 1,
+            CnLinkState::Up => 2,
+        });
+    }
+
+    /// Everything in the text exposition format.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+/// The daemon's health for `/healthz`: `Ok(())`, or why it is unhealthy.
+pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    health: HealthCheck,
+}
+
+async fn metrics_handler(AxumState(s): AxumState<HttpState>) -> Response {
+    match s.metrics.render() {
+        Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn health_handler(AxumState(s): AxumState<HttpState>) -> Response {
+    match (s.health)() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
+/// The HTTP routes (`/metrics`, `/healthz`).
+pub fn router(metrics: Arc<Metrics>, health: HealthCheck) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(health_handler))
+        .with_state(HttpState { metrics, health })
+}
+
+/// Binds the metrics listener (so a busy port is reported at start-up, not later).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    health: HealthCheck,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(metrics, health))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_health_over_http() {
+        let m = Arc::new(Metrics::new().unwrap());
+        m.devices_paired.set(3);
+        m.count_request(kind::PROVISION, outcome::ISSUED);
+        m.batch_size.observe(17.0);
+        m.request_latency
+            .with_label_values(&[kind::PROVISION])
+            .observe(0.004);
+        m.set_cn_link(CnLinkState::Up);
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let h = healthy.clone();
+        let health: HealthCheck = Arc::new(move || {
+            if h.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("database unavailable".into())
+            }
+        });
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, m.clone(), health, async {
+            let _ = rx.await;
+        }));
+
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        for needle in [
+            "# HELP gatewayd_devices_paired ",
+            "gatewayd_devices_paired 3",
+            "gatewayd_requests_total{kind=\"provision\",outcome=\"issued\"} 1",
+            "gatewayd_requests_total{kind=\"renew\",outcome=\"busy\"} 0",
+            "gatewayd_request_duration_seconds_bucket{kind=\"provision\",le=\"0.005\"} 1",
+            "gatewayd_batch_size_count 1",
+            "gatewayd_queue_depth 0",
+            "gatewayd_cn_link_state 2",
+            "gatewayd_active_quic_connections 0",
+            "gatewayd_deliveries_pending 0",
+            "gatewayd_credentials_expiring_24h 0",
+        ] {
+            assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
+        }
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+        healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            get(addr, "/healthz").await,
+            (503, "database unavailable\n".into())
+        );
+        assert_eq!(get(addr, "/nope").await.0, 404);
+
+        tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}
