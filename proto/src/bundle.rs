@@ -1,0 +1,259 @@
+//! The credential bundle: the HPKE plaintext the CN seals to a device.
+//!
+//! Sealing (done by `companion_crypto::hpke`): RFC 9180 base mode, suite
+//! DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / ChaCha20-Poly1305 (0x0020/0x0001/0x0003),
+//! `info` = [`HPKE_INFO`], `aad` = [`aad`]`(device_id, request_id)`.
+
+use minicbor::{Decode, Encode};
+use zeroize::Zeroizing;
+
+use crate::codec::decode_body;
+use crate::error::{DecodeError, EncodeError};
+use crate::ids::{DeviceId, RequestId, Supi};
+use crate::msg::Restrictions;
+pub use crate::secret::Key128;
+
+/// The bundle format version.
+pub const BUNDLE_VERSION: u64 = 1;
+/// HPKE `info` string.
+pub const HPKE_INFO: &[u8] = b"companion credential v1";
+/// Largest SQN (48 bits).
+pub const SQN_MAX: u64 = (1 << 48) - 1;
+
+/// The HPKE associated data: `u16-BE(len(device_id)) || device_id || request_id`.
+pub fn aad(device_id: &DeviceId, request_id: &RequestId) -> Vec<u8> {
+    let id = device_id.as_str().as_bytes();
+    let mut out = Vec::with_capacity(2 + id.len() + 16);
+    // DeviceId is at most 64 bytes, so the length always fits a u16.
+    out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    out.extend_from_slice(id);
+    out.extend_from_slice(request_id.as_bytes());
+    out
+}
+
+/// Where and how the device attaches with its new credential.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct AttachInfo {
+    /// `host:port` of the CN's attach endpoint.
+    #[n(0)]
+    pub endpoint: String,
+    /// TLS server name to verify.
+    #[n(1)]
+    pub server_name: String,
+    /// DER of the operator CA certificate the CN's certificate chains to.
+    #[cbor(n(2), with = "minicbor::bytes")]
+    pub trust_anchor: Vec<u8>,
+}
+
+/// The credential bundle. `Debug` never shows K or OPc.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct CredentialBundle {
+    /// [`BUNDLE_VERSION`].
+    #[n(0)]
+    pub version: u64,
+    /// The device it was issued to.
+    #[n(1)]
+    pub device_id: DeviceId,
+    /// The request it answers.
+    #[n(2)]
+    pub request_id: RequestId,
+    /// The new SUPI.
+    #[n(3)]
+    pub supi: Supi,
+    /// Subscriber key K.
+    #[cbor(n(4), with = "crate::secret::key128")]
+    pub k: Key128,
+    /// OPc = AES_K(OP) ⊕ OP.
+    #[cbor(n(5), with = "crate::secret::key128")]
+    pub opc: Key128,
+    /// Authentication management field.
+    #[cbor(n(6), with = "crate::codec::fixed")]
+    pub amf: [u8; 2],
+    /// First SQN the USIM should accept above (48 bits).
+    #[n(7)]
+    pub sqn_start: u64,
+    /// Issue time, Unix seconds.
+    #[n(8)]
+    pub issued_at: u64,
+    /// Expiry, Unix seconds.
+    #[n(9)]
+    pub expires_at: u64,
+    /// What the credential may do.
+    #[n(10)]
+    pub restrictions: Restrictions,
+    /// How to attach.
+    #[n(11)]
+    pub attach: AttachInfo,
+}
+
+/// Why a bundle was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    /// Not a valid bundle encoding.
+    #[error("bundle does not decode: {0}")]
+    Decode(#[from] DecodeError),
+    /// A version this implementation does not know.
+    #[error("unsupported bundle version {0}")]
+    UnsupportedVersion(u64),
+    /// A field is out of range (SQN over 48 bits, expiry before issue).
+    #[error("invalid bundle: {0}")]
+    Invalid(&'static str),
+    /// The bundle is for another device or request than the one expected.
+    #[error("bundle is for another {0}")]
+    Mismatch(&'static str),
+}
+
+impl CredentialBundle {
+    /// The deterministic CBOR plaintext, in a buffer that is wiped on drop (it holds K and OPc).
+    pub fn encode(&self) -> Result<Zeroizing<Vec<u8>>, EncodeError> {
+        // Reserve an upper bound first so the buffer never reallocates (which would leave an
+        // unwiped copy of the keys behind): fixed fields < 160 bytes, each string/byte string
+        // at most 9 header bytes plus its length.
+        let var = |n: usize| n + 9;
+        let dnns: usize = self.restrictions.dnns.iter().map(|d| var(d.len())).sum();
+        let cap = 256
+            + var(self.device_id.as_str().len())
+            + var(self.supi.as_str().len())
+            + var(self.attach.endpoint.len())
+            + var(self.attach.server_name.len())
+            + var(self.attach.trust_anchor.len())
+            + dnns;
+        let mut buf = Zeroizing::new(Vec::with_capacity(cap));
+        minicbor::encode(self, &mut *buf).map_err(|e| EncodeError::Cbor(e.to_string()))?;
+        Ok(buf)
+    }
+
+    /// Decodes and checks a plaintext (version, SQN range, expiry after issue).
+    pub fn decode(bytes: &[u8]) -> Result<Self, BundleError> {
+        let b: CredentialBundle = decode_body(bytes)?;
+        if b.version != BUNDLE_VERSION {
+            return Err(BundleError::UnsupportedVersion(b.version));
+        }
+        if b.sqn_start > SQN_MAX {
+            return Err(BundleError::Invalid("sqn_start exceeds 48 bits"));
+        }
+        if b.expires_at <= b.issued_at {
+            return Err(BundleError::Invalid("expires_at is not after issued_at"));
+        }
+        Ok(b)
+    }
+
+    /// Checks that the bundle answers `request_id` of `device_id` (after opening it).
+    pub fn check_for(
+        &self,
+        device_id: &DeviceId,
+        request_id: &RequestId,
+    ) -> Result<(), BundleError> {
+        if &self.device_id != device_id {
+            return Err(BundleError::Mismatch("device"));
+        }
+        if &self.request_id != request_id {
+            return Err(BundleError::Mismatch("request"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::msg::tests::{hex, unhex};
+
+    pub(crate) fn sample() -> CredentialBundle {
+        CredentialBundle {
+            version: 1,
+            device_id: DeviceId::new("watch-01").unwrap(),
+            request_id: RequestId(core::array::from_fn(|i| i as u8)),
+            supi: Supi::new("imsi-001010000000042").unwrap(),
+            k: Key128::from_bytes([0x46; 16]),
+            opc: Key128::from_bytes([0xcd; 16]),
+            amf: [0x80, 0x00],
+            sqn_start: 32,
+            issued_at: 1_764_633_600,
+            expires_at: 1_767_225_600,
+            restrictions: Restrictions {
+                roaming_allowed: false,
+                dnns: vec![],
+                max_bitrate_kbps: None,
+            },
+            attach: AttachInfo {
+                endpoint: "cn.example.net:4433".into(),
+                server_name: "cn.example.net".into(),
+                trust_anchor: vec![0x30, 0x00],
+            },
+        }
+    }
+
+    pub(crate) const GOLDEN: &str = "ac0001016877617463682d30310250000102030405060708090a0b0c0d0e0f0374696d73692d3030\
+        313031303030303030303034320450464646464646464646464646464646460550cdcdcdcdcdcdcd\
+        cdcdcdcdcdcdcdcdcd06428000071820081a692e2c00091a6955b9000aa200f401800ba30073636e\
+        2e6578616d706c652e6e65743a34343333016e636e2e6578616d706c652e6e657402423000";
+
+    #[test]
+    fn golden_and_round_trip() {
+        let b = sample();
+        let enc = b.encode().unwrap();
+        assert_eq!(hex(&enc), hex(&unhex(GOLDEN)));
+        let d = CredentialBundle::decode(&enc).unwrap();
+        assert_eq!(d, b);
+        d.check_for(&b.device_id, &b.request_id).unwrap();
+        assert_eq!(
+            d.check_for(&DeviceId::new("other").unwrap(), &b.request_id),
+            Err(BundleError::Mismatch("device"))
+        );
+        // Debug never shows the keys.
+        let dbg = format!("{d:?}");
+        assert!(!dbg.contains("70, 70") && !dbg.contains("4646") && dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn aad_layout() {
+        let a = aad(&DeviceId::new("ab").unwrap(), &RequestId([9; 16]));
+        assert_eq!(&a[..4], &[0, 2, b'a', b'b']);
+        assert_eq!(&a[4..], &[9; 16]);
+    }
+
+    #[test]
+    fn checks() {
+        let mut b = sample();
+        b.version = 2;
+        assert_eq!(
+            CredentialBundle::decode(&b.encode().unwrap()),
+            Err(BundleError::UnsupportedVersion(2))
+        );
+        let mut b = sample();
+        b.sqn_start = 1 << 48;
+        assert!(matches!(
+            CredentialBundle::decode(&b.encode().unwrap()),
+            Err(BundleError::Invalid(_))
+        ));
+        let mut b = sample();
+        b.expires_at = b.issued_at;
+        assert!(matches!(
+            CredentialBundle::decode(&b.encode().unwrap()),
+            Err(BundleError::Invalid(_))
+        ));
+        assert!(matches!(
+            CredentialBundle::decode(&[0xa0]),
+            Err(BundleError::Decode(_))
+        ));
+    }
+}
+
+#[cfg(test)]
+mod crypto_tests {
+    use super::*;
+
+    #[test]
+    fn aad_matches_crypto_crate() {
+        let d = DeviceId::new("watch-01").unwrap();
+        let r = RequestId([7; 16]);
+        assert_eq!(
+            aad(&d, &r),
+            companion_crypto::hpke::credential_aad(d.as_str(), &r.0)
+        );
+        assert_eq!(HPKE_INFO, companion_crypto::hpke::INFO);
+    }
+}
