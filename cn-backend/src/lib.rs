@@ -8,15 +8,29 @@
 //! | [`store`] | the [`store::Store`] trait (engine primitives) and the SQLite engine |
 //! | [`ops`] | operations over any store: batch issuance, lifecycle, AKA SQN, administration |
 //! | [`import`] | all-or-nothing CSV import of parent subscriptions |
+//! | [`config`] | `cn-backend.toml` and the data directory layout |
+//! | [`service`] | shared state of the running service, `init`, HPKE sealing of bundles |
+//! | [`server`] | the QUIC server: gateway sessions (AKA, batches, revoke, list) and device attach |
+//! | [`admin`] | subscriber administration shared by the CLI and the HTTP API |
+//! | [`http`] | the admin HTTP API, `/metrics`, `/healthz` |
+//! | [`metrics`] | Prometheus metrics |
+//! | [`serve`] | `cn-backend serve`: listeners, ready file, signal handling and draining |
 //!
 //! Policy is plain synchronous code; the database sits behind [`store::Store`]. The QUIC server,
 //! CLI and HTTP API sit on top of [`ops`] and the store's read methods.
 
+pub mod admin;
+pub mod config;
+pub mod http;
 pub mod import;
 pub mod kek;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod policy;
+pub mod serve;
+pub mod server;
+pub mod service;
 pub mod store;
 
 pub use kek::Kek;

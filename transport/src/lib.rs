@@ -3,11 +3,18 @@
 //! - [`pki`]: the operator CA and the self-signed P-256 identities devices and gateways present;
 //! - [`verify`]: rustls verifiers that admit peers by public-key fingerprint (pairing, pinning);
 //! - [`quic`]: quinn endpoint configurations (TLS 1.3 only, ring, one ALPN per conversation),
-//!   transport limits, and the TLS exporter the AKA session binding uses.
+//!   transport limits, and the TLS exporter the AKA session binding uses;
+//! - [`drive`]: runs a `companion-proto` sans-IO machine over one QUIC stream, with timeouts;
+//! - [`cn_client`]: the gateway's authenticated session with the CN (AKA, batches, revoke, list);
+//! - [`attach_client`]: the device's attach to the CN with a provisioned credential.
 //!
-//! Protocol logic lives in `companion-proto`; this crate only moves bytes securely.
+//! Protocol logic lives in `companion-proto`; this crate moves bytes securely and drives the
+//! protocol machines over QUIC.
 #![forbid(unsafe_code)]
 
+pub mod attach_client;
+pub mod cn_client;
+pub mod drive;
 pub mod pki;
 pub mod quic;
 pub mod verify;

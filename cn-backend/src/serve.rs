@@ -1,0 +1,136 @@
+//! `cn-backend serve`: binds the QUIC endpoint and the admin HTTP server, announces them in the
+//! ready file, and drains in-flight batches on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use companion_transport::{ALPN_ATTACH, ALPN_CN, Limits, server_config};
+use tracing::{info, warn};
+
+use crate::config::Layout;
+use crate::http::{HttpState, router};
+use crate::metrics::Metrics;
+use crate::service::{self, Service};
+
+/// Options of `serve`.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Overrides `listen`.
+    pub listen: Option<SocketAddr>,
+    /// Overrides `http_listen`.
+    pub http_listen: Option<SocketAddr>,
+    /// Where to write `{"quic": "...", "http": "..."}` once both listeners are bound.
+    pub ready_file: Option<PathBuf>,
+}
+
+fn write_ready(path: &Path, quic: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "quic": quic.to_string(), "http": http.to_string() });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{body}\n"))
+        .with_context(|| format!("writing ready file {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming ready file to {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs the service until SIGTERM/SIGINT, then drains and returns.
+pub async fn serve(layout: &Layout, opts: ServeOptions) -> anyhow::Result<()> {
+    let loaded = service::load(layout)
+        .with_context(|| format!("loading the data directory {}", layout.dir.display()))?;
+    let listen = opts.listen.unwrap_or(loaded.settings.listen);
+    let http_listen = opts.http_listen.unwrap_or(loaded.settings.http_listen);
+    let mut limits = Limits::cn_link();
+    limits.keep_alive = None;
+    limits.max_bidi_streams = 64;
+    let qcfg = server_config(&loaded.identity, None, &[ALPN_CN, ALPN_ATTACH], &limits)
+        .context("building the QUIC server configuration")?;
+    let endpoint = quinn::Endpoint::server(qcfg, listen).with_context(|| {
+        format!("binding the QUIC endpoint on {listen} (in use? change --listen)")
+    })?;
+    let quic_addr = endpoint
+        .local_addr()
+        .context("reading the QUIC endpoint's address")?;
+    let attach_endpoint = if loaded.settings.attach_endpoint.is_empty() {
+        let host = loaded
+            .settings
+            .server_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| quic_addr.ip().to_string());
+        if host.contains(':') {
+            format!("[{host}]:{}", quic_addr.port())
+        } else {
+            format!("{host}:{}", quic_addr.port())
+        }
+    } else {
+        loaded.settings.attach_endpoint.clone()
+    };
+    let token = service::load_admin_token(layout).context("loading admin.token")?;
+    let metrics = Metrics::new().context("creating metrics")?;
+    let svc = Arc::new(Service::new(loaded, attach_endpoint.clone(), metrics)?);
+    let http = tokio::net::TcpListener::bind(http_listen)
+        .await
+        .with_context(|| {
+            format!("binding the admin HTTP server on {http_listen} (in use? change --http-listen)")
+        })?;
+    let http_addr = http.local_addr().context("reading the HTTP address")?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let app = router(HttpState {
+        svc: svc.clone(),
+        token: Arc::new(token),
+    });
+    let http_task = tokio::spawn(async move {
+        let r = axum::serve(http, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = r {
+            warn!("admin HTTP server failed: {e}");
+        }
+    });
+    let quic_task = tokio::spawn(crate::server::run(svc.clone(), endpoint.clone()));
+    if let Some(p) = &opts.ready_file {
+        write_ready(p, quic_addr, http_addr)?;
+    }
+    info!(quic = %quic_addr, http = %http_addr, attach = %attach_endpoint, "cn-backend serving");
+
+    wait_for_signal().await?;
+    info!("shutting down: refusing new work, draining in-flight batches");
+    svc.shutting_down.store(true, Ordering::Release);
+    endpoint.set_server_config(None);
+    let drain = svc
+        .settings
+        .drain_timeout()
+        .unwrap_or(Duration::from_secs(30));
+    let started = Instant::now();
+    while svc.inflight.load(Ordering::Acquire) > 0 && started.elapsed() < drain {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = svc.inflight.load(Ordering::Acquire);
+    if left > 0 {
+        warn!(left, "drain timeout: closing with batches still in flight");
+    }
+    endpoint.close(0u32.into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    quic_task.abort();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    Ok(())
+}

@@ -1,0 +1,1003 @@
+//! The QUIC server: one endpoint offering `companion-cn/1` (gateway sessions) and
+//! `companion-attach/1` (device attach).
+//!
+//! * Gateway session: AKA on the first stream with the parent's K/OPc/SQN, resync through AUTS,
+//!   RES* and the TLS-exporter binding checked by the proto machine; then one operation per
+//!   stream (batch, revoke, list) for that parent only.
+//! * Attach: AKA with the child's credential, then the attach policy
+//!   ([`crate::policy::check_attach`]): active, unexpired, unrevoked, parent active, roaming.
+//! * AKA failures are counted per SUPI in the store (`record_aka_failure`) and per source
+//!   address in memory; a SUPI with `aka_max_failures` consecutive failures, or an address with
+//!   `aka_addr_max_failures`, is refused with `auth_failed` + `retry_after_ms` for `aka_lockout`.
+//! * Store calls are blocking and run on `spawn_blocking`; a batch is one transaction
+//!   (`ops::issue_batch`), so a peer vanishing mid-batch leaves it committed (a retry with the
+//!   same request IDs gets the same sealed credentials) or not at all.
+//! * Every error a peer provokes ends at most its stream or connection; nothing panics.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use companion_crypto::aka::{AMF_5G, generate_vector, try_random_rand, verify_auts};
+use companion_crypto::binding::EXPORTER_LABEL;
+use companion_crypto::milenage::Milenage;
+use companion_proto::aka::{AkaServer, AkaWire, ServerEvent};
+use companion_proto::cn::{Operation, OperationEvent, ServerRequest, ServerSession};
+use companion_proto::msg::{
+    AttachAccept, AttachMessage, AuthResult, BatchProvision, BatchResult, Child, ChildList,
+    ChildState, ErrorCode, ErrorMsg, ItemKind, ItemResult, Outcome, Revoke, RevokeResult,
+};
+use companion_proto::{Config, ProtoError};
+use companion_transport::drive::{DriveError, StreamDriver};
+use companion_transport::{ALPN_ATTACH, ALPN_CN, negotiated_alpn, tls_exporter};
+use tracing::{debug, info, warn};
+
+use crate::model::{
+    ChildCredential, DeviceId, Dnn, KeyFingerprint, RequestId, SubscriberKeys, SubscriptionStatus,
+    Supi, Timestamp,
+};
+use crate::ops::{self, Batch, BatchItem, ItemOutcome, ProvisionItem, RenewItem};
+use crate::policy::{self, AttachRefusal, RequestedParams};
+use crate::service::{Service, proto_restrictions, sealed_to_wire};
+use crate::store::{Store, StoreError, Subscriber};
+
+/// Runs `f` on the blocking pool (store calls); a panicking or cancelled task is an internal error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Database(format!("store task failed: {e}"))))
+}
+
+fn internal(e: &StoreError) -> ErrorMsg {
+    match e {
+        StoreError::Busy => ErrorMsg::retry_after(ErrorCode::Busy, "database busy", 1000),
+        _ => ErrorMsg::retry_after(ErrorCode::Internal, "internal error", 2000),
+    }
+}
+
+fn proto_config(svc: &Service) -> Config {
+    Config {
+        timeout: svc.exchange_timeout,
+        ..Config::default()
+    }
+}
+
+/// Accepts connections until the endpoint is closed.
+pub async fn run(svc: Arc<Service>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        if svc.is_shutting_down() {
+            incoming.refuse();
+            continue;
+        }
+        if svc.connections.load(Ordering::Acquire) >= svc.settings.max_connections {
+            warn!(
+                "connection limit reached; refusing {}",
+                incoming.remote_address()
+            );
+            incoming.refuse();
+            continue;
+        }
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            svc.connections.fetch_add(1, Ordering::AcqRel);
+            let peer = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => handle_connection(&svc, conn).await,
+                Err(e) => debug!(%peer, "handshake failed: {e}"),
+            }
+            svc.connections.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+async fn handle_connection(svc: &Arc<Service>, conn: quinn::Connection) {
+    let peer = conn.remote_address();
+    let alpn = negotiated_alpn(&conn);
+    let Ok(exporter) = tls_exporter(&conn, EXPORTER_LABEL) else {
+        conn.close(1u32.into(), b"no TLS exporter");
+        return;
+    };
+    let first = tokio::time::timeout(svc.exchange_timeout, conn.accept_bi()).await;
+    let Ok(Ok((send, recv))) = first else {
+        conn.close(0u32.into(), b"no AKA stream");
+        return;
+    };
+    let mut drv = StreamDriver::new(send, recv, svc.exchange_timeout);
+    match alpn.as_deref() {
+        Some(a) if a == ALPN_CN => gateway_session(svc, &conn, drv, exporter).await,
+        Some(a) if a == ALPN_ATTACH => attach(svc, &conn, &mut drv, exporter).await,
+        _ => conn.close(1u32.into(), b"unsupported ALPN"),
+    }
+    debug!(%peer, "connection done");
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Conv {
+    Cn,
+    Attach,
+}
+
+impl Conv {
+    fn label(self) -> &'static str {
+        match self {
+            Conv::Cn => "cn",
+            Conv::Attach => "attach",
+        }
+    }
+}
+
+/// What a verified AKA yields.
+struct Verified {
+    supi: Supi,
+    snn: String,
+    subscriber: Subscriber,
+}
+
+fn now_ts() -> Timestamp {
+    Timestamp::now()
+}
+
+/// The server side of AKA up to `Verified` (or a refusal, already sent).
+async fn run_aka<W: AkaWire>(
+    svc: &Arc<Service>,
+    drv: &mut StreamDriver,
+    m: &mut AkaServer<W>,
+    ip: IpAddr,
+    conv: Conv,
+) -> Option<Verified> {
+    let aka_metric = |r: &str| svc.metrics.aka.with_label_values(&[conv.label(), r]).inc();
+    // The SUPI once a vector was issued for it (then failures are counted against it).
+    let mut known: Option<Supi> = None;
+    let mut keys: Option<SubscriberKeys> = None;
+    let mut snn_seen = String::new();
+    let mut subscriber: Option<Subscriber> = None;
+    loop {
+        let ev = drv.next_event(m).await;
+        let reject = |m: &mut AkaServer<W>, e: ErrorMsg| {
+            // Rejecting can only fail if the machine is already closed: nothing to send then.
+            let _ = m.reject(e);
+        };
+        match ev {
+            Ok(ServerEvent::VectorNeeded {
+                supi,
+                serving_network_name,
+            }) => {
+                let locked = svc
+                    .addr_limiter
+                    .lock()
+                    .map(|mut l| l.locked(ip, Instant::now()))
+                    .unwrap_or(None);
+                if let Some(wait) = locked {
+                    aka_metric("locked_out");
+                    reject(m, lockout_msg("this source address", wait));
+                    break;
+                }
+                let Ok(supi) = Supi::parse(supi.as_str()) else {
+                    reject(
+                        m,
+                        ErrorMsg::new(ErrorCode::UnknownSubscriber, "unknown subscriber"),
+                    );
+                    break;
+                };
+                match supi_lockout(svc, &supi).await {
+                    Ok(Some(wait)) => {
+                        aka_metric("locked_out");
+                        reject(m, lockout_msg("this subscriber", wait));
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        aka_metric("error");
+                        reject(m, internal(&e));
+                        break;
+                    }
+                }
+                match vector(svc, &supi, &serving_network_name, conv).await {
+                    Ok((v, k, sub)) => {
+                        if m.provide_vector(Instant::now(), v).is_err() {
+                            break;
+                        }
+                        known = Some(supi);
+                        keys = Some(k);
+                        subscriber = Some(sub);
+                        snn_seen = serving_network_name;
+                    }
+                    Err(VectorError::Refuse(result, msg)) => {
+                        aka_metric(result);
+                        if result == "unknown_subscriber" {
+                            addr_failure(svc, ip);
+                        }
+                        reject(m, msg);
+                        break;
+                    }
+                }
+            }
+            Ok(ServerEvent::ResyncNeeded {
+                rand,
+                auts,
+                serving_network_name,
+                ..
+            }) => {
+                let (Some(supi), Some(k)) = (known.clone(), keys.as_ref()) else {
+                    break;
+                };
+                let mil = Milenage::new(&k.k, &k.opc);
+                match verify_auts(&mil, &rand, &auts) {
+                    Ok(sqn_ms) => {
+                        aka_metric("resync");
+                        let s = supi.clone();
+                        let st = svc.store.clone();
+                        if let Err(e) = blocking(move || ops::apply_resync(&*st, &s, sqn_ms)).await
+                        {
+                            reject(m, internal(&e));
+                            break;
+                        }
+                        match vector(svc, &supi, &serving_network_name, conv).await {
+                            Ok((v, k2, sub)) => {
+                                if m.provide_vector(Instant::now(), v).is_err() {
+                                    break;
+                                }
+                                keys = Some(k2);
+                                subscriber = Some(sub);
+                            }
+                            Err(VectorError::Refuse(result, msg)) => {
+                                aka_metric(result);
+                                reject(m, msg);
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        aka_metric("sync_failure");
+                        aka_failure(svc, &supi, ip).await;
+                        reject(
+                            m,
+                            ErrorMsg::new(ErrorCode::SyncFailure, "AUTS does not verify"),
+                        );
+                        break;
+                    }
+                }
+            }
+            Ok(ServerEvent::Verified { .. }) => {
+                let (Some(supi), Some(sub)) = (known.clone(), subscriber.take()) else {
+                    break;
+                };
+                aka_metric("success");
+                if let Ok(mut l) = svc.addr_limiter.lock() {
+                    l.success(ip);
+                }
+                let s = supi.clone();
+                let st = svc.store.clone();
+                let _ = blocking(move || {
+                    if st.aka_failures(&s)?.count > 0 {
+                        ops::clear_aka_failures(&*st, &s)?;
+                    }
+                    Ok(())
+                })
+                .await;
+                return Some(Verified {
+                    supi,
+                    snn: snn_seen,
+                    subscriber: sub,
+                });
+            }
+            Ok(ServerEvent::Failed(e)) => {
+                // The client gave up; `auth_failed` from a USIM means the network's AUTN did not
+                // verify (a wrong K or OPc at either end): count it against the SUPI.
+                if e.code == ErrorCode::AuthFailed {
+                    aka_metric("auth_failed");
+                    if let Some(s) = &known {
+                        aka_failure(svc, s, ip).await;
+                    }
+                } else {
+                    aka_metric("client_error");
+                }
+                return None;
+            }
+            Err(DriveError::Proto(ProtoError::AuthFailed(why))) => {
+                aka_metric("auth_failed");
+                debug!("AKA failed: {why}");
+                if let Some(s) = &known {
+                    aka_failure(svc, s, ip).await;
+                } else {
+                    addr_failure(svc, ip);
+                }
+                return None;
+            }
+            Err(DriveError::Proto(ProtoError::SyncFailure(_))) => {
+                aka_metric("sync_failure");
+                if let Some(s) = &known {
+                    aka_failure(svc, s, ip).await;
+                }
+                return None;
+            }
+            Err(e) => {
+                aka_metric(if matches!(e, DriveError::Timeout(_)) {
+                    "timeout"
+                } else {
+                    "error"
+                });
+                debug!("AKA stream failed: {e}");
+                return None;
+            }
+        }
+    }
+    // A refusal was queued: deliver it.
+    let _ = drv.flush_and_finish(m).await;
+    drv.wait_delivered(Duration::from_secs(2)).await;
+    None
+}
+
+fn lockout_msg(what: &str, wait: Duration) -> ErrorMsg {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    ErrorMsg::retry_after(
+        ErrorCode::AuthFailed,
+        format!(
+            "too many failed authentications from {what}; locked out for {} s",
+            ms.div_ceil(1000)
+        ),
+        ms,
+    )
+}
+
+fn addr_failure(svc: &Service, ip: IpAddr) {
+    if let Ok(mut l) = svc.addr_limiter.lock() {
+        l.failure(
+            ip,
+            Instant::now(),
+            svc.settings.aka_addr_max_failures,
+            svc.lockout,
+        );
+    }
+}
+
+async fn aka_failure(svc: &Arc<Service>, supi: &Supi, ip: IpAddr) {
+    addr_failure(svc, ip);
+    let s = supi.clone();
+    let st = svc.store.clone();
+    if let Err(e) = blocking(move || ops::record_aka_failure(&*st, &s, now_ts())).await {
+        warn!(%supi, "could not record an AKA failure: {e}");
+    }
+}
+
+/// How long `supi` is still locked out, if it is.
+async fn supi_lockout(svc: &Arc<Service>, supi: &Supi) -> Result<Option<Duration>, StoreError> {
+    let s = supi.clone();
+    let st = svc.store.clone();
+    let f = blocking(move || st.aka_failures(&s)).await?;
+    if f.count < svc.settings.aka_max_failures {
+        return Ok(None);
+    }
+    let Some(last) = f.last_at else {
+        return Ok(None);
+    };
+    let until = last.plus_secs(svc.lockout.as_secs());
+    let now = now_ts();
+    if now < until {
+        let secs = u64::try_from(until.as_secs() - now.as_secs()).unwrap_or(1);
+        Ok(Some(Duration::from_secs(secs)))
+    } else {
+        Ok(None)
+    }
+}
+
+enum VectorError {
+    Refuse(&'static str, ErrorMsg),
+}
+
+/// Reserves a SQN and builds a vector for `supi`, checking it is the right kind of subscriber.
+async fn vector(
+    svc: &Arc<Service>,
+    supi: &Supi,
+    snn: &str,
+    conv: Conv,
+) -> Result<
+    (
+        companion_crypto::aka::AuthVector,
+        SubscriberKeys,
+        Subscriber,
+    ),
+    VectorError,
+> {
+    let unknown = || {
+        VectorError::Refuse(
+            "unknown_subscriber",
+            ErrorMsg::new(ErrorCode::UnknownSubscriber, "unknown subscriber"),
+        )
+    };
+    // Check the kind before reserving a SQN, so probing costs no write.
+    let s = supi.clone();
+    let st = svc.store.clone();
+    let kind = blocking(move || Ok((st.parent(&s)?, st.child(&s)?.is_some()))).await;
+    match (conv, kind) {
+        (_, Err(e)) => return Err(VectorError::Refuse("error", internal(&e))),
+        (Conv::Cn, Ok((Some(p), _))) => {
+            if p.status != SubscriptionStatus::Active {
+                return Err(VectorError::Refuse(
+                    "subscription_suspended",
+                    ErrorMsg::new(
+                        ErrorCode::SubscriptionSuspended,
+                        format!("subscription is {}", p.status),
+                    ),
+                ));
+            }
+        }
+        (Conv::Attach, Ok((_, true))) => {}
+        _ => return Err(unknown()),
+    }
+    let s = supi.clone();
+    let st = svc.store.clone();
+    let material = match blocking(move || ops::aka_vector(&*st, &s)).await {
+        Ok(m) => m,
+        Err(StoreError::UnknownSupi(_)) => return Err(unknown()),
+        Err(e) => return Err(VectorError::Refuse("error", internal(&e))),
+    };
+    let rand = try_random_rand().map_err(|_| {
+        VectorError::Refuse(
+            "error",
+            ErrorMsg::retry_after(ErrorCode::Internal, "internal error", 2000),
+        )
+    })?;
+    let mil = Milenage::new(&material.keys.k, &material.keys.opc);
+    let v = generate_vector(&mil, material.sqn, &AMF_5G, rand, snn);
+    Ok((v, material.keys, material.subscriber))
+}
+
+/// Decrements the active-session gauge when a gateway session ends.
+struct SessionGuard<'a>(&'a Service);
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.sessions.dec();
+    }
+}
+
+async fn gateway_session(
+    svc: &Arc<Service>,
+    conn: &quinn::Connection,
+    mut drv: StreamDriver,
+    exporter: [u8; 32],
+) {
+    let ip = conn.remote_address().ip();
+    let mut m = ServerSession::new(exporter, Instant::now(), proto_config(svc));
+    let Some(v) = run_aka(svc, &mut drv, &mut m, ip, Conv::Cn).await else {
+        wait_closed(svc, conn).await;
+        return;
+    };
+    let parent = v.supi.clone();
+    let st = svc.store.clone();
+    let p = parent.clone();
+    let now = now_ts();
+    let summary = blocking(move || Ok((st.parent(&p)?, st.count_active_children(&p, now)?))).await;
+    let result = match summary {
+        Ok((Some(p), active)) => AuthResult {
+            max_children: u64::from(p.policy.max_children),
+            active_children: u64::from(active),
+            max_lifetime_s: p
+                .policy
+                .max_lifetime_s
+                .min(svc.issuer.operator.max_lifetime_s),
+            roaming_allowed: p.policy.roaming_allowed,
+            max_batch_items: u64::try_from(svc.issuer.max_batch_items).unwrap_or(256),
+            dnns: (!p.policy.allowed_dnns.is_empty()).then(|| {
+                p.policy
+                    .allowed_dnns
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            }),
+        },
+        Ok((None, _)) | Err(_) => {
+            let _ = m.reject(ErrorMsg::retry_after(
+                ErrorCode::Internal,
+                "internal error",
+                2000,
+            ));
+            let _ = drv.flush_and_finish(&mut m).await;
+            return;
+        }
+    };
+    if m.accept(result).is_err() || drv.flush_and_finish(&mut m).await.is_err() {
+        return;
+    }
+    info!(supi = %parent, peer = %conn.remote_address(), "gateway session authenticated");
+    svc.metrics.sessions.inc();
+    let _guard = SessionGuard(svc);
+    let session = Arc::new(m);
+    loop {
+        let Ok((send, recv)) = conn.accept_bi().await else {
+            break;
+        };
+        let svc = svc.clone();
+        let session = session.clone();
+        let parent = parent.clone();
+        tokio::spawn(async move {
+            let mut drv = StreamDriver::new(send, recv, svc.exchange_timeout);
+            match session.accept_request(Instant::now()) {
+                Ok(req) => operation(&svc, &mut drv, req, &parent).await,
+                Err(_) => drv.abort(1),
+            }
+        });
+    }
+    debug!(supi = %parent, "gateway session closed");
+}
+
+async fn wait_closed(svc: &Service, conn: &quinn::Connection) {
+    // Give the peer time to read the refusal, then close.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2).min(svc.exchange_timeout),
+        conn.closed(),
+    )
+    .await;
+    conn.close(0u32.into(), b"authentication failed");
+}
+
+/// Counts a batch in flight until dropped (shutdown drains these).
+struct Inflight<'a>(&'a Service);
+impl<'a> Inflight<'a> {
+    fn new(s: &'a Service) -> Self {
+        s.inflight.fetch_add(1, Ordering::AcqRel);
+        Inflight(s)
+    }
+}
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn operation(
+    svc: &Arc<Service>,
+    drv: &mut StreamDriver,
+    mut req: ServerRequest,
+    parent: &Supi,
+) {
+    let op = match drv.next_event(&mut req).await {
+        Ok(OperationEvent::Request(op)) => op,
+        Ok(OperationEvent::Failed(e)) => {
+            debug!("gateway sent an error: {:?}", e.code);
+            return;
+        }
+        Err(e) => {
+            let code = match &e {
+                DriveError::Proto(p) => p.error_code().name(),
+                DriveError::Timeout(_) => "timeout",
+                _ => "transport",
+            };
+            svc.metrics
+                .operations
+                .with_label_values(&["unknown", code])
+                .inc();
+            debug!("operation stream failed: {e}");
+            drv.wait_delivered(Duration::from_secs(2)).await;
+            return;
+        }
+    };
+    let _inflight = Inflight::new(svc);
+    let (name, r) = match op {
+        Operation::Batch(b) => ("batch", batch(svc, &mut req, b, parent).await),
+        Operation::Revoke(r) => ("revoke", revoke(svc, &mut req, r, parent).await),
+        Operation::ListChildren => ("list", list(svc, &mut req, parent).await),
+    };
+    let result = match &r {
+        Ok(()) => "ok",
+        Err(e) => e.code.name(),
+    };
+    svc.metrics
+        .operations
+        .with_label_values(&[name, result])
+        .inc();
+    if let Err(e) = r {
+        let _ = req.fail(e);
+    }
+    if drv.flush_and_finish(&mut req).await.is_ok() {
+        drv.wait_delivered(svc.exchange_timeout).await;
+    }
+}
+
+fn convert_params(p: &companion_proto::msg::Params) -> Result<RequestedParams, String> {
+    let dnns = p
+        .dnns
+        .iter()
+        .flatten()
+        .map(|d| Dnn::parse(d).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let max_bitrate_kbps = p
+        .max_bitrate_kbps
+        .map(|b| u32::try_from(b).unwrap_or(u32::MAX));
+    Ok(RequestedParams {
+        lifetime_s: p.lifetime_s,
+        roaming: p.roaming,
+        dnns,
+        max_bitrate_kbps,
+    })
+}
+
+fn item_result(
+    request_id: companion_proto::RequestId,
+    outcome: Outcome,
+    reason: impl Into<String>,
+) -> ItemResult {
+    ItemResult {
+        request_id,
+        outcome,
+        supi: None,
+        expires_at: None,
+        sealed: None,
+        reason: Some(reason.into()),
+    }
+}
+
+fn issued(
+    request_id: companion_proto::RequestId,
+    child: &ChildCredential,
+    sealed: &[u8],
+) -> ItemResult {
+    match (
+        companion_proto::Supi::new(child.supi.as_str()),
+        sealed_to_wire(sealed),
+    ) {
+        (Ok(supi), Some(sealed)) => ItemResult {
+            request_id,
+            outcome: Outcome::Issued,
+            supi: Some(supi),
+            expires_at: Some(u64::try_from(child.expires_at.as_secs()).unwrap_or(0)),
+            sealed: Some(sealed),
+            reason: None,
+        },
+        _ => item_result(
+            request_id,
+            Outcome::RetryLater,
+            "stored credential unreadable",
+        ),
+    }
+}
+
+async fn batch(
+    svc: &Arc<Service>,
+    req: &mut ServerRequest,
+    b: BatchProvision,
+    parent: &Supi,
+) -> Result<(), ErrorMsg> {
+    if svc.is_shutting_down() {
+        return Err(ErrorMsg::retry_after(
+            ErrorCode::Busy,
+            "shutting down; retry on another session",
+            1000,
+        ));
+    }
+    svc.metrics.batch_size.observe(b.items.len() as f64);
+    // Items the CN can judge without the store get their answer here; the rest go to one
+    // transaction. `slots[i]` is the wire request id of item i and its answer if already known.
+    let mut answers: Vec<Option<ItemResult>> = Vec::with_capacity(b.items.len());
+    let mut items = Vec::new();
+    let mut index = Vec::new();
+    // Renewals are sealed with the renewal's request id, found by the device key they carry.
+    let mut renew_ids: HashMap<Vec<u8>, [u8; 16]> = HashMap::new();
+    for (i, it) in b.items.iter().enumerate() {
+        let rid = it.request_id;
+        let params = match convert_params(&it.params) {
+            Ok(p) => p,
+            Err(e) => {
+                answers.push(Some(item_result(rid, Outcome::Invalid, e)));
+                continue;
+            }
+        };
+        let model_rid = RequestId(*rid.as_bytes());
+        let item = match it.kind {
+            ItemKind::Provision => {
+                let Ok(device_id) = DeviceId::parse(it.device_id.as_str()) else {
+                    answers.push(Some(item_result(rid, Outcome::Invalid, "bad device id")));
+                    continue;
+                };
+                BatchItem::Provision(ProvisionItem {
+                    device_id,
+                    device_key_fingerprint: KeyFingerprint(it.device_key_fingerprint),
+                    request_id: model_rid,
+                    recipient: it.hpke_public_key.to_vec(),
+                    params,
+                })
+            }
+            ItemKind::Renew => {
+                let Some(Ok(child)) = it.supi.as_ref().map(|s| Supi::parse(s.as_str())) else {
+                    answers.push(Some(item_result(
+                        rid,
+                        Outcome::Invalid,
+                        "renew needs the SUPI being renewed",
+                    )));
+                    continue;
+                };
+                if renew_ids
+                    .insert(it.hpke_public_key.to_vec(), *rid.as_bytes())
+                    .is_some()
+                {
+                    answers.push(Some(item_result(
+                        rid,
+                        Outcome::Invalid,
+                        "HPKE key reused within the batch",
+                    )));
+                    continue;
+                }
+                BatchItem::Renew(RenewItem {
+                    child,
+                    request_id: model_rid,
+                    recipient: it.hpke_public_key.to_vec(),
+                    lifetime_s: params.lifetime_s,
+                })
+            }
+            ItemKind::Unknown(k) => {
+                answers.push(Some(item_result(
+                    rid,
+                    Outcome::Invalid,
+                    format!("unknown item kind {k}"),
+                )));
+                continue;
+            }
+        };
+        answers.push(None);
+        index.push(i);
+        items.push(item);
+    }
+    if !items.is_empty() {
+        let batch = Batch {
+            parent: parent.clone(),
+            actor: format!("gateway:{parent}"),
+            now: now_ts(),
+            items,
+        };
+        let st = svc.store.clone();
+        let svc2 = svc.clone();
+        let started = Instant::now();
+        let outcomes = blocking(move || {
+            let sealer = |recipient: &[u8],
+                          child: &ChildCredential,
+                          keys: &SubscriberKeys|
+             -> Result<Vec<u8>, ops::SealError> {
+                let rid = if child.renewed_at.is_some() {
+                    renew_ids
+                        .get(recipient)
+                        .copied()
+                        .unwrap_or(child.request_id.0)
+                } else {
+                    child.request_id.0
+                };
+                svc2.seal(recipient, child, keys, rid)
+            };
+            ops::issue_batch(&*st, &svc2.issuer, &batch, &sealer)
+        })
+        .await;
+        svc.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(StoreError::ParentNotFound(_)) => {
+                return Err(ErrorMsg::new(
+                    ErrorCode::UnknownSubscriber,
+                    "the subscription no longer exists",
+                ));
+            }
+            Err(StoreError::ImsiRangeExhausted(r)) => {
+                warn!("IMSI range {r} exhausted: extend imsi_count in cn-backend.toml");
+                return Err(ErrorMsg::new(
+                    ErrorCode::Internal,
+                    "the operator's IMSI range is exhausted",
+                ));
+            }
+            Err(e) => {
+                warn!("batch transaction failed, nothing committed: {e}");
+                return Err(internal(&e));
+            }
+        };
+        if let Some(ItemOutcome::ParentInactive(s)) = outcomes.first() {
+            return Err(ErrorMsg::new(
+                ErrorCode::SubscriptionSuspended,
+                format!("subscription is {s}"),
+            ));
+        }
+        for (o, i) in outcomes.iter().zip(index) {
+            let rid = b.items[i].request_id;
+            let r = match o {
+                ItemOutcome::Issued { child, sealed } => {
+                    svc.metrics.issued.inc();
+                    issued(rid, child, sealed)
+                }
+                ItemOutcome::Renewed { child, sealed } => {
+                    svc.metrics.renewed.inc();
+                    issued(rid, child, sealed)
+                }
+                ItemOutcome::AlreadyIssued { child, sealed, .. } => {
+                    svc.metrics.replayed.inc();
+                    issued(rid, child, sealed)
+                }
+                ItemOutcome::QuotaExhausted { limit } => {
+                    svc.metrics.quota_rejections.inc();
+                    item_result(
+                        rid,
+                        Outcome::QuotaExhausted,
+                        format!("quota of {limit} active credentials used up"),
+                    )
+                }
+                ItemOutcome::PolicyDenied(d) => {
+                    svc.metrics.policy_rejections.inc();
+                    item_result(rid, Outcome::PolicyDenied, d.to_string())
+                }
+                ItemOutcome::ParentInactive(s) => {
+                    svc.metrics.policy_rejections.inc();
+                    item_result(rid, Outcome::PolicyDenied, format!("subscription is {s}"))
+                }
+                ItemOutcome::Invalid(e) => {
+                    svc.metrics.invalid_items.inc();
+                    item_result(rid, Outcome::Invalid, e.to_string())
+                }
+                ItemOutcome::NotFound => item_result(
+                    rid,
+                    Outcome::NotFound,
+                    "not a credential of this subscription",
+                ),
+            };
+            if let Some(slot) = answers.get_mut(i) {
+                *slot = Some(r);
+            }
+        }
+    }
+    let items: Vec<ItemResult> = answers.into_iter().flatten().collect();
+    req.respond_batch(BatchResult {
+        batch_id: b.batch_id,
+        items,
+    })
+    .map_err(|_| ErrorMsg::new(ErrorCode::Internal, "internal error"))
+}
+
+async fn revoke(
+    svc: &Arc<Service>,
+    req: &mut ServerRequest,
+    r: Revoke,
+    parent: &Supi,
+) -> Result<(), ErrorMsg> {
+    let st = svc.store.clone();
+    let p = parent.clone();
+    let actor = format!("gateway:{parent}");
+    let revoked = blocking(move || {
+        let now = now_ts();
+        let targets: Vec<Supi> = match (&r.supi, &r.device_id) {
+            (Some(s), _) => match Supi::parse(s.as_str()) {
+                Ok(s) => st
+                    .child(&s)?
+                    .filter(|c| c.parent == p)
+                    .map(|c| vec![c.supi])
+                    .unwrap_or_default(),
+                Err(_) => Vec::new(),
+            },
+            (None, Some(d)) => st
+                .children_of(&p)?
+                .into_iter()
+                .filter(|c| c.device_id.as_str() == d.as_str())
+                .map(|c| c.supi)
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for t in targets {
+            if ops::revoke_child(&*st, &t, &actor, now)? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| internal(&e))?;
+    svc.metrics.revoked.inc_by(revoked.len() as u64);
+    let revoked = revoked
+        .iter()
+        .filter_map(|s| companion_proto::Supi::new(s.as_str()).ok())
+        .collect();
+    req.respond_revoke(RevokeResult { revoked })
+        .map_err(|_| ErrorMsg::new(ErrorCode::Internal, "internal error"))
+}
+
+async fn list(svc: &Arc<Service>, req: &mut ServerRequest, parent: &Supi) -> Result<(), ErrorMsg> {
+    let st = svc.store.clone();
+    let p = parent.clone();
+    let children = blocking(move || st.children_of(&p))
+        .await
+        .map_err(|e| internal(&e))?;
+    let now = now_ts();
+    let children = children
+        .iter()
+        .filter_map(|c| {
+            Some(Child {
+                supi: companion_proto::Supi::new(c.supi.as_str()).ok()?,
+                device_id: companion_proto::DeviceId::new(c.device_id.as_str()).ok()?,
+                issued_at: u64::try_from(c.issued_at.as_secs()).ok()?,
+                expires_at: u64::try_from(c.expires_at.as_secs()).ok()?,
+                state: match crate::admin::child_state(c, now) {
+                    "revoked" => ChildState::Revoked,
+                    "expired" => ChildState::Expired,
+                    _ => ChildState::Active,
+                },
+            })
+        })
+        .collect();
+    req.respond_children(ChildList { children })
+        .map_err(|_| ErrorMsg::new(ErrorCode::Internal, "internal error"))
+}
+
+async fn attach(
+    svc: &Arc<Service>,
+    conn: &quinn::Connection,
+    drv: &mut StreamDriver,
+    exporter: [u8; 32],
+) {
+    let ip = conn.remote_address().ip();
+    let mut m: AkaServer<AttachMessage> =
+        AkaServer::new(exporter, Instant::now(), proto_config(svc));
+    let Some(v) = run_aka(svc, drv, &mut m, ip, Conv::Attach).await else {
+        svc.metrics.attach.with_label_values(&["auth_failed"]).inc();
+        wait_closed(svc, conn).await;
+        return;
+    };
+    let _ = v.subscriber;
+    // Decide on the current state, not on what was read before AKA.
+    let st = svc.store.clone();
+    let supi = v.supi.clone();
+    let state = blocking(move || {
+        let Some(child) = st.child(&supi)? else {
+            return Ok(None);
+        };
+        let parent_status = st
+            .parent(&child.parent)?
+            .map_or(SubscriptionStatus::Revoked, |p| p.status);
+        Ok(Some((child, parent_status)))
+    })
+    .await;
+    let roaming = svc.is_roaming(&v.snn);
+    let decision = match state {
+        Ok(Some((child, parent_status))) => {
+            match policy::check_attach(&child, parent_status, now_ts(), roaming) {
+                Ok(r) => Ok(AttachAccept {
+                    expires_at: u64::try_from(child.expires_at.as_secs()).unwrap_or(0),
+                    restrictions: proto_restrictions(r),
+                }),
+                Err(AttachRefusal::Revoked) => Err(ErrorMsg::new(
+                    ErrorCode::CredentialRevoked,
+                    "credential revoked: discard it and provision again",
+                )),
+                Err(AttachRefusal::Expired(at)) => Err(ErrorMsg::new(
+                    ErrorCode::CredentialExpired,
+                    format!("credential expired at {at}: renew through the gateway"),
+                )),
+                Err(AttachRefusal::ParentInactive(s)) => Err(ErrorMsg::new(
+                    ErrorCode::SubscriptionSuspended,
+                    format!("parent subscription is {s}"),
+                )),
+                Err(AttachRefusal::RoamingNotAllowed) => Err(ErrorMsg::new(
+                    ErrorCode::RoamingNotAllowed,
+                    "this credential may not attach from a visited network",
+                )),
+            }
+        }
+        Ok(None) => Err(ErrorMsg::new(
+            ErrorCode::UnknownSubscriber,
+            "unknown subscriber",
+        )),
+        Err(e) => Err(internal(&e)),
+    };
+    let label = match &decision {
+        Ok(_) => "accepted",
+        Err(e) => e.code.name(),
+    };
+    svc.metrics.attach.with_label_values(&[label]).inc();
+    info!(supi = %v.supi, roaming, result = label, "attach");
+    let _ = match decision {
+        Ok(a) => m.accept(a),
+        Err(e) => m.reject(e),
+    };
+    if drv.flush_and_finish(&mut m).await.is_ok() {
+        drv.wait_delivered(svc.exchange_timeout).await;
+    }
+    wait_closed(svc, conn).await;
+}

@@ -1,0 +1,526 @@
+//! The running service's shared state, the data directory's creation (`init`) and loading, and
+//! the HPKE sealing of credential bundles.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use companion_crypto::secret::Key128;
+use companion_proto::bundle::{AttachInfo, BUNDLE_VERSION, CredentialBundle};
+use companion_transport::{Identity, OperatorCa};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use crate::config::{ConfigError, Layout, Settings};
+use crate::kek::{Kek, KekError};
+use crate::metrics::Metrics;
+use crate::model::{ChildCredential, Restrictions, SubscriberKeys};
+use crate::ops::{IssuerConfig, SealError};
+use crate::policy::OperatorPolicy;
+use crate::store::{SqliteConfig, SqliteStore, StoreError};
+
+/// Errors creating or loading the data directory.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    /// `init` on a directory that already holds a service.
+    #[error(
+        "{0} is already initialised (it has cn-backend.toml or kek.key); refusing to overwrite it. Use another --dir or remove it first"
+    )]
+    AlreadyInitialised(String),
+    /// `serve`/admin on a directory that was never initialised.
+    #[error("{0} is not initialised (no kek.key): run `cn-backend init --dir {0}` first")]
+    NotInitialised(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key file has the wrong content or permissions.
+    #[error("{0}")]
+    Key(String),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The KEK could not be created or loaded.
+    #[error(transparent)]
+    Kek(#[from] KekError),
+    /// The database could not be opened.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// Certificates could not be made or loaded.
+    #[error("certificates: {0}")]
+    Pki(#[from] companion_transport::PkiError),
+    /// The random number generator failed.
+    #[error("random number generator failed")]
+    Rng,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {
+    move |source| SetupError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes a new secret file with mode 0600 (never overwrites).
+fn write_secret(path: &Path, data: &[u8]) -> Result<(), SetupError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(data).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Reads a secret file, refusing one readable by group or others.
+fn read_secret(path: &Path) -> Result<Zeroizing<String>, SetupError> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SetupError::Key(format!(
+            "{} has mode {mode:o}; it must not be accessible by group or others (chmod 600)",
+            path.display()
+        )));
+    }
+    Ok(Zeroizing::new(
+        fs::read_to_string(path).map_err(io_err(path))?,
+    ))
+}
+
+/// What `init` created.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InitReport {
+    pub dir: String,
+    pub files: Vec<String>,
+    pub server_names: Vec<String>,
+    pub imsi_range: String,
+}
+
+/// Creates a data directory: configuration, KEK, OP, operator CA, server certificate, admin
+/// token and database. Refuses an initialised directory.
+pub fn init(layout: &Layout, settings: &Settings) -> Result<InitReport, SetupError> {
+    settings.validate()?;
+    let dir = &layout.dir;
+    if layout.config().exists() || layout.kek().exists() || layout.database().exists() {
+        return Err(SetupError::AlreadyInitialised(dir.display().to_string()));
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+
+    let kek = Kek::init(&layout.kek())?;
+    let op = Key128::try_random().map_err(|_| SetupError::Rng)?;
+    write_secret(
+        &layout.op(),
+        Zeroizing::new(format!("{}\n", hex::encode(op.expose()))).as_bytes(),
+    )?;
+    let ca = OperatorCa::generate("cn-backend operator CA")?;
+    ca.save(&layout.ca_cert(), &layout.ca_key())?;
+    let server = ca.issue_server(&settings.server_names)?;
+    server.save(&layout.server_cert(), &layout.server_key())?;
+    let token = companion_crypto::Secret::<32>::try_random().map_err(|_| SetupError::Rng)?;
+    write_secret(
+        &layout.admin_token(),
+        Zeroizing::new(format!("{}\n", hex::encode(token.expose()))).as_bytes(),
+    )?;
+    SqliteStore::open(&layout.database(), kek, SqliteConfig::default())?;
+    // The configuration last: its presence marks a complete directory.
+    let cfg = layout.config();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&cfg)
+        .map_err(io_err(&cfg))?;
+    f.write_all(settings.to_toml().as_bytes())
+        .map_err(io_err(&cfg))?;
+    f.sync_all().map_err(io_err(&cfg))?;
+    let files = [
+        layout.config(),
+        layout.kek(),
+        layout.op(),
+        layout.ca_cert(),
+        layout.ca_key(),
+        layout.server_cert(),
+        layout.server_key(),
+        layout.admin_token(),
+        layout.database(),
+    ]
+    .iter()
+    .map(|p| p.display().to_string())
+    .collect();
+    let r = settings.imsi_range()?;
+    Ok(InitReport {
+        dir: dir.display().to_string(),
+        files,
+        server_names: settings.server_names.clone(),
+        imsi_range: format!(
+            "imsi-{}{:0w$}..imsi-{}{:0w$}",
+            r.plmn(),
+            r.first_msin(),
+            r.plmn(),
+            r.last_msin(),
+            w = 15 - r.plmn().len()
+        ),
+    })
+}
+
+/// Opens the database of an initialised directory.
+pub fn open_store(layout: &Layout) -> Result<SqliteStore, SetupError> {
+    if !layout.kek().exists() {
+        return Err(SetupError::NotInitialised(layout.dir.display().to_string()));
+    }
+    let kek = Kek::load(&layout.kek())?;
+    Ok(SqliteStore::open(
+        &layout.database(),
+        kek,
+        SqliteConfig::default(),
+    )?)
+}
+
+/// Loads the operator OP.
+pub fn load_op(layout: &Layout) -> Result<Key128, SetupError> {
+    let text = read_secret(&layout.op())?;
+    Key128::from_hex(text.trim()).map_err(|_| {
+        SetupError::Key(format!(
+            "{} must hold 32 hexadecimal digits (the operator OP)",
+            layout.op().display()
+        ))
+    })
+}
+
+/// Loads the admin token.
+pub fn load_admin_token(layout: &Layout) -> Result<Zeroizing<String>, SetupError> {
+    let t = read_secret(&layout.admin_token())?;
+    let t = Zeroizing::new(t.trim().to_owned());
+    if t.len() < 16 {
+        return Err(SetupError::Key(format!(
+            "{} holds a token shorter than 16 characters",
+            layout.admin_token().display()
+        )));
+    }
+    Ok(t)
+}
+
+/// Per-source-address AKA failure accounting (in memory).
+#[derive(Debug, Default)]
+pub struct AddrLimiter {
+    entries: HashMap<IpAddr, AddrEntry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AddrEntry {
+    failures: u32,
+    last: Instant,
+    locked_until: Option<Instant>,
+}
+
+impl AddrLimiter {
+    /// How long `ip` must still wait, if it is locked out.
+    pub fn locked(&mut self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let e = self.entries.get(&ip)?;
+        match e.locked_until {
+            Some(t) if t > now => Some(t - now),
+            _ => None,
+        }
+    }
+
+    /// Counts one failure; locks the address out after `max` failures within `window`.
+    pub fn failure(&mut self, ip: IpAddr, now: Instant, max: u32, window: Duration) {
+        if self.entries.len() > 100_000 {
+            // Bound memory under a flood of addresses: forget entries older than the window.
+            self.entries
+                .retain(|_, e| now.duration_since(e.last) < window);
+        }
+        let e = self.entries.entry(ip).or_insert(AddrEntry {
+            failures: 0,
+            last: now,
+            locked_until: None,
+        });
+        if now.duration_since(e.last) >= window {
+            e.failures = 0;
+        }
+        e.failures = e.failures.saturating_add(1);
+        e.last = now;
+        if e.failures >= max {
+            e.locked_until = Some(now + window);
+            e.failures = 0;
+        }
+    }
+
+    /// Clears the record of `ip` after a success.
+    pub fn success(&mut self, ip: IpAddr) {
+        if let Some(e) = self.entries.get_mut(&ip)
+            && e.locked_until.is_none()
+        {
+            e.failures = 0;
+        }
+    }
+}
+
+/// What sealing puts in every bundle besides the credential.
+#[derive(Debug, Clone)]
+pub struct AttachTemplate {
+    /// `host:port` of the attach endpoint.
+    pub endpoint: String,
+    /// TLS server name.
+    pub server_name: String,
+    /// Operator CA certificate, DER.
+    pub trust_anchor: Vec<u8>,
+}
+
+/// The state every connection and request handler shares.
+#[derive(Debug)]
+pub struct Service {
+    /// The database.
+    pub store: Arc<SqliteStore>,
+    /// The configuration.
+    pub settings: Settings,
+    /// Issuing configuration (IMSI range, OP, limits).
+    pub issuer: IssuerConfig,
+    /// Attach information sealed into bundles.
+    pub attach: AttachTemplate,
+    /// Home PLMN: MCC and three-digit MNC.
+    pub home_plmn: (String, String),
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Per-address AKA limiter.
+    pub addr_limiter: Mutex<AddrLimiter>,
+    /// Open connections.
+    pub connections: AtomicUsize,
+    /// Batches being processed.
+    pub inflight: AtomicUsize,
+    /// Set once shutdown began.
+    pub shutting_down: AtomicBool,
+    /// Per-exchange timeout.
+    pub exchange_timeout: Duration,
+    /// AKA lock-out period.
+    pub lockout: Duration,
+}
+
+/// Loaded material for [`Service::new`].
+#[derive(Debug)]
+pub struct Loaded {
+    /// The database.
+    pub store: SqliteStore,
+    /// The configuration.
+    pub settings: Settings,
+    /// Operator OP.
+    pub op: Key128,
+    /// CA certificate DER.
+    pub ca_der: Vec<u8>,
+    /// The server's TLS identity.
+    pub identity: Identity,
+}
+
+/// Loads everything `serve` needs from an initialised directory.
+pub fn load(layout: &Layout) -> Result<Loaded, SetupError> {
+    let store = open_store(layout)?;
+    let settings = Settings::load(&layout.config())?;
+    let op = load_op(layout)?;
+    read_secret(&layout.server_key())?;
+    let identity = Identity::load(&layout.server_cert(), &layout.server_key())?;
+    let ca_der = identity
+        .chain()
+        .get(1)
+        .map(|c| c.as_ref().to_vec())
+        .ok_or_else(|| {
+            SetupError::Key(format!(
+                "{} must hold the server certificate followed by the operator CA",
+                layout.server_cert().display()
+            ))
+        })?;
+    Ok(Loaded {
+        store,
+        settings,
+        op,
+        ca_der,
+        identity,
+    })
+}
+
+impl Service {
+    /// Builds the shared state; `attach_endpoint` is the `host:port` put in bundles.
+    pub fn new(
+        loaded: Loaded,
+        attach_endpoint: String,
+        metrics: Metrics,
+    ) -> Result<Self, SetupError> {
+        let s = loaded.settings;
+        let issuer = IssuerConfig {
+            imsi_range: s.imsi_range()?,
+            op: loaded.op,
+            amf: crate::model::Amf(companion_crypto::aka::AMF_5G),
+            operator: OperatorPolicy {
+                max_lifetime_s: s.max_lifetime()?.as_secs(),
+            },
+            max_batch_items: s.max_batch_items,
+        };
+        let attach = AttachTemplate {
+            endpoint: attach_endpoint,
+            server_name: s.server_names.first().cloned().unwrap_or_default(),
+            trust_anchor: loaded.ca_der,
+        };
+        let mnc3 = format!("{:0>3}", s.mnc);
+        Ok(Service {
+            store: Arc::new(loaded.store),
+            home_plmn: (s.mcc.clone(), mnc3),
+            exchange_timeout: s.exchange_timeout()?,
+            lockout: s.aka_lockout()?,
+            settings: s,
+            issuer,
+            attach,
+            metrics,
+            addr_limiter: Mutex::new(AddrLimiter::default()),
+            connections: AtomicUsize::new(0),
+            inflight: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether shutdown began.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Whether the serving network name names a PLMN other than home (an unparsable name
+    /// counts as visited).
+    pub fn is_roaming(&self, snn: &str) -> bool {
+        match parse_snn(snn) {
+            Some((mcc, mnc)) => {
+                (mcc, mnc) != (self.home_plmn.0.as_str(), self.home_plmn.1.as_str())
+            }
+            None => true,
+        }
+    }
+
+    /// Seals a credential bundle to `recipient` for `request_id` (the request being answered,
+    /// which for a renewal differs from the child's original request).
+    pub fn seal(
+        &self,
+        recipient: &[u8],
+        child: &ChildCredential,
+        keys: &SubscriberKeys,
+        request_id: [u8; 16],
+    ) -> Result<Vec<u8>, SealError> {
+        let pk: [u8; 32] = recipient
+            .try_into()
+            .map_err(|_| SealError("HPKE public key must be 32 bytes".into()))?;
+        let device_id = companion_proto::DeviceId::new(child.device_id.as_str())
+            .map_err(|e| SealError(format!("device id: {e}")))?;
+        let supi = companion_proto::Supi::new(child.supi.as_str())
+            .map_err(|e| SealError(format!("supi: {e}")))?;
+        let bundle = CredentialBundle {
+            version: BUNDLE_VERSION,
+            device_id: device_id.clone(),
+            request_id: companion_proto::RequestId::from(request_id),
+            supi,
+            k: keys.k.clone(),
+            opc: keys.opc.clone(),
+            amf: child.amf.0,
+            sqn_start: child.sqn.value(),
+            issued_at: u64::try_from(child.issued_at.as_secs()).unwrap_or(0),
+            expires_at: u64::try_from(child.expires_at.as_secs()).unwrap_or(0),
+            restrictions: proto_restrictions(&child.restrictions),
+            attach: AttachInfo {
+                endpoint: self.attach.endpoint.clone(),
+                server_name: self.attach.server_name.clone(),
+                trust_anchor: self.attach.trust_anchor.clone(),
+            },
+        };
+        let plaintext = bundle
+            .encode()
+            .map_err(|e| SealError(format!("bundle encoding: {e}")))?;
+        let sealed = companion_crypto::hpke::seal_credential(
+            &pk,
+            device_id.as_str(),
+            &request_id,
+            &plaintext,
+        )
+        .map_err(|e| SealError(e.to_string()))?;
+        let mut out = Vec::with_capacity(32 + sealed.ciphertext.len());
+        out.extend_from_slice(&sealed.enc);
+        out.extend_from_slice(&sealed.ciphertext);
+        Ok(out)
+    }
+}
+
+/// Splits a stored sealed blob (`enc || ciphertext`) into the wire form.
+pub fn sealed_to_wire(blob: &[u8]) -> Option<companion_proto::msg::Sealed> {
+    if blob.len() < 32 + 16 {
+        return None;
+    }
+    let (enc, ct) = blob.split_at(32);
+    Some(companion_proto::msg::Sealed {
+        enc: enc.try_into().ok()?,
+        ciphertext: ct.to_vec(),
+    })
+}
+
+/// Model restrictions as sent on the wire.
+pub fn proto_restrictions(r: &Restrictions) -> companion_proto::msg::Restrictions {
+    companion_proto::msg::Restrictions {
+        roaming_allowed: r.roaming_allowed,
+        dnns: r.allowed_dnns.iter().map(ToString::to_string).collect(),
+        max_bitrate_kbps: r.max_bitrate_kbps.map(u64::from),
+    }
+}
+
+/// `5G:mnc<MNC>.mcc<MCC>.3gppnetwork.org` → (MCC, three-digit MNC).
+pub fn parse_snn(snn: &str) -> Option<(&str, &str)> {
+    let rest = snn.strip_prefix("5G:mnc")?;
+    let (mnc, rest) = rest.split_once(".mcc")?;
+    let (mcc, tail) = rest.split_once('.')?;
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if mnc.len() != 3 || mcc.len() != 3 || !digits(mnc) || !digits(mcc) {
+        return None;
+    }
+    if !tail.eq_ignore_ascii_case("3gppnetwork.org") {
+        return None;
+    }
+    Some((mcc, mnc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snn_parsing() {
+        assert_eq!(
+            parse_snn("5G:mnc001.mcc001.3gppnetwork.org"),
+            Some(("001", "001"))
+        );
+        assert_eq!(parse_snn("5G:mnc01.mcc001.3gppnetwork.org"), None);
+        assert_eq!(parse_snn("garbage"), None);
+    }
+
+    #[test]
+    fn addr_limiter_locks_and_expires() {
+        let mut l = AddrLimiter::default();
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let t = Instant::now();
+        for _ in 0..2 {
+            l.failure(ip, t, 3, Duration::from_secs(10));
+        }
+        assert!(l.locked(ip, t).is_none());
+        l.failure(ip, t, 3, Duration::from_secs(10));
+        assert!(l.locked(ip, t).is_some());
+        assert!(l.locked(ip, t + Duration::from_secs(11)).is_none());
+    }
+}

@@ -1,0 +1,349 @@
+//! Harness for tests that run the real `cn-backend` binary: temp data directories, the CLI,
+//! a served process on loopback (port 0 + ready file), gateway and device clients.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    dead_code,
+    missing_debug_implementations
+)]
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use companion_crypto::hpke::{DeviceHpkeKey, SealedCredential, open_credential};
+use companion_crypto::secret::Key128;
+use companion_crypto::usim::SoftUsim;
+use companion_proto::bundle::CredentialBundle;
+use companion_proto::msg::{BatchItem, ItemKind, ItemResult, Params};
+use companion_proto::{DeviceId, RequestId};
+use companion_transport::OperatorCa;
+use companion_transport::cn_client::{ClientOptions, CnSession, CnTarget};
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cn-backend");
+pub const HOME_SNN: &str = "5G:mnc001.mcc001.3gppnetwork.org";
+pub const VISITED_SNN: &str = "5G:mnc002.mcc208.3gppnetwork.org";
+pub const K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
+pub const OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+
+/// An initialised data directory.
+pub struct Dir {
+    pub tmp: TempDir,
+}
+
+impl Dir {
+    /// `cn-backend init` with a small child range; `extra_config` is appended to the TOML.
+    pub fn init(extra_config: &str) -> Dir {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = Dir { tmp };
+        d.cli_ok(&[
+            "init",
+            "--imsi-start",
+            "100000",
+            "--imsi-count",
+            "100000",
+            "--server-name",
+            "localhost",
+        ]);
+        if !extra_config.is_empty() {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(d.path().join("cn-backend.toml"))
+                .unwrap();
+            writeln!(f, "\n{extra_config}").unwrap();
+        }
+        d
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.tmp.path().join("cn")
+    }
+
+    /// Runs the CLI; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .arg("--dir")
+            .arg(self.path())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.cli(args);
+        assert!(ok, "cn-backend {args:?} failed: {err}");
+        out
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.cli_ok(&a)).unwrap()
+    }
+
+    /// Adds a parent with the test K/OPc.
+    pub fn add_parent(&self, supi: &str, extra: &[&str]) {
+        let mut a = vec!["subscriber", "add", "--supi", supi, "--k", K, "--opc", OPC];
+        a.extend_from_slice(extra);
+        self.cli_ok(&a);
+    }
+
+    pub fn trust_anchor(&self) -> rustls::pki_types::CertificateDer<'static> {
+        OperatorCa::load(&self.path().join("ca.pem"), &self.path().join("ca.key"))
+            .unwrap()
+            .cert_der()
+            .clone()
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// Starts `cn-backend serve` on loopback and waits for its ready file.
+    pub fn serve(&self) -> Server {
+        let ready = self.tmp.path().join(format!(
+            "ready-{}.json",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let log = std::fs::File::create(self.tmp.path().join("serve.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--dir")
+            .arg(self.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--ready-file",
+            ])
+            .arg(&ready)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child,
+            quic: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            anchor: self.trust_anchor(),
+            log: self.tmp.path().join("serve.log"),
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+                server.quic = v["quic"].as_str().unwrap().parse().unwrap();
+                server.http = v["http"].as_str().unwrap().parse().unwrap();
+                return server;
+            }
+            if let Ok(Some(st)) = server.child.try_wait() {
+                panic!("cn-backend serve exited with {st}: {}", server.log_text());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "no ready file");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A running `cn-backend serve`; SIGKILLed on drop if still running.
+pub struct Server {
+    pub child: Child,
+    pub quic: SocketAddr,
+    pub http: SocketAddr,
+    pub anchor: rustls::pki_types::CertificateDer<'static>,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn target(&self, snn: &str) -> CnTarget {
+        CnTarget {
+            addr: self.quic,
+            server_name: "localhost".into(),
+            trust_anchors: vec![self.anchor.clone()],
+            serving_network_name: snn.into(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, now.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A raw HTTP/1.1 request; returns (status, body).
+    pub fn http(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(self.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status: u16 = text[9..12].parse().unwrap();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        // Chunked bodies: good enough to search in; JSON callers use `http_json`.
+        (status, body)
+    }
+
+    pub fn http_json(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let (st, b) = self.http(method, path, token, body);
+        // Strip HTTP/1.1 chunk framing if any: take from the first '{' or '[' to the last
+        // matching closer.
+        let start = b.find(['{', '[']).unwrap_or(0);
+        let end = b.rfind(['}', ']']).map_or(b.len(), |e| e + 1);
+        (
+            st,
+            serde_json::from_str(&b[start..end]).unwrap_or(serde_json::Value::Null),
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+pub fn key(hex_str: &str) -> Key128 {
+    Key128::from_hex(hex_str).unwrap()
+}
+
+/// The companion's USIM for `supi` with the test K/OPc.
+pub fn parent_usim(supi: &str) -> SoftUsim {
+    SoftUsim::new(supi.into(), key(K), key(OPC))
+}
+
+pub fn client_endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+pub async fn connect(srv: &Server, supi: &str) -> CnSession {
+    connect_with(srv, supi, ClientOptions::default()).await
+}
+
+/// A session whose exchanges time out after `exchange_timeout`.
+pub async fn connect_with(srv: &Server, supi: &str, opts: ClientOptions) -> CnSession {
+    let ep = client_endpoint();
+    let mut u = parent_usim(supi);
+    CnSession::connect_with(&ep, &srv.target(HOME_SNN), &mut u, opts)
+        .await
+        .unwrap()
+        .0
+}
+
+/// A device request: its ids and the HPKE key it will open the bundle with.
+#[derive(Clone)]
+pub struct DeviceReq {
+    pub device_id: DeviceId,
+    pub request_id: RequestId,
+    pub hpke: DeviceHpkeKey,
+    pub params: Params,
+}
+
+impl DeviceReq {
+    /// Deterministic from `n` (so a restarted test re-sends exactly the same item).
+    pub fn new(n: u64) -> Self {
+        let mut rid = [0u8; 16];
+        rid[..8].copy_from_slice(&n.to_be_bytes());
+        rid[8..].copy_from_slice(&std::process::id().to_be_bytes().repeat(2));
+        DeviceReq {
+            device_id: DeviceId::new(&format!("dev-{n}")).unwrap(),
+            request_id: RequestId::from(rid),
+            hpke: DeviceHpkeKey::derive(&[&n.to_be_bytes()[..], &[7u8; 32][..]].concat()),
+            params: Params::default(),
+        }
+    }
+
+    pub fn item(&self) -> BatchItem {
+        BatchItem {
+            kind: ItemKind::Provision,
+            request_id: self.request_id,
+            device_id: self.device_id.clone(),
+            device_key_fingerprint: [9; 32],
+            hpke_public_key: self.hpke.public_key(),
+            params: self.params.clone(),
+            supi: None,
+        }
+    }
+
+    /// Opens an issued item's sealed bundle.
+    pub fn open(&self, r: &ItemResult) -> CredentialBundle {
+        let s = r.sealed.as_ref().expect("issued item has a sealed bundle");
+        let pt = open_credential(
+            &self.hpke,
+            self.device_id.as_str(),
+            self.request_id.as_bytes(),
+            &SealedCredential {
+                enc: s.enc,
+                ciphertext: s.ciphertext.clone(),
+            },
+        )
+        .unwrap();
+        let b = CredentialBundle::decode(&pt).unwrap();
+        b.check_for(&self.device_id, &self.request_id).unwrap();
+        b
+    }
+}
+
+/// The device's USIM built from its bundle.
+pub fn device_usim(b: &CredentialBundle) -> SoftUsim {
+    SoftUsim::new(b.supi.as_str().into(), b.k.clone(), b.opc.clone())
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
