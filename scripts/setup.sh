@@ -30,4 +30,11 @@ if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked --quiet
 fi
 
+# bpf-linker links the eBPF program (ebpf/); 0.10.4 with its rust-llvm-22 feature uses the nightly's
+# LLVM 22, so no system LLVM is needed. Newer releases need LLVM 23.
+if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.4'; then
+  log "cargo install bpf-linker@0.10.4 --locked (about two minutes)"
+  cargo install bpf-linker@0.10.4 --locked --quiet
+fi
+
 log "toolchains ready"

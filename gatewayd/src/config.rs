@@ -52,6 +52,13 @@ pub struct Config {
     /// Where the database, the gateway's TLS identity and the USIM's SQN state live.
     /// Default `/var/lib/gatewayd`.
     pub state_dir: PathBuf,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a `tracing` directive list such
+    /// as `"info,gatewayd=debug"`); `RUST_LOG` wins when set. Reloaded on SIGHUP. Default `info`.
+    pub log_level: String,
+    /// On SIGTERM, longest wait for in-flight work (batches at the CN, deliveries) before exiting.
+    /// Default `10s`.
+    #[serde(with = "duration_str")]
+    pub drain_timeout: Duration,
     pub devices: DevicesConfig,
     pub cn: CnConfig,
     pub companion: CompanionConfig,
@@ -66,6 +73,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             state_dir: PathBuf::from("/var/lib/gatewayd"),
+            log_level: "info".into(),
+            drain_timeout: Duration::from_secs(10),
             devices: DevicesConfig::default(),
             cn: CnConfig::default(),
             companion: CompanionConfig::default(),
@@ -90,6 +99,14 @@ pub struct DevicesConfig {
     pub idle_timeout: Duration,
     /// Most simultaneous device connections; more are refused. Default 4096.
     pub max_connections: usize,
+    /// A device stream silent this long (mid-message, or no request) is cut off. Default `10s`.
+    #[serde(with = "duration_str")]
+    pub stream_timeout: Duration,
+    /// New connections accepted per second from one IP address (bursts of twice as many); a
+    /// device reconnecting in a loop is refused beyond it. 0 = unlimited. Default 200.
+    pub new_connections_per_ip: u32,
+    /// Most simultaneous connections with one device key. Default 2.
+    pub max_connections_per_device: usize,
 }
 
 impl Default for DevicesConfig {
@@ -98,6 +115,9 @@ impl Default for DevicesConfig {
             listen: SocketAddr::from(([0u16; 8], 4433)),
             idle_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            stream_timeout: Duration::from_secs(10),
+            new_connections_per_ip: 200,
+            max_connections_per_device: 2,
         }
     }
 }
@@ -114,6 +134,22 @@ pub struct CnConfig {
     /// The operator CA certificate (PEM) the CN's certificate must chain to.
     /// Default `/etc/gatewayd/operator-ca.pem`.
     pub ca_file: PathBuf,
+    /// Serving network name for AKA (TS 33.501 §6.1.1.4). Default: the home network of the
+    /// companion SUPI, assuming a 2-digit MNC (`5G:mnc0NN.mccMMM.3gppnetwork.org`).
+    pub serving_network_name: Option<String>,
+    /// Parallel authenticated QUIC connections to the CN. Default 1.
+    pub sessions: usize,
+    /// Reconnection backoff: first delay, doubled (with jitter) up to `reconnect_max`.
+    /// Defaults `500ms` and `30s`.
+    #[serde(with = "duration_str")]
+    pub reconnect_min: Duration,
+    #[serde(with = "duration_str")]
+    pub reconnect_max: Duration,
+    /// Longest a device waits (kept informed with `Pending`) for the CN before it is told
+    /// "cn_unavailable, retry after"; the request stays queued and its credential is kept for the
+    /// device's retry. Default `10s`.
+    #[serde(with = "duration_str")]
+    pub request_timeout: Duration,
 }
 
 impl Default for CnConfig {
@@ -122,6 +158,11 @@ impl Default for CnConfig {
             endpoint: None,
             server_name: None,
             ca_file: PathBuf::from("/etc/gatewayd/operator-ca.pem"),
+            serving_network_name: None,
+            sessions: 1,
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -380,6 +421,23 @@ impl Config {
             .map_err(|m| ConfigError::Invalid(format!("[batching] {m}")))?;
         if self.devices.max_connections == 0 {
             return invalid("[devices] max_connections must be at least 1");
+        }
+        if self.devices.stream_timeout.is_zero() || self.devices.max_connections_per_device == 0 {
+            return invalid(
+                "[devices] stream_timeout must be longer than 0s and max_connections_per_device at least 1",
+            );
+        }
+        if self.cn.sessions == 0 || self.cn.sessions > 16 {
+            return invalid("[cn] sessions must be between 1 and 16");
+        }
+        if self.cn.reconnect_min.is_zero() || self.cn.reconnect_max < self.cn.reconnect_min {
+            return invalid("[cn] reconnect_min must be > 0s and at most reconnect_max");
+        }
+        if self.cn.request_timeout.is_zero() {
+            return invalid("[cn] request_timeout must be longer than 0s");
+        }
+        if self.log_level.trim().is_empty() {
+            return invalid("log_level must not be empty");
         }
         if self.devices.idle_timeout.is_zero() {
             return invalid("[devices] idle_timeout must be longer than 0s");

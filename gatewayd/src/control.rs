@@ -227,6 +227,20 @@ pub struct StatusInfo {
     pub active_connections: u64,
     pub pairing_window: Option<WindowStatus>,
     pub blocks: Vec<Block>,
+    /// The smart batcher's limits and load (absent from daemons that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<BatchingStatus>,
+}
+
+/// Batching limits in force and the batcher's load, for `gatewayctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchingStatus {
+    pub max_batch: usize,
+    pub max_wait_ms: u64,
+    pub max_in_flight: usize,
+    pub queue_capacity: usize,
+    /// Batches sent to the CN and not answered yet.
+    pub batches_in_flight: usize,
 }
 
 /// What happened at the CN when a device was revoked.

@@ -11,14 +11,23 @@
 //! - [`control`]: the `gatewayctl` ↔ daemon protocol, server and client;
 //! - [`metrics`]: Prometheus metrics and `/metrics`, `/healthz`;
 //! - [`batcher`]: smart batching towards the CN;
-//! - [`clock`]: injectable time.
+//! - [`clock`]: injectable time;
+//! - [`device_server`]: the device-facing QUIC server (one `ServerExchange` per stream);
+//! - [`delivery`]: requests → persisted → batched to the CN → sealed credentials kept until
+//!   acknowledged, renewal pre-fetch, revocation retries;
+//! - [`cn_link`]: the authenticated sessions to the CN, reconnecting with backoff;
+//! - [`daemon`]: wiring, the control handler, signals, systemd notifications, ready file.
 #![forbid(unsafe_code)]
 
 pub mod batcher;
 pub mod clock;
+pub mod cn_link;
 pub mod companion;
 pub mod config;
 pub mod control;
+pub mod daemon;
+pub mod delivery;
+pub mod device_server;
 pub mod identity;
 pub mod metrics;
 pub mod pairing;

@@ -153,6 +153,10 @@ pub struct OutstandingRequest {
     /// The device's HPKE (X25519) public key the CN seals to.
     pub hpke_public_key: Vec<u8>,
     pub created_at: UnixTime,
+    /// The control parameters asked for, as JSON (v2; `None` for older rows: use defaults).
+    pub params: Option<String>,
+    /// Renewals: the SUPI being renewed (v2).
+    pub renew_supi: Option<Supi>,
 }
 
 /// A revoked device; `cn_confirmed_at` stays `None` until the CN has revoked its credential.
@@ -251,6 +255,14 @@ CREATE TABLE blocks (
     created_at INTEGER NOT NULL
 ) STRICT;
 "#,
+    // v2: what a request needs to be resent after a restart (params, the SUPI renewed), and the
+    // HPKE key of the request that issued a credential (the device's renewal key: pre-fetched
+    // renewals are sealed to it).
+    r#"
+ALTER TABLE requests ADD COLUMN params TEXT;
+ALTER TABLE requests ADD COLUMN renew_supi TEXT;
+ALTER TABLE credentials ADD COLUMN hpke_pk BLOB;
+"#,
 ];
 
 /// The gateway's database. Shareable (`Arc<State>`); every call is one short transaction.
@@ -322,12 +334,17 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<PendingDelivery> {
 
 fn request_from_row(row: &Row<'_>) -> rusqlite::Result<OutstandingRequest> {
     let kind: String = row.get(2)?;
+    let supi: Option<String> = row.get(6)?;
     Ok(OutstandingRequest {
         request_id: request_id_at(row, 0)?,
         device_id: device_at(row, 1)?,
         kind: RequestKind::parse(&kind).ok_or_else(|| corrupt(2, "unknown request kind"))?,
         hpke_public_key: row.get(3)?,
         created_at: row.get(4)?,
+        params: row.get(5)?,
+        renew_supi: supi
+            .map(|s| Supi::new(&s).map_err(|e| corrupt(6, e.to_string())))
+            .transpose()?,
     })
 }
 
@@ -503,14 +520,17 @@ impl State {
     /// already has one outstanding (one provisioning at a time per device) or the ID is reused.
     pub fn insert_request(&self, r: &OutstandingRequest) -> Result<(), StateError> {
         let res = self.conn().execute(
-            "INSERT INTO requests (request_id, device_id, kind, hpke_pk, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO requests (request_id, device_id, kind, hpke_pk, created_at, params,
+                 renew_supi)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 r.request_id.as_bytes().as_slice(),
                 r.device_id.as_str(),
                 r.kind.as_str(),
                 r.hpke_public_key,
-                r.created_at
+                r.created_at,
+                r.params,
+                r.renew_supi.as_ref().map(|s| s.as_str())
             ],
         );
         match res {
@@ -530,7 +550,7 @@ impl State {
     ) -> Result<Option<OutstandingRequest>, StateError> {
         self.conn()
             .query_row(
-                "SELECT request_id, device_id, kind, hpke_pk, created_at
+                "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi
                  FROM requests WHERE device_id = ?1",
                 [device.as_str()],
                 request_from_row,
@@ -543,7 +563,7 @@ impl State {
     pub fn outstanding_requests(&self) -> Result<Vec<OutstandingRequest>, StateError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT request_id, device_id, kind, hpke_pk, created_at
+            "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi
              FROM requests ORDER BY created_at, request_id",
         )?;
         let rows = stmt.query_map([], request_from_row)?;
@@ -581,18 +601,33 @@ impl State {
             ],
         )?;
         if inserted > 0 {
+            let hpke_pk: Option<Vec<u8>> = tx
+                .query_row(
+                    "SELECT hpke_pk FROM requests WHERE request_id = ?1",
+                    [d.request_id.as_bytes().as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()?;
             tx.execute(
-                "INSERT INTO credentials (device_id, supi, expires_at, request_id, acknowledged_at)
-                 VALUES (?1, ?2, ?3, ?4, NULL)
+                "INSERT INTO credentials
+                     (device_id, supi, expires_at, request_id, acknowledged_at, hpke_pk)
+                 VALUES (?1, ?2, ?3, ?4, NULL, ?5)
                  ON CONFLICT (device_id) DO UPDATE SET supi = excluded.supi,
                      expires_at = excluded.expires_at, request_id = excluded.request_id,
-                     acknowledged_at = NULL",
+                     acknowledged_at = NULL,
+                     hpke_pk = coalesce(excluded.hpke_pk, credentials.hpke_pk)",
                 params![
                     d.device_id.as_str(),
                     d.supi.as_str(),
                     d.expires_at,
-                    d.request_id.as_bytes().as_slice()
+                    d.request_id.as_bytes().as_slice(),
+                    hpke_pk
                 ],
+            )?;
+            // Deliveries of older requests of this device are superseded.
+            tx.execute(
+                "DELETE FROM deliveries WHERE device_id = ?1 AND request_id <> ?2",
+                params![d.device_id.as_str(), d.request_id.as_bytes().as_slice()],
             )?;
         }
         tx.execute(
@@ -665,6 +700,49 @@ impl State {
         };
         tx.commit()?;
         Ok(outcome)
+    }
+
+    /// The device rejected delivery `request_id` (`credential_unusable`): drop the blob.
+    pub fn discard_delivery(
+        &self,
+        device: &DeviceId,
+        request_id: &RequestId,
+    ) -> Result<bool, StateError> {
+        let n = self.conn().execute(
+            "DELETE FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
+            params![request_id.as_bytes().as_slice(), device.as_str()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// The pending delivery with this request ID for `device`, if any.
+    pub fn delivery(
+        &self,
+        device: &DeviceId,
+        request_id: &RequestId,
+    ) -> Result<Option<PendingDelivery>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT request_id, device_id, supi, expires_at, sealed, created_at
+                 FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
+                params![request_id.as_bytes().as_slice(), device.as_str()],
+                delivery_from_row,
+            )
+            .optional()
+            .map_err(unwrap_err)
+    }
+
+    /// The HPKE public key of the request that issued `device`'s credential (its renewal key).
+    pub fn renewal_key(&self, device: &DeviceId) -> Result<Option<Vec<u8>>, StateError> {
+        let v: Option<Option<Vec<u8>>> = self
+            .conn()
+            .query_row(
+                "SELECT hpke_pk FROM credentials WHERE device_id = ?1",
+                [device.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.flatten())
     }
 
     // ---- credentials ----
@@ -885,6 +963,8 @@ mod tests {
             kind: RequestKind::Provision,
             hpke_public_key: vec![9; 32],
             created_at: 2000 + i64::from(id),
+            params: None,
+            renew_supi: None,
         }
     }
 
@@ -1095,10 +1175,43 @@ mod tests {
         let s = State::open(dir.path()).unwrap();
         s.conn()
             .execute(
-                "INSERT INTO credentials VALUES ('bad id!', 'imsi-001010000000001', 1, zeroblob(16), NULL)",
+                "INSERT INTO credentials VALUES ('bad id!', 'imsi-001010000000001', 1, zeroblob(16), NULL, NULL)",
                 [],
             )
             .unwrap();
         assert!(matches!(s.credentials(), Err(StateError::Corrupt(_))));
+    }
+
+    #[test]
+    fn renewal_key_and_superseded_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        s.insert_pairing(&pairing("watch-1", 1)).unwrap();
+        let mut r = request(7, "watch-1");
+        r.params = Some("{}".into());
+        s.insert_request(&r).unwrap();
+        assert_eq!(s.request_for_device(&dev("watch-1")).unwrap(), Some(r));
+        s.record_issued(&delivery(7, "watch-1", 42)).unwrap();
+        assert_eq!(s.renewal_key(&dev("watch-1")).unwrap(), Some(vec![9; 32]));
+        // A renewal issued before the first delivery was acknowledged supersedes it.
+        let mut renew = request(8, "watch-1");
+        renew.kind = RequestKind::Renew;
+        renew.renew_supi = Some(supi(42));
+        renew.hpke_public_key = vec![5; 32];
+        s.insert_request(&renew).unwrap();
+        s.record_issued(&delivery(8, "watch-1", 42)).unwrap();
+        let pending = s.pending_for_device(&dev("watch-1")).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].request_id, RequestId([8; 16]));
+        assert!(
+            s.delivery(&dev("watch-1"), &RequestId([8; 16]))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            s.discard_delivery(&dev("watch-1"), &RequestId([8; 16]))
+                .unwrap()
+        );
+        assert_eq!(s.renewal_key(&dev("watch-1")).unwrap(), Some(vec![5; 32]));
     }
 }

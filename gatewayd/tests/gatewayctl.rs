@@ -85,6 +85,7 @@ impl ControlHandler for TestHandler {
             active_connections: 0,
             pairing_window: self.registry.window(),
             blocks: self.state.blocks(now)?,
+            batching: None,
         })
     }
 

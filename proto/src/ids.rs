@@ -177,6 +177,21 @@ impl RequestId {
     pub fn as_bytes(&self) -> &[u8; 16] {
         &self.0
     }
+
+    /// The request ID of the renewal that follows the credential issued for `self`:
+    /// the first 16 bytes of `SHA-256("companion renewal v1" || self)` (PROTOCOL.md §4.2). The
+    /// device and the gateway derive the same value, so a renewal the gateway pre-fetched is
+    /// found by the device's own `RenewRequest`, and retries stay idempotent at the CN.
+    pub fn renewal(&self) -> RequestId {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"companion renewal v1")
+            .chain_update(self.0)
+            .finalize();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&digest[..16]);
+        RequestId(out)
+    }
 }
 
 impl fmt::Display for RequestId {
@@ -274,4 +289,20 @@ mod tests {
         );
         assert!(serving_network_name("31", "410").is_err());
     }
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::RequestId;
+
+    #[test]
+    fn renewal_request_id_vector() {
+        let r = RequestId(core::array::from_fn(|i| i as u8));
+        // SHA-256("companion renewal v1" || 000102..0f), first 16 bytes; the vector quoted in
+        // PROTOCOL.md §4.2.
+        assert_eq!(r.renewal().to_string(), RENEWAL_OF_0_TO_15);
+        assert_ne!(r.renewal(), r.renewal().renewal());
+    }
+
+    const RENEWAL_OF_0_TO_15: &str = "da9d1c5ff2df036e5d80769b71b530b4";
 }

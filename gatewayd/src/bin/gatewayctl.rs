@@ -352,6 +352,15 @@ fn status_text(s: &StatusInfo, now: i64) -> String {
         line("revocations pending", s.revocations_unconfirmed.to_string());
     }
     line("queue depth", s.queue_depth.to_string());
+    if let Some(b) = &s.batching {
+        line(
+            "batching",
+            format!(
+                "up to {} per batch, wait {} ms, {} in flight (max {}), queue capacity {}",
+                b.max_batch, b.max_wait_ms, b.batches_in_flight, b.max_in_flight, b.queue_capacity
+            ),
+        );
+    }
     line("device connections", s.active_connections.to_string());
     line(
         "pairing window",

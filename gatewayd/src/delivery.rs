@@ -1,0 +1,920 @@
+//! Credential requests from devices to the CN and the sealed credentials back (seed steps 4–6).
+//!
+//! [`Provisioner::handle`] takes one device request to its answer:
+//! 1. authorization (the key's pairing, or the pairing window's claimant);
+//! 2. a sealed credential already waiting for this request ID (an unacknowledged delivery, a
+//!    retry after `cn_unavailable`, a pre-fetched renewal, also after a restart) is delivered at
+//!    once;
+//! 3. otherwise the request is **persisted** in [`State`] (so retries across CN reconnects and
+//!    gateway restarts reuse its ID and the CN answers idempotently) and queued in the smart
+//!    [`Batcher`] — refused with `busy, retry after` when the queue is full, or answered
+//!    `cn_unavailable, retry after` at once when the link is down (the request stays persisted
+//!    and is sent when the link returns, so the credential waits for the device's retry);
+//! 4. the device waits up to `[cn] request_timeout` (informed by `Pending`), then gets
+//!    `cn_unavailable, retry after`.
+//!
+//! The batch driver ([`Provisioner::run_batcher`]) sends batches on the link's sessions and
+//! records results; [`Provisioner::maintain`] resends persisted requests after a reconnect,
+//! pre-fetches renewals of credentials inside the renewal margin, retries revocations at the CN
+//! and refreshes gauges.
+//!
+//! Sealed credentials are stored as `enc (32 bytes) || ciphertext`, exactly the CN's bytes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use companion_proto::device::DeviceRequest;
+use companion_proto::msg::{
+    BatchItem, BatchProvision, BatchResult, ErrorCode, ErrorMsg, ItemKind, Outcome, Params, Revoke,
+    Sealed,
+};
+use companion_proto::{DeviceId, RequestId, Supi};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot, watch};
+
+use crate::batcher::{Batch, Batcher, BatcherConfig};
+use crate::clock::Clock;
+use crate::cn_link::CnLink;
+use crate::config::CredentialsConfig;
+use crate::control::CnLinkState;
+use crate::metrics::{Metrics, kind};
+use crate::pairing::{Admission, PairingRegistry};
+use crate::state::{OutstandingRequest, PendingDelivery, RequestKind, State};
+
+/// The request ID of the renewal following the credential issued for `previous`
+/// ([`RequestId::renewal`], shared with the device).
+pub fn renewal_request_id(previous: &RequestId) -> RequestId {
+    previous.renewal()
+}
+
+/// `enc || ciphertext`.
+pub fn encode_sealed(s: &Sealed) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32 + s.ciphertext.len());
+    v.extend_from_slice(&s.enc);
+    v.extend_from_slice(&s.ciphertext);
+    v
+}
+
+/// Inverse of [`encode_sealed`].
+pub fn decode_sealed(b: &[u8]) -> Option<Sealed> {
+    if b.len() < 32 {
+        return None;
+    }
+    let mut enc = [0u8; 32];
+    enc.copy_from_slice(&b[..32]);
+    Some(Sealed {
+        enc,
+        ciphertext: b[32..].to_vec(),
+    })
+}
+
+/// `Params` as stored with a persisted request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct StoredParams {
+    lifetime_s: Option<u64>,
+    roaming: Option<bool>,
+    dnns: Option<Vec<String>>,
+    max_bitrate_kbps: Option<u64>,
+}
+
+fn params_to_json(p: &Params) -> Option<String> {
+    serde_json::to_string(&StoredParams {
+        lifetime_s: p.lifetime_s,
+        roaming: p.roaming,
+        dnns: p.dnns.clone(),
+        max_bitrate_kbps: p.max_bitrate_kbps,
+    })
+    .ok()
+}
+
+fn params_from_json(s: Option<&str>) -> Params {
+    let p: StoredParams = s
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    Params {
+        lifetime_s: p.lifetime_s,
+        roaming: p.roaming,
+        dnns: p.dnns,
+        max_bitrate_kbps: p.max_bitrate_kbps,
+    }
+}
+
+/// The answer for a device stream.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// Send this sealed credential.
+    Deliver(PendingDelivery),
+    /// End the exchange with this error.
+    Fail(ErrorMsg),
+}
+
+/// What the device side of a connection proved in its handshake.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub fingerprint: [u8; 32],
+    pub spki_der: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+enum Done {
+    Issued(PendingDelivery),
+    Refused(ErrorMsg),
+    Retry(ErrorMsg),
+}
+
+/// A queued request.
+#[derive(Debug)]
+pub struct Job {
+    item: BatchItem,
+    /// A pairing-window claimant: bind its key to the device ID once the CN issued.
+    bind: Option<Peer>,
+}
+
+#[derive(Debug, Default)]
+struct Hub {
+    /// Request IDs queued or at the CN.
+    tracked: HashSet<RequestId>,
+    waiters: HashMap<RequestId, Vec<oneshot::Sender<Done>>>,
+}
+
+/// Settings that SIGHUP may change.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub credentials: CredentialsConfig,
+    pub request_timeout: Duration,
+}
+
+/// Requests, batches, deliveries, renewals and revocations.
+#[derive(Debug)]
+pub struct Provisioner {
+    state: Arc<State>,
+    registry: Arc<PairingRegistry>,
+    link: Arc<CnLink>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    batcher: Mutex<Batcher<Job>>,
+    configured: Mutex<BatcherConfig>,
+    wake: Notify,
+    hub: Mutex<Hub>,
+    settings: RwLock<Settings>,
+    batches_in_flight: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn err(code: ErrorCode, reason: impl Into<String>) -> ErrorMsg {
+    ErrorMsg::new(code, reason)
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+impl Provisioner {
+    pub fn new(
+        state: Arc<State>,
+        registry: Arc<PairingRegistry>,
+        link: Arc<CnLink>,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        batching: BatcherConfig,
+        settings: Settings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            state,
+            registry,
+            link,
+            metrics,
+            clock,
+            batcher: Mutex::new(Batcher::new(batching.clone())),
+            configured: Mutex::new(batching),
+            wake: Notify::new(),
+            hub: Mutex::new(Hub::default()),
+            settings: RwLock::new(settings),
+            batches_in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn settings(&self) -> Settings {
+        self.settings
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// New batching limits and settings (SIGHUP); queued and in-flight work is kept.
+    pub fn reconfigure(&self, batching: BatcherConfig, settings: Settings) {
+        *lock(&self.configured) = batching;
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = settings;
+        self.apply_limits();
+        self.wake.notify_one();
+    }
+
+    /// The configured batch size, lowered to what the CN accepts.
+    fn apply_limits(&self) {
+        let mut cfg = lock(&self.configured).clone();
+        let cn_max = self.link.max_batch_items();
+        if cn_max > 0 {
+            cfg.max_batch = cfg.max_batch.min(cn_max as usize).max(1);
+        }
+        let mut b = lock(&self.batcher);
+        if *b.config() != cfg {
+            b.reconfigure(cfg);
+        }
+    }
+
+    /// The batching limits in force.
+    pub fn batching(&self) -> BatcherConfig {
+        lock(&self.batcher).config().clone()
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        lock(&self.batcher).queue_len()
+    }
+
+    /// Batches sent and not answered.
+    pub fn batches_in_flight(&self) -> usize {
+        self.batches_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// A time estimate for `Pending.wait_ms`.
+    pub fn wait_estimate(&self) -> Duration {
+        let b = lock(&self.batcher);
+        (b.service_time() * 2).clamp(Duration::from_millis(200), Duration::from_secs(10))
+    }
+
+    fn finish(&self, id: &RequestId, done: Done) {
+        let waiters = {
+            let mut hub = lock(&self.hub);
+            hub.tracked.remove(id);
+            hub.waiters.remove(id).unwrap_or_default()
+        };
+        for w in waiters {
+            let _ = w.send(done.clone());
+        }
+    }
+
+    /// Pushes a job unless its request is already tracked; `Err(retry_after)` when the queue is
+    /// full.
+    fn enqueue(&self, job: Job) -> Result<(), Duration> {
+        let id = job.item.request_id;
+        let mut hub = lock(&self.hub);
+        if hub.tracked.contains(&id) {
+            return Ok(());
+        }
+        let mut b = lock(&self.batcher);
+        match b.push(job, self.clock.now()) {
+            Ok(()) => {
+                hub.tracked.insert(id);
+                self.metrics.queue_depth.set(b.queue_len() as i64);
+                drop(b);
+                drop(hub);
+                self.wake.notify_one();
+                Ok(())
+            }
+            Err(busy) => Err(busy.retry_after),
+        }
+    }
+
+    /// Registers a waiter for a tracked request; `None` if it is not tracked.
+    fn wait_for(&self, id: &RequestId) -> Option<oneshot::Receiver<Done>> {
+        let mut hub = lock(&self.hub);
+        if !hub.tracked.contains(id) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        hub.waiters.entry(*id).or_default().push(tx);
+        Some(rx)
+    }
+
+    fn build_item(
+        &self,
+        o: &OutstandingRequest,
+        fingerprint: [u8; 32],
+    ) -> Result<BatchItem, ErrorMsg> {
+        let hpke: [u8; 32] = o
+            .hpke_public_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| err(ErrorCode::Internal, "stored HPKE key is not 32 bytes"))?;
+        let params = self
+            .settings()
+            .credentials
+            .fill_params(params_from_json(o.params.as_deref()));
+        Ok(BatchItem {
+            kind: match o.kind {
+                RequestKind::Provision => ItemKind::Provision,
+                RequestKind::Renew => ItemKind::Renew,
+            },
+            request_id: o.request_id,
+            device_id: o.device_id.clone(),
+            device_key_fingerprint: fingerprint,
+            hpke_public_key: hpke,
+            params,
+            supi: o.renew_supi.clone(),
+        })
+    }
+
+    /// Takes one device request to its answer (see the module documentation).
+    pub async fn handle(&self, peer: &Peer, req: DeviceRequest) -> Reply {
+        let request_kind = match &req {
+            DeviceRequest::Provision(_) => kind::PROVISION,
+            DeviceRequest::Renew(_) => kind::RENEW,
+        };
+        let reply = self.handle_inner(peer, req).await;
+        let outcome = match &reply {
+            Reply::Deliver(_) => crate::metrics::outcome::ISSUED,
+            Reply::Fail(e) => match e.code {
+                ErrorCode::Busy => crate::metrics::outcome::BUSY,
+                ErrorCode::CnUnavailable => crate::metrics::outcome::RETRY_LATER,
+                ErrorCode::QuotaExhausted
+                | ErrorCode::PolicyDenied
+                | ErrorCode::CredentialRevoked
+                | ErrorCode::CredentialExpired => crate::metrics::outcome::REFUSED,
+                ErrorCode::NotPaired | ErrorCode::NotFound | ErrorCode::Malformed => {
+                    crate::metrics::outcome::INVALID
+                }
+                _ => crate::metrics::outcome::ERROR,
+            },
+        };
+        self.metrics.count_request(request_kind, outcome);
+        reply
+    }
+
+    async fn handle_inner(&self, peer: &Peer, req: DeviceRequest) -> Reply {
+        let request_id = req.request_id();
+        // 1. Who is asking.
+        let (device, kind, hpke, params, renew_supi, bind) = match &req {
+            DeviceRequest::Provision(r) => {
+                if let Err(e) = self.registry.authorize(&peer.fingerprint, &r.device_id) {
+                    return Reply::Fail(err(ErrorCode::NotPaired, e.to_string()));
+                }
+                let bind = match self.registry.classify(&peer.fingerprint) {
+                    Admission::Paired(_) => None,
+                    _ => Some(peer.clone()),
+                };
+                (
+                    r.device_id.clone(),
+                    RequestKind::Provision,
+                    r.hpke_public_key,
+                    Some(r.params.clone()),
+                    None,
+                    bind,
+                )
+            }
+            DeviceRequest::Renew(r) => {
+                let Admission::Paired(device) = self.registry.classify(&peer.fingerprint) else {
+                    return Reply::Fail(err(
+                        ErrorCode::NotPaired,
+                        "only a paired device can renew a credential",
+                    ));
+                };
+                match self.state.credential(&device) {
+                    Ok(Some(c)) if c.supi == r.supi => {}
+                    Ok(_) => {
+                        return Reply::Fail(err(
+                            ErrorCode::NotFound,
+                            format!(
+                                "{} is not the credential this gateway holds for {device}",
+                                r.supi
+                            ),
+                        ));
+                    }
+                    Err(e) => return Reply::Fail(err(ErrorCode::Internal, e.to_string())),
+                }
+                (
+                    device,
+                    RequestKind::Renew,
+                    r.hpke_public_key,
+                    r.params.clone(),
+                    Some(r.supi.clone()),
+                    None,
+                )
+            }
+        };
+        // 2. Already issued and waiting (redelivery, pre-fetched renewal, after a restart).
+        match self.state.delivery(&device, &request_id) {
+            Ok(Some(d)) => return Reply::Deliver(d),
+            Ok(None) => {}
+            Err(e) => return Reply::Fail(err(ErrorCode::Internal, e.to_string())),
+        }
+        let timeout = self.settings().request_timeout;
+        // 3. Already queued or at the CN: wait for it.
+        if let Some(rx) = self.wait_for(&request_id) {
+            return self.await_done(rx, timeout).await;
+        }
+        match self.state.request_for_device(&device) {
+            Ok(Some(o)) if o.request_id == request_id => {}
+            Ok(Some(o)) => {
+                if lock(&self.hub).tracked.contains(&o.request_id) {
+                    return Reply::Fail(ErrorMsg::retry_after(
+                        ErrorCode::Busy,
+                        "another request of this device is in progress",
+                        1000,
+                    ));
+                }
+                // An abandoned earlier attempt of this device: replaced by this one.
+                if let Err(e) = self.state.remove_request(&o.request_id) {
+                    return Reply::Fail(err(ErrorCode::Internal, e.to_string()));
+                }
+                if let Err(e) = self.persist(
+                    &device,
+                    request_id,
+                    kind,
+                    hpke,
+                    params.as_ref(),
+                    renew_supi.as_ref(),
+                ) {
+                    return Reply::Fail(e);
+                }
+            }
+            Ok(None) => {
+                if let Err(e) = self.persist(
+                    &device,
+                    request_id,
+                    kind,
+                    hpke,
+                    params.as_ref(),
+                    renew_supi.as_ref(),
+                ) {
+                    return Reply::Fail(e);
+                }
+            }
+            Err(e) => return Reply::Fail(err(ErrorCode::Internal, e.to_string())),
+        }
+        // 4. The CN must be reachable; otherwise the request waits in the database for the link.
+        if self.link.state() != CnLinkState::Up {
+            let why = match self.link.state() {
+                CnLinkState::NotConfigured => "no core network is configured on this gateway",
+                _ => "the core network is unreachable; the request is kept",
+            };
+            return Reply::Fail(ErrorMsg::retry_after(
+                ErrorCode::CnUnavailable,
+                why,
+                millis(self.link.retry_after()),
+            ));
+        }
+        let outstanding = match self.state.request_for_device(&device) {
+            Ok(Some(o)) => o,
+            Ok(None) => return Reply::Fail(err(ErrorCode::Internal, "request vanished")),
+            Err(e) => return Reply::Fail(err(ErrorCode::Internal, e.to_string())),
+        };
+        let item = match self.build_item(&outstanding, peer.fingerprint) {
+            Ok(i) => i,
+            Err(e) => return Reply::Fail(e),
+        };
+        let rx = {
+            // Register before pushing, so a fast answer is not missed.
+            let mut hub = lock(&self.hub);
+            let (tx, rx) = oneshot::channel();
+            hub.waiters.entry(request_id).or_default().push(tx);
+            rx
+        };
+        if let Err(retry) = self.enqueue(Job { item, bind }) {
+            lock(&self.hub).waiters.remove(&request_id);
+            // Shed load: the device retries with the same ID.
+            let _ = self.state.remove_request(&request_id);
+            return Reply::Fail(ErrorMsg::retry_after(
+                ErrorCode::Busy,
+                "the gateway's queue is full",
+                millis(retry),
+            ));
+        }
+        self.await_done(rx, timeout).await
+    }
+
+    fn persist(
+        &self,
+        device: &DeviceId,
+        request_id: RequestId,
+        kind: RequestKind,
+        hpke: [u8; 32],
+        params: Option<&Params>,
+        renew_supi: Option<&Supi>,
+    ) -> Result<(), ErrorMsg> {
+        self.state
+            .insert_request(&OutstandingRequest {
+                request_id,
+                device_id: device.clone(),
+                kind,
+                hpke_public_key: hpke.to_vec(),
+                created_at: self.clock.unix_now(),
+                params: params.and_then(params_to_json),
+                renew_supi: renew_supi.cloned(),
+            })
+            .map_err(|e| match e {
+                crate::state::StateError::Conflict(m) => {
+                    ErrorMsg::retry_after(ErrorCode::Busy, m, 1000)
+                }
+                e => err(ErrorCode::Internal, e.to_string()),
+            })
+    }
+
+    async fn await_done(&self, rx: oneshot::Receiver<Done>, timeout: Duration) -> Reply {
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Done::Issued(d))) => Reply::Deliver(d),
+            Ok(Ok(Done::Refused(e) | Done::Retry(e))) => Reply::Fail(e),
+            Ok(Err(_)) => Reply::Fail(ErrorMsg::retry_after(
+                ErrorCode::CnUnavailable,
+                "the request was dropped; retry",
+                1000,
+            )),
+            Err(_) => Reply::Fail(ErrorMsg::retry_after(
+                ErrorCode::CnUnavailable,
+                "the core network is slow; the request stays queued",
+                millis(self.wait_estimate().max(Duration::from_secs(1))),
+            )),
+        }
+    }
+
+    /// Sends batches as the batcher releases them, until `shutdown`.
+    pub async fn run_batcher(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let (batches, deadline) = {
+                let mut b = lock(&self.batcher);
+                let now = self.clock.now();
+                let mut out = Vec::new();
+                while let Some(batch) = b.poll_batch(now) {
+                    out.push(batch);
+                }
+                self.metrics.queue_depth.set(b.queue_len() as i64);
+                (out, b.next_deadline())
+            };
+            for batch in batches {
+                self.batches_in_flight.fetch_add(1, Ordering::Relaxed);
+                let me = self.clone();
+                tokio::spawn(async move { me.send_batch(batch).await });
+            }
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = sleep => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { break; }
+                }
+            }
+        }
+    }
+
+    async fn send_batch(self: Arc<Self>, batch: Batch<Job>) {
+        let Batch { id, items: jobs } = batch;
+        self.metrics.batch_size.observe(jobs.len() as f64);
+        let timeout = self.settings().request_timeout.max(Duration::from_secs(5)) * 3;
+        let result = match self.link.session() {
+            None => Err(("the core network is unreachable".to_string(), true, None)),
+            Some(s) => {
+                let b = BatchProvision {
+                    batch_id: id,
+                    items: jobs.iter().map(|j| j.item.clone()).collect(),
+                };
+                match tokio::time::timeout(timeout, s.batch(b)).await {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(e)) => Err((e.to_string(), e.is_retryable(), e.retry_after())),
+                    Err(_) => {
+                        // A CN this slow is as good as down for this connection.
+                        s.close();
+                        Err(("the core network did not answer".to_string(), true, None))
+                    }
+                }
+            }
+        };
+        {
+            lock(&self.batcher).complete(id, self.clock.now());
+        }
+        self.batches_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.wake.notify_one();
+        match result {
+            Ok(r) => self.record(jobs, r),
+            Err((why, retryable, after)) => {
+                tracing::warn!(batch = id, items = jobs.len(), error = %why, "batch failed");
+                for j in jobs {
+                    let rid = j.item.request_id;
+                    if retryable {
+                        let after = after.unwrap_or_else(|| self.link.retry_after());
+                        self.finish(
+                            &rid,
+                            Done::Retry(ErrorMsg::retry_after(
+                                ErrorCode::CnUnavailable,
+                                format!("the core network failed: {why}; retry"),
+                                millis(after),
+                            )),
+                        );
+                    } else {
+                        let _ = self.state.remove_request(&rid);
+                        self.finish(
+                            &rid,
+                            Done::Refused(err(
+                                ErrorCode::Internal,
+                                format!("the core network refused the batch: {why}"),
+                            )),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&self, jobs: Vec<Job>, result: BatchResult) {
+        let mut by_id: HashMap<RequestId, Job> =
+            jobs.into_iter().map(|j| (j.item.request_id, j)).collect();
+        let now = self.clock.unix_now();
+        for r in result.items {
+            let Some(job) = by_id.remove(&r.request_id) else {
+                continue;
+            };
+            let reason = r.reason.clone().unwrap_or_default();
+            let done = match r.outcome {
+                Outcome::Issued => match (r.supi, r.expires_at, r.sealed) {
+                    (Some(supi), Some(expires_at), Some(sealed)) => {
+                        if let Some(peer) = &job.bind {
+                            match self.registry.bind_window_claim(
+                                &peer.fingerprint,
+                                &peer.spki_der,
+                                &job.item.device_id,
+                                None,
+                            ) {
+                                Ok(_) => {
+                                    tracing::info!(device = %job.item.device_id, "device paired through the pairing window");
+                                    self.metrics.devices_paired.set(self.registry.len() as i64);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(device = %job.item.device_id, error = %e, "window pairing not recorded")
+                                }
+                            }
+                        }
+                        let d = PendingDelivery {
+                            request_id: r.request_id,
+                            device_id: job.item.device_id.clone(),
+                            supi,
+                            expires_at: i64::try_from(expires_at).unwrap_or(i64::MAX),
+                            sealed: encode_sealed(&sealed),
+                            created_at: now,
+                        };
+                        match self.state.record_issued(&d) {
+                            Ok(()) => Done::Issued(d),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot record an issued credential");
+                                Done::Retry(ErrorMsg::retry_after(
+                                    ErrorCode::Internal,
+                                    "gateway storage failed",
+                                    1000,
+                                ))
+                            }
+                        }
+                    }
+                    _ => Done::Retry(ErrorMsg::retry_after(
+                        ErrorCode::Internal,
+                        "incomplete answer from the CN",
+                        1000,
+                    )),
+                },
+                Outcome::RetryLater => Done::Retry(ErrorMsg::retry_after(
+                    ErrorCode::Busy,
+                    format!("the core network asked to retry later {reason}"),
+                    1000,
+                )),
+                other => {
+                    let _ = self.state.remove_request(&r.request_id);
+                    let code = match other {
+                        Outcome::QuotaExhausted => ErrorCode::QuotaExhausted,
+                        Outcome::PolicyDenied | Outcome::Invalid => ErrorCode::PolicyDenied,
+                        Outcome::NotFound => ErrorCode::NotFound,
+                        _ => ErrorCode::Internal,
+                    };
+                    tracing::info!(device = %job.item.device_id, code = code.name(), %reason, "the CN refused a request");
+                    Done::Refused(err(code, reason))
+                }
+            };
+            self.finish(&r.request_id, done);
+        }
+        for (id, _) in by_id {
+            self.finish(
+                &id,
+                Done::Retry(ErrorMsg::retry_after(
+                    ErrorCode::CnUnavailable,
+                    "no answer for this request",
+                    1000,
+                )),
+            );
+        }
+    }
+
+    /// Queues every persisted request that is not queued yet (after a reconnect, a restart, or a
+    /// `retry_later`). Requests of devices no longer paired are dropped.
+    pub fn resend_outstanding(&self) -> usize {
+        if self.link.state() != CnLinkState::Up {
+            return 0;
+        }
+        let Ok(reqs) = self.state.outstanding_requests() else {
+            return 0;
+        };
+        let mut sent = 0;
+        for o in reqs {
+            if lock(&self.hub).tracked.contains(&o.request_id) {
+                continue;
+            }
+            let Some(p) = self.registry.get(&o.device_id) else {
+                let _ = self.state.remove_request(&o.request_id);
+                continue;
+            };
+            let Ok(item) = self.build_item(&o, p.fingerprint) else {
+                let _ = self.state.remove_request(&o.request_id);
+                continue;
+            };
+            if self.enqueue(Job { item, bind: None }).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    }
+
+    /// Persists renewal requests for acknowledged credentials expiring within the renewal
+    /// margin, sealed to the key of the request that issued them (the device's renewal key).
+    pub fn prefetch_renewals(&self) -> usize {
+        let now = self.clock.unix_now();
+        let margin = self.settings().credentials.renewal_margin.as_secs() as i64;
+        let Ok(creds) = self.state.credentials_expiring_by(now + margin) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in creds {
+            if c.acknowledged_at.is_none() || c.expires_at <= now {
+                continue;
+            }
+            if !matches!(self.state.request_for_device(&c.device_id), Ok(None)) {
+                continue;
+            }
+            let Ok(Some(pk)) = self.state.renewal_key(&c.device_id) else {
+                continue;
+            };
+            let rid = renewal_request_id(&c.request_id);
+            if !matches!(self.state.delivery(&c.device_id, &rid), Ok(None)) {
+                continue;
+            }
+            let r = self.state.insert_request(&OutstandingRequest {
+                request_id: rid,
+                device_id: c.device_id.clone(),
+                kind: RequestKind::Renew,
+                hpke_public_key: pk,
+                created_at: now,
+                params: None,
+                renew_supi: Some(c.supi.clone()),
+            });
+            if r.is_ok() {
+                tracing::info!(device = %c.device_id, expires_at = c.expires_at, "pre-fetching a renewal");
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Revokes at the CN what was revoked locally and not confirmed yet.
+    pub async fn retry_revocations(&self) {
+        let Ok(revs) = self.state.unconfirmed_revocations() else {
+            return;
+        };
+        for r in revs {
+            if let Err(e) = self.revoke_at_cn(r.id, &r.device_id, r.supi.as_ref()).await {
+                tracing::debug!(device = %r.device_id, error = %e, "revocation still pending at the CN");
+                return;
+            }
+        }
+    }
+
+    /// Revokes one device's credential at the CN and records the confirmation.
+    pub async fn revoke_at_cn(
+        &self,
+        id: i64,
+        device: &DeviceId,
+        supi: Option<&Supi>,
+    ) -> Result<Vec<Supi>, String> {
+        let session = self
+            .link
+            .session()
+            .ok_or_else(|| "the core network is unreachable".to_string())?;
+        let req = match supi {
+            Some(s) => Revoke {
+                supi: Some(s.clone()),
+                device_id: None,
+            },
+            None => Revoke {
+                supi: None,
+                device_id: Some(device.clone()),
+            },
+        };
+        let r = tokio::time::timeout(Duration::from_secs(5), session.revoke(req))
+            .await
+            .map_err(|_| "the core network did not answer".to_string())?;
+        match r {
+            Ok(res) => {
+                let _ = self.state.confirm_revocation(id, self.clock.unix_now());
+                tracing::info!(device = %device, revoked = res.revoked.len(), "revoked at the CN");
+                Ok(res.revoked)
+            }
+            // Nothing to revoke there any more: confirmed.
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                let _ = self.state.confirm_revocation(id, self.clock.unix_now());
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Gauges from the database.
+    pub fn refresh_gauges(&self) {
+        let now = self.clock.unix_now();
+        if let Ok(c) = self.state.counts() {
+            self.metrics
+                .deliveries_pending
+                .set(c.pending_deliveries as i64);
+        }
+        if let Ok(v) = self.state.credentials_expiring_by(now + 86_400) {
+            self.metrics.credentials_expiring_24h.set(v.len() as i64);
+        }
+        self.metrics.devices_paired.set(self.registry.len() as i64);
+        self.metrics.queue_depth.set(self.queue_depth() as i64);
+    }
+
+    /// Background upkeep until `shutdown`: on every link-up and every `period`, resend persisted
+    /// requests, pre-fetch renewals, retry revocations, refresh gauges.
+    pub async fn maintain(self: Arc<Self>, period: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut link = self.link.subscribe();
+        loop {
+            self.apply_limits();
+            self.refresh_gauges();
+            if self.link.state() == CnLinkState::Up {
+                self.prefetch_renewals();
+                self.resend_outstanding();
+                self.retry_revocations().await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                r = link.changed() => { if r.is_err() { break; } }
+                _ = shutdown.changed() => { if *shutdown.borrow() { break; } }
+            }
+        }
+    }
+
+    /// Waits (up to `limit`) until nothing is queued or at the CN. Returns whether it drained.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        loop {
+            let idle = self.batches_in_flight() == 0 && self.queue_depth() == 0;
+            if idle || self.link.state() != CnLinkState::Up && self.batches_in_flight() == 0 {
+                return idle;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_round_trips() {
+        let s = Sealed {
+            enc: [7; 32],
+            ciphertext: vec![1, 2, 3],
+        };
+        assert_eq!(decode_sealed(&encode_sealed(&s)), Some(s));
+        assert_eq!(decode_sealed(&[0; 31]), None);
+    }
+
+    #[test]
+    fn params_round_trip_through_json() {
+        let p = Params {
+            lifetime_s: Some(60),
+            roaming: Some(true),
+            dnns: Some(vec!["iot".into()]),
+            max_bitrate_kbps: None,
+        };
+        assert_eq!(params_from_json(params_to_json(&p).as_deref()), p);
+        assert_eq!(params_from_json(None), Params::default());
+    }
+
+    #[test]
+    fn renewal_ids_match_the_reference_device() {
+        let r = RequestId([9; 16]);
+        assert_ne!(renewal_request_id(&r), r);
+        assert_eq!(renewal_request_id(&r), renewal_request_id(&r));
+    }
+}

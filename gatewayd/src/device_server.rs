@@ -1,0 +1,501 @@
+//! The device-facing QUIC server (`companion-device/1`, seed steps 1, 2 and 6).
+//!
+//! - TLS 1.3 with mandatory client certificates admitted by the [`PairingRegistry`] through
+//!   [`PinnedClientVerifier`]: an unpaired key fails the handshake (unless a pairing window is
+//!   open, in which case the first key to complete a handshake claims it).
+//! - Limits for thousands of small devices: idle timeout, at most `max_connections` connections,
+//!   at most 2 bidirectional streams per connection (transport limit), at most
+//!   `max_connections_per_device` connections per key, a per-IP rate of new connections, and
+//!   one provisioning at a time per device.
+//! - One [`ServerExchange`] per stream with a per-stream silence deadline; a device that sends
+//!   garbage is cut off (connection closed), one that stalls loses its stream, one that
+//!   reconnects in a loop is refused at the door — none of it affects other devices.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use companion_proto::device::{DeviceRequest, ServerEvent, ServerExchange};
+use companion_proto::msg::{CredentialDelivery, ErrorCode, ErrorMsg};
+use companion_proto::{Config, DeviceId, ProtoError};
+use companion_transport::{
+    ALPN_DEVICE, Identity, KeyPolicy, Limits, PinnedClientVerifier, negotiated_alpn,
+    peer_fingerprint, server_config,
+};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+
+use crate::config::DevicesConfig;
+use crate::delivery::{Peer, Provisioner, Reply, decode_sealed};
+use crate::metrics::{Metrics, kind};
+use crate::pairing::{Admission, PairingRegistry};
+use crate::state::{AckOutcome, State};
+
+/// Application close codes sent to devices.
+pub mod close {
+    pub const DONE: u32 = 0;
+    pub const NOT_PAIRED: u32 = 1;
+    pub const PROTOCOL: u32 = 2;
+    pub const TOO_MANY: u32 = 3;
+    pub const REVOKED: u32 = 4;
+    pub const SHUTDOWN: u32 = 5;
+}
+
+/// Builds the QUIC endpoint configuration and binds it.
+pub fn bind(
+    cfg: &DevicesConfig,
+    identity: &Identity,
+    registry: Arc<PairingRegistry>,
+) -> anyhow::Result<quinn::Endpoint> {
+    let limits = Limits {
+        idle_timeout: cfg.idle_timeout,
+        keep_alive: None,
+        max_bidi_streams: 2,
+        stream_window: 64 * 1024,
+        connection_window: 128 * 1024,
+    };
+    let policy: Arc<dyn KeyPolicy> = registry;
+    let verifier = Arc::new(PinnedClientVerifier::new(policy));
+    let mut server = server_config(identity, Some(verifier), &[ALPN_DEVICE], &limits)?;
+    server.max_incoming(cfg.max_connections.saturating_mul(2).max(16));
+    let endpoint = quinn::Endpoint::server(server, cfg.listen)?;
+    Ok(endpoint)
+}
+
+/// A connection and its local id.
+type ConnEntry = (usize, quinn::Connection);
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Shared state of the server.
+#[derive(Debug)]
+pub struct DeviceServer {
+    cfg: Mutex<DevicesConfig>,
+    provisioner: Arc<Provisioner>,
+    registry: Arc<PairingRegistry>,
+    state: Arc<State>,
+    metrics: Arc<Metrics>,
+    active: AtomicUsize,
+    streams: AtomicUsize,
+    rate: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Open connections by device key.
+    conns: Mutex<HashMap<[u8; 32], Vec<ConnEntry>>>,
+    /// Device keys with an exchange in progress (one provisioning at a time per device).
+    busy: Mutex<HashSet<[u8; 32]>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct ActiveGuard<'a>(&'a DeviceServer, [u8; 32], usize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.active_connections.dec();
+        let mut conns = lock(&self.0.conns);
+        if let Some(v) = conns.get_mut(&self.1) {
+            v.retain(|(id, _)| *id != self.2);
+            if v.is_empty() {
+                conns.remove(&self.1);
+            }
+        }
+    }
+}
+
+struct BusyGuard<'a>(&'a DeviceServer, [u8; 32]);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.busy).remove(&self.1);
+    }
+}
+
+struct StreamGuard<'a>(&'a AtomicUsize);
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a stream ended.
+enum StreamEnd {
+    Normal,
+    /// The device broke the protocol (garbage): cut the whole connection off.
+    Garbage,
+}
+
+type Work = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+impl DeviceServer {
+    pub fn new(
+        cfg: DevicesConfig,
+        provisioner: Arc<Provisioner>,
+        registry: Arc<PairingRegistry>,
+        state: Arc<State>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            cfg: Mutex::new(cfg),
+            provisioner,
+            registry,
+            state,
+            metrics,
+            active: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
+            rate: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Limits that apply to new connections from now on (SIGHUP).
+    pub fn reconfigure(&self, cfg: DevicesConfig) {
+        *lock(&self.cfg) = cfg;
+    }
+
+    /// Open device connections.
+    pub fn connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Device streams (exchanges) in progress.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection of the device with this key (revocation).
+    pub fn disconnect(&self, fingerprint: &[u8; 32]) -> usize {
+        let conns = lock(&self.conns).remove(fingerprint).unwrap_or_default();
+        for (_, c) in &conns {
+            c.close(close::REVOKED.into(), b"device revoked");
+        }
+        conns.len()
+    }
+
+    fn admit_rate(&self, ip: IpAddr, per_sec: u32) -> bool {
+        if per_sec == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let burst = f64::from(per_sec) * 2.0;
+        let mut rate = lock(&self.rate);
+        if rate.len() > 65_536 {
+            rate.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(10));
+        }
+        let b = rate.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens =
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * f64::from(per_sec)).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Accepts connections until `shutdown` turns true; then refuses new ones.
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut next_id = 0usize;
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => match i { Some(i) => i, None => break },
+                _ = shutdown.changed() => { if *shutdown.borrow() { break } else { continue } }
+            };
+            let cfg = lock(&self.cfg).clone();
+            if self.active.load(Ordering::Relaxed) >= cfg.max_connections {
+                tracing::debug!(remote = %incoming.remote_address(), "refused: too many connections");
+                incoming.refuse();
+                continue;
+            }
+            if !self.admit_rate(incoming.remote_address().ip(), cfg.new_connections_per_ip) {
+                tracing::debug!(remote = %incoming.remote_address(), "refused: connection rate");
+                incoming.refuse();
+                continue;
+            }
+            next_id += 1;
+            let me = self.clone();
+            let id = next_id;
+            tokio::spawn(async move { me.connection(incoming, id, cfg).await });
+        }
+        tracing::info!("device server stopped accepting connections");
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming, id: usize, cfg: DevicesConfig) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.await })
+            .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::info!(%remote, error = %e, "device handshake failed (unpaired key or bad TLS)");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "device handshake timed out");
+                return;
+            }
+        };
+        if negotiated_alpn(&conn).as_deref() != Some(ALPN_DEVICE) {
+            conn.close(close::PROTOCOL.into(), b"wrong ALPN");
+            return;
+        }
+        let Some((fingerprint, spki_der)) = peer_key(&conn) else {
+            conn.close(close::NOT_PAIRED.into(), b"no client certificate");
+            return;
+        };
+        let paired = match self.registry.classify(&fingerprint) {
+            Admission::Paired(d) => Some(d),
+            Admission::WindowCandidate => {
+                if let Err(e) = self.registry.claim_window(&fingerprint) {
+                    tracing::info!(%remote, error = %e, "pairing window refused a new device");
+                    conn.close(close::NOT_PAIRED.into(), b"not paired");
+                    return;
+                }
+                tracing::info!(%remote, fingerprint = %hex::encode(fingerprint), "new device claimed the pairing window");
+                None
+            }
+            Admission::Refused => {
+                conn.close(close::NOT_PAIRED.into(), b"not paired");
+                return;
+            }
+        };
+        {
+            let mut conns = lock(&self.conns);
+            let v = conns.entry(fingerprint).or_default();
+            if v.len() >= cfg.max_connections_per_device {
+                drop(conns);
+                tracing::debug!(%remote, "refused: too many connections for this device");
+                conn.close(
+                    close::TOO_MANY.into(),
+                    b"too many connections for this device",
+                );
+                return;
+            }
+            v.push((id, conn.clone()));
+        }
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.active_connections.inc();
+        let _guard = ActiveGuard(&self, fingerprint, id);
+        let peer = Peer {
+            fingerprint,
+            spki_der,
+        };
+        tracing::debug!(%remote, device = ?paired, "device connected");
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => break,
+            };
+            let me = self.clone();
+            let peer = peer.clone();
+            let paired = paired.clone();
+            let conn2 = conn.clone();
+            let stream_timeout = cfg.stream_timeout;
+            tokio::spawn(async move {
+                me.streams.fetch_add(1, Ordering::Relaxed);
+                let _g = StreamGuard(&me.streams);
+                if let StreamEnd::Garbage =
+                    me.stream(send, recv, &peer, paired, stream_timeout).await
+                {
+                    tracing::info!(remote = %conn2.remote_address(), "device sent garbage: connection cut off");
+                    conn2.close(close::PROTOCOL.into(), b"protocol violation");
+                }
+            });
+        }
+    }
+
+    async fn stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        peer: &Peer,
+        paired: Option<DeviceId>,
+        stream_timeout: Duration,
+    ) -> StreamEnd {
+        let mut ex = ServerExchange::new(
+            Instant::now(),
+            Config {
+                timeout: stream_timeout,
+                ..Config::default()
+            },
+            paired.clone(),
+        );
+        let mut work: Option<Work> = None;
+        let mut busy_guard: Option<BusyGuard<'_>> = None;
+        let mut next_pending: Option<Instant> = None;
+        let mut started = Instant::now();
+        let mut req_kind = kind::PROVISION;
+        let mut device: Option<DeviceId> = paired;
+        let mut end = StreamEnd::Normal;
+        let mut current_rid = None;
+        loop {
+            while let Some(ev) = ex.poll_event() {
+                match ev {
+                    ServerEvent::Request(r) => {
+                        started = Instant::now();
+                        current_rid = Some(r.request_id());
+                        if let DeviceRequest::Provision(p) = &r {
+                            device.get_or_insert_with(|| p.device_id.clone());
+                        } else {
+                            req_kind = kind::RENEW;
+                        }
+                        let newly = lock(&self.busy).insert(peer.fingerprint);
+                        if !newly {
+                            let _ = ex.fail(ErrorMsg::retry_after(
+                                ErrorCode::Busy,
+                                "this device already has an exchange in progress",
+                                500,
+                            ));
+                            continue;
+                        }
+                        busy_guard = Some(BusyGuard(self, peer.fingerprint));
+                        let prov = self.provisioner.clone();
+                        let peer = peer.clone();
+                        work = Some(Box::pin(async move { prov.handle(&peer, r).await }));
+                        next_pending = Some(Instant::now() + Duration::from_millis(300));
+                    }
+                    ServerEvent::Acked { request_id, supi } => {
+                        drop(busy_guard.take());
+                        if let Some(d) = &device {
+                            match self.state.acknowledge(d, &request_id, unix_now()) {
+                                Ok(AckOutcome::Acknowledged) => {
+                                    tracing::info!(device = %d, %supi, "credential delivered and acknowledged");
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot record an acknowledgement")
+                                }
+                            }
+                        }
+                    }
+                    ServerEvent::Failed(e) => {
+                        if e.code == ErrorCode::CredentialUnusable
+                            && let (Some(d), Some(rid)) = (&device, current_rid)
+                        {
+                            tracing::warn!(device = %d, reason = %e.reason, "device could not use its credential; dropping it");
+                            let _ = self.state.discard_delivery(d, &rid);
+                        }
+                    }
+                }
+            }
+            while let Some(frame) = ex.poll_transmit() {
+                let w = tokio::time::timeout(stream_timeout, send.write_all(&frame)).await;
+                if !matches!(w, Ok(Ok(()))) {
+                    return end;
+                }
+            }
+            if ex.is_closed() {
+                let _ = send.finish();
+                // Let the last frames reach the device before the stream is dropped.
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                return end;
+            }
+            let deadline = ex.poll_timeout();
+            let pending_at = next_pending.filter(|_| work.is_some());
+            tokio::select! {
+                chunk = recv.read_chunk(16 * 1024, true) => match chunk {
+                    Ok(Some(c)) => {
+                        if let Err(e) = ex.handle_bytes(Instant::now(), &c.bytes) {
+                            if is_garbage(&e) {
+                                end = StreamEnd::Garbage;
+                            }
+                            tracing::debug!(error = %e, "device stream error");
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = ex.handle_end_of_stream();
+                    }
+                    Err(_) => return end,
+                },
+                reply = async { match work.as_mut() { Some(w) => w.await, None => std::future::pending().await } } => {
+                    work = None;
+                    next_pending = None;
+                    match reply {
+                        Reply::Deliver(d) => {
+                            let Some(sealed) = decode_sealed(&d.sealed) else {
+                                let _ = ex.fail(ErrorMsg::new(ErrorCode::Internal, "stored credential is damaged"));
+                                continue;
+                            };
+                            let delivery = CredentialDelivery {
+                                request_id: d.request_id,
+                                supi: d.supi.clone(),
+                                expires_at: u64::try_from(d.expires_at).unwrap_or(0),
+                                sealed,
+                            };
+                            if ex.deliver(Instant::now(), delivery).is_ok() {
+                                self.metrics
+                                    .request_latency
+                                    .with_label_values(&[req_kind])
+                                    .observe(started.elapsed().as_secs_f64());
+                            }
+                        }
+                        Reply::Fail(e) => {
+                            let _ = ex.fail(e);
+                        }
+                    }
+                },
+                () = sleep_opt(pending_at) => {
+                    let wait = self.provisioner.wait_estimate();
+                    let _ = ex.pending(Instant::now(), wait.as_millis() as u64);
+                    next_pending = Some(Instant::now() + wait.max(Duration::from_secs(2)) / 2);
+                },
+                () = sleep_opt(deadline) => {
+                    if ex.handle_timeout(Instant::now()).is_err() {
+                        tracing::debug!("device stream stalled: cut off");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn is_garbage(e: &ProtoError) -> bool {
+    matches!(
+        e,
+        ProtoError::Frame(_)
+            | ProtoError::Body { .. }
+            | ProtoError::Unexpected { .. }
+            | ProtoError::Violation(_)
+    )
+}
+
+fn unix_now() -> i64 {
+    crate::clock::unix_seconds(std::time::SystemTime::now())
+}
+
+/// The peer's SPKI fingerprint and DER.
+fn peer_key(conn: &quinn::Connection) -> Option<([u8; 32], Vec<u8>)> {
+    let fp = peer_fingerprint(conn)?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let spki = companion_transport::spki_from_cert(certs.first()?).ok()?;
+    Some((fp, spki))
+}

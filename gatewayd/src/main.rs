@@ -1,0 +1,67 @@
+//! `gatewayd`: the companion-UE daemon. See the crate documentation and `README.md`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The companion-UE daemon: pairs LAN devices, provisions them 3GPP credentials from the
+/// operator's core network and relays them sealed.
+#[derive(Debug, Parser)]
+#[command(name = "gatewayd", version)]
+struct Args {
+    /// Configuration file [default: /etc/gatewayd/gatewayd.toml if it exists]. Environment
+    /// overrides: GATEWAYD_DEVICE_LISTEN, GATEWAYD_STATE_DIR, GATEWAYD_CONTROL_SOCKET,
+    /// GATEWAYD_METRICS_LISTEN.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Write {"devices":"ip:port","metrics":"ip:port","control":"path"} here once ready.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let env_filter = std::env::var("RUST_LOG").ok();
+    let initial = EnvFilter::try_new(env_filter.as_deref().unwrap_or("info"))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(initial);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    let log_reload: gatewayd::daemon::LogReload = Box::new(move |level: &str| {
+        if env_filter.is_some() {
+            return Ok(()); // RUST_LOG wins.
+        }
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gatewayd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = gatewayd::daemon::Options {
+        config: args.config,
+        ready_file: args.ready_file,
+    };
+    match rt.block_on(gatewayd::daemon::run(opts, log_reload)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("gatewayd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
