@@ -619,3 +619,6 @@ impl<W: AkaWire> AkaServer<W> {
         self.state == ServerState::Closed
     }
 }
+
+crate::machine::impl_sansio!(AkaClient<W>, ClientEvent<W::Final>, W: AkaWire);
+crate::machine::impl_sansio!(AkaServer<W>, ServerEvent, W: AkaWire);

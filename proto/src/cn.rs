@@ -486,5 +486,8 @@ impl ServerRequest {
     }
 }
 
+crate::machine::impl_sansio!(ClientRequest, RequestEvent);
+crate::machine::impl_sansio!(ServerRequest, OperationEvent);
+
 #[cfg(test)]
 mod tests;

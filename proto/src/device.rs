@@ -521,5 +521,8 @@ impl ServerExchange {
     }
 }
 
+crate::machine::impl_sansio!(ClientExchange, ClientEvent);
+crate::machine::impl_sansio!(ServerExchange, ServerEvent);
+
 #[cfg(test)]
 mod tests;

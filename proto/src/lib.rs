@@ -36,4 +36,4 @@ mod testutil;
 pub use error::{DecodeError, EncodeError, ProtoError};
 pub use frame::{Conversation, Frame, FrameDecoder, FrameError, MsgType};
 pub use ids::{DeviceId, RequestId, Supi};
-pub use machine::Config;
+pub use machine::{Config, SansIo};

@@ -32,6 +32,60 @@ impl Default for Config {
     }
 }
 
+/// The interface every state machine of this crate offers, so that one I/O driver (for example
+/// `companion_transport::drive::StreamDriver`) can run any of them over a stream.
+pub trait SansIo {
+    /// What the machine reports to its owner.
+    type Event;
+    /// Feeds bytes received on the stream.
+    fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError>;
+    /// The peer finished its side of the stream.
+    fn handle_end_of_stream(&mut self) -> Result<(), ProtoError>;
+    /// The deadline from [`SansIo::poll_timeout`] passed.
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError>;
+    /// Next frame to write to the stream.
+    fn poll_transmit(&mut self) -> Option<Vec<u8>>;
+    /// Next event.
+    fn poll_event(&mut self) -> Option<Self::Event>;
+    /// When [`SansIo::handle_timeout`] must be called.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+/// Implements [`SansIo`] by forwarding to the machine's inherent methods of the same names.
+macro_rules! impl_sansio {
+    ($ty:ty, $ev:ty $(, $g:ident : $bound:path)?) => {
+        impl$(<$g: $bound>)? $crate::machine::SansIo for $ty {
+            type Event = $ev;
+            fn handle_bytes(
+                &mut self,
+                now: std::time::Instant,
+                data: &[u8],
+            ) -> Result<(), $crate::error::ProtoError> {
+                <$ty>::handle_bytes(self, now, data)
+            }
+            fn handle_end_of_stream(&mut self) -> Result<(), $crate::error::ProtoError> {
+                <$ty>::handle_end_of_stream(self)
+            }
+            fn handle_timeout(
+                &mut self,
+                now: std::time::Instant,
+            ) -> Result<(), $crate::error::ProtoError> {
+                <$ty>::handle_timeout(self, now)
+            }
+            fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+                <$ty>::poll_transmit(self)
+            }
+            fn poll_event(&mut self) -> Option<Self::Event> {
+                <$ty>::poll_event(self)
+            }
+            fn poll_timeout(&self) -> Option<std::time::Instant> {
+                <$ty>::poll_timeout(self)
+            }
+        }
+    };
+}
+pub(crate) use impl_sansio;
+
 /// Longest `reason` this crate puts in an `Error` it sends.
 const MAX_REASON: usize = 200;
 

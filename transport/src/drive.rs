@@ -8,8 +8,6 @@
 use std::time::{Duration, Instant};
 
 use companion_proto::ProtoError;
-use companion_proto::aka::{AkaClient, AkaServer, AkaWire};
-use companion_proto::cn::{ClientRequest, OperationEvent, RequestEvent, ServerRequest};
 
 /// Largest chunk read from a stream at once.
 const READ_CHUNK: usize = 64 * 1024;
@@ -17,54 +15,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Used when a machine has no deadline of its own but the driver must still wait for the peer.
 pub const FALLBACK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The calls every sans-IO machine of `companion-proto` offers.
-pub trait SansIo {
-    /// What the machine reports.
-    type Event;
-    /// Feeds bytes received on the stream.
-    fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError>;
-    /// The peer finished its side.
-    fn handle_end_of_stream(&mut self) -> Result<(), ProtoError>;
-    /// The deadline passed.
-    fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError>;
-    /// Next frame to send.
-    fn poll_transmit(&mut self) -> Option<Vec<u8>>;
-    /// Next event.
-    fn poll_event(&mut self) -> Option<Self::Event>;
-    /// When `handle_timeout` must be called.
-    fn poll_timeout(&self) -> Option<Instant>;
-}
-
-macro_rules! impl_sansio {
-    ($ty:ty, $ev:ty $(, $g:ident)?) => {
-        impl$(<$g: AkaWire>)? SansIo for $ty {
-            type Event = $ev;
-            fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-                <$ty>::handle_bytes(self, now, data)
-            }
-            fn handle_end_of_stream(&mut self) -> Result<(), ProtoError> {
-                <$ty>::handle_end_of_stream(self)
-            }
-            fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError> {
-                <$ty>::handle_timeout(self, now)
-            }
-            fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-                <$ty>::poll_transmit(self)
-            }
-            fn poll_event(&mut self) -> Option<Self::Event> {
-                <$ty>::poll_event(self)
-            }
-            fn poll_timeout(&self) -> Option<Instant> {
-                <$ty>::poll_timeout(self)
-            }
-        }
-    };
-}
-
-impl_sansio!(ClientRequest, RequestEvent);
-impl_sansio!(ServerRequest, OperationEvent);
-impl_sansio!(AkaClient<W>, companion_proto::aka::ClientEvent<W::Final>, W);
-impl_sansio!(AkaServer<W>, companion_proto::aka::ServerEvent, W);
+pub use companion_proto::SansIo;
 
 /// Why driving a stream failed.
 #[derive(Debug, thiserror::Error)]
