@@ -37,4 +37,20 @@ if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | gr
   cargo install bpf-linker@0.10.4 --locked --quiet
 fi
 
+# Deployment tests and static router builds (issue 7): systemd, prometheus, qemu-user-static,
+# musl targets, zig, cargo-zigbuild.
+bash "$(dirname "$0")/setup-deploy.sh"
+
+# The eBPF program is built from source by gatewayd/build.rs (aya-build: nightly + rust-src +
+# bpf-linker, above). The namespace tests of the LAN filter (gatewayd/tests/netns.rs, run as root)
+# need iproute2's `ip`.
+if ! command -v ip >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    log "apt-get install iproute2"
+    apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+  else
+    log "iproute2 (ip) is missing: the namespace tests will fail; install it"
+  fi
+fi
+
 log "toolchains ready"

@@ -1,5 +1,6 @@
 //! `cn-backend serve`: binds the QUIC endpoint and the admin HTTP server, announces them in the
-//! ready file, and drains in-flight batches on SIGTERM/SIGINT.
+//! ready file and to systemd (`READY=1`, `WATCHDOG=1` every `WATCHDOG_USEC/2` when set,
+//! `STOPPING=1`; nothing without `NOTIFY_SOCKET`), and drains in-flight batches on SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,39 @@ pub struct ServeOptions {
     pub http_listen: Option<SocketAddr>,
     /// Where to write `{"quic": "...", "http": "..."}` once both listeners are bound.
     pub ready_file: Option<PathBuf>,
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "systemd notification failed");
+    }
+}
+
+/// Pings the systemd watchdog every `WATCHDOG_USEC/2` while the runtime, the blocking pool (where
+/// every database transaction runs) and the service answer; a wedged pool misses the deadline and
+/// systemd restarts the process.
+fn spawn_watchdog(svc: Arc<Service>) -> Option<tokio::task::JoinHandle<()>> {
+    let wd = sd_notify::watchdog_enabled()?;
+    let period = (wd / 2).max(Duration::from_millis(100));
+    Some(tokio::spawn(async move {
+        loop {
+            let alive = tokio::time::timeout(period, tokio::task::spawn_blocking(|| ())).await;
+            if matches!(alive, Ok(Ok(()))) {
+                let status = format!(
+                    "serving; {} gateway sessions; {} batches in flight",
+                    svc.metrics.sessions.get(),
+                    svc.inflight.load(Ordering::Acquire)
+                );
+                notify(&[
+                    sd_notify::NotifyState::Watchdog,
+                    sd_notify::NotifyState::Status(&status),
+                ]);
+            } else {
+                warn!("blocking pool did not answer within {period:?}; skipping a watchdog ping");
+            }
+            tokio::time::sleep(period).await;
+        }
+    }))
 }
 
 fn write_ready(path: &Path, quic: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
@@ -98,9 +132,23 @@ pub async fn serve(layout: &Layout, opts: ServeOptions) -> anyhow::Result<()> {
         write_ready(p, quic_addr, http_addr)?;
     }
     info!(quic = %quic_addr, http = %http_addr, attach = %attach_endpoint, "cn-backend serving");
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "serving QUIC on {quic_addr}, HTTP on {http_addr}"
+        )),
+    ]);
+    let watchdog = spawn_watchdog(svc.clone());
 
     wait_for_signal().await?;
     info!("shutting down: refusing new work, draining in-flight batches");
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     svc.shutting_down.store(true, Ordering::Release);
     endpoint.set_server_config(None);
     let drain = svc

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Static (musl) router binaries of gatewayd, gatewayctl and iotdev, for x86_64 and aarch64:
+#
+#   scripts/build-static.sh                 # both targets -> target/dist/<target>/{gatewayd,gatewayctl,iotdev}
+#   TARGETS=aarch64-unknown-linux-musl scripts/build-static.sh
+#
+# C code (SQLite via rusqlite's bundled build, ring, mimalloc) is cross-compiled with zig as the C
+# compiler and linker (cargo-zigbuild); `scripts/setup.sh` installs zig (PyPI `ziglang`),
+# cargo-zigbuild and the rustup targets. The eBPF filter object gatewayd embeds is built by
+# gatewayd's build.rs with nightly + bpf-linker for bpfel-unknown-none; it is target-independent
+# (both targets are little-endian), so it is the same object in every binary. AYA_BUILD_SKIP=1
+# builds without it (gatewayd then filters in userspace and says so).
+#
+# Release profile with symbols stripped and no debug info; a separate target directory
+# ($STATIC_TARGET_DIR, default target/static) keeps the shared target/ untouched and is reused
+# between runs (CI caches it). Prints each binary's size; writes target/dist/<target>/SIZES.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGETS=${TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl"}
+DIST=${DIST:-target/dist}
+export CARGO_TARGET_DIR=${STATIC_TARGET_DIR:-$PWD/target/static}
+export CARGO_PROFILE_RELEASE_STRIP=symbols
+export CARGO_PROFILE_RELEASE_DEBUG=0
+
+die() { echo "build-static: $*" >&2; exit 1; }
+command -v cargo-zigbuild >/dev/null || die "cargo-zigbuild not found: run scripts/setup.sh"
+python3 -m ziglang version >/dev/null 2>&1 || command -v zig >/dev/null ||
+  die "zig not found (PyPI ziglang): run scripts/setup.sh"
+
+for t in $TARGETS; do
+  rustup target list --installed | grep -qx "$t" || die "rustup target $t missing: run scripts/setup.sh"
+  echo "build-static: $t" >&2
+  cargo zigbuild --release --locked --target "$t" \
+    -p gatewayd --bin gatewayd --bin gatewayctl -p iotdev --bin iotdev
+  mkdir -p "$DIST/$t"
+  : > "$DIST/$t/SIZES"
+  for b in gatewayd gatewayctl iotdev; do
+    install -m 0755 "$CARGO_TARGET_DIR/$t/release/$b" "$DIST/$t/$b"
+    file_info=$(file -b "$DIST/$t/$b" 2>/dev/null || true)
+    case "$file_info" in *dynamically*) die "$DIST/$t/$b is dynamically linked: $file_info" ;; esac
+    printf '%-11s %9d bytes  %s\n' "$b" "$(stat -c %s "$DIST/$t/$b")" "$t" | tee -a "$DIST/$t/SIZES"
+  done
+done
