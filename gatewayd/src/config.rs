@@ -67,6 +67,7 @@ pub struct Config {
     pub batching: BatchingConfig,
     pub credentials: CredentialsConfig,
     pub pairing: PairingConfig,
+    pub filter: FilterConfig,
 }
 
 impl Default for Config {
@@ -83,6 +84,71 @@ impl Default for Config {
             batching: BatchingConfig::default(),
             credentials: CredentialsConfig::default(),
             pairing: PairingConfig::default(),
+            filter: FilterConfig::default(),
+        }
+    }
+}
+
+/// How the LAN filter runs (see [`crate::filter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterModeSetting {
+    /// XDP on `interfaces` when any are configured and eBPF is usable, else userspace.
+    Auto,
+    /// XDP (native, falling back to generic/skb mode); userspace if eBPF is unusable.
+    Xdp,
+    /// TC ingress classifier (bridges, interfaces where XDP does not fit); userspace if unusable.
+    Tc,
+    /// The same policy in userspace, on the QUIC socket, before any handshake work.
+    Userspace,
+}
+
+/// The LAN filter in front of the device QUIC port: short Initials, per-source token bucket on
+/// Initials, deny list, strict (paired-only) mode. Applied by eBPF (XDP/TC) on `interfaces`, or
+/// in userspace when eBPF cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilterConfig {
+    /// `auto`, `xdp`, `tc` or `userspace`. Default `auto`.
+    pub mode: FilterModeSetting,
+    /// LAN interfaces to attach the eBPF program to (e.g. `["br-lan"]`). Default: none
+    /// (userspace filter).
+    pub interfaces: Vec<String>,
+    /// QUIC Initial packets per second admitted from one source address. Default: none, meaning
+    /// 4 × `[devices] new_connections_per_ip` (0 = unlimited): the device server refuses
+    /// honest clients beyond their rate with an answer; the filter stops floods above it.
+    pub initial_rate: Option<u32>,
+    /// Token-bucket size (burst) for Initials per source. Default: twice the rate.
+    pub initial_burst: Option<u32>,
+    /// Admit only source addresses of paired devices (learned when a paired device completes a
+    /// handshake, plus `allowed_sources`), and anyone while a pairing window is open.
+    /// Default `false`.
+    pub strict: bool,
+    /// Source addresses always admitted in strict mode. Default `[]`.
+    pub allowed_sources: Vec<std::net::IpAddr>,
+    /// Block a source automatically after this many failed handshakes (unpaired key, bad TLS)
+    /// within `failure_window`; 0 = never. Default 10.
+    pub block_after_failures: u32,
+    /// Default `1m`.
+    #[serde(with = "duration_str")]
+    pub failure_window: Duration,
+    /// How long an automatic block lasts. Default `10m`.
+    #[serde(with = "duration_str")]
+    pub block_for: Duration,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        Self {
+            mode: FilterModeSetting::Auto,
+            interfaces: Vec::new(),
+            initial_rate: None,
+            initial_burst: None,
+            strict: false,
+            allowed_sources: Vec::new(),
+            block_after_failures: 10,
+            failure_window: Duration::from_secs(60),
+            block_for: Duration::from_secs(600),
         }
     }
 }
@@ -463,6 +529,17 @@ impl Config {
                     "[cn] endpoint {e:?} must be host:port (e.g. \"cn.example.net:4434\")"
                 )));
             }
+        }
+        if self.filter.block_for.is_zero() || self.filter.failure_window.is_zero() {
+            return invalid("[filter] block_for and failure_window must be longer than 0s");
+        }
+        if self
+            .filter
+            .interfaces
+            .iter()
+            .any(|i| i.is_empty() || i.len() > 15)
+        {
+            return invalid("[filter] interfaces must be interface names (1 to 15 characters)");
         }
         if matches!(&self.control.group, Some(g) if g.is_empty()) {
             return invalid("[control] group must not be empty (omit it for no group)");

@@ -230,6 +230,9 @@ pub struct StatusInfo {
     /// The smart batcher's limits and load (absent from daemons that predate it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batching: Option<BatchingStatus>,
+    /// The LAN filter: mode (xdp, xdp_generic, tc, userspace) and per-reason counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Box<crate::filter::FilterStatus>>,
 }
 
 /// Batching limits in force and the batcher's load, for `gatewayctl status`.

@@ -32,6 +32,7 @@ use crate::control::{
 };
 use crate::delivery::{Provisioner, Settings};
 use crate::device_server::DeviceServer;
+use crate::filter::{Filter, UserspacePolicy};
 use crate::metrics::Metrics;
 use crate::pairing::{PairingRegistry, WindowStatus};
 use crate::state::{Block, State};
@@ -74,9 +75,21 @@ pub struct Handler {
     started: Instant,
     companion_supi: Option<String>,
     gateway_fingerprint: String,
+    filter: Arc<Filter>,
 }
 
 impl Handler {
+    /// Pushes the stored blocks and the pairing window to the LAN filter.
+    fn sync_filter(&self) {
+        let now = self.clock.unix_now();
+        match self.state.blocks(now) {
+            Ok(blocks) => self
+                .filter
+                .sync(&blocks, self.registry.window().is_some(), now),
+            Err(e) => tracing::error!(error = %e, "cannot read blocks for the LAN filter"),
+        }
+    }
+
     fn cfg(&self) -> Config {
         self.cfg
             .read()
@@ -114,6 +127,7 @@ impl ControlHandler for Handler {
         let d = d.unwrap_or(self.cfg().pairing.window);
         let w = self.registry.open_window(d)?;
         tracing::info!(seconds = d.as_secs(), "pairing window opened");
+        self.sync_filter();
         Ok(w)
     }
 
@@ -186,6 +200,7 @@ impl ControlHandler for Handler {
                 queue_capacity: b.queue_capacity,
                 batches_in_flight: self.provisioner.batches_in_flight(),
             }),
+            filter: Some(Box::new(self.filter.status())),
         })
     }
 
@@ -201,11 +216,15 @@ impl ControlHandler for Handler {
             created_at: now,
         };
         self.state.block(&b)?;
+        self.sync_filter();
+        tracing::info!(addr = %addr, until = ?b.until, "source blocked");
         Ok(b)
     }
 
     async fn unblock(&self, addr: std::net::IpAddr) -> Result<bool, ControlError> {
-        Ok(self.state.unblock(addr)?)
+        let was = self.state.unblock(addr)?;
+        self.sync_filter();
+        Ok(was)
     }
 }
 
@@ -353,9 +372,17 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
     );
 
     // Devices.
-    let endpoint = crate::device_server::bind(&cfg.devices, &identity, registry.clone())
-        .with_context(|| format!("device server on {}", cfg.devices.listen))?;
+    let policy = UserspacePolicy::new();
+    let endpoint = crate::device_server::bind_filtered(
+        &cfg.devices,
+        &identity,
+        registry.clone(),
+        policy.clone(),
+    )
+    .with_context(|| format!("device server on {}", cfg.devices.listen))?;
     let devices_addr = endpoint.local_addr()?;
+    // The LAN filter: eBPF on the configured interfaces, or the same policy on the socket.
+    let filter = Filter::start(&cfg, devices_addr.port(), policy, metrics.clone());
     let server = DeviceServer::new(
         cfg.devices.clone(),
         provisioner.clone(),
@@ -363,6 +390,7 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
         state.clone(),
         metrics.clone(),
     );
+    server.set_filter(filter.clone());
     let (accept_tx, accept_rx) = watch::channel(false);
     let accept_task = tokio::spawn(server.clone().serve(endpoint.clone(), accept_rx));
     tracing::info!(addr = %devices_addr, "device server listening");
@@ -382,7 +410,24 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
         started: Instant::now(),
         companion_supi: companion_supi.clone(),
         gateway_fingerprint: gateway_fp.clone(),
+        filter: filter.clone(),
     });
+    handler.sync_filter();
+    {
+        // Keep the filter's maps in line (block expiry, window closing) and export counters.
+        let mut s = shutdown.clone();
+        let h = handler.clone();
+        tasks.spawn(async move {
+            loop {
+                h.sync_filter();
+                h.filter.export_metrics();
+                tokio::select! {
+                    () = tokio::time::sleep(crate::filter::SYNC_PERIOD) => {}
+                    _ = s.wait_for(|v| *v) => break,
+                }
+            }
+        });
+    }
     {
         let mut s = shutdown.clone();
         let h = handler.clone();
@@ -501,6 +546,7 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    filter.stop();
     if let Some(path) = &opts.ready_file {
         let _ = std::fs::remove_file(path);
     }
@@ -568,6 +614,14 @@ fn reload(
         || new.companion != old.companion;
     provisioner.reconfigure(new.batching.batcher(), settings(&new));
     server.reconfigure(new.devices.clone());
+    if new.filter != old.filter || new.devices != old.devices {
+        handler.filter.reconfigure(&new);
+        if new.filter.mode != old.filter.mode || new.filter.interfaces != old.filter.interfaces {
+            changed.push("filter mode/interfaces (need a restart)".to_string());
+        } else if new.filter != old.filter {
+            changed.push("filter limits".to_string());
+        }
+    }
     *handler.cfg.write().unwrap_or_else(PoisonError::into_inner) = new;
     if changed.is_empty() {
         tracing::info!("configuration reloaded: nothing changed");

@@ -31,6 +31,7 @@ use tokio::sync::watch;
 
 use crate::config::DevicesConfig;
 use crate::delivery::{Peer, Provisioner, Reply, decode_sealed};
+use crate::filter::{Filter, FilteredSocket, UserspacePolicy};
 use crate::metrics::{Metrics, kind};
 use crate::pairing::{Admission, PairingRegistry};
 use crate::state::{AckOutcome, State};
@@ -45,11 +46,22 @@ pub mod close {
     pub const SHUTDOWN: u32 = 5;
 }
 
-/// Builds the QUIC endpoint configuration and binds it.
+/// Builds the QUIC endpoint configuration and binds it (no LAN filter in userspace).
 pub fn bind(
     cfg: &DevicesConfig,
     identity: &Identity,
     registry: Arc<PairingRegistry>,
+) -> anyhow::Result<quinn::Endpoint> {
+    bind_filtered(cfg, identity, registry, UserspacePolicy::new())
+}
+
+/// Binds the QUIC endpoint on a socket wrapped by the LAN filter's userspace policy (which
+/// judges every datagram when the filter runs in userspace mode, and passes them otherwise).
+pub fn bind_filtered(
+    cfg: &DevicesConfig,
+    identity: &Identity,
+    registry: Arc<PairingRegistry>,
+    filter_policy: Arc<UserspacePolicy>,
 ) -> anyhow::Result<quinn::Endpoint> {
     let limits = Limits {
         idle_timeout: cfg.idle_timeout,
@@ -62,7 +74,17 @@ pub fn bind(
     let verifier = Arc::new(PinnedClientVerifier::new(policy));
     let mut server = server_config(identity, Some(verifier), &[ALPN_DEVICE], &limits)?;
     server.max_incoming(cfg.max_connections.saturating_mul(2).max(16));
-    let endpoint = quinn::Endpoint::server(server, cfg.listen)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| anyhow::anyhow!("no async runtime for the device QUIC endpoint"))?;
+    let socket = std::net::UdpSocket::bind(cfg.listen)?;
+    let inner = runtime.wrap_udp_socket(socket)?;
+    let socket = Arc::new(FilteredSocket::new(inner, filter_policy));
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )?;
     Ok(endpoint)
 }
 
@@ -90,6 +112,8 @@ pub struct DeviceServer {
     conns: Mutex<HashMap<[u8; 32], Vec<ConnEntry>>>,
     /// Device keys with an exchange in progress (one provisioning at a time per device).
     busy: Mutex<HashSet<[u8; 32]>>,
+    /// The LAN filter: told about failed handshakes (automatic blocks) and paired sources.
+    filter: std::sync::OnceLock<Arc<Filter>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,7 +180,29 @@ impl DeviceServer {
             rate: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
+            filter: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Connects the LAN filter (failed handshakes feed automatic blocks; paired devices'
+    /// addresses feed strict mode).
+    pub fn set_filter(&self, filter: Arc<Filter>) {
+        let _ = self.filter.set(filter);
+    }
+
+    /// A handshake from `ip` failed or was refused: count it towards an automatic block.
+    fn handshake_failed(&self, ip: IpAddr) {
+        let Some(f) = self.filter.get() else { return };
+        let now = unix_now();
+        if let Some(b) = f.note_failure(ip, now) {
+            tracing::warn!(addr = %ip, until = ?b.until, "repeated failed handshakes: source blocked");
+            if let Err(e) = self.state.block(&b) {
+                tracing::error!(error = %e, "cannot store an automatic block");
+            }
+            if let Ok(blocks) = self.state.blocks(now) {
+                f.sync(&blocks, self.registry.window().is_some(), now);
+            }
+        }
     }
 
     /// Limits that apply to new connections from now on (SIGHUP).
@@ -247,6 +293,7 @@ impl DeviceServer {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::info!(%remote, error = %e, "device handshake failed (unpaired key or bad TLS)");
+                self.handshake_failed(remote.ip());
                 return;
             }
             Err(_) => {
@@ -275,9 +322,13 @@ impl DeviceServer {
             }
             Admission::Refused => {
                 conn.close(close::NOT_PAIRED.into(), b"not paired");
+                self.handshake_failed(remote.ip());
                 return;
             }
         };
+        if let Some(f) = self.filter.get() {
+            f.learn_paired(remote.ip());
+        }
         {
             let mut conns = lock(&self.conns);
             let v = conns.entry(fingerprint).or_default();

@@ -16,6 +16,7 @@
 //! - [`delivery`]: requests → persisted → batched to the CN → sealed credentials kept until
 //!   acknowledged, renewal pre-fetch, revocation retries;
 //! - [`cn_link`]: the authenticated sessions to the CN, reconnecting with backoff;
+//! - [`filter`]: the LAN filter (eBPF XDP/TC, or the same policy in userspace);
 //! - [`daemon`]: wiring, the control handler, signals, systemd notifications, ready file.
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub mod control;
 pub mod daemon;
 pub mod delivery;
 pub mod device_server;
+pub mod filter;
 pub mod identity;
 pub mod metrics;
 pub mod pairing;

@@ -13,8 +13,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::control::CnLinkState;
@@ -63,6 +63,10 @@ pub struct Metrics {
     pub deliveries_pending: IntGauge,
     /// Credentials held by paired devices that expire within 24 hours.
     pub credentials_expiring_24h: IntGauge,
+    /// 1 for the mode the LAN filter runs in (xdp, xdp_generic, tc, userspace), 0 for the others.
+    pub filter_mode: IntGaugeVec,
+    /// Packets to the QUIC port judged by the LAN filter, by reason.
+    pub filter_packets: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -126,6 +130,27 @@ impl Metrics {
             "credentials_expiring_24h",
             "Credentials held by paired devices that expire within the next 24 hours.",
         ))?;
+        let filter_mode = IntGaugeVec::new(
+            opts(
+                "filter_mode",
+                "Where the LAN filter runs: 1 for the active mode (xdp, xdp_generic, tc, \
+                 userspace), 0 for the others.",
+            ),
+            &["mode"],
+        )?;
+        let filter_packets = IntCounterVec::new(
+            opts(
+                "filter_packets_total",
+                "UDP packets to the device QUIC port judged by the LAN filter, by reason \
+                 (passed, dropped_short_initial, rate_limited, denied, not_paired).",
+            ),
+            &["reason"],
+        )?;
+        for r in companion_filter_common::Reason::ALL {
+            filter_packets.with_label_values(&[r.label()]);
+        }
+        registry.register(Box::new(filter_mode.clone()))?;
+        registry.register(Box::new(filter_packets.clone()))?;
         registry.register(Box::new(devices_paired.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_latency.clone()))?;
@@ -161,6 +186,8 @@ impl Metrics {
             active_connections,
             deliveries_pending,
             credentials_expiring_24h,
+            filter_mode,
+            filter_packets,
         })
     }
 

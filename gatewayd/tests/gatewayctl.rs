@@ -86,6 +86,24 @@ impl ControlHandler for TestHandler {
             pairing_window: self.registry.window(),
             blocks: self.state.blocks(now)?,
             batching: None,
+            filter: Some(Box::new(gatewayd::filter::FilterStatus {
+                mode: gatewayd::filter::FilterMode::Userspace,
+                interfaces: vec![],
+                fallback_reason: Some("no [filter] interfaces configured".into()),
+                port: 4433,
+                strict: false,
+                initial_rate: 200,
+                initial_burst: 400,
+                deny_entries: 0,
+                paired_sources: 0,
+                counters: gatewayd::filter::FilterCounters {
+                    passed: 10,
+                    dropped_short_initial: 3,
+                    rate_limited: 2,
+                    denied: 1,
+                    not_paired: 0,
+                },
+            })),
         })
     }
 
@@ -280,6 +298,19 @@ async fn gatewayctl_drives_every_command() {
     assert_eq!(blocks[0]["addr"], "192.168.1.50");
     let text = ok(&socket, &["status"]).await;
     assert!(text.contains("devices paired         1"), "{text}");
+    // The LAN filter's mode and counters.
+    assert_eq!(status["filter"]["mode"], "userspace");
+    assert_eq!(status["filter"]["counters"]["dropped_short_initial"], 3);
+    assert!(
+        text.contains(
+            "LAN filter             userspace (fallback: no [filter] interfaces configured)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("passed 10, dropped_short_initial 3, rate_limited 2, denied 1, not_paired 0"),
+        "{text}"
+    );
     assert!(
         text.contains("blocked                192.168.1.50 for 9m")
             || text.contains("blocked                192.168.1.50 for 10m"),

@@ -383,6 +383,36 @@ fn status_text(s: &StatusInfo, now: i64) -> String {
             line("blocked", format!("{} {until}", b.addr));
         }
     }
+    if let Some(f) = &s.filter {
+        let mode = match (f.mode, f.interfaces.is_empty()) {
+            (gatewayd::filter::FilterMode::Userspace, _) => format!(
+                "userspace (fallback: {})",
+                f.fallback_reason.as_deref().unwrap_or("eBPF not used")
+            ),
+            (m, _) => format!("{} on {}", m.as_str(), f.interfaces.join(", ")),
+        };
+        line("LAN filter", mode);
+        line(
+            "filter policy",
+            format!(
+                "UDP port {}, Initials {}/s per source (burst {}), strict {}, {} denied, {} paired sources",
+                f.port,
+                f.initial_rate,
+                f.initial_burst,
+                if f.strict { "on" } else { "off" },
+                f.deny_entries,
+                f.paired_sources
+            ),
+        );
+        let c = &f.counters;
+        line(
+            "filter packets",
+            format!(
+                "passed {}, dropped_short_initial {}, rate_limited {}, denied {}, not_paired {}",
+                c.passed, c.dropped_short_initial, c.rate_limited, c.denied, c.not_paired
+            ),
+        );
+    }
     t
 }
 

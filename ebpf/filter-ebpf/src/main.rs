@@ -1,0 +1,243 @@
+//! The LAN filter in front of gatewayd's QUIC port: one parser and policy, two entry points —
+//! `companion_filter_xdp` (XDP; native or generic mode) and `companion_filter_tc` (TC ingress
+//! classifier, for bridges and interfaces where XDP does not fit).
+//!
+//! Only UDP to `FILTER_CONFIG.port` is judged (IPv4 and IPv6, Ethernet with up to two 802.1Q /
+//! 802.1ad tags, IPv6 extension headers skipped); everything else passes untouched and uncounted.
+//! Judged packets go through, in order: deny list (with expiry) → strict mode (paired sources
+//! only unless the pairing window is open) → short-Initial check (RFC 9000 §14.1) → per-source
+//! token bucket on Initials. Each judged packet increments one per-CPU counter.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::macros::{classifier, map, xdp};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::programs::{TcContext, XdpContext};
+use companion_filter_common::{
+    BUCKETS_MAX, Bucket, BucketAction, DENY_MAX, DenyEntry, FilterConfig, PAIRED_MAX, PairedEntry,
+    Reason, SourceKey, decide,
+};
+
+#[map(name = "FILTER_CONFIG")]
+static FILTER_CONFIG: Array<FilterConfig> = Array::with_max_entries(1, 0);
+#[map(name = "FILTER_BUCKETS")]
+static FILTER_BUCKETS: LruHashMap<SourceKey, Bucket> = LruHashMap::with_max_entries(BUCKETS_MAX, 0);
+#[map(name = "FILTER_DENY")]
+static FILTER_DENY: HashMap<SourceKey, DenyEntry> = HashMap::with_max_entries(DENY_MAX, 0);
+#[map(name = "FILTER_PAIRED")]
+static FILTER_PAIRED: HashMap<SourceKey, PairedEntry> = HashMap::with_max_entries(PAIRED_MAX, 0);
+#[map(name = "FILTER_COUNTERS")]
+static FILTER_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_UDP: u8 = 17;
+
+/// Verdict of the shared parser/policy: pass (counted or not) or drop.
+enum Out {
+    Pass,
+    Drop,
+}
+
+#[xdp]
+pub fn companion_filter_xdp(ctx: XdpContext) -> u32 {
+    match filter(ctx.data(), ctx.data_end()) {
+        Out::Pass => xdp_action::XDP_PASS,
+        Out::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[classifier]
+pub fn companion_filter_tc(ctx: TcContext) -> i32 {
+    // Make the headers (and the first payload bytes) linear; a failure only means they may
+    // already be, or the packet is shorter — the bounds checks below decide.
+    let want = if ctx.len() < 128 { ctx.len() } else { 128 };
+    let _ = ctx.pull_data(want);
+    match filter(ctx.data(), ctx.data_end()) {
+        Out::Pass => TC_ACT_OK as i32,
+        Out::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[inline(always)]
+fn ptr_at<T>(data: usize, end: usize, off: usize) -> Option<*const T> {
+    if data + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((data + off) as *const T)
+}
+
+/// Two bytes at `off`. (No single-byte reads: LLVM turns `p + 1 > end` into `p >= end`, a
+/// form the verifier does not accept as a bounds check.)
+#[inline(always)]
+fn pair_at(data: usize, end: usize, off: usize) -> Option<[u8; 2]> {
+    ptr_at::<[u8; 2]>(data, end, off).map(|p| unsafe { *p })
+}
+
+#[inline(always)]
+fn be16_at(data: usize, end: usize, off: usize) -> Option<u16> {
+    ptr_at::<[u8; 2]>(data, end, off).map(|p| u16::from_be_bytes(unsafe { *p }))
+}
+
+#[inline(always)]
+fn filter(data: usize, end: usize) -> Out {
+    match judge(data, end) {
+        None => Out::Pass,
+        Some(reason) => {
+            if let Some(c) = FILTER_COUNTERS.get_ptr_mut(reason as u32) {
+                unsafe { *c += 1 };
+            }
+            if reason.admits() {
+                Out::Pass
+            } else {
+                Out::Drop
+            }
+        }
+    }
+}
+
+/// `None`: not UDP to our port (or unparseable): pass uncounted.
+#[inline(always)]
+fn judge(data: usize, end: usize) -> Option<Reason> {
+    let cfg = FILTER_CONFIG.get(0)?;
+    if cfg.port == 0 {
+        return None;
+    }
+    let mut off = ETH_HLEN;
+    let mut proto = be16_at(data, end, 12)?;
+    // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
+    if proto == ETH_P_8021AD || proto == ETH_P_8021Q {
+        proto = be16_at(data, end, off + 2)?;
+        off += 4;
+        if proto == ETH_P_8021AD || proto == ETH_P_8021Q {
+            proto = be16_at(data, end, off + 2)?;
+            off += 4;
+        }
+    }
+    let src: SourceKey;
+    if proto == ETH_P_IP {
+        let vihl = pair_at(data, end, off)?[0];
+        if vihl >> 4 != 4 {
+            return None;
+        }
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return None;
+        }
+        if pair_at(data, end, off + 8)?[1] != IPPROTO_UDP {
+            return None;
+        }
+        // Non-first fragments carry no UDP header: the kernel reassembles, the first fragment
+        // was judged.
+        if be16_at(data, end, off + 6)? & 0x1fff != 0 {
+            return None;
+        }
+        let a = ptr_at::<[u8; 4]>(data, end, off + 12)?;
+        src = SourceKey::v4(unsafe { *a });
+        off += ihl;
+    } else if proto == ETH_P_IPV6 {
+        let a = ptr_at::<[u8; 16]>(data, end, off + 8)?;
+        src = SourceKey::v6(unsafe { *a });
+        let mut next = pair_at(data, end, off + 6)?[0];
+        off += 40;
+        // Skip up to four extension headers (hop-by-hop, routing, fragment, destination).
+        let mut i = 0;
+        while i < 4 {
+            match next {
+                0 | 43 | 60 => {
+                    let h = pair_at(data, end, off)?;
+                    next = h[0];
+                    off += (h[1] as usize + 1) * 8;
+                }
+                44 => {
+                    let h = ptr_at::<[u8; 4]>(data, end, off)?;
+                    let h = unsafe { *h };
+                    if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                        return None;
+                    }
+                    next = h[0];
+                    off += 8;
+                }
+                _ => break,
+            }
+            i += 1;
+        }
+        if next != IPPROTO_UDP {
+            return None;
+        }
+    } else {
+        return None;
+    }
+    if off > 200 {
+        return None;
+    }
+    // Keep the verifier's view of `off` small and exact.
+    let off = off & 0xff;
+    let dport = be16_at(data, end, off + 2)?;
+    if dport != cfg.port {
+        return None;
+    }
+    let udp_len = be16_at(data, end, off + 4)? as u32;
+    let payload_len = udp_len.saturating_sub(8);
+    // First byte and version; a payload shorter than 5 bytes cannot be an Initial (and
+    // `is_initial` needs a non-zero version), so (0, 0) judges it the same.
+    let (first, version) = match ptr_at::<[u8; 5]>(data, end, off + 8) {
+        Some(p) => {
+            let h = unsafe { *p };
+            (h[0], u32::from_be_bytes([h[1], h[2], h[3], h[4]]))
+        }
+        None => (0, 0),
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let denied_until = unsafe { FILTER_DENY.get(&src) }.map(|d| d.until_ns);
+    let paired = if cfg.strict != 0 && cfg.window_open == 0 {
+        FILTER_PAIRED.get_ptr(&src).is_some()
+    } else {
+        true
+    };
+    let bucket_ptr = FILTER_BUCKETS.get_ptr_mut(&src);
+    let mut fresh = Bucket::default();
+    let (reason, action) = match bucket_ptr {
+        Some(p) => decide(
+            cfg,
+            denied_until,
+            paired,
+            payload_len,
+            first,
+            version,
+            now,
+            Some(unsafe { &mut *p }),
+            &mut fresh,
+        ),
+        None => decide(
+            cfg,
+            denied_until,
+            paired,
+            payload_len,
+            first,
+            version,
+            now,
+            None,
+            &mut fresh,
+        ),
+    };
+    if let BucketAction::Insert = action {
+        let _ = FILTER_BUCKETS.insert(&src, &fresh, 0);
+    }
+    Some(reason)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,225 @@
+//! Loading the embedded eBPF object, attaching it (XDP native → generic, or TC ingress) and
+//! keeping its maps. Dropping [`EbpfFilter`] detaches every program (aya owns the links).
+
+use std::collections::HashSet;
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use companion_filter_common::{
+    DenyEntry, FilterConfig, PairedEntry, Reason, SourceKey, maps, programs,
+};
+
+/// The eBPF object built from `ebpf/filter-ebpf` by `build.rs`.
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/companion-filter"));
+
+/// How the program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// Native (driver) XDP on every interface.
+    Xdp,
+    /// Generic (skb) XDP on at least one interface (veth, drivers without XDP).
+    XdpGeneric,
+    /// TC ingress classifier.
+    Tc,
+    /// Loaded but not attached (tests: BPF_PROG_TEST_RUN).
+    Detached,
+}
+
+/// The loaded object, its attachments and maps.
+pub struct EbpfFilter {
+    bpf: Ebpf,
+    pub attach: Attach,
+    pub interfaces: Vec<String>,
+}
+
+impl std::fmt::Debug for EbpfFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfFilter")
+            .field("attach", &self.attach)
+            .field("interfaces", &self.interfaces)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+impl EbpfFilter {
+    /// Loads the object (maps created, programs not yet loaded).
+    pub fn open() -> anyhow::Result<Ebpf> {
+        if OBJECT.is_empty() {
+            anyhow::bail!("gatewayd was built without the eBPF object (AYA_BUILD_SKIP)");
+        }
+        EbpfLoader::new().load(OBJECT).map_err(err)
+    }
+
+    /// Loads and attaches to `interfaces`: XDP (native, else generic) or TC ingress.
+    pub fn attach(interfaces: &[String], tc: bool) -> anyhow::Result<Self> {
+        let mut bpf = Self::open()?;
+        let mut generic = false;
+        if tc {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(programs::TC)
+                .ok_or_else(|| err("TC program missing"))?
+                .try_into()
+                .map_err(err)?;
+            prog.load().map_err(err)?;
+            for i in interfaces {
+                // The clsact qdisc may already exist (another program, or a previous run).
+                let _ = aya::programs::tc::qdisc_add_clsact(i);
+                prog.attach(i, TcAttachType::Ingress)
+                    .map_err(|e| anyhow::anyhow!("TC ingress on {i}: {e}"))?;
+            }
+        } else {
+            let prog: &mut Xdp = bpf
+                .program_mut(programs::XDP)
+                .ok_or_else(|| err("XDP program missing"))?
+                .try_into()
+                .map_err(err)?;
+            prog.load().map_err(err)?;
+            for i in interfaces {
+                if let Err(native) = prog.attach(i, XdpMode::Driver) {
+                    prog.attach(i, XdpMode::Skb).map_err(|e| {
+                        anyhow::anyhow!("XDP on {i}: native: {native}; generic: {e}")
+                    })?;
+                    tracing::info!(interface = %i, error = %native, "native XDP unavailable: generic (skb) mode");
+                    generic = true;
+                }
+            }
+        }
+        let attach = match (tc, generic) {
+            (true, _) => Attach::Tc,
+            (false, true) => Attach::XdpGeneric,
+            (false, false) => Attach::Xdp,
+        };
+        Ok(Self {
+            bpf,
+            attach,
+            interfaces: interfaces.to_vec(),
+        })
+    }
+
+    /// Loads both programs without attaching them (for `BPF_PROG_TEST_RUN`).
+    pub fn load_detached() -> anyhow::Result<Self> {
+        let mut bpf = Self::open()?;
+        let prog: &mut Xdp = bpf
+            .program_mut(programs::XDP)
+            .ok_or_else(|| err("XDP program missing"))?
+            .try_into()
+            .map_err(err)?;
+        prog.load().map_err(err)?;
+        let prog: &mut SchedClassifier = bpf
+            .program_mut(programs::TC)
+            .ok_or_else(|| err("TC program missing"))?
+            .try_into()
+            .map_err(err)?;
+        prog.load().map_err(err)?;
+        Ok(Self {
+            bpf,
+            attach: Attach::Detached,
+            interfaces: Vec::new(),
+        })
+    }
+
+    /// Runs one program on a crafted Ethernet frame through `BPF_PROG_TEST_RUN` (no interface
+    /// needed); `Ok(true)` when the program lets the frame pass.
+    pub fn test_run(&mut self, tc: bool, frame: &[u8]) -> anyhow::Result<bool> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::default()
+        };
+        if tc {
+            let prog: &mut SchedClassifier = self
+                .bpf
+                .program_mut(programs::TC)
+                .ok_or_else(|| err("TC program missing"))?
+                .try_into()
+                .map_err(err)?;
+            let r = prog.test_run(opts).map_err(err)?;
+            Ok(r.return_value == 0) // TC_ACT_OK; TC_ACT_SHOT is 2
+        } else {
+            let prog: &mut Xdp = self
+                .bpf
+                .program_mut(programs::XDP)
+                .ok_or_else(|| err("XDP program missing"))?
+                .try_into()
+                .map_err(err)?;
+            let r = prog.test_run(opts).map_err(err)?;
+            Ok(r.return_value == 2) // XDP_PASS; XDP_DROP is 1
+        }
+    }
+
+    pub fn set_config(&mut self, cfg: FilterConfig) -> anyhow::Result<()> {
+        let mut a: Array<&mut MapData, FilterConfig> = Array::try_from(
+            self.bpf
+                .map_mut(maps::CONFIG)
+                .ok_or_else(|| err("config map missing"))?,
+        )
+        .map_err(err)?;
+        a.set(0, cfg, 0).map_err(err)
+    }
+
+    fn deny_map(&mut self) -> anyhow::Result<BpfHashMap<&mut MapData, SourceKey, DenyEntry>> {
+        BpfHashMap::try_from(
+            self.bpf
+                .map_mut(maps::DENY)
+                .ok_or_else(|| err("deny map missing"))?,
+        )
+        .map_err(err)
+    }
+
+    pub fn set_deny(&mut self, k: SourceKey, e: DenyEntry) -> anyhow::Result<()> {
+        self.deny_map()?.insert(k, e, 0).map_err(err)
+    }
+
+    pub fn remove_deny(&mut self, k: &SourceKey) -> anyhow::Result<()> {
+        let mut m = self.deny_map()?;
+        match m.remove(k) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    pub fn deny_keys(&mut self) -> anyhow::Result<Vec<SourceKey>> {
+        let m = self.deny_map()?;
+        Ok(m.keys().filter_map(Result::ok).collect())
+    }
+
+    pub fn set_paired(&mut self, keys: &HashSet<SourceKey>) -> anyhow::Result<()> {
+        let mut m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut(maps::PAIRED)
+                .ok_or_else(|| err("paired map missing"))?,
+        )
+        .map_err(err)?;
+        let present: Vec<SourceKey> = m.keys().filter_map(Result::ok).collect();
+        for k in present.iter().filter(|k| !keys.contains(k)) {
+            let _ = m.remove(k);
+        }
+        for k in keys {
+            m.insert(*k, PairedEntry { flags: 1 }, 0).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Per-reason counters, summed over CPUs.
+    pub fn counters(&mut self) -> anyhow::Result<[u64; Reason::COUNT as usize]> {
+        let a: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(
+            self.bpf
+                .map_mut(maps::COUNTERS)
+                .ok_or_else(|| err("counter map missing"))?,
+        )
+        .map_err(err)?;
+        let mut out = [0u64; Reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = a.get(&(i as u32), 0).map_err(err)?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+}

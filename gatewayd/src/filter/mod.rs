@@ -1,0 +1,459 @@
+//! The LAN filter in front of the device QUIC port (issue 6).
+//!
+//! One policy — deny list (with expiry) → strict mode (paired sources only, unless the pairing
+//! window is open) → QUIC Initials shorter than 1200 bytes dropped (RFC 9000 §14.1) → per-source
+//! token bucket on Initials — applied only to UDP addressed to the QUIC port, with per-reason
+//! counters. It runs in one of two places:
+//!
+//! - **eBPF** ([`ebpf`]): the program built from `ebpf/filter-ebpf` is attached to
+//!   `[filter] interfaces` as XDP (native, falling back to generic/skb mode, e.g. on veth) or as
+//!   a TC ingress classifier (`mode = "tc"`); gatewayd keeps its maps in sync;
+//! - **userspace** ([`userspace`]): when eBPF cannot be used (no privilege, old kernel, no
+//!   interface configured, or `mode = "userspace"`), the same decision function
+//!   (`companion_filter_common::decide`) runs on every datagram the QUIC socket receives, before
+//!   quinn parses it.
+//!
+//! The mode is said loudly: a log line at start, `gatewayctl status`, and the
+//! `gatewayd_filter_mode{mode}` gauge; counters are `gatewayd_filter_packets_total{reason}`.
+
+pub mod ebpf;
+pub mod userspace;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use companion_filter_common::{DenyEntry, FilterConfig as BpfConfig, Reason, SourceKey};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, FilterModeSetting};
+use crate::metrics::Metrics;
+use crate::state::Block;
+pub use userspace::{FilteredSocket, UserspacePolicy};
+
+/// Where the policy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterMode {
+    /// XDP in the driver.
+    Xdp,
+    /// XDP in generic (skb) mode.
+    XdpGeneric,
+    /// TC ingress classifier.
+    Tc,
+    /// On the QUIC socket in gatewayd.
+    Userspace,
+}
+
+impl FilterMode {
+    pub const ALL: [FilterMode; 4] = [
+        FilterMode::Xdp,
+        FilterMode::XdpGeneric,
+        FilterMode::Tc,
+        FilterMode::Userspace,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FilterMode::Xdp => "xdp",
+            FilterMode::XdpGeneric => "xdp_generic",
+            FilterMode::Tc => "tc",
+            FilterMode::Userspace => "userspace",
+        }
+    }
+}
+
+/// Per-reason packet counters (UDP to the QUIC port only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterCounters {
+    pub passed: u64,
+    pub dropped_short_initial: u64,
+    pub rate_limited: u64,
+    pub denied: u64,
+    pub not_paired: u64,
+}
+
+impl FilterCounters {
+    pub fn from_array(a: [u64; Reason::COUNT as usize]) -> Self {
+        Self {
+            passed: a[Reason::Passed as usize],
+            dropped_short_initial: a[Reason::DroppedShortInitial as usize],
+            rate_limited: a[Reason::RateLimited as usize],
+            denied: a[Reason::Denied as usize],
+            not_paired: a[Reason::NotPaired as usize],
+        }
+    }
+
+    /// Every packet dropped, whatever the reason.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_short_initial + self.rate_limited + self.denied + self.not_paired
+    }
+}
+
+/// What `gatewayctl status` shows of the filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterStatus {
+    pub mode: FilterMode,
+    /// Interfaces the eBPF program is attached to (empty in userspace mode).
+    pub interfaces: Vec<String>,
+    /// Why eBPF is not used, in userspace mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    pub port: u16,
+    pub strict: bool,
+    /// Initials per second per source (0 = unlimited) and bucket size.
+    pub initial_rate: u32,
+    pub initial_burst: u32,
+    pub deny_entries: u64,
+    pub paired_sources: u64,
+    pub counters: FilterCounters,
+}
+
+/// Monotonic nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => (t.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec() as u64),
+        Err(_) => 0,
+    }
+}
+
+/// The map key of an address (IPv4 as IPv4-mapped IPv6; IPv4-mapped IPv6 sources, as a dual-stack
+/// socket reports IPv4 peers, map to the same key).
+pub fn source_key(ip: IpAddr) -> SourceKey {
+    match ip {
+        IpAddr::V4(v4) => SourceKey::v4(v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SourceKey::v4(v4.octets()),
+            None => SourceKey::v6(v6.octets()),
+        },
+    }
+}
+
+/// The Initial rate and burst in force: `[filter] initial_rate` (default 4 × `[devices]
+/// new_connections_per_ip`, 0 = unlimited) and `initial_burst` (default twice the rate).
+pub fn rate_and_burst(cfg: &Config) -> (u32, u32) {
+    // By default well above the per-address connection rate the device server refuses beyond
+    // (with a clear answer): the filter stops floods, the server shapes honest clients.
+    let rate = cfg
+        .filter
+        .initial_rate
+        .unwrap_or(cfg.devices.new_connections_per_ip.saturating_mul(4));
+    let burst = cfg
+        .filter
+        .initial_burst
+        .unwrap_or_else(|| rate.saturating_mul(2))
+        .max(u32::from(rate > 0));
+    (rate, burst)
+}
+
+/// The map configuration derived from gatewayd's.
+pub fn bpf_config(cfg: &Config, port: u16, window_open: bool) -> BpfConfig {
+    let (rate, burst) = rate_and_burst(cfg);
+    BpfConfig {
+        port,
+        strict: u8::from(cfg.filter.strict),
+        window_open: u8::from(window_open),
+        _pad: 0,
+        initial_rate: u64::from(rate),
+        initial_burst: u64::from(burst),
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    ebpf: Option<ebpf::EbpfFilter>,
+    cfg: Config,
+    port: u16,
+    window_open: bool,
+    /// Sources learned from paired devices' handshakes.
+    learned: HashSet<SourceKey>,
+    /// Recent handshake failures per source: (first failure in window, count).
+    failures: HashMap<IpAddr, (std::time::Instant, u32)>,
+    /// Counter values already added to the Prometheus counters.
+    exported: [u64; Reason::COUNT as usize],
+    deny_entries: u64,
+}
+
+/// The running filter: mode, maps (kernel or userspace), counters.
+#[derive(Debug)]
+pub struct Filter {
+    mode: FilterMode,
+    fallback_reason: Option<String>,
+    policy: Arc<UserspacePolicy>,
+    metrics: Arc<Metrics>,
+    inner: Mutex<Inner>,
+}
+
+impl Filter {
+    /// Chooses the mode, loads and attaches the eBPF program when it is to be used, and says
+    /// which mode runs. `policy` is the one the device socket was wrapped with.
+    pub fn start(
+        cfg: &Config,
+        port: u16,
+        policy: Arc<UserspacePolicy>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let f = &cfg.filter;
+        let want_ebpf = match f.mode {
+            FilterModeSetting::Userspace => Err("mode = \"userspace\" configured".to_string()),
+            FilterModeSetting::Auto | FilterModeSetting::Xdp | FilterModeSetting::Tc
+                if f.interfaces.is_empty() =>
+            {
+                Err("no [filter] interfaces configured".to_string())
+            }
+            _ => Ok(f.mode == FilterModeSetting::Tc),
+        };
+        let (ebpf, fallback_reason) = match want_ebpf {
+            Err(why) => (None, Some(why)),
+            Ok(tc) => match ebpf::EbpfFilter::attach(&f.interfaces, tc) {
+                Ok(e) => (Some(e), None),
+                Err(e) => (None, Some(format!("eBPF unusable: {e:#}"))),
+            },
+        };
+        let mode = match ebpf.as_ref().map(|e| e.attach) {
+            Some(ebpf::Attach::Xdp) => FilterMode::Xdp,
+            Some(ebpf::Attach::XdpGeneric) => FilterMode::XdpGeneric,
+            Some(ebpf::Attach::Tc) => FilterMode::Tc,
+            Some(ebpf::Attach::Detached) | None => FilterMode::Userspace,
+        };
+        policy.set_active(mode == FilterMode::Userspace);
+        let (rate, burst) = rate_and_burst(cfg);
+        match &fallback_reason {
+            None => tracing::info!(
+                mode = mode.as_str(),
+                interfaces = ?f.interfaces,
+                port,
+                initial_rate = rate,
+                initial_burst = burst,
+                strict = f.strict,
+                "LAN filter: eBPF ({}) attached to {}",
+                mode.as_str(),
+                f.interfaces.join(", ")
+            ),
+            Some(why) => tracing::warn!(
+                mode = "userspace",
+                port,
+                initial_rate = rate,
+                initial_burst = burst,
+                strict = f.strict,
+                "LAN filter: USERSPACE fallback ({why}); the policy runs on the QUIC socket"
+            ),
+        }
+        for m in FilterMode::ALL {
+            metrics
+                .filter_mode
+                .with_label_values(&[m.as_str()])
+                .set(i64::from(m == mode));
+        }
+        let me = Arc::new(Self {
+            mode,
+            fallback_reason,
+            policy,
+            metrics,
+            inner: Mutex::new(Inner {
+                ebpf,
+                cfg: cfg.clone(),
+                port,
+                window_open: false,
+                learned: HashSet::new(),
+                failures: HashMap::new(),
+                exported: [0; Reason::COUNT as usize],
+                deny_entries: 0,
+            }),
+        });
+        me.push_config();
+        me
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn mode(&self) -> FilterMode {
+        self.mode
+    }
+
+    fn push_config(&self) {
+        let mut i = self.inner();
+        let c = bpf_config(&i.cfg, i.port, i.window_open);
+        self.policy.set_config(c);
+        if let Some(e) = i.ebpf.as_mut()
+            && let Err(err) = e.set_config(c)
+        {
+            tracing::error!(error = %err, "cannot update the eBPF filter configuration");
+        }
+    }
+
+    /// New configuration (SIGHUP): rate, burst, strict, allowed sources, failure policy.
+    pub fn reconfigure(&self, cfg: &Config) {
+        self.inner().cfg = cfg.clone();
+        self.push_config();
+        self.sync_paired();
+    }
+
+    /// Brings the maps in line with the pairing window and the stored blocks (`now` unix s).
+    pub fn sync(&self, blocks: &[Block], window_open: bool, now_unix: i64) {
+        let changed = {
+            let mut i = self.inner();
+            let c = i.window_open != window_open;
+            i.window_open = window_open;
+            c
+        };
+        if changed {
+            self.push_config();
+        }
+        let mono = monotonic_ns();
+        let want: HashMap<SourceKey, DenyEntry> = blocks
+            .iter()
+            .filter(|b| b.until.is_none_or(|u| u > now_unix))
+            .map(|b| {
+                let until_ns = match b.until {
+                    None => 0,
+                    Some(u) => mono
+                        .saturating_add(
+                            ((u - now_unix).max(0) as u64).saturating_mul(1_000_000_000),
+                        )
+                        .max(1),
+                };
+                (source_key(b.addr), DenyEntry { until_ns })
+            })
+            .collect();
+        let mut i = self.inner();
+        i.deny_entries = want.len() as u64;
+        if let Some(e) = i.ebpf.as_mut() {
+            let present = e.deny_keys().unwrap_or_default();
+            for k in present.iter().filter(|k| !want.contains_key(k)) {
+                let _ = e.remove_deny(k);
+            }
+            for (k, v) in &want {
+                if let Err(err) = e.set_deny(*k, *v) {
+                    tracing::error!(error = %err, "cannot update the eBPF deny list");
+                }
+            }
+        }
+        for k in self.policy.deny_keys() {
+            if !want.contains_key(&k) {
+                self.policy.remove_deny(&k);
+            }
+        }
+        for (k, v) in want {
+            self.policy.set_deny(k, v);
+        }
+    }
+
+    fn sync_paired(&self) {
+        let mut i = self.inner();
+        let mut keys = i.learned.clone();
+        keys.extend(i.cfg.filter.allowed_sources.iter().map(|a| source_key(*a)));
+        if let Some(e) = i.ebpf.as_mut()
+            && let Err(err) = e.set_paired(&keys)
+        {
+            tracing::error!(error = %err, "cannot update the eBPF paired-source map");
+        }
+        self.policy.set_paired(keys);
+    }
+
+    /// A paired device completed a handshake from `ip`: admit that source in strict mode.
+    pub fn learn_paired(&self, ip: IpAddr) {
+        let new = self.inner().learned.insert(source_key(ip));
+        if new {
+            self.sync_paired();
+        }
+    }
+
+    /// A handshake from `ip` failed (unpaired key, bad TLS). Returns the block to store when
+    /// this source crossed `block_after_failures` within `failure_window`.
+    pub fn note_failure(&self, ip: IpAddr, now_unix: i64) -> Option<Block> {
+        let mut i = self.inner();
+        let f = &i.cfg.filter;
+        let (limit, window, block_for) = (f.block_after_failures, f.failure_window, f.block_for);
+        if limit == 0 {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        if i.failures.len() > 65_536 {
+            i.failures
+                .retain(|_, (t, _)| now.duration_since(*t) < window);
+        }
+        let e = i.failures.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) > window {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        if e.1 < limit {
+            return None;
+        }
+        i.failures.remove(&ip);
+        Some(Block {
+            addr: ip,
+            until: Some(now_unix + block_for.as_secs().max(1) as i64),
+            created_at: now_unix,
+        })
+    }
+
+    /// Per-reason counters (kernel or userspace).
+    pub fn counters(&self) -> FilterCounters {
+        let mut i = self.inner();
+        let raw = match i.ebpf.as_mut() {
+            Some(e) => e.counters().unwrap_or_default(),
+            None => self.policy.counters(),
+        };
+        FilterCounters::from_array(raw)
+    }
+
+    /// Adds the counters' growth to `gatewayd_filter_packets_total`.
+    pub fn export_metrics(&self) {
+        let mut i = self.inner();
+        let raw = match i.ebpf.as_mut() {
+            Some(e) => e.counters().unwrap_or(i.exported),
+            None => self.policy.counters(),
+        };
+        for r in Reason::ALL {
+            let idx = r as usize;
+            let delta = raw[idx].saturating_sub(i.exported[idx]);
+            if delta > 0 {
+                self.metrics
+                    .filter_packets
+                    .with_label_values(&[r.label()])
+                    .inc_by(delta);
+            }
+        }
+        i.exported = raw;
+    }
+
+    pub fn status(&self) -> FilterStatus {
+        let counters = self.counters();
+        let i = self.inner();
+        let (rate, burst) = rate_and_burst(&i.cfg);
+        FilterStatus {
+            mode: self.mode,
+            interfaces: i
+                .ebpf
+                .as_ref()
+                .map(|e| e.interfaces.clone())
+                .unwrap_or_default(),
+            fallback_reason: self.fallback_reason.clone(),
+            port: i.port,
+            strict: i.cfg.filter.strict,
+            initial_rate: rate,
+            initial_burst: burst,
+            deny_entries: i.deny_entries,
+            paired_sources: (i.learned.len() + i.cfg.filter.allowed_sources.len()) as u64,
+            counters,
+        }
+    }
+
+    /// Detaches the eBPF program (also done when the filter is dropped).
+    pub fn stop(&self) {
+        if let Some(e) = self.inner().ebpf.take() {
+            tracing::info!(interfaces = ?e.interfaces, "LAN filter: eBPF program detached");
+        }
+        self.policy.set_active(false);
+    }
+}
+
+/// How often the maps are re-synchronised and the counters exported.
+pub const SYNC_PERIOD: Duration = Duration::from_millis(500);

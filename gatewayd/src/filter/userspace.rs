@@ -1,0 +1,323 @@
+//! The userspace fallback: the SAME policy as the eBPF program (the decision itself is
+//! `companion_filter_common::decide`, shared with the XDP/TC code), applied to every datagram
+//! the device QUIC socket receives, before quinn parses it.
+//!
+//! Why a socket wrapper rather than quinn's `Incoming` hook: `Incoming` is created only after
+//! quinn-proto has parsed and buffered the Initial (and quinn silently drops short Initials
+//! itself, so they could not be counted), and it sees nothing of datagrams for connections that
+//! already exist. A [`quinn::AsyncUdpSocket`] wrapper sees every datagram exactly where the
+//! XDP program would, can count every reason, and costs nothing but a few map lookups.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use companion_filter_common::{
+    BUCKETS_MAX, Bucket, BucketAction, DenyEntry, FilterConfig, Reason, SourceKey, Verdict, decide,
+};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+
+use super::{monotonic_ns, source_key};
+
+#[derive(Debug, Default)]
+struct Tables {
+    cfg: FilterConfig,
+    buckets: HashMap<SourceKey, Bucket>,
+    deny: HashMap<SourceKey, DenyEntry>,
+    paired: HashSet<SourceKey>,
+}
+
+/// The policy and its state in userspace, with the same counters as the eBPF program.
+#[derive(Debug, Default)]
+pub struct UserspacePolicy {
+    /// Only judged while active (userspace mode); otherwise the socket wrapper passes all.
+    active: AtomicBool,
+    tables: Mutex<Tables>,
+    counters: [AtomicU64; Reason::COUNT as usize],
+}
+
+impl UserspacePolicy {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_active(&self, on: bool) {
+        self.active.store(on, Ordering::Relaxed);
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn set_config(&self, cfg: FilterConfig) {
+        self.tables().cfg = cfg;
+    }
+
+    pub fn set_deny(&self, key: SourceKey, e: DenyEntry) {
+        self.tables().deny.insert(key, e);
+    }
+
+    pub fn remove_deny(&self, key: &SourceKey) {
+        self.tables().deny.remove(key);
+    }
+
+    pub fn deny_keys(&self) -> Vec<SourceKey> {
+        self.tables().deny.keys().copied().collect()
+    }
+
+    pub fn set_paired(&self, keys: HashSet<SourceKey>) {
+        self.tables().paired = keys;
+    }
+
+    pub fn counters(&self) -> [u64; Reason::COUNT as usize] {
+        std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
+    }
+
+    /// Judges one UDP datagram to the QUIC port from `src` at monotonic time `now_ns`, and
+    /// counts it.
+    pub fn judge(&self, src: SourceKey, payload: &[u8], now_ns: u64) -> Reason {
+        let first = payload.first().copied().unwrap_or(0);
+        let version = payload
+            .get(1..5)
+            .and_then(|v| <[u8; 4]>::try_from(v).ok())
+            .map_or(0, u32::from_be_bytes);
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let reason = {
+            let mut guard = self.tables();
+            let t = &mut *guard;
+            let denied_until = t.deny.get(&src).map(|d| d.until_ns);
+            let paired = t.paired.contains(&src);
+            let cfg = t.cfg;
+            let mut fresh = Bucket::default();
+            let (reason, action) = decide(
+                &cfg,
+                denied_until,
+                paired,
+                len,
+                first,
+                version,
+                now_ns,
+                t.buckets.get_mut(&src),
+                &mut fresh,
+            );
+            if action == BucketAction::Insert {
+                if t.buckets.len() >= BUCKETS_MAX as usize {
+                    // Like the LRU map: make room, oldest refills first.
+                    let cut = now_ns.saturating_sub(10_000_000_000);
+                    t.buckets.retain(|_, b| b.last_ns >= cut);
+                    if t.buckets.len() >= BUCKETS_MAX as usize {
+                        t.buckets.clear();
+                    }
+                }
+                t.buckets.insert(src, fresh);
+            }
+            reason
+        };
+        self.counters[reason as usize].fetch_add(1, Ordering::Relaxed);
+        reason
+    }
+
+    /// Parses an Ethernet frame the way the eBPF program does and judges it (the parity tests
+    /// feed both the same frames).
+    pub fn judge_frame(&self, frame: &[u8], now_ns: u64) -> Verdict {
+        let port = self.tables().cfg.port;
+        match parse_frame(frame, port) {
+            None => Verdict::NotOurs,
+            Some((src, payload_len, head)) => {
+                // The frame may be cut short of the UDP length: judge on the UDP length field,
+                // like the kernel program does.
+                let mut payload = vec![0u8; payload_len as usize];
+                let n = head.len().min(payload.len());
+                payload[..n].copy_from_slice(&head[..n]);
+                Verdict::Counted(self.judge(src, &payload, now_ns))
+            }
+        }
+    }
+}
+
+/// Ethernet (+ up to two VLAN tags) → IPv4/IPv6 (+ extension headers) → UDP to `port`: the
+/// source, the UDP payload length (from the UDP header) and the payload bytes present.
+pub fn parse_frame(f: &[u8], port: u16) -> Option<(SourceKey, u32, &[u8])> {
+    if port == 0 {
+        return None;
+    }
+    let be16 = |o: usize| f.get(o..o + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let mut off = 14;
+    let mut proto = be16(12)?;
+    for _ in 0..2 {
+        if proto == 0x8100 || proto == 0x88a8 {
+            proto = be16(off + 2)?;
+            off += 4;
+        }
+    }
+    let src;
+    match proto {
+        0x0800 => {
+            let vihl = *f.get(off)?;
+            let ihl = usize::from(vihl & 0x0f) * 4;
+            if vihl >> 4 != 4 || ihl < 20 || *f.get(off + 9)? != 17 || be16(off + 6)? & 0x1fff != 0
+            {
+                return None;
+            }
+            src = SourceKey::v4(f.get(off + 12..off + 16)?.try_into().ok()?);
+            off += ihl;
+        }
+        0x86dd => {
+            src = SourceKey::v6(f.get(off + 8..off + 24)?.try_into().ok()?);
+            let mut next = *f.get(off + 6)?;
+            off += 40;
+            for _ in 0..4 {
+                match next {
+                    0 | 43 | 60 => {
+                        next = *f.get(off)?;
+                        off += (usize::from(*f.get(off + 1)?) + 1) * 8;
+                    }
+                    44 => {
+                        if be16(off + 2)? & 0xfff8 != 0 {
+                            return None;
+                        }
+                        next = *f.get(off)?;
+                        off += 8;
+                    }
+                    _ => break,
+                }
+            }
+            if next != 17 {
+                return None;
+            }
+        }
+        _ => return None,
+    }
+    if off > 200 || be16(off + 2)? != port {
+        return None;
+    }
+    let udp_len = u32::from(be16(off + 4)?).saturating_sub(8);
+    Some((src, udp_len, f.get(off + 8..).unwrap_or(&[])))
+}
+
+/// The device QUIC socket, judged by a [`UserspacePolicy`] before quinn sees a datagram.
+pub struct FilteredSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    policy: Arc<UserspacePolicy>,
+}
+
+impl fmt::Debug for FilteredSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FilteredSocket")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FilteredSocket {
+    pub fn new(inner: Arc<dyn AsyncUdpSocket>, policy: Arc<UserspacePolicy>) -> Self {
+        Self { inner, policy }
+    }
+
+    /// Filters the received batch in place; returns how many entries remain.
+    fn filter_batch(&self, n: usize, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let now = monotonic_ns();
+        let mut kept = 0;
+        for i in 0..n {
+            let m = meta[i];
+            let src = source_key(m.addr.ip());
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            // GRO may have coalesced several datagrams of one source: judge each segment and
+            // keep the admitted ones contiguous (only the last segment may be shorter).
+            let mut write = 0;
+            let mut read = 0;
+            {
+                let buf = &mut bufs[i][..m.len];
+                while read < m.len {
+                    let end = (read + stride).min(m.len);
+                    let seg_len = end - read;
+                    if self.policy.judge(src, &buf[read..end], now).admits() {
+                        if write != read {
+                            buf.copy_within(read..end, write);
+                        }
+                        write += seg_len;
+                    }
+                    read = end;
+                }
+            }
+            if write == 0 {
+                continue;
+            }
+            if kept != i {
+                let (lo, hi) = bufs.split_at_mut(i);
+                lo[kept][..write].copy_from_slice(&hi[0][..write]);
+                meta[kept] = m;
+            }
+            meta[kept].len = write;
+            kept += 1;
+        }
+        kept
+    }
+}
+
+impl AsyncUdpSocket for FilteredSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let n = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            if !self.policy.is_active() {
+                return Poll::Ready(Ok(n));
+            }
+            let kept = self.filter_batch(n, bufs, meta);
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
+            }
+            // Everything dropped: read again (the inner socket registers the waker when empty).
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+/// `IpAddr` of a key (for logs and the deny-list sync).
+pub fn key_ip(k: &SourceKey) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(k.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
