@@ -1,0 +1,9 @@
+//! `loadgen`: drives thousands of simulated devices through the real device flow (the `iotdev`
+//! library) against a real `gatewayd`, optionally attaching each to `cn-backend`, and reports
+//! throughput and HDR latency percentiles. See `README.md`.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod flood;
+pub mod report;
+pub mod run;

@@ -1,0 +1,216 @@
+//! Measurements of a run and the report (human summary and JSON).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+/// An HDR histogram of latencies (microseconds, 3 significant digits, up to one hour).
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    h: Histogram<u64>,
+}
+
+impl Recorder {
+    /// A histogram for 1 µs .. 1 h.
+    pub fn new() -> Result<Self, hdrhistogram::CreationError> {
+        Ok(Self {
+            h: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        })
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.h.saturating_record(us);
+    }
+
+    pub fn latency(&self) -> Latency {
+        let ms = |us: u64| (us as f64 / 1000.0 * 1000.0).round() / 1000.0;
+        if self.h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: self.h.len(),
+            p50_ms: ms(self.h.value_at_quantile(0.50)),
+            p90_ms: ms(self.h.value_at_quantile(0.90)),
+            p99_ms: ms(self.h.value_at_quantile(0.99)),
+            max_ms: ms(self.h.max()),
+            mean_ms: (self.h.mean() / 1000.0 * 1000.0).round() / 1000.0,
+        }
+    }
+}
+
+/// The outcome of one simulated device.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceResult {
+    pub device: String,
+    /// `true` when the credential was delivered, opened, checked and acknowledged.
+    pub provisioned: bool,
+    pub supi: Option<String>,
+    /// `None` without `--attach`.
+    pub attached: Option<bool>,
+    /// Why it failed (a stable reason name), if it did.
+    pub reason: Option<String>,
+    /// The last error's message, if any.
+    pub error: Option<String>,
+    /// Whether the failure was one a device would retry later (busy, CN unavailable...).
+    pub retryable: bool,
+    pub retries: u32,
+}
+
+/// The whole run's report (`--json FILE`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub devices: u64,
+    pub concurrency: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Time of the provisioning phase (pairing excluded), seconds.
+    pub duration_s: f64,
+    /// Successful provisionings (and attaches, with `--attach`) per second of `duration_s`.
+    pub throughput_per_s: f64,
+    /// Device-perceived provisioning latency, first try to acknowledged credential.
+    pub latency_ms: Latency,
+    pub attach: bool,
+    pub attaches_succeeded: u64,
+    pub attach_latency_ms: Latency,
+    /// Time spent pairing the devices through the control socket, seconds.
+    pub pairing_s: f64,
+    /// Failed devices by reason.
+    pub failures_by_reason: BTreeMap<String, u64>,
+    /// Retries (busy, CN unavailable, ...) by reason.
+    pub retries_by_reason: BTreeMap<String, u64>,
+    pub gateway: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results: Option<Vec<DeviceResult>>,
+}
+
+impl Report {
+    /// Whether everything succeeded (every device provisioned, and attached with `--attach`).
+    pub fn all_ok(&self) -> bool {
+        self.failed == 0 && (!self.attach || self.attaches_succeeded == self.devices)
+    }
+
+    /// The human summary.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let l = &self.latency_ms;
+        s += &format!(
+            "loadgen: {} devices, concurrency {}, gateway {}\n",
+            self.devices, self.concurrency, self.gateway
+        );
+        s += &format!(
+            "  paired       {} devices in {:.2} s (control socket)\n",
+            self.devices, self.pairing_s
+        );
+        s += &format!(
+            "  provisioned  {} ok, {} failed in {:.2} s: {:.1} devices/s\n",
+            self.succeeded, self.failed, self.duration_s, self.throughput_per_s
+        );
+        s += &format!(
+            "  latency      p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        );
+        if self.attach {
+            let a = &self.attach_latency_ms;
+            s += &format!(
+                "  attached     {} of {} (5G AKA at the CN): p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n",
+                self.attaches_succeeded, self.devices, a.p50_ms, a.p99_ms, a.max_ms
+            );
+        }
+        if !self.retries_by_reason.is_empty() {
+            let r: Vec<String> = self
+                .retries_by_reason
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            s += &format!("  retries      {}\n", r.join(" "));
+        }
+        if !self.failures_by_reason.is_empty() {
+            let r: Vec<String> = self
+                .failures_by_reason
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            s += &format!("  failures     {}\n", r.join(" "));
+        }
+        s += if self.all_ok() {
+            "  result       OK\n"
+        } else {
+            "  result       FAILED\n"
+        };
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_from_the_histogram() {
+        let mut r = Recorder::new().unwrap();
+        for ms in 1..=100u64 {
+            r.record(Duration::from_millis(ms));
+        }
+        let l = r.latency();
+        assert_eq!(l.count, 100);
+        assert!((l.p50_ms - 50.0).abs() < 0.1, "{l:?}");
+        assert!((l.p90_ms - 90.0).abs() < 0.1, "{l:?}");
+        assert!((l.p99_ms - 99.0).abs() < 0.1, "{l:?}");
+        assert!((l.max_ms - 100.0).abs() < 0.1, "{l:?}");
+        assert_eq!(Recorder::new().unwrap().latency(), Latency::default());
+    }
+
+    #[test]
+    fn report_json_has_the_fields_and_ok_reflects_failures() {
+        let mut rep = Report {
+            devices: 2,
+            concurrency: 2,
+            succeeded: 2,
+            failed: 0,
+            duration_s: 1.0,
+            throughput_per_s: 2.0,
+            latency_ms: Latency::default(),
+            attach: true,
+            attaches_succeeded: 2,
+            attach_latency_ms: Latency::default(),
+            pairing_s: 0.1,
+            failures_by_reason: BTreeMap::new(),
+            retries_by_reason: BTreeMap::new(),
+            gateway: "127.0.0.1:1".into(),
+            results: None,
+        };
+        assert!(rep.all_ok());
+        let v = serde_json::to_value(&rep).unwrap();
+        for k in [
+            "devices",
+            "succeeded",
+            "failed",
+            "duration_s",
+            "throughput_per_s",
+            "attaches_succeeded",
+            "failures_by_reason",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing");
+        }
+        for k in ["p50_ms", "p90_ms", "p99_ms", "max_ms"] {
+            assert!(v["latency_ms"].get(k).is_some(), "{k} missing");
+        }
+        rep.attaches_succeeded = 1;
+        assert!(!rep.all_ok());
+        assert!(rep.human().contains("FAILED"));
+    }
+}

@@ -1,0 +1,381 @@
+//! `loadgen provision`: N simulated devices through the real device flow.
+//!
+//! 1. Asks gatewayd (control socket) for its status: waits for the CN link, reads the gateway's
+//!    key fingerprint, which every simulated device pins (as a device does after first use).
+//! 2. Creates N devices, each with its own P-256 identity key, and pairs them in bulk over a few
+//!    control-socket connections (`{"op":"pair","code":...}` lines).
+//! 3. Runs at most C devices at once, sharing a few quinn client endpoints: the `iotdev` library's
+//!    provisioning (request, `Pending`, sealed delivery opened with the device's HPKE key and
+//!    checked for this device and request, acknowledgement), retrying retryable answers (busy,
+//!    CN unavailable, connection lost) after their retry-after with the same request ID,
+//!    bounded in count and time; with `--attach`, then a 5G AKA attach at the CN with the new
+//!    credential (`iotdev::attach`, i.e. `companion_transport::attach_client`).
+//! 4. Records each device's latency in HDR histograms and reports.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow};
+use companion_proto::DeviceId;
+use companion_proto::msg::Params;
+use companion_transport::cn_client;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use iotdev::attach::{self, AttachError};
+use iotdev::client::{self, Attempt, ClientOptions};
+use iotdev::{DeviceError, DeviceKeys};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::control::Control;
+use crate::report::{DeviceResult, Recorder, Report};
+
+/// What `loadgen provision` does.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub devices: usize,
+    pub concurrency: usize,
+    /// gatewayd's device address.
+    pub gateway: SocketAddr,
+    pub control_socket: PathBuf,
+    pub attach: bool,
+    pub serving_network: String,
+    /// quinn client endpoints shared by the simulated devices.
+    pub endpoints: usize,
+    /// Longest a device keeps retrying retryable failures (per phase).
+    pub retry_for: Duration,
+    /// Most retries per device and phase.
+    pub max_retries: u32,
+    /// Device IDs are `<prefix>-<n>`.
+    pub id_prefix: String,
+    pub progress: bool,
+    /// Include every device's outcome in the report.
+    pub per_device: bool,
+    pub params: Params,
+    /// Longest single exchange with the gateway.
+    pub patience: Duration,
+}
+
+/// A stable name for a provisioning failure.
+pub fn reason(e: &DeviceError) -> String {
+    match e {
+        DeviceError::NotPaired(_) => "not_paired".into(),
+        DeviceError::QuotaExhausted(_) => "quota_exhausted".into(),
+        DeviceError::PolicyDenied(_) => "policy_denied".into(),
+        DeviceError::Busy { .. } => "busy".into(),
+        DeviceError::CnUnavailable { .. } => "cn_unavailable".into(),
+        DeviceError::Expired => "credential_expired".into(),
+        DeviceError::Revoked(_) => "credential_revoked".into(),
+        DeviceError::NotFound(_) => "not_found".into(),
+        DeviceError::GatewayUnreachable { .. } => "gateway_unreachable".into(),
+        DeviceError::GatewayKeyChanged { .. } => "gateway_key_changed".into(),
+        DeviceError::Timeout(_) => "timeout".into(),
+        DeviceError::CredentialUnusable(_) => "credential_unusable".into(),
+        DeviceError::ConnectionLost(_) => "connection_lost".into(),
+        DeviceError::Gateway { code, .. } => code.name().into(),
+        DeviceError::Protocol(_) => "protocol".into(),
+        DeviceError::Local(_) => "local".into(),
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+struct Outcome {
+    result: DeviceResult,
+    provision_latency: Option<Duration>,
+    attach_latency: Option<Duration>,
+    retries: Vec<String>,
+}
+
+/// Runs the whole load and returns the report.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    anyhow::ensure!(opts.devices > 0, "--devices must be at least 1");
+    anyhow::ensure!(opts.concurrency > 0, "--concurrency must be at least 1");
+    let mut control = Control::connect(&opts.control_socket).await?;
+    let status = control.wait_cn_up(Duration::from_secs(30)).await?;
+    let pin = status["gateway_fingerprint"].as_str().and_then(|h| {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(h, &mut out).ok().map(|()| out)
+    });
+
+    // Devices, each with its own identity key (key generation in parallel on the blocking pool).
+    let bar = progress_bar(opts.progress, opts.devices as u64, "keys + pairing");
+    let keys = generate_keys(&opts, pin).await?;
+
+    // Bulk pairing over a few control connections.
+    let pair_started = Instant::now();
+    let conns = 4.min(opts.devices);
+    let mut pairing = JoinSet::new();
+    let keys = Arc::new(keys);
+    for c in 0..conns {
+        let (keys, path, bar) = (keys.clone(), opts.control_socket.clone(), bar.clone());
+        pairing.spawn(async move {
+            let mut ctl = Control::connect(&path).await?;
+            for k in keys.iter().skip(c).step_by(conns) {
+                let code = k.pairing_code().map_err(|e| anyhow!("{e}"))?.to_string();
+                ctl.pair(&code, "loadgen")
+                    .await
+                    .with_context(|| format!("pairing {}", k.device_id))?;
+                bar.inc(1);
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = pairing.join_next().await {
+        r.context("pairing task")??;
+    }
+    let pairing_s = pair_started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    // Shared quinn client endpoints.
+    let bind: SocketAddr = if opts.gateway.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let endpoints: Vec<quinn::Endpoint> = (0..opts.endpoints.max(1))
+        .map(|_| quinn::Endpoint::client(bind).context("opening a UDP socket for QUIC"))
+        .collect::<anyhow::Result<_>>()?;
+
+    let bar = progress_bar(opts.progress, opts.devices as u64, "provisioning");
+    let sem = Arc::new(Semaphore::new(opts.concurrency));
+    let opts = Arc::new(opts);
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (i, _) in keys.iter().enumerate() {
+        let (keys, opts, sem, bar) = (keys.clone(), opts.clone(), sem.clone(), bar.clone());
+        let ep = endpoints[i % endpoints.len()].clone();
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let out = one_device(&ep, &keys[i], &opts).await;
+            bar.inc(1);
+            out
+        });
+    }
+    let mut prov = Recorder::new().context("latency histogram")?;
+    let mut att = Recorder::new().context("latency histogram")?;
+    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+    let mut retries: BTreeMap<String, u64> = BTreeMap::new();
+    let mut results = Vec::with_capacity(opts.devices);
+    let (mut ok, mut attached) = (0u64, 0u64);
+    while let Some(r) = tasks.join_next().await {
+        let o = r.context("device task")?;
+        for why in &o.retries {
+            *retries.entry(why.clone()).or_default() += 1;
+        }
+        if let Some(d) = o.provision_latency {
+            prov.record(d);
+            ok += 1;
+        }
+        if let Some(d) = o.attach_latency {
+            att.record(d);
+            attached += 1;
+        }
+        if let Some(why) = &o.result.reason {
+            *failures.entry(why.clone()).or_default() += 1;
+        }
+        bar.set_message(format!(
+            "ok {ok}, failed {}, retries {}",
+            failures.values().sum::<u64>(),
+            retries.values().sum::<u64>()
+        ));
+        results.push(o.result);
+    }
+    let duration = started.elapsed();
+    bar.finish_and_clear();
+    for ep in &endpoints {
+        ep.close(0u32.into(), b"done");
+    }
+    results.sort_by(|a, b| a.device.cmp(&b.device));
+    let failed = results.iter().filter(|r| r.reason.is_some()).count() as u64;
+    let duration_s = duration.as_secs_f64();
+    Ok(Report {
+        devices: opts.devices as u64,
+        concurrency: opts.concurrency as u64,
+        succeeded: results.iter().filter(|r| r.reason.is_none()).count() as u64,
+        failed,
+        duration_s: (duration_s * 1000.0).round() / 1000.0,
+        throughput_per_s: if duration_s > 0.0 {
+            ((ok as f64 / duration_s) * 10.0).round() / 10.0
+        } else {
+            0.0
+        },
+        latency_ms: prov.latency(),
+        attach: opts.attach,
+        attaches_succeeded: attached,
+        attach_latency_ms: att.latency(),
+        pairing_s: (pairing_s * 1000.0).round() / 1000.0,
+        failures_by_reason: failures,
+        retries_by_reason: retries,
+        gateway: opts.gateway.to_string(),
+        results: opts.per_device.then_some(results),
+    })
+}
+
+fn progress_bar(enabled: bool, len: u64, what: &str) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:>13} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}) {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+async fn generate_keys(opts: &Options, pin: Option<[u8; 32]>) -> anyhow::Result<Vec<DeviceKeys>> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per = opts.devices.div_ceil(workers);
+    let mut set = JoinSet::new();
+    for w in 0..workers {
+        let (lo, hi) = (w * per, ((w + 1) * per).min(opts.devices));
+        let prefix = opts.id_prefix.clone();
+        set.spawn_blocking(move || {
+            (lo..hi)
+                .map(|i| {
+                    let id = DeviceId::new(&format!("{prefix}-{i:06}")).map_err(|e| {
+                        anyhow!("device ID {prefix}-{i:06}: {e} (change --id-prefix)")
+                    })?;
+                    let mut k = DeviceKeys::generate(id).map_err(|e| anyhow!("{e}"))?;
+                    k.gateway_pin = pin;
+                    Ok((i, k))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        });
+    }
+    let mut all = Vec::with_capacity(opts.devices);
+    while let Some(r) = set.join_next().await {
+        all.extend(r.context("key generation task")??);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, k)| k).collect())
+}
+
+/// One simulated device: provision (with retries), check, optionally attach (with retries).
+async fn one_device(ep: &quinn::Endpoint, keys: &DeviceKeys, opts: &Options) -> Outcome {
+    let mut out = Outcome {
+        result: DeviceResult {
+            device: keys.device_id.to_string(),
+            provisioned: false,
+            supi: None,
+            attached: None,
+            reason: None,
+            error: None,
+            retryable: false,
+            retries: 0,
+        },
+        provision_latency: None,
+        attach_latency: None,
+        retries: Vec::new(),
+    };
+    let fail = |out: &mut Outcome, why: String, msg: String, retryable: bool| {
+        out.result.reason = Some(why);
+        out.result.error = Some(msg);
+        out.result.retryable = retryable;
+    };
+    let attempt = match Attempt::provision(opts.params.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            fail(&mut out, reason(&e), e.to_string(), false);
+            return out;
+        }
+    };
+    let copts = ClientOptions {
+        patience: opts.patience,
+        ..ClientOptions::default()
+    };
+    let started = Instant::now();
+    let cred = loop {
+        match client::run(ep, opts.gateway, keys, &attempt, &copts).await {
+            Ok(c) => break c,
+            Err(e) => {
+                let why = reason(&e);
+                let wait = e.retry_after().unwrap_or(Duration::from_millis(500));
+                if e.is_retryable()
+                    && out.result.retries < opts.max_retries
+                    && started.elapsed() + wait <= opts.retry_for
+                {
+                    out.retries.push(why);
+                    out.result.retries += 1;
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                let retryable = e.is_retryable();
+                fail(&mut out, why, e.to_string(), retryable);
+                return out;
+            }
+        }
+    };
+    // The library already opened the bundle with this attempt's HPKE key and checked device ID,
+    // request ID and SUPI; check what the device relies on next.
+    let b = &cred.bundle;
+    let problem = if !cred.acknowledged {
+        Some("the gateway did not confirm the acknowledgement")
+    } else if b.device_id != keys.device_id || b.request_id != attempt.request_id {
+        Some("the credential names another device or request")
+    } else if !b.supi.as_str().starts_with("imsi-") {
+        Some("the SUPI is not in IMSI form")
+    } else if b.expires_at <= now_unix() {
+        Some("the credential arrived expired")
+    } else if b.attach.trust_anchor.is_empty() || b.attach.endpoint.is_empty() {
+        Some("the credential carries no attach information")
+    } else {
+        None
+    };
+    if let Some(p) = problem {
+        fail(&mut out, "credential_check".into(), p.into(), false);
+        return out;
+    }
+    out.provision_latency = Some(started.elapsed());
+    out.result.provisioned = true;
+    out.result.supi = Some(b.supi.to_string());
+    if !opts.attach {
+        return out;
+    }
+    out.result.attached = Some(false);
+    let mut usim = attach::usim(b, None);
+    let aopts = cn_client::ClientOptions {
+        connect_timeout: Duration::from_secs(10),
+        exchange_timeout: Duration::from_secs(15),
+    };
+    let a_started = Instant::now();
+    let mut a_retries = 0u32;
+    loop {
+        match attach::attach(ep, b, &opts.serving_network, &mut usim, aopts).await {
+            Ok(_) => break,
+            Err(e) => {
+                let why = format!("attach_{}", e.reason());
+                let wait = e.retry_after().unwrap_or(Duration::from_millis(500));
+                if e.is_retryable()
+                    && a_retries < opts.max_retries
+                    && a_started.elapsed() + wait <= opts.retry_for
+                {
+                    out.retries.push(why);
+                    a_retries += 1;
+                    out.result.retries += 1;
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                let retryable = e.is_retryable();
+                fail(&mut out, why, attach_message(&e), retryable);
+                return out;
+            }
+        }
+    }
+    out.attach_latency = Some(a_started.elapsed());
+    out.result.attached = Some(true);
+    out
+}
+
+fn attach_message(e: &AttachError) -> String {
+    e.to_string()
+}

@@ -1,0 +1,756 @@
+//! End-to-end tests across REAL processes: `cn-backend`, `gatewayd`, `gatewayctl`, `iotdev` and
+//! `loadgen`, each started as its own process on loopback (port 0 + ready files) in a temporary
+//! directory, talking QUIC/TLS and the control socket exactly as in production.
+//!
+//! The binaries are taken from the workspace target directory this test was built into
+//! (`target/debug`, or `$E2E_BIN_DIR`); `cargo test --workspace` (scripts/test.sh) builds them all.
+//! A missing binary fails the test with the command that builds it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const COMPANION_SUPI: &str = "imsi-001010000000001";
+const COMPANION_K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
+const COMPANION_OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+const VISITED_SNN: &str = "5G:mnc002.mcc208.3gppnetwork.org";
+
+// ------------------------------------------------------------------------------------ harness
+
+fn bin(name: &str) -> PathBuf {
+    if name == "loadgen" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_loadgen"));
+    }
+    let dir = match std::env::var_os("E2E_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            // target/<profile>/deps/e2e-<hash> -> target/<profile>
+            let exe = std::env::current_exe().unwrap();
+            exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+        }
+    };
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "the `{name}` binary is missing at {}: build the workspace's binaries first with \
+         `cargo build --workspace --bins` (scripts/test.sh does), or set E2E_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// A process killed (SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_json(path: &Path, child: &mut Child, what: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return v;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited before it was ready: {st}");
+        }
+        assert!(Instant::now() < until, "{what} not ready after 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a command printed, and how it exited.
+#[derive(Debug)]
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "expected success: {self:#?}");
+        self
+    }
+}
+
+impl From<Output> for Out {
+    fn from(o: Output) -> Self {
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// cn-backend: a data directory, the companion (parent) subscription, and the server.
+struct Cn {
+    dir: PathBuf,
+    proc: Option<Proc>,
+    quic: String,
+    http: String,
+}
+
+impl Cn {
+    /// `init` + `subscriber add` of the companion with `policy` (extra `subscriber add` flags),
+    /// then `serve`.
+    fn start_new(dir: &Path, policy: &[&str]) -> Self {
+        let mut cn = Cn {
+            dir: dir.to_path_buf(),
+            proc: None,
+            quic: "127.0.0.1:0".into(),
+            http: String::new(),
+        };
+        cn.cli(&["init", "--mcc", "001", "--mnc", "01"]).ok();
+        let mut add = vec![
+            "subscriber",
+            "add",
+            "--supi",
+            COMPANION_SUPI,
+            "--k",
+            COMPANION_K,
+            "--opc",
+            COMPANION_OPC,
+        ];
+        add.extend_from_slice(policy);
+        cn.cli(&add).ok();
+        cn.start();
+        cn
+    }
+
+    fn cli(&self, args: &[&str]) -> Out {
+        Command::new(bin("cn-backend"))
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .unwrap()
+            .into()
+    }
+
+    /// Starts the server (on the same QUIC port as before, if it ran already).
+    fn start(&mut self) {
+        let ready = self.dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .unwrap();
+        let mut child = Command::new(bin("cn-backend"))
+            .arg("--dir")
+            .arg(&self.dir)
+            .args([
+                "serve",
+                "--listen",
+                &self.quic,
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let v = wait_json(&ready, &mut child, "cn-backend");
+        self.quic = v["quic"].as_str().unwrap().to_string();
+        self.http = v["http"].as_str().unwrap().to_string();
+        self.proc = Some(Proc(child));
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    fn kill9(&mut self) {
+        drop(self.proc.take());
+    }
+
+    fn subscriber(&self) -> Value {
+        let out = self
+            .cli(&["--json", "subscriber", "show", COMPANION_SUPI])
+            .ok();
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+}
+
+/// gatewayd with a companion credential file (0600) and a config on loopback ports.
+struct Gw {
+    _proc: Proc,
+    devices: String,
+    control: PathBuf,
+}
+
+impl Gw {
+    fn start(dir: &Path, cn: &Cn, extra: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let cred = dir.join("companion.toml");
+        std::fs::write(
+            &cred,
+            format!(
+                "supi = \"{COMPANION_SUPI}\"\nk = \"{COMPANION_K}\"\nopc = \"{COMPANION_OPC}\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = dir.join("gatewayd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"state_dir = "{state}"
+log_level = "info"
+drain_timeout = "2s"
+[devices]
+listen = "127.0.0.1:0"
+new_connections_per_ip = 0
+[cn]
+endpoint = "{cn}"
+server_name = "localhost"
+ca_file = "{ca}"
+reconnect_min = "100ms"
+reconnect_max = "500ms"
+request_timeout = "3s"
+[companion]
+credential_file = "{cred}"
+[control]
+socket = "{sock}"
+[metrics]
+listen = "127.0.0.1:0"
+[filter]
+mode = "userspace"
+block_after_failures = 0
+{extra}
+"#,
+                state = dir.join("state").display(),
+                cn = cn.quic,
+                ca = cn.dir.join("ca.pem").display(),
+                cred = cred.display(),
+                sock = dir.join("control.sock").display(),
+            ),
+        )
+        .unwrap();
+        let ready = dir.join("ready.json");
+        let log = std::fs::File::create(dir.join("gatewayd.log")).unwrap();
+        let mut child = Command::new(bin("gatewayd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let v = wait_json(&ready, &mut child, "gatewayd");
+        let gw = Gw {
+            devices: v["devices"].as_str().unwrap().to_string(),
+            control: PathBuf::from(v["control"].as_str().unwrap()),
+            _proc: Proc(child),
+        };
+        gw.wait_cn_up();
+        gw
+    }
+
+    fn ctl(&self, args: &[&str]) -> Out {
+        Command::new(bin("gatewayctl"))
+            .arg("--socket")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .unwrap()
+            .into()
+    }
+
+    fn wait_cn_up(&self) {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.ctl(&["status", "--json"]);
+            if out.code == 0 {
+                let v: Value = serde_json::from_str(&out.stdout).unwrap();
+                if v["cn_link"] == "up" {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < until,
+                "gatewayd's CN link is not up: {out:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One `iotdev` device directory.
+struct Dev {
+    dir: PathBuf,
+}
+
+impl Dev {
+    fn init(root: &Path, id: &str) -> (Self, String) {
+        let d = Dev { dir: root.join(id) };
+        let out = d.run(&["init", "--id", id]).ok();
+        let code = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("CPN:"))
+            .unwrap_or_else(|| panic!("no pairing code printed: {out:?}"))
+            .to_string();
+        (d, code)
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        Command::new(bin("iotdev"))
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .env_remove("IOTDEV_GATEWAY")
+            .output()
+            .unwrap()
+            .into()
+    }
+
+    fn provision(&self, gw: &Gw, extra: &[&str]) -> Out {
+        let mut a = vec!["provision", "--gateway", &gw.devices, "--retry-for", "10s"];
+        a.extend_from_slice(extra);
+        self.run(&a)
+    }
+
+    fn show(&self) -> Value {
+        serde_json::from_str(&self.run(&["show", "--json"]).ok().stdout).unwrap()
+    }
+}
+
+fn paired_device(root: &Path, gw: &Gw, id: &str) -> Dev {
+    let (d, code) = Dev::init(root, id);
+    let out = gw.ctl(&["pair", &code]);
+    assert_eq!(out.code, 0, "pair: {out:?}");
+    d
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+// -------------------------------------------------------------------------------------- tests
+
+/// The whole procedure with the `iotdev` CLI: init (pairing code + QR), refused before pairing,
+/// `gatewayctl pair`, provision (stored 0600), show (secrets only with --reveal), attach (twice:
+/// the USIM's SQN memory is persisted), a changed gateway key detected, and the CN going away
+/// reported as "retry later" both by the gateway (provision) and at attach. (Recovery after the
+/// CN comes back is covered by `cn_killed_and_restarted_during_a_loadgen_run`.)
+#[test]
+fn whole_procedure_with_the_iotdev_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+
+    let (dev, code) = Dev::init(tmp.path(), "watch-01");
+    assert!(code.starts_with("CPN:V:1;I:watch-01;K:"), "{code}");
+    let init_out = dev.run(&["pairing-code"]).ok();
+    assert!(
+        init_out.stdout.contains('█'),
+        "no QR code drawn: {init_out:?}"
+    );
+
+    // Not paired yet: a clear, non-retryable refusal.
+    let out = dev.provision(&gw, &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("not paired"), "{out:?}");
+    assert!(out.stderr.contains("gatewayctl pair"), "{out:?}");
+
+    let paired = gw.ctl(&["pair", &code, "--label", "wrist"]);
+    assert_eq!(paired.code, 0, "{paired:?}");
+    let out = dev.provision(&gw, &[]).ok();
+    assert!(out.stdout.contains("provisioned watch-01"), "{out:?}");
+    assert!(out.stdout.contains("acknowledged"), "{out:?}");
+    let mode = std::fs::metadata(dev.dir.join("device.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "device.json is readable by others: {mode:o}"
+    );
+
+    // show: the credential, without secrets unless --reveal.
+    let v = dev.show();
+    let supi = v["credential"]["supi"].as_str().unwrap().to_string();
+    assert!(supi.starts_with("imsi-00101"), "{v}");
+    assert!(v["credential"].get("k").is_none(), "{v}");
+    assert!(v["gateway_pin"].is_string(), "gateway key not pinned: {v}");
+    let text = dev.run(&["show"]).ok().stdout;
+    assert!(text.contains(&supi) && text.contains("--reveal"), "{text}");
+    let revealed: Value =
+        serde_json::from_str(&dev.run(&["show", "--json", "--reveal"]).ok().stdout).unwrap();
+    assert_eq!(revealed["credential"]["k"].as_str().unwrap().len(), 32);
+    assert_eq!(revealed["credential"]["opc"].as_str().unwrap().len(), 32);
+    // The gateway sees the device provisioned.
+    let devices: Value = serde_json::from_str(&gw.ctl(&["devices", "--json"]).ok().stdout).unwrap();
+    assert_eq!(devices[0]["status"], "provisioned", "{devices}");
+    assert_eq!(devices[0]["supi"], supi.as_str());
+
+    // A second provisioning would use quota: refused unless asked for.
+    let out = dev.provision(&gw, &[]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("already holds a valid credential"),
+        "{out:?}"
+    );
+
+    // Attach: 5G AKA at the CN with the new credential; twice (SQN memory persisted).
+    let out = dev.run(&["attach"]).ok();
+    assert!(
+        out.stdout.contains("attached") && out.stdout.contains(&supi),
+        "{out:?}"
+    );
+    let sqn_mode = std::fs::metadata(dev.dir.join("usim-sqn.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(sqn_mode & 0o777, 0o600);
+    let sqn1: Value =
+        serde_json::from_str(&std::fs::read_to_string(dev.dir.join("usim-sqn.json")).unwrap())
+            .unwrap();
+    let out = dev.run(&["attach", "--json"]).ok();
+    let a: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(a["attached"], true);
+    assert_eq!(a["restrictions"]["roaming_allowed"], false);
+    let sqn2: Value =
+        serde_json::from_str(&std::fs::read_to_string(dev.dir.join("usim-sqn.json")).unwrap())
+            .unwrap();
+    assert_ne!(sqn1, sqn2, "the USIM's SQN memory did not advance");
+    let m = http_get(&cn.http, "/metrics");
+    assert!(
+        metric(&m, "cn_backend_attach_outcomes_total{result=\"accepted\"}") >= 2.0,
+        "{m}"
+    );
+
+    // The gateway's key "changed" (simulated by corrupting the pin): detected and explained.
+    let state_path = dev.dir.join("device.json");
+    let mut state: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let real_pin = state["gateway_fingerprint"].clone();
+    state["gateway_fingerprint"] = Value::from("00".repeat(32));
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let out = dev.run(&["renew", "--gateway", &gw.devices, "--retry-for", "0s"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("key changed") && out.stderr.contains("reset-gateway-pin"),
+        "{out:?}"
+    );
+    state["gateway_fingerprint"] = real_pin;
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+
+    // The CN goes away: a new device is told "retry later" (exit 75), and attach says the
+    // operator's network is unreachable.
+    let other = paired_device(tmp.path(), &gw, "sensor-02");
+    cn.kill9();
+    let out = other.run(&["provision", "--gateway", &gw.devices, "--retry-for", "0s"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(
+        out.stderr.contains("unreachable from the gateway") || out.stderr.contains("retry"),
+        "{out:?}"
+    );
+    let out = dev.run(&["attach", "--timeout", "2s"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(
+        out.stderr.contains("cannot reach the operator's network"),
+        "{out:?}"
+    );
+}
+
+/// The parent's quota (max 1 child) reaches the second device as a clear, final error.
+#[test]
+fn quota_exhaustion_reaches_the_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "1"]);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let first = paired_device(tmp.path(), &gw, "tag-1");
+    let second = paired_device(tmp.path(), &gw, "tag-2");
+    first.provision(&gw, &[]).ok();
+    let out = second.provision(&gw, &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("quota exhausted"), "{out:?}");
+    assert!(
+        out.stderr.contains("raise the limit") || out.stderr.contains("revoke"),
+        "{out:?}"
+    );
+    assert!(second.show()["credential"].is_null());
+}
+
+/// Short lifetimes (3 s, the parent's maximum): renewal before expiry extends the credential
+/// (same SUPI); after expiry the CN refuses the attach as expired, renewal says "provision
+/// again", and a new provisioning works.
+#[test]
+fn expiry_and_renewal_with_short_lifetimes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::start_new(
+        &tmp.path().join("cn"),
+        &["--max-children", "5", "--max-lifetime", "3"],
+    );
+    // No pre-fetched renewals: the device renews itself.
+    let gw = Gw::start(
+        &tmp.path().join("gw"),
+        &cn,
+        "[credentials]\nrenewal_margin = \"0s\"\n",
+    );
+    let dev = paired_device(tmp.path(), &gw, "meter-9");
+    dev.provision(&gw, &["--lifetime", "3s"]).ok();
+    let c1 = dev.show()["credential"].clone();
+    let supi = c1["supi"].as_str().unwrap().to_string();
+    let life = c1["expires_at"].as_u64().unwrap() - c1["issued_at"].as_u64().unwrap();
+    assert!(life <= 3, "lifetime {life} s > the parent's 3 s");
+    dev.run(&["attach"]).ok();
+
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = dev.run(&["renew", "--gateway", &gw.devices]).ok();
+    assert!(out.stdout.contains("renewed"), "{out:?}");
+    let c2 = dev.show()["credential"].clone();
+    assert_eq!(c2["supi"], supi.as_str());
+    assert!(
+        c2["expires_at"].as_u64() > c1["expires_at"].as_u64(),
+        "{c1} -> {c2}"
+    );
+    dev.run(&["attach"]).ok();
+
+    // Let it expire.
+    let wait = c2["expires_at"].as_u64().unwrap() + 1
+        - now_unix().min(c2["expires_at"].as_u64().unwrap() + 1);
+    std::thread::sleep(Duration::from_secs(wait) + Duration::from_millis(200));
+    let out = dev.run(&["attach"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("expired"), "{out:?}");
+    assert!(out.stderr.contains("provision"), "{out:?}");
+    let out = dev.run(&["renew", "--gateway", &gw.devices, "--retry-for", "0s"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("expired") && out.stderr.contains("provision"),
+        "{out:?}"
+    );
+
+    // A fresh credential after expiry (no --again needed: the old one is expired).
+    dev.provision(&gw, &[]).ok();
+    let c3 = dev.show()["credential"].clone();
+    assert!(c3["expires_at"].as_u64().unwrap() > now_unix());
+    dev.run(&["attach"]).ok();
+}
+
+/// The parent forbids roaming: a device asking for roaming gets a credential without it, and
+/// an attach from a visited network is refused (home works).
+#[test]
+fn roaming_is_refused_at_attach_when_the_parent_forbids_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::start_new(
+        &tmp.path().join("cn"),
+        &["--max-children", "5", "--roaming", "false"],
+    );
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let dev = paired_device(tmp.path(), &gw, "car-3");
+    dev.provision(&gw, &["--roaming"]).ok();
+    assert_eq!(
+        dev.show()["credential"]["restrictions"]["roaming_allowed"],
+        false
+    );
+    let out = dev.run(&["attach", "--serving-network", VISITED_SNN]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("may not roam"), "{out:?}");
+    dev.run(&["attach"]).ok();
+    let m = http_get(&cn.http, "/metrics");
+    assert!(m.contains("roaming"), "no roaming refusal counted: {m}");
+}
+
+/// Revoking the parent subscription (`cn-backend subscriber revoke`) revokes every child: each
+/// device's attach fails with "revoked".
+#[test]
+fn revoking_the_parent_makes_every_child_attach_fail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let devs: Vec<Dev> = (0..3)
+        .map(|i| paired_device(tmp.path(), &gw, &format!("bulb-{i}")))
+        .collect();
+    for d in &devs {
+        d.provision(&gw, &[]).ok();
+        d.run(&["attach"]).ok();
+    }
+    let out = cn.cli(&["subscriber", "revoke", COMPANION_SUPI]).ok();
+    assert!(out.stdout.contains("revoked 3 child"), "{out:?}");
+    for d in &devs {
+        let out = d.run(&["attach"]);
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains("revoked"), "{out:?}");
+    }
+    let v = cn.subscriber();
+    assert!(
+        v["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["state"] == "revoked"),
+        "{v}"
+    );
+}
+
+/// cn-backend is SIGKILLed and restarted (same port) while loadgen provisions and attaches a
+/// few hundred devices. Afterwards every device either holds a credential that attached or got
+/// a clear retryable error, and nothing was issued twice: the CN holds exactly one child per
+/// device that succeeded.
+#[test]
+fn cn_killed_and_restarted_during_a_loadgen_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "1000"]);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "[batching]\nmax_batch = 16\n");
+    let report = tmp.path().join("report.json");
+    let devices = 300;
+    let mut lg = Proc(
+        Command::new(bin("loadgen"))
+            .args([
+                "provision",
+                "--devices",
+                &devices.to_string(),
+                "--concurrency",
+                "24",
+            ])
+            .args(["--gateway", &gw.devices, "--control-socket"])
+            .arg(&gw.control)
+            .args([
+                "--attach",
+                "--per-device",
+                "--retry-for",
+                "100",
+                "--progress",
+                "never",
+            ])
+            .args(["--id-prefix", "kill"])
+            .arg("--json")
+            .arg(&report)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Kill once the CN has issued some credentials, i.e. mid-run.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = http_get(&cn.http, "/metrics");
+        if metric(&m, "cn_backend_credentials_issued_total") >= 40.0 {
+            break;
+        }
+        assert!(
+            lg.0.try_wait().unwrap().is_none(),
+            "loadgen ended before the kill"
+        );
+        assert!(Instant::now() < until, "the CN issued too little: {m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cn.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    cn.start();
+
+    let until = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = lg.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < until, "loadgen did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    use std::io::Read;
+    lg.0.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    eprintln!("{stdout}");
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), devices);
+    let mut succeeded = HashSet::new();
+    for d in results {
+        if d["reason"].is_null() {
+            assert_eq!(d["provisioned"], true, "{d}");
+            assert_eq!(d["attached"], true, "{d}");
+            succeeded.insert(d["device"].as_str().unwrap().to_string());
+        } else {
+            assert_eq!(d["retryable"], true, "a device failed for good: {d}");
+            assert!(!d["error"].as_str().unwrap().is_empty(), "{d}");
+        }
+    }
+    assert_eq!(status.success(), succeeded.len() == devices, "{stdout}");
+    assert!(
+        r["retries_by_reason"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty()),
+        "no retries: {r}"
+    );
+
+    // No request was issued twice: one child per device at most; every device that succeeded
+    // has exactly one; a device that ended with a retryable error may have one waiting at the
+    // gateway for its retry.
+    let v = cn.subscriber();
+    let children = v["children"].as_array().unwrap();
+    let mut per_device: HashMap<&str, usize> = HashMap::new();
+    for c in children {
+        *per_device
+            .entry(c["device_id"].as_str().unwrap())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = per_device.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "devices with two children: {twice:?}");
+    for d in &succeeded {
+        assert_eq!(
+            per_device.get(d.as_str()),
+            Some(&1),
+            "{d} has no child at the CN"
+        );
+    }
+    let unfinished = per_device
+        .keys()
+        .filter(|d| !succeeded.contains(**d))
+        .count();
+    assert_eq!(children.len(), succeeded.len() + unfinished);
+    assert!(unfinished <= devices - succeeded.len());
+    if succeeded.len() == devices {
+        assert_eq!(children.len(), devices);
+    }
+    eprintln!(
+        "after the CN restart: {} devices attached, {} ended retryable, {} children at the CN",
+        succeeded.len(),
+        devices - succeeded.len(),
+        children.len()
+    );
+}
