@@ -61,6 +61,12 @@ impl Layout {
     pub fn server_key(&self) -> PathBuf {
         self.dir.join("server.key")
     }
+    /// `reset.key`: the QUIC stateless-reset key (0600), kept across restarts so a gateway whose
+    /// connection outlived a restart learns at its next packet that the connection is gone.
+    pub fn reset_key(&self) -> PathBuf {
+        self.dir.join("reset.key")
+    }
+
     /// `admin.token`: the admin API bearer token (0600).
     pub fn admin_token(&self) -> PathBuf {
         self.dir.join("admin.token")

@@ -39,7 +39,7 @@ use crate::model::{
     Supi, Timestamp,
 };
 use crate::ops::{self, Batch, BatchItem, ItemOutcome, ProvisionItem, RenewItem};
-use crate::policy::{self, AttachRefusal, RequestedParams};
+use crate::policy::{self, AttachRefusal, Denial, RequestedParams};
 use crate::service::{Service, proto_restrictions, sealed_to_wire};
 use crate::store::{Store, StoreError, Subscriber};
 
@@ -820,6 +820,14 @@ async fn batch(
                         Outcome::QuotaExhausted,
                         format!("quota of {limit} active credentials used up"),
                     )
+                }
+                ItemOutcome::PolicyDenied(Denial::Expired(at)) => item_result(
+                    rid,
+                    Outcome::CredentialExpired,
+                    format!("credential expired at {at}; provision a new one"),
+                ),
+                ItemOutcome::PolicyDenied(Denial::Revoked) => {
+                    item_result(rid, Outcome::CredentialRevoked, "credential is revoked")
                 }
                 ItemOutcome::PolicyDenied(d) => {
                     svc.metrics.policy_rejections.inc();

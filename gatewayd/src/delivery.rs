@@ -692,6 +692,8 @@ impl Provisioner {
                         Outcome::QuotaExhausted => ErrorCode::QuotaExhausted,
                         Outcome::PolicyDenied | Outcome::Invalid => ErrorCode::PolicyDenied,
                         Outcome::NotFound => ErrorCode::NotFound,
+                        Outcome::CredentialExpired => ErrorCode::CredentialExpired,
+                        Outcome::CredentialRevoked => ErrorCode::CredentialRevoked,
                         _ => ErrorCode::Internal,
                     };
                     tracing::info!(device = %job.item.device_id, code = code.name(), %reason, "the CN refused a request");

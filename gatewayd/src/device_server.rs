@@ -293,7 +293,12 @@ impl DeviceServer {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::info!(%remote, error = %e, "device handshake failed (unpaired key or bad TLS)");
-                self.handshake_failed(remote.ip());
+                // Only a handshake the peer got wrong (refused certificate, TLS or QUIC protocol
+                // error) counts towards an automatic block; a timeout or a client that gave up
+                // is what an honest device does on a loaded network.
+                if matches!(e, quinn::ConnectionError::TransportError(_)) {
+                    self.handshake_failed(remote.ip());
+                }
                 return;
             }
             Err(_) => {

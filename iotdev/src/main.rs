@@ -263,12 +263,6 @@ fn open(dir: &Path) -> Result<Device, Failure> {
 }
 
 fn device_failure(e: DeviceError) -> Failure {
-    // cn-backend answers a renewal of an expired credential with `policy_denied` ("credential
-    // expired at ...") rather than `credential_expired`: tell the owner what it means.
-    let e = match e {
-        DeviceError::PolicyDenied(reason) if reason.contains("expired") => DeviceError::Expired,
-        e => e,
-    };
     let retryable = e.is_retryable();
     let hint = match &e {
         DeviceError::GatewayKeyChanged { .. } => Some(

@@ -406,6 +406,10 @@ open_enum! {
         NotFound = 4,
         /// Temporary failure: send the item again in a later batch.
         RetryLater = 5,
+        /// Renew of a credential that has already expired: provision a new one.
+        CredentialExpired = 6,
+        /// Renew of a credential that was revoked (or whose parent was).
+        CredentialRevoked = 7,
     }
 }
 
