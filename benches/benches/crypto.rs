@@ -1,0 +1,64 @@
+//! Milenage, the 3GPP KDF / RES*, a whole AKA round, and HPKE sealing of a credential bundle.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::hint::black_box;
+
+use companion_benches::{RAND, SNN, bundle_sized_plaintext, milenage};
+use companion_crypto::aka::{AMF_5G, Sqn, generate_vector, next_sqn, res_star};
+use companion_crypto::hpke::{DeviceHpkeKey, open_credential, seal_credential};
+use companion_crypto::kdf::kdf;
+use companion_crypto::secret::Key128;
+use companion_crypto::usim::{SoftUsim, Usim};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+
+fn milenage_and_kdf(c: &mut Criterion) {
+    let m = milenage();
+    let sqn = [0xff, 0x9b, 0xb4, 0xd0, 0xb6, 0x07];
+    c.bench_function("milenage/f1", |b| {
+        b.iter(|| m.f1(black_box(&RAND), &sqn, &AMF_5G))
+    });
+    c.bench_function("milenage/f2345", |b| b.iter(|| m.f2345(black_box(&RAND))));
+    let key = [0x5a; 32];
+    c.bench_function("kdf/hmac_sha256_3_params", |b| {
+        b.iter(|| kdf(black_box(&key), 0x6b, &[SNN.as_bytes(), &RAND, &[0u8; 8]]))
+    });
+    let f = m.f2345(&RAND);
+    c.bench_function("aka/res_star", |b| {
+        b.iter(|| res_star(&f.ck, &f.ik, SNN, black_box(&RAND), &f.res))
+    });
+    c.bench_function("aka/generate_vector (home network)", |b| {
+        b.iter(|| generate_vector(&m, Sqn::new(32).unwrap(), &AMF_5G, black_box(RAND), SNN))
+    });
+    c.bench_function("aka/usim_authenticate (device or companion)", |b| {
+        b.iter_batched(
+            || {
+                let usim = SoftUsim::new(
+                    "imsi-001010000000001".into(),
+                    Key128::from_bytes(companion_benches::K),
+                    Key128::from_bytes(companion_benches::OPC),
+                );
+                let v = generate_vector(&m, next_sqn(Sqn::ZERO), &AMF_5G, RAND, SNN);
+                (usim, v)
+            },
+            |(mut usim, v)| usim.authenticate(&v.rand, &v.autn, SNN).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn hpke(c: &mut Criterion) {
+    let device = DeviceHpkeKey::generate();
+    let pk = device.public_key();
+    let rid = [7u8; 16];
+    let pt = bundle_sized_plaintext();
+    c.bench_function("hpke/seal_credential (600 B bundle)", |b| {
+        b.iter(|| seal_credential(black_box(&pk), "watch-01", &rid, &pt).unwrap())
+    });
+    let sealed = seal_credential(&pk, "watch-01", &rid, &pt).unwrap();
+    c.bench_function("hpke/open_credential (600 B bundle)", |b| {
+        b.iter(|| open_credential(&device, "watch-01", &rid, black_box(&sealed)).unwrap())
+    });
+}
+
+criterion_group!(benches, milenage_and_kdf, hpke);
+criterion_main!(benches);
