@@ -20,50 +20,10 @@ use iotdev::client::{self, Attempt, ClientOptions};
 use iotdev::{DeviceError, DeviceKeys};
 use rustls::pki_types::CertificateDer;
 
-const COMPANION_SUPI: &str = "imsi-001010000000001";
-const COMPANION_K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
-const COMPANION_OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+mod common;
+use common::*;
+
 const SNN: &str = "5G:mnc001.mcc001.3gppnetwork.org";
-
-fn cn_backend_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("CN_BACKEND_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/cn-backend");
-    assert!(
-        p.exists(),
-        "cn-backend binary not found at {}: run `cargo build -p cn-backend` first (or set \
-         CN_BACKEND_BIN)",
-        p.display()
-    );
-    p
-}
-
-fn wait_file(path: &Path, child: &mut Child, what: &str) -> serde_json::Value {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&text)
-        {
-            return v;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before it was ready: {status}");
-        }
-        assert!(Instant::now() < until, "{what} not ready after 30 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
@@ -82,33 +42,7 @@ struct Cn {
 
 impl Cn {
     fn init(dir: &Path, max_children: u32) -> Self {
-        let bin = cn_backend_bin();
-        let run = |args: &[&str]| {
-            let out = Command::new(&bin)
-                .arg("--dir")
-                .arg(dir)
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "cn-backend {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&["init", "--mcc", "001", "--mnc", "01"]);
-        run(&[
-            "subscriber",
-            "add",
-            "--supi",
-            COMPANION_SUPI,
-            "--k",
-            COMPANION_K,
-            "--opc",
-            COMPANION_OPC,
-            "--max-children",
-            &max_children.to_string(),
-        ]);
+        init_cn_dir(dir, max_children);
         let mut cn = Cn {
             dir: dir.to_path_buf(),
             proc: None,
@@ -121,7 +55,7 @@ impl Cn {
     fn start(&mut self) {
         let ready = self.dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let mut child = Command::new(cn_backend_bin())
+        let mut child = Command::new(bin("cn-backend"))
             .arg("--dir")
             .arg(&self.dir)
             .arg("serve")
@@ -133,7 +67,7 @@ impl Cn {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let v = wait_file(&ready, &mut child, "cn-backend");
+        let v = wait_json(&ready, &mut child, "cn-backend", None);
         self.quic = v["quic"].as_str().unwrap().parse().unwrap();
         self.proc = Some(Proc(child));
     }
@@ -252,7 +186,7 @@ listen = "127.0.0.1:0"
             .stderr(log)
             .spawn()
             .unwrap();
-        let v = wait_file(&ready, &mut child, "gatewayd");
+        let v = wait_json(&ready, &mut child, "gatewayd", None);
         self.devices = v["devices"].as_str().unwrap().parse().unwrap();
         self.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
         self.control = PathBuf::from(v["control"].as_str().unwrap());

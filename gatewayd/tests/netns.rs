@@ -15,24 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const COMPANION_SUPI: &str = "imsi-001010000000001";
-const COMPANION_K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
-const COMPANION_OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+mod common;
+use common::*;
 
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/debug")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} not found: run `cargo build --workspace --bins` first",
-        p.display()
-    );
-    p
 }
 
 fn sh(args: &[&str]) {
@@ -52,34 +39,6 @@ impl Drop for Netns {
         for n in &self.0 {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
-    }
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_json(path: &Path, child: &mut Child, what: &str, log: Option<&Path>) -> serde_json::Value {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(t) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&t)
-        {
-            return v;
-        }
-        if let Ok(Some(s)) = child.try_wait() {
-            let log = log
-                .and_then(|l| std::fs::read_to_string(l).ok())
-                .unwrap_or_default();
-            panic!("{what} exited before it was ready: {s}\n{log}");
-        }
-        assert!(Instant::now() < until, "{what} not ready after 30 s");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -187,32 +146,7 @@ fn topology(tag: &str) -> (Netns, [String; 3]) {
 
 fn start_cn(ns: &str, dir: &Path) -> (Proc, String) {
     let cn = bin("cn-backend");
-    let run = |args: &[&str]| {
-        let out = Command::new(&cn)
-            .arg("--dir")
-            .arg(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["init", "--mcc", "001", "--mnc", "01"]);
-    run(&[
-        "subscriber",
-        "add",
-        "--supi",
-        COMPANION_SUPI,
-        "--k",
-        COMPANION_K,
-        "--opc",
-        COMPANION_OPC,
-        "--max-children",
-        "1000",
-    ]);
+    init_cn_dir(dir, 1000);
     let ready = dir.join("ready.json");
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns])
