@@ -30,3 +30,5 @@ pub fn milenage() -> Milenage {
 pub fn bundle_sized_plaintext() -> Vec<u8> {
     (0..600u32).map(|i| (i % 251) as u8).collect()
 }
+
+pub mod e2e;
