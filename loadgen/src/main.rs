@@ -1,15 +1,19 @@
-//! `loadgen`: simulated devices against a real gatewayd (and cn-backend). See `README.md`.
+//! `loadgen`: simulated devices against a real gatewayd (and cn-backend): `provision`,
+//! `handshake`, `hold`, `flood`. See `README.md`.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use companion_proto::msg::Params;
+use loadgen::handshake::HandshakeOptions;
+use loadgen::hold::HoldOptions;
 use loadgen::run::{Options, run};
+use serde::Serialize;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,39 +34,82 @@ enum Progress {
     Never,
 }
 
+/// Options every device load shares.
+#[derive(Debug, Args)]
+struct Common {
+    /// Number of simulated devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Devices in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// gatewayd's device address (`devices` in its ready file).
+    #[arg(long)]
+    gateway: String,
+    /// gatewayd's control socket (`control` in its ready file).
+    #[arg(long, env = "GATEWAYD_CONTROL_SOCKET")]
+    control_socket: PathBuf,
+    /// Write the JSON report here (`-` = stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// quinn client endpoints (UDP sockets) shared by the devices.
+    #[arg(long, default_value_t = 4)]
+    endpoints: usize,
+    /// Device IDs are `<prefix>-<n>` [default: lg-<random>].
+    #[arg(long)]
+    id_prefix: Option<String>,
+    /// Progress bar on stderr.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: Progress,
+}
+
+/// `Common`, resolved.
+struct Resolved {
+    gateway: SocketAddr,
+    id_prefix: String,
+    progress: bool,
+}
+
+impl Common {
+    async fn resolve(&self) -> anyhow::Result<Resolved> {
+        let gateway = resolve(&self.gateway).await?;
+        let id_prefix = match &self.id_prefix {
+            Some(p) => p.clone(),
+            None => {
+                let r = iotdev::random_request_id().map_err(|e| anyhow!("{e}"))?;
+                format!("lg-{}", hex::encode(&r.as_bytes()[..3]))
+            }
+        };
+        let progress = match self.progress {
+            Progress::Always => true,
+            Progress::Never => false,
+            Progress::Auto => std::io::stderr().is_terminal(),
+        };
+        Ok(Resolved {
+            gateway,
+            id_prefix,
+            progress,
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Pair N simulated devices in bulk, provision each through gatewayd (credential opened and
     /// checked), optionally attach each at the CN; report throughput and latency percentiles.
     /// Exits 1 when any device failed.
     Provision {
-        /// Number of simulated devices.
-        #[arg(long, default_value_t = 100)]
-        devices: usize,
-        /// Devices in flight at once.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// gatewayd's device address (`devices` in its ready file).
-        #[arg(long)]
-        gateway: String,
-        /// gatewayd's control socket (`control` in its ready file).
-        #[arg(long, env = "GATEWAYD_CONTROL_SOCKET")]
-        control_socket: PathBuf,
+        #[command(flatten)]
+        common: Common,
         /// Also attach every provisioned device at the CN (5G AKA with its new credential).
         #[arg(long)]
         attach: bool,
         /// Serving network name for the attaches.
         #[arg(long, default_value = iotdev::attach::DEFAULT_SERVING_NETWORK)]
         serving_network: String,
-        /// Write the JSON report here (`-` = stdout).
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
         /// Include every device's outcome in the JSON report.
         #[arg(long)]
         per_device: bool,
-        /// quinn client endpoints (UDP sockets) shared by the devices.
-        #[arg(long, default_value_t = 4)]
-        endpoints: usize,
         /// Longest a device keeps retrying busy / CN-unavailable answers, seconds (per phase).
         #[arg(long, default_value_t = 60)]
         retry_for: u64,
@@ -75,12 +122,42 @@ enum Cmd {
         /// Requested credential lifetime, seconds (the operator may grant less).
         #[arg(long)]
         lifetime: Option<u64>,
-        /// Device IDs are `<prefix>-<n>` [default: lg-<random>].
+    },
+    /// The ceiling of the device leg: N devices (paired in bulk, as `provision` does) each open a
+    /// QUIC connection with mutual TLS to gatewayd and close it once the gateway has confirmed
+    /// the handshake (its HANDSHAKE_DONE arrived: it admitted the device's key). No stream is
+    /// opened. Exits 1 when any handshake failed.
+    Handshake {
+        #[command(flatten)]
+        common: Common,
+        /// Do not pair the devices: every handshake must then be refused (`not_paired`).
         #[arg(long)]
-        id_prefix: Option<String>,
-        /// Progress bar on stderr.
-        #[arg(long, value_enum, default_value = "auto")]
-        progress: Progress,
+        unpaired: bool,
+        /// Longest single handshake, seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Connect N paired devices (C at a time) and hold every connection open (QUIC keep-alives)
+    /// until SIGTERM/SIGINT or --hold-for; the ready file says when all are connected; then
+    /// close them and report how many stayed connected. Exits 1 when any device failed to
+    /// connect or lost its connection.
+    Hold {
+        #[command(flatten)]
+        common: Common,
+        /// End the hold after this many seconds [default: hold until SIGTERM/SIGINT].
+        #[arg(long, value_name = "SECS")]
+        hold_for: Option<f64>,
+        /// Write `{"connected": n, "failed": m, ...}` here once every device has connected or
+        /// failed (removed at the end).
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+        /// QUIC keep-alive interval, seconds; must stay below gatewayd's `[devices]
+        /// idle_timeout` (30 s by default).
+        #[arg(long, default_value_t = 10.0)]
+        keep_alive: f64,
+        /// Longest single handshake, seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
     /// A bounded UDP flood at gatewayd's QUIC port (junk, short Initials, or well-formed
     /// Initials from many source addresses) to exercise the LAN filter. Loopback targets only,
@@ -121,71 +198,110 @@ fn main() -> ExitCode {
 }
 
 async fn main_async(cli: Cli) -> anyhow::Result<bool> {
-    let Cmd::Provision {
-        devices,
-        concurrency,
-        gateway,
-        control_socket,
-        attach,
-        serving_network,
-        json,
-        per_device,
-        endpoints,
-        retry_for,
-        max_retries,
-        patience,
-        lifetime,
-        id_prefix,
-        progress,
-    } = cli.cmd
-    else {
-        return Err(anyhow!("unexpected subcommand"));
-    };
-    let gateway = resolve(&gateway).await?;
-    let id_prefix = match id_prefix {
-        Some(p) => p,
-        None => {
-            let r = iotdev::random_request_id().map_err(|e| anyhow!("{e}"))?;
-            format!("lg-{}", hex::encode(&r.as_bytes()[..3]))
+    match cli.cmd {
+        Cmd::Provision {
+            common,
+            attach,
+            serving_network,
+            per_device,
+            retry_for,
+            max_retries,
+            patience,
+            lifetime,
+        } => {
+            let r = common.resolve().await?;
+            let opts = Options {
+                devices: common.devices,
+                concurrency: common.concurrency,
+                gateway: r.gateway,
+                control_socket: common.control_socket.clone(),
+                attach,
+                serving_network,
+                endpoints: common.endpoints,
+                retry_for: Duration::from_secs(retry_for),
+                max_retries,
+                id_prefix: r.id_prefix,
+                progress: r.progress,
+                per_device,
+                params: Params {
+                    lifetime_s: lifetime,
+                    ..Params::default()
+                },
+                patience: Duration::from_secs(patience),
+            };
+            let report = run(opts).await?;
+            print!("{}", report.human());
+            write_json(common.json.as_deref(), &report)?;
+            Ok(report.all_ok())
         }
-    };
-    let progress = match progress {
-        Progress::Always => true,
-        Progress::Never => false,
-        Progress::Auto => std::io::stderr().is_terminal(),
-    };
-    let opts = Options {
-        devices,
-        concurrency,
-        gateway,
-        control_socket,
-        attach,
-        serving_network,
-        endpoints,
-        retry_for: Duration::from_secs(retry_for),
-        max_retries,
-        id_prefix,
-        progress,
-        per_device,
-        params: Params {
-            lifetime_s: lifetime,
-            ..Params::default()
-        },
-        patience: Duration::from_secs(patience),
-    };
-    let report = run(opts).await?;
-    print!("{}", report.human());
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
-        if path.as_os_str() == "-" {
-            println!("{text}");
-        } else {
-            std::fs::write(&path, text + "\n")
-                .with_context(|| format!("writing the report to {}", path.display()))?;
-            println!("  report       {}", path.display());
+        Cmd::Handshake {
+            common,
+            unpaired,
+            timeout,
+        } => {
+            let r = common.resolve().await?;
+            let report = loadgen::handshake::run(HandshakeOptions {
+                devices: common.devices,
+                concurrency: common.concurrency,
+                gateway: r.gateway,
+                control_socket: common.control_socket.clone(),
+                endpoints: common.endpoints,
+                id_prefix: r.id_prefix,
+                progress: r.progress,
+                pair: !unpaired,
+                timeout: Duration::from_secs(timeout),
+            })
+            .await?;
+            print!("{}", report.human());
+            write_json(common.json.as_deref(), &report)?;
+            Ok(report.all_ok())
         }
+        Cmd::Hold {
+            common,
+            hold_for,
+            ready_file,
+            keep_alive,
+            timeout,
+        } => {
+            let r = common.resolve().await?;
+            let secs = |what: &str, v: f64| {
+                Duration::try_from_secs_f64(v)
+                    .map_err(|e| anyhow!("{what} must be a number of seconds: {e}"))
+            };
+            let report = loadgen::hold::run(HoldOptions {
+                devices: common.devices,
+                concurrency: common.concurrency,
+                gateway: r.gateway,
+                control_socket: common.control_socket.clone(),
+                endpoints: common.endpoints,
+                id_prefix: r.id_prefix,
+                progress: r.progress,
+                timeout: Duration::from_secs(timeout),
+                keep_alive: secs("--keep-alive", keep_alive)?,
+                hold_for: hold_for.map(|h| secs("--hold-for", h)).transpose()?,
+                ready_file,
+            })
+            .await?;
+            print!("{}", report.human());
+            write_json(common.json.as_deref(), &report)?;
+            Ok(report.all_ok())
+        }
+        Cmd::Flood(_) => Err(anyhow!("unexpected subcommand")),
     }
-    Ok(report.all_ok())
+}
+
+/// Writes the JSON report to `path` (`-` = stdout), if asked.
+fn write_json(path: Option<&Path>, report: &impl Serialize) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let text = serde_json::to_string_pretty(report).context("encoding the report")?;
+    if path.as_os_str() == "-" {
+        println!("{text}");
+    } else {
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+        println!("  report       {}", path.display());
+    }
+    Ok(())
 }
 
 async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {

@@ -155,6 +155,154 @@ impl Report {
     }
 }
 
+/// `loadgen handshake`'s report (`--json FILE`): the field names of [`Report`] where they apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandshakeReport {
+    pub devices: u64,
+    pub concurrency: u64,
+    /// Whether the devices were paired first (`--unpaired`: every handshake must be refused).
+    pub paired: bool,
+    /// Handshakes the gateway confirmed.
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Time of the handshake phase (key generation and pairing excluded), seconds.
+    pub duration_s: f64,
+    /// Confirmed handshakes per second of `duration_s`.
+    pub throughput_per_s: f64,
+    /// From `connect` to the gateway's `HANDSHAKE_DONE` (the gateway admitted the device's key).
+    pub latency_ms: Latency,
+    /// From `connect` to quinn's "connected" on the device (it sent its `Finished`).
+    pub client_side_latency_ms: Latency,
+    pub pairing_s: f64,
+    pub failures_by_reason: BTreeMap<String, u64>,
+    /// One failure's message, if any failed.
+    pub last_error: Option<String>,
+    pub gateway: String,
+}
+
+impl HandshakeReport {
+    /// Whether every handshake was confirmed.
+    pub fn all_ok(&self) -> bool {
+        self.failed == 0 && self.succeeded == self.devices
+    }
+
+    /// The human summary.
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "loadgen handshake: {} devices ({}), concurrency {}, gateway {}\n",
+            self.devices,
+            if self.paired { "paired" } else { "NOT paired" },
+            self.concurrency,
+            self.gateway
+        );
+        if self.paired {
+            s += &format!(
+                "  paired       {} devices in {:.2} s (control socket)\n",
+                self.devices, self.pairing_s
+            );
+        }
+        s += &format!(
+            "  handshakes   {} confirmed, {} failed in {:.2} s: {:.1} handshakes/s\n",
+            self.succeeded, self.failed, self.duration_s, self.throughput_per_s
+        );
+        s += &latency_line("latency", &self.latency_ms);
+        s += &latency_line("device side", &self.client_side_latency_ms);
+        s += &reasons_line("failures", &self.failures_by_reason);
+        if let Some(e) = &self.last_error {
+            s += &format!("  last error   {e}\n");
+        }
+        s += if self.all_ok() {
+            "  result       OK\n"
+        } else {
+            "  result       FAILED\n"
+        };
+        s
+    }
+}
+
+/// `loadgen hold`'s report (`--json FILE`), written when the devices have been closed.
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldReport {
+    pub devices: u64,
+    pub concurrency: u64,
+    /// Devices whose connection the gateway confirmed.
+    pub succeeded: u64,
+    /// Devices that could not connect (or were still connecting when the hold was stopped).
+    pub failed: u64,
+    /// Time to connect every device, seconds.
+    pub duration_s: f64,
+    /// Connections established per second of `duration_s`.
+    pub throughput_per_s: f64,
+    /// Per device, `connect` to the gateway's `HANDSHAKE_DONE`.
+    pub latency_ms: Latency,
+    pub pairing_s: f64,
+    /// Keep-alive interval of the held connections, seconds.
+    pub keep_alive_s: f64,
+    /// From the ready file to the end of the hold, seconds.
+    pub held_s: f64,
+    /// What ended the hold: `SIGTERM`, `SIGINT` or `hold-for`.
+    pub ended_by: String,
+    /// Connections still open when the hold ended (then closed by loadgen).
+    pub still_connected: u64,
+    /// Connections that ended before the hold did (closed by the gateway, timed out, reset).
+    pub closed_early: u64,
+    /// Those, by reason (`closed_by_gateway_<code>`, `timed_out`, `reset`, ...).
+    pub closed_by_reason: BTreeMap<String, u64>,
+    pub failures_by_reason: BTreeMap<String, u64>,
+    pub last_error: Option<String>,
+    pub gateway: String,
+}
+
+impl HoldReport {
+    /// Whether every device connected and stayed connected to the end.
+    pub fn all_ok(&self) -> bool {
+        self.failed == 0 && self.still_connected == self.devices
+    }
+
+    /// The human summary.
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "loadgen hold: {} devices, concurrency {}, gateway {}\n",
+            self.devices, self.concurrency, self.gateway
+        );
+        s += &format!(
+            "  connected    {} ok, {} failed in {:.2} s: {:.1} connections/s\n",
+            self.succeeded, self.failed, self.duration_s, self.throughput_per_s
+        );
+        s += &latency_line("latency", &self.latency_ms);
+        s += &format!(
+            "  held         {:.1} s (keep-alive {:.0} s), ended by {}: {} still connected, {} closed early\n",
+            self.held_s, self.keep_alive_s, self.ended_by, self.still_connected, self.closed_early
+        );
+        s += &reasons_line("closed", &self.closed_by_reason);
+        s += &reasons_line("failures", &self.failures_by_reason);
+        if let Some(e) = &self.last_error {
+            s += &format!("  last error   {e}\n");
+        }
+        s += if self.all_ok() {
+            "  result       OK\n"
+        } else {
+            "  result       FAILED\n"
+        };
+        s
+    }
+}
+
+fn latency_line(what: &str, l: &Latency) -> String {
+    format!(
+        "  {what:<12} p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n",
+        l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+    )
+}
+
+fn reasons_line(what: &str, m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return String::new();
+    }
+    let r: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("  {what:<12} {}\n", r.join(" "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +360,70 @@ mod tests {
         rep.attaches_succeeded = 1;
         assert!(!rep.all_ok());
         assert!(rep.human().contains("FAILED"));
+    }
+
+    #[test]
+    fn handshake_and_hold_reports_are_ok_only_when_every_device_made_it() {
+        let mut h = HandshakeReport {
+            devices: 3,
+            concurrency: 2,
+            paired: true,
+            succeeded: 3,
+            failed: 0,
+            duration_s: 0.5,
+            throughput_per_s: 6.0,
+            latency_ms: Latency::default(),
+            client_side_latency_ms: Latency::default(),
+            pairing_s: 0.1,
+            failures_by_reason: BTreeMap::new(),
+            last_error: None,
+            gateway: "127.0.0.1:1".into(),
+        };
+        assert!(h.all_ok());
+        let v = serde_json::to_value(&h).unwrap();
+        for k in [
+            "devices",
+            "concurrency",
+            "succeeded",
+            "failed",
+            "duration_s",
+            "throughput_per_s",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing");
+        }
+        assert!(v["latency_ms"].get("p99_ms").is_some());
+        h.succeeded = 2;
+        h.failed = 1;
+        h.failures_by_reason.insert("not_paired".into(), 1);
+        assert!(!h.all_ok());
+        assert!(h.human().contains("not_paired=1"), "{}", h.human());
+
+        let mut hold = HoldReport {
+            devices: 2,
+            concurrency: 2,
+            succeeded: 2,
+            failed: 0,
+            duration_s: 0.1,
+            throughput_per_s: 20.0,
+            latency_ms: Latency::default(),
+            pairing_s: 0.1,
+            keep_alive_s: 10.0,
+            held_s: 1.0,
+            ended_by: "SIGTERM".into(),
+            still_connected: 2,
+            closed_early: 0,
+            closed_by_reason: BTreeMap::new(),
+            failures_by_reason: BTreeMap::new(),
+            last_error: None,
+            gateway: "127.0.0.1:1".into(),
+        };
+        assert!(hold.all_ok());
+        // A connection the gateway closed during the hold is a failure of the hold.
+        hold.still_connected = 1;
+        hold.closed_early = 1;
+        hold.closed_by_reason
+            .insert("closed_by_gateway_5".into(), 1);
+        assert!(!hold.all_ok());
+        assert!(hold.human().contains("closed_by_gateway_5=1"));
     }
 }

@@ -1,9 +1,8 @@
 //! `loadgen provision`: N simulated devices through the real device flow.
 //!
-//! 1. Asks gatewayd (control socket) for its status: waits for the CN link, reads the gateway's
-//!    key fingerprint, which every simulated device pins (as a device does after first use).
-//! 2. Creates N devices, each with its own P-256 identity key, and pairs them in bulk over a few
-//!    control-socket connections (`{"op":"pair","code":...}` lines).
+//! 1-2. [`Fleet::prepare`]: waits for gatewayd's CN link, reads the gateway's key fingerprint
+//!    (pinned by every simulated device), creates N devices, each with its own P-256 identity
+//!    key, and pairs them in bulk over the control socket.
 //! 3. Runs at most C devices at once, sharing a few quinn client endpoints: the `iotdev` library's
 //!    provisioning (request, `Pending`, sealed delivery opened with the device's HPKE key and
 //!    checked for this device and request, acknowledgement), retrying retryable answers (busy,
@@ -18,18 +17,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, anyhow};
-use companion_proto::DeviceId;
+use anyhow::Context;
 use companion_proto::msg::Params;
 use companion_transport::cn_client;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use iotdev::attach::{self, AttachError};
 use iotdev::client::{self, Attempt, ClientOptions};
 use iotdev::{DeviceError, DeviceKeys};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::control::Control;
+use crate::fleet::{Fleet, FleetOptions, client_endpoints, progress_bar};
 use crate::report::{DeviceResult, Recorder, Report};
 
 /// What `loadgen provision` does.
@@ -95,53 +92,18 @@ struct Outcome {
 
 /// Runs the whole load and returns the report.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
-    anyhow::ensure!(opts.devices > 0, "--devices must be at least 1");
     anyhow::ensure!(opts.concurrency > 0, "--concurrency must be at least 1");
-    let mut control = Control::connect(&opts.control_socket).await?;
-    let status = control.wait_cn_up(Duration::from_secs(30)).await?;
-    let pin = status["gateway_fingerprint"].as_str().and_then(|h| {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(h, &mut out).ok().map(|()| out)
-    });
-
-    // Devices, each with its own identity key (key generation in parallel on the blocking pool).
-    let bar = progress_bar(opts.progress, opts.devices as u64, "keys + pairing");
-    let keys = generate_keys(&opts, pin).await?;
-
-    // Bulk pairing over a few control connections.
-    let pair_started = Instant::now();
-    let conns = 4.min(opts.devices);
-    let mut pairing = JoinSet::new();
-    let keys = Arc::new(keys);
-    for c in 0..conns {
-        let (keys, path, bar) = (keys.clone(), opts.control_socket.clone(), bar.clone());
-        pairing.spawn(async move {
-            let mut ctl = Control::connect(&path).await?;
-            for k in keys.iter().skip(c).step_by(conns) {
-                let code = k.pairing_code().map_err(|e| anyhow!("{e}"))?.to_string();
-                ctl.pair(&code, "loadgen")
-                    .await
-                    .with_context(|| format!("pairing {}", k.device_id))?;
-                bar.inc(1);
-            }
-            Ok::<_, anyhow::Error>(())
-        });
-    }
-    while let Some(r) = pairing.join_next().await {
-        r.context("pairing task")??;
-    }
-    let pairing_s = pair_started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-
-    // Shared quinn client endpoints.
-    let bind: SocketAddr = if opts.gateway.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    let endpoints: Vec<quinn::Endpoint> = (0..opts.endpoints.max(1))
-        .map(|_| quinn::Endpoint::client(bind).context("opening a UDP socket for QUIC"))
-        .collect::<anyhow::Result<_>>()?;
+    let fleet = Fleet::prepare(&FleetOptions {
+        devices: opts.devices,
+        control_socket: opts.control_socket.clone(),
+        id_prefix: opts.id_prefix.clone(),
+        progress: opts.progress,
+        wait_cn_up: true,
+        pair: true,
+    })
+    .await?;
+    let (keys, pairing_s) = (fleet.keys.clone(), fleet.pairing_s);
+    let endpoints = client_endpoints(opts.gateway, opts.endpoints)?;
 
     let bar = progress_bar(opts.progress, opts.devices as u64, "provisioning");
     let sem = Arc::new(Semaphore::new(opts.concurrency));
@@ -210,54 +172,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         attach: opts.attach,
         attaches_succeeded: attached,
         attach_latency_ms: att.latency(),
-        pairing_s: (pairing_s * 1000.0).round() / 1000.0,
+        pairing_s,
         failures_by_reason: failures,
         retries_by_reason: retries,
         gateway: opts.gateway.to_string(),
         results: opts.per_device.then_some(results),
     })
-}
-
-fn progress_bar(enabled: bool, len: u64, what: &str) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "{prefix:>13} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}) {msg}",
-    ) {
-        bar.set_style(style);
-    }
-    bar.set_prefix(what.to_string());
-    bar
-}
-
-async fn generate_keys(opts: &Options, pin: Option<[u8; 32]>) -> anyhow::Result<Vec<DeviceKeys>> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let per = opts.devices.div_ceil(workers);
-    let mut set = JoinSet::new();
-    for w in 0..workers {
-        let (lo, hi) = (w * per, ((w + 1) * per).min(opts.devices));
-        let prefix = opts.id_prefix.clone();
-        set.spawn_blocking(move || {
-            (lo..hi)
-                .map(|i| {
-                    let id = DeviceId::new(&format!("{prefix}-{i:06}")).map_err(|e| {
-                        anyhow!("device ID {prefix}-{i:06}: {e} (change --id-prefix)")
-                    })?;
-                    let mut k = DeviceKeys::generate(id).map_err(|e| anyhow!("{e}"))?;
-                    k.gateway_pin = pin;
-                    Ok((i, k))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()
-        });
-    }
-    let mut all = Vec::with_capacity(opts.devices);
-    while let Some(r) = set.join_next().await {
-        all.extend(r.context("key generation task")??);
-    }
-    all.sort_by_key(|(i, _)| *i);
-    Ok(all.into_iter().map(|(_, k)| k).collect())
 }
 
 /// One simulated device: provision (with retries), check, optionally attach (with retries).

@@ -207,6 +207,7 @@ struct Gw {
     _proc: Proc,
     devices: String,
     control: PathBuf,
+    metrics: String,
 }
 
 impl Gw {
@@ -274,6 +275,7 @@ block_after_failures = 0
         let gw = Gw {
             devices: v["devices"].as_str().unwrap().to_string(),
             control: PathBuf::from(v["control"].as_str().unwrap()),
+            metrics: v["metrics"].as_str().unwrap().to_string(),
             _proc: Proc(child),
         };
         gw.wait_cn_up();
@@ -753,4 +755,168 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
         devices - succeeded.len(),
         children.len()
     );
+}
+
+/// `loadgen` with `args` against `gw` (devices address and control socket appended).
+fn loadgen(gw: &Gw, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("loadgen"));
+    c.args(args)
+        .args(["--gateway", &gw.devices, "--control-socket"])
+        .arg(&gw.control)
+        .args(["--progress", "never"]);
+    c
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn gateway_status(gw: &Gw) -> Value {
+    serde_json::from_str(&gw.ctl(&["status", "--json"]).ok().stdout).unwrap()
+}
+
+/// `loadgen handshake`: every paired device's QUIC + mutual TLS handshake is confirmed by the
+/// real gatewayd (and the devices are really paired there); devices whose keys were never
+/// paired are refused in the TLS handshake, each reported as `not_paired`, exit status 1.
+#[test]
+fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let report = tmp.path().join("handshake.json");
+    let out: Out = loadgen(&gw, &["handshake", "--devices", "40", "--concurrency", "8"])
+        .args(["--id-prefix", "hs", "--json"])
+        .arg(&report)
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(out.code, 0, "{out:#?}");
+    let r = read_json(&report);
+    assert_eq!(r["devices"], 40, "{r}");
+    assert_eq!(r["paired"], true, "{r}");
+    assert_eq!(r["succeeded"], 40, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(r["latency_ms"]["count"], 40, "{r}");
+    let l = &r["latency_ms"];
+    assert!(l["p50_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(l["p50_ms"].as_f64() <= l["p99_ms"].as_f64(), "{r}");
+    // Confirmation comes after the device's own side of the handshake completed.
+    assert!(
+        r["client_side_latency_ms"]["max_ms"].as_f64() <= l["max_ms"].as_f64(),
+        "{r}"
+    );
+    assert!(r["throughput_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(out.stdout.contains("40 confirmed"), "{}", out.stdout);
+    let st = gateway_status(&gw);
+    assert_eq!(st["devices_paired"], 40, "{st}");
+
+    let unpaired = tmp.path().join("unpaired.json");
+    let out: Out = loadgen(&gw, &["handshake", "--devices", "5", "--unpaired"])
+        .args(["--id-prefix", "stranger", "--json"])
+        .arg(&unpaired)
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(out.code, 1, "unpaired keys must fail: {out:#?}");
+    let r = read_json(&unpaired);
+    assert_eq!(r["paired"], false, "{r}");
+    assert_eq!(r["succeeded"], 0, "{r}");
+    assert_eq!(r["failed"], 5, "{r}");
+    assert_eq!(
+        r["failures_by_reason"],
+        serde_json::json!({"not_paired": 5}),
+        "{r}"
+    );
+    assert!(out.stdout.contains("FAILED"), "{}", out.stdout);
+    // Nothing was paired behind our back.
+    assert_eq!(gateway_status(&gw)["devices_paired"], 40);
+}
+
+/// `loadgen hold`: N devices connect and stay connected — the gateway's status and its metrics
+/// both count them — until SIGTERM; loadgen then closes them, reports all N still connected at
+/// the end, exits 0, removes its ready file, and the gateway sees every connection go.
+#[test]
+fn hold_keeps_devices_connected_until_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let ready = tmp.path().join("hold-ready.json");
+    let report = tmp.path().join("hold.json");
+    let n = 60;
+    let mut lg = Proc(
+        loadgen(
+            &gw,
+            &["hold", "--devices", &n.to_string(), "--concurrency", "16"],
+        )
+        .args(["--id-prefix", "hold", "--keep-alive", "1", "--ready-file"])
+        .arg(&ready)
+        .arg("--json")
+        .arg(&report)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let r = wait_json(&ready, &mut lg.0, "loadgen hold");
+    assert_eq!(r["connected"], n, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    // Held past a few keep-alive intervals: still all there, on both counts.
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = gateway_status(&gw);
+    assert_eq!(st["active_connections"], n, "{st}");
+    let m = http_get(&gw.metrics, "/metrics");
+    assert_eq!(
+        metric(&m, "gatewayd_active_quic_connections"),
+        f64::from(n),
+        "{m}"
+    );
+    assert!(
+        lg.0.try_wait().unwrap().is_none(),
+        "loadgen hold ended early"
+    );
+
+    let pid = lg.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = lg.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < until, "loadgen hold ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    use std::io::Read;
+    lg.0.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(status.success(), "{status}: {stdout}");
+    let r = read_json(&report);
+    assert_eq!(r["succeeded"], n, "{r}");
+    assert_eq!(r["still_connected"], n, "{r}");
+    assert_eq!(r["closed_early"], 0, "{r}");
+    assert_eq!(r["ended_by"], "SIGTERM", "{r}");
+    assert!(r["held_s"].as_f64().unwrap() >= 2.0, "{r}");
+    assert!(!ready.exists(), "the ready file outlived the hold");
+    // The gateway saw every connection close (not time out: that would take 30 s).
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = gateway_status(&gw);
+        if st["active_connections"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "connections left open at the gateway: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
