@@ -173,6 +173,11 @@ pub struct DevicesConfig {
     pub new_connections_per_ip: u32,
     /// Most simultaneous connections with one device key. Default 2.
     pub max_connections_per_device: usize,
+    /// Kernel receive and send buffer asked for the device UDP socket, bytes. Hundreds of
+    /// devices connecting at once overflow the kernel's default (~208 KiB) and every dropped
+    /// Initial costs that device a retransmission timeout. Beyond `net.core.rmem_max` /
+    /// `wmem_max` only with CAP_NET_ADMIN. Default 4 MiB (4194304).
+    pub socket_buffer: usize,
 }
 
 impl Default for DevicesConfig {
@@ -184,6 +189,7 @@ impl Default for DevicesConfig {
             stream_timeout: Duration::from_secs(10),
             new_connections_per_ip: 200,
             max_connections_per_device: 2,
+            socket_buffer: 4 * 1024 * 1024,
         }
     }
 }

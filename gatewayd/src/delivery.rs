@@ -425,26 +425,32 @@ impl Provisioner {
                 if let Err(e) = self.state.remove_request(&o.request_id) {
                     return Reply::Fail(err(ErrorCode::Internal, e.to_string()));
                 }
-                if let Err(e) = self.persist(
-                    &device,
-                    request_id,
-                    kind,
-                    hpke,
-                    params.as_ref(),
-                    renew_supi.as_ref(),
-                ) {
+                if let Err(e) = self
+                    .persist(
+                        &device,
+                        request_id,
+                        kind,
+                        hpke,
+                        params.as_ref(),
+                        renew_supi.as_ref(),
+                    )
+                    .await
+                {
                     return Reply::Fail(e);
                 }
             }
             Ok(None) => {
-                if let Err(e) = self.persist(
-                    &device,
-                    request_id,
-                    kind,
-                    hpke,
-                    params.as_ref(),
-                    renew_supi.as_ref(),
-                ) {
+                if let Err(e) = self
+                    .persist(
+                        &device,
+                        request_id,
+                        kind,
+                        hpke,
+                        params.as_ref(),
+                        renew_supi.as_ref(),
+                    )
+                    .await
+                {
                     return Reply::Fail(e);
                 }
             }
@@ -491,7 +497,7 @@ impl Provisioner {
         self.await_done(rx, timeout).await
     }
 
-    fn persist(
+    async fn persist(
         &self,
         device: &DeviceId,
         request_id: RequestId,
@@ -501,7 +507,7 @@ impl Provisioner {
         renew_supi: Option<&Supi>,
     ) -> Result<(), ErrorMsg> {
         self.state
-            .insert_request(&OutstandingRequest {
+            .insert_request_async(OutstandingRequest {
                 request_id,
                 device_id: device.clone(),
                 kind,
@@ -510,6 +516,7 @@ impl Provisioner {
                 params: params.and_then(params_to_json),
                 renew_supi: renew_supi.cloned(),
             })
+            .await
             .map_err(|e| match e {
                 crate::state::StateError::Conflict(m) => {
                     ErrorMsg::retry_after(ErrorCode::Busy, m, 1000)
@@ -597,7 +604,7 @@ impl Provisioner {
         self.batches_in_flight.fetch_sub(1, Ordering::Relaxed);
         self.wake.notify_one();
         match result {
-            Ok(r) => self.record(jobs, r),
+            Ok(r) => self.record(jobs, r).await,
             Err((why, retryable, after)) => {
                 tracing::warn!(batch = id, items = jobs.len(), error = %why, "batch failed");
                 for j in jobs {
@@ -627,10 +634,14 @@ impl Provisioner {
         }
     }
 
-    fn record(&self, jobs: Vec<Job>, result: BatchResult) {
+    /// Records a batch's answers: every issued credential in one group-committed savepoint,
+    /// then answers each waiting device.
+    async fn record(&self, jobs: Vec<Job>, result: BatchResult) {
         let mut by_id: HashMap<RequestId, Job> =
             jobs.into_iter().map(|j| (j.item.request_id, j)).collect();
         let now = self.clock.unix_now();
+        let mut issued = Vec::new();
+        let mut answers = Vec::new();
         for r in result.items {
             let Some(job) = by_id.remove(&r.request_id) else {
                 continue;
@@ -663,17 +674,8 @@ impl Provisioner {
                             sealed: encode_sealed(&sealed),
                             created_at: now,
                         };
-                        match self.state.record_issued(&d) {
-                            Ok(()) => Done::Issued(d),
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot record an issued credential");
-                                Done::Retry(ErrorMsg::retry_after(
-                                    ErrorCode::Internal,
-                                    "gateway storage failed",
-                                    1000,
-                                ))
-                            }
-                        }
+                        issued.push(d);
+                        continue;
                     }
                     _ => Done::Retry(ErrorMsg::retry_after(
                         ErrorCode::Internal,
@@ -700,7 +702,30 @@ impl Provisioner {
                     Done::Refused(err(code, reason))
                 }
             };
-            self.finish(&r.request_id, done);
+            answers.push((r.request_id, done));
+        }
+        if !issued.is_empty() {
+            match self.state.record_issued_all_async(issued.clone()).await {
+                Ok(()) => {
+                    answers.extend(issued.into_iter().map(|d| (d.request_id, Done::Issued(d))))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, items = issued.len(), "cannot record issued credentials");
+                    answers.extend(issued.into_iter().map(|d| {
+                        (
+                            d.request_id,
+                            Done::Retry(ErrorMsg::retry_after(
+                                ErrorCode::Internal,
+                                "gateway storage failed",
+                                1000,
+                            )),
+                        )
+                    }));
+                }
+            }
+        }
+        for (id, done) in answers {
+            self.finish(&id, done);
         }
         for (id, _) in by_id {
             self.finish(

@@ -77,6 +77,21 @@ pub fn bind_filtered(
     let runtime = quinn::default_runtime()
         .ok_or_else(|| anyhow::anyhow!("no async runtime for the device QUIC endpoint"))?;
     let socket = std::net::UdpSocket::bind(cfg.listen)?;
+    let (rcv, snd) = set_socket_buffers(&socket, cfg.socket_buffer);
+    tracing::debug!(
+        requested = cfg.socket_buffer,
+        receive = rcv,
+        send = snd,
+        "device socket buffers"
+    );
+    if rcv < cfg.socket_buffer {
+        tracing::warn!(
+            requested = cfg.socket_buffer,
+            granted = rcv,
+            "the kernel granted a smaller device socket receive buffer; bursts of handshakes may \
+             be dropped (raise net.core.rmem_max or give gatewayd CAP_NET_ADMIN)"
+        );
+    }
     let inner = runtime.wrap_udp_socket(socket)?;
     let socket = Arc::new(FilteredSocket::new(inner, filter_policy));
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -86,6 +101,24 @@ pub fn bind_filtered(
         runtime,
     )?;
     Ok(endpoint)
+}
+
+/// Asks for `bytes` of kernel receive and send buffer on `socket`: first past the system maximum
+/// (needs CAP_NET_ADMIN), else up to it. Returns what the kernel granted (its usable halves:
+/// Linux reports twice the usable size). Failures leave the defaults, which only cost
+/// retransmissions under bursts.
+fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &bytes);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &bytes).is_err() {
+        let _ = setsockopt(socket, sockopt::SndBuf, &bytes);
+    }
+    (
+        getsockopt(socket, sockopt::RcvBuf).map_or(0, |b| b / 2),
+        getsockopt(socket, sockopt::SndBuf).map_or(0, |b| b / 2),
+    )
 }
 
 /// A connection and its local id.
@@ -432,7 +465,11 @@ impl DeviceServer {
                     ServerEvent::Acked { request_id, supi } => {
                         drop(busy_guard.take());
                         if let Some(d) = &device {
-                            match self.state.acknowledge(d, &request_id, unix_now()) {
+                            match self
+                                .state
+                                .acknowledge_async(d.clone(), request_id, unix_now())
+                                .await
+                            {
                                 Ok(AckOutcome::Acknowledged) => {
                                     tracing::info!(device = %d, %supi, "credential delivered and acknowledged");
                                 }

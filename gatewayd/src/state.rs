@@ -12,14 +12,22 @@
 //! - The file is created 0600 in a 0700 directory.
 //! - Times are Unix seconds (`i64`).
 //!
-//! Calls are short and synchronous (one connection behind a mutex). From async code they are
-//! fine for the control path; the hot path should batch them or use `spawn_blocking`.
+//! Two connections: a writer and a read-only reader (WAL lets reads proceed while a commit is
+//! being fsynced). Control-path writes are short synchronous transactions on the writer. The hot
+//! path — recording a request, recording a batch's issued credentials, an acknowledgement — goes
+//! through the *group committer*: a thread that takes every write waiting for it, runs each in
+//! its own savepoint inside one `BEGIN IMMEDIATE` transaction and commits once, so N devices
+//! arriving together cost one fsync instead of N. A write's caller is answered only after the
+//! commit is on disk (same durability as a transaction of its own); a failing write is rolled
+//! back to its savepoint without touching the others in the group. Async callers use the
+//! `*_async` variants and never block a runtime thread on the disk.
 
 use std::fs;
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use companion_proto::{DeviceId, RequestId, Supi};
 use rusqlite::types::Type;
@@ -53,6 +61,12 @@ pub enum StateError {
     /// A stored value no longer parses.
     #[error("gateway database holds an invalid value: {0}")]
     Corrupt(String),
+    /// The group commit that carried this write failed (the write was rolled back).
+    #[error("gateway database commit failed: {0}; the change was not recorded")]
+    CommitFailed(String),
+    /// The group committer thread is gone (gatewayd is shutting down or it panicked).
+    #[error("the gateway database writer has stopped; restart gatewayd")]
+    WriterStopped,
 }
 
 /// How a device came to be paired.
@@ -265,11 +279,97 @@ ALTER TABLE credentials ADD COLUMN hpke_pk BLOB;
 "#,
 ];
 
-/// The gateway's database. Shareable (`Arc<State>`); every call is one short transaction.
+/// The gateway's database. Shareable (`Arc<State>`); every call is one short transaction (or
+/// one savepoint of a group commit, see the module documentation).
 #[derive(Debug)]
 pub struct State {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
+    reader: Mutex<Connection>,
+    group: Mutex<mpsc::Sender<GroupJob>>,
     path: PathBuf,
+}
+
+/// Most writes committed together.
+const MAX_GROUP: usize = 1024;
+
+/// Told whether the group's commit succeeded (`None`) or why not.
+type Completion = Box<dyn FnOnce(Option<&StateError>) + Send>;
+/// One write of a group: runs in its savepoint (or is told why the group could not start) and
+/// returns what to do once the commit's outcome is known.
+type GroupJob = Box<dyn FnOnce(Result<&Connection, &StateError>) -> Completion + Send>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave a half transaction: the group committer rolls
+    // back on error and rusqlite on drop. The connection itself stays usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The group committer: one transaction per group of waiting writes, until every sender is gone.
+fn group_committer(conn: Arc<Mutex<Connection>>, rx: mpsc::Receiver<GroupJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let conn = lock(&conn);
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let e = StateError::from(e);
+            for job in jobs {
+                job(Err(&e))(Some(&e));
+            }
+            continue;
+        }
+        let done: Vec<Completion> = jobs.into_iter().map(|job| job(Ok(&conn))).collect();
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => done.into_iter().for_each(|d| d(None)),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                let e = StateError::CommitFailed(e.to_string());
+                done.into_iter().for_each(|d| d(Some(&e)));
+            }
+        }
+    }
+}
+
+/// Runs `f` inside a savepoint: its changes are kept if it succeeds, undone if it fails.
+fn in_savepoint<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<R, StateError>,
+) -> Result<R, StateError> {
+    conn.execute_batch("SAVEPOINT op")?;
+    match f(conn) {
+        Ok(r) => {
+            conn.execute_batch("RELEASE op")?;
+            Ok(r)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+            Err(e)
+        }
+    }
+}
+
+/// Wraps a write for the group committer; `reply` gets its result once the commit's outcome is
+/// known.
+fn group_job<R: Send + 'static>(
+    f: impl FnOnce(&Connection) -> Result<R, StateError> + Send + 'static,
+    reply: impl FnOnce(Result<R, StateError>) + Send + 'static,
+) -> GroupJob {
+    Box::new(move |conn| {
+        let result = match conn {
+            Ok(c) => in_savepoint(c, f),
+            Err(e) => Err(StateError::CommitFailed(e.to_string())),
+        };
+        Box::new(move |commit: Option<&StateError>| {
+            reply(match (result, commit) {
+                (Ok(_), Some(e)) => Err(StateError::CommitFailed(e.to_string())),
+                (r, _) => r,
+            })
+        })
+    })
 }
 
 fn corrupt(col: usize, what: impl Into<String>) -> rusqlite::Error {
@@ -388,6 +488,117 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
             || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
+/// Records an outstanding request (see [`State::insert_request`]).
+fn insert_request_in(conn: &Connection, r: &OutstandingRequest) -> Result<(), StateError> {
+    let res = conn.execute(
+        "INSERT INTO requests (request_id, device_id, kind, hpke_pk, created_at, params,
+             renew_supi)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            r.request_id.as_bytes().as_slice(),
+            r.device_id.as_str(),
+            r.kind.as_str(),
+            r.hpke_public_key,
+            r.created_at,
+            r.params,
+            r.renew_supi.as_ref().map(|s| s.as_str())
+        ],
+    );
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => Err(StateError::Conflict(format!(
+            "device {} already has a request outstanding",
+            r.device_id
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Records one issued credential (see [`State::record_issued`]); runs inside a transaction.
+fn record_issued_in(tx: &Connection, d: &PendingDelivery) -> Result<(), StateError> {
+    let inserted = tx.execute(
+        "INSERT OR IGNORE INTO deliveries
+             (request_id, device_id, supi, expires_at, sealed, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            d.request_id.as_bytes().as_slice(),
+            d.device_id.as_str(),
+            d.supi.as_str(),
+            d.expires_at,
+            d.sealed,
+            d.created_at
+        ],
+    )?;
+    if inserted > 0 {
+        let hpke_pk: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT hpke_pk FROM requests WHERE request_id = ?1",
+                [d.request_id.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        tx.execute(
+            "INSERT INTO credentials
+                 (device_id, supi, expires_at, request_id, acknowledged_at, hpke_pk)
+             VALUES (?1, ?2, ?3, ?4, NULL, ?5)
+             ON CONFLICT (device_id) DO UPDATE SET supi = excluded.supi,
+                 expires_at = excluded.expires_at, request_id = excluded.request_id,
+                 acknowledged_at = NULL,
+                 hpke_pk = coalesce(excluded.hpke_pk, credentials.hpke_pk)",
+            params![
+                d.device_id.as_str(),
+                d.supi.as_str(),
+                d.expires_at,
+                d.request_id.as_bytes().as_slice(),
+                hpke_pk
+            ],
+        )?;
+        // Deliveries of older requests of this device are superseded.
+        tx.execute(
+            "DELETE FROM deliveries WHERE device_id = ?1 AND request_id <> ?2",
+            params![d.device_id.as_str(), d.request_id.as_bytes().as_slice()],
+        )?;
+    }
+    tx.execute(
+        "DELETE FROM requests WHERE request_id = ?1",
+        [d.request_id.as_bytes().as_slice()],
+    )?;
+    Ok(())
+}
+
+/// Records an acknowledgement (see [`State::acknowledge`]); runs inside a transaction.
+fn acknowledge_in(
+    tx: &Connection,
+    device: &DeviceId,
+    request_id: &RequestId,
+    at: UnixTime,
+) -> Result<AckOutcome, StateError> {
+    let removed = tx.execute(
+        "DELETE FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
+        params![request_id.as_bytes().as_slice(), device.as_str()],
+    )?;
+    if removed > 0 {
+        tx.execute(
+            "UPDATE credentials SET acknowledged_at = ?3
+             WHERE device_id = ?1 AND request_id = ?2",
+            params![device.as_str(), request_id.as_bytes().as_slice(), at],
+        )?;
+        return Ok(AckOutcome::Acknowledged);
+    }
+    let acked: Option<Option<i64>> = tx
+        .query_row(
+            "SELECT acknowledged_at FROM credentials
+             WHERE device_id = ?1 AND request_id = ?2",
+            params![device.as_str(), request_id.as_bytes().as_slice()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(match acked {
+        Some(Some(_)) => AckOutcome::AlreadyAcknowledged,
+        _ => AckOutcome::Unknown,
+    })
+}
+
 /// Creates `dir` (and parents) with mode 0700 if it does not exist.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), StateError> {
     fs::DirBuilder::new()
@@ -431,10 +642,59 @@ impl State {
              PRAGMA trusted_schema = OFF;",
         )?;
         migrate(&mut conn)?;
+        let reader = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.execute_batch("PRAGMA trusted_schema = OFF;")?;
+        let conn = Arc::new(Mutex::new(conn));
+        let (tx, rx) = mpsc::channel();
+        let writer = conn.clone();
+        std::thread::Builder::new()
+            .name("state-commit".into())
+            .spawn(move || group_committer(writer, rx))
+            .map_err(|source| StateError::Io {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            conn,
+            reader: Mutex::new(reader),
+            group: Mutex::new(tx),
             path,
         })
+    }
+
+    /// Runs the write `f` in the next group commit and waits (blocking) for its durable result.
+    fn write_grouped<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StateError> + Send + 'static,
+    ) -> Result<R, StateError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job = group_job(f, move |r| {
+            let _ = tx.send(r);
+        });
+        lock(&self.group)
+            .send(job)
+            .map_err(|_| StateError::WriterStopped)?;
+        rx.recv().map_err(|_| StateError::WriterStopped)?
+    }
+
+    /// [`write_grouped`](Self::write_grouped) for async callers: waits without blocking a
+    /// runtime thread.
+    async fn write_grouped_async<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StateError> + Send + 'static,
+    ) -> Result<R, StateError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = group_job(f, move |r| {
+            let _ = tx.send(r);
+        });
+        lock(&self.group)
+            .send(job)
+            .map_err(|_| StateError::WriterStopped)?;
+        rx.await.map_err(|_| StateError::WriterStopped)?
     }
 
     /// The database file.
@@ -442,10 +702,14 @@ impl State {
         &self.path
     }
 
+    /// The writer connection (control-path writes; the group committer takes it per group).
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave a half transaction: rusqlite rolls back
-        // on drop. The connection itself stays usable.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.conn)
+    }
+
+    /// The read-only connection: never waits for a commit's fsync.
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.reader)
     }
 
     /// The schema version of the open database.
@@ -492,7 +756,7 @@ impl State {
     }
 
     pub fn pairing(&self, device: &DeviceId) -> Result<Option<Pairing>, StateError> {
-        self.conn()
+        self.reader()
             .query_row(
                 "SELECT device_id, spki, fingerprint, label, paired_at, paired_via
                  FROM pairings WHERE device_id = ?1",
@@ -505,7 +769,7 @@ impl State {
 
     /// Every pairing, by device ID.
     pub fn pairings(&self) -> Result<Vec<Pairing>, StateError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT device_id, spki, fingerprint, label, paired_at, paired_via
              FROM pairings ORDER BY device_id",
@@ -519,28 +783,14 @@ impl State {
     /// Records a request before it is sent to the CN. [`StateError::Conflict`] if the device
     /// already has one outstanding (one provisioning at a time per device) or the ID is reused.
     pub fn insert_request(&self, r: &OutstandingRequest) -> Result<(), StateError> {
-        let res = self.conn().execute(
-            "INSERT INTO requests (request_id, device_id, kind, hpke_pk, created_at, params,
-                 renew_supi)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                r.request_id.as_bytes().as_slice(),
-                r.device_id.as_str(),
-                r.kind.as_str(),
-                r.hpke_public_key,
-                r.created_at,
-                r.params,
-                r.renew_supi.as_ref().map(|s| s.as_str())
-            ],
-        );
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(StateError::Conflict(format!(
-                "device {} already has a request outstanding",
-                r.device_id
-            ))),
-            Err(e) => Err(e.into()),
-        }
+        let r = r.clone();
+        self.write_grouped(move |c| insert_request_in(c, &r))
+    }
+
+    /// [`insert_request`](Self::insert_request) for async callers (group-committed).
+    pub async fn insert_request_async(&self, r: OutstandingRequest) -> Result<(), StateError> {
+        self.write_grouped_async(move |c| insert_request_in(c, &r))
+            .await
     }
 
     /// The device's outstanding request, if any (reuse its ID when retrying).
@@ -548,7 +798,7 @@ impl State {
         &self,
         device: &DeviceId,
     ) -> Result<Option<OutstandingRequest>, StateError> {
-        self.conn()
+        self.reader()
             .query_row(
                 "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi
                  FROM requests WHERE device_id = ?1",
@@ -561,7 +811,7 @@ impl State {
 
     /// Every outstanding request, oldest first (to resend after a CN reconnect).
     pub fn outstanding_requests(&self) -> Result<Vec<OutstandingRequest>, StateError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi
              FROM requests ORDER BY created_at, request_id",
@@ -585,57 +835,18 @@ impl State {
     /// acknowledges it, record the credential as held (unacknowledged) and close the request.
     /// Idempotent: recording the same request ID twice changes nothing.
     pub fn record_issued(&self, d: &PendingDelivery) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let inserted = tx.execute(
-            "INSERT OR IGNORE INTO deliveries
-                 (request_id, device_id, supi, expires_at, sealed, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                d.request_id.as_bytes().as_slice(),
-                d.device_id.as_str(),
-                d.supi.as_str(),
-                d.expires_at,
-                d.sealed,
-                d.created_at
-            ],
-        )?;
-        if inserted > 0 {
-            let hpke_pk: Option<Vec<u8>> = tx
-                .query_row(
-                    "SELECT hpke_pk FROM requests WHERE request_id = ?1",
-                    [d.request_id.as_bytes().as_slice()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            tx.execute(
-                "INSERT INTO credentials
-                     (device_id, supi, expires_at, request_id, acknowledged_at, hpke_pk)
-                 VALUES (?1, ?2, ?3, ?4, NULL, ?5)
-                 ON CONFLICT (device_id) DO UPDATE SET supi = excluded.supi,
-                     expires_at = excluded.expires_at, request_id = excluded.request_id,
-                     acknowledged_at = NULL,
-                     hpke_pk = coalesce(excluded.hpke_pk, credentials.hpke_pk)",
-                params![
-                    d.device_id.as_str(),
-                    d.supi.as_str(),
-                    d.expires_at,
-                    d.request_id.as_bytes().as_slice(),
-                    hpke_pk
-                ],
-            )?;
-            // Deliveries of older requests of this device are superseded.
-            tx.execute(
-                "DELETE FROM deliveries WHERE device_id = ?1 AND request_id <> ?2",
-                params![d.device_id.as_str(), d.request_id.as_bytes().as_slice()],
-            )?;
-        }
-        tx.execute(
-            "DELETE FROM requests WHERE request_id = ?1",
-            [d.request_id.as_bytes().as_slice()],
-        )?;
-        tx.commit()?;
-        Ok(())
+        let d = d.clone();
+        self.write_grouped(move |c| record_issued_in(c, &d))
+    }
+
+    /// [`record_issued`](Self::record_issued) for every credential of a CN batch, in one
+    /// savepoint of a group commit: all are recorded or none.
+    pub async fn record_issued_all_async(
+        &self,
+        ds: Vec<PendingDelivery>,
+    ) -> Result<(), StateError> {
+        self.write_grouped_async(move |c| ds.iter().try_for_each(|d| record_issued_in(c, d)))
+            .await
     }
 
     /// Deliveries not yet acknowledged by `device`, oldest first (redeliver on reconnect).
@@ -643,7 +854,7 @@ impl State {
         &self,
         device: &DeviceId,
     ) -> Result<Vec<PendingDelivery>, StateError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT request_id, device_id, supi, expires_at, sealed, created_at
              FROM deliveries WHERE device_id = ?1 ORDER BY created_at, request_id",
@@ -654,7 +865,7 @@ impl State {
 
     /// Every pending delivery.
     pub fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StateError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT request_id, device_id, supi, expires_at, sealed, created_at
              FROM deliveries ORDER BY created_at, request_id",
@@ -671,35 +882,19 @@ impl State {
         request_id: &RequestId,
         at: UnixTime,
     ) -> Result<AckOutcome, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let removed = tx.execute(
-            "DELETE FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
-            params![request_id.as_bytes().as_slice(), device.as_str()],
-        )?;
-        let outcome = if removed > 0 {
-            tx.execute(
-                "UPDATE credentials SET acknowledged_at = ?3
-                 WHERE device_id = ?1 AND request_id = ?2",
-                params![device.as_str(), request_id.as_bytes().as_slice(), at],
-            )?;
-            AckOutcome::Acknowledged
-        } else {
-            let acked: Option<Option<i64>> = tx
-                .query_row(
-                    "SELECT acknowledged_at FROM credentials
-                     WHERE device_id = ?1 AND request_id = ?2",
-                    params![device.as_str(), request_id.as_bytes().as_slice()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            match acked {
-                Some(Some(_)) => AckOutcome::AlreadyAcknowledged,
-                _ => AckOutcome::Unknown,
-            }
-        };
-        tx.commit()?;
-        Ok(outcome)
+        let (device, request_id) = (device.clone(), *request_id);
+        self.write_grouped(move |c| acknowledge_in(c, &device, &request_id, at))
+    }
+
+    /// [`acknowledge`](Self::acknowledge) for async callers (group-committed).
+    pub async fn acknowledge_async(
+        &self,
+        device: DeviceId,
+        request_id: RequestId,
+        at: UnixTime,
+    ) -> Result<AckOutcome, StateError> {
+        self.write_grouped_async(move |c| acknowledge_in(c, &device, &request_id, at))
+            .await
     }
 
     /// The device rejected delivery `request_id` (`credential_unusable`): drop the blob.
@@ -721,7 +916,7 @@ impl State {
         device: &DeviceId,
         request_id: &RequestId,
     ) -> Result<Option<PendingDelivery>, StateError> {
-        self.conn()
+        self.reader()
             .query_row(
                 "SELECT request_id, device_id, supi, expires_at, sealed, created_at
                  FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
@@ -748,7 +943,7 @@ impl State {
     // ---- credentials ----
 
     pub fn credential(&self, device: &DeviceId) -> Result<Option<HeldCredential>, StateError> {
-        self.conn()
+        self.reader()
             .query_row(
                 "SELECT device_id, supi, expires_at, request_id, acknowledged_at
                  FROM credentials WHERE device_id = ?1",
@@ -843,7 +1038,7 @@ impl State {
 
     /// Revocations the CN has not confirmed yet (retry them after a reconnect), oldest first.
     pub fn unconfirmed_revocations(&self) -> Result<Vec<Revocation>, StateError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT id, device_id, supi, revoked_at, cn_confirmed_at FROM revocations
              WHERE cn_confirmed_at IS NULL ORDER BY id",
@@ -897,7 +1092,7 @@ impl State {
     // ---- status ----
 
     pub fn counts(&self) -> Result<Counts, StateError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0));
         Ok(Counts {
             pairings: count("SELECT count(*) FROM pairings")? as u64,
@@ -977,6 +1172,73 @@ mod tests {
             sealed: vec![id; 100],
             created_at: 3000,
         }
+    }
+
+    #[test]
+    fn group_commit_isolates_a_failing_write() {
+        // Many writers at once land in shared group commits; the one that breaks a uniqueness
+        // rule is rolled back to its savepoint without taking the others with it.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(State::open(dir.path()).unwrap());
+        let handles: Vec<_> = (0..64u8)
+            .map(|i| {
+                let s = s.clone();
+                // Requests 0 and 63 are for the same device: exactly one of them must fail.
+                let device = if i == 63 {
+                    "d-0".to_string()
+                } else {
+                    format!("d-{i}")
+                };
+                std::thread::spawn(move || s.insert_request(&request(i, &device)))
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let conflicts = results
+            .iter()
+            .filter(|r| matches!(r, Err(StateError::Conflict(_))))
+            .count();
+        assert_eq!(conflicts, 1, "{results:?}");
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 63);
+        assert_eq!(s.counts().unwrap().outstanding_requests, 63);
+        assert_eq!(s.outstanding_requests().unwrap().len(), 63);
+    }
+
+    #[test]
+    fn async_group_writes_are_durable_when_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(State::open(dir.path()).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..100u8 {
+                let s = s.clone();
+                set.spawn(
+                    async move { s.insert_request_async(request(i, &format!("d-{i}"))).await },
+                );
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap().unwrap();
+            }
+            // One CN batch's answers in one savepoint.
+            let ds: Vec<_> = (0..100u8)
+                .map(|i| delivery(i, &format!("d-{i}"), u32::from(i)))
+                .collect();
+            s.record_issued_all_async(ds).await.unwrap();
+            let ack = s
+                .acknowledge_async(dev("d-7"), RequestId([7; 16]), 4000)
+                .await
+                .unwrap();
+            assert_eq!(ack, AckOutcome::Acknowledged);
+        });
+        // A second connection (as after a restart) sees everything answered above.
+        drop(s);
+        let s = State::open(dir.path()).unwrap();
+        let c = s.counts().unwrap();
+        assert_eq!(c.outstanding_requests, 0);
+        assert_eq!(c.credentials, 100);
+        assert_eq!(c.pending_deliveries, 99);
     }
 
     #[test]
