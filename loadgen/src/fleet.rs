@@ -115,6 +115,11 @@ impl Fleet {
     }
 }
 
+/// Kernel buffer asked for each client socket: hundreds of devices' handshake flights arrive
+/// at once and the default (~208 KiB) drops them, which a device pays for with a retransmission
+/// timeout (capped by `net.core.rmem_max` / `wmem_max`).
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
 /// `n` quinn client endpoints (UDP sockets) of the gateway's address family, shared by the
 /// simulated devices round-robin.
 pub fn client_endpoints(gateway: SocketAddr, n: usize) -> anyhow::Result<Vec<quinn::Endpoint>> {
@@ -123,8 +128,24 @@ pub fn client_endpoints(gateway: SocketAddr, n: usize) -> anyhow::Result<Vec<qui
     } else {
         SocketAddr::from(([0u16; 8], 0))
     };
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for the QUIC client"))?;
     (0..n.max(1))
-        .map(|_| quinn::Endpoint::client(bind).context("opening a UDP socket for QUIC"))
+        .map(|_| {
+            let socket =
+                std::net::UdpSocket::bind(bind).context("opening a UDP socket for QUIC")?;
+            let s = socket2::SockRef::from(&socket);
+            // Best effort: smaller buffers only cost retransmissions.
+            let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+            let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                runtime.clone(),
+            )
+            .context("opening a QUIC client endpoint")
+        })
         .collect()
 }
 
