@@ -16,8 +16,8 @@ use aya_ebpf::macros::{classifier, map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use companion_filter_common::{
-    BUCKETS_MAX, Bucket, BucketAction, DENY_MAX, DenyEntry, FilterConfig, PAIRED_MAX, PairedEntry,
-    Reason, SourceKey, decide,
+    BUCKETS_MAX, Bucket, BucketAction, DENY_MAX, DenyEntry, FilterConfig, MIN_INITIAL_LEN,
+    PAIRED_MAX, PairedEntry, Reason, SourceKey, decide, is_initial,
 };
 
 #[map(name = "FILTER_CONFIG")]
@@ -193,14 +193,27 @@ fn judge(data: usize, end: usize) -> Option<Reason> {
         }
         None => (0, 0),
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     let denied_until = unsafe { FILTER_DENY.get(&src) }.map(|d| d.until_ns);
     let paired = if cfg.strict != 0 && cfg.window_open == 0 {
         FILTER_PAIRED.get_ptr(&src).is_some()
     } else {
         true
     };
-    let bucket_ptr = FILTER_BUCKETS.get_ptr_mut(&src);
+    // Only a full-size Initial under a rate limit reaches the token bucket, and only it or a
+    // deny entry with an expiry needs the clock: junk and short Initials (what a flood is made
+    // of) skip the LRU lookup and the helper call. `decide` reads `now` on no other path.
+    let needs_bucket =
+        cfg.initial_rate != 0 && payload_len >= MIN_INITIAL_LEN && is_initial(first, version);
+    let now = if needs_bucket || matches!(denied_until, Some(u) if u != 0) {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
+    let bucket_ptr = if needs_bucket {
+        FILTER_BUCKETS.get_ptr_mut(&src)
+    } else {
+        None
+    };
     let mut fresh = Bucket::default();
     let (reason, action) = match bucket_ptr {
         Some(p) => decide(
