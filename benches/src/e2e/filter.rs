@@ -1,7 +1,957 @@
-//! (being written)
+//! The LAN filter under a flood: the eBPF program (XDP, and TC ingress) against the userspace
+//! fallback, on the same flood, in one run.
+//!
+//! Topology: two network namespaces joined by a veth pair; `cn-backend` and `gatewayd` run in the
+//! gateway namespace (`ip netns exec`), `loadgen flood` in the attacker namespace sends short QUIC
+//! Initials (200 bytes, dropped by every mode: RFC 9000 §14.1) from ten source addresses as fast
+//! as it can. For each mode a fresh gatewayd is started with `[filter] mode` set, and the flood's
+//! report, the filter's counters (`gatewayctl status --json`) and the CPU time are compared:
+//!
+//! - the filter's **own** CPU: the BPF program's run time (`run_time_ns` in the fdinfo of
+//!   gatewayd's program descriptor, with `kernel.bpf_stats_enabled=1` during the flood and the
+//!   old value restored after) for XDP/TC; gatewayd's CPU time for the userspace fallback;
+//! - the **machine-wide** CPU: busy time of every CPU from `/proc/stat` (user, system, irq,
+//!   softirq) minus the flooder's own CPU time (its rusage, read as the suite's reaped
+//!   children's time), so both modes pay for the whole receive path.
+//!
+//! The kernel here accounts CPU by ticks, so softirq work that runs in the flooder's context
+//! would be charged to the flooder and subtracted. To keep the receive path off the flooder,
+//! the flooder is pinned to CPU 0 and the receive side steered to CPU 1: RPS on the gateway's
+//! veth (userspace, TC, generic XDP) and threaded NAPI with its thread pinned to CPU 1 (native
+//! XDP on veth runs in the veth's NAPI poll).
+//!
+//! Needs root. Namespaces and the sysctl are restored by guards, also when the suite fails.
 
-use super::{Env, SuiteReport};
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-pub fn run(_env: &Env) -> anyhow::Result<SuiteReport> {
-    anyhow::bail!("the filter suite is not written yet")
+use anyhow::{Context, anyhow, bail, ensure};
+use serde::Serialize;
+
+use super::harness::{
+    self, Bins, COMPANION_K, COMPANION_OPC, COMPANION_SUPI, Cn, Daemon, Gateway, GatewaySettings,
+};
+use super::{Env, SuiteReport, Target, round};
+
+/// The gateway's address on the veth and the QUIC port gatewayd listens on.
+const GW_ADDR: &str = "10.210.0.1";
+const PORT: u16 = 4433;
+/// The attacker's source addresses (assigned to its veth end).
+const SOURCES: std::ops::RangeInclusive<u8> = 10..=19;
+/// Filter modes measured, in order: the eBPF program first, then the fallback.
+const MODES: [&str; 3] = ["xdp", "tc", "userspace"];
+/// The issue's target: XDP drops at least this many times more packets per CPU-second.
+const TARGET_RATIO: f64 = 10.0;
+/// `/proc/stat` and `/proc/<pid>/stat` count in USER_HZ ticks.
+const USER_HZ: f64 = 100.0;
+
+/// One filter mode under the flood.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeRun {
+    /// `[filter] mode` asked for.
+    pub requested: &'static str,
+    /// The mode gatewayd reports (`xdp`, `xdp_generic`, `tc`, `userspace`).
+    pub mode: String,
+    /// Datagrams the flooder sent, and over how long.
+    pub offered: u64,
+    pub elapsed_s: f64,
+    pub offered_pps: f64,
+    /// Datagrams the filter dropped (its counters, every drop reason).
+    pub dropped: u64,
+    pub dropped_pps: f64,
+    pub dropped_pct_of_offered: f64,
+    /// Datagrams the filter let through (0 expected: every datagram is a short Initial).
+    pub passed: u64,
+    /// Lost before the filter saw them: the veth's drop counters (NAPI ring or backlog full).
+    pub lost_in_veth: u64,
+    /// Lost at gatewayd's UDP socket (receive buffer full: `RcvbufErrors`), userspace mode.
+    pub lost_at_socket: u64,
+    /// Whether the receive side, rather than the flooder, bounded the drop rate (more than 1%
+    /// of the offered datagrams lost before the filter).
+    pub receive_side_saturated: bool,
+    /// CPU seconds: the filter's own (BPF run time, or gatewayd's CPU in userspace).
+    pub own_cpu_s: f64,
+    pub own_cpu_measure: &'static str,
+    /// Machine-wide busy CPU seconds minus the flooder's.
+    pub machine_cpu_s: f64,
+    /// Machine-wide busy CPU seconds during the flood (all CPUs) and the flooder's share.
+    pub machine_busy_s: f64,
+    pub flooder_cpu_s: f64,
+    /// Of `machine_busy_s`, the time in softirq (the kernel's receive path when it runs there).
+    pub softirq_s: f64,
+    /// Busy CPUs (in cores) just before the flood: what other work the machine was doing.
+    pub background_busy_cores: f64,
+    /// gatewayd's CPU seconds during the flood (in eBPF modes: its map syncs only).
+    pub gatewayd_cpu_s: f64,
+    /// The veth's NAPI thread's CPU seconds (native XDP: the veth receive path + program).
+    pub napi_thread_cpu_s: Option<f64>,
+    /// Program runs counted by the kernel (eBPF modes).
+    pub bpf_run_cnt: Option<u64>,
+    /// Derived: ns of CPU per dropped packet and dropped packets per CPU-second.
+    pub own_ns_per_drop: f64,
+    pub own_drops_per_cpu_s: f64,
+    pub machine_ns_per_drop: f64,
+    pub machine_drops_per_cpu_s: f64,
+}
+
+pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
+    ensure_root()?;
+    for tool in ["ip", "taskset"] {
+        ensure!(
+            Command::new(tool)
+                .arg("-V")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok(),
+            "the filter suite needs `{tool}` (iproute2 / util-linux)"
+        );
+    }
+    let cpus = online_cpus()?;
+    let pin = cpus >= 2;
+    let secs: u64 = if env.quick { 2 } else { 10 };
+    let dir = env.scratch("filter")?;
+    // Dropped last: after every daemon in its namespace is gone.
+    let topo = Topology::create(std::process::id() % 100_000)?;
+    if pin {
+        // RPS: the backlog processing of the gateway's veth happens on CPU 1.
+        topo.write_sysfs("queues/rx-0/rps_cpus", "2")?;
+    }
+    let cn = start_cn(&env.bins, &dir, &topo.gw)?;
+    let mut runs = Vec::new();
+    for mode in MODES {
+        let r = one(env, &topo, &cn, &dir, mode, secs, pin)
+            .with_context(|| format!("filter mode {mode}"))?;
+        eprintln!(
+            "  filter {:<11} offered {:>9.0} pps, dropped {:>9.0} pps ({:.1}%), own {:.0} ns/drop, machine {:.0} ns/drop",
+            r.mode,
+            r.offered_pps,
+            r.dropped_pps,
+            r.dropped_pct_of_offered,
+            r.own_ns_per_drop,
+            r.machine_ns_per_drop
+        );
+        runs.push(r);
+    }
+    drop(cn);
+    drop(topo);
+    report(&runs, cpus, pin, secs, env.quick)
+}
+
+/// One mode: a fresh gatewayd, the flood, the figures.
+fn one(
+    env: &Env,
+    topo: &Topology,
+    cn: &Cn,
+    dir: &Path,
+    requested: &'static str,
+    secs: u64,
+    pin: bool,
+) -> anyhow::Result<ModeRun> {
+    let gw_dir = dir.join(format!("gw-{requested}"));
+    let settings = GatewaySettings {
+        filter_mode: requested,
+        cn_sessions: 1,
+        ..GatewaySettings::default()
+    };
+    let cfg = Gateway::write_config(&gw_dir, cn, &settings, &format!("0.0.0.0:{PORT}"))?;
+    if requested != "userspace" {
+        // The eBPF modes attach to the gateway's LAN side.
+        let text = fs::read_to_string(&cfg)?;
+        let patched = text.replacen(
+            "[filter]\n",
+            &format!("[filter]\ninterfaces = [\"{}\"]\n", topo.gw_if),
+            1,
+        );
+        ensure!(patched != text, "no [filter] table in {}", cfg.display());
+        fs::write(&cfg, patched)?;
+    }
+    let ready = gw_dir.join("gw-ready.json");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &topo.gw])
+        .arg(env.bins.path("gatewayd"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--ready-file")
+        .arg(&ready);
+    let daemon = Daemon::spawn("gatewayd", c, &ready, &gw_dir.join("gatewayd.log"))?;
+    let gw = Gateway {
+        dir: gw_dir.clone(),
+        daemon,
+    };
+    let control = gw.control()?;
+    let st = status(&env.bins, &control)?;
+    let mode = st["filter"]["mode"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no filter mode in gatewayctl status: {st}"))?
+        .to_string();
+    let expected: &[&str] = match requested {
+        "xdp" => &["xdp", "xdp_generic"],
+        "tc" => &["tc"],
+        _ => &["userspace"],
+    };
+    ensure!(
+        expected.contains(&mode.as_str()),
+        "gatewayd runs the filter in mode {mode}, not {requested}: {}",
+        st["filter"]["fallback_reason"]
+            .as_str()
+            .unwrap_or("(no reason given)")
+    );
+    let ebpf = mode != "userspace";
+    // Native XDP on veth runs in the veth's NAPI poll, which would otherwise run in the
+    // flooder's softirq context: move it to a thread of its own on CPU 1.
+    let napi = if mode == "xdp" && pin {
+        topo.write_sysfs("threaded", "1")?;
+        let t = napi_thread(&topo.gw_if)?;
+        harness::run(
+            {
+                let mut c = Command::new("taskset");
+                c.args(["-pc", "1", &t.to_string()]);
+                c
+            },
+            "taskset (NAPI thread)",
+        )?;
+        Some(t)
+    } else {
+        None
+    };
+
+    // What the machine does without the flood, for the reader to judge the noise.
+    let bg_window = if env.quick {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(1)
+    };
+    let b0 = busy_ticks()?;
+    let t0 = Instant::now();
+    std::thread::sleep(bg_window);
+    let background_busy_cores =
+        busy_ticks()?.busy.saturating_sub(b0.busy) as f64 / USER_HZ / t0.elapsed().as_secs_f64();
+
+    let stats = if ebpf {
+        Some(BpfStats::enable()?)
+    } else {
+        None
+    };
+    let prog_type = if mode == "tc" {
+        PROG_TYPE_SCHED_CLS
+    } else {
+        PROG_TYPE_XDP
+    };
+    let pid = gw.daemon.pid();
+    let counters0 = counters(&env.bins, &control)?;
+    let bpf0 = if ebpf {
+        Some(bpf_prog_stats(pid, prog_type)?)
+    } else {
+        None
+    };
+    let gw_cpu0 = gw.daemon.cpu()?;
+    let napi0 = napi.map(harness::cpu_time).transpose()?;
+    let veth0 = topo.veth_drops()?;
+    let sock0 = rcvbuf_errors(&topo.gw)?;
+    let children0 = children_cpu()?;
+    let busy0 = busy_ticks()?;
+
+    let flood = flood(env, topo, secs, pin)?;
+
+    // The flooder has been reaped: its CPU time is now in ours as a child's. Read before any
+    // other child (gatewayctl) is reaped.
+    let busy1 = busy_ticks()?;
+    let children1 = children_cpu()?;
+    // Userspace: let gatewayd drain its socket buffer before reading the counters.
+    std::thread::sleep(Duration::from_millis(300));
+    let bpf1 = if ebpf {
+        Some(bpf_prog_stats(pid, prog_type)?)
+    } else {
+        None
+    };
+    let gw_cpu1 = gw.daemon.cpu()?;
+    let napi1 = napi.map(harness::cpu_time).transpose()?;
+    let veth1 = topo.veth_drops()?;
+    let sock1 = rcvbuf_errors(&topo.gw)?;
+    let counters1 = counters(&env.bins, &control)?;
+    drop(stats);
+    gw.daemon.stop()?;
+
+    let offered = json_u64(&flood, "sent")?;
+    let elapsed_s = flood["elapsed_s"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("flood report without elapsed_s: {flood}"))?;
+    let dropped = dropped(&counters1)?.saturating_sub(dropped(&counters0)?);
+    let passed = json_u64(&counters1, "passed")?.saturating_sub(json_u64(&counters0, "passed")?);
+    let lost_in_veth = veth1.saturating_sub(veth0);
+    let lost_at_socket = sock1.saturating_sub(sock0);
+    let gatewayd_cpu_s = (gw_cpu1.saturating_sub(gw_cpu0)).as_secs_f64();
+    let (own_cpu_s, own_cpu_measure, bpf_run_cnt) = match (bpf0, bpf1) {
+        (Some(a), Some(b)) => (
+            b.run_time_ns.saturating_sub(a.run_time_ns) as f64 / 1e9,
+            "BPF program run time (kernel.bpf_stats_enabled)",
+            Some(b.run_cnt.saturating_sub(a.run_cnt)),
+        ),
+        _ => (gatewayd_cpu_s, "gatewayd CPU time (user + system)", None),
+    };
+    let machine_busy_s = busy1.busy.saturating_sub(busy0.busy) as f64 / USER_HZ;
+    let softirq_s = busy1.softirq.saturating_sub(busy0.softirq) as f64 / USER_HZ;
+    let flooder_cpu_s = (children1.saturating_sub(children0)) as f64 / USER_HZ;
+    let machine_cpu_s = (machine_busy_s - flooder_cpu_s).max(0.0);
+    let per = |cpu: f64| {
+        if dropped == 0 || cpu <= 0.0 {
+            (0.0, 0.0)
+        } else {
+            (cpu * 1e9 / dropped as f64, dropped as f64 / cpu)
+        }
+    };
+    let (own_ns_per_drop, own_drops_per_cpu_s) = per(own_cpu_s);
+    let (machine_ns_per_drop, machine_drops_per_cpu_s) = per(machine_cpu_s);
+    Ok(ModeRun {
+        requested,
+        mode,
+        offered,
+        elapsed_s,
+        offered_pps: offered as f64 / elapsed_s.max(1e-9),
+        dropped,
+        dropped_pps: dropped as f64 / elapsed_s.max(1e-9),
+        dropped_pct_of_offered: 100.0 * dropped as f64 / offered.max(1) as f64,
+        passed,
+        lost_in_veth,
+        lost_at_socket,
+        receive_side_saturated: (lost_in_veth + lost_at_socket) * 100 > offered,
+        own_cpu_s,
+        own_cpu_measure,
+        machine_cpu_s,
+        machine_busy_s,
+        flooder_cpu_s,
+        softirq_s,
+        background_busy_cores,
+        gatewayd_cpu_s,
+        napi_thread_cpu_s: match (napi0, napi1) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
+            _ => None,
+        },
+        bpf_run_cnt,
+        own_ns_per_drop,
+        own_drops_per_cpu_s,
+        machine_ns_per_drop,
+        machine_drops_per_cpu_s,
+    })
+}
+
+/// `loadgen flood` of short Initials from the attacker namespace, as fast as it goes for
+/// `secs` seconds, pinned to CPU 0; returns its JSON report.
+fn flood(env: &Env, topo: &Topology, secs: u64, pin: bool) -> anyhow::Result<serde_json::Value> {
+    let mut c = if pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", "ip"]);
+        c
+    } else {
+        Command::new("ip")
+    };
+    c.args(["netns", "exec", &topo.atk])
+        .arg(env.bins.path("loadgen"))
+        .args([
+            "flood",
+            "--allow-target",
+            "--json",
+            "--pattern",
+            "short-initial",
+        ])
+        .arg("--target")
+        .arg(format!("{GW_ADDR}:{PORT}"))
+        .arg("--sources")
+        .arg(format!(
+            "{}-{}",
+            topo.addr(*SOURCES.start()),
+            topo.addr(*SOURCES.end())
+        ))
+        .args(["--count", "1000000000", "--batch", "64"])
+        .arg("--duration")
+        .arg(secs.to_string());
+    let out = harness::run(c, "loadgen flood")?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "parsing loadgen flood's report: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn report(
+    runs: &[ModeRun],
+    cpus: usize,
+    pin: bool,
+    secs: u64,
+    quick: bool,
+) -> anyhow::Result<SuiteReport> {
+    let find = |m: &str| runs.iter().find(|r| r.requested == m);
+    let xdp = find("xdp").ok_or_else(|| anyhow!("no XDP run"))?;
+    let user = find("userspace").ok_or_else(|| anyhow!("no userspace run"))?;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let machine_ratio = ratio(xdp.machine_drops_per_cpu_s, user.machine_drops_per_cpu_s);
+    let own_ratio = ratio(xdp.own_drops_per_cpu_s, user.own_drops_per_cpu_s);
+
+    let mut md = String::new();
+    md.push_str("### LAN filter: XDP and TC against the userspace fallback\n\n");
+    let _ = writeln!(
+        md,
+        "A {secs} s flood of 200-byte QUIC Initials (dropped by every mode, RFC 9000 §14.1) from 10 \
+         source addresses, `loadgen flood` as fast as it goes, from an attacker namespace over a \
+         veth pair into the namespace where gatewayd (and cn-backend) run; a fresh gatewayd per mode. \
+         *Own CPU*: the BPF program's run time (`kernel.bpf_stats_enabled`) for XDP/TC, gatewayd's \
+         CPU time for userspace. *Machine CPU*: busy time of all {cpus} CPUs (`/proc/stat`, incl. \
+         softirq) minus the flooder's own CPU time{}. The target uses the machine CPU: it is the \
+         only measure that charges each mode for the whole receive path.\n",
+        if pin {
+            "; the flooder is pinned to CPU 0 and the receive path steered to CPU 1 (RPS; threaded \
+             NAPI for native XDP) so that none of it is charged to the flooder"
+        } else {
+            " (one CPU: receive work in the flooder's softirq context is charged to the flooder)"
+        }
+    );
+    md.push_str(
+        "| mode | offered pps | dropped pps | dropped % | lost before filter | own CPU ns/drop | \
+         drops per own CPU-s | machine CPU ns/drop | drops per machine CPU-s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in runs {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.1}% | {} | {:.0} | {} | {:.0} | {} |",
+            r.mode,
+            r.offered_pps,
+            r.dropped_pps,
+            r.dropped_pct_of_offered,
+            r.lost_in_veth + r.lost_at_socket,
+            r.own_ns_per_drop,
+            human(r.own_drops_per_cpu_s),
+            r.machine_ns_per_drop,
+            human(r.machine_drops_per_cpu_s),
+        );
+    }
+    md.push('\n');
+    let _ = writeln!(
+        md,
+        "XDP vs userspace, drops per CPU-second: **{:.1}×** on machine CPU, {:.1}× on the \
+         filters' own CPU. Background load before the floods: {} cores busy.",
+        machine_ratio,
+        own_ratio,
+        runs.iter()
+            .map(|r| format!("{:.2}", r.background_busy_cores))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    md.push('\n');
+    let busiest = runs
+        .iter()
+        .map(|r| r.background_busy_cores)
+        .fold(0.0, f64::max);
+    if busiest > 0.25 {
+        let _ = writeln!(
+            md,
+            "**The machine was not idle ({busiest:.2} cores busy before a flood): the machine-CPU \
+             figures include that other work and do not mean much; rerun on a quiet machine.**\n"
+        );
+    }
+    let mut bounds = String::new();
+    if let Some(n) = xdp.napi_thread_cpu_s {
+        let _ = write!(
+            bounds,
+            "The XDP program itself costs {:.0} ns per packet, but on veth native XDP receives \
+             skbs the sender already built and copies each into a page-pool page with XDP \
+             headroom before running the program (`skb_pp_cow_data` in a profile): the veth's \
+             NAPI thread spent {:.0} ns per dropped packet — on a NIC driver, native XDP runs on \
+             the DMA buffer before any skb exists. ",
+            xdp.own_ns_per_drop,
+            if xdp.dropped > 0 {
+                n * 1e9 / xdp.dropped as f64
+            } else {
+                0.0
+            },
+        );
+    }
+    if let Some(tc) = find("tc") {
+        let _ = write!(
+            bounds,
+            "TC ingress judges the skb where it is ({:.0} ns of machine CPU per drop). ",
+            tc.machine_ns_per_drop
+        );
+    }
+    let _ = write!(
+        bounds,
+        "The userspace fallback pays the whole UDP receive path (IP, socket lookup, socket \
+         buffer, `recvmmsg` copy) before judging a datagram: judging itself is a few percent of \
+         gatewayd's profile. "
+    );
+    if user.lost_at_socket > 0 {
+        let _ = write!(
+            bounds,
+            "Its socket buffer overflowed for {:.1}% of the offered datagrams, lost before the \
+             filter but after the kernel's receive work. ",
+            100.0 * user.lost_at_socket as f64 / user.offered.max(1) as f64
+        );
+    }
+    let saturated: Vec<&str> = runs
+        .iter()
+        .filter(|r| r.receive_side_saturated)
+        .map(|r| r.mode.as_str())
+        .collect();
+    if saturated.is_empty() {
+        bounds.push_str(
+            "No mode lost more than 1% before the filter: the flooder bounded every drop rate, \
+             so the drop rates are lower bounds and the CPU per drop is the figure to compare.",
+        );
+    } else {
+        let _ = write!(
+            bounds,
+            "The receive side, not the flooder, bounded the drop rate in: {}.",
+            saturated.join(", ")
+        );
+    }
+    md.push_str(&bounds);
+    md.push('\n');
+    if quick {
+        md.push_str("\n(quick mode: 2 s floods; figures are indicative only)\n");
+    }
+
+    let target = Target {
+        goal: format!(
+            "XDP filter drops ≥ {TARGET_RATIO:.0}× more packets per CPU-second than the userspace fallback"
+        ),
+        measured: format!(
+            "{:.1}× on machine CPU ({} vs {} drops per CPU-s; {}); {:.1}× on the filters' own CPU \
+             ({} vs {}: BPF run time vs gatewayd)",
+            machine_ratio,
+            human(xdp.machine_drops_per_cpu_s),
+            human(user.machine_drops_per_cpu_s),
+            xdp.mode,
+            own_ratio,
+            human(xdp.own_drops_per_cpu_s),
+            human(user.own_drops_per_cpu_s),
+        ),
+        holds: machine_ratio >= TARGET_RATIO,
+    };
+    let data = serde_json::json!({
+        "flood": {"pattern": "short-initial", "payload_bytes": 200, "sources": SOURCES.len(), "seconds": secs},
+        "cpus": cpus,
+        "pinned": pin,
+        "target_measure": "machine",
+        "xdp_vs_userspace_machine": round(machine_ratio, 2),
+        "xdp_vs_userspace_own": round(own_ratio, 2),
+        "runs": runs,
+    });
+    Ok(SuiteReport {
+        name: "filter",
+        data,
+        markdown: md,
+        targets: vec![target],
+    })
+}
+
+/// `12.3 M`, `456 k`.
+fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.1} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.0} k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn ensure_root() -> anyhow::Result<()> {
+    let s = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let euid = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|r| r.split_whitespace().nth(1))
+        .ok_or_else(|| anyhow!("no Uid line in /proc/self/status"))?;
+    if euid != "0" {
+        bail!(
+            "the filter suite needs root (network namespaces, XDP/TC, kernel.bpf_stats_enabled); \
+             run e2e-bench as root, or leave `filter` out of --suites"
+        );
+    }
+    Ok(())
+}
+
+/// Online CPUs (`cpuN` lines of /proc/stat).
+fn online_cpus() -> anyhow::Result<usize> {
+    let s = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    Ok(s.lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count())
+}
+
+/// Ticks of all CPUs from `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+struct Ticks {
+    /// user + nice + system + irq + softirq (not idle, iowait, steal; guest is in user).
+    busy: u64,
+    softirq: u64,
+}
+
+fn busy_ticks() -> anyhow::Result<Ticks> {
+    let s = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("no cpu line in /proc/stat"))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().context("parsing /proc/stat"))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(f.len() >= 7, "unexpected /proc/stat line: {line}");
+    // user nice system idle iowait irq softirq ...
+    Ok(Ticks {
+        busy: f[0] + f[1] + f[2] + f[5] + f[6],
+        softirq: f[6],
+    })
+}
+
+/// CPU ticks of this process's reaped children (cutime + cstime of /proc/self/stat).
+fn children_cpu() -> anyhow::Result<u64> {
+    let stat = fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("unexpected /proc/self/stat: {stat}"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the ')': field 3 is f[0], so cutime (16) is f[13] and cstime (17) f[14].
+    let tick = |i: usize| -> anyhow::Result<u64> {
+        f.get(i)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("unexpected /proc/self/stat: {stat}"))
+    };
+    Ok(tick(13)? + tick(14)?)
+}
+
+const PROG_TYPE_SCHED_CLS: u32 = 3;
+const PROG_TYPE_XDP: u32 = 6;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ProgStats {
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+/// Run time and count of the BPF programs of type `prog_type` that process `pid` holds
+/// (fdinfo of its `anon_inode:bpf-prog` descriptors), summed.
+fn bpf_prog_stats(pid: u32, prog_type: u32) -> anyhow::Result<ProgStats> {
+    let fd_dir = format!("/proc/{pid}/fd");
+    let mut total = ProgStats::default();
+    let mut found = false;
+    for e in fs::read_dir(&fd_dir).with_context(|| format!("reading {fd_dir}"))? {
+        let e = e?;
+        let Ok(link) = fs::read_link(e.path()) else {
+            continue;
+        };
+        if link.as_os_str() != "anon_inode:bpf-prog" {
+            continue;
+        }
+        let info_path = format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy());
+        let Ok(info) = fs::read_to_string(&info_path) else {
+            continue;
+        };
+        let field = |k: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|r| r.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if field("prog_type") != Some(u64::from(prog_type)) {
+            continue;
+        }
+        let (Some(t), Some(n)) = (field("run_time_ns"), field("run_cnt")) else {
+            bail!("{info_path} has no run_time_ns/run_cnt (kernel without BPF stats?)");
+        };
+        total.run_time_ns += t;
+        total.run_cnt += n;
+        found = true;
+    }
+    ensure!(
+        found,
+        "gatewayd (pid {pid}) holds no BPF program of type {prog_type}"
+    );
+    Ok(total)
+}
+
+/// `kernel.bpf_stats_enabled` on while alive; the old value restored on drop.
+struct BpfStats {
+    old: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        let old = fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("reading {BPF_STATS}"))?
+            .trim()
+            .to_string();
+        fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(Self { old })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(BPF_STATS, &self.old) {
+            eprintln!(
+                "filter suite: could not restore {BPF_STATS} to {}: {e}",
+                self.old
+            );
+        }
+    }
+}
+
+/// The two namespaces and the veth between them; removed on drop.
+struct Topology {
+    gw: String,
+    atk: String,
+    /// The gateway's end of the veth (the attacker's is `eth0`).
+    gw_if: String,
+    net: &'static str,
+}
+
+impl Topology {
+    fn create(tag: u32) -> anyhow::Result<Self> {
+        let t = Self {
+            gw: format!("bench{tag}fg"),
+            atk: format!("bench{tag}fa"),
+            gw_if: format!("bf{tag}"),
+            net: "10.210.0",
+        };
+        for n in [&t.gw, &t.atk] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(Stdio::null())
+                .status();
+        }
+        // From here on the guard removes whatever was created.
+        for n in [&t.gw, &t.atk] {
+            ip(&["netns", "add", n])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+        }
+        let (gw_mac, atk_mac) = ("02:00:00:00:0b:01", "02:00:00:00:0b:02");
+        ip(&[
+            "-n", &t.gw, "link", "add", &t.gw_if, "address", gw_mac, "type", "veth", "peer",
+            "name", "eth0", "address", atk_mac, "netns", &t.atk,
+        ])?;
+        ip(&[
+            "-n",
+            &t.gw,
+            "addr",
+            "add",
+            &format!("{GW_ADDR}/24"),
+            "dev",
+            &t.gw_if,
+        ])?;
+        ip(&["-n", &t.gw, "link", "set", &t.gw_if, "up"])?;
+        ip(&["-n", &t.atk, "addr", "add", &t.addr_cidr(2), "dev", "eth0"])?;
+        for i in SOURCES {
+            ip(&["-n", &t.atk, "addr", "add", &t.addr_cidr(i), "dev", "eth0"])?;
+        }
+        ip(&["-n", &t.atk, "link", "set", "eth0", "up"])?;
+        // Static neighbours: no ARP in the measurement.
+        ip(&[
+            "-n",
+            &t.atk,
+            "neigh",
+            "replace",
+            GW_ADDR,
+            "lladdr",
+            gw_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        ip(&[
+            "-n",
+            &t.gw,
+            "neigh",
+            "replace",
+            &t.addr(2),
+            "lladdr",
+            atk_mac,
+            "dev",
+            &t.gw_if,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(t)
+    }
+
+    fn addr(&self, host: u8) -> String {
+        format!("{}.{host}", self.net)
+    }
+
+    fn addr_cidr(&self, host: u8) -> String {
+        format!("{}.{host}/24", self.net)
+    }
+
+    /// Writes `value` to `/sys/class/net/<gw_if>/<rel>` as seen from the gateway namespace.
+    fn write_sysfs(&self, rel: &str, value: &str) -> anyhow::Result<()> {
+        let path = format!("/sys/class/net/{}/{rel}", self.gw_if);
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.gw,
+            "sh",
+            "-c",
+            "printf %s \"$1\" > \"$2\"",
+        ])
+        .args(["sh", value, &path]);
+        harness::run(c, &format!("writing {value} to {path}")).map(|_| ())
+    }
+
+    /// Packets the veth dropped (both ends, rx + tx): NAPI ring or backlog full.
+    fn veth_drops(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for (ns, dev) in [(&self.gw, self.gw_if.as_str()), (&self.atk, "eth0")] {
+            let mut c = Command::new("ip");
+            c.args(["-n", ns, "-s", "-j", "link", "show", "dev", dev]);
+            let out = harness::run(c, "ip -s link show")?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("parsing `ip -j -s link show`")?;
+            let s = &v[0]["stats64"];
+            for dir in ["rx", "tx"] {
+                total += s[dir]["dropped"]
+                    .as_u64()
+                    .ok_or_else(|| anyhow!("no {dir} drop counter for {dev}: {v}"))?;
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for n in [&self.gw, &self.atk] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let mut c = Command::new("ip");
+    c.args(args);
+    harness::run(c, &format!("ip {}", args.join(" "))).map(|_| ())
+}
+
+/// The veth's NAPI thread (`napi/<if>-<id>`), once threaded NAPI is on.
+fn napi_thread(ifname: &str) -> anyhow::Result<u32> {
+    let prefix = format!("napi/{ifname}-");
+    for e in fs::read_dir("/proc")? {
+        let e = e?;
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with(&prefix)) {
+            return Ok(pid);
+        }
+    }
+    bail!("no NAPI thread {prefix}* after enabling threaded NAPI")
+}
+
+/// UDP `RcvbufErrors` in the namespace (datagrams lost at a full socket buffer).
+fn rcvbuf_errors(ns: &str) -> anyhow::Result<u64> {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "cat", "/proc/net/snmp"]);
+    let out = harness::run(c, "reading /proc/net/snmp")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(head), Some(vals)) = (udp.next(), udp.next()) else {
+        bail!("no Udp lines in /proc/net/snmp");
+    };
+    head.split_whitespace()
+        .zip(vals.split_whitespace())
+        .find(|(k, _)| *k == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| anyhow!("no RcvbufErrors in /proc/net/snmp"))
+}
+
+/// cn-backend initialised as the harness does, serving inside namespace `ns`.
+fn start_cn(bins: &Bins, dir: &Path, ns: &str) -> anyhow::Result<Cn> {
+    let cn_dir: PathBuf = dir.join("cn");
+    let mut c = bins.command("cn-backend");
+    c.arg("--dir")
+        .arg(&cn_dir)
+        .args(["init", "--mcc", "001", "--mnc", "01"]);
+    harness::run(c, "cn-backend init")?;
+    let mut c = bins.command("cn-backend");
+    c.arg("--dir").arg(&cn_dir).args([
+        "subscriber",
+        "add",
+        "--supi",
+        COMPANION_SUPI,
+        "--k",
+        COMPANION_K,
+        "--opc",
+        COMPANION_OPC,
+        "--max-children",
+        "10",
+        "--max-lifetime",
+        "30d",
+    ]);
+    harness::run(c, "cn-backend subscriber add")?;
+    let ready = dir.join("cn-ready.json");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(bins.path("cn-backend"))
+        .arg("--dir")
+        .arg(&cn_dir)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
+        .arg(&ready);
+    let daemon = Daemon::spawn("cn-backend", c, &ready, &dir.join("cn-backend.log"))?;
+    Ok(Cn {
+        dir: cn_dir,
+        daemon,
+    })
+}
+
+fn status(bins: &Bins, control: &str) -> anyhow::Result<serde_json::Value> {
+    let mut c = bins.command("gatewayctl");
+    c.args(["--socket", control, "status", "--json"]);
+    let out = harness::run(c, "gatewayctl status")?;
+    serde_json::from_slice(&out.stdout).context("parsing gatewayctl status --json")
+}
+
+fn counters(bins: &Bins, control: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(status(bins, control)?["filter"]["counters"].clone())
+}
+
+fn json_u64(v: &serde_json::Value, k: &str) -> anyhow::Result<u64> {
+    v[k].as_u64()
+        .ok_or_else(|| anyhow!("no integer {k:?} in {v}"))
+}
+
+/// Every drop reason of the filter's counters.
+fn dropped(c: &serde_json::Value) -> anyhow::Result<u64> {
+    [
+        "dropped_short_initial",
+        "rate_limited",
+        "denied",
+        "not_paired",
+    ]
+    .iter()
+    .map(|k| json_u64(c, k))
+    .sum()
 }
