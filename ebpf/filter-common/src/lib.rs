@@ -107,10 +107,16 @@ pub struct SourceKey {
 impl SourceKey {
     /// From IPv4 octets (network order).
     pub const fn v4(o: [u8; 4]) -> Self {
+        // Built from words: written byte by byte, LLVM's BPF backend zeroes the first ten bytes
+        // with a call to a byte-loop `memset`, on every packet the program judges.
+        let words: [u32; 4] = [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            u32::from_ne_bytes(o),
+        ];
         Self {
-            addr: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-            ],
+            addr: zerocopy::transmute!(words),
         }
     }
     /// From IPv6 octets.
@@ -298,6 +304,14 @@ pub fn take(cfg: &FilterConfig, b: &mut Bucket, now_ns: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_keys_are_ipv4_mapped_ipv6() {
+        assert_eq!(
+            SourceKey::v4([192, 0, 2, 7]).addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 7]
+        );
+    }
 
     #[test]
     fn initial_detection() {
