@@ -41,6 +41,10 @@ struct Cli {
     /// Replace the generated section of this markdown file (between the e2e-bench markers).
     #[arg(long)]
     update_doc: Option<PathBuf>,
+    /// Also tabulate the criterion micro-benchmarks found here (`cargo bench -p
+    /// companion-benches` writes them to target/criterion).
+    #[arg(long)]
+    criterion: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -112,8 +116,13 @@ fn real_main() -> anyhow::Result<bool> {
         }
     }
 
+    let micro = match &cli.criterion {
+        Some(dir) => Some(micro_benchmarks(dir)?),
+        None => None,
+    };
     let json = serde_json::json!({
         "machine": machine,
+        "micro": micro.as_ref().map(|m| &m.0),
         "quick": cli.quick,
         "suites": reports.iter().map(|r| (r.name.to_string(), r.data.clone())).collect::<serde_json::Map<_, _>>(),
         "targets": reports.iter().flat_map(|r| r.targets.clone()).collect::<Vec<_>>(),
@@ -121,7 +130,10 @@ fn real_main() -> anyhow::Result<bool> {
     });
     let json_path = cli.out.join("results.json");
     fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
-    let md = markdown(&machine, &reports, &errors, cli.quick);
+    let mut md = markdown(&machine, &reports, &errors, cli.quick);
+    if let Some((_, table)) = &micro {
+        md.push_str(table);
+    }
     let md_path = cli.out.join("results.md");
     fs::write(&md_path, &md)?;
     eprintln!(
@@ -226,4 +238,99 @@ fn machine() -> serde_json::Value {
         "cpu": model, "cores": cores, "mem_kib": mem_kib, "kernel": kernel,
         "date": date, "commit": commit, "summary": summary,
     })
+}
+
+/// One criterion benchmark's median.
+#[derive(Debug, serde::Serialize)]
+struct Micro {
+    name: String,
+    median_ns: f64,
+    /// Elements or bytes per iteration, if the benchmark declares a throughput.
+    elements: Option<u64>,
+    bytes: Option<u64>,
+}
+
+/// Reads every `<bench>/new/{benchmark,estimates}.json` under criterion's output directory and
+/// tabulates the medians (name order).
+fn micro_benchmarks(dir: &Path) -> anyhow::Result<(Vec<Micro>, String)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))?;
+        for e in entries {
+            let p = e?.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == "new") {
+                    found.push(p);
+                } else if !p.file_name().is_some_and(|n| n == "base" || n == "report") {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    let read = |p: PathBuf| -> anyhow::Result<serde_json::Value> {
+        let t = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&t).with_context(|| format!("parsing {}", p.display()))
+    };
+    let mut rows = Vec::new();
+    for d in found {
+        let (b, e) = (
+            read(d.join("benchmark.json"))?,
+            read(d.join("estimates.json"))?,
+        );
+        rows.push(Micro {
+            name: b["full_id"].as_str().unwrap_or("?").to_string(),
+            median_ns: e["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN),
+            elements: b["throughput"]["Elements"].as_u64(),
+            bytes: b["throughput"]["Bytes"].as_u64(),
+        });
+    }
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no criterion results under {}: run `cargo bench -p companion-benches` first",
+        dir.display()
+    );
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut md = String::from(
+        "### Micro-benchmarks (criterion)\n\n\
+         `cargo bench -p companion-benches`: medians of criterion's estimates, one core.\n\n\
+         | benchmark | median | per second |\n|---|---:|---:|\n",
+    );
+    for r in &rows {
+        let per_iter_s = r.median_ns / 1e9;
+        let rate = match (r.elements, r.bytes) {
+            (Some(n), _) => si(n as f64 / per_iter_s, ""),
+            (_, Some(b)) => format!("{:.1} GiB/s", b as f64 / per_iter_s / 1073741824.0),
+            _ => si(1.0 / per_iter_s, ""),
+        };
+        let _ = writeln!(
+            md,
+            "| `{}` | {} | {} |",
+            r.name,
+            duration_ns(r.median_ns),
+            rate
+        );
+    }
+    md.push('\n');
+    Ok((rows, md))
+}
+
+fn duration_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+fn si(x: f64, unit: &str) -> String {
+    if x >= 1e6 {
+        format!("{:.1} M{unit}", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1} k{unit}", x / 1e3)
+    } else {
+        format!("{x:.0}{unit}")
+    }
 }

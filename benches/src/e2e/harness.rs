@@ -320,7 +320,8 @@ pub struct Gateway {
 
 impl Gateway {
     /// Writes the companion credential (0600) and a configuration, starts gatewayd on loopback
-    /// and waits for its ready file (written once the CN link is up and the device port open).
+    /// and waits for its ready file (written once the device port and the control socket are
+    /// open; the CN link comes up in the background — loadgen waits for it).
     pub fn start(bins: &Bins, dir: &Path, cn: &Cn, s: &GatewaySettings) -> anyhow::Result<Self> {
         let cfg = Self::write_config(dir, cn, s, "127.0.0.1:0")?;
         let ready = dir.join("gw-ready.json");
