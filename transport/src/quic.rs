@@ -92,6 +92,11 @@ fn tls13_server(
     let mut tls = builder.with_single_cert(identity.chain().to_vec(), identity.private_key())?;
     tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     tls.max_early_data_size = 0;
+    // No resumption: every connection presents its key in full (pairing admission and the AKA
+    // binding are decided per handshake), so tickets would only cost the server an encryption
+    // and a datagram's worth of bytes per handshake.
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(tls)
 }
 
