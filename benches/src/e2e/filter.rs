@@ -296,6 +296,18 @@ fn one(
     let rx_cpu_s = flooder_cpu_softirq_s + gatewayd_cpu_s;
     let machine_cpu_s =
         (machine_busy_s - (flooder_cpu_s - flooder_cpu_softirq_s).max(0.0)).max(0.0);
+    ensure!(
+        offered > 0 && dropped > 0,
+        "the filter dropped {dropped} of {offered} datagrams offered: the flood did not reach it \
+         (counters {counters0} -> {counters1})"
+    );
+    if let Some(n) = bpf_run_cnt {
+        ensure!(
+            n > 0 && own_cpu_s > 0.0,
+            "the BPF program ran {n} times for {own_cpu_s} s: were the BPF stats turned off \
+             (kernel.bpf_stats_enabled) during the flood?"
+        );
+    }
     let per = |cpu: f64| {
         if dropped == 0 || cpu <= 0.0 {
             (0.0, 0.0)
