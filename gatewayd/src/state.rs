@@ -488,9 +488,16 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
             || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
+/// `execute` through the connection's statement cache: the hot path's statements are parsed
+/// once per connection, not once per device.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
 /// Records an outstanding request (see [`State::insert_request`]).
 fn insert_request_in(conn: &Connection, r: &OutstandingRequest) -> Result<(), StateError> {
-    let res = conn.execute(
+    let res = exec(
+        conn,
         "INSERT INTO requests (request_id, device_id, kind, hpke_pk, created_at, params,
              renew_supi)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -516,7 +523,8 @@ fn insert_request_in(conn: &Connection, r: &OutstandingRequest) -> Result<(), St
 
 /// Records one issued credential (see [`State::record_issued`]); runs inside a transaction.
 fn record_issued_in(tx: &Connection, d: &PendingDelivery) -> Result<(), StateError> {
-    let inserted = tx.execute(
+    let inserted = exec(
+        tx,
         "INSERT OR IGNORE INTO deliveries
              (request_id, device_id, supi, expires_at, sealed, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -537,7 +545,8 @@ fn record_issued_in(tx: &Connection, d: &PendingDelivery) -> Result<(), StateErr
                 |r| r.get(0),
             )
             .optional()?;
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO credentials
                  (device_id, supi, expires_at, request_id, acknowledged_at, hpke_pk)
              VALUES (?1, ?2, ?3, ?4, NULL, ?5)
@@ -554,12 +563,14 @@ fn record_issued_in(tx: &Connection, d: &PendingDelivery) -> Result<(), StateErr
             ],
         )?;
         // Deliveries of older requests of this device are superseded.
-        tx.execute(
+        exec(
+            tx,
             "DELETE FROM deliveries WHERE device_id = ?1 AND request_id <> ?2",
             params![d.device_id.as_str(), d.request_id.as_bytes().as_slice()],
         )?;
     }
-    tx.execute(
+    exec(
+        tx,
         "DELETE FROM requests WHERE request_id = ?1",
         [d.request_id.as_bytes().as_slice()],
     )?;
@@ -573,12 +584,14 @@ fn acknowledge_in(
     request_id: &RequestId,
     at: UnixTime,
 ) -> Result<AckOutcome, StateError> {
-    let removed = tx.execute(
+    let removed = exec(
+        tx,
         "DELETE FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
         params![request_id.as_bytes().as_slice(), device.as_str()],
     )?;
     if removed > 0 {
-        tx.execute(
+        exec(
+            tx,
             "UPDATE credentials SET acknowledged_at = ?3
              WHERE device_id = ?1 AND request_id = ?2",
             params![device.as_str(), request_id.as_bytes().as_slice(), at],
