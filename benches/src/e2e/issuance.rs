@@ -784,8 +784,8 @@ fn markdown(
          (one fsync each), so cn-backend ({:.0}/s) is held to the order of the one-row \
          transaction ceiling ({:.0}/s). With batches of {}, the fsync is shared and the CPU \
          decides: cn-backend spends {:.1} µs of CPU per credential, of which the crypto accounts \
-         for {:.1} µs (the HPKE seal alone {:.1} µs: one X25519 shared secret on the \
-         variable-base ladder, and the ephemeral public key, which `hpke` 0.15 computes twice) \
+         for {:.1} µs (the HPKE seal alone {:.1} µs: ring's X25519 for the ephemeral key \
+         and the shared secret, then the RFC 9180 key schedule and ChaCha20-Poly1305) \
          and plain SQLite inserts of the same bytes for {:.1} µs; the remaining {:.1} µs are \
          cn-backend's own rows and indexes (child, idempotency ledger, audit, SUPI allocation), \
          the per-batch quota count (a scan of the companion's active children: {} of them by the \

@@ -395,9 +395,14 @@ fn markdown(runs: &[Run], plots: &[String]) -> String {
          `loadgen` (its own process, sharing the 2 cores) drives N simulated devices through the \
          real device flow (QUIC + mTLS to gatewayd, request, sealed credential, opened and \
          checked, acknowledged) with C in flight at once; gatewayd batches towards a real \
-         cn-backend (fsync per batch). `handshake` is `loadgen handshake` against the same \
-         gatewayd configuration: connect with mutual TLS, then close. Fresh daemons and store per \
-         row; throughput = devices completed / wall time of the phase.\n\n\
+         cn-backend (fsync per batch), either on loopback (CN RTT 0) or behind a UDP relay \
+         holding every datagram half the RTT each way (a home router reaching the operator's \
+         data centre). `smart`: gatewayd's default batching (up to 256 per batch, 4 batches in \
+         flight); `size1`: `max_batch = 1`, still 4 in flight. `handshake` is `loadgen \
+         handshake` against the same gatewayd configuration: connect with mutual TLS until the \
+         gateway confirms it admitted the key, then close. Fresh daemons and store per row; \
+         throughput = devices completed / wall time of the phase; retries are a device's \
+         retry-after answers (busy, CN slow) and reconnections.\n\n\
          | C | mode | CN RTT ms | devices | per s | p50 ms | p99 ms | mean batch | retries | gatewayd CPU s | cn-backend CPU s |\n\
          |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
