@@ -29,16 +29,14 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
 use serde::Serialize;
 
-use super::harness::{
-    self, Bins, COMPANION_K, COMPANION_OPC, COMPANION_SUPI, Cn, Daemon, Gateway, GatewaySettings,
-};
+use super::harness::{self, Cn, Daemon, Gateway, GatewaySettings, gateway_status};
 use super::{Env, SuiteReport, Target, round};
 
 /// The gateway's address on the veth and the QUIC port gatewayd listens on.
@@ -125,7 +123,7 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     let dir = env.scratch("filter")?;
     // Dropped last: after every daemon in its namespace is gone.
     let topo = Topology::create(std::process::id() % 100_000)?;
-    let cn = start_cn(&env.bins, &dir, &topo.gw)?;
+    let cn = Cn::start_in(&env.bins, &dir, 10, Some(&topo.gw))?;
     let mut runs = Vec::new();
     for mode in MODES {
         let r = one(env, &topo, &cn, &dir, mode, secs, pin)
@@ -196,7 +194,7 @@ fn one(
         daemon,
     };
     let control = gw.control()?;
-    let st = status(&env.bins, &control)?;
+    let st = gateway_status(Path::new(&control))?;
     let mode = st["filter"]["mode"]
         .as_str()
         .ok_or_else(|| anyhow!("no filter mode in gatewayctl status: {st}"))?
@@ -239,7 +237,7 @@ fn one(
         PROG_TYPE_XDP
     };
     let pid = gw.daemon.pid();
-    let counters0 = counters(&env.bins, &control)?;
+    let counters0 = counters(&control)?;
     let bpf0 = if ebpf {
         Some(bpf_prog_stats(pid, prog_type)?)
     } else {
@@ -267,7 +265,7 @@ fn one(
     let gw_cpu1 = gw.daemon.cpu()?;
     let veth1 = topo.veth_drops()?;
     let sock1 = rcvbuf_errors(&topo.gw)?;
-    let counters1 = counters(&env.bins, &control)?;
+    let counters1 = counters(&control)?;
     drop(stats);
     gw.daemon.stop()?;
 
@@ -886,61 +884,8 @@ fn rcvbuf_errors(ns: &str) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow!("no RcvbufErrors in /proc/net/snmp"))
 }
 
-/// cn-backend initialised as the harness does, serving inside namespace `ns`.
-fn start_cn(bins: &Bins, dir: &Path, ns: &str) -> anyhow::Result<Cn> {
-    let cn_dir: PathBuf = dir.join("cn");
-    let mut c = bins.command("cn-backend");
-    c.arg("--dir")
-        .arg(&cn_dir)
-        .args(["init", "--mcc", "001", "--mnc", "01"]);
-    harness::run(c, "cn-backend init")?;
-    let mut c = bins.command("cn-backend");
-    c.arg("--dir").arg(&cn_dir).args([
-        "subscriber",
-        "add",
-        "--supi",
-        COMPANION_SUPI,
-        "--k",
-        COMPANION_K,
-        "--opc",
-        COMPANION_OPC,
-        "--max-children",
-        "10",
-        "--max-lifetime",
-        "30d",
-    ]);
-    harness::run(c, "cn-backend subscriber add")?;
-    let ready = dir.join("cn-ready.json");
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns])
-        .arg(bins.path("cn-backend"))
-        .arg("--dir")
-        .arg(&cn_dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--ready-file",
-        ])
-        .arg(&ready);
-    let daemon = Daemon::spawn("cn-backend", c, &ready, &dir.join("cn-backend.log"))?;
-    Ok(Cn {
-        dir: cn_dir,
-        daemon,
-    })
-}
-
-fn status(bins: &Bins, control: &str) -> anyhow::Result<serde_json::Value> {
-    let mut c = bins.command("gatewayctl");
-    c.args(["--socket", control, "status", "--json"]);
-    let out = harness::run(c, "gatewayctl status")?;
-    serde_json::from_slice(&out.stdout).context("parsing gatewayctl status --json")
-}
-
-fn counters(bins: &Bins, control: &str) -> anyhow::Result<serde_json::Value> {
-    Ok(status(bins, control)?["filter"]["counters"].clone())
+fn counters(control: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(gateway_status(Path::new(control))?["filter"]["counters"].clone())
 }
 
 fn json_u64(v: &serde_json::Value, k: &str) -> anyhow::Result<u64> {

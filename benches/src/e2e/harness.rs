@@ -66,9 +66,20 @@ impl Daemon {
     /// Spawns `cmd` (stderr to `log`) and waits up to 60 s for it to write `ready_file`.
     pub fn spawn(
         name: &'static str,
+        cmd: Command,
+        ready_file: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::spawn_within(name, cmd, ready_file, log, Duration::from_secs(60))
+    }
+
+    /// [`spawn`](Self::spawn), waiting up to `limit` for the ready file.
+    pub fn spawn_within(
+        name: &'static str,
         mut cmd: Command,
         ready_file: &Path,
         log: &Path,
+        limit: Duration,
     ) -> anyhow::Result<Self> {
         let _ = fs::remove_file(ready_file);
         let err = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -79,7 +90,7 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        let until = started + Duration::from_secs(60);
+        let until = started + limit;
         loop {
             if let Ok(t) = fs::read_to_string(ready_file)
                 && let Ok(ready) = serde_json::from_str::<serde_json::Value>(&t)
@@ -101,7 +112,10 @@ impl Daemon {
             if Instant::now() > until {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("{name} not ready after 60 s; its log:\n{}", tail(log, 30));
+                bail!(
+                    "{name} not ready after {limit:?}; its log:\n{}",
+                    tail(log, 30)
+                );
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -134,13 +148,14 @@ impl Daemon {
         status_kib(self.pid(), "VmHWM")
     }
 
-    /// SIGTERM, then up to 10 s for a clean exit before SIGKILL.
+    /// SIGTERM, then up to 30 s for a clean exit (a daemon's final report is written by then)
+    /// before the SIGKILL of `Drop`.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let pid = self.pid();
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
-        let until = Instant::now() + Duration::from_secs(10);
+        let until = Instant::now() + Duration::from_secs(30);
         while Instant::now() < until {
             if self.child.try_wait()?.is_some() {
                 return Ok(());
@@ -227,6 +242,17 @@ impl Cn {
     /// `cn-backend init` + the companion subscription (`max_children` children) + `serve` on
     /// loopback ports chosen by the kernel.
     pub fn start(bins: &Bins, dir: &Path, max_children: u64) -> anyhow::Result<Self> {
+        Self::start_in(bins, dir, max_children, None)
+    }
+
+    /// [`start`](Self::start), serving inside network namespace `netns` when given
+    /// (`ip netns exec`; its loopback).
+    pub fn start_in(
+        bins: &Bins,
+        dir: &Path,
+        max_children: u64,
+        netns: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let cn_dir = dir.join("cn");
         let mut c = bins.command("cn-backend");
         c.arg("--dir")
@@ -249,7 +275,14 @@ impl Cn {
             "30d",
         ]);
         run(c, "cn-backend subscriber add")?;
-        let mut c = bins.command("cn-backend");
+        let mut c = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bins.path("cn-backend"));
+                c
+            }
+            None => bins.command("cn-backend"),
+        };
         c.arg("--dir").arg(&cn_dir).args([
             "serve",
             "--listen",
@@ -585,5 +618,42 @@ async fn relay(
             }
         };
         let _ = tx.send((due, buf[..n].to_vec()));
+    }
+}
+
+/// One JSON-lines request on gatewayd's control socket (`{"op":"status"}`): the status object
+/// (what `gatewayctl status --json` prints).
+pub fn gateway_status(control: &Path) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(control).with_context(|| {
+        format!(
+            "connecting to gatewayd's control socket {}",
+            control.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"{\"op\":\"status\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("control answer {line:?}"))?;
+    if v["result"] != "status" {
+        bail!("gatewayd refused the status request: {v}");
+    }
+    Ok(v["status"].clone())
+}
+
+/// Polls gatewayd's status every millisecond until its CN link is up; when it was seen up.
+pub fn wait_cn_up(control: &Path, limit: Duration) -> anyhow::Result<Instant> {
+    let until = Instant::now() + limit;
+    loop {
+        let st = gateway_status(control)?;
+        if st["cn_link"] == "up" {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > until {
+            bail!("gatewayd's CN link is {} after {limit:?}", st["cn_link"]);
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }

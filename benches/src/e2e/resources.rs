@@ -17,16 +17,15 @@
 //!   (`active_connections`) is read from its status to check the hold.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use serde::Serialize;
 
-use super::harness::{Bins, Cn, Daemon, Gateway, GatewaySettings, status_kib, tail};
+use super::harness::{
+    Cn, Daemon, Gateway, GatewaySettings, gateway_status, status_kib, tail, wait_cn_up,
+};
 use super::{Env, SuiteReport, Target, round};
 
 /// The targets.
@@ -327,133 +326,6 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
-/// One JSON-lines request on gatewayd's control socket (`{"op":"status"}`): its status object.
-fn control_status(path: &Path) -> anyhow::Result<serde_json::Value> {
-    let mut s = UnixStream::connect(path)
-        .with_context(|| format!("connecting to gatewayd's control socket {}", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"{\"op\":\"status\"}\n")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&line).with_context(|| format!("control answer {line:?}"))?;
-    if v["result"] != "status" {
-        bail!("gatewayd refused the status request: {v}");
-    }
-    Ok(v["status"].clone())
-}
-
-/// Polls the status every millisecond until the CN link is up; when it was seen up.
-fn wait_cn_up(control: &Path, limit: Duration) -> anyhow::Result<Instant> {
-    let until = Instant::now() + limit;
-    loop {
-        let st = control_status(control)?;
-        if st["cn_link"] == "up" {
-            return Ok(Instant::now());
-        }
-        if Instant::now() > until {
-            bail!("gatewayd's CN link is {} after {limit:?}", st["cn_link"]);
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// A `loadgen hold` child: SIGTERMed (then killed) when dropped.
-struct HoldProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl HoldProc {
-    fn spawn(
-        bins: &Bins,
-        gw: &Gateway,
-        n: usize,
-        ready: &Path,
-        report: &Path,
-    ) -> anyhow::Result<Self> {
-        let log = gw.dir.join("loadgen-hold.log");
-        let err = std::fs::File::create(&log)?;
-        let child = bins
-            .command("loadgen")
-            .args(["hold", "--devices", &n.to_string()])
-            .args(["--concurrency", &HOLD_CONCURRENCY.to_string()])
-            .args([
-                "--gateway",
-                &gw.devices()?,
-                "--control-socket",
-                &gw.control()?,
-            ])
-            .args(["--progress", "never", "--id-prefix", "res"])
-            .arg("--ready-file")
-            .arg(ready)
-            .arg("--json")
-            .arg(report)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .context("starting loadgen hold")?;
-        Ok(Self { child, log })
-    }
-
-    /// Waits for the ready file (all devices connected or failed).
-    fn wait_ready(&mut self, ready: &Path, limit: Duration) -> anyhow::Result<serde_json::Value> {
-        let until = Instant::now() + limit;
-        loop {
-            if let Ok(t) = std::fs::read_to_string(ready)
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
-            {
-                return Ok(v);
-            }
-            if let Some(st) = self.child.try_wait()? {
-                bail!(
-                    "loadgen hold exited ({st}) before all devices connected:\n{}",
-                    tail(&self.log, 20)
-                );
-            }
-            if Instant::now() > until {
-                bail!(
-                    "loadgen hold not ready after {limit:?}:\n{}",
-                    tail(&self.log, 20)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM and wait for the exit (the final report is written by then).
-    fn stop(mut self) -> anyhow::Result<()> {
-        signal_term(self.child.id());
-        let until = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < until {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!(
-            "loadgen hold did not end within 30 s of SIGTERM:\n{}",
-            tail(&self.log, 20)
-        )
-    }
-}
-
-impl Drop for HoldProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn signal_term(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-}
-
 /// A `kB` line of `/proc/<pid>/smaps_rollup` (0 if absent).
 fn smaps_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
@@ -477,8 +349,28 @@ fn hold(env: &Env, cn: &Cn, dir: &Path, n: usize) -> anyhow::Result<Memory> {
     let mut proc = None;
     let mut connected = 0;
     if n > 0 {
-        let mut p = HoldProc::spawn(&env.bins, &gw, n, &ready, &report)?;
-        let r = p.wait_ready(&ready, Duration::from_secs(600))?;
+        let mut c = env.bins.command("loadgen");
+        c.args(["hold", "--devices", &n.to_string()])
+            .args(["--concurrency", &HOLD_CONCURRENCY.to_string()])
+            .args([
+                "--gateway",
+                &gw.devices()?,
+                "--control-socket",
+                &gw.control()?,
+            ])
+            .args(["--progress", "never", "--id-prefix", "res"])
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--json")
+            .arg(&report);
+        let p = Daemon::spawn_within(
+            "loadgen hold",
+            c,
+            &ready,
+            &dir.join("loadgen-hold.log"),
+            Duration::from_secs(600),
+        )?;
+        let r = &p.ready;
         connected = r["connected"].as_u64().unwrap_or(0);
         if connected != n as u64 {
             bail!("loadgen hold connected {connected} of {n} devices: {r}");
@@ -490,7 +382,7 @@ fn hold(env: &Env, cn: &Cn, dir: &Path, n: usize) -> anyhow::Result<Memory> {
     let rss_kib = status_kib(pid, "VmRSS")?;
     let hwm_kib = status_kib(pid, "VmHWM")?;
     let anon_huge_kib = smaps_kib(pid, "AnonHugePages");
-    let gateway_connections = control_status(&control)?["active_connections"]
+    let gateway_connections = gateway_status(&control)?["active_connections"]
         .as_u64()
         .unwrap_or(0);
     let mut m = Memory {
