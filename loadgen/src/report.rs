@@ -130,27 +130,9 @@ impl Report {
                 self.attaches_succeeded, self.devices, a.p50_ms, a.p99_ms, a.max_ms
             );
         }
-        if !self.retries_by_reason.is_empty() {
-            let r: Vec<String> = self
-                .retries_by_reason
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            s += &format!("  retries      {}\n", r.join(" "));
-        }
-        if !self.failures_by_reason.is_empty() {
-            let r: Vec<String> = self
-                .failures_by_reason
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            s += &format!("  failures     {}\n", r.join(" "));
-        }
-        s += if self.all_ok() {
-            "  result       OK\n"
-        } else {
-            "  result       FAILED\n"
-        };
+        s += &reasons_line("retries", &self.retries_by_reason);
+        s += &reasons_line("failures", &self.failures_by_reason);
+        s += &outcome_lines(None, self.all_ok());
         s
     }
 }
@@ -208,14 +190,7 @@ impl HandshakeReport {
         s += &latency_line("latency", &self.latency_ms);
         s += &latency_line("device side", &self.client_side_latency_ms);
         s += &reasons_line("failures", &self.failures_by_reason);
-        if let Some(e) = &self.last_error {
-            s += &format!("  last error   {e}\n");
-        }
-        s += if self.all_ok() {
-            "  result       OK\n"
-        } else {
-            "  result       FAILED\n"
-        };
+        s += &outcome_lines(self.last_error.as_deref(), self.all_ok());
         s
     }
 }
@@ -276,16 +251,20 @@ impl HoldReport {
         );
         s += &reasons_line("closed", &self.closed_by_reason);
         s += &reasons_line("failures", &self.failures_by_reason);
-        if let Some(e) = &self.last_error {
-            s += &format!("  last error   {e}\n");
-        }
-        s += if self.all_ok() {
-            "  result       OK\n"
-        } else {
-            "  result       FAILED\n"
-        };
+        s += &outcome_lines(self.last_error.as_deref(), self.all_ok());
         s
     }
+}
+
+/// The closing lines of a human summary: the last error (if any) and the verdict.
+fn outcome_lines(last_error: Option<&str>, ok: bool) -> String {
+    let mut s = last_error.map_or_else(String::new, |e| format!("  last error   {e}\n"));
+    s += if ok {
+        "  result       OK\n"
+    } else {
+        "  result       FAILED\n"
+    };
+    s
 }
 
 fn latency_line(what: &str, l: &Latency) -> String {
