@@ -705,15 +705,18 @@ impl Provisioner {
             answers.push((r.request_id, done));
         }
         if !issued.is_empty() {
-            match self.state.record_issued_all_async(issued.clone()).await {
-                Ok(()) => {
-                    answers.extend(issued.into_iter().map(|d| (d.request_id, Done::Issued(d))))
-                }
+            let ids: Vec<RequestId> = issued.iter().map(|d| d.request_id).collect();
+            match self.state.record_issued_all_async(issued).await {
+                Ok(recorded) => answers.extend(
+                    recorded
+                        .into_iter()
+                        .map(|d| (d.request_id, Done::Issued(d))),
+                ),
                 Err(e) => {
-                    tracing::error!(error = %e, items = issued.len(), "cannot record issued credentials");
-                    answers.extend(issued.into_iter().map(|d| {
+                    tracing::error!(error = %e, items = ids.len(), "cannot record issued credentials");
+                    answers.extend(ids.into_iter().map(|id| {
                         (
-                            d.request_id,
+                            id,
                             Done::Retry(ErrorMsg::retry_after(
                                 ErrorCode::Internal,
                                 "gateway storage failed",

@@ -853,13 +853,17 @@ impl State {
     }
 
     /// [`record_issued`](Self::record_issued) for every credential of a CN batch, in one
-    /// savepoint of a group commit: all are recorded or none.
+    /// savepoint of a group commit: all are recorded or none. Hands the deliveries back once
+    /// they are durable.
     pub async fn record_issued_all_async(
         &self,
         ds: Vec<PendingDelivery>,
-    ) -> Result<(), StateError> {
-        self.write_grouped_async(move |c| ds.iter().try_for_each(|d| record_issued_in(c, d)))
-            .await
+    ) -> Result<Vec<PendingDelivery>, StateError> {
+        self.write_grouped_async(move |c| {
+            ds.iter().try_for_each(|d| record_issued_in(c, d))?;
+            Ok(ds)
+        })
+        .await
     }
 
     /// Deliveries not yet acknowledged by `device`, oldest first (redeliver on reconnect).
