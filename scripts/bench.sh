@@ -14,12 +14,9 @@ cd "$(dirname "$0")/.."
 
 say() { printf '\033[1;34mbench:\033[0m %s\n' "$*" >&2; }
 
-if ! command -v cargo >/dev/null || ! command -v bpf-linker >/dev/null; then
-  say "toolchain incomplete: running scripts/setup.sh"
-  bash scripts/setup.sh
-  # shellcheck disable=SC1091
-  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-fi
+command -v cargo >/dev/null || [ ! -f "$HOME/.cargo/env" ] || . "$HOME/.cargo/env"
+# What the release build needs (the nightly's rust-src, bpf-linker); a no-op once installed.
+bash scripts/setup.sh --build
 
 args=("$@")
 if [ "$(id -u)" != 0 ] && ! printf '%s\n' "${args[@]}" | grep -q -- '--suites'; then

@@ -1,49 +1,79 @@
 #!/usr/bin/env bash
-# Installs what building and testing this project needs on a fresh machine. Idempotent: every step
-# checks before it installs, so running it again costs seconds.
+# Installs what this project needs on a fresh machine (rustup with stable and nightly). Idempotent:
+# every step checks before it installs, so a second run costs seconds.
+#
+#   scripts/setup.sh --build   what building the binaries needs, nothing more (scripts/demo.sh):
+#                              the nightly's rust-src and bpf-linker, for the eBPF LAN filter.
+#   scripts/setup.sh           everything the tests need on top (scripts/test.sh): clippy, rustfmt,
+#                              cargo-fuzz, the Debian tools of the deployment and namespace tests,
+#                              the musl targets, zig and cargo-zigbuild.
 set -euo pipefail
+
+MODE=all
+case "${1:-}" in
+  --build) MODE=build ;;
+  "" | --all) MODE=all ;;
+  -h | --help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "setup: unknown option '$1' (use --build, or nothing for everything)" >&2; exit 2 ;;
+esac
 
 log() { printf '\033[1;34msetup:\033[0m %s\n' "$*" >&2; }
 
+has_rustup_component() { # toolchain component
+  rustup component list --toolchain "$1" --installed 2>/dev/null | grep -q "^$2"
+}
 need_rustup_component() { # toolchain component
-  if ! rustup component list --toolchain "$1" --installed 2>/dev/null | grep -q "^$2"; then
+  if ! has_rustup_component "$1" "$2"; then
     log "rustup component add $2 --toolchain $1"
     rustup component add "$2" --toolchain "$1"
   fi
 }
+has_nightly() { rustup toolchain list 2>/dev/null | grep -q '^nightly'; }
+has_bpf_linker() { command -v bpf-linker >/dev/null && bpf-linker --version 2>/dev/null | grep -q '0\.10\.4'; }
 
 command -v rustup >/dev/null || { echo "setup: rustup is required (https://rustup.rs)" >&2; exit 1; }
 
-# Stable builds the workspace.
-need_rustup_component stable clippy
-need_rustup_component stable rustfmt
-
-# Nightly builds the fuzz targets (cargo-fuzz needs -Zsanitizer) and, later, the eBPF program.
-if ! rustup toolchain list | grep -q '^nightly'; then
+# --- What building the binaries needs --------------------------------------------------------
+# The eBPF program (ebpf/filter-ebpf) is built from source by gatewayd/build.rs with aya-build:
+# the nightly toolchain with rust-src, and bpf-linker 0.10.4, whose rust-llvm-22 feature uses the
+# nightly's LLVM 22 (no system LLVM needed; newer releases need LLVM 23).
+missing=()
+has_nightly || missing+=("the nightly toolchain")
+{ has_nightly && has_rustup_component nightly rust-src; } || missing+=("the nightly's rust-src")
+has_bpf_linker || missing+=("bpf-linker 0.10.4 (about 2 minutes to compile)")
+if ((${#missing[@]})); then
+  list=$(printf '%s, ' "${missing[@]}")
+  log "installing what the build needs: ${list%, } (once; about 3 minutes in all)"
+fi
+if ! has_nightly; then
   log "rustup toolchain install nightly --profile minimal"
   rustup toolchain install nightly --profile minimal
 fi
 need_rustup_component nightly rust-src
-
-if ! command -v cargo-fuzz >/dev/null; then
-  log "cargo install cargo-fuzz --locked"
-  cargo install cargo-fuzz --locked --quiet
-fi
-
-# bpf-linker links the eBPF program (ebpf/); 0.10.4 with its rust-llvm-22 feature uses the nightly's
-# LLVM 22, so no system LLVM is needed. Newer releases need LLVM 23.
-if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.4'; then
-  log "cargo install bpf-linker@0.10.4 --locked (about two minutes)"
+if ! has_bpf_linker; then
+  log "cargo install bpf-linker@0.10.4 --locked"
   cargo install bpf-linker@0.10.4 --locked --quiet
 fi
 
-# Deployment tests and static router builds (issue 7): systemd, prometheus, qemu-user-static,
-# musl targets, zig, cargo-zigbuild.
+if [ "$MODE" = build ]; then
+  exit 0
+fi
+
+# --- What only the tests need ----------------------------------------------------------------
+need_rustup_component stable clippy
+need_rustup_component stable rustfmt
+
+# cargo-fuzz builds and runs the fuzz targets (nightly, -Zsanitizer).
+if ! command -v cargo-fuzz >/dev/null; then
+  log "cargo install cargo-fuzz --locked (about a minute)"
+  cargo install cargo-fuzz --locked --quiet
+fi
+
+# Deployment tests and static router builds: systemd, prometheus, qemu-user-static, musl targets,
+# zig, cargo-zigbuild.
 bash "$(dirname "$0")/setup-deploy.sh"
 
-# The eBPF program is built from source by gatewayd/build.rs (aya-build: nightly + rust-src +
-# bpf-linker, above). The namespace tests of the LAN filter (gatewayd/tests/netns.rs, run as root)
-# need iproute2's `ip`.
+# The namespace tests of the LAN filter (gatewayd/tests/netns.rs, run as root) need iproute2's `ip`.
 if ! command -v ip >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     log "apt-get install iproute2"

@@ -21,6 +21,12 @@ cargo build --workspace --bins --locked
 step "static router binaries (scripts/build-static.sh: x86_64 + aarch64 musl, target/static cached)"
 bash scripts/build-static.sh
 
+step "the README's first command: DEVICES=200 scripts/demo.sh"
+# The main job, for real, on a small device count: both README commands are proven at every run.
+# PROFILE=debug reuses the build above (the release build is the same code and the same build.rs,
+# and would add minutes); the demo's own setup step runs as it does on a fresh machine.
+DEVICES=${DEMO_DEVICES:-200} CONCURRENCY=64 PROFILE=debug bash scripts/demo.sh
+
 step "cargo test"
 # deploy/tests: a missing tool (promtool, prometheus, systemd-analyze, qemu) or static binary
 # fails instead of skipping, since setup.sh installed them; DEPLOY_TESTS_STRICT=0 to skip.
