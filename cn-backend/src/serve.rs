@@ -61,32 +61,6 @@ fn spawn_watchdog(svc: Arc<Service>) -> Option<tokio::task::JoinHandle<()>> {
     }))
 }
 
-/// The stateless-reset key: 32 random bytes, created on first start. With the same key after a
-/// restart, packets of connections from before the restart are answered with a stateless reset
-/// (RFC 9000 §10.3), so gateways reconnect at once instead of waiting for their idle timeout.
-fn load_or_create_reset_key(path: &Path) -> anyhow::Result<zeroize::Zeroizing<[u8; 32]>> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!(
-                    "{} holds {} bytes, expected 32: delete it and restart to create a new one",
-                    path.display(),
-                    bytes.len()
-                )
-            })?;
-            Ok(zeroize::Zeroizing::new(key))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = companion_crypto::Secret::<32>::try_random()
-                .context("drawing the stateless-reset key from the OS random generator")?;
-            companion_transport::pki::write_file(path, key.expose(), 0o600)
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok(zeroize::Zeroizing::new(*key.expose()))
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
 fn write_ready(path: &Path, quic: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
     let body = serde_json::json!({ "quic": quic.to_string(), "http": http.to_string() });
     let tmp = path.with_extension("tmp");
@@ -108,11 +82,11 @@ pub async fn serve(layout: &Layout, opts: ServeOptions) -> anyhow::Result<()> {
     limits.max_bidi_streams = 64;
     let qcfg = server_config(&loaded.identity, None, &[ALPN_CN, ALPN_ATTACH], &limits)
         .context("building the QUIC server configuration")?;
-    let reset_key = load_or_create_reset_key(&layout.reset_key())?;
-    let endpoint_cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        &reset_key[..],
-    )));
+    // Reset tokens and connection IDs derive from reset.key, kept across restarts: a restarted
+    // CN answers the packets of its predecessor's connections with a stateless reset, so
+    // gateways reconnect within one round trip instead of an idle timeout.
+    let reset_key = companion_transport::restart::load_or_create_reset_key(&layout.reset_key())?;
+    let endpoint_cfg = companion_transport::restart::endpoint_config(&reset_key);
     let socket = std::net::UdpSocket::bind(listen).with_context(|| {
         format!("binding the QUIC endpoint on {listen} (in use? change --listen)")
     })?;

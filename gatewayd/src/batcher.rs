@@ -208,6 +208,12 @@ impl<T> Batcher<T> {
         }
     }
 
+    /// Frees batch `id`'s in-flight slot without a service-time sample: its session was lost,
+    /// which says nothing about how fast the CN serves. Unknown ids are ignored.
+    pub fn abandon(&mut self, id: u64) {
+        self.in_flight.remove(&id);
+    }
+
     /// Empties the queue (shutdown, or CN unreachable): the caller answers each request itself.
     pub fn drain(&mut self) -> Vec<T> {
         self.queue.drain(..).map(|q| q.item).collect()

@@ -111,6 +111,8 @@ impl CnLink {
             .clamp(Duration::from_millis(500), Duration::from_secs(30))
     }
 
+    /// Publishes the link's state: `Up` while any session is, else `Connecting` when a slot has
+    /// just lost its session and is about to reconnect, else `Down` (an attempt failed).
     fn update_state(&self, metrics: &Metrics, connecting: bool) {
         let up = self
             .slots
@@ -140,7 +142,23 @@ impl CnLink {
         }
     }
 
+    /// Waits `delay` (or until shutdown), publishing when the next attempt is due.
+    async fn sleep_before_attempt(&self, delay: Duration, shutdown: &mut watch::Receiver<bool>) {
+        let at = self.epoch.elapsed() + delay;
+        self.next_attempt_ms
+            .store(at.as_millis() as u64, Ordering::Relaxed);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+
     /// Keeps slot `index` connected until `shutdown` turns true.
+    ///
+    /// A lost session is noticed the moment its connection closes: at once when the CN answers
+    /// with a stateless reset (it restarted; [`companion_transport::restart`]), within
+    /// [`companion_transport::quic::CN_LIVENESS`] when it went silent. Either way the slot
+    /// reconnects, and the loss is counted by reason (`gatewayd_cn_link_losses_total`).
     #[allow(clippy::too_many_arguments)]
     pub async fn run_slot(
         self: Arc<Self>,
@@ -178,21 +196,27 @@ impl CnLink {
                         .store(policy.max_batch_items, Ordering::Relaxed);
                     *lock(&self.slots[index]) = Some(session.clone());
                     self.update_state(&metrics, false);
-                    loop {
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                            _ = shutdown.changed() => {}
-                        }
-                        if session.is_closed() || *shutdown.borrow() {
-                            break;
-                        }
-                    }
+                    let lost = tokio::select! {
+                        e = session.connection().closed() => Some(e),
+                        _ = shutdown.wait_for(|s| *s) => None,
+                    };
                     *lock(&self.slots[index]) = None;
-                    self.update_state(&metrics, false);
-                    if *shutdown.borrow() {
-                        break;
-                    }
-                    tracing::warn!(slot = index, "CN link lost; reconnecting");
+                    let Some(e) = lost else { break };
+                    // Reconnecting: requests keep queueing until an attempt fails.
+                    self.update_state(&metrics, true);
+                    let reason = crate::metrics::link_loss::of(&e);
+                    metrics.cn_link_losses.with_label_values(&[reason]).inc();
+                    tracing::warn!(slot = index, reason, error = %e, "CN link lost; reconnecting");
+                    // A stateless reset comes from a CN that is already back: reconnect at once
+                    // (a little jitter, so the gateways of one CN do not all arrive in the same
+                    // millisecond). Anything else reconnects after the first backoff step.
+                    let delay = if reason == crate::metrics::link_loss::RESET {
+                        Backoff::jitter(backoff.min.min(Duration::from_millis(100))) / 2
+                    } else {
+                        Backoff::jitter(backoff.delay(1))
+                    };
+                    self.sleep_before_attempt(delay, &mut shutdown).await;
+                    continue;
                 }
                 Err(e) => {
                     failures += 1;
@@ -206,13 +230,7 @@ impl CnLink {
                 }
             }
             let delay = Backoff::jitter(backoff.delay(failures.max(1)));
-            let at = self.epoch.elapsed() + delay;
-            self.next_attempt_ms
-                .store(at.as_millis() as u64, Ordering::Relaxed);
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => {}
-            }
+            self.sleep_before_attempt(delay, &mut shutdown).await;
         }
         if let Some(s) = lock(&self.slots[index]).take() {
             s.close();

@@ -373,11 +373,15 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
 
     // Devices.
     let policy = UserspacePolicy::new();
+    let reset_key = companion_transport::restart::load_or_create_reset_key(
+        &cfg.state_dir.join(crate::state::RESET_KEY_FILE),
+    )?;
     let endpoint = crate::device_server::bind_filtered(
         &cfg.devices,
         &identity,
         registry.clone(),
         policy.clone(),
+        &reset_key,
     )
     .with_context(|| format!("device server on {}", cfg.devices.listen))?;
     let devices_addr = endpoint.local_addr()?;

@@ -42,6 +42,7 @@ use crate::control::CnLinkState;
 use crate::metrics::{Metrics, kind};
 use crate::pairing::{Admission, PairingRegistry};
 use crate::state::{OutstandingRequest, PendingDelivery, RequestKind, State};
+use companion_transport::cn_client::CnClientError;
 
 /// The request ID of the renewal following the credential issued for `previous`
 /// ([`RequestId::renewal`], shared with the device).
@@ -130,7 +131,28 @@ pub struct Job {
     item: BatchItem,
     /// A pairing-window claimant: bind its key to the device ID once the CN issued.
     bind: Option<Peer>,
+    /// Batches this request was in that were lost with their CN session.
+    link_failures: u32,
 }
+
+impl Job {
+    fn new(item: BatchItem, bind: Option<Peer>) -> Self {
+        Self {
+            item,
+            bind,
+            link_failures: 0,
+        }
+    }
+}
+
+/// Shortest `Pending.wait_ms` promised to a device.
+pub const MIN_PENDING_WAIT: Duration = Duration::from_secs(1);
+/// Longest `Pending.wait_ms` promised to a device.
+pub const MAX_PENDING_WAIT: Duration = Duration::from_secs(10);
+
+/// A request whose batch was lost with its CN session this many times is answered
+/// `cn_unavailable` instead of being sent again (its persisted request stays for a later retry).
+const MAX_LINK_FAILURES: u32 = 3;
 
 #[derive(Debug, Default)]
 struct Hub {
@@ -245,10 +267,25 @@ impl Provisioner {
         self.batches_in_flight.load(Ordering::Relaxed)
     }
 
-    /// A time estimate for `Pending.wait_ms`.
+    /// `Pending.wait_ms` for a device whose request is queued or at the CN: about how long until
+    /// its answer, from the real queue (the batches ahead of it at the measured service time) or,
+    /// while the link is reconnecting, the next attempt — at least [`MIN_PENDING_WAIT`], at most
+    /// [`MAX_PENDING_WAIT`]. It is a promise: the device server sends the answer or the next
+    /// `Pending` well before it runs out ([`crate::device_server`]).
     pub fn wait_estimate(&self) -> Duration {
-        let b = lock(&self.batcher);
-        (b.service_time() * 2).clamp(Duration::from_millis(200), Duration::from_secs(10))
+        let queued = {
+            let b = lock(&self.batcher);
+            let cfg = b.config();
+            let rounds = b.queue_len().div_ceil(cfg.max_batch.max(1)) as u32 + 1;
+            let rounds = rounds.div_ceil(cfg.max_in_flight.max(1) as u32).max(1);
+            b.service_time() * rounds
+        };
+        let estimate = if self.link.state() == CnLinkState::Up {
+            queued
+        } else {
+            queued.max(self.link.retry_after())
+        };
+        estimate.clamp(MIN_PENDING_WAIT, MAX_PENDING_WAIT)
     }
 
     fn finish(&self, id: &RequestId, done: Done) {
@@ -457,7 +494,12 @@ impl Provisioner {
             Err(e) => return Reply::Fail(err(ErrorCode::Internal, e.to_string())),
         }
         // 4. The CN must be reachable; otherwise the request waits in the database for the link.
-        if self.link.state() != CnLinkState::Up {
+        //    A link that is only reconnecting (a session just lost, typically to a CN restart
+        //    answered with a stateless reset) is back within a round trip: queue and wait.
+        if matches!(
+            self.link.state(),
+            CnLinkState::Down | CnLinkState::NotConfigured
+        ) {
             let why = match self.link.state() {
                 CnLinkState::NotConfigured => "no core network is configured on this gateway",
                 _ => "the core network is unreachable; the request is kept",
@@ -484,7 +526,7 @@ impl Provisioner {
             hub.waiters.entry(request_id).or_default().push(tx);
             rx
         };
-        if let Err(retry) = self.enqueue(Job { item, bind }) {
+        if let Err(retry) = self.enqueue(Job::new(item, bind)) {
             lock(&self.hub).waiters.remove(&request_id);
             // Shed load: the device retries with the same ID.
             let _ = self.state.remove_request(&request_id);
@@ -543,17 +585,34 @@ impl Provisioner {
     }
 
     /// Sends batches as the batcher releases them, until `shutdown`.
+    ///
+    /// Batches are released only while the link is up. While it reconnects the queue waits (its
+    /// devices are kept informed with `Pending`); once it is down (an attempt failed) every
+    /// queued request is answered `cn_unavailable, retry after`, and stays persisted for the
+    /// device's retry or [`Provisioner::resend_outstanding`].
     pub async fn run_batcher(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut link = self.link.subscribe();
         loop {
+            let state = self.link.state();
+            if state == CnLinkState::Down {
+                self.release_queue("the core network is unreachable; the request is kept");
+            }
             let (batches, deadline) = {
                 let mut b = lock(&self.batcher);
                 let now = self.clock.now();
                 let mut out = Vec::new();
-                while let Some(batch) = b.poll_batch(now) {
-                    out.push(batch);
+                if state == CnLinkState::Up {
+                    while let Some(batch) = b.poll_batch(now) {
+                        out.push(batch);
+                    }
                 }
                 self.metrics.queue_depth.set(b.queue_len() as i64);
-                (out, b.next_deadline())
+                let deadline = if state == CnLinkState::Up {
+                    b.next_deadline()
+                } else {
+                    None
+                };
+                (out, deadline)
             };
             for batch in batches {
                 self.batches_in_flight.fetch_add(1, Ordering::Relaxed);
@@ -569,6 +628,9 @@ impl Provisioner {
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = sleep => {}
+                r = link.changed() => {
+                    if r.is_err() { break; }
+                }
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() { break; }
                 }
@@ -576,12 +638,38 @@ impl Provisioner {
         }
     }
 
+    /// Answers every queued request `cn_unavailable, retry after` (the link is down). The
+    /// requests stay persisted.
+    fn release_queue(&self, why: &str) {
+        let jobs = lock(&self.batcher).drain();
+        if jobs.is_empty() {
+            return;
+        }
+        tracing::info!(
+            requests = jobs.len(),
+            "CN link down: queued requests answered \"retry later\""
+        );
+        let after = millis(self.link.retry_after());
+        for j in jobs {
+            self.finish(
+                &j.item.request_id,
+                Done::Retry(ErrorMsg::retry_after(ErrorCode::CnUnavailable, why, after)),
+            );
+        }
+    }
+
     async fn send_batch(self: Arc<Self>, batch: Batch<Job>) {
         let Batch { id, items: jobs } = batch;
         self.metrics.batch_size.observe(jobs.len() as f64);
         let timeout = self.settings().request_timeout.max(Duration::from_secs(5)) * 3;
+        // Err((why, retryable, retry_after, lost_with_the_link)).
         let result = match self.link.session() {
-            None => Err(("the core network is unreachable".to_string(), true, None)),
+            None => Err((
+                "the core network is unreachable".to_string(),
+                true,
+                None,
+                true,
+            )),
             Some(s) => {
                 let b = BatchProvision {
                     batch_id: id,
@@ -589,47 +677,99 @@ impl Provisioner {
                 };
                 match tokio::time::timeout(timeout, s.batch(b)).await {
                     Ok(Ok(r)) => Ok(r),
-                    Ok(Err(e)) => Err((e.to_string(), e.is_retryable(), e.retry_after())),
+                    Ok(Err(e)) => {
+                        let lost = matches!(
+                            e,
+                            CnClientError::Connection(_)
+                                | CnClientError::Closed
+                                | CnClientError::Stream(_)
+                        ) || s.is_closed();
+                        Err((e.to_string(), e.is_retryable(), e.retry_after(), lost))
+                    }
                     Err(_) => {
                         // A CN this slow is as good as down for this connection.
                         s.close();
-                        Err(("the core network did not answer".to_string(), true, None))
+                        Err((
+                            "the core network did not answer".to_string(),
+                            true,
+                            None,
+                            true,
+                        ))
                     }
                 }
             }
         };
         {
-            lock(&self.batcher).complete(id, self.clock.now());
+            let mut b = lock(&self.batcher);
+            match &result {
+                // A lost session says nothing about the CN's service time.
+                Err((_, _, _, true)) => b.abandon(id),
+                _ => b.complete(id, self.clock.now()),
+            }
         }
         self.batches_in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.wake.notify_one();
         match result {
-            Ok(r) => self.record(jobs, r).await,
-            Err((why, retryable, after)) => {
-                tracing::warn!(batch = id, items = jobs.len(), error = %why, "batch failed");
-                for j in jobs {
-                    let rid = j.item.request_id;
-                    if retryable {
-                        let after = after.unwrap_or_else(|| self.link.retry_after());
-                        self.finish(
-                            &rid,
-                            Done::Retry(ErrorMsg::retry_after(
-                                ErrorCode::CnUnavailable,
-                                format!("the core network failed: {why}; retry"),
-                                millis(after),
-                            )),
-                        );
-                    } else {
-                        let _ = self.state.remove_request(&rid);
-                        self.finish(
-                            &rid,
-                            Done::Refused(err(
-                                ErrorCode::Internal,
-                                format!("the core network refused the batch: {why}"),
-                            )),
-                        );
-                    }
+            Ok(r) => {
+                self.wake.notify_one();
+                self.record(jobs, r).await
+            }
+            Err((why, true, None, true)) => {
+                // Lost with the session (CN restarted, went silent, connection closed): the same
+                // request IDs go again on the next session, where the CN answers idempotently.
+                // The devices keep waiting, informed by `Pending`.
+                let (again, give_up): (Vec<Job>, Vec<Job>) = jobs
+                    .into_iter()
+                    .map(|mut j| {
+                        j.link_failures += 1;
+                        j
+                    })
+                    .partition(|j| j.link_failures < MAX_LINK_FAILURES);
+                tracing::info!(batch = id, requeued = again.len(), dropped = give_up.len(), error = %why, "batch lost with its CN session; sending it again on the next one");
+                if !again.is_empty() {
+                    lock(&self.batcher).requeue_front(again, self.clock.now());
                 }
+                self.wake.notify_one();
+                self.fail_jobs(id, give_up, &why, true, None);
+            }
+            Err((why, retryable, after, _)) => {
+                self.wake.notify_one();
+                tracing::warn!(batch = id, items = jobs.len(), error = %why, "batch failed");
+                self.fail_jobs(id, jobs, &why, retryable, after);
+            }
+        }
+    }
+
+    /// Answers the devices of a failed batch: `cn_unavailable, retry after` when the failure is
+    /// retryable (their requests stay persisted), an error otherwise.
+    fn fail_jobs(
+        &self,
+        _batch: u64,
+        jobs: Vec<Job>,
+        why: &str,
+        retryable: bool,
+        after: Option<Duration>,
+    ) {
+        for j in jobs {
+            let rid = j.item.request_id;
+            if retryable {
+                let after = after.unwrap_or_else(|| self.link.retry_after());
+                self.finish(
+                    &rid,
+                    Done::Retry(ErrorMsg::retry_after(
+                        ErrorCode::CnUnavailable,
+                        format!("the core network failed: {why}; retry"),
+                        millis(after),
+                    )),
+                );
+            } else {
+                let _ = self.state.remove_request(&rid);
+                self.finish(
+                    &rid,
+                    Done::Refused(err(
+                        ErrorCode::Internal,
+                        format!("the core network refused the batch: {why}"),
+                    )),
+                );
             }
         }
     }
@@ -764,7 +904,7 @@ impl Provisioner {
                 let _ = self.state.remove_request(&o.request_id);
                 continue;
             };
-            if self.enqueue(Job { item, bind: None }).is_err() {
+            if self.enqueue(Job::new(item, None)).is_err() {
                 break;
             }
             sent += 1;

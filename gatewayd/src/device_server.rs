@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use crate::config::DevicesConfig;
 use crate::delivery::{Peer, Provisioner, Reply, decode_sealed};
 use crate::filter::{Filter, FilteredSocket, UserspacePolicy};
-use crate::metrics::{Metrics, kind};
+use crate::metrics::{Metrics, giveup, kind};
 use crate::pairing::{Admission, PairingRegistry};
 use crate::state::{AckOutcome, State};
 
@@ -46,22 +46,18 @@ pub mod close {
     pub const SHUTDOWN: u32 = 5;
 }
 
-/// Builds the QUIC endpoint configuration and binds it (no LAN filter in userspace).
-pub fn bind(
-    cfg: &DevicesConfig,
-    identity: &Identity,
-    registry: Arc<PairingRegistry>,
-) -> anyhow::Result<quinn::Endpoint> {
-    bind_filtered(cfg, identity, registry, UserspacePolicy::new())
-}
-
 /// Binds the QUIC endpoint on a socket wrapped by the LAN filter's userspace policy (which
 /// judges every datagram when the filter runs in userspace mode, and passes them otherwise).
+///
+/// `reset_key` (`<state_dir>/reset.key`) keys the stateless-reset tokens and the connection IDs
+/// ([`companion_transport::restart`]): after a restart, devices still holding a connection to the
+/// previous process get a stateless reset at their next packet and reconnect at once.
 pub fn bind_filtered(
     cfg: &DevicesConfig,
     identity: &Identity,
     registry: Arc<PairingRegistry>,
     filter_policy: Arc<UserspacePolicy>,
+    reset_key: &[u8; 32],
 ) -> anyhow::Result<quinn::Endpoint> {
     let limits = Limits {
         idle_timeout: cfg.idle_timeout,
@@ -95,7 +91,7 @@ pub fn bind_filtered(
     let inner = runtime.wrap_udp_socket(socket)?;
     let socket = Arc::new(FilteredSocket::new(inner, filter_policy));
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
+        companion_transport::restart::endpoint_config(reset_key),
         Some(server),
         socket,
         runtime,
@@ -236,6 +232,32 @@ impl DeviceServer {
                 f.sync(&blocks, self.registry.window().is_some(), now);
             }
         }
+    }
+
+    /// A device abandoned its exchange before the gateway answered: logged and counted
+    /// (`gatewayd_device_giveups_total`), so a gateway that breaks its `Pending` promise shows.
+    fn gave_up(
+        &self,
+        reason: &'static str,
+        device: Option<&DeviceId>,
+        request_id: Option<companion_proto::RequestId>,
+        started: Instant,
+        pendings: u32,
+        detail: &str,
+    ) {
+        self.metrics
+            .device_giveups
+            .with_label_values(&[reason])
+            .inc();
+        tracing::info!(
+            device = %device.map_or_else(|| "?".to_string(), |d| d.to_string()),
+            request_id = %request_id.map_or_else(|| "?".to_string(), |r| r.to_string()),
+            waited_ms = started.elapsed().as_millis() as u64,
+            pendings,
+            reason,
+            detail,
+            "the device gave up before its answer"
+        );
     }
 
     /// Limits that apply to new connections from now on (SIGHUP).
@@ -402,8 +424,9 @@ impl DeviceServer {
             tokio::spawn(async move {
                 me.streams.fetch_add(1, Ordering::Relaxed);
                 let _g = StreamGuard(&me.streams);
-                if let StreamEnd::Garbage =
-                    me.stream(send, recv, &peer, paired, stream_timeout).await
+                if let StreamEnd::Garbage = me
+                    .stream(send, recv, &peer, paired, stream_timeout, &conn2)
+                    .await
                 {
                     tracing::info!(remote = %conn2.remote_address(), "device sent garbage: connection cut off");
                     conn2.close(close::PROTOCOL.into(), b"protocol violation");
@@ -419,7 +442,10 @@ impl DeviceServer {
         peer: &Peer,
         paired: Option<DeviceId>,
         stream_timeout: Duration,
+        conn: &quinn::Connection,
     ) -> StreamEnd {
+        let rtt = || conn.rtt();
+        let mut pendings = 0u32;
         let mut ex = ServerExchange::new(
             Instant::now(),
             Config {
@@ -460,7 +486,7 @@ impl DeviceServer {
                         let prov = self.provisioner.clone();
                         let peer = peer.clone();
                         work = Some(Box::pin(async move { prov.handle(&peer, r).await }));
-                        next_pending = Some(Instant::now() + Duration::from_millis(300));
+                        next_pending = Some(Instant::now() + FIRST_PENDING_AFTER);
                     }
                     ServerEvent::Acked { request_id, supi } => {
                         drop(busy_guard.take());
@@ -481,6 +507,21 @@ impl DeviceServer {
                         }
                     }
                     ServerEvent::Failed(e) => {
+                        if work.is_some() {
+                            let reason = if e.code == ErrorCode::Timeout {
+                                giveup::TIMEOUT
+                            } else {
+                                giveup::ERROR
+                            };
+                            self.gave_up(
+                                reason,
+                                device.as_ref(),
+                                current_rid,
+                                started,
+                                pendings,
+                                &e.reason,
+                            );
+                        }
                         if e.code == ErrorCode::CredentialUnusable
                             && let (Some(d), Some(rid)) = (&device, current_rid)
                         {
@@ -517,7 +558,12 @@ impl DeviceServer {
                     Ok(None) => {
                         let _ = ex.handle_end_of_stream();
                     }
-                    Err(_) => return end,
+                    Err(e) => {
+                        if work.is_some() {
+                            self.gave_up(giveup::DISCONNECTED, device.as_ref(), current_rid, started, pendings, &e.to_string());
+                        }
+                        return end;
+                    }
                 },
                 reply = async { match work.as_mut() { Some(w) => w.await, None => std::future::pending().await } } => {
                     work = None;
@@ -547,9 +593,15 @@ impl DeviceServer {
                     }
                 },
                 () = sleep_opt(pending_at) => {
+                    // The device may give up `wait` after it receives this Pending: the answer or
+                    // the next Pending leaves well before (see `next_pending_after`).
                     let wait = self.provisioner.wait_estimate();
-                    let _ = ex.pending(Instant::now(), wait.as_millis() as u64);
-                    next_pending = Some(Instant::now() + wait.max(Duration::from_secs(2)) / 2);
+                    let now = Instant::now();
+                    if ex.pending(now, wait.as_millis() as u64).is_ok() {
+                        pendings += 1;
+                        self.metrics.pendings_sent.inc();
+                    }
+                    next_pending = Some(now + next_pending_after(wait, rtt()));
                 },
                 () = sleep_opt(deadline) => {
                     if ex.handle_timeout(Instant::now()).is_err() {
@@ -559,6 +611,21 @@ impl DeviceServer {
             }
         }
     }
+}
+
+/// When the first `Pending` goes to a device whose request is not answered at once.
+const FIRST_PENDING_AFTER: Duration = Duration::from_millis(300);
+
+/// How long after sending `Pending{wait}` the next `Pending` is due, if the answer has not gone
+/// first: early enough that it reaches the device before `wait` runs out there. The margin is
+/// the larger of half the promise and two round trips plus 100 ms of scheduling slack (never more
+/// than the whole promise), so a Pending that is itself delayed by one round trip still arrives
+/// in time.
+pub fn next_pending_after(wait: Duration, rtt: Duration) -> Duration {
+    let margin = (wait / 2)
+        .max(rtt.saturating_mul(2) + Duration::from_millis(100))
+        .min(wait);
+    (wait - margin).max(Duration::from_millis(50))
 }
 
 async fn sleep_opt(at: Option<Instant>) {
@@ -591,4 +658,35 @@ fn peer_key(conn: &quinn::Connection) -> Option<([u8; 32], Vec<u8>)> {
         .ok()?;
     let spki = companion_transport::spki_from_cert(certs.first()?).ok()?;
     Some((fp, spki))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_pending_leaves_before_the_promise_runs_out_by_two_round_trips() {
+        let ms = Duration::from_millis;
+        for wait in [1_000u64, 1_500, 2_000, 5_000, 10_000] {
+            for rtt in [0u64, 1, 20, 150, 400] {
+                let after = next_pending_after(ms(wait), ms(rtt));
+                // Sent `after` past the last Pending; even if it takes a whole round trip more
+                // than the last one to arrive, the device still sees it before its deadline.
+                assert!(
+                    after + ms(2 * rtt) < ms(wait),
+                    "wait {wait} ms, rtt {rtt} ms: next after {after:?}"
+                );
+                assert!(after >= ms(50), "not a busy loop: {after:?}");
+            }
+        }
+        // Half the promise at least on a LAN.
+        assert_eq!(next_pending_after(ms(2_000), ms(1)), ms(1_000));
+    }
+
+    #[test]
+    fn pending_waits_span_what_the_schedule_assumes() {
+        // The schedule above is checked for promises of 1..10 s: what the provisioner promises.
+        assert_eq!(crate::delivery::MIN_PENDING_WAIT, Duration::from_secs(1));
+        assert_eq!(crate::delivery::MAX_PENDING_WAIT, Duration::from_secs(10));
+    }
 }

@@ -67,6 +67,55 @@ pub struct Metrics {
     pub filter_mode: IntGaugeVec,
     /// Packets to the QUIC port judged by the LAN filter, by reason.
     pub filter_packets: IntCounterVec,
+    /// CN sessions lost, by why ([`link_loss`]).
+    pub cn_link_losses: IntCounterVec,
+    /// Device exchanges the device abandoned before the gateway answered, by why ([`giveup`]).
+    pub device_giveups: IntCounterVec,
+    /// `Pending` messages sent to devices.
+    pub pendings_sent: prometheus::IntCounter,
+}
+
+/// Reasons of `gatewayd_cn_link_losses_total`.
+pub mod link_loss {
+    /// The CN answered with a stateless reset: it restarted and forgot the connection.
+    pub const RESET: &str = "reset";
+    /// Nothing came back from the CN within the liveness timeout (dead, frozen or cut off).
+    pub const IDLE_TIMEOUT: &str = "idle_timeout";
+    /// The CN closed the connection (shutdown, or it refused something).
+    pub const CLOSED_BY_CN: &str = "closed_by_cn";
+    /// A QUIC or TLS protocol error.
+    pub const TRANSPORT_ERROR: &str = "transport_error";
+    /// Closed by this gateway (a batch answered too late, shutdown).
+    pub const LOCAL: &str = "local";
+    /// Every reason, for pre-created series.
+    pub const ALL: [&str; 5] = [RESET, IDLE_TIMEOUT, CLOSED_BY_CN, TRANSPORT_ERROR, LOCAL];
+
+    /// The reason label of a lost connection.
+    pub fn of(e: &quinn::ConnectionError) -> &'static str {
+        use quinn::ConnectionError as C;
+        match e {
+            C::Reset => RESET,
+            C::TimedOut => IDLE_TIMEOUT,
+            C::ApplicationClosed(_) => CLOSED_BY_CN,
+            C::LocallyClosed => LOCAL,
+            C::ConnectionClosed(_)
+            | C::TransportError(_)
+            | C::VersionMismatch
+            | C::CidsExhausted => TRANSPORT_ERROR,
+        }
+    }
+}
+
+/// Reasons of `gatewayd_device_giveups_total`.
+pub mod giveup {
+    /// The device sent `Error(timeout)`: its deadline passed before an answer or a `Pending`.
+    pub const TIMEOUT: &str = "timeout";
+    /// The device sent another `Error` while waiting.
+    pub const ERROR: &str = "error";
+    /// The device reset its stream or its connection ended while waiting.
+    pub const DISCONNECTED: &str = "disconnected";
+    /// Every reason, for pre-created series.
+    pub const ALL: [&str; 3] = [TIMEOUT, ERROR, DISCONNECTED];
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -149,6 +198,36 @@ impl Metrics {
         for r in companion_filter_common::Reason::ALL {
             filter_packets.with_label_values(&[r.label()]);
         }
+        let cn_link_losses = IntCounterVec::new(
+            opts(
+                "cn_link_losses_total",
+                "CN sessions lost, by reason (reset: the CN restarted and answered with a \
+                 stateless reset; idle_timeout: nothing came back within the liveness timeout; \
+                 closed_by_cn; transport_error; local).",
+            ),
+            &["reason"],
+        )?;
+        for r in link_loss::ALL {
+            cn_link_losses.with_label_values(&[r]);
+        }
+        let device_giveups = IntCounterVec::new(
+            opts(
+                "device_giveups_total",
+                "Device exchanges abandoned by the device before the gateway answered, by \
+                 reason (timeout: the device's deadline passed; error; disconnected).",
+            ),
+            &["reason"],
+        )?;
+        for r in giveup::ALL {
+            device_giveups.with_label_values(&[r]);
+        }
+        let pendings_sent = prometheus::IntCounter::with_opts(opts(
+            "pendings_sent_total",
+            "Pending messages sent to devices waiting for a batch or for the CN.",
+        ))?;
+        registry.register(Box::new(cn_link_losses.clone()))?;
+        registry.register(Box::new(device_giveups.clone()))?;
+        registry.register(Box::new(pendings_sent.clone()))?;
         registry.register(Box::new(filter_mode.clone()))?;
         registry.register(Box::new(filter_packets.clone()))?;
         registry.register(Box::new(devices_paired.clone()))?;
@@ -188,6 +267,9 @@ impl Metrics {
             credentials_expiring_24h,
             filter_mode,
             filter_packets,
+            cn_link_losses,
+            device_giveups,
+            pendings_sent,
         })
     }
 

@@ -36,6 +36,10 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 /// The database file's name inside the state directory.
 pub const DB_FILE: &str = "gatewayd.db";
 
+/// The device endpoint's QUIC stateless-reset key (0600) inside the state directory, kept across
+/// restarts ([`companion_transport::restart`]).
+pub const RESET_KEY_FILE: &str = "reset.key";
+
 /// Unix time in seconds.
 pub type UnixTime = i64;
 

@@ -277,6 +277,7 @@ fn connection_error(
             addr: gateway.to_string(),
             reason: "timed out".into(),
         },
+        C::Reset => DeviceError::GatewayRestarted,
         C::ApplicationClosed(a) => DeviceError::ConnectionLost(format!(
             "the gateway closed the connection: {}",
             String::from_utf8_lossy(&a.reason)

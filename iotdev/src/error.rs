@@ -58,6 +58,10 @@ pub enum DeviceError {
     /// The connection broke during the exchange.
     #[error("connection to the gateway lost: {0}")]
     ConnectionLost(String),
+    /// The gateway answered with a QUIC stateless reset: it restarted and no longer knows this
+    /// connection. It is up again, so the same request is retried at once on a new connection.
+    #[error("the gateway restarted and forgot this connection (stateless reset)")]
+    GatewayRestarted,
     /// The gateway answered with another error.
     #[error("the gateway answered {}: {reason}", .code.name())]
     Gateway {
@@ -71,6 +75,13 @@ pub enum DeviceError {
     /// Local storage, RNG or configuration failure.
     #[error("{0}")]
     Local(String),
+}
+
+/// A random delay in [0, 250) ms.
+fn restart_jitter() -> Duration {
+    use std::hash::BuildHasher;
+    let r = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    Duration::from_millis(r % 250)
 }
 
 fn detail(s: &str) -> String {
@@ -89,7 +100,8 @@ impl DeviceError {
             | DeviceError::CnUnavailable { .. }
             | DeviceError::GatewayUnreachable { .. }
             | DeviceError::Timeout(_)
-            | DeviceError::ConnectionLost(_) => true,
+            | DeviceError::ConnectionLost(_)
+            | DeviceError::GatewayRestarted => true,
             DeviceError::Gateway {
                 code, retry_after, ..
             } => code.is_retryable() || retry_after.is_some(),
@@ -104,6 +116,9 @@ impl DeviceError {
                 Some(*retry_after)
             }
             DeviceError::Gateway { retry_after, .. } if retry_after.is_some() => *retry_after,
+            // The gateway is back (it sent the reset): reconnect within a quarter second, spread
+            // so that every device of a restarted gateway does not arrive in the same instant.
+            DeviceError::GatewayRestarted => Some(restart_jitter()),
             e if e.is_retryable() => Some(Duration::from_secs(1)),
             _ => None,
         }

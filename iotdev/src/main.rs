@@ -271,7 +271,9 @@ fn device_failure(e: DeviceError) -> Failure {
         DeviceError::GatewayUnreachable { .. } => Some(
             "check the address (gatewayd's `devices` address) and that gatewayd is running, then retry",
         ),
-        DeviceError::ConnectionLost(_) | DeviceError::Timeout(_) => {
+        DeviceError::ConnectionLost(_)
+        | DeviceError::Timeout(_)
+        | DeviceError::GatewayRestarted => {
             Some("retry the same command: the request is resumed, not repeated")
         }
         DeviceError::Busy { .. } | DeviceError::CnUnavailable { .. } => {

@@ -71,6 +71,7 @@ pub fn reason(e: &DeviceError) -> String {
         DeviceError::Timeout(_) => "timeout".into(),
         DeviceError::CredentialUnusable(_) => "credential_unusable".into(),
         DeviceError::ConnectionLost(_) => "connection_lost".into(),
+        DeviceError::GatewayRestarted => "gateway_restarted".into(),
         DeviceError::Gateway { code, .. } => code.name().into(),
         DeviceError::Protocol(_) => "protocol".into(),
         DeviceError::Local(_) => "local".into(),

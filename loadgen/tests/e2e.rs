@@ -113,6 +113,16 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The value of the series `name` (with its labels) in a Prometheus text page; fails the test if
+/// the series is missing, so a zero read is a real zero.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no series {name} in:\n{text}"))
+}
+
 /// cn-backend: a data directory, the companion (parent) subscription, and the server.
 struct Cn {
     dir: PathBuf,
@@ -204,7 +214,9 @@ impl Cn {
 
 /// gatewayd with a companion credential file (0600) and a config on loopback ports.
 struct Gw {
-    _proc: Proc,
+    proc: Option<Proc>,
+    dir: PathBuf,
+    config: PathBuf,
     devices: String,
     control: PathBuf,
     metrics: String,
@@ -258,11 +270,30 @@ block_after_failures = 0
             ),
         )
         .unwrap();
-        let ready = dir.join("ready.json");
-        let log = std::fs::File::create(dir.join("gatewayd.log")).unwrap();
+        let mut gw = Gw {
+            proc: None,
+            dir: dir.to_path_buf(),
+            config,
+            devices: String::new(),
+            control: PathBuf::new(),
+            metrics: String::new(),
+        };
+        gw.spawn();
+        gw.wait_cn_up();
+        gw
+    }
+
+    fn spawn(&mut self) {
+        let ready = self.dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("gatewayd.log"))
+            .unwrap();
         let mut child = Command::new(bin("gatewayd"))
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .arg("--ready-file")
             .arg(&ready)
             .env_remove("RUST_LOG")
@@ -272,14 +303,23 @@ block_after_failures = 0
             .spawn()
             .unwrap();
         let v = wait_json(&ready, &mut child, "gatewayd");
-        let gw = Gw {
-            devices: v["devices"].as_str().unwrap().to_string(),
-            control: PathBuf::from(v["control"].as_str().unwrap()),
-            metrics: v["metrics"].as_str().unwrap().to_string(),
-            _proc: Proc(child),
-        };
-        gw.wait_cn_up();
-        gw
+        self.devices = v["devices"].as_str().unwrap().to_string();
+        self.control = PathBuf::from(v["control"].as_str().unwrap());
+        self.metrics = v["metrics"].as_str().unwrap().to_string();
+        self.proc = Some(Proc(child));
+    }
+
+    /// SIGKILL, then a new process on the same state directory and the same device port.
+    fn kill9_and_restart(&mut self) {
+        drop(self.proc.take());
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let pinned = config.replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", self.devices),
+            1,
+        );
+        std::fs::write(&self.config, pinned).unwrap();
+        self.spawn();
     }
 
     fn ctl(&self, args: &[&str]) -> Out {
@@ -626,10 +666,14 @@ fn revoking_the_parent_makes_every_child_attach_fail() {
     );
 }
 
-/// cn-backend is SIGKILLed and restarted (same port) while loadgen provisions and attaches a
-/// few hundred devices. Afterwards every device either holds a credential that attached or got
-/// a clear retryable error, and nothing was issued twice: the CN holds exactly one child per
-/// device that succeeded.
+/// cn-backend is SIGKILLed and restarted (same port, same data directory) while loadgen
+/// provisions and attaches a few hundred devices. The restarted CN answers the gateway's old
+/// connections with a stateless reset (its connection IDs and reset tokens derive from its
+/// persisted `reset.key`), so gatewayd counts the loss as `reset`, never as an idle timeout, and
+/// is back at once: the batches lost with the session go again on the next one, and no device
+/// waits so long that it gives up (no `timeout` retry, no give-up counted at gatewayd). Every
+/// device ends with a credential that attached, and nothing was issued twice: the CN holds
+/// exactly one child per device.
 #[test]
 fn cn_killed_and_restarted_during_a_loadgen_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -679,7 +723,9 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
         std::thread::sleep(Duration::from_millis(20));
     }
     cn.kill9();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Down for less than the gateway's liveness timeout (2 s): what decides how fast the link
+    // comes back is the reset, which the new process sends at the gateway's next packet.
+    std::thread::sleep(Duration::from_millis(300));
     cn.start();
 
     let until = Instant::now() + Duration::from_secs(120);
@@ -712,13 +758,36 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
             assert!(!d["error"].as_str().unwrap().is_empty(), "{d}");
         }
     }
-    assert_eq!(status.success(), succeeded.len() == devices, "{stdout}");
+    assert!(status.success(), "{stdout}");
+    assert_eq!(succeeded.len(), devices, "{stdout}");
+    let retries = r["retries_by_reason"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     assert!(
-        r["retries_by_reason"]
-            .as_object()
-            .is_some_and(|m| !m.is_empty()),
-        "no retries: {r}"
+        !retries.contains_key("timeout"),
+        "devices gave up waiting for the gateway: {retries:?}"
     );
+    let m = http_get(&gw.metrics, "/metrics");
+    assert!(
+        series(&m, "gatewayd_cn_link_losses_total{reason=\"reset\"}") >= 1.0,
+        "the restarted CN did not reset the old session: {m}"
+    );
+    assert_eq!(
+        series(&m, "gatewayd_cn_link_losses_total{reason=\"idle_timeout\"}"),
+        0.0,
+        "the old session ended by idle timeout, not by a reset: {m}"
+    );
+    for reason in ["timeout", "error", "disconnected"] {
+        assert_eq!(
+            series(
+                &m,
+                &format!("gatewayd_device_giveups_total{{reason=\"{reason}\"}}")
+            ),
+            0.0,
+            "{m}"
+        );
+    }
 
     // No request was issued twice: one child per device at most; every device that succeeded
     // has exactly one; a device that ended with a retryable error may have one waiting at the
@@ -919,4 +988,148 @@ fn hold_keeps_devices_connected_until_sigterm() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// gatewayd is SIGKILLed and restarted (same port, same state directory) under devices held
+/// connected by `loadgen hold`. The new process recognises the connection IDs its predecessor
+/// issued (they derive from its persisted `reset.key`) and answers each held device's next
+/// packet with a stateless reset: every held connection ends `reset`, none by idle timeout, and
+/// the same devices then provision at once through the restarted gateway.
+#[test]
+fn a_restarted_gateway_resets_its_held_devices_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "100"]);
+    let mut gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let ready = tmp.path().join("hold-ready.json");
+    let report = tmp.path().join("hold.json");
+    let n = 20;
+    let mut lg = Proc(
+        loadgen(
+            &gw,
+            &["hold", "--devices", &n.to_string(), "--concurrency", "10"],
+        )
+        .args([
+            "--id-prefix",
+            "held",
+            "--keep-alive",
+            "1",
+            "--hold-for",
+            "6",
+        ])
+        .arg("--ready-file")
+        .arg(&ready)
+        .arg("--json")
+        .arg(&report)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let r = wait_json(&ready, &mut lg.0, "loadgen hold");
+    assert_eq!(r["connected"], n, "{r}");
+    gw.kill9_and_restart();
+    let until = Instant::now() + Duration::from_secs(30);
+    while lg.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < until, "loadgen hold did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = read_json(&report);
+    // Keep-alives every second, so within about a second of the restart each device sent a
+    // packet and got the reset; the idle timeout (30 s) is far beyond the 6 s hold.
+    assert_eq!(r["still_connected"], 0, "{r}");
+    assert_eq!(
+        r["closed_by_reason"],
+        serde_json::json!({ "reset": n }),
+        "every held connection must end with a stateless reset: {r}"
+    );
+
+    // The same devices (already paired) provision through the restarted gateway.
+    let report = tmp.path().join("provision.json");
+    let out: Out = loadgen(
+        &gw,
+        &[
+            "provision",
+            "--devices",
+            &n.to_string(),
+            "--concurrency",
+            "10",
+        ],
+    )
+    .args(["--id-prefix", "after-restart", "--json"])
+    .arg(&report)
+    .output()
+    .unwrap()
+    .into();
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(read_json(&report)["succeeded"], n);
+}
+
+/// cn-backend frozen with SIGSTOP while a device provisions: gatewayd keeps its `Pending`
+/// promise — the answer or the next `Pending` always arrives before the `wait_ms` it announced
+/// runs out — so the device never decides the gateway went silent. gatewayd notices the frozen
+/// CN (liveness), tells the device `cn_unavailable, retry after` once its `request_timeout`
+/// (3 s here) is spent, and the device's retry gets the credential once the CN thaws. No give-up
+/// is counted at gatewayd.
+#[test]
+fn a_frozen_cn_never_makes_a_device_think_the_gateway_went_silent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let dev = paired_device(tmp.path(), &gw, "frozen-cn-watch");
+    let cn_pid = cn.proc.as_ref().unwrap().0.id().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &cn_pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let mut provision = Command::new(bin("iotdev"))
+        .arg("--dir")
+        .arg(&dev.dir)
+        .args(["provision", "--gateway", &gw.devices, "--retry-for", "60s"])
+        .env_remove("IOTDEV_GATEWAY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Frozen past the request timeout (3 s) and the gateway's liveness timeout (2 s).
+    std::thread::sleep(Duration::from_secs(5));
+    signal("-CONT");
+    let until = Instant::now() + Duration::from_secs(60);
+    while provision.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < until, "iotdev provision did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out: Out = provision.wait_with_output().unwrap().into();
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(
+        !out.stderr.contains("went silent"),
+        "the device gave up on the gateway: {out:#?}"
+    );
+    let m = http_get(&gw.metrics, "/metrics");
+    assert!(
+        series(&m, "gatewayd_pendings_sent_total") >= 2.0,
+        "the device was not kept informed: {m}"
+    );
+    for reason in ["timeout", "error", "disconnected"] {
+        assert_eq!(
+            series(
+                &m,
+                &format!("gatewayd_device_giveups_total{{reason=\"{reason}\"}}")
+            ),
+            0.0,
+            "{m}"
+        );
+    }
+    let shown = dev.show();
+    assert!(
+        shown["credential"]["supi"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("imsi-")),
+        "{shown}"
+    );
 }

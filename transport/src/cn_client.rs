@@ -185,7 +185,7 @@ pub(crate) async fn open_connection(
         ServerTrust::Anchors(target.trust_anchors.clone()),
         None,
         alpn,
-        &Limits::cn_link(),
+        &Limits::cn_link_client(),
     )?;
     let connecting = endpoint.connect_with(cfg, target.addr, &target.server_name)?;
     let conn = match tokio::time::timeout(opts.connect_timeout, connecting).await {

@@ -4,6 +4,7 @@
 //! - [`verify`]: rustls verifiers that admit peers by public-key fingerprint (pairing, pinning);
 //! - [`quic`]: quinn endpoint configurations (TLS 1.3 only, ring, one ALPN per conversation),
 //!   transport limits, and the TLS exporter the AKA session binding uses;
+//! - [`restart`]: connection IDs and stateless resets that survive a daemon's restart;
 //! - [`drive`]: runs a `companion-proto` sans-IO machine over one QUIC stream, with timeouts;
 //! - [`cn_client`]: the gateway's authenticated session with the CN (AKA, batches, revoke, list);
 //! - [`attach_client`]: the device's attach to the CN with a provisioned credential.
@@ -17,6 +18,7 @@ pub mod cn_client;
 pub mod drive;
 pub mod pki;
 pub mod quic;
+pub mod restart;
 pub mod verify;
 
 pub use pki::{Identity, OperatorCa, PkiError, spki_fingerprint, spki_from_cert};

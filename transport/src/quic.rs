@@ -26,6 +26,10 @@ pub enum ConfigError {
     TrustAnchor(String),
 }
 
+/// How long a client of the CN waits without receiving anything (not even an acknowledgement of
+/// its keep-alives) before it declares the connection dead.
+pub const CN_LIVENESS: Duration = Duration::from_secs(2);
+
 /// Transport limits for one side of a conversation.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -61,6 +65,19 @@ impl Limits {
             max_bidi_streams: 64,
             stream_window: 8 * 1024 * 1024,
             connection_window: 32 * 1024 * 1024,
+        }
+    }
+
+    /// The client side of a CN link (gateway sessions, device attach): the CN link's windows, but
+    /// a dead or frozen CN is noticed within [`CN_LIVENESS`] — a keep-alive every quarter of it,
+    /// and the connection is closed when nothing at all came back for that long. QUIC's idle
+    /// timeout is the smaller of both sides' values, so this decides for the client's connection
+    /// whatever the CN advertises.
+    pub fn cn_link_client() -> Self {
+        Self {
+            idle_timeout: CN_LIVENESS,
+            keep_alive: Some(CN_LIVENESS / 4),
+            ..Self::cn_link()
         }
     }
 
