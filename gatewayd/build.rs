@@ -38,15 +38,15 @@ fn run() -> Result<(), String> {
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo:rustc-check-cfg=cfg(filter_ebpf_skipped)");
 
-    if !skip_requested() {
-        if let Some(missing) = missing_ebpf_toolchain() {
-            return Err(format!(
-                "error: gatewayd's in-kernel LAN filter (eBPF) cannot be built: {missing} is missing.\n\
-                 Install it with `scripts/setup.sh --build` (once; about 3 minutes, idempotent), \
-                 or build without the in-kernel filter with `AYA_BUILD_SKIP=1 cargo build …` \
-                 (gatewayd then filters in userspace and says so at start)."
-            ));
-        }
+    if !skip_requested()
+        && let Some(missing) = missing_ebpf_toolchain()
+    {
+        return Err(format!(
+            "error: gatewayd's in-kernel LAN filter (eBPF) cannot be built: {missing} is missing.\n\
+             Install it with `scripts/setup.sh --build` (once; about 3 minutes, idempotent), \
+             or build without the in-kernel filter with `AYA_BUILD_SKIP=1 cargo build …` \
+             (gatewayd then filters in userspace and says so at start)."
+        ));
     }
 
     let root = ebpf_dir.to_string_lossy().into_owned();

@@ -21,7 +21,7 @@ fn every_suite_runs_in_quick_mode_and_reports() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false);
-    let mut suites = vec!["provisioning", "issuance", "resources"];
+    let mut suites = vec!["provisioning", "issuance", "resources", "recovery"];
     if root {
         suites.push("filter");
     } else {
@@ -69,4 +69,5 @@ fn every_suite_runs_in_quick_mode_and_reports() {
     assert!(doc.starts_with("# Benchmarks\n\nhand-written text\n"));
     assert!(doc.contains("<!-- e2e-bench:begin") && doc.contains("<!-- e2e-bench:end -->"));
     assert!(doc.contains("### Targets"));
+    assert!(doc.contains("### Recovery: cn-backend restarts under load"));
 }

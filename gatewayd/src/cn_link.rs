@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use companion_crypto::usim::Usim;
-use companion_transport::cn_client::{ClientOptions, CnSession, CnTarget};
+use companion_transport::cn_client::{ClientOptions, CnClientError, CnSession, CnTarget};
 use tokio::sync::watch;
 
 use crate::control::CnLinkState;
@@ -175,6 +175,7 @@ impl CnLink {
             exchange_timeout: Duration::from_secs(15),
         };
         let mut failures = 0u32;
+        let mut resets_in_a_row = 0u32;
         while !*shutdown.borrow() {
             let attempt = async {
                 let mut usim = usim.lock().await;
@@ -186,6 +187,7 @@ impl CnLink {
             };
             match result {
                 Ok((session, policy)) => {
+                    resets_in_a_row = 0;
                     if failures > 0 {
                         tracing::info!(slot = index, after_failures = failures, "CN link restored");
                     } else {
@@ -218,7 +220,31 @@ impl CnLink {
                     self.sleep_before_attempt(delay, &mut shutdown).await;
                     continue;
                 }
+                Err(e)
+                    if resets_in_a_row < 3
+                        && matches!(
+                            e,
+                            CnClientError::Connection(quinn::ConnectionError::Reset)
+                        ) =>
+                {
+                    // The CN restarted (again) while this attempt was under way: it is back, so
+                    // try again at once instead of declaring the link down.
+                    resets_in_a_row += 1;
+                    metrics
+                        .cn_link_losses
+                        .with_label_values(&[crate::metrics::link_loss::RESET])
+                        .inc();
+                    tracing::info!(
+                        slot = index,
+                        "the CN restarted during the connection attempt; retrying at once"
+                    );
+                    self.update_state(&metrics, true);
+                    let delay = Backoff::jitter(backoff.min.min(Duration::from_millis(100))) / 2;
+                    self.sleep_before_attempt(delay, &mut shutdown).await;
+                    continue;
+                }
                 Err(e) => {
+                    resets_in_a_row = 0;
                     failures += 1;
                     let level_warn = failures == 1 || failures.is_power_of_two();
                     if level_warn {

@@ -300,6 +300,36 @@ impl Cn {
         })
     }
 
+    /// SIGKILL (no drain), then `serve` again on the same data directory and QUIC port (its
+    /// HTTP port is new). Returns the instant the new process was ready.
+    pub fn kill9_and_restart(&mut self, bins: &Bins) -> anyhow::Result<Instant> {
+        let quic = self.quic()?;
+        let _ = self.daemon.child.kill();
+        let _ = self.daemon.child.wait();
+        let parent = self
+            .dir
+            .parent()
+            .ok_or_else(|| anyhow!("the CN directory has no parent"))?;
+        let ready = parent.join("cn-ready.json");
+        let mut c = bins.command("cn-backend");
+        c.arg("--dir").arg(&self.dir).args([
+            "serve",
+            "--listen",
+            &quic,
+            "--http-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+        ]);
+        c.arg(&ready);
+        self.daemon = Daemon::spawn(
+            "cn-backend",
+            c,
+            &ready,
+            &parent.join("cn-backend-restarted.log"),
+        )?;
+        Ok(Instant::now())
+    }
+
     /// The CN's QUIC address (`ip:port`).
     pub fn quic(&self) -> anyhow::Result<String> {
         self.daemon.ready_str("quic")

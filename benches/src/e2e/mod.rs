@@ -10,6 +10,7 @@ pub mod harness;
 pub mod issuance;
 pub mod plot;
 pub mod provisioning;
+pub mod recovery;
 pub mod resources;
 
 use std::path::PathBuf;
