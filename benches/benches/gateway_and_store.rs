@@ -13,7 +13,7 @@ use cn_backend::model::{
     Supi, Timestamp,
 };
 use cn_backend::ops::{self, Batch, BatchItem, IssuerConfig, ProvisionItem, SealError};
-use cn_backend::policy::{OperatorPolicy, RequestedParams};
+use cn_backend::policy::{AllocationCap, OperatorPolicy, RequestedParams};
 use cn_backend::store::sqlite::SqliteConfig;
 use cn_backend::{ChildCredential, Kek, SqliteStore};
 use companion_crypto::aka::Sqn;
@@ -88,6 +88,11 @@ fn store_commit(c: &mut Criterion) {
         amf: Amf::DEFAULT,
         operator: OperatorPolicy {
             max_lifetime_s: 7 * 86_400,
+            // Every item of every iteration is issued at the same instant: no cap.
+            allocation_cap: AllocationCap {
+                max: u32::MAX,
+                window_s: 1,
+            },
         },
         max_batch_items: 1024,
     };

@@ -20,6 +20,7 @@ fn batch_result(n: usize) -> CnMessage {
                 ciphertext: vec![0xa5; 616],
             }),
             reason: None,
+            retry_after_ms: None,
         })
         .collect();
     CnMessage::BatchResult(BatchResult { batch_id: 1, items })

@@ -128,6 +128,12 @@ fn default_max_batch_items() -> usize {
 fn default_max_lifetime() -> String {
     "90d".into()
 }
+fn default_child_allocation_limit() -> u32 {
+    crate::policy::DEFAULT_ALLOCATION_MAX
+}
+fn default_child_allocation_window() -> String {
+    "1h".into()
+}
 fn default_max_failures() -> u32 {
     5
 }
@@ -182,6 +188,12 @@ pub struct Settings {
     /// Operator-wide longest credential lifetime (humantime, e.g. `90d`).
     #[serde(default = "default_max_lifetime")]
     pub max_lifetime: String,
+    /// Most new child credentials (SUPIs) one parent may get within `child_allocation_window`.
+    #[serde(default = "default_child_allocation_limit")]
+    pub child_allocation_limit: u32,
+    /// The sliding window of `child_allocation_limit` (humantime, e.g. `1h`).
+    #[serde(default = "default_child_allocation_window")]
+    pub child_allocation_window: String,
     /// Consecutive AKA failures of one SUPI before it is locked out.
     #[serde(default = "default_max_failures")]
     pub aka_max_failures: u32,
@@ -216,6 +228,8 @@ impl Default for Settings {
             attach_endpoint: String::new(),
             max_batch_items: default_max_batch_items(),
             max_lifetime: default_max_lifetime(),
+            child_allocation_limit: default_child_allocation_limit(),
+            child_allocation_window: default_child_allocation_window(),
             aka_max_failures: default_max_failures(),
             aka_lockout: default_lockout(),
             aka_addr_max_failures: default_addr_max_failures(),
@@ -270,7 +284,13 @@ impl Settings {
                 "aka_max_failures and aka_addr_max_failures must be at least 1".into(),
             ));
         }
+        if self.child_allocation_limit == 0 {
+            return Err(ConfigError::Invalid(
+                "child_allocation_limit must be at least 1".into(),
+            ));
+        }
         self.max_lifetime()?;
+        self.child_allocation_window()?;
         self.aka_lockout()?;
         self.exchange_timeout()?;
         self.drain_timeout()?;
@@ -294,6 +314,17 @@ impl Settings {
         if d.as_secs() == 0 {
             return Err(ConfigError::Invalid(
                 "max_lifetime must be at least 1s".into(),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// The window of the per-parent allocation cap (at least 1 s).
+    pub fn child_allocation_window(&self) -> Result<Duration, ConfigError> {
+        let d = duration("child_allocation_window", &self.child_allocation_window)?;
+        if d.as_secs() == 0 {
+            return Err(ConfigError::Invalid(
+                "child_allocation_window must be at least 1s".into(),
             ));
         }
         Ok(d)
@@ -374,6 +405,15 @@ http_listen = @HTTP_LISTEN@
 # Operator-wide longest credential lifetime; each subscription may allow less.
 # default: "90d"
 # max_lifetime = "90d"
+
+# Per-parent cap on new child credentials: at most child_allocation_limit new SUPIs per parent
+# subscription within any child_allocation_window (renewals keep their SUPI and do not count).
+# The quota (max_children) bounds live credentials; this bounds how fast one companion can
+# churn through the IMSI range by revoking and issuing again. Items over the cap are answered
+# retry_later with the time until a slot frees (metric cn_backend_allocation_rate_limited_total).
+# defaults: child_allocation_limit = 10000, child_allocation_window = "1h"
+# child_allocation_limit = 10000
+# child_allocation_window = "1h"
 
 # AKA rate limiting: after aka_max_failures consecutive failures of one SUPI, new AKA for it is
 # refused (auth_failed with retry_after_ms) for aka_lockout; a source address with

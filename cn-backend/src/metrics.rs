@@ -19,6 +19,9 @@ pub struct Metrics {
     pub revoked: IntCounter,
     /// Batch items refused because the parent's quota was used up.
     pub quota_rejections: IntCounter,
+    /// Batch items answered `retry_later` because the parent reached the operator's cap on new
+    /// credentials per unit of time.
+    pub allocation_rate_limited: IntCounter,
     /// Batch items refused by policy (DNN, expired renewal, inactive parent...).
     pub policy_rejections: IntCounter,
     /// Batch items that were invalid.
@@ -94,6 +97,12 @@ impl Metrics {
                 &r,
                 "cn_backend_quota_rejections_total",
                 "Batch items refused because the parent subscription's quota is used up.",
+            )?,
+            allocation_rate_limited: counter(
+                &r,
+                "cn_backend_allocation_rate_limited_total",
+                "Batch items answered retry_later: the parent subscription reached the \
+                 operator's cap on new credentials (SUPIs) per window.",
             )?,
             policy_rejections: counter(
                 &r,

@@ -9,11 +9,24 @@
 //! other writer. Each item gets its own [`ItemOutcome`]; only storage failures abort the batch
 //! (and then nothing of it is committed).
 //!
-//! Sealing (HPKE, tens of microseconds per credential) dominates a batch's CPU time, so new
-//! credentials are decided and given their SUPI and keys one by one, then sealed together on
-//! all cores, then written. The outcomes are exactly those of deciding and committing the items
-//! one after another: a renewal, a repeated request ID, or a quota refusal that could depend on
-//! the credentials still waiting for their seal first seals and writes those.
+//! Sealing (HPKE, tens of microseconds per credential) dominates a batch's CPU time. It comes
+//! in two halves ([`Sealer`]): the encapsulation (ephemeral key, X25519, key schedule: all the
+//! public-key work, and the only step a bad device key can fail) needs nothing but the request,
+//! while the seal proper (encoding the bundle, one AEAD pass) needs the SUPI. So new credentials
+//! are decided and given their keys one by one, then *encapsulated* together on all cores, and
+//! only then, item by item in a savepoint of the batch transaction, given their SUPI, sealed and
+//! written: an item whose encapsulation fails never allocates, and one whose seal fails rolls
+//! its savepoint (and with it the allocation) back. Nothing is consumed for an item that is not
+//! issued, SUPIs stay contiguous, and the expensive half still runs in parallel. The outcomes
+//! are exactly those of deciding and committing the items one after another: a renewal, a
+//! repeated request ID, or a quota or rate refusal that could depend on the credentials still
+//! pending first seals and writes those.
+//!
+//! # Allocation cap
+//! Besides the quota (live credentials), the operator caps how many new credentials (SUPIs) a
+//! parent may get within a sliding window ([`crate::policy::AllocationCap`]), counted from the
+//! children table in the same transaction; an item over the cap is answered
+//! [`ItemOutcome::RateLimited`] with the time until a slot frees up.
 //!
 //! # Renewal
 //! Renewal keeps the SUPI, K and OPc (the device keeps its USIM state and nothing needs
@@ -70,30 +83,58 @@ pub struct IssuerConfig {
 pub struct SealError(pub String);
 
 /// Seals a freshly issued or renewed credential to the device's key (HPKE in the server; any
-/// deterministic stand-in in tests). The store keeps the result as an opaque blob so a retried
-/// request gets exactly the same bytes.
+/// deterministic stand-in in tests), in two halves so that nothing is allocated for a request
+/// whose key is bad (see the module docs). The store keeps the result as an opaque blob so a
+/// retried request gets exactly the same bytes.
 pub trait Sealer: Sync {
-    /// Seals `child` with its `keys` to `recipient` (the device's public key as sent with the
-    /// request, uninterpreted by the store).
-    fn seal(
+    /// What [`Sealer::encapsulate`] hands to [`Sealer::seal`].
+    type Encapsulated: Send;
+
+    /// The half that depends only on the request: checks `recipient` (the device's public key
+    /// as sent with the request, uninterpreted by the store) and does the public-key work,
+    /// bound to the device and the request being answered. Runs on several threads at once,
+    /// before any SUPI is allocated; an error here consumes nothing.
+    fn encapsulate(
         &self,
         recipient: &[u8],
+        device_id: &DeviceId,
+        request_id: &RequestId,
+    ) -> Result<Self::Encapsulated, SealError>;
+
+    /// Seals `child` with its `keys`. Runs in item order, after the SUPI is allocated in the
+    /// item's savepoint; an error rolls the allocation back.
+    fn seal(
+        &self,
+        encapsulated: Self::Encapsulated,
         child: &ChildCredential,
         keys: &SubscriberKeys,
     ) -> Result<Vec<u8>, SealError>;
 }
 
+/// A one-step stand-in (tests, benchmarks): `encapsulate` keeps the recipient, the function
+/// does everything in `seal`.
 impl<F> Sealer for F
 where
     F: Fn(&[u8], &ChildCredential, &SubscriberKeys) -> Result<Vec<u8>, SealError> + Sync,
 {
-    fn seal(
+    type Encapsulated = Vec<u8>;
+
+    fn encapsulate(
         &self,
         recipient: &[u8],
+        _device_id: &DeviceId,
+        _request_id: &RequestId,
+    ) -> Result<Vec<u8>, SealError> {
+        Ok(recipient.to_vec())
+    }
+
+    fn seal(
+        &self,
+        recipient: Vec<u8>,
         child: &ChildCredential,
         keys: &SubscriberKeys,
     ) -> Result<Vec<u8>, SealError> {
-        self(recipient, child, keys)
+        self(&recipient, child, keys)
     }
 }
 
@@ -178,6 +219,16 @@ pub enum ItemOutcome {
         /// The parent's `max_children`.
         limit: u32,
     },
+    /// The parent reached the operator's cap on new credentials per unit of time; the same
+    /// request may succeed after `retry_after_s`.
+    RateLimited {
+        /// New credentials allowed per window.
+        limit: u32,
+        /// The window, in seconds.
+        window_s: u64,
+        /// Seconds until a slot frees up, at the earliest.
+        retry_after_s: u64,
+    },
     /// Policy refused the request.
     PolicyDenied(Denial),
     /// The request is malformed or could not be sealed.
@@ -193,29 +244,62 @@ impl From<Refusal> for ItemOutcome {
         match r {
             Refusal::ParentInactive(s) => Self::ParentInactive(s),
             Refusal::QuotaExhausted { limit } => Self::QuotaExhausted { limit },
+            Refusal::RateLimited {
+                limit,
+                window_s,
+                retry_after_s,
+            } => Self::RateLimited {
+                limit,
+                window_s,
+                retry_after_s,
+            },
             Refusal::Denied(d) => Self::PolicyDenied(d),
             Refusal::Invalid(i) => Self::Invalid(i),
         }
     }
 }
 
-struct BatchCtx<'a> {
+struct BatchCtx<'a, Se: ?Sized> {
     cfg: &'a IssuerConfig,
-    sealer: &'a dyn Sealer,
+    sealer: &'a Se,
     parent: &'a Parent,
     actor: &'a str,
     now: Timestamp,
+}
+
+/// What the batch has used so far, the pending credentials counted as issued.
+struct Usage {
+    /// Active children (quota).
+    active: u32,
+    /// Children issued within the allocation window (rate cap).
+    recent: u32,
+    /// The oldest `issued_at` among those.
+    oldest: Option<Timestamp>,
+}
+
+impl Usage {
+    fn take(&mut self, now: Timestamp) {
+        self.active += 1;
+        self.recent += 1;
+        self.oldest.get_or_insert(now);
+    }
+
+    /// A pending credential that was not issued after all.
+    fn give_back(&mut self) {
+        self.active = self.active.saturating_sub(1);
+        self.recent = self.recent.saturating_sub(1);
+    }
 }
 
 /// Decides and commits a batch in one transaction; one outcome per item, in order.
 ///
 /// Errors: [`StoreError::BatchTooLarge`], [`StoreError::ParentNotFound`], storage failures and
 /// [`StoreError::ImsiRangeExhausted`]; on error nothing of the batch is committed.
-pub fn issue_batch<S: Store + ?Sized>(
+pub fn issue_batch<S: Store + ?Sized, Se: Sealer + ?Sized>(
     store: &S,
     cfg: &IssuerConfig,
     batch: &Batch,
-    sealer: &dyn Sealer,
+    sealer: &Se,
 ) -> Result<Vec<ItemOutcome>, StoreError> {
     if batch.items.len() > cfg.max_batch_items {
         return Err(StoreError::BatchTooLarge {
@@ -234,8 +318,17 @@ pub fn issue_batch<S: Store + ?Sized>(
             actor: &batch.actor,
             now: batch.now,
         };
-        // Active children, counting the pending ones as issued.
-        let mut active = tx.count_active_children(&parent.supi, batch.now)?;
+        // Active children and recent allocations, counting the pending ones as issued.
+        let cap = &cfg.operator.allocation_cap;
+        let (recent, oldest) = tx.children_issued_since(
+            &parent.supi,
+            policy::allocation_window_start(cap, batch.now),
+        )?;
+        let mut usage = Usage {
+            active: tx.count_active_children(&parent.supi, batch.now)?,
+            recent,
+            oldest,
+        };
         let mut out: Vec<Option<ItemOutcome>> = Vec::with_capacity(batch.items.len());
         let mut pending: Vec<Pending<'_>> = Vec::new();
         for item in &batch.items {
@@ -249,33 +342,37 @@ pub fn issue_batch<S: Store + ?Sized>(
                     if pending.iter().any(|q| {
                         q.item.device_id == p.device_id && q.item.request_id == p.request_id
                     }) {
-                        flush(tx, &ctx, &mut pending, &mut out, &mut active)?;
+                        flush(tx, &ctx, &mut pending, &mut out, &mut usage)?;
                     }
-                    let mut prepared = prepare_provision(tx, &ctx, active, p, out.len())?;
+                    let mut prepared = prepare_provision(tx, &ctx, &usage, p, out.len())?;
                     // Counted as issued, a pending credential whose seal fails could be what
-                    // exhausts the quota: decide again on the committed count.
-                    if matches!(prepared, Prepared::Done(ItemOutcome::QuotaExhausted { .. }))
-                        && !pending.is_empty()
+                    // exhausts the quota or the cap: decide again on the committed count.
+                    if matches!(
+                        prepared,
+                        Prepared::Done(
+                            ItemOutcome::QuotaExhausted { .. } | ItemOutcome::RateLimited { .. }
+                        )
+                    ) && !pending.is_empty()
                     {
-                        flush(tx, &ctx, &mut pending, &mut out, &mut active)?;
-                        prepared = prepare_provision(tx, &ctx, active, p, out.len())?;
+                        flush(tx, &ctx, &mut pending, &mut out, &mut usage)?;
+                        prepared = prepare_provision(tx, &ctx, &usage, p, out.len())?;
                     }
                     match prepared {
                         Prepared::Done(o) => out.push(Some(o)),
                         Prepared::Pending(q) => {
-                            active += 1;
+                            usage.take(batch.now);
                             out.push(None);
                             pending.push(q);
                         }
                     }
                 }
                 BatchItem::Renew(r) => {
-                    flush(tx, &ctx, &mut pending, &mut out, &mut active)?;
+                    flush(tx, &ctx, &mut pending, &mut out, &mut usage)?;
                     out.push(Some(renew_one(tx, &ctx, r)?));
                 }
             }
         }
-        flush(tx, &ctx, &mut pending, &mut out, &mut active)?;
+        flush(tx, &ctx, &mut pending, &mut out, &mut usage)?;
         out.into_iter()
             .map(|o| {
                 o.ok_or_else(|| StoreError::Corrupt("batch item left without an outcome".into()))
@@ -284,12 +381,13 @@ pub fn issue_batch<S: Store + ?Sized>(
     })
 }
 
-/// A new credential decided, with its SUPI and keys, waiting for its seal.
+/// A new credential decided, with its keys, waiting for its encapsulation, SUPI and seal.
 struct Pending<'i> {
     /// Position of the item in the batch.
     slot: usize,
     item: &'i ProvisionItem,
-    child: ChildCredential,
+    expires_at: Timestamp,
+    restrictions: crate::model::Restrictions,
     keys: SubscriberKeys,
 }
 
@@ -301,13 +399,13 @@ enum Prepared<'i> {
 }
 
 /// Fewest credentials worth a sealing thread of their own (a thread costs far less than one
-/// HPKE seal, but not nothing).
+/// HPKE encapsulation, but not nothing).
 const MIN_SEALS_PER_THREAD: usize = 4;
 
-fn prepare_provision<'i>(
+fn prepare_provision<'i, Se: Sealer + ?Sized>(
     tx: &mut dyn WriteTx,
-    ctx: &BatchCtx<'_>,
-    active: u32,
+    ctx: &BatchCtx<'_, Se>,
+    usage: &Usage,
     item: &'i ProvisionItem,
     slot: usize,
 ) -> Result<Prepared<'i>, StoreError> {
@@ -336,82 +434,124 @@ fn prepare_provision<'i>(
     }
     let grant = match policy::decide_provision(
         ctx.parent,
-        active,
+        usage.active,
         &item.params,
         &ctx.cfg.operator,
         ctx.now,
-    ) {
+    )
+    .and_then(|g| {
+        policy::check_allocation_rate(
+            usage.recent,
+            usage.oldest,
+            &ctx.cfg.operator.allocation_cap,
+            ctx.now,
+        )
+        .map(|()| g)
+    }) {
         Ok(g) => g,
         Err(r) => return Ok(Prepared::Done(r.into())),
     };
-    let supi = tx.allocate_supi(&ctx.cfg.imsi_range)?;
     let k = Key128::try_random().map_err(|_| StoreError::Rng)?;
     let opc = Milenage::compute_opc(&k, ctx.cfg.op.expose());
-    let child = ChildCredential {
-        supi,
-        parent: ctx.parent.supi.clone(),
-        device_id: item.device_id.clone(),
-        device_key_fingerprint: item.device_key_fingerprint,
-        request_id: item.request_id,
-        amf: ctx.cfg.amf,
-        sqn: Sqn::ZERO,
-        issued_at: ctx.now,
-        expires_at: grant.expires_at,
-        renewed_at: None,
-        restrictions: grant.restrictions,
-        status: ChildStatus::Active,
-        revoked_at: None,
-    };
     Ok(Prepared::Pending(Pending {
         slot,
         item,
-        child,
+        expires_at: grant.expires_at,
+        restrictions: grant.restrictions,
         keys: SubscriberKeys { k, opc },
     }))
 }
 
-/// Seals every pending credential (on all cores) and writes the sealed ones. A seal failure
-/// costs its item (and its allocated SUPI, which is never reused) but not the batch.
-fn flush(
+/// Issues every pending credential: encapsulates them all (on all cores), then, in item order,
+/// allocates, seals and writes each in its own savepoint. An item that fails either step costs
+/// only itself, and consumes no SUPI.
+fn flush<Se: Sealer + ?Sized>(
     tx: &mut dyn WriteTx,
-    ctx: &BatchCtx<'_>,
+    ctx: &BatchCtx<'_, Se>,
     pending: &mut Vec<Pending<'_>>,
     out: &mut [Option<ItemOutcome>],
-    active: &mut u32,
+    usage: &mut Usage,
 ) -> Result<(), StoreError> {
     if pending.is_empty() {
         return Ok(());
     }
-    let sealed = seal_all(ctx.sealer, pending);
-    for (p, sealed) in pending.drain(..).zip(sealed) {
-        let outcome = match sealed {
-            Ok(sealed) => write_provision(tx, ctx, p.child, p.keys, sealed)?,
-            Err(e) => {
-                *active = active.saturating_sub(1);
-                ItemOutcome::Invalid(Invalid::Seal(e.0))
-            }
+    let encapsulated = encapsulate_all(ctx.sealer, pending);
+    for (p, enc) in pending.drain(..).zip(encapsulated) {
+        let slot = p.slot;
+        let issued = match enc {
+            Ok(enc) => issue_one(tx, ctx, p, enc)?,
+            Err(e) => Err(e),
         };
+        let outcome = issued.unwrap_or_else(|e| {
+            usage.give_back();
+            ItemOutcome::Invalid(Invalid::Seal(e.0))
+        });
         let slot = out
-            .get_mut(p.slot)
+            .get_mut(slot)
             .ok_or_else(|| StoreError::Corrupt("pending item outside its batch".into()))?;
         *slot = Some(outcome);
     }
     Ok(())
 }
 
-fn seal_chunk(sealer: &dyn Sealer, chunk: &[Pending<'_>]) -> Vec<Result<Vec<u8>, SealError>> {
+/// Allocates the SUPI of one encapsulated credential, seals and writes it, all in the item
+/// savepoint: a seal error rolls the allocation back (`Ok(Err(_))`); a storage error aborts the
+/// batch.
+fn issue_one<Se: Sealer + ?Sized>(
+    tx: &mut dyn WriteTx,
+    ctx: &BatchCtx<'_, Se>,
+    p: Pending<'_>,
+    enc: Se::Encapsulated,
+) -> Result<Result<ItemOutcome, SealError>, StoreError> {
+    tx.item_savepoint()?;
+    let supi = tx.allocate_supi(&ctx.cfg.imsi_range)?;
+    let child = ChildCredential {
+        supi,
+        parent: ctx.parent.supi.clone(),
+        device_id: p.item.device_id.clone(),
+        device_key_fingerprint: p.item.device_key_fingerprint,
+        request_id: p.item.request_id,
+        amf: ctx.cfg.amf,
+        sqn: Sqn::ZERO,
+        issued_at: ctx.now,
+        expires_at: p.expires_at,
+        renewed_at: None,
+        restrictions: p.restrictions,
+        status: ChildStatus::Active,
+        revoked_at: None,
+    };
+    match ctx.sealer.seal(enc, &child, &p.keys) {
+        Ok(sealed) => {
+            let outcome = write_provision(tx, ctx, child, p.keys, sealed)?;
+            tx.release_item()?;
+            Ok(Ok(outcome))
+        }
+        Err(e) => {
+            tx.rollback_item()?;
+            Ok(Err(e))
+        }
+    }
+}
+
+fn encapsulate_chunk<Se: Sealer + ?Sized>(
+    sealer: &Se,
+    chunk: &[Pending<'_>],
+) -> Vec<Result<Se::Encapsulated, SealError>> {
     chunk
         .iter()
-        .map(|p| sealer.seal(&p.item.recipient, &p.child, &p.keys))
+        .map(|p| sealer.encapsulate(&p.item.recipient, &p.item.device_id, &p.item.request_id))
         .collect()
 }
 
-/// Seals `pending` in order, split across the available cores.
-fn seal_all(sealer: &dyn Sealer, pending: &[Pending<'_>]) -> Vec<Result<Vec<u8>, SealError>> {
+/// Encapsulates `pending` in order, split across the available cores.
+fn encapsulate_all<Se: Sealer + ?Sized>(
+    sealer: &Se,
+    pending: &[Pending<'_>],
+) -> Vec<Result<Se::Encapsulated, SealError>> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let threads = cores.min(pending.len() / MIN_SEALS_PER_THREAD).max(1);
     if threads == 1 {
-        return seal_chunk(sealer, pending);
+        return encapsulate_chunk(sealer, pending);
     }
     let per_thread = pending.len().div_ceil(threads);
     std::thread::scope(|scope| {
@@ -422,28 +562,28 @@ fn seal_all(sealer: &dyn Sealer, pending: &[Pending<'_>]) -> Vec<Result<Vec<u8>,
             .map(|c| {
                 let h = std::thread::Builder::new()
                     .name("cn-seal".into())
-                    .spawn_scoped(scope, move || seal_chunk(sealer, c));
+                    .spawn_scoped(scope, move || encapsulate_chunk(sealer, c));
                 (c, h.ok())
             })
             .collect();
-        let mut out = seal_chunk(sealer, mine);
+        let mut out = encapsulate_chunk(sealer, mine);
         for (c, h) in others {
             match h.map(std::thread::ScopedJoinHandle::join) {
-                Some(Ok(sealed)) => out.extend(sealed),
+                Some(Ok(encapsulated)) => out.extend(encapsulated),
                 Some(Err(_)) => out.extend(
                     c.iter()
                         .map(|_| Err(SealError("the sealing thread panicked".into()))),
                 ),
-                None => out.extend(seal_chunk(sealer, c)),
+                None => out.extend(encapsulate_chunk(sealer, c)),
             }
         }
         out
     })
 }
 
-fn write_provision(
+fn write_provision<Se: Sealer + ?Sized>(
     tx: &mut dyn WriteTx,
-    ctx: &BatchCtx<'_>,
+    ctx: &BatchCtx<'_, Se>,
     child: ChildCredential,
     keys: SubscriberKeys,
     sealed: Vec<u8>,
@@ -479,9 +619,9 @@ fn write_provision(
     Ok(ItemOutcome::Issued { child, sealed })
 }
 
-fn renew_one(
+fn renew_one<Se: Sealer + ?Sized>(
     tx: &mut dyn WriteTx,
-    ctx: &BatchCtx<'_>,
+    ctx: &BatchCtx<'_, Se>,
     item: &RenewItem,
 ) -> Result<ItemOutcome, StoreError> {
     let Some(child) = tx
@@ -524,7 +664,12 @@ fn renew_one(
         renewed_at: Some(ctx.now),
         ..child
     };
-    let sealed = match ctx.sealer.seal(&item.recipient, &renewed, &keys) {
+    // Sealed to the renewal's own request ID (the AAD the device checks).
+    let sealed = match ctx
+        .sealer
+        .encapsulate(&item.recipient, &renewed.device_id, &item.request_id)
+        .and_then(|enc| ctx.sealer.seal(enc, &renewed, &keys))
+    {
         Ok(s) => s,
         Err(e) => return Ok(ItemOutcome::Invalid(Invalid::Seal(e.0))),
     };
@@ -820,59 +965,201 @@ mod tests {
             amf: Amf::DEFAULT,
             operator: OperatorPolicy {
                 max_lifetime_s: 86_400,
+                ..OperatorPolicy::default()
             },
             max_batch_items: 256,
         };
-        // Every 10th item fails to seal; the others get a blob naming their own item and SUPI.
-        let sealer = |recipient: &[u8], child: &ChildCredential, _: &SubscriberKeys| {
-            if recipient.ends_with(b"0") {
-                return Err(SealError(format!("refused {}", child.device_id.as_str())));
+        // Items 10, 20, ... fail their encapsulation (a bad key: before any allocation), items
+        // 5, 15, ... their seal (after the SUPI was allocated in the item's savepoint); the
+        // others get a blob naming their own item and SUPI.
+        struct TwoStep;
+        impl Sealer for TwoStep {
+            type Encapsulated = Vec<u8>;
+            fn encapsulate(
+                &self,
+                recipient: &[u8],
+                device_id: &DeviceId,
+                _: &RequestId,
+            ) -> Result<Vec<u8>, SealError> {
+                if recipient.ends_with(b"0") {
+                    return Err(SealError(format!("bad key of {}", device_id.as_str())));
+                }
+                Ok(recipient.to_vec())
             }
-            let mut out = recipient.to_vec();
-            out.extend_from_slice(child.supi.as_str().as_bytes());
-            Ok(out)
-        };
-        let items: Vec<BatchItem> = (1..=200u8)
-            .map(|i| {
-                BatchItem::Provision(ProvisionItem {
-                    device_id: DeviceId::parse(&format!("dev-{i}")).unwrap(),
-                    device_key_fingerprint: KeyFingerprint([i; 32]),
-                    request_id: RequestId([i; 16]),
-                    recipient: format!("pk-{i}").into_bytes(),
-                    params: RequestedParams::default(),
+            fn seal(
+                &self,
+                recipient: Vec<u8>,
+                child: &ChildCredential,
+                _: &SubscriberKeys,
+            ) -> Result<Vec<u8>, SealError> {
+                if recipient.ends_with(b"5") {
+                    return Err(SealError(format!("refused {}", child.device_id.as_str())));
+                }
+                let mut out = recipient;
+                out.extend_from_slice(child.supi.as_str().as_bytes());
+                Ok(out)
+            }
+        }
+        let items = |range: std::ops::RangeInclusive<u8>| -> Vec<BatchItem> {
+            range
+                .map(|i| {
+                    BatchItem::Provision(ProvisionItem {
+                        device_id: DeviceId::parse(&format!("dev-{i}")).unwrap(),
+                        device_key_fingerprint: KeyFingerprint([i; 32]),
+                        request_id: RequestId([i; 16]),
+                        recipient: format!("pk-{i}").into_bytes(),
+                        params: RequestedParams::default(),
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
         let batch = Batch {
             parent: parent.clone(),
             actor: "test".into(),
             now: Timestamp(1_700_000_000),
-            items,
+            items: items(1..=200),
         };
-        let out = issue_batch(&store, &cfg, &batch, &sealer).unwrap();
+        let out = issue_batch(&store, &cfg, &batch, &TwoStep).unwrap();
         assert_eq!(out.len(), 200);
-        let mut supis = Vec::new();
+        let mut msins = Vec::new();
         for (i, o) in (1..=200u32).zip(&out) {
             match o {
                 ItemOutcome::Issued { child, sealed } => {
-                    assert_ne!(i % 10, 0);
+                    assert_ne!(i % 5, 0);
                     assert_eq!(child.device_id.as_str(), format!("dev-{i}"));
                     let want = format!("pk-{i}{}", child.supi.as_str());
                     assert_eq!(sealed.as_slice(), want.as_bytes());
-                    supis.push(child.supi.clone());
+                    msins.push(child.supi.as_str()[10..].parse::<u64>().unwrap());
                 }
-                ItemOutcome::Invalid(Invalid::Seal(m)) => {
-                    assert_eq!(i % 10, 0);
+                ItemOutcome::Invalid(Invalid::Seal(m)) if i % 10 == 0 => {
+                    assert_eq!(m, &format!("bad key of dev-{i}"));
+                }
+                ItemOutcome::Invalid(Invalid::Seal(m)) if i % 10 == 5 => {
                     assert_eq!(m, &format!("refused dev-{i}"));
                 }
                 other => panic!("item {i}: {other:?}"),
             }
         }
-        // SUPIs are allocated in item order (the failed items' SUPIs are skipped, not reused).
-        let mut sorted = supis.clone();
-        sorted.sort();
-        assert_eq!(supis, sorted);
-        assert_eq!(supis.len(), 180);
-        assert_eq!(store.children_of(&parent).unwrap().len(), 180);
+        // SUPIs are allocated in item order with no gap: the items that failed, before or
+        // after their allocation, consumed nothing.
+        let want: Vec<u64> = (0..160).map(|n| 9_000_000_000 + n).collect();
+        assert_eq!(msins, want);
+        assert_eq!(store.children_of(&parent).unwrap().len(), 160);
+        // The next issued credential takes the very next SUPI.
+        let next = Batch {
+            items: items(201..=201),
+            ..batch
+        };
+        match &issue_batch(&store, &cfg, &next, &TwoStep).unwrap()[0] {
+            ItemOutcome::Issued { child, .. } => {
+                assert_eq!(child.supi.as_str(), "imsi-001019000000160");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn allocation_cap_answers_rate_limited_and_frees_with_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("cn.db"),
+            Kek::from_bytes(&[7; 32]),
+            SqliteConfig::default(),
+        )
+        .unwrap();
+        let parent = Supi::parse("imsi-001010000000001").unwrap();
+        add_parent(
+            &store,
+            &NewParent {
+                supi: parent.clone(),
+                keys: SubscriberKeys {
+                    k: Key128::from_bytes([1; 16]),
+                    opc: Key128::from_bytes([2; 16]),
+                },
+                amf: Amf::DEFAULT,
+                sqn: Sqn::ZERO,
+                policy: ParentPolicy {
+                    max_children: 1000,
+                    max_lifetime_s: 86_400,
+                    roaming_allowed: false,
+                    allowed_dnns: Vec::new(),
+                    max_bitrate_kbps: None,
+                },
+            },
+            "test",
+            Timestamp(0),
+        )
+        .unwrap();
+        let cfg = IssuerConfig {
+            imsi_range: ImsiRange::new("001", "01", 9_000_000_000, 9_000_999_999).unwrap(),
+            op: Key128::from_bytes([3; 16]),
+            amf: Amf::DEFAULT,
+            operator: OperatorPolicy {
+                max_lifetime_s: 86_400,
+                allocation_cap: crate::policy::AllocationCap {
+                    max: 5,
+                    window_s: 100,
+                },
+            },
+            max_batch_items: 256,
+        };
+        // Fails to seal for recipient "bad": such items must not use the cap either.
+        let sealer = |recipient: &[u8], child: &ChildCredential, _: &SubscriberKeys| {
+            if recipient == b"bad" {
+                return Err(SealError("bad".into()));
+            }
+            Ok(child.supi.as_str().as_bytes().to_vec())
+        };
+        let item = |n: u32, recipient: &[u8]| {
+            BatchItem::Provision(ProvisionItem {
+                device_id: DeviceId::parse(&format!("dev-{n}")).unwrap(),
+                device_key_fingerprint: KeyFingerprint([1; 32]),
+                request_id: RequestId([n as u8; 16]),
+                recipient: recipient.to_vec(),
+                params: RequestedParams::default(),
+            })
+        };
+        let run = |now: i64, items: Vec<BatchItem>| {
+            let b = Batch {
+                parent: parent.clone(),
+                actor: "test".into(),
+                now: Timestamp(now),
+                items,
+            };
+            issue_batch(&store, &cfg, &b, &sealer).unwrap()
+        };
+        // t=1000: two bad seals among seven items: the five good ones use the cap exactly.
+        let mut first: Vec<BatchItem> = (0..5).map(|n| item(n, b"pk")).collect();
+        first.insert(2, item(50, b"bad"));
+        first.insert(4, item(51, b"bad"));
+        let out = run(1000, first);
+        let issued = out
+            .iter()
+            .filter(|o| matches!(o, ItemOutcome::Issued { .. }))
+            .count();
+        assert_eq!(issued, 5, "{out:?}");
+        // t=1040: over the cap; the retry time is when the window (100 s) frees a slot.
+        let out = run(1040, vec![item(6, b"pk"), item(7, b"pk")]);
+        for o in &out {
+            assert_eq!(
+                o,
+                &ItemOutcome::RateLimited {
+                    limit: 5,
+                    window_s: 100,
+                    retry_after_s: 60
+                }
+            );
+        }
+        // A retry of an issued request is still answered (no allocation).
+        assert!(matches!(
+            run(1040, vec![item(0, b"pk")])[0],
+            ItemOutcome::AlreadyIssued { .. }
+        ));
+        // t=1100: the first five left the window.
+        assert!(matches!(
+            run(1100, vec![item(6, b"pk")])[0],
+            ItemOutcome::Issued { .. }
+        ));
+        assert_eq!(store.children_of(&parent).unwrap().len(), 6);
     }
 }

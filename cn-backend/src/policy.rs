@@ -27,12 +27,42 @@ use crate::model::{
 pub struct OperatorPolicy {
     /// Longest lifetime of any child credential, in seconds.
     pub max_lifetime_s: u64,
+    /// Cap on new child SUPIs per parent per unit of time.
+    pub allocation_cap: AllocationCap,
 }
 
 impl Default for OperatorPolicy {
     fn default() -> Self {
         Self {
             max_lifetime_s: 90 * 24 * 3600,
+            allocation_cap: AllocationCap::default(),
+        }
+    }
+}
+
+/// At most `max` new child credentials (each a SUPI taken from the operator's range) per parent
+/// within any `window_s` seconds. The quota bounds a parent's *live* credentials; this bounds
+/// how fast it can churn through the range by revoking (or letting expire) and issuing again.
+/// Renewals keep their SUPI and do not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocationCap {
+    /// New credentials allowed per window (at least 1).
+    pub max: u32,
+    /// The sliding window, in seconds (at least 1).
+    pub window_s: u64,
+}
+
+/// Default [`AllocationCap::max`]: far above a household's devices, and above the project's own
+/// largest provisioning runs (8,000 devices through one companion).
+pub const DEFAULT_ALLOCATION_MAX: u32 = 10_000;
+/// Default [`AllocationCap::window_s`]: one hour.
+pub const DEFAULT_ALLOCATION_WINDOW_S: u64 = 3600;
+
+impl Default for AllocationCap {
+    fn default() -> Self {
+        Self {
+            max: DEFAULT_ALLOCATION_MAX,
+            window_s: DEFAULT_ALLOCATION_WINDOW_S,
         }
     }
 }
@@ -107,6 +137,18 @@ pub enum Refusal {
     QuotaExhausted {
         /// The parent's `max_children`.
         limit: u32,
+    },
+    /// The parent reached the operator's cap on new credentials per unit of time.
+    #[error(
+        "{limit} new credentials within {window_s} s already issued; retry in {retry_after_s} s"
+    )]
+    RateLimited {
+        /// [`AllocationCap::max`].
+        limit: u32,
+        /// [`AllocationCap::window_s`].
+        window_s: u64,
+        /// Seconds until the oldest credential of the window leaves it (at least 1).
+        retry_after_s: u64,
     },
     /// Policy refused.
     #[error("policy denied: {0}")]
@@ -208,6 +250,38 @@ pub fn check_quota(active_children: u32, max_children: u32) -> Result<(), Refusa
         });
     }
     Ok(())
+}
+
+/// May a parent that got `recent` new credentials in the window `[now - window_s, now]`, the
+/// oldest at `oldest`, get one more? The retry time is when the oldest leaves the window: the
+/// earliest moment a slot can free up.
+pub fn check_allocation_rate(
+    recent: u32,
+    oldest: Option<Timestamp>,
+    cap: &AllocationCap,
+    now: Timestamp,
+) -> Result<(), Refusal> {
+    if recent < cap.max {
+        return Ok(());
+    }
+    let frees_at = oldest.unwrap_or(now).plus_secs(cap.window_s);
+    let retry_after_s = u64::try_from(frees_at.0.saturating_sub(now.0))
+        .unwrap_or(0)
+        .max(1);
+    Err(Refusal::RateLimited {
+        limit: cap.max,
+        window_s: cap.window_s,
+        retry_after_s,
+    })
+}
+
+/// Start of the allocation window ending at `now`.
+pub fn allocation_window_start(cap: &AllocationCap, now: Timestamp) -> Timestamp {
+    Timestamp(
+        now.0
+            .saturating_sub(i64::try_from(cap.window_s).unwrap_or(i64::MAX))
+            .saturating_add(1),
+    )
 }
 
 fn check_parent_active(parent: &Parent) -> Result<(), Refusal> {
@@ -371,6 +445,55 @@ mod tests {
     }
 
     #[test]
+    fn allocation_cap_is_a_sliding_window() {
+        let cap = AllocationCap {
+            max: 3,
+            window_s: 60,
+        };
+        let now = Timestamp(1_000);
+        // The window is (now - 60, now]: issued at 941 is in, at 940 is out.
+        assert_eq!(allocation_window_start(&cap, now), Timestamp(941));
+        assert_eq!(check_allocation_rate(0, None, &cap, now), Ok(()));
+        assert_eq!(
+            check_allocation_rate(2, Some(Timestamp(990)), &cap, now),
+            Ok(())
+        );
+        // Full: retry when the oldest leaves the window.
+        assert_eq!(
+            check_allocation_rate(3, Some(Timestamp(950)), &cap, now),
+            Err(Refusal::RateLimited {
+                limit: 3,
+                window_s: 60,
+                retry_after_s: 10
+            })
+        );
+        // All of them issued just now (pending in the same batch): a whole window.
+        assert_eq!(
+            check_allocation_rate(5, Some(now), &cap, now),
+            Err(Refusal::RateLimited {
+                limit: 3,
+                window_s: 60,
+                retry_after_s: 60
+            })
+        );
+        // Never less than a second.
+        assert!(matches!(
+            check_allocation_rate(3, Some(Timestamp(941)), &cap, now),
+            Err(Refusal::RateLimited {
+                retry_after_s: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_allocation_rate(3, None, &cap, now),
+            Err(Refusal::RateLimited {
+                retry_after_s: 60,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn lifetime_is_the_minimum() {
         assert_eq!(grant_lifetime(None, 100, 50), Ok(50));
         assert_eq!(grant_lifetime(None, 10, 50), Ok(10));
@@ -473,6 +596,7 @@ mod tests {
     fn provision_decision_order() {
         let op = OperatorPolicy {
             max_lifetime_s: 1800,
+            ..OperatorPolicy::default()
         };
         let now = Timestamp(1000);
         let g = decide_provision(

@@ -14,7 +14,7 @@
 //!   same request IDs gets the same sealed credentials) or not at all.
 //! * Every error a peer provokes ends at most its stream or connection; nothing panics.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -628,6 +628,7 @@ fn item_result(
         expires_at: None,
         sealed: None,
         reason: Some(reason.into()),
+        retry_after_ms: None,
     }
 }
 
@@ -647,6 +648,7 @@ fn issued(
             expires_at: Some(u64::try_from(child.expires_at.as_secs()).unwrap_or(0)),
             sealed: Some(sealed),
             reason: None,
+            retry_after_ms: None,
         },
         _ => item_result(
             request_id,
@@ -675,8 +677,8 @@ async fn batch(
     let mut answers: Vec<Option<ItemResult>> = Vec::with_capacity(b.items.len());
     let mut items = Vec::new();
     let mut index = Vec::new();
-    // Renewals are sealed with the renewal's request id, found by the device key they carry.
-    let mut renew_ids: HashMap<Vec<u8>, [u8; 16]> = HashMap::new();
+    // A renewal's HPKE key is fresh per request (PROTOCOL.md §4.1): one key, one renewal.
+    let mut renew_keys: HashSet<[u8; 32]> = HashSet::new();
     for (i, it) in b.items.iter().enumerate() {
         let rid = it.request_id;
         let params = match convert_params(&it.params) {
@@ -710,10 +712,7 @@ async fn batch(
                     )));
                     continue;
                 };
-                if renew_ids
-                    .insert(it.hpke_public_key.to_vec(), *rid.as_bytes())
-                    .is_some()
-                {
+                if !renew_keys.insert(it.hpke_public_key) {
                     answers.push(Some(item_result(
                         rid,
                         Outcome::Invalid,
@@ -751,24 +750,8 @@ async fn batch(
         let st = svc.store.clone();
         let svc2 = svc.clone();
         let started = Instant::now();
-        let outcomes = blocking(move || {
-            let sealer = |recipient: &[u8],
-                          child: &ChildCredential,
-                          keys: &SubscriberKeys|
-             -> Result<Vec<u8>, ops::SealError> {
-                let rid = if child.renewed_at.is_some() {
-                    renew_ids
-                        .get(recipient)
-                        .copied()
-                        .unwrap_or(child.request_id.0)
-                } else {
-                    child.request_id.0
-                };
-                svc2.seal(recipient, child, keys, rid)
-            };
-            ops::issue_batch(&*st, &svc2.issuer, &batch, &sealer)
-        })
-        .await;
+        let outcomes =
+            blocking(move || ops::issue_batch(&*st, &svc2.issuer, &batch, &svc2.sealer())).await;
         svc.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -798,6 +781,7 @@ async fn batch(
                 format!("subscription is {s}"),
             ));
         }
+        let mut rate_limited = false;
         for (o, i) in outcomes.iter().zip(index) {
             let rid = b.items[i].request_id;
             let r = match o {
@@ -820,6 +804,25 @@ async fn batch(
                         Outcome::QuotaExhausted,
                         format!("quota of {limit} active credentials used up"),
                     )
+                }
+                ItemOutcome::RateLimited {
+                    limit,
+                    window_s,
+                    retry_after_s,
+                } => {
+                    svc.metrics.allocation_rate_limited.inc();
+                    rate_limited = true;
+                    ItemResult {
+                        retry_after_ms: Some(retry_after_s.saturating_mul(1000)),
+                        ..item_result(
+                            rid,
+                            Outcome::RetryLater,
+                            format!(
+                                "{limit} new credentials within {window_s} s: the operator's \
+                                 cap; retry in {retry_after_s} s"
+                            ),
+                        )
+                    }
                 }
                 ItemOutcome::PolicyDenied(Denial::Expired(at)) => item_result(
                     rid,
@@ -850,6 +853,14 @@ async fn batch(
             if let Some(slot) = answers.get_mut(i) {
                 *slot = Some(r);
             }
+        }
+        if rate_limited {
+            warn!(
+                %parent,
+                limit = svc.issuer.operator.allocation_cap.max,
+                window_s = svc.issuer.operator.allocation_cap.window_s,
+                "new credentials refused: the parent reached the allocation cap"
+            );
         }
     }
     let items: Vec<ItemResult> = answers.into_iter().flatten().collect();

@@ -21,10 +21,11 @@ use zeroize::Zeroizing;
 use crate::config::{ConfigError, Layout, Settings};
 use crate::kek::{Kek, KekError};
 use crate::metrics::Metrics;
-use crate::model::{ChildCredential, Restrictions, SubscriberKeys};
-use crate::ops::{IssuerConfig, SealError};
-use crate::policy::OperatorPolicy;
+use crate::model::{ChildCredential, DeviceId, RequestId, Restrictions, SubscriberKeys};
+use crate::ops::{IssuerConfig, SealError, Sealer};
+use crate::policy::{AllocationCap, OperatorPolicy};
 use crate::store::{SqliteConfig, SqliteStore, StoreError};
+use companion_crypto::hpke::CredentialSealer;
 
 /// Errors creating or loading the data directory.
 #[derive(Debug, Error)]
@@ -368,6 +369,10 @@ impl Service {
             amf: crate::model::Amf(companion_crypto::aka::AMF_5G),
             operator: OperatorPolicy {
                 max_lifetime_s: s.max_lifetime()?.as_secs(),
+                allocation_cap: AllocationCap {
+                    max: s.child_allocation_limit,
+                    window_s: s.child_allocation_window()?.as_secs(),
+                },
             },
             max_batch_items: s.max_batch_items,
         };
@@ -409,25 +414,27 @@ impl Service {
         }
     }
 
-    /// Seals a credential bundle to `recipient` for `request_id` (the request being answered,
-    /// which for a renewal differs from the child's original request).
-    pub fn seal(
+    /// The HPKE [`Sealer`] of batch issuance, sealing bundles with this service's attach
+    /// information.
+    pub fn sealer(&self) -> HpkeSealer<'_> {
+        HpkeSealer { svc: self }
+    }
+
+    /// The credential bundle of `child` for the request `request_id` (for a renewal, the
+    /// renewal's request ID, not the child's original one), CBOR-encoded.
+    fn bundle(
         &self,
-        recipient: &[u8],
         child: &ChildCredential,
         keys: &SubscriberKeys,
         request_id: [u8; 16],
-    ) -> Result<Vec<u8>, SealError> {
-        let pk: [u8; 32] = recipient
-            .try_into()
-            .map_err(|_| SealError("HPKE public key must be 32 bytes".into()))?;
+    ) -> Result<Zeroizing<Vec<u8>>, SealError> {
         let device_id = companion_proto::DeviceId::new(child.device_id.as_str())
             .map_err(|e| SealError(format!("device id: {e}")))?;
         let supi = companion_proto::Supi::new(child.supi.as_str())
             .map_err(|e| SealError(format!("supi: {e}")))?;
         let bundle = CredentialBundle {
             version: BUNDLE_VERSION,
-            device_id: device_id.clone(),
+            device_id,
             request_id: companion_proto::RequestId::from(request_id),
             supi,
             k: keys.k.clone(),
@@ -443,16 +450,46 @@ impl Service {
                 trust_anchor: self.attach.trust_anchor.clone(),
             },
         };
-        let plaintext = bundle
+        bundle
             .encode()
-            .map_err(|e| SealError(format!("bundle encoding: {e}")))?;
-        let sealed = companion_crypto::hpke::seal_credential(
-            &pk,
-            device_id.as_str(),
-            &request_id,
-            &plaintext,
-        )
-        .map_err(|e| SealError(e.to_string()))?;
+            .map_err(|e| SealError(format!("bundle encoding: {e}")))
+    }
+}
+
+/// Seals credential bundles with HPKE ([`companion_crypto::hpke`]): the encapsulation
+/// (checks the device key, X25519, key schedule) before the SUPI is allocated, the bundle's
+/// encoding and AEAD seal after. The stored blob is `enc ‖ ciphertext`.
+#[derive(Debug, Clone, Copy)]
+pub struct HpkeSealer<'a> {
+    svc: &'a Service,
+}
+
+impl Sealer for HpkeSealer<'_> {
+    /// The HPKE context and the request ID it is bound to.
+    type Encapsulated = (CredentialSealer, [u8; 16]);
+
+    fn encapsulate(
+        &self,
+        recipient: &[u8],
+        device_id: &DeviceId,
+        request_id: &RequestId,
+    ) -> Result<Self::Encapsulated, SealError> {
+        let pk: [u8; 32] = recipient
+            .try_into()
+            .map_err(|_| SealError("HPKE public key must be 32 bytes".into()))?;
+        let ctx = companion_crypto::hpke::encapsulate(&pk, device_id.as_str(), &request_id.0)
+            .map_err(|e| SealError(format!("HPKE public key refused: {e}")))?;
+        Ok((ctx, request_id.0))
+    }
+
+    fn seal(
+        &self,
+        (ctx, request_id): Self::Encapsulated,
+        child: &ChildCredential,
+        keys: &SubscriberKeys,
+    ) -> Result<Vec<u8>, SealError> {
+        let plaintext = self.svc.bundle(child, keys, request_id)?;
+        let sealed = ctx.seal(&plaintext).map_err(|e| SealError(e.to_string()))?;
         let mut out = Vec::with_capacity(32 + sealed.ciphertext.len());
         out.extend_from_slice(&sealed.enc);
         out.extend_from_slice(&sealed.ciphertext);

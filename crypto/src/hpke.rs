@@ -30,8 +30,16 @@
 //!   crate (RustCrypto X25519/HKDF/ChaCha20-Poly1305), an independent implementation: every
 //!   seal in the tests is opened by it.
 //!
-//! An all-zero X25519 shared secret (a low-order recipient key) is refused on both paths
-//! (§7.1.4): `ring`'s `agree_ephemeral` fails on it, and the key schedule checks it again.
+//! - Sealing comes in two halves: [`encapsulate`] (ephemeral key, X25519, key schedule: all
+//!   the public-key work, and the only step a bad recipient key can fail) and
+//!   [`CredentialSealer::seal`] (one AEAD seal). cn-backend runs the first half before it
+//!   allocates the SUPI the bundle carries, so a bad key consumes nothing.
+//! - [`check_public_key`] refuses a low-order recipient key up front (one X25519 with a fixed
+//!   scalar, curve25519-dalek), for a relay that wants to refuse a request before queueing it.
+//!
+//! An all-zero X25519 shared secret (a low-order recipient key) is refused on every path
+//! (§7.1.4): `ring`'s `agree_ephemeral` fails on it, the key schedule checks it again, and
+//! [`check_public_key`] gives the same answer without an ephemeral key.
 //! Secrets this module holds (shared secret, PRKs, AEAD key, base nonce) are zeroized on drop;
 //! `ring` does not zeroize its ephemeral private key or the DH output buffer it lends out.
 //!
@@ -412,9 +420,31 @@ fn base_key_and_nonce(
     Ok((key, base_nonce))
 }
 
+/// ChaCha20-Poly1305 seal of the single message of a base-mode context: nonce `base_nonce XOR
+/// I2OSP(0, Nn) = base_nonce` (sequence number 0, RFC 9180 §5.2).
+fn aead_seal(
+    key: &[u8; NK],
+    base_nonce: &[u8; NN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, HpkeError> {
+    // The cipher keeps a copy of the key and wipes it on drop (`zeroize` feature).
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(key.into());
+    let mut ciphertext = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    ciphertext.extend_from_slice(plaintext);
+    if cipher
+        .encrypt_in_place(base_nonce.into(), aad, &mut ciphertext)
+        .is_err()
+    {
+        ciphertext.zeroize();
+        return Err(HpkeError::SealFailed);
+    }
+    Ok(ciphertext)
+}
+
 /// SealBase's single message from the X25519 output `dh` and the ephemeral public key `enc`:
-/// [`base_key_and_nonce`], then ChaCha20-Poly1305 with nonce `base_nonce XOR I2OSP(0, Nn) =
-/// base_nonce` (sequence number 0, RFC 9180 §5.2). Shared by the production and test senders.
+/// [`base_key_and_nonce`], then [`aead_seal`]. The test sender's path.
+#[cfg(test)]
 fn seal_with_dh(
     dh: &[u8],
     enc: &[u8; ENC_LEN],
@@ -424,32 +454,91 @@ fn seal_with_dh(
     plaintext: &[u8],
 ) -> Result<SealedCredential, HpkeError> {
     let (key, base_nonce) = base_key_and_nonce(dh, enc, recipient_pk, info)?;
-    // The cipher keeps a copy of the key and wipes it on drop (`zeroize` feature).
-    let cipher = chacha20poly1305::ChaCha20Poly1305::new((&*key).into());
-    let mut ciphertext = Vec::with_capacity(plaintext.len() + TAG_LEN);
-    ciphertext.extend_from_slice(plaintext);
-    if cipher
-        .encrypt_in_place((&*base_nonce).into(), aad, &mut ciphertext)
-        .is_err()
-    {
-        ciphertext.zeroize();
-        return Err(HpkeError::SealFailed);
-    }
     Ok(SealedCredential {
         enc: *enc,
-        ciphertext,
+        ciphertext: aead_seal(&key, &base_nonce, aad, plaintext)?,
     })
 }
 
-/// Production sender: a fresh ephemeral key from `ring`'s system RNG, `enc` and the DH with
-/// `ring`'s X25519. `agree_ephemeral` fails on an all-zero shared secret (ring 0.17
-/// `x25519_ecdh`), which is reported as [`HpkeError::InvalidPublicKey`]; the key schedule
-/// checks it again.
-fn seal_with_ring(
-    recipient_pk: &[u8; ENC_LEN],
-    aad: &[u8],
-    plaintext: &[u8],
-) -> Result<SealedCredential, HpkeError> {
+/// The sender's half of one HPKE base-mode context for one credential (RFC 9180 §5.1): the
+/// encapsulated key `enc`, the AEAD key and base nonce, and the credential AAD. Made by
+/// [`encapsulate`], which does all the public-key work and refuses a low-order recipient key;
+/// [`CredentialSealer::seal`] then seals exactly one plaintext (it consumes the sealer, so no
+/// second message can reuse sequence number 0). Key and nonce are wiped on drop.
+///
+/// This split lets a caller check the recipient key and pay for the X25519 *before* it commits
+/// to what the plaintext says (cn-backend allocates the SUPI the bundle carries only once
+/// the key is known to be good).
+pub struct CredentialSealer {
+    enc: [u8; ENC_LEN],
+    key: Zeroizing<[u8; NK]>,
+    base_nonce: Zeroizing<[u8; NN]>,
+    aad: Vec<u8>,
+}
+
+impl fmt::Debug for CredentialSealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialSealer")
+            .field("enc", &hex::encode(self.enc))
+            .field("key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl CredentialSealer {
+    /// The encapsulated key (the sender's ephemeral X25519 public key).
+    pub fn enc(&self) -> [u8; ENC_LEN] {
+        self.enc
+    }
+
+    /// Seals `plaintext` (the credential bundle): ChaCha20-Poly1305 under the context's key and
+    /// base nonce, with the AAD of the device ID and request ID given to [`encapsulate`].
+    pub fn seal(self, plaintext: &[u8]) -> Result<SealedCredential, HpkeError> {
+        Ok(SealedCredential {
+            enc: self.enc,
+            ciphertext: aead_seal(&self.key, &self.base_nonce, &self.aad, plaintext)?,
+        })
+    }
+}
+
+/// A fixed scalar for [`check_public_key`]; any value works once clamped (see there).
+const KEY_CHECK_SCALAR: [u8; 32] = *b"companion hpke public key check!";
+
+/// Refuses an X25519 public key for which every HPKE encapsulation would give an all-zero
+/// shared secret (RFC 7748 §6.1, RFC 9180 §7.1.4): the all-zero key and the other low-order
+/// points of Curve25519 and its twist, in any encoding (bit 255 set, u ≥ p).
+///
+/// It computes one X25519 with a fixed scalar and checks the result is not zero, which is exact,
+/// not a list: a clamped scalar is `8·s` with `2^251 ≤ s < 2^252`, so it kills the whole
+/// 8-torsion of the curve (and the 4-torsion of the twist) and no point of the prime-order
+/// subgroups (both primes exceed `s` and are odd). The output is therefore zero for this
+/// scalar exactly when it is zero for every clamped scalar, the ephemeral one of a real
+/// encapsulation included. Deterministic, no RNG; one variable-base scalar multiplication
+/// (curve25519-dalek), for callers that want to refuse a key before doing anything with it.
+/// [`encapsulate`] and [`seal_credential`] check the real shared secret anyway.
+pub fn check_public_key(pk: &[u8; 32]) -> Result<(), HpkeError> {
+    let dh = Zeroizing::new(
+        curve25519_dalek::MontgomeryPoint(*pk)
+            .mul_clamped(KEY_CHECK_SCALAR)
+            .to_bytes(),
+    );
+    if bool::from(dh.ct_eq(&[0u8; 32])) {
+        return Err(HpkeError::InvalidPublicKey);
+    }
+    Ok(())
+}
+
+/// Starts one credential seal to the device key `recipient_pk`, bound to `device_id` and
+/// `request_id` (the AAD): a fresh ephemeral key from `ring`'s system RNG, `enc` and the DH with
+/// `ring`'s X25519, then the key schedule. A low-order recipient key is refused with
+/// [`HpkeError::InvalidPublicKey`]: `agree_ephemeral` fails on an all-zero shared secret (ring
+/// 0.17 `x25519_ecdh`), and the key schedule checks it again.
+pub fn encapsulate(
+    recipient_pk: &[u8; 32],
+    device_id: &str,
+    request_id: &[u8; 16],
+) -> Result<CredentialSealer, HpkeError> {
+    check_device_id(device_id)?;
     let sk_e =
         EphemeralPrivateKey::generate(&X25519, &SystemRandom::new()).map_err(|_| HpkeError::Rng)?;
     let enc: [u8; ENC_LEN] = sk_e
@@ -459,10 +548,16 @@ fn seal_with_ring(
         .try_into()
         .map_err(|_| HpkeError::SealFailed)?;
     let pk_r = UnparsedPublicKey::new(&X25519, recipient_pk);
-    agreement::agree_ephemeral(sk_e, &pk_r, |dh| {
-        seal_with_dh(dh, &enc, recipient_pk, INFO, aad, plaintext)
+    let (key, base_nonce) = agreement::agree_ephemeral(sk_e, &pk_r, |dh| {
+        base_key_and_nonce(dh, &enc, recipient_pk, INFO)
     })
-    .map_err(|_| HpkeError::InvalidPublicKey)?
+    .map_err(|_| HpkeError::InvalidPublicKey)??;
+    Ok(CredentialSealer {
+        enc,
+        key,
+        base_nonce,
+        aad: credential_aad(device_id, request_id),
+    })
 }
 
 /// Test sender: ephemeral key from DeriveKeyPair(ikmE) (RFC 9180 §7.1.3, the `hpke` crate), DH
@@ -490,20 +585,16 @@ fn seal_with_ikm(
 }
 
 /// Seals `plaintext` (the credential bundle) to the device key `recipient_pk`, bound to
-/// `device_id` and `request_id` through the AAD. A fresh ephemeral key is drawn from the OS RNG
-/// (`ring`'s `SystemRandom`); see the module docs for which implementation does what.
+/// `device_id` and `request_id` through the AAD: [`encapsulate`], then
+/// [`CredentialSealer::seal`]. A fresh ephemeral key is drawn from the OS RNG (`ring`'s
+/// `SystemRandom`); see the module docs for which implementation does what.
 pub fn seal_credential(
     recipient_pk: &[u8; 32],
     device_id: &str,
     request_id: &[u8; 16],
     plaintext: &[u8],
 ) -> Result<SealedCredential, HpkeError> {
-    check_device_id(device_id)?;
-    seal_with_ring(
-        recipient_pk,
-        &credential_aad(device_id, request_id),
-        plaintext,
-    )
+    encapsulate(recipient_pk, device_id, request_id)?.seal(plaintext)
 }
 
 /// Opens a sealed credential with the device key; `device_id` and `request_id` must be the
@@ -831,6 +922,79 @@ mod tests {
         assert_eq!(
             base_key_and_nonce(&[0; 32], &[1; 32], &[2; 32], INFO).map(|_| ()),
             Err(HpkeError::InvalidPublicKey)
+        );
+    }
+
+    #[test]
+    fn check_public_key_refuses_exactly_the_low_order_points() {
+        for p in low_order_points() {
+            assert_eq!(
+                check_public_key(&p),
+                Err(HpkeError::InvalidPublicKey),
+                "{}",
+                hex::encode(p)
+            );
+            assert_eq!(
+                encapsulate(&p, "d", &[0; 16]).map(|_| ()),
+                Err(HpkeError::InvalidPublicKey),
+                "{}",
+                hex::encode(p)
+            );
+        }
+        // The small-order set derived independently of the list: the eight torsion points of
+        // the curve, and each of them added to a point of the prime-order subgroup (a "mixed"
+        // key: X25519 with it is not zero, so it is usable and must be accepted).
+        for (i, t) in curve25519_dalek::constants::EIGHT_TORSION
+            .iter()
+            .enumerate()
+        {
+            let u = t.to_montgomery().to_bytes();
+            assert_eq!(
+                check_public_key(&u),
+                Err(HpkeError::InvalidPublicKey),
+                "T{i}"
+            );
+            let s = curve25519_dalek::Scalar::from_bytes_mod_order(random());
+            let mixed = (curve25519_dalek::constants::ED25519_BASEPOINT_POINT * s + t)
+                .to_montgomery()
+                .to_bytes();
+            assert_eq!(check_public_key(&mixed), Ok(()), "B*s + T{i}");
+            assert!(encapsulate(&mixed, "d", &[0; 16]).is_ok(), "B*s + T{i}");
+        }
+        // Real device keys and arbitrary bytes (incl. bit 255 set) pass, as with a real seal.
+        for i in 0..200 {
+            let pk = if i % 2 == 0 {
+                DeviceHpkeKey::generate().public_key()
+            } else {
+                random()
+            };
+            assert_eq!(check_public_key(&pk), Ok(()), "{}", hex::encode(pk));
+            assert!(encapsulate(&pk, "d", &[0; 16]).is_ok());
+        }
+    }
+
+    #[test]
+    fn encapsulate_then_seal_opens_with_the_device_key() {
+        let dev = DeviceHpkeKey::generate();
+        let sealer = encapsulate(&dev.public_key(), "cam-7", &[5; 16]).unwrap();
+        let enc = sealer.enc();
+        let dbg = format!("{sealer:?}");
+        assert!(
+            dbg.contains(&hex::encode(enc)) && dbg.contains("redacted"),
+            "{dbg}"
+        );
+        let sealed = sealer.seal(b"bundle bytes").unwrap();
+        assert_eq!(sealed.enc, enc);
+        let pt = open_credential(&dev, "cam-7", &[5; 16], &sealed).unwrap();
+        assert_eq!(pt.as_slice(), b"bundle bytes");
+        assert_eq!(
+            open_credential(&dev, "cam-7", &[6; 16], &sealed),
+            Err(HpkeError::OpenFailed)
+        );
+        let long = "x".repeat(MAX_DEVICE_ID_LEN + 1);
+        assert_eq!(
+            encapsulate(&dev.public_key(), &long, &[0; 16]).map(|_| ()),
+            Err(HpkeError::DeviceIdTooLong(MAX_DEVICE_ID_LEN + 1))
         );
     }
 

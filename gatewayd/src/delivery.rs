@@ -437,6 +437,15 @@ impl Provisioner {
                 )
             }
         };
+        // A key every seal to would fail (all-zero or another low-order X25519 point): refused
+        // here, before the request is recorded or sent to the CN (PROTOCOL.md §8, `malformed`).
+        if companion_crypto::hpke::check_public_key(&hpke).is_err() {
+            return Reply::Fail(err(
+                ErrorCode::Malformed,
+                "hpke_public_key is not a usable X25519 public key (low-order point); \
+                 generate a new key pair",
+            ));
+        }
         // 2. Already issued and waiting (redelivery, pre-fetched renewal, after a restart).
         match self.state.delivery(&device, &request_id) {
             Ok(Some(d)) => return Reply::Deliver(d),
@@ -826,7 +835,7 @@ impl Provisioner {
                 Outcome::RetryLater => Done::Retry(ErrorMsg::retry_after(
                     ErrorCode::Busy,
                     format!("the core network asked to retry later {reason}"),
-                    1000,
+                    r.retry_after_ms.unwrap_or(1000),
                 )),
                 other => {
                     let _ = self.state.remove_request(&r.request_id);

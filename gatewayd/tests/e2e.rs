@@ -718,6 +718,122 @@ async fn misbehaving_devices_are_cut_off_without_affecting_others() {
     assert!(cred.acknowledged);
 }
 
+/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1): 0, 1, the two
+/// order-8 points, p − 1, p, p + 1, each also with bit 255 set.
+fn low_order_keys() -> Vec<[u8; 32]> {
+    [
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ]
+    .iter()
+    .flat_map(|h| {
+        let k: [u8; 32] = hex::decode(h).unwrap().try_into().unwrap();
+        let mut hi = k;
+        hi[31] |= 0x80;
+        [k, hi]
+    })
+    .collect()
+}
+
+/// `GET /metrics` of cn-backend (its admin address from its ready file).
+async fn cn_metrics(cn: &Cn) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cn.dir.join("ready.json")).unwrap()).unwrap();
+    let addr: SocketAddr = v["http"].as_str().unwrap().parse().unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Issue 15, attack 1 at the gateway: a paired device asks for a credential sealed to an
+/// all-zero (or other low-order) X25519 key. gatewayd answers `malformed` itself: the request
+/// is not recorded and no batch reaches the CN (which used to allocate a SUPI for it). The same
+/// device with a real key is then provisioned normally through the iotdev library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
+    use companion_proto::msg::{DeviceMessage, ErrorCode, Message, ProvisionRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let keys = device("zero-key");
+    gw.pair(&keys);
+
+    let conn = raw_connect(&ep, gw.devices, &keys).await;
+    let bad = low_order_keys();
+    for (i, pk) in bad.iter().enumerate() {
+        let mut rid = [0u8; 16];
+        rid[0] = u8::try_from(i).unwrap();
+        let req = DeviceMessage::ProvisionRequest(ProvisionRequest {
+            request_id: companion_proto::RequestId::from(rid),
+            device_id: keys.device_id.clone(),
+            hpke_public_key: *pk,
+            params: Params::default(),
+        });
+        // One exchange per device at a time: a `busy` answer while the previous stream winds
+        // down is retried after its `retry_after_ms`, as a device does.
+        let mut tries = 0;
+        let e = loop {
+            tries += 1;
+            assert!(tries <= 50, "{}: still busy", hex::encode(pk));
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            // The send side stays open (a device ends it only after its acknowledgement).
+            send.write_all(&req.encode().unwrap()).await.unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(4096))
+                .await
+                .expect("the gateway answers")
+                .unwrap();
+            let _ = send.finish();
+            match DeviceMessage::decode(&answer).unwrap() {
+                DeviceMessage::Error(e) if e.code == ErrorCode::Busy => {
+                    tokio::time::sleep(Duration::from_millis(e.retry_after_ms.unwrap_or(100)))
+                        .await;
+                }
+                DeviceMessage::Error(e) => break e,
+                other => panic!("{}: {other:?}", hex::encode(pk)),
+            }
+        };
+        assert_eq!(e.code, ErrorCode::Malformed, "{}: {e:?}", hex::encode(pk));
+        assert!(e.reason.contains("low-order"), "{e:?}");
+        assert!(e.retry_after_ms.is_none());
+    }
+    conn.close(0u32.into(), b"");
+    let st = gw.status();
+    assert_eq!(st["requests_outstanding"], 0, "{st}");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "gatewayd_requests_total{kind=\"provision\",outcome=\"invalid\"}"
+        ),
+        bad.len() as f64
+    );
+    // Nothing reached the CN.
+    let cm = cn_metrics(&cn).await;
+    assert_eq!(metric(&cm, "cn_backend_batch_size_count"), 0.0, "{cm}");
+
+    // A real key from the same device works, through the CN.
+    let cred = client::provision(&ep, gw.devices, &keys, &Default::default())
+        .await
+        .unwrap();
+    assert!(cred.acknowledged);
+    let cm = cn_metrics(&cn).await;
+    assert_eq!(metric(&cm, "cn_backend_batch_size_count"), 1.0, "{cm}");
+    assert_eq!(metric(&cm, "cn_backend_credentials_issued_total"), 1.0);
+    assert_eq!(metric(&cm, "cn_backend_invalid_items_total"), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications_sighup_reload_and_sigterm() {
     let tmp = tempfile::tempdir().unwrap();

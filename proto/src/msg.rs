@@ -435,6 +435,10 @@ pub struct ItemResult {
     /// Why not issued, for logs.
     #[n(5)]
     pub reason: Option<String>,
+    /// `retry_later`: when the item may succeed, in milliseconds (absent: the gateway's own
+    /// backoff).
+    #[n(6)]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// `BatchResult` (0x21), CN → gateway.

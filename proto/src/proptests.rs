@@ -152,15 +152,17 @@ fn item_result() -> impl Strategy<Value = ItemResult> {
         of(any::<u64>()),
         of(sealed()),
         of(text()),
+        of(any::<u64>()),
     )
         .prop_map(
-            |(request_id, o, supi, expires_at, sealed, reason)| ItemResult {
+            |(request_id, o, supi, expires_at, sealed, reason, retry_after_ms)| ItemResult {
                 request_id,
                 outcome: Outcome::from_code(o % 8),
                 supi,
                 expires_at,
                 sealed,
                 reason,
+                retry_after_ms,
             },
         )
 }

@@ -106,6 +106,7 @@ fn start_cn(sqn_he: u64, silent: bool) -> Cn {
                                         ciphertext: vec![2; 40],
                                     }),
                                     reason: None,
+                                    retry_after_ms: None,
                                 })
                                 .collect();
                             req.respond_batch(BatchResult {

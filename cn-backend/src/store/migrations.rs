@@ -105,6 +105,11 @@ BEGIN
     SELECT RAISE(ABORT, 'audit trail is append-only');
 END;
 "#,
+    // 2: per-parent allocation rate (ops::issue_batch counts a parent's children issued within
+    // the operator's window before it allocates another SUPI).
+    r#"
+CREATE INDEX children_by_parent_issued ON children (parent_supi, issued_at);
+"#,
 ];
 
 /// The schema version this program writes.

@@ -314,9 +314,25 @@ pub trait WriteTx {
     fn child(&mut self, supi: &Supi) -> Result<Option<ChildCredential>, StoreError>;
     /// Reads and decrypts K and OPc of a parent or child.
     fn keys(&mut self, supi: &Supi) -> Result<Option<SubscriberKeys>, StoreError>;
-    /// Allocates the next unused SUPI from `range`, advancing the persistent allocator; a SUPI
-    /// is never returned twice, even if the transaction that got it inserts nothing.
+    /// Allocates the next unused SUPI from `range`, advancing the persistent allocator. The
+    /// advance is part of the transaction: rolled back (to a savepoint or entirely), the SUPI is
+    /// handed out again. Batch issuance allocates only in the item savepoint that also stores
+    /// the sealed credential, so an item that fails consumes nothing.
     fn allocate_supi(&mut self, range: &ImsiRange) -> Result<Supi, StoreError>;
+    /// Children of `parent` issued at or after `since` (SUPIs allocated to it in that window,
+    /// since every allocation is stored with its child) and the oldest of their `issued_at`.
+    fn children_issued_since(
+        &mut self,
+        parent: &Supi,
+        since: Timestamp,
+    ) -> Result<(u32, Option<Timestamp>), StoreError>;
+    /// Opens the item savepoint (not nested: one item at a time).
+    fn item_savepoint(&mut self) -> Result<(), StoreError>;
+    /// Keeps what was written since [`WriteTx::item_savepoint`] (still inside the transaction).
+    fn release_item(&mut self) -> Result<(), StoreError>;
+    /// Undoes everything written since [`WriteTx::item_savepoint`] (an allocated SUPI
+    /// included) and closes the savepoint.
+    fn rollback_item(&mut self) -> Result<(), StoreError>;
     /// Inserts a child credential; [`StoreError::Duplicate`] if the SUPI is taken.
     fn insert_child(&mut self, child: &NewChild) -> Result<(), StoreError>;
     /// Sets a child's expiry and restrictions (renewal).

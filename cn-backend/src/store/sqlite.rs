@@ -697,6 +697,42 @@ impl WriteTx for SqliteTx<'_> {
         Ok(supi)
     }
 
+    fn children_issued_since(
+        &mut self,
+        parent: &Supi,
+        since: Timestamp,
+    ) -> Result<(u32, Option<Timestamp>), StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT count(*), min(issued_at) FROM children \
+                 WHERE parent_supi = ?1 AND issued_at >= ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![parent.as_str(), since.0], |r| {
+                    Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.map(Timestamp)))
+                })
+            })
+            .map_err(db_err)
+    }
+
+    fn item_savepoint(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("SAVEPOINT batch_item")
+            .map_err(db_err)
+    }
+
+    fn release_item(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("RELEASE batch_item")
+            .map_err(db_err)
+    }
+
+    fn rollback_item(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("ROLLBACK TO batch_item; RELEASE batch_item")
+            .map_err(db_err)
+    }
+
     fn insert_child(&mut self, new: &NewChild) -> Result<(), StoreError> {
         let c = &new.child;
         let (k, opc) = self.seal_keys(CHILDREN, &c.supi, &new.keys)?;

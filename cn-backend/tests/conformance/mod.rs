@@ -41,6 +41,7 @@ pub fn config(first: u64, last: u64) -> IssuerConfig {
         amf: Amf::DEFAULT,
         operator: OperatorPolicy {
             max_lifetime_s: 7 * 24 * 3600,
+            ..OperatorPolicy::default()
         },
         max_batch_items: 64,
     }
@@ -447,9 +448,32 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
         ),
     );
     assert!(matches!(&out[0], ItemOutcome::Invalid(Invalid::Seal(m)) if m == "bad recipient key"));
-    issued(&out[1]);
-    issued(&out[2]);
+    // The failed item took no SUPI: the two issued ones are consecutive, and the next
+    // request gets the one after them.
+    let msin = |o: &ItemOutcome| -> u64 { issued(o).0.supi.as_str()[10..].parse().unwrap() };
+    assert_eq!(msin(&out[2]), msin(&out[1]) + 1);
     assert_eq!(store.children_of(&p).unwrap().len(), 2);
+    let more = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("d", 4))]),
+    );
+    assert!(matches!(more[0], ItemOutcome::QuotaExhausted { limit: 2 }));
+    let mut bad = prov("e", 5);
+    bad.recipient = b"bad".to_vec();
+    ops::revoke_child(store, &issued(&out[1]).0.supi, "test", T0).unwrap();
+    let more = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(bad),
+                BatchItem::Provision(prov("d", 4)),
+            ],
+        ),
+    );
+    assert!(matches!(&more[0], ItemOutcome::Invalid(Invalid::Seal(_))));
+    assert_eq!(msin(&more[1]), msin(&out[2]) + 1);
 }
 
 pub fn renewal<S: Store + ?Sized>(store: &S) {
@@ -745,7 +769,7 @@ pub fn supi_allocation_skips_taken<S: Store + ?Sized>(store: &S) {
     );
     let got: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
     assert_eq!(got, vec![supi(9_000_000_000), supi(9_000_000_002)]);
-    // A SUPI whose sealing failed is never handed out later either.
+    // A request whose sealing failed consumes no SUPI: the next one gets the one it would have.
     let mut bad = prov("c", 3);
     bad.recipient = b"bad".to_vec();
     issue(store, &batch(&p, T0, vec![BatchItem::Provision(bad)]));
@@ -753,7 +777,7 @@ pub fn supi_allocation_skips_taken<S: Store + ?Sized>(store: &S) {
         store,
         &batch(&p, T0, vec![BatchItem::Provision(prov("d", 4))]),
     );
-    assert_eq!(issued(&out[0]).0.supi, supi(9_000_000_004));
+    assert_eq!(issued(&out[0]).0.supi, supi(9_000_000_003));
     // Importing a parent over an existing child SUPI is refused.
     let dup = ops::add_parent(
         store,

@@ -84,6 +84,7 @@ fn issued(n: u8) -> ItemResult {
             ciphertext: vec![n; 48],
         }),
         reason: None,
+        retry_after_ms: None,
     }
 }
 

@@ -156,6 +156,7 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
                     expires_at: Some(1_767_225_600),
                     sealed: Some(sealed),
                     reason: None,
+                    retry_after_ms: None,
                 }],
             })),
         ),
@@ -460,6 +461,7 @@ fn oversize_batch_is_refused_at_encode() {
             ciphertext: vec![0; 64 * 1024],
         }),
         reason: None,
+        retry_after_ms: None,
     };
     let m = CnMessage::BatchResult(BatchResult {
         batch_id: 1,
