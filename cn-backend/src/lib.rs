@@ -10,6 +10,7 @@
 //! | [`import`] | all-or-nothing CSV import of parent subscriptions |
 //! | [`config`] | `cn-backend.toml` and the data directory layout |
 //! | [`service`] | shared state of the running service, `init`, HPKE sealing of bundles |
+//! | [`aka_guard`] | AKA lock-out by SUPI and source prefix, reuse of unanswered vectors (SQN) |
 //! | [`server`] | the QUIC server: gateway sessions (AKA, batches, revoke, list) and device attach |
 //! | [`admin`] | subscriber administration shared by the CLI and the HTTP API |
 //! | [`http`] | the admin HTTP API, `/metrics`, `/healthz` |
@@ -20,6 +21,7 @@
 //! CLI and HTTP API sit on top of [`ops`] and the store's read methods.
 
 pub mod admin;
+pub mod aka_guard;
 pub mod config;
 pub mod http;
 pub mod import;

@@ -40,7 +40,10 @@
 //! The stored SQN is SQN_HE, the last SQN handed out (0 = none yet). [`aka_vector`] reserves
 //! `next_sqn(SQN_HE)` (SEQ + 1, IND rotated, TS 33.102 C.3.2) and stores it in the same
 //! transaction, so two sessions never get the same SQN. [`apply_resync`] stores the SQN_MS a
-//! verified AUTS reported, so the next vector uses `sqn_after_resync(SQN_MS)`.
+//! verified AUTS reported, so the next vector uses `sqn_after_resync(SQN_MS)`. The server does
+//! not call [`aka_vector`] for every start: an unanswered vector is sent again to the same SUPI
+//! and source prefix for a while ([`crate::aka_guard`]), rebuilt from [`aka_material`], so
+//! unauthenticated starts cannot advance SQN_HE without bound.
 
 use companion_crypto::aka::{Sqn, next_sqn};
 use companion_crypto::milenage::Milenage;
@@ -891,6 +894,15 @@ pub fn aka_vector<S: Store + ?Sized>(store: &S, supi: &Supi) -> Result<AkaMateri
         tx.set_sqn(supi, sqn)?;
         m.sqn = sqn;
         Ok(m)
+    })
+}
+
+/// The key material of `supi` with its stored SQN_HE, reserving nothing: for sending an
+/// unanswered vector again ([`crate::aka_guard`]), whose SQN was reserved by [`aka_vector`].
+pub fn aka_material<S: Store + ?Sized>(store: &S, supi: &Supi) -> Result<AkaMaterial, StoreError> {
+    transact(store, |tx| {
+        tx.aka_material(supi)?
+            .ok_or_else(|| StoreError::UnknownSupi(supi.clone()))
     })
 }
 

@@ -6,9 +6,14 @@
 //!   stream (batch, revoke, list) for that parent only.
 //! * Attach: AKA with the child's credential, then the attach policy
 //!   ([`crate::policy::check_attach`]): active, unexpired, unrevoked, parent active, roaming.
-//! * AKA failures are counted per SUPI in the store (`record_aka_failure`) and per source
-//!   address in memory; a SUPI with `aka_max_failures` consecutive failures, or an address with
-//!   `aka_addr_max_failures`, is refused with `auth_failed` + `retry_after_ms` for `aka_lockout`.
+//! * Only the server's own verification failing (wrong RES* or binding, an AUTS that does not
+//!   verify) counts as a failed authentication, never an `Error` the client sends. Failures are
+//!   counted in memory per (SUPI, source prefix) and per source prefix
+//!   ([`crate::aka_guard`]): a pair with `aka_max_failures` failures, or a prefix with
+//!   `aka_addr_max_failures`, is refused with `auth_failed` + `retry_after_ms` for
+//!   `aka_lockout`; failures from one network never lock the SUPI out for another.
+//! * An unanswered vector is sent again to the next start of the same SUPI from the same
+//!   prefix instead of reserving a new SQN each time ([`crate::aka_guard`], TS 33.102 Annex C).
 //! * Store calls are blocking and run on `spawn_blocking`; a batch is one transaction
 //!   (`ops::issue_batch`), so a peer vanishing mid-batch leaves it committed (a retry with the
 //!   same request IDs gets the same sealed credentials) or not at all.
@@ -34,6 +39,7 @@ use companion_transport::drive::{DriveError, StreamDriver};
 use companion_transport::{ALPN_ATTACH, ALPN_CN, negotiated_alpn, tls_exporter};
 use tracing::{debug, info, warn};
 
+use crate::aka_guard::{Reserved, SourcePrefix, VectorPlan};
 use crate::model::{
     ChildCredential, DeviceId, Dnn, KeyFingerprint, RequestId, SubscriberKeys, SubscriptionStatus,
     Supi, Timestamp,
@@ -141,6 +147,23 @@ fn now_ts() -> Timestamp {
     Timestamp::now()
 }
 
+/// The vector an exchange holds; given back to the [`AkaGuard`](crate::aka_guard::AkaGuard)
+/// when the exchange ends, however it ends (kept for reuse unless a correct RES* consumed it).
+struct Lease<'a> {
+    svc: &'a Service,
+    supi: Supi,
+    src: SourcePrefix,
+    held: Option<(Reserved, Instant)>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.svc.aka_guard.lock() {
+            g.end(&self.supi, self.src, self.held.take(), Instant::now());
+        }
+    }
+}
+
 /// The server side of AKA up to `Verified` (or a refusal, already sent).
 async fn run_aka<W: AkaWire>(
     svc: &Arc<Service>,
@@ -150,8 +173,11 @@ async fn run_aka<W: AkaWire>(
     conv: Conv,
 ) -> Option<Verified> {
     let aka_metric = |r: &str| svc.metrics.aka.with_label_values(&[conv.label(), r]).inc();
-    // The SUPI once a vector was issued for it (then failures are counted against it).
+    let src = SourcePrefix::of(ip);
+    // The SUPI once a vector was issued for it (then failed verifications count against it
+    // and this source prefix).
     let mut known: Option<Supi> = None;
+    let mut lease: Option<Lease<'_>> = None;
     let mut keys: Option<SubscriberKeys> = None;
     let mut snn_seen = String::new();
     let mut subscriber: Option<Subscriber> = None;
@@ -167,13 +193,13 @@ async fn run_aka<W: AkaWire>(
                 serving_network_name,
             }) => {
                 let locked = svc
-                    .addr_limiter
+                    .aka_guard
                     .lock()
-                    .map(|mut l| l.locked(ip, Instant::now()))
+                    .map(|mut g| g.source_locked(src, Instant::now()))
                     .unwrap_or(None);
                 if let Some(wait) = locked {
                     aka_metric("locked_out");
-                    reject(m, lockout_msg("this source address", wait));
+                    reject(m, lockout_msg("this network", wait));
                     break;
                 }
                 let Ok(supi) = Supi::parse(supi.as_str()) else {
@@ -183,21 +209,58 @@ async fn run_aka<W: AkaWire>(
                     );
                     break;
                 };
-                match supi_lockout(svc, &supi).await {
-                    Ok(Some(wait)) => {
-                        aka_metric("locked_out");
-                        reject(m, lockout_msg("this subscriber", wait));
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        aka_metric("error");
-                        reject(m, internal(&e));
-                        break;
-                    }
+                let locked = svc
+                    .aka_guard
+                    .lock()
+                    .map(|mut g| g.pair_locked(&supi, src, Instant::now()))
+                    .unwrap_or(None);
+                if let Some(wait) = locked {
+                    aka_metric("locked_out");
+                    reject(m, lockout_msg("this network for this subscriber", wait));
+                    break;
                 }
-                match vector(svc, &supi, &serving_network_name, conv).await {
-                    Ok((v, k, sub)) => {
+                if let Err(VectorError::Refuse(result, msg)) = check_kind(svc, &supi, conv).await
+                {
+                    aka_metric(result);
+                    if result == "unknown_subscriber" {
+                        addr_failure(svc, src);
+                    }
+                    reject(m, msg);
+                    break;
+                }
+                let plan = match svc.aka_guard.lock() {
+                    Ok(mut g) => g.start(&supi, src, Instant::now()),
+                    Err(_) => VectorPlan::Busy,
+                };
+                let reuse = match plan {
+                    VectorPlan::Busy => {
+                        aka_metric("busy");
+                        reject(
+                            m,
+                            ErrorMsg::retry_after(
+                                ErrorCode::Busy,
+                                "too many authentications of this subscriber under way from \
+                                 this network",
+                                1000,
+                            ),
+                        );
+                        break;
+                    }
+                    VectorPlan::Reuse(r, at) => Some((r, at)),
+                    VectorPlan::Fresh => None,
+                };
+                let l = lease.insert(Lease {
+                    svc,
+                    supi: supi.clone(),
+                    src,
+                    held: None,
+                });
+                match vector(svc, &supi, &serving_network_name, reuse.map(|(r, _)| r)).await {
+                    Ok((v, k, sub, r)) => {
+                        l.held = Some((r, reuse.map_or_else(Instant::now, |(_, at)| at)));
+                        if reuse.is_some() {
+                            aka_metric("vector_reused");
+                        }
                         if m.provide_vector(Instant::now(), v).is_err() {
                             break;
                         }
@@ -208,9 +271,6 @@ async fn run_aka<W: AkaWire>(
                     }
                     Err(VectorError::Refuse(result, msg)) => {
                         aka_metric(result);
-                        if result == "unknown_subscriber" {
-                            addr_failure(svc, ip);
-                        }
                         reject(m, msg);
                         break;
                     }
@@ -229,6 +289,10 @@ async fn run_aka<W: AkaWire>(
                 match verify_auts(&mil, &rand, &auts) {
                     Ok(sqn_ms) => {
                         aka_metric("resync");
+                        // The USIM will not take the vector held: forget it.
+                        if let Some(l) = lease.as_mut() {
+                            l.held = None;
+                        }
                         let s = supi.clone();
                         let st = svc.store.clone();
                         if let Err(e) = blocking(move || ops::apply_resync(&*st, &s, sqn_ms)).await
@@ -236,8 +300,11 @@ async fn run_aka<W: AkaWire>(
                             reject(m, internal(&e));
                             break;
                         }
-                        match vector(svc, &supi, &serving_network_name, conv).await {
-                            Ok((v, k2, sub)) => {
+                        match vector(svc, &supi, &serving_network_name, None).await {
+                            Ok((v, k2, sub, r)) => {
+                                if let Some(l) = lease.as_mut() {
+                                    l.held = Some((r, Instant::now()));
+                                }
                                 if m.provide_vector(Instant::now(), v).is_err() {
                                     break;
                                 }
@@ -252,8 +319,9 @@ async fn run_aka<W: AkaWire>(
                         }
                     }
                     Err(_) => {
+                        // The server's own check of MAC-S failed: counted like a wrong RES*.
                         aka_metric("sync_failure");
-                        aka_failure(svc, &supi, ip).await;
+                        aka_failure(svc, &supi, src);
                         reject(
                             m,
                             ErrorMsg::new(ErrorCode::SyncFailure, "AUTS does not verify"),
@@ -267,18 +335,13 @@ async fn run_aka<W: AkaWire>(
                     break;
                 };
                 aka_metric("success");
-                if let Ok(mut l) = svc.addr_limiter.lock() {
-                    l.success(ip);
+                // A correct RES* consumed the vector.
+                if let Some(l) = lease.as_mut() {
+                    l.held = None;
                 }
-                let s = supi.clone();
-                let st = svc.store.clone();
-                let _ = blocking(move || {
-                    if st.aka_failures(&s)?.count > 0 {
-                        ops::clear_aka_failures(&*st, &s)?;
-                    }
-                    Ok(())
-                })
-                .await;
+                if let Ok(mut g) = svc.aka_guard.lock() {
+                    g.success(&supi, src, Instant::now());
+                }
                 return Some(Verified {
                     supi,
                     snn: snn_seen,
@@ -286,32 +349,33 @@ async fn run_aka<W: AkaWire>(
                 });
             }
             Ok(ServerEvent::Failed(e)) => {
-                // The client gave up; `auth_failed` from a USIM means the network's AUTN did not
-                // verify (a wrong K or OPc at either end): count it against the SUPI.
-                if e.code == ErrorCode::AuthFailed {
-                    aka_metric("auth_failed");
-                    if let Some(s) = &known {
-                        aka_failure(svc, s, ip).await;
-                    }
+                // The client gave up with `Error`. Never counted towards a lock-out: anyone can
+                // send `auth_failed` for any SUPI without its key. (From a real USIM it means
+                // the network's AUTN did not verify, e.g. a wrong K or OPc at either end, so it
+                // still shows in the metrics.)
+                aka_metric(if e.code == ErrorCode::AuthFailed {
+                    "auth_failed"
                 } else {
-                    aka_metric("client_error");
-                }
+                    "client_error"
+                });
                 return None;
             }
             Err(DriveError::Proto(ProtoError::AuthFailed(why))) => {
+                // Wrong RES* or session binding: the server's own verification failed.
                 aka_metric("auth_failed");
                 debug!("AKA failed: {why}");
                 if let Some(s) = &known {
-                    aka_failure(svc, s, ip).await;
+                    aka_failure(svc, s, src);
                 } else {
-                    addr_failure(svc, ip);
+                    addr_failure(svc, src);
                 }
                 return None;
             }
             Err(DriveError::Proto(ProtoError::SyncFailure(_))) => {
+                // Too many resynchronisations, each with an AUTS that verified.
                 aka_metric("sync_failure");
                 if let Some(s) = &known {
-                    aka_failure(svc, s, ip).await;
+                    aka_failure(svc, s, src);
                 }
                 return None;
             }
@@ -326,6 +390,7 @@ async fn run_aka<W: AkaWire>(
             }
         }
     }
+    drop(lease);
     // A refusal was queued: deliver it.
     let _ = drv.flush_and_finish(m).await;
     drv.wait_delivered(Duration::from_secs(2)).await;
@@ -344,10 +409,11 @@ fn lockout_msg(what: &str, wait: Duration) -> ErrorMsg {
     )
 }
 
-fn addr_failure(svc: &Service, ip: IpAddr) {
-    if let Ok(mut l) = svc.addr_limiter.lock() {
-        l.failure(
-            ip,
+/// A failure from `src` not tied to a known SUPI (unknown SUPI).
+fn addr_failure(svc: &Service, src: SourcePrefix) {
+    if let Ok(mut g) = svc.aka_guard.lock() {
+        g.source_failure(
+            src,
             Instant::now(),
             svc.settings.aka_addr_max_failures,
             svc.lockout,
@@ -355,96 +421,100 @@ fn addr_failure(svc: &Service, ip: IpAddr) {
     }
 }
 
-async fn aka_failure(svc: &Arc<Service>, supi: &Supi, ip: IpAddr) {
-    addr_failure(svc, ip);
-    let s = supi.clone();
-    let st = svc.store.clone();
-    if let Err(e) = blocking(move || ops::record_aka_failure(&*st, &s, now_ts())).await {
-        warn!(%supi, "could not record an AKA failure: {e}");
+/// A failed verification (RES*, binding, AUTS) of `supi` from `src`.
+fn aka_failure(svc: &Service, supi: &Supi, src: SourcePrefix) {
+    if let Ok(mut g) = svc.aka_guard.lock() {
+        g.failure(
+            supi,
+            src,
+            Instant::now(),
+            svc.settings.aka_max_failures,
+            svc.settings.aka_addr_max_failures,
+            svc.lockout,
+        );
     }
-}
-
-/// How long `supi` is still locked out, if it is.
-async fn supi_lockout(svc: &Arc<Service>, supi: &Supi) -> Result<Option<Duration>, StoreError> {
-    let s = supi.clone();
-    let st = svc.store.clone();
-    let f = blocking(move || st.aka_failures(&s)).await?;
-    if f.count < svc.settings.aka_max_failures {
-        return Ok(None);
-    }
-    let Some(last) = f.last_at else {
-        return Ok(None);
-    };
-    let until = last.plus_secs(svc.lockout.as_secs());
-    let now = now_ts();
-    if now < until {
-        let secs = u64::try_from(until.as_secs() - now.as_secs()).unwrap_or(1);
-        Ok(Some(Duration::from_secs(secs)))
-    } else {
-        Ok(None)
-    }
+    info!(%supi, source = %src, "AKA verification failed");
 }
 
 enum VectorError {
     Refuse(&'static str, ErrorMsg),
 }
 
-/// Reserves a SQN and builds a vector for `supi`, checking it is the right kind of subscriber.
-async fn vector(
-    svc: &Arc<Service>,
-    supi: &Supi,
-    snn: &str,
-    conv: Conv,
-) -> Result<
-    (
-        companion_crypto::aka::AuthVector,
-        SubscriberKeys,
-        Subscriber,
-    ),
-    VectorError,
-> {
-    let unknown = || {
-        VectorError::Refuse(
-            "unknown_subscriber",
-            ErrorMsg::new(ErrorCode::UnknownSubscriber, "unknown subscriber"),
-        )
-    };
-    // Check the kind before reserving a SQN, so probing costs no write.
+fn unknown() -> VectorError {
+    VectorError::Refuse(
+        "unknown_subscriber",
+        ErrorMsg::new(ErrorCode::UnknownSubscriber, "unknown subscriber"),
+    )
+}
+
+/// Checks `supi` is the right kind of subscriber for `conv` (reads only, so probing costs no
+/// write).
+async fn check_kind(svc: &Arc<Service>, supi: &Supi, conv: Conv) -> Result<(), VectorError> {
     let s = supi.clone();
     let st = svc.store.clone();
     let kind = blocking(move || Ok((st.parent(&s)?, st.child(&s)?.is_some()))).await;
     match (conv, kind) {
-        (_, Err(e)) => return Err(VectorError::Refuse("error", internal(&e))),
+        (_, Err(e)) => Err(VectorError::Refuse("error", internal(&e))),
         (Conv::Cn, Ok((Some(p), _))) => {
-            if p.status != SubscriptionStatus::Active {
-                return Err(VectorError::Refuse(
+            if p.status == SubscriptionStatus::Active {
+                Ok(())
+            } else {
+                Err(VectorError::Refuse(
                     "subscription_suspended",
                     ErrorMsg::new(
                         ErrorCode::SubscriptionSuspended,
                         format!("subscription is {}", p.status),
                     ),
-                ));
+                ))
             }
         }
-        (Conv::Attach, Ok((_, true))) => {}
-        _ => return Err(unknown()),
+        (Conv::Attach, Ok((_, true))) => Ok(()),
+        _ => Err(unknown()),
     }
+}
+
+/// Builds a vector for `supi`: again from `reuse` (SQN and RAND of an unanswered vector, no
+/// write), or with a newly reserved SQN and a fresh RAND.
+async fn vector(
+    svc: &Arc<Service>,
+    supi: &Supi,
+    snn: &str,
+    reuse: Option<Reserved>,
+) -> Result<
+    (
+        companion_crypto::aka::AuthVector,
+        SubscriberKeys,
+        Subscriber,
+        Reserved,
+    ),
+    VectorError,
+> {
     let s = supi.clone();
     let st = svc.store.clone();
-    let material = match blocking(move || ops::aka_vector(&*st, &s)).await {
+    let material = match reuse {
+        Some(_) => blocking(move || ops::aka_material(&*st, &s)).await,
+        None => blocking(move || ops::aka_vector(&*st, &s)).await,
+    };
+    let material = match material {
         Ok(m) => m,
         Err(StoreError::UnknownSupi(_)) => return Err(unknown()),
         Err(e) => return Err(VectorError::Refuse("error", internal(&e))),
     };
-    let rand = try_random_rand().map_err(|_| {
-        VectorError::Refuse(
-            "error",
-            ErrorMsg::retry_after(ErrorCode::Internal, "internal error", 2000),
-        )
-    })?;
+    let r = match reuse {
+        Some(r) => r,
+        None => Reserved {
+            sqn: material.sqn,
+            rand: try_random_rand().map_err(|_| {
+                VectorError::Refuse(
+                    "error",
+                    ErrorMsg::retry_after(ErrorCode::Internal, "internal error", 2000),
+                )
+            })?,
+        },
+    };
     let mil = Milenage::new(&material.keys.k, &material.keys.opc);
-    let v = generate_vector(&mil, material.sqn, &AMF_5G, rand, snn);
-    Ok((v, material.keys, material.subscriber))
+    let v = generate_vector(&mil, r.sqn, &AMF_5G, r.rand, snn);
+    Ok((v, material.keys, material.subscriber, r))
 }
 
 /// Decrements the active-session gauge when a gateway session ends.

@@ -1,16 +1,14 @@
 //! The running service's shared state, the data directory's creation (`init`) and loading, and
 //! the HPKE sealing of credential bundles.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use companion_crypto::secret::Key128;
 use companion_proto::bundle::{AttachInfo, BUNDLE_VERSION, CredentialBundle};
@@ -18,6 +16,7 @@ use companion_transport::{Identity, OperatorCa};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use crate::aka_guard::AkaGuard;
 use crate::config::{ConfigError, Layout, Settings};
 use crate::kek::{Kek, KekError};
 use crate::metrics::Metrics;
@@ -218,62 +217,6 @@ pub fn load_admin_token(layout: &Layout) -> Result<Zeroizing<String>, SetupError
     Ok(t)
 }
 
-/// Per-source-address AKA failure accounting (in memory).
-#[derive(Debug, Default)]
-pub struct AddrLimiter {
-    entries: HashMap<IpAddr, AddrEntry>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct AddrEntry {
-    failures: u32,
-    last: Instant,
-    locked_until: Option<Instant>,
-}
-
-impl AddrLimiter {
-    /// How long `ip` must still wait, if it is locked out.
-    pub fn locked(&mut self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let e = self.entries.get(&ip)?;
-        match e.locked_until {
-            Some(t) if t > now => Some(t - now),
-            _ => None,
-        }
-    }
-
-    /// Counts one failure; locks the address out after `max` failures within `window`.
-    pub fn failure(&mut self, ip: IpAddr, now: Instant, max: u32, window: Duration) {
-        if self.entries.len() > 100_000 {
-            // Bound memory under a flood of addresses: forget entries older than the window.
-            self.entries
-                .retain(|_, e| now.duration_since(e.last) < window);
-        }
-        let e = self.entries.entry(ip).or_insert(AddrEntry {
-            failures: 0,
-            last: now,
-            locked_until: None,
-        });
-        if now.duration_since(e.last) >= window {
-            e.failures = 0;
-        }
-        e.failures = e.failures.saturating_add(1);
-        e.last = now;
-        if e.failures >= max {
-            e.locked_until = Some(now + window);
-            e.failures = 0;
-        }
-    }
-
-    /// Clears the record of `ip` after a success.
-    pub fn success(&mut self, ip: IpAddr) {
-        if let Some(e) = self.entries.get_mut(&ip)
-            && e.locked_until.is_none()
-        {
-            e.failures = 0;
-        }
-    }
-}
-
 /// What sealing puts in every bundle besides the credential.
 #[derive(Debug, Clone)]
 pub struct AttachTemplate {
@@ -300,8 +243,8 @@ pub struct Service {
     pub home_plmn: (String, String),
     /// Metrics.
     pub metrics: Metrics,
-    /// Per-address AKA limiter.
-    pub addr_limiter: Mutex<AddrLimiter>,
+    /// AKA lock-out (per SUPI and source prefix, per source prefix) and vector reuse.
+    pub aka_guard: Mutex<AkaGuard>,
     /// Open connections.
     pub connections: AtomicUsize,
     /// Batches being processed.
@@ -391,7 +334,7 @@ impl Service {
             issuer,
             attach,
             metrics,
-            addr_limiter: Mutex::new(AddrLimiter::default()),
+            aka_guard: Mutex::new(AkaGuard::default()),
             connections: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
@@ -545,19 +488,5 @@ mod tests {
         );
         assert_eq!(parse_snn("5G:mnc01.mcc001.3gppnetwork.org"), None);
         assert_eq!(parse_snn("garbage"), None);
-    }
-
-    #[test]
-    fn addr_limiter_locks_and_expires() {
-        let mut l = AddrLimiter::default();
-        let ip: IpAddr = [127, 0, 0, 1].into();
-        let t = Instant::now();
-        for _ in 0..2 {
-            l.failure(ip, t, 3, Duration::from_secs(10));
-        }
-        assert!(l.locked(ip, t).is_none());
-        l.failure(ip, t, 3, Duration::from_secs(10));
-        assert!(l.locked(ip, t).is_some());
-        assert!(l.locked(ip, t + Duration::from_secs(11)).is_none());
     }
 }
