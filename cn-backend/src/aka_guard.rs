@@ -307,7 +307,11 @@ impl AkaGuard {
     /// running lock-out stays).
     pub fn success(&mut self, supi: &Supi, src: SourcePrefix, now: Instant) {
         let key = (supi.clone(), src);
-        if self.pairs.get_mut(&key).is_some_and(|f| f.locked(now).is_none()) {
+        if self
+            .pairs
+            .get_mut(&key)
+            .is_some_and(|f| f.locked(now).is_none())
+        {
             self.pairs.remove(&key);
         }
         if let Some(f) = self.sources.get_mut(&src)
@@ -323,13 +327,11 @@ impl AkaGuard {
     /// plus out never exceeds [`MAX_INFLIGHT_PER_KEY`], so neither does the number of SQNs
     /// reserved for unanswered starts within [`VECTOR_REUSE`].
     pub fn start(&mut self, supi: &Supi, src: SourcePrefix, now: Instant) -> VectorPlan {
-        let slot = self
-            .vectors
-            .entry((supi.clone(), src), now, || Slot {
-                idle: Vec::new(),
-                inflight: 0,
-                touched: now,
-            });
+        let slot = self.vectors.entry((supi.clone(), src), now, || Slot {
+            idle: Vec::new(),
+            inflight: 0,
+            touched: now,
+        });
         slot.touched = now;
         slot.idle
             .retain(|(_, at)| now.duration_since(*at) < VECTOR_REUSE);
@@ -356,13 +358,11 @@ impl AkaGuard {
         unanswered: Option<(Reserved, Instant)>,
         now: Instant,
     ) {
-        let slot = self
-            .vectors
-            .entry((supi.clone(), src), now, || Slot {
-                idle: Vec::new(),
-                inflight: 1,
-                touched: now,
-            });
+        let slot = self.vectors.entry((supi.clone(), src), now, || Slot {
+            idle: Vec::new(),
+            inflight: 1,
+            touched: now,
+        });
         slot.inflight = slot.inflight.saturating_sub(1);
         slot.touched = now;
         if let Some((r, at)) = unanswered
@@ -417,7 +417,10 @@ mod tests {
         assert!(g.pair_locked(&p, a, t).is_none());
         g.failure(&p, a, t, 5, 20, w);
         assert!(g.pair_locked(&p, a, t).is_some());
-        assert!(g.pair_locked(&p, b, t).is_none(), "another prefix is not locked");
+        assert!(
+            g.pair_locked(&p, b, t).is_none(),
+            "another prefix is not locked"
+        );
         assert!(g.source_locked(a, t).is_none());
         assert!(g.pair_locked(&p, a, t + w).is_none(), "expires");
         for i in 0..20 {

@@ -219,8 +219,7 @@ async fn run_aka<W: AkaWire>(
                     reject(m, lockout_msg("this network for this subscriber", wait));
                     break;
                 }
-                if let Err(VectorError::Refuse(result, msg)) = check_kind(svc, &supi, conv).await
-                {
+                if let Err(VectorError::Refuse(result, msg)) = check_kind(svc, &supi, conv).await {
                     aka_metric(result);
                     if result == "unknown_subscriber" {
                         addr_failure(svc, src);

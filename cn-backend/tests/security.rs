@@ -4,9 +4,15 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::*;
-use companion_proto::msg::{BatchItem, BatchProvision, ItemKind, Outcome, Params};
+use companion_crypto::secret::Key128;
+use companion_crypto::usim::{SoftUsim, Usim, UsimError, UsimResponse};
+use companion_proto::msg::{BatchItem, BatchProvision, ErrorCode, ItemKind, Outcome, Params};
 use companion_proto::{DeviceId, RequestId};
+use companion_transport::attach_client::attach;
+use companion_transport::cn_client::{CnClientError, CnSession};
 
 const P1: &str = "imsi-001010000000001";
 
@@ -238,4 +244,304 @@ async fn allocation_cap_stops_revoke_and_reissue_churn() {
         rr.items[0].reason
     );
     assert_eq!(renew.open(&rr.items[0]).supi, child);
+}
+
+// --- Attack 2: locking a subscriber out of AKA without its key ------------------------------
+
+/// The attacker's source address and the real companion's/device's. Both are local on Linux;
+/// they are in different /24s (the lock-out's IPv4 prefix), while `SAME_NET` shares the
+/// attacker's /24.
+const ATTACKER: &str = "127.0.0.1";
+const SAME_NET: &str = "127.0.0.2";
+const ELSEWHERE: &str = "127.1.0.1";
+
+/// A USIM without the key: it accepts any challenge and answers a made-up RES* (the attacker
+/// who wants the CN's own verification to fail).
+struct GuessingUsim(String);
+
+impl Usim for GuessingUsim {
+    fn supi(&self) -> &str {
+        &self.0
+    }
+    fn authenticate(
+        &mut self,
+        _rand: &[u8; 16],
+        _autn: &[u8; 16],
+        _snn: &str,
+    ) -> Result<UsimResponse, UsimError> {
+        Ok(UsimResponse::Success {
+            res: vec![0x5a; 8],
+            res_star: [0x5a; 16],
+            ck: Key128::from_bytes([0x11; 16]),
+            ik: Key128::from_bytes([0x22; 16]),
+        })
+    }
+}
+
+/// A USIM with the wrong K: it rejects the CN's AUTN and the client sends `Error(auth_failed)`
+/// after the challenge — what anyone can send for any SUPI.
+fn keyless_usim(supi: &str) -> SoftUsim {
+    SoftUsim::new(supi.into(), Key128::from_bytes([0x11; 16]), key(OPC))
+}
+
+/// The stored SQN (48 bits, SEQ ‖ IND) of a parent or child, read from the database file.
+fn stored_sqn(dir: &Dir, supi: &str) -> u64 {
+    let db = rusqlite::Connection::open_with_flags(
+        dir.path().join("cn-backend.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    db.query_row(
+        "SELECT sqn FROM parents WHERE supi = ?1 UNION ALL SELECT sqn FROM children WHERE supi = ?1",
+        [supi],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| u64::try_from(v).unwrap())
+    .unwrap()
+}
+
+/// What one attacker attempt got: a challenge (then the client's own error), or a refusal.
+fn attempt_outcome(e: &CnClientError) -> String {
+    match e {
+        CnClientError::Rejected {
+            code, retry_after, ..
+        } => format!("refused {} retry_after={retry_after:?}", code.name()),
+        CnClientError::Protocol(p) => format!("challenged, client error {}", p.error_code().name()),
+        e => format!("other: {e}"),
+    }
+}
+
+/// Polls the server log until `pat` occurs `n` times (the CN records a failure after it has
+/// answered, so the client may see the answer first). Not a timing assertion: a generous
+/// deadline only turns a hang into a failure.
+fn wait_log(srv: &Server, pat: &str, n: usize) {
+    let t0 = Instant::now();
+    while srv.log_text().matches(pat).count() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{n} x {pat:?} never logged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Attack 2a (parent): 20 AuthStart + client `Error(auth_failed)` exchanges for the companion's
+/// SUPI from one address. Before: the fifth locked the SUPI out for `aka_lockout` (60 s) for
+/// everyone, the real companion included. Now a client's error never counts: every attempt
+/// gets its challenge, nothing is locked, and the real companion (at another address, and at
+/// the attacker's own) authenticates at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_auth_failed_errors_lock_no_companion_out() {
+    let dir = Dir::init("");
+    dir.add_parent(P1, &["--max-children", "10"]);
+    let srv = dir.serve();
+    let attacker = client_endpoint_at(ATTACKER);
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..20 {
+        let mut u = keyless_usim(P1);
+        let e = CnSession::connect(&attacker, &srv.target(HOME_SNN), &mut u)
+            .await
+            .unwrap_err();
+        *outcomes.entry(attempt_outcome(&e)).or_default() += 1;
+    }
+    let real = client_endpoint_at(ELSEWHERE);
+    let mut u = parent_usim(P1);
+    let r = CnSession::connect(&real, &srv.target(HOME_SNN), &mut u).await;
+    eprintln!(
+        "attack 2a: 20 x AuthStart + Error(auth_failed) for {P1} from {ATTACKER}: {outcomes:?}; \
+         real companion from {ELSEWHERE}: {}",
+        match &r {
+            Ok(_) => "authenticated at once (locked out 0 s)".to_owned(),
+            Err(e) => format!("{} (locked out {:?})", attempt_outcome(e), e.retry_after()),
+        }
+    );
+    let (s, _) = r.expect("the real companion authenticates at once");
+    assert!(s.list_children().await.unwrap().children.is_empty());
+    assert_eq!(
+        outcomes.get("challenged, client error auth_failed"),
+        Some(&20),
+        "every attempt got a challenge, none was refused: {outcomes:?}"
+    );
+    // Not even the attacker's own network is locked out: nothing counted.
+    let mut u = parent_usim(P1);
+    CnSession::connect(&attacker, &srv.target(HOME_SNN), &mut u)
+        .await
+        .expect("client errors lock out no one");
+    let (_, m) = srv.http("GET", "/metrics", None, "");
+    assert!(!m.contains(r#"result="locked_out""#), "{m}");
+    assert!(
+        m.contains(r#"cn_backend_aka_outcomes_total{conversation="cn",result="auth_failed"} 20"#)
+    );
+}
+
+/// Attack 2b (child at attach): the same with a child SUPI. Child SUPIs are sequential, so
+/// easy to guess; 20 AttachRequest + `Error(auth_failed)` from one address lock no device out:
+/// the real device attaches at once from another address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_auth_failed_errors_lock_no_device_out_at_attach() {
+    let dir = Dir::init("");
+    dir.add_parent(P1, &["--max-children", "10"]);
+    let srv = dir.serve();
+    let s = connect(&srv, P1).await;
+    let req = DeviceReq::new(1);
+    let r = s
+        .batch(BatchProvision {
+            batch_id: 1,
+            items: vec![req.item()],
+        })
+        .await
+        .unwrap();
+    let bundle = req.open(&r.items[0]);
+    let child = bundle.supi.as_str().to_owned();
+
+    let attacker = client_endpoint_at(ATTACKER);
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..20 {
+        let mut u = keyless_usim(&child);
+        let e = attach(&attacker, &srv.target(HOME_SNN), &mut u)
+            .await
+            .unwrap_err();
+        *outcomes.entry(attempt_outcome(&e)).or_default() += 1;
+    }
+    let real = client_endpoint_at(ELSEWHERE);
+    let mut u = device_usim(&bundle);
+    let r = attach(&real, &srv.target(HOME_SNN), &mut u).await;
+    eprintln!(
+        "attack 2b: 20 x AttachRequest + Error(auth_failed) for {child} from {ATTACKER}: \
+         {outcomes:?}; real device from {ELSEWHERE}: {}",
+        match &r {
+            Ok(_) => "attached at once (locked out 0 s)".to_owned(),
+            Err(e) => format!("{} (locked out {:?})", attempt_outcome(e), e.retry_after()),
+        }
+    );
+    let acc = r.expect("the real device attaches at once");
+    assert_eq!(acc.expires_at, bundle.expires_at);
+    assert_eq!(
+        outcomes.get("challenged, client error auth_failed"),
+        Some(&20),
+        "{outcomes:?}"
+    );
+    let (_, m) = srv.http("GET", "/metrics", None, "");
+    assert!(!m.contains(r#"result="locked_out""#), "{m}");
+}
+
+/// The lock-out that remains: a wrong RES* (the CN's own verification failing) counts, against
+/// the SUPI *and the source prefix* (/24 for IPv4). Five from the attacker lock the SUPI out
+/// for the attacker's /24 (127.0.0.2 too), never for the real companion elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_res_star_locks_out_only_the_source_prefix() {
+    let dir = Dir::init("aka_max_failures = 5\naka_lockout = \"60s\"");
+    dir.add_parent(P1, &[]);
+    let srv = dir.serve();
+    let attacker = client_endpoint_at(ATTACKER);
+    for _ in 0..5 {
+        let mut u = GuessingUsim(P1.into());
+        let e = CnSession::connect(&attacker, &srv.target(HOME_SNN), &mut u)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}");
+        assert!(e.retry_after().is_none(), "not locked yet: {e}");
+    }
+    wait_log(&srv, "AKA verification failed", 5);
+
+    // Same /24 as the attacker: locked out, with the time to wait.
+    let same = client_endpoint_at(SAME_NET);
+    let mut u = parent_usim(P1);
+    let e = CnSession::connect(&same, &srv.target(HOME_SNN), &mut u)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}");
+    let wait = e.retry_after().expect("a lock-out says when to retry");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_secs(60),
+        "{wait:?}"
+    );
+
+    // Elsewhere: the real companion authenticates at once.
+    let real = client_endpoint_at(ELSEWHERE);
+    let mut u = parent_usim(P1);
+    CnSession::connect(&real, &srv.target(HOME_SNN), &mut u)
+        .await
+        .expect("a lock-out is per source prefix");
+    let (_, m) = srv.http("GET", "/metrics", None, "");
+    assert!(
+        m.contains(r#"cn_backend_aka_outcomes_total{conversation="cn",result="locked_out"} 1"#),
+        "{m}"
+    );
+}
+
+/// Attack 2, the SQN variant: before, every AuthStart reserved and stored a new SQN, so 1,000
+/// unauthenticated starts moved the companion's SEQ by 1,000 (1,000 writes). Now an unanswered
+/// vector is sent again to the next start from the same SUPI and source prefix, so with
+/// `CONCURRENCY` attempts in flight SEQ moves by at most `CONCURRENCY` per 5 minutes
+/// (`aka_guard::VECTOR_REUSE`); the real companion still authenticates right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_starts_advance_the_sqn_by_a_bounded_amount() {
+    const STARTS: usize = 1_000;
+    const CONCURRENCY: usize = 4;
+    // Lock-out limits raised so this measures the SQN alone: before the fix, the lock-out
+    // after five client errors hid the writes from one address (an attacker rotates
+    // addresses); now client errors are not counted anyway.
+    let dir = Dir::init("aka_max_failures = 100000\naka_addr_max_failures = 100000");
+    dir.add_parent(P1, &[]);
+    let srv = dir.serve();
+    let before = stored_sqn(&dir, P1);
+    let shown = dir.cli_json(&["subscriber", "show", P1]);
+    assert_eq!(shown["subscriber"]["sqn"].as_u64(), Some(before));
+
+    let t0 = Instant::now();
+    let attacker = client_endpoint_at(ATTACKER);
+    let mut tasks = Vec::new();
+    for w in 0..CONCURRENCY {
+        let ep = attacker.clone();
+        let target = srv.target(HOME_SNN);
+        tasks.push(tokio::spawn(async move {
+            let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+            for _ in (w..STARTS).step_by(CONCURRENCY) {
+                let mut u = keyless_usim(P1);
+                let e = CnSession::connect(&ep, &target, &mut u).await.unwrap_err();
+                *outcomes.entry(attempt_outcome(&e)).or_default() += 1;
+            }
+            outcomes
+        }));
+    }
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for t in tasks {
+        for (k, v) in t.await.unwrap() {
+            *outcomes.entry(k).or_default() += v;
+        }
+    }
+    let elapsed = t0.elapsed();
+    let after = stored_sqn(&dir, P1);
+    let advanced = (after >> 5) - (before >> 5);
+    // At most CONCURRENCY vectors exist per (SUPI, prefix) at any time, each reused for 300 s.
+    let windows = 1 + elapsed.as_secs() / 300;
+    let bound = CONCURRENCY as u64 * windows;
+    eprintln!(
+        "attack 2 (SQN): {STARTS} unauthenticated AuthStarts for {P1} from {ATTACKER} \
+         ({CONCURRENCY} at a time, {elapsed:.1?}): SEQ {} -> {} (advanced by {advanced}, \
+         bound {bound}); outcomes {outcomes:?}",
+        before >> 5,
+        after >> 5
+    );
+    assert_eq!(
+        outcomes.get("challenged, client error auth_failed"),
+        Some(&STARTS),
+        "every start got a challenge: {outcomes:?}"
+    );
+    assert!(
+        advanced >= 1 && advanced <= bound,
+        "SEQ advanced by {advanced}"
+    );
+    let shown = dir.cli_json(&["subscriber", "show", P1]);
+    assert_eq!(shown["subscriber"]["sqn"].as_u64(), Some(after));
+
+    // The real companion, even from the attacker's network, authenticates at once (it may get
+    // one of the reused challenges: fresh for its USIM).
+    let mut u = parent_usim(P1);
+    CnSession::connect(&attacker, &srv.target(HOME_SNN), &mut u)
+        .await
+        .expect("the real companion authenticates");
+    let (_, m) = srv.http("GET", "/metrics", None, "");
+    assert!(m.contains(r#"result="vector_reused""#), "{m}");
 }

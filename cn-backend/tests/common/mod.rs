@@ -25,6 +25,12 @@ use companion_transport::cn_client::{ClientOptions, CnSession, CnTarget};
 use tempfile::TempDir;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cn-backend");
+
+/// The binary under test: `CN_BACKEND_BIN` if set (to measure another build, e.g. the previous
+/// one for before/after figures of the security suite), else this crate's.
+pub fn bin() -> String {
+    std::env::var("CN_BACKEND_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
 pub const HOME_SNN: &str = "5G:mnc001.mcc001.3gppnetwork.org";
 pub const VISITED_SNN: &str = "5G:mnc002.mcc208.3gppnetwork.org";
 pub const K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
@@ -65,7 +71,7 @@ impl Dir {
 
     /// Runs the CLI; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(BIN)
+        let out = Command::new(bin())
             .arg("--dir")
             .arg(self.path())
             .args(args)
@@ -121,7 +127,7 @@ impl Dir {
                 .as_nanos()
         ));
         let log = std::fs::File::create(self.tmp.path().join("serve.log")).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("--dir")
             .arg(self.path())
             .args([
@@ -269,6 +275,11 @@ pub fn parent_usim(supi: &str) -> SoftUsim {
 
 pub fn client_endpoint() -> quinn::Endpoint {
     quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+/// A client endpoint with source address `ip` (any of 127.0.0.0/8 is local on Linux).
+pub fn client_endpoint_at(ip: &str) -> quinn::Endpoint {
+    quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap()
 }
 
 pub async fn connect(srv: &Server, supi: &str) -> CnSession {
