@@ -194,13 +194,16 @@ pub struct Settings {
     /// The sliding window of `child_allocation_limit` (humantime, e.g. `1h`).
     #[serde(default = "default_child_allocation_window")]
     pub child_allocation_window: String,
-    /// Consecutive AKA failures of one SUPI before it is locked out.
+    /// Failed verifications (wrong RES*, binding or AUTS) of one SUPI from one source prefix
+    /// (IPv4 /24, IPv6 /56) before the SUPI is locked out for that prefix.
     #[serde(default = "default_max_failures")]
     pub aka_max_failures: u32,
-    /// How long a SUPI or source address stays locked out.
+    /// How long a (SUPI, source prefix) or a source prefix stays locked out, and the window
+    /// failures are counted in.
     #[serde(default = "default_lockout")]
     pub aka_lockout: String,
-    /// AKA failures from one source address (any SUPI) before it is locked out.
+    /// Failures from one source prefix (any SUPI, unknown SUPIs too) before the prefix is
+    /// locked out.
     #[serde(default = "default_addr_max_failures")]
     pub aka_addr_max_failures: u32,
     /// Most concurrent connections (gateway sessions and attaches).
@@ -415,9 +418,11 @@ http_listen = @HTTP_LISTEN@
 # child_allocation_limit = 10000
 # child_allocation_window = "1h"
 
-# AKA rate limiting: after aka_max_failures consecutive failures of one SUPI, new AKA for it is
-# refused (auth_failed with retry_after_ms) for aka_lockout; a source address with
-# aka_addr_max_failures failures (any SUPI) is refused for aka_lockout too.
+# AKA rate limiting: only the CN's own verification failing counts (wrong RES*, binding, AUTS),
+# never an error the client sends. After aka_max_failures failures of one SUPI from one source
+# prefix (IPv4 /24, IPv6 /56), new AKA for that SUPI from that prefix is refused (auth_failed
+# with retry_after_ms) for aka_lockout; a prefix with aka_addr_max_failures failures (any SUPI)
+# is refused for aka_lockout too. Other prefixes are never locked out by them.
 # defaults: aka_max_failures = 5, aka_lockout = "60s", aka_addr_max_failures = 20
 # aka_max_failures = 5
 # aka_lockout = "60s"
