@@ -545,3 +545,55 @@ async fn unauthenticated_starts_advance_the_sqn_by_a_bounded_amount() {
     let (_, m) = srv.http("GET", "/metrics", None, "");
     assert!(m.contains(r#"result="vector_reused""#), "{m}");
 }
+
+/// A USIM whose answer is lost on the way: it runs the real USIM (which accepts the SQN) and
+/// then fails, so the client sends `Error` instead of RES*.
+struct LostAnswer<'a>(&'a mut SoftUsim);
+
+impl Usim for LostAnswer<'_> {
+    fn supi(&self) -> &str {
+        self.0.supi()
+    }
+    fn authenticate(
+        &mut self,
+        rand: &[u8; 16],
+        autn: &[u8; 16],
+        snn: &str,
+    ) -> Result<UsimResponse, UsimError> {
+        self.0.authenticate(rand, autn, snn)?;
+        Err(UsimError::Unavailable("answer lost".into()))
+    }
+}
+
+/// The 3GPP side of sending a challenge again (TS 33.102 Annex C): if the USIM already used
+/// the SQN of a kept challenge (its answer never reached the CN), it answers the re-sent
+/// challenge with AUTS, and the resynchronisation gives it a fresh one: the companion still
+/// authenticates at the first attempt after the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_challenge_the_usim_already_used_is_resynchronised() {
+    let dir = Dir::init("");
+    dir.add_parent(P1, &[]);
+    let srv = dir.serve();
+    let ep = client_endpoint_at(ELSEWHERE);
+    let mut usim = parent_usim(P1);
+    let e = CnSession::connect(&ep, &srv.target(HOME_SNN), &mut LostAnswer(&mut usim))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CnClientError::Protocol(_)), "{e}");
+    let used = usim.sqn_state().highest_seq();
+    assert_eq!(used, 1, "the USIM accepted SEQ 1");
+    let (s, _) = CnSession::connect(&ep, &srv.target(HOME_SNN), &mut usim)
+        .await
+        .expect("resynchronised, then authenticated");
+    assert!(s.list_children().await.unwrap().children.is_empty());
+    assert!(usim.sqn_state().highest_seq() > used);
+    let (_, m) = srv.http("GET", "/metrics", None, "");
+    for r in ["vector_reused", "resync", "success"] {
+        assert!(
+            m.contains(&format!(
+                r#"cn_backend_aka_outcomes_total{{conversation="cn",result="{r}"}} 1"#
+            )),
+            "{r}: {m}"
+        );
+    }
+}
