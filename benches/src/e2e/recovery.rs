@@ -156,8 +156,8 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
         )?;
         for _ in 0..kills {
             std::thread::sleep(random_between(
-                Duration::from_millis(100),
-                Duration::from_millis(400),
+                Duration::from_millis(10),
+                Duration::from_millis(60),
             ));
             if lg.try_wait()?.is_some() {
                 break;
