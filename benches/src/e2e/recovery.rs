@@ -56,13 +56,18 @@ fn figures(rep: &serde_json::Value) -> RunFigures {
     }
 }
 
-fn loadgen_args(gw: &Gateway, devices: u64, prefix: &str) -> anyhow::Result<Vec<String>> {
+fn loadgen_args(
+    gw: &Gateway,
+    devices: u64,
+    concurrency: u64,
+    prefix: &str,
+) -> anyhow::Result<Vec<String>> {
     Ok([
         "provision",
         "--devices",
         &devices.to_string(),
         "--concurrency",
-        "256",
+        &concurrency.to_string(),
         "--gateway",
         &gw.devices()?,
         "--control-socket",
@@ -97,7 +102,13 @@ fn random_between(lo: Duration, hi: Duration) -> Duration {
 }
 
 pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
-    let (devices, kills): (u64, usize) = if env.quick { (300, 2) } else { (3000, 30) };
+    // Quick mode: fewer devices in flight, so the run lasts several batches and both kills land
+    // inside it on any machine.
+    let (devices, kills, concurrency): (u64, usize, u64) = if env.quick {
+        (400, 2, 32)
+    } else {
+        (3000, 30, 256)
+    };
     let baseline_devices: u64 = if env.quick { 200 } else { 2000 };
     let dir = env.scratch("recovery")?;
 
@@ -113,7 +124,7 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     let rep = loadgen_json(
         &env.bins,
         &base_dir,
-        &loadgen_args(&gw, baseline_devices, "rb")?,
+        &loadgen_args(&gw, baseline_devices, concurrency, "rb")?,
     )?;
     let baseline = figures(&rep);
     let gw_metrics = gw.daemon.ready_str("metrics")?;
@@ -134,7 +145,7 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     let mut lg: Child = env
         .bins
         .command("loadgen")
-        .args(loadgen_args(&gw, devices, "rk")?)
+        .args(loadgen_args(&gw, devices, concurrency, "rk")?)
         .arg("--json")
         .arg(&report)
         .stdin(Stdio::null())
@@ -154,11 +165,15 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
             &mut lg,
             Duration::from_secs(60),
         )?;
-        for _ in 0..kills {
-            std::thread::sleep(random_between(
-                Duration::from_millis(10),
-                Duration::from_millis(60),
-            ));
+        for k in 0..kills {
+            // The first kill as soon as the CN has issued something (so a quick run cannot end
+            // before it), the next ones at random moments after each recovery.
+            if k > 0 {
+                std::thread::sleep(random_between(
+                    Duration::from_millis(10),
+                    Duration::from_millis(60),
+                ));
+            }
             if lg.try_wait()?.is_some() {
                 break;
             }
@@ -344,7 +359,7 @@ fn markdown(
     let max = recoveries[recoveries.len() - 1];
     let mut md = String::from("### Recovery: cn-backend restarts under load\n\n");
     md.push_str(
-        "`loadgen provision` (concurrency 256) through gatewayd, first without faults, then while \
+        "`loadgen provision` (concurrency 256; 32 in quick mode) through gatewayd, first without faults, then while \
          cn-backend is SIGKILLed and restarted on the same data directory and port at random \
          moments. *Restart → credential* is the time from the new process being ready to its \
          first issued credential: the gateway's next packet draws a stateless reset, it \
