@@ -353,17 +353,21 @@ impl BatchingConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CredentialsConfig {
-    /// Lifetime requested when the device asks for none (the CN may grant less). Default `30days`.
+    /// Lifetime requested when the device asks for none, and the longest a device may ask for
+    /// (the CN may grant less). Default `30days`.
     #[serde(with = "duration_str")]
     pub default_lifetime: Duration,
     /// Renew a paired device's credential when it expires within this. Default `1day`.
     #[serde(with = "duration_str")]
     pub renewal_margin: Duration,
-    /// Ask for roaming by default. Default `false`.
+    /// Roaming: asked for by default when `true`; when `false` no device can ask for it.
+    /// Default `false`.
     pub roaming: bool,
-    /// Data network names requested by default; empty = the operator's default. Default `[]`.
+    /// Data network names requested by default, and the only ones a device may ask for; empty =
+    /// the operator's default, and any DNN the device asks for. Default `[]`.
     pub dnns: Vec<String>,
-    /// Bitrate cap requested by default, kbit/s. Default: none.
+    /// Bitrate cap requested by default, and the highest a device may ask for, kbit/s. Default:
+    /// none.
     pub max_bitrate_kbps: Option<u64>,
 }
 
@@ -380,17 +384,39 @@ impl Default for CredentialsConfig {
 }
 
 impl CredentialsConfig {
-    /// The control parameters to put in a request the device left unspecified; fields the device
-    /// did specify win.
+    /// The control parameters the gateway asks the CN for: the device's request **narrowed** to
+    /// what the owner allows here, and the owner's settings where the device asked nothing. A
+    /// device can never widen them (the CN's per-subscription policy narrows again):
+    /// - lifetime: at most `default_lifetime`;
+    /// - roaming: only where `roaming = true`;
+    /// - DNNs: within `dnns` when the owner lists any (the owner's list if none of the device's
+    ///   is allowed);
+    /// - bitrate: at most `max_bitrate_kbps`.
     pub fn fill_params(&self, mut p: companion_proto::msg::Params) -> companion_proto::msg::Params {
-        p.lifetime_s.get_or_insert(self.default_lifetime.as_secs());
-        p.roaming.get_or_insert(self.roaming);
-        if p.dnns.is_none() && !self.dnns.is_empty() {
-            p.dnns = Some(self.dnns.clone());
+        let owner_lifetime = self.default_lifetime.as_secs();
+        p.lifetime_s = Some(
+            p.lifetime_s
+                .map_or(owner_lifetime, |l| l.min(owner_lifetime)),
+        );
+        p.roaming = Some(p.roaming.unwrap_or(self.roaming) && self.roaming);
+        if !self.dnns.is_empty() {
+            let allowed: Vec<String> = p
+                .dnns
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| self.dnns.contains(d))
+                .collect();
+            p.dnns = Some(if allowed.is_empty() {
+                self.dnns.clone()
+            } else {
+                allowed
+            });
         }
-        if p.max_bitrate_kbps.is_none() {
-            p.max_bitrate_kbps = self.max_bitrate_kbps;
-        }
+        p.max_bitrate_kbps = match (p.max_bitrate_kbps, self.max_bitrate_kbps) {
+            (Some(device), Some(owner)) => Some(device.min(owner)),
+            (device, owner) => device.or(owner),
+        };
         p
     }
 }
@@ -668,7 +694,7 @@ mod tests {
     }
 
     #[test]
-    fn default_params_fill_only_what_is_missing() {
+    fn owner_settings_fill_what_is_missing() {
         let c = CredentialsConfig {
             dnns: vec!["iot".into()],
             ..CredentialsConfig::default()
@@ -680,6 +706,59 @@ mod tests {
         assert_eq!(p.lifetime_s, Some(60));
         assert_eq!(p.roaming, Some(false));
         assert_eq!(p.dnns, Some(vec!["iot".to_string()]));
+        assert_eq!(p.max_bitrate_kbps, None);
+    }
+
+    #[test]
+    fn device_parameters_only_narrow_the_owner_settings() {
+        use companion_proto::msg::Params;
+        let owner = CredentialsConfig {
+            default_lifetime: Duration::from_secs(86_400),
+            roaming: false,
+            dnns: vec!["iot".into(), "ims".into()],
+            max_bitrate_kbps: Some(256),
+            ..CredentialsConfig::default()
+        };
+        let greedy = owner.fill_params(Params {
+            lifetime_s: Some(365 * 86_400),
+            roaming: Some(true),
+            dnns: Some(vec!["internet".into(), "iot".into()]),
+            max_bitrate_kbps: Some(1_000_000),
+        });
+        assert_eq!(greedy.lifetime_s, Some(86_400));
+        assert_eq!(greedy.roaming, Some(false));
+        assert_eq!(greedy.dnns, Some(vec!["iot".to_string()]));
+        assert_eq!(greedy.max_bitrate_kbps, Some(256));
+        // Only DNNs the owner does not allow: the owner's list, never the device's.
+        let other = owner.fill_params(Params {
+            dnns: Some(vec!["internet".into()]),
+            ..Params::default()
+        });
+        assert_eq!(other.dnns, Some(vec!["iot".to_string(), "ims".to_string()]));
+        // Narrower requests are kept.
+        let modest = owner.fill_params(Params {
+            lifetime_s: Some(3600),
+            roaming: Some(false),
+            dnns: Some(vec!["ims".into()]),
+            max_bitrate_kbps: Some(64),
+        });
+        assert_eq!(modest.lifetime_s, Some(3600));
+        assert_eq!(modest.dnns, Some(vec!["ims".to_string()]));
+        assert_eq!(modest.max_bitrate_kbps, Some(64));
+        // An owner who allows roaming lets a device decline it.
+        let roaming_owner = CredentialsConfig {
+            roaming: true,
+            ..CredentialsConfig::default()
+        };
+        let declines = roaming_owner.fill_params(Params {
+            roaming: Some(false),
+            ..Params::default()
+        });
+        assert_eq!(declines.roaming, Some(false));
+        assert_eq!(
+            roaming_owner.fill_params(Params::default()).roaming,
+            Some(true)
+        );
     }
 
     #[test]

@@ -946,3 +946,46 @@ async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
     );
     assert_eq!(gw.status()["deliveries_pending"], 0);
 }
+
+/// A greedy device asks for more than the router's owner allows (`[credentials]`: 2 days, no
+/// roaming, DNN `iot` only, 256 kbit/s) while the operator's policy would grant all of it. The
+/// credential it gets carries the owner's limits: device parameters only ever narrow them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_widen_the_owners_credential_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    // The operator allows roaming and any DNN, 30 days, no bitrate cap.
+    let out = Command::new(bin("cn-backend"))
+        .arg("--dir")
+        .arg(&cn.dir)
+        .args(["subscriber", "policy", COMPANION_SUPI, "--roaming", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let owner = "max_batch = 16\n[credentials]\ndefault_lifetime = \"2days\"\nroaming = false\n\
+                 dnns = [\"iot\"]\nmax_bitrate_kbps = 256\n";
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, owner);
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let keys = device("greedy-watch");
+    gw.pair(&keys);
+    let p = iotdev::ProvisionParams {
+        params: Params {
+            lifetime_s: Some(30 * 86_400),
+            roaming: Some(true),
+            dnns: Some(vec!["internet".into(), "iot".into()]),
+            max_bitrate_kbps: Some(1_000_000),
+        },
+        ..Default::default()
+    };
+    let cred = client::provision(&ep, gw.devices, &keys, &p).await.unwrap();
+    let b = &cred.bundle;
+    assert!(
+        b.expires_at - b.issued_at <= 2 * 86_400,
+        "lifetime {} s",
+        b.expires_at - b.issued_at
+    );
+    assert!(!b.restrictions.roaming_allowed, "{:?}", b.restrictions);
+    assert_eq!(b.restrictions.dnns, vec!["iot".to_string()]);
+    assert_eq!(b.restrictions.max_bitrate_kbps, Some(256));
+}
