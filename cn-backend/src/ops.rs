@@ -939,11 +939,10 @@ mod tests {
     use crate::policy::RequestedParams;
     use crate::store::{SqliteConfig, SqliteStore};
 
-    #[test]
-    fn parallel_sealing_keeps_items_in_order() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store in `dir` holding one parent (1,000 children, 1-day lifetime) added at `at`.
+    fn store_with_parent(dir: &std::path::Path, at: Timestamp) -> (SqliteStore, Supi) {
         let store = SqliteStore::open(
-            &dir.path().join("cn.db"),
+            &dir.join("cn.db"),
             Kek::from_bytes(&[7; 32]),
             SqliteConfig::default(),
         )
@@ -968,9 +967,16 @@ mod tests {
                 },
             },
             "test",
-            Timestamp(1_700_000_000),
+            at,
         )
         .unwrap();
+        (store, parent)
+    }
+
+    #[test]
+    fn parallel_sealing_keeps_items_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, parent) = store_with_parent(dir.path(), Timestamp(1_700_000_000));
         let cfg = IssuerConfig {
             imsi_range: ImsiRange::new("001", "01", 9_000_000_000, 9_000_999_999).unwrap(),
             op: Key128::from_bytes([3; 16]),
@@ -1073,35 +1079,7 @@ mod tests {
     #[test]
     fn allocation_cap_answers_rate_limited_and_frees_with_time() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(
-            &dir.path().join("cn.db"),
-            Kek::from_bytes(&[7; 32]),
-            SqliteConfig::default(),
-        )
-        .unwrap();
-        let parent = Supi::parse("imsi-001010000000001").unwrap();
-        add_parent(
-            &store,
-            &NewParent {
-                supi: parent.clone(),
-                keys: SubscriberKeys {
-                    k: Key128::from_bytes([1; 16]),
-                    opc: Key128::from_bytes([2; 16]),
-                },
-                amf: Amf::DEFAULT,
-                sqn: Sqn::ZERO,
-                policy: ParentPolicy {
-                    max_children: 1000,
-                    max_lifetime_s: 86_400,
-                    roaming_allowed: false,
-                    allowed_dnns: Vec::new(),
-                    max_bitrate_kbps: None,
-                },
-            },
-            "test",
-            Timestamp(0),
-        )
-        .unwrap();
+        let (store, parent) = store_with_parent(dir.path(), Timestamp(0));
         let cfg = IssuerConfig {
             imsi_range: ImsiRange::new("001", "01", 9_000_000_000, 9_000_999_999).unwrap(),
             op: Key128::from_bytes([3; 16]),
