@@ -116,6 +116,7 @@ fn store_commit(c: &mut Criterion) {
                         BatchItem::Provision(ProvisionItem {
                             device_id: DeviceId::parse(&format!("dev-{n}")).unwrap(),
                             device_key_fingerprint: KeyFingerprint([3; 32]),
+                            device_spki: vec![0x30, 3],
                             request_id: RequestId(rid),
                             recipient: vec![4; 32],
                             params: RequestedParams::default(),

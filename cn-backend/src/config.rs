@@ -390,7 +390,7 @@ imsi_count = @IMSI_COUNT@
 # default: ["localhost", "127.0.0.1"]
 server_names = [@SERVER_NAMES@]
 
-# QUIC endpoint for gateways (ALPN companion-cn/1) and device attach (companion-attach/1).
+# QUIC endpoint for gateways (ALPN companion-cn/2) and device attach (companion-attach/1).
 # default: "0.0.0.0:4433"
 listen = @LISTEN@
 

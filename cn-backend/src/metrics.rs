@@ -26,6 +26,9 @@ pub struct Metrics {
     pub policy_rejections: IntCounter,
     /// Batch items that were invalid.
     pub invalid_items: IntCounter,
+    /// Batch items whose key-binding signature did not verify (or whose key was not the one
+    /// fingerprinted): a gateway that substitutes keys, or a broken device.
+    pub binding_refused: IntCounter,
     /// AKA outcomes by conversation (`cn`, `attach`) and result.
     pub aka: IntCounterVec,
     /// Attach outcomes by result.
@@ -113,6 +116,13 @@ impl Metrics {
                 &r,
                 "cn_backend_invalid_items_total",
                 "Batch items refused as invalid (bad key, reused request id, unknown kind).",
+            )?,
+            binding_refused: counter(
+                &r,
+                "cn_backend_binding_refused_total",
+                "Batch items refused because the device's key-binding signature does not verify \
+                 under the device key in the item (a gateway that substitutes HPKE or device \
+                 keys, or replays a signature), or that key is not the fingerprinted one.",
             )?,
             aka: counter_vec(
                 &r,

@@ -496,6 +496,10 @@ pub struct ChildCredential {
     pub device_id: DeviceId,
     /// Fingerprint of the device key it was issued to.
     pub device_key_fingerprint: KeyFingerprint,
+    /// The device key itself (DER SubjectPublicKeyInfo) that signed the provisioning request's
+    /// key binding: renewals must be signed by it. `None` for credentials issued before key
+    /// binding (schema v3), which cannot be renewed.
+    pub device_spki: Option<Vec<u8>>,
     /// Request ID of the provisioning request that created it.
     pub request_id: RequestId,
     /// AMF used in its authentication vectors.

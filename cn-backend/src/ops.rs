@@ -148,6 +148,9 @@ pub struct ProvisionItem {
     pub device_id: DeviceId,
     /// Fingerprint of the device key pinned at pairing.
     pub device_key_fingerprint: KeyFingerprint,
+    /// The device key (DER SubjectPublicKeyInfo) whose key-binding signature over this item the
+    /// wire layer has verified; recorded with the child.
+    pub device_spki: Vec<u8>,
     /// Device-chosen request ID (idempotency).
     pub request_id: RequestId,
     /// The device's HPKE public key to seal to; passed to the [`Sealer`] untouched.
@@ -161,6 +164,11 @@ pub struct ProvisionItem {
 pub struct RenewItem {
     /// The credential to renew.
     pub child: Supi,
+    /// The device the renewal is for, as signed.
+    pub device_id: DeviceId,
+    /// The device key whose key-binding signature over this item the wire layer has verified;
+    /// it must be the key the credential was issued to.
+    pub device_spki: Vec<u8>,
     /// Request ID (idempotency, together with the child's device ID).
     pub request_id: RequestId,
     /// The device's HPKE public key to seal the renewed credential to.
@@ -424,6 +432,7 @@ fn prepare_provision<'i, Se: Sealer + ?Sized>(
         // Same request ID but a different kind or device key: not a retry of the same request.
         if prior.kind != IssuanceKind::Provision
             || child.device_key_fingerprint != item.device_key_fingerprint
+            || child.device_spki.as_deref() != Some(item.device_spki.as_slice())
         {
             return Ok(Prepared::Done(ItemOutcome::Invalid(
                 Invalid::RequestIdReused,
@@ -513,6 +522,7 @@ fn issue_one<Se: Sealer + ?Sized>(
         parent: ctx.parent.supi.clone(),
         device_id: p.item.device_id.clone(),
         device_key_fingerprint: p.item.device_key_fingerprint,
+        device_spki: Some(p.item.device_spki.clone()),
         request_id: p.item.request_id,
         amf: ctx.cfg.amf,
         sqn: Sqn::ZERO,
@@ -633,6 +643,17 @@ fn renew_one<Se: Sealer + ?Sized>(
     else {
         return Ok(ItemOutcome::NotFound);
     };
+    // A renewal re-seals the child's K/OPc to a new key: only the device key the child was
+    // issued to may ask for it (its signature over this item was verified against
+    // `item.device_spki`). Checked before the idempotency lookup, so not even a stored answer
+    // goes to anyone else.
+    match child.device_spki.as_deref() {
+        None => return Ok(ItemOutcome::Invalid(Invalid::Unbound)),
+        Some(spki) if spki != item.device_spki.as_slice() || child.device_id != item.device_id => {
+            return Ok(ItemOutcome::Invalid(Invalid::KeyNotBound));
+        }
+        Some(_) => {}
+    }
     let key = IdempotencyKey {
         parent: ctx.parent.supi.clone(),
         device_id: child.device_id.clone(),
@@ -1024,6 +1045,7 @@ mod tests {
                     BatchItem::Provision(ProvisionItem {
                         device_id: DeviceId::parse(&format!("dev-{i}")).unwrap(),
                         device_key_fingerprint: KeyFingerprint([i; 32]),
+                        device_spki: vec![0x30, i],
                         request_id: RequestId([i; 16]),
                         recipient: format!("pk-{i}").into_bytes(),
                         params: RequestedParams::default(),
@@ -1104,6 +1126,7 @@ mod tests {
             BatchItem::Provision(ProvisionItem {
                 device_id: DeviceId::parse(&format!("dev-{n}")).unwrap(),
                 device_key_fingerprint: KeyFingerprint([1; 32]),
+                device_spki: vec![0x30, 1],
                 request_id: RequestId([n as u8; 16]),
                 recipient: recipient.to_vec(),
                 params: RequestedParams::default(),

@@ -124,6 +124,14 @@ pub enum Invalid {
     /// The credential could not be sealed to the device key.
     #[error("sealing failed: {0}")]
     Seal(String),
+    /// A renewal (a re-seal of existing K/OPc) not signed by the device key the credential was
+    /// issued to, or for another device (PROTOCOL.md §4.4).
+    #[error("renewal not signed by the key the credential was issued to")]
+    KeyNotBound,
+    /// A credential issued before key binding existed: it records no device key, so nothing
+    /// can authorise a re-seal of it.
+    #[error("credential predates key binding and cannot be renewed; provision a new one")]
+    Unbound,
 }
 
 /// The outcome of a policy decision that did not grant.
@@ -428,6 +436,7 @@ mod tests {
             parent: Supi::parse("imsi-001010000000001").unwrap(),
             device_id: DeviceId::parse("watch").unwrap(),
             device_key_fingerprint: KeyFingerprint([1; 32]),
+            device_spki: Some(vec![0x30, 0x00]),
             request_id: RequestId([2; 16]),
             amf: Amf::DEFAULT,
             sqn: companion_crypto::aka::Sqn::ZERO,

@@ -1,4 +1,4 @@
-//! The QUIC server: one endpoint offering `companion-cn/1` (gateway sessions) and
+//! The QUIC server: one endpoint offering `companion-cn/2` (gateway sessions) and
 //! `companion-attach/1` (device attach).
 //!
 //! * Gateway session: AKA on the first stream with the parent's K/OPc/SQN, resync through AUTS,
@@ -727,6 +727,25 @@ fn issued(
     }
 }
 
+/// Checks one item's key binding: the SPKI is the fingerprinted one, and the signature over
+/// (kind, request ID, device ID, HPKE key) verifies under it. `Err` is the reason sent back with
+/// outcome `invalid`.
+fn check_binding(it: &companion_proto::msg::BatchItem) -> Result<(), String> {
+    use companion_proto::binding::{BindingOp, binding_message};
+    if companion_transport::spki_fingerprint(&it.device_spki) != it.device_key_fingerprint {
+        return Err("device_spki does not match device_key_fingerprint".into());
+    }
+    let op = match it.kind {
+        ItemKind::Provision => BindingOp::Provision,
+        ItemKind::Renew => BindingOp::Renew,
+        // Refused below with its own reason.
+        ItemKind::Unknown(_) => return Ok(()),
+    };
+    let msg = binding_message(op, &it.request_id, &it.device_id, &it.hpke_public_key);
+    companion_transport::verify_binding(&it.device_spki, &msg, &it.binding)
+        .map_err(|e| format!("key binding refused: {e}"))
+}
+
 async fn batch(
     svc: &Arc<Service>,
     req: &mut ServerRequest,
@@ -741,6 +760,15 @@ async fn batch(
         ));
     }
     svc.metrics.batch_size.observe(b.items.len() as f64);
+    // Key binding (PROTOCOL.md §4.4): each item's signature must verify under the device key it
+    // carries, and that key must be the one fingerprinted. Signature checks cost tens of
+    // microseconds each, so a whole batch is checked on the blocking pool.
+    let (b, bound) = blocking(move || {
+        let bound: Vec<Result<(), String>> = b.items.iter().map(check_binding).collect();
+        Ok((b, bound))
+    })
+    .await
+    .map_err(|e| internal(&e))?;
     // Items the CN can judge without the store get their answer here; the rest go to one
     // transaction. `slots[i]` is the wire request id of item i and its answer if already known.
     let mut answers: Vec<Option<ItemResult>> = Vec::with_capacity(b.items.len());
@@ -748,8 +776,17 @@ async fn batch(
     let mut index = Vec::new();
     // A renewal's HPKE key is fresh per request (PROTOCOL.md §4.1): one key, one renewal.
     let mut renew_keys: HashSet<[u8; 32]> = HashSet::new();
-    for (i, it) in b.items.iter().enumerate() {
+    for ((i, it), bound) in b.items.iter().enumerate().zip(bound) {
         let rid = it.request_id;
+        if let Err(why) = bound {
+            svc.metrics.binding_refused.inc();
+            answers.push(Some(item_result(rid, Outcome::Invalid, why)));
+            continue;
+        }
+        let Ok(device_id) = DeviceId::parse(it.device_id.as_str()) else {
+            answers.push(Some(item_result(rid, Outcome::Invalid, "bad device id")));
+            continue;
+        };
         let params = match convert_params(&it.params) {
             Ok(p) => p,
             Err(e) => {
@@ -759,19 +796,14 @@ async fn batch(
         };
         let model_rid = RequestId(*rid.as_bytes());
         let item = match it.kind {
-            ItemKind::Provision => {
-                let Ok(device_id) = DeviceId::parse(it.device_id.as_str()) else {
-                    answers.push(Some(item_result(rid, Outcome::Invalid, "bad device id")));
-                    continue;
-                };
-                BatchItem::Provision(ProvisionItem {
-                    device_id,
-                    device_key_fingerprint: KeyFingerprint(it.device_key_fingerprint),
-                    request_id: model_rid,
-                    recipient: it.hpke_public_key.to_vec(),
-                    params,
-                })
-            }
+            ItemKind::Provision => BatchItem::Provision(ProvisionItem {
+                device_id,
+                device_key_fingerprint: KeyFingerprint(it.device_key_fingerprint),
+                device_spki: it.device_spki.clone(),
+                request_id: model_rid,
+                recipient: it.hpke_public_key.to_vec(),
+                params,
+            }),
             ItemKind::Renew => {
                 let Some(Ok(child)) = it.supi.as_ref().map(|s| Supi::parse(s.as_str())) else {
                     answers.push(Some(item_result(
@@ -791,6 +823,8 @@ async fn batch(
                 }
                 BatchItem::Renew(RenewItem {
                     child,
+                    device_id,
+                    device_spki: it.device_spki.clone(),
                     request_id: model_rid,
                     recipient: it.hpke_public_key.to_vec(),
                     lifetime_s: params.lifetime_s,

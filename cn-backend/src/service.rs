@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use companion_crypto::secret::Key128;
-use companion_proto::bundle::{AttachInfo, BUNDLE_VERSION, CredentialBundle};
+use companion_proto::bundle::{AttachInfo, BUNDLE_VERSION, CredentialBundle, HomeNetwork};
 use companion_transport::{Identity, OperatorCa};
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -391,6 +391,12 @@ impl Service {
                 endpoint: self.attach.endpoint.clone(),
                 server_name: self.attach.server_name.clone(),
                 trust_anchor: self.attach.trust_anchor.clone(),
+            },
+            // The configured MNC as written (2 or 3 digits): its length is what the device
+            // cannot learn from the IMSI.
+            home_network: HomeNetwork {
+                mcc: self.settings.mcc.clone(),
+                mnc: self.settings.mnc.clone(),
             },
         };
         bundle

@@ -94,7 +94,8 @@ async fn low_order_hpke_keys_burn_no_supi_and_no_quota() {
             .map(|i| {
                 let mut rid = [0u8; 16];
                 rid[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                BatchItem {
+                // Signed by the device key: the low-order HPKE key is what is wrong.
+                let mut item = BatchItem {
                     kind: ItemKind::Provision,
                     request_id: RequestId::from(rid),
                     device_id: DeviceId::new(&format!("evil-{i}")).unwrap(),
@@ -102,7 +103,11 @@ async fn low_order_hpke_keys_burn_no_supi_and_no_quota() {
                     hpke_public_key: keys[i % keys.len()],
                     params: Params::default(),
                     supi: None,
-                }
+                    device_spki: Vec::new(),
+                    binding: good.item().binding,
+                };
+                sign(&mut item, device_identity());
+                item
             })
             .collect();
         batch_id += 1;
@@ -227,9 +232,7 @@ async fn allocation_cap_stops_revoke_and_reissue_churn() {
     let child = reqs[0].open(&r.items[0]).supi;
     let mut renew = DeviceReq::new(200);
     renew.device_id = reqs[0].device_id.clone();
-    let mut item = renew.item();
-    item.kind = ItemKind::Renew;
-    item.supi = Some(child.clone());
+    let item = renew.renew_item(&child);
     let rr = s2
         .batch(BatchProvision {
             batch_id: 2,

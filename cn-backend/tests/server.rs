@@ -339,9 +339,7 @@ async fn attach_checks_revocation_expiry_roaming_and_parent() {
     let mut renew = DeviceReq::new(1);
     renew.request_id = companion_proto::RequestId::from([0xee; 16]);
     renew.hpke = companion_crypto::hpke::DeviceHpkeKey::derive(&[0xab; 32]);
-    let mut item = renew.item();
-    item.kind = ItemKind::Renew;
-    item.supi = Some(b.supi.clone());
+    let item = renew.renew_item(&b.supi);
     let rr = s1
         .batch(BatchProvision {
             batch_id: 3,

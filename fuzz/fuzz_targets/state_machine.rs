@@ -69,6 +69,12 @@ fuzz_target!(|data: &[u8]| {
                 device_id: DeviceId::new("watch-01").unwrap(),
                 hpke_public_key: [2; 32],
                 params: Params::default(),
+                binding: companion_proto::binding::KeyBinding {
+                    scheme: 0x0403,
+                    signature: vec![3; 8],
+                },
+                renewal_binding: None,
+                window_code: None,
             };
             let mut c = ClientExchange::provision(req, now, cfg).unwrap();
             for ch in chunks {

@@ -146,25 +146,17 @@ impl ControlHandler for Handler {
             self.server.disconnect(&fp);
         }
         tracing::info!(device = %device, supi = ?r.supi.as_ref().map(|s| s.as_str()), "device revoked");
-        let cn = match &r.supi {
-            // Nothing issued as far as the gateway knows: nothing to revoke at the CN.
-            None => CnRevocation::NoCredential,
-            Some(supi) => {
-                match self
-                    .provisioner
-                    .revoke_at_cn(r.id, &device, Some(supi))
-                    .await
-                {
-                    Ok(_) => CnRevocation::Revoked,
-                    Err(reason) => CnRevocation::Pending {
-                        reason: format!("{reason}; retried automatically"),
-                    },
-                }
-            }
+        // Always asked of the CN, by device ID: every child issued to this device under this
+        // parent is revoked there, not only the one held here (an older one, or one whose
+        // answer is still in flight). Until the CN confirms, the revocation stays persisted
+        // and is retried; the device ID is not provisioned again meanwhile.
+        let cn = match self.provisioner.revoke_at_cn(&r).await {
+            Ok(revoked) if revoked.is_empty() => CnRevocation::NoCredential,
+            Ok(_) => CnRevocation::Revoked,
+            Err(reason) => CnRevocation::Pending {
+                reason: format!("{reason}; retried automatically"),
+            },
         };
-        if r.supi.is_none() {
-            let _ = self.state.confirm_revocation(r.id, self.clock.unix_now());
-        }
         self.provisioner.refresh_gauges();
         Ok(RevokeOutcome {
             supi: r.supi.map(|s| s.to_string()),

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use companion_proto::binding::{BindingOp, binding_message};
 use companion_proto::device::DeviceRequest;
 use companion_proto::msg::{
     BatchItem, BatchProvision, BatchResult, ErrorCode, ErrorMsg, ItemKind, Outcome, Params, Revoke,
@@ -41,7 +42,9 @@ use crate::config::CredentialsConfig;
 use crate::control::CnLinkState;
 use crate::metrics::{Metrics, kind};
 use crate::pairing::{Admission, PairingRegistry};
-use crate::state::{OutstandingRequest, PendingDelivery, RequestKind, State};
+use crate::state::{
+    OutstandingRequest, PendingDelivery, RequestKind, Revocation, RevocationScope, State,
+};
 use companion_transport::cn_client::CnClientError;
 
 /// The request ID of the renewal following the credential issued for `previous`
@@ -129,17 +132,14 @@ enum Done {
 #[derive(Debug)]
 pub struct Job {
     item: BatchItem,
-    /// A pairing-window claimant: bind its key to the device ID once the CN issued.
-    bind: Option<Peer>,
     /// Batches this request was in that were lost with their CN session.
     link_failures: u32,
 }
 
 impl Job {
-    fn new(item: BatchItem, bind: Option<Peer>) -> Self {
+    fn new(item: BatchItem) -> Self {
         Self {
             item,
-            bind,
             link_failures: 0,
         }
     }
@@ -332,16 +332,30 @@ impl Provisioner {
         Some(rx)
     }
 
+    /// The `BatchItem` of a persisted request, with the device's SPKI as paired (`spki`) and its
+    /// key-binding signature. A request without a signature (recorded before v3) cannot be sent:
+    /// the CN would refuse it.
     fn build_item(
         &self,
         o: &OutstandingRequest,
         fingerprint: [u8; 32],
+        spki: &[u8],
     ) -> Result<BatchItem, ErrorMsg> {
         let hpke: [u8; 32] = o
             .hpke_public_key
             .as_slice()
             .try_into()
             .map_err(|_| err(ErrorCode::Internal, "stored HPKE key is not 32 bytes"))?;
+        let binding = o
+            .binding
+            .as_deref()
+            .and_then(crate::state::unpack_binding)
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::Malformed,
+                    "the request carries no key-binding signature; send it again",
+                )
+            })?;
         let params = self
             .settings()
             .credentials
@@ -357,6 +371,8 @@ impl Provisioner {
             hpke_public_key: hpke,
             params,
             supi: o.renew_supi.clone(),
+            device_spki: spki.to_vec(),
+            binding,
         })
     }
 
@@ -389,22 +405,43 @@ impl Provisioner {
     async fn handle_inner(&self, peer: &Peer, req: DeviceRequest) -> Reply {
         let request_id = req.request_id();
         // 1. Who is asking.
-        let (device, kind, hpke, params, renew_supi, bind) = match &req {
+        let (device, kind, hpke, params, renew_supi, bindings) = match &req {
             DeviceRequest::Provision(r) => {
                 if let Err(e) = self.registry.authorize(&peer.fingerprint, &r.device_id) {
                     return Reply::Fail(err(ErrorCode::NotPaired, e.to_string()));
                 }
-                let bind = match self.registry.classify(&peer.fingerprint) {
-                    Admission::Paired(_) => None,
-                    _ => Some(peer.clone()),
-                };
+                // A new key admitted by the pairing window: it pairs only by presenting the
+                // window's one-time code, and is bound (durably) before anything is queued.
+                if !matches!(
+                    self.registry.classify(&peer.fingerprint),
+                    Admission::Paired(_)
+                ) {
+                    match self.registry.bind_with_code(
+                        &peer.fingerprint,
+                        &peer.spki_der,
+                        &r.device_id,
+                        r.window_code.as_deref(),
+                    ) {
+                        Ok(_) => {
+                            tracing::info!(device = %r.device_id, "device paired through the pairing window");
+                            self.metrics.devices_paired.set(self.registry.len() as i64);
+                        }
+                        Err(e) => {
+                            tracing::info!(device = %r.device_id, error = %e, "pairing window refused a device");
+                            return Reply::Fail(err(
+                                ErrorCode::NotPaired,
+                                format!("{e}; ask the owner for the window's code"),
+                            ));
+                        }
+                    }
+                }
                 (
                     r.device_id.clone(),
                     RequestKind::Provision,
                     r.hpke_public_key,
                     Some(r.params.clone()),
                     None,
-                    bind,
+                    (r.binding.clone(), r.renewal_binding.clone()),
                 )
             }
             DeviceRequest::Renew(r) => {
@@ -433,7 +470,7 @@ impl Provisioner {
                     r.hpke_public_key,
                     r.params.clone(),
                     Some(r.supi.clone()),
-                    None,
+                    (r.binding.clone(), r.renewal_binding.clone()),
                 )
             }
         };
@@ -446,6 +483,58 @@ impl Provisioner {
                  generate a new key pair",
             ));
         }
+        // A revocation of this device ID that the CN has not confirmed yet: the CN revokes by
+        // device ID, so nothing is issued under this ID until it has (try it now).
+        if matches!(self.state.device_revocation_pending(&device), Ok(true)) {
+            self.retry_revocations().await;
+            if !matches!(self.state.device_revocation_pending(&device), Ok(false)) {
+                return Reply::Fail(ErrorMsg::retry_after(
+                    ErrorCode::CnUnavailable,
+                    "an earlier revocation of this device ID is still pending at the core network",
+                    millis(self.link.retry_after().max(Duration::from_secs(1))),
+                ));
+            }
+        }
+        // The device's signature binding this HPKE key to this request, under the key it
+        // authenticated with (PROTOCOL.md §4.4). The CN checks it again and is the one that
+        // counts; checking here refuses garbage before it is recorded or queued. A renewal
+        // authorisation that does not verify is dropped (the renewal is then not pre-fetched).
+        let op = match kind {
+            RequestKind::Provision => BindingOp::Provision,
+            RequestKind::Renew => BindingOp::Renew,
+        };
+        let (binding, renewal_binding) = bindings;
+        if let Err(e) = companion_transport::verify_binding(
+            &peer.spki_der,
+            &binding_message(op, &request_id, &device, &hpke),
+            &binding,
+        ) {
+            self.metrics.binding_refused.inc();
+            return Reply::Fail(err(
+                ErrorCode::Malformed,
+                format!("{e}; sign the request with the paired TLS key (PROTOCOL.md §4.4)"),
+            ));
+        }
+        let renewal_binding = renewal_binding.filter(|b| {
+            companion_transport::verify_binding(
+                &peer.spki_der,
+                &binding_message(BindingOp::Renew, &request_id.renewal(), &device, &hpke),
+                b,
+            )
+            .is_ok()
+        });
+        // What is persisted if this request is new (see step 3).
+        let record = OutstandingRequest {
+            request_id,
+            device_id: device.clone(),
+            kind,
+            hpke_public_key: hpke.to_vec(),
+            created_at: self.clock.unix_now(),
+            params: params.as_ref().and_then(params_to_json),
+            renew_supi: renew_supi.clone(),
+            binding: Some(crate::state::pack_binding(&binding)),
+            renewal_binding: renewal_binding.as_ref().map(crate::state::pack_binding),
+        };
         // 2. Already issued and waiting (redelivery, pre-fetched renewal, after a restart).
         match self.state.delivery(&device, &request_id) {
             Ok(Some(d)) => return Reply::Deliver(d),
@@ -471,32 +560,12 @@ impl Provisioner {
                 if let Err(e) = self.state.remove_request(&o.request_id) {
                     return Reply::Fail(err(ErrorCode::Internal, e.to_string()));
                 }
-                if let Err(e) = self
-                    .persist(
-                        &device,
-                        request_id,
-                        kind,
-                        hpke,
-                        params.as_ref(),
-                        renew_supi.as_ref(),
-                    )
-                    .await
-                {
+                if let Err(e) = self.persist(record.clone()).await {
                     return Reply::Fail(e);
                 }
             }
             Ok(None) => {
-                if let Err(e) = self
-                    .persist(
-                        &device,
-                        request_id,
-                        kind,
-                        hpke,
-                        params.as_ref(),
-                        renew_supi.as_ref(),
-                    )
-                    .await
-                {
+                if let Err(e) = self.persist(record.clone()).await {
                     return Reply::Fail(e);
                 }
             }
@@ -524,7 +593,7 @@ impl Provisioner {
             Ok(None) => return Reply::Fail(err(ErrorCode::Internal, "request vanished")),
             Err(e) => return Reply::Fail(err(ErrorCode::Internal, e.to_string())),
         };
-        let item = match self.build_item(&outstanding, peer.fingerprint) {
+        let item = match self.build_item(&outstanding, peer.fingerprint, &peer.spki_der) {
             Ok(i) => i,
             Err(e) => return Reply::Fail(e),
         };
@@ -535,7 +604,7 @@ impl Provisioner {
             hub.waiters.entry(request_id).or_default().push(tx);
             rx
         };
-        if let Err(retry) = self.enqueue(Job::new(item, bind)) {
+        if let Err(retry) = self.enqueue(Job::new(item)) {
             lock(&self.hub).waiters.remove(&request_id);
             // Shed load: the device retries with the same ID.
             let _ = self.state.remove_request(&request_id);
@@ -548,25 +617,9 @@ impl Provisioner {
         self.await_done(rx, timeout).await
     }
 
-    async fn persist(
-        &self,
-        device: &DeviceId,
-        request_id: RequestId,
-        kind: RequestKind,
-        hpke: [u8; 32],
-        params: Option<&Params>,
-        renew_supi: Option<&Supi>,
-    ) -> Result<(), ErrorMsg> {
+    async fn persist(&self, record: OutstandingRequest) -> Result<(), ErrorMsg> {
         self.state
-            .insert_request_async(OutstandingRequest {
-                request_id,
-                device_id: device.clone(),
-                kind,
-                hpke_public_key: hpke.to_vec(),
-                created_at: self.clock.unix_now(),
-                params: params.and_then(params_to_json),
-                renew_supi: renew_supi.cloned(),
-            })
+            .insert_request_async(record)
             .await
             .map_err(|e| match e {
                 crate::state::StateError::Conflict(m) => {
@@ -799,21 +852,19 @@ impl Provisioner {
             let done = match r.outcome {
                 Outcome::Issued => match (r.supi, r.expires_at, r.sealed) {
                     (Some(supi), Some(expires_at), Some(sealed)) => {
-                        if let Some(peer) = &job.bind {
-                            match self.registry.bind_window_claim(
-                                &peer.fingerprint,
-                                &peer.spki_der,
-                                &job.item.device_id,
-                                None,
-                            ) {
-                                Ok(_) => {
-                                    tracing::info!(device = %job.item.device_id, "device paired through the pairing window");
-                                    self.metrics.devices_paired.set(self.registry.len() as i64);
-                                }
-                                Err(e) => {
-                                    tracing::warn!(device = %job.item.device_id, error = %e, "window pairing not recorded")
-                                }
-                            }
+                        // Issued for a device that was revoked or unpaired while the batch was
+                        // out (or re-paired with another key): never recorded or delivered;
+                        // revoked at the CN, which frees its quota slot.
+                        if !self.still_paired(&job.item) {
+                            self.revoke_orphan(&job.item.device_id, &supi);
+                            answers.push((
+                                r.request_id,
+                                Done::Refused(err(
+                                    ErrorCode::NotPaired,
+                                    "the device was revoked or unpaired while its request was at the CN",
+                                )),
+                            ));
+                            continue;
                         }
                         let d = PendingDelivery {
                             request_id: r.request_id,
@@ -909,11 +960,11 @@ impl Provisioner {
                 let _ = self.state.remove_request(&o.request_id);
                 continue;
             };
-            let Ok(item) = self.build_item(&o, p.fingerprint) else {
+            let Ok(item) = self.build_item(&o, p.fingerprint, &p.spki_der) else {
                 let _ = self.state.remove_request(&o.request_id);
                 continue;
             };
-            if self.enqueue(Job::new(item, None)).is_err() {
+            if self.enqueue(Job::new(item)).is_err() {
                 break;
             }
             sent += 1;
@@ -937,7 +988,8 @@ impl Provisioner {
             if !matches!(self.state.request_for_device(&c.device_id), Ok(None)) {
                 continue;
             }
-            let Ok(Some(pk)) = self.state.renewal_key(&c.device_id) else {
+            // Only with the device's signed authorisation: the CN refuses an unsigned renewal.
+            let Ok(Some((pk, binding))) = self.state.renewal_key(&c.device_id) else {
                 continue;
             };
             let rid = renewal_request_id(&c.request_id);
@@ -952,6 +1004,9 @@ impl Provisioner {
                 created_at: now,
                 params: None,
                 renew_supi: Some(c.supi.clone()),
+                binding: Some(binding),
+                // The next renewal needs the device's own RenewRequest (which brings one).
+                renewal_binding: None,
             });
             if r.is_ok() {
                 tracing::info!(device = %c.device_id, expires_at = c.expires_at, "pre-fetching a renewal");
@@ -961,56 +1016,67 @@ impl Provisioner {
         n
     }
 
+    /// Whether the device of `item` is still paired with the key the item was built for.
+    fn still_paired(&self, item: &BatchItem) -> bool {
+        self.registry
+            .get(&item.device_id)
+            .is_some_and(|p| p.fingerprint == item.device_key_fingerprint)
+    }
+
+    /// Records the revocation of child `supi` of `device` (persisted, so it survives a restart)
+    /// and carries it out at the CN in the background.
+    pub fn revoke_orphan(&self, device: &DeviceId, supi: &Supi) {
+        match self.state.revoke_child(device, supi, self.clock.unix_now()) {
+            Ok(rev) => {
+                tracing::warn!(device = %device, supi = %supi, "revoking a child credential no device will use");
+                self.metrics.orphans_revoked.inc();
+                let link = self.link.clone();
+                let state = self.state.clone();
+                let clock = self.clock.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = revoke_with(&link, &state, &*clock, &rev).await {
+                        tracing::debug!(device = %rev.device_id, error = %e, "revocation left for the next retry");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(device = %device, supi = %supi, error = %e, "cannot record a revocation")
+            }
+        }
+    }
+
+    /// The device answered delivery `request_id` with `credential_unusable`: the blob is
+    /// dropped; a new credential (not a renewal of the one the device holds) is revoked at the
+    /// CN so that it does not keep a quota slot.
+    pub fn credential_unusable(&self, device: &DeviceId, request_id: &RequestId) {
+        match self.state.delivery_kind(device, request_id) {
+            Ok(Some((supi, Some(RequestKind::Provision)))) => self.revoke_orphan(device, &supi),
+            Ok(_) => {
+                let _ = self.state.discard_delivery(device, request_id);
+            }
+            Err(e) => tracing::error!(device = %device, error = %e, "cannot read the delivery"),
+        }
+        self.refresh_gauges();
+    }
+
     /// Revokes at the CN what was revoked locally and not confirmed yet.
     pub async fn retry_revocations(&self) {
         let Ok(revs) = self.state.unconfirmed_revocations() else {
             return;
         };
         for r in revs {
-            if let Err(e) = self.revoke_at_cn(r.id, &r.device_id, r.supi.as_ref()).await {
+            if let Err(e) = self.revoke_at_cn(&r).await {
                 tracing::debug!(device = %r.device_id, error = %e, "revocation still pending at the CN");
                 return;
             }
         }
     }
 
-    /// Revokes one device's credential at the CN and records the confirmation.
-    pub async fn revoke_at_cn(
-        &self,
-        id: i64,
-        device: &DeviceId,
-        supi: Option<&Supi>,
-    ) -> Result<Vec<Supi>, String> {
-        let session = self
-            .link
-            .session()
-            .ok_or_else(|| "the core network is unreachable".to_string())?;
-        let req = match supi {
-            Some(s) => Revoke {
-                supi: Some(s.clone()),
-                device_id: None,
-            },
-            None => Revoke {
-                supi: None,
-                device_id: Some(device.clone()),
-            },
-        };
-        let r = tokio::time::timeout(Duration::from_secs(5), session.revoke(req))
-            .await
-            .map_err(|_| "the core network did not answer".to_string())?;
-        match r {
-            Ok(res) => {
-                let _ = self.state.confirm_revocation(id, self.clock.unix_now());
-                tracing::info!(device = %device, revoked = res.revoked.len(), "revoked at the CN");
-                Ok(res.revoked)
-            }
-            // Nothing to revoke there any more: confirmed.
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
-                let _ = self.state.confirm_revocation(id, self.clock.unix_now());
-                Ok(Vec::new())
-            }
-            Err(e) => Err(e.to_string()),
-        }
+    /// Carries out one revocation at the CN — every child of the device (`Device` scope), or
+    /// one child — and records the CN's confirmation. Unconfirmed revocations stay persisted and
+    /// are retried by [`Provisioner::maintain`] until the CN confirms.
+    pub async fn revoke_at_cn(&self, r: &Revocation) -> Result<Vec<Supi>, String> {
+        revoke_with(&self.link, &self.state, &*self.clock, r).await
     }
 
     /// Gauges from the database.
@@ -1036,9 +1102,10 @@ impl Provisioner {
             self.apply_limits();
             self.refresh_gauges();
             if self.link.state() == CnLinkState::Up {
+                // Revocations first: a device ID with one pending is not provisioned again.
+                self.retry_revocations().await;
                 self.prefetch_renewals();
                 self.resend_outstanding();
-                self.retry_revocations().await;
             }
             tokio::select! {
                 () = tokio::time::sleep(period) => {}
@@ -1061,6 +1128,46 @@ impl Provisioner {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Carries out revocation `r` at the CN and records the confirmation (see
+/// [`Provisioner::revoke_at_cn`]).
+async fn revoke_with(
+    link: &CnLink,
+    state: &State,
+    clock: &dyn Clock,
+    r: &Revocation,
+) -> Result<Vec<Supi>, String> {
+    let (id, device) = (r.id, &r.device_id);
+    let session = link
+        .session()
+        .ok_or_else(|| "the core network is unreachable".to_string())?;
+    let req = match (r.scope, &r.supi) {
+        (RevocationScope::Child, Some(s)) => Revoke {
+            supi: Some(s.clone()),
+            device_id: None,
+        },
+        _ => Revoke {
+            supi: None,
+            device_id: Some(device.clone()),
+        },
+    };
+    let r = tokio::time::timeout(Duration::from_secs(5), session.revoke(req))
+        .await
+        .map_err(|_| "the core network did not answer".to_string())?;
+    match r {
+        Ok(res) => {
+            let _ = state.confirm_revocation(id, clock.unix_now());
+            tracing::info!(device = %device, revoked = res.revoked.len(), "revoked at the CN");
+            Ok(res.revoked)
+        }
+        // Nothing to revoke there any more: confirmed.
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+            let _ = state.confirm_revocation(id, clock.unix_now());
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e.to_string()),
     }
 }
 

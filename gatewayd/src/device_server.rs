@@ -1,4 +1,4 @@
-//! The device-facing QUIC server (`companion-device/1`, seed steps 1, 2 and 6).
+//! The device-facing QUIC server (`companion-device/2`, seed steps 1, 2 and 6).
 //!
 //! - TLS 1.3 with mandatory client certificates admitted by the [`PairingRegistry`] through
 //!   [`PinnedClientVerifier`]: an unpaired key fails the handshake (unless a pairing window is
@@ -526,7 +526,7 @@ impl DeviceServer {
                             && let (Some(d), Some(rid)) = (&device, current_rid)
                         {
                             tracing::warn!(device = %d, reason = %e.reason, "device could not use its credential; dropping it");
-                            let _ = self.state.discard_delivery(d, &rid);
+                            self.provisioner.credential_unusable(d, &rid);
                         }
                     }
                 }

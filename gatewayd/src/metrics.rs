@@ -73,6 +73,11 @@ pub struct Metrics {
     pub device_giveups: IntCounterVec,
     /// `Pending` messages sent to devices.
     pub pendings_sent: prometheus::IntCounter,
+    /// Device requests refused because their key-binding signature did not verify.
+    pub binding_refused: prometheus::IntCounter,
+    /// Child credentials revoked at the CN because no device will use them: issued for a device
+    /// revoked or unpaired meanwhile, or reported `credential_unusable`.
+    pub orphans_revoked: prometheus::IntCounter,
 }
 
 /// Reasons of `gatewayd_cn_link_losses_total`.
@@ -225,6 +230,19 @@ impl Metrics {
             "pendings_sent_total",
             "Pending messages sent to devices waiting for a batch or for the CN.",
         ))?;
+        let binding_refused = prometheus::IntCounter::with_opts(opts(
+            "binding_refused_total",
+            "Device requests refused because their key-binding signature (PROTOCOL.md §4.4) \
+             does not verify under the paired key: a broken or foreign device implementation.",
+        ))?;
+        registry.register(Box::new(binding_refused.clone()))?;
+        let orphans_revoked = prometheus::IntCounter::with_opts(opts(
+            "orphan_credentials_revoked_total",
+            "Child credentials revoked at the CN because no device will use them: issued for a \
+             device revoked or unpaired while its request was at the CN, or a new credential \
+             the device reported credential_unusable (its quota slot is freed).",
+        ))?;
+        registry.register(Box::new(orphans_revoked.clone()))?;
         registry.register(Box::new(cn_link_losses.clone()))?;
         registry.register(Box::new(device_giveups.clone()))?;
         registry.register(Box::new(pendings_sent.clone()))?;
@@ -270,6 +288,8 @@ impl Metrics {
             cn_link_losses,
             device_giveups,
             pendings_sent,
+            binding_refused,
+            orphans_revoked,
         })
     }
 

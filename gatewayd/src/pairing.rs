@@ -9,15 +9,15 @@
 //! - **Pairing code** (`gatewayctl pair 'CPN:V:1;I:<id>;K:<base64 SPKI>;;'`): binds the device ID
 //!   to the key in the code. The device must later present exactly that key, and its
 //!   `ProvisionRequest` must carry exactly that device ID ([`PairingRegistry::authorize`]).
-//! - **Pairing window** (`gatewayctl pair --window 2m`, like Matter's commissioning window):
-//!   while open, an unknown key passes the handshake. The first such device whose handshake
-//!   completes *claims* the window ([`PairingRegistry::claim_window`]) — it is only called after
-//!   the handshake, once the device has proven it holds the private key, so a peer replaying
-//!   someone else's certificate cannot burn the window. From then on the window admits no other
-//!   new key. The claimant's first successful provisioning binds its device ID to its key
-//!   ([`PairingRegistry::bind_window_claim`]) and closes the window. A claim is held until the
-//!   later of the window's end and [`CLAIM_HOLD`] after the claim (time for a "retry later"
-//!   from the CN), then lapses.
+//! - **Pairing window** (`gatewayctl pair --window 2m`, like Matter's commissioning window with
+//!   its setup code): opening it draws a **one-time code** that only the owner sees. While the
+//!   window is open an unknown key passes the TLS handshake, but nothing is issued to it unless
+//!   its `ProvisionRequest` carries that code (PROTOCOL.md §10.1). The first request with the
+//!   right code binds its device ID to its key, durably, *before* the request is queued
+//!   ([`PairingRegistry::bind_with_code`]), and closes the window; a request without the code
+//!   is refused `not_paired` and claims nothing, so whoever merely connects first (from
+//!   anywhere the device port is reachable) gains nothing. After [`MAX_WRONG_CODES`] wrong
+//!   codes the window closes (the code has 50 bits; the cap stops online guessing).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -30,8 +30,10 @@ use companion_transport::KeyPolicy;
 use crate::clock::Clock;
 use crate::state::{PairedVia, Pairing, Revocation, State, StateError, UnixTime};
 
-/// How long a claimed window keeps admitting its claimant, counted from the claim.
-pub const CLAIM_HOLD: Duration = Duration::from_secs(600);
+/// Wrong window codes after which the window closes.
+pub const MAX_WRONG_CODES: u32 = 5;
+/// The window code's alphabet: Crockford's base32 (no I, L, O, U), 5 bits per character.
+const CODE_ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// Longest label, in characters.
 pub const MAX_LABEL: usize = 64;
 
@@ -56,8 +58,12 @@ pub enum PairingError {
     WindowZero,
     #[error("no pairing window is open for a new device")]
     WindowClosed,
-    #[error("the pairing window was claimed by another device")]
-    NotClaimant,
+    #[error("wrong pairing-window code ({attempts} of {MAX_WRONG_CODES} wrong codes{})", if *.closed { "; the window is now closed" } else { "" })]
+    WrongCode { attempts: u32, closed: bool },
+    #[error("a device pairing through the window must send the window's one-time code")]
+    CodeMissing,
+    #[error("the random source failed; cannot draw a window code")]
+    Rng,
     #[error("device presents the key paired as {paired} but claims to be {presented}")]
     DeviceMismatch {
         presented: DeviceId,
@@ -87,21 +93,59 @@ pub struct WindowStatus {
     pub closes_at: UnixTime,
     /// Seconds until then.
     pub remaining_secs: u64,
-    /// A device has claimed the window and it admits no other new key.
-    pub claimed: bool,
+    /// The one-time code a device must send to pair through this window; only in the answer
+    /// to the owner who opened it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Wrong codes received so far.
+    #[serde(default)]
+    pub wrong_codes: u32,
 }
 
-#[derive(Debug)]
-struct Claim {
-    fingerprint: [u8; 32],
-    hold_until: Instant,
-}
-
-#[derive(Debug)]
 struct Window {
     deadline: Instant,
     closes_at: UnixTime,
-    claim: Option<Claim>,
+    /// The code without its separator, upper case.
+    code: zeroize::Zeroizing<String>,
+    wrong_codes: u32,
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("closes_at", &self.closes_at)
+            .field("code", &"<redacted>")
+            .field("wrong_codes", &self.wrong_codes)
+            .finish()
+    }
+}
+
+/// Draws a window code: 10 characters of [`CODE_ALPHABET`] (50 bits), without separator.
+fn draw_code() -> Result<String, PairingError> {
+    let r = companion_crypto::secret::Secret::<10>::try_random().map_err(|_| PairingError::Rng)?;
+    Ok(r.expose()
+        .iter()
+        .map(|b| char::from(CODE_ALPHABET[usize::from(b & 31)]))
+        .collect())
+}
+
+/// A code as a person may type it: separators and spaces dropped, upper case, and Crockford's
+/// look-alikes folded (I, L → 1; O → 0).
+fn normalise_code(c: &str) -> String {
+    c.chars()
+        .filter(|c| !matches!(c, '-' | ' '))
+        .map(|c| match c.to_ascii_uppercase() {
+            'I' | 'L' => '1',
+            'O' => '0',
+            c => c,
+        })
+        .collect()
+}
+
+/// The code as shown to the owner: `XXXXX-XXXXX`.
+fn display_code(c: &str) -> String {
+    let (a, b) = c.split_at(c.len() / 2);
+    format!("{a}-{b}")
 }
 
 #[derive(Debug, Default)]
@@ -112,14 +156,9 @@ struct Inner {
 }
 
 impl Inner {
-    /// Drops a window (or claim) that has lapsed at `now`.
+    /// Drops a window that has lapsed at `now`.
     fn expire(&mut self, now: Instant) {
-        let lapsed = match &self.window {
-            Some(Window { claim: Some(c), .. }) => now >= c.hold_until,
-            Some(w) => now >= w.deadline,
-            None => false,
-        };
-        if lapsed {
+        if self.window.as_ref().is_some_and(|w| now >= w.deadline) {
             self.window = None;
         }
     }
@@ -234,7 +273,8 @@ impl PairingRegistry {
         Ok((p, true))
     }
 
-    /// Opens (or reopens, resetting any claim) the pairing window for `duration`.
+    /// Opens (or reopens, with a new code) the pairing window for `duration`; the status carries
+    /// the one-time code for the owner.
     pub fn open_window(&self, duration: Duration) -> Result<WindowStatus, PairingError> {
         if duration.is_zero() {
             return Err(PairingError::WindowZero);
@@ -247,25 +287,29 @@ impl PairingRegistry {
         }
         let now = self.clock.now();
         let closes_at = self.clock.unix_now() + duration.as_secs() as i64;
+        let code = draw_code()?;
+        let shown = display_code(&code);
         let mut inner = self.lock();
         inner.window = Some(Window {
             deadline: now + duration,
             closes_at,
-            claim: None,
+            code: zeroize::Zeroizing::new(code),
+            wrong_codes: 0,
         });
         Ok(WindowStatus {
             closes_at,
             remaining_secs: duration.as_secs(),
-            claimed: false,
+            code: Some(shown),
+            wrong_codes: 0,
         })
     }
 
-    /// Closes the window now (a claim in progress is dropped too).
+    /// Closes the window now.
     pub fn close_window(&self) {
         self.lock().window = None;
     }
 
-    /// The window, if one is open (or held by a claim).
+    /// The window, if one is open (without its code).
     pub fn window(&self) -> Option<WindowStatus> {
         let now = self.clock.now();
         let mut inner = self.lock();
@@ -276,7 +320,8 @@ impl PairingRegistry {
                 closes_at: w.closes_at,
                 // Rounded up: a window just opened for 90 s shows 90, not 89.
                 remaining_secs: left.as_secs() + u64::from(left.subsec_nanos() > 0),
-                claimed: w.claim.is_some(),
+                code: None,
+                wrong_codes: w.wrong_codes,
             }
         })
     }
@@ -290,56 +335,59 @@ impl PairingRegistry {
         }
         inner.expire(now);
         match &inner.window {
-            Some(Window { claim: None, .. }) => Admission::WindowCandidate,
-            Some(Window { claim: Some(c), .. }) if c.fingerprint == *fingerprint => {
-                Admission::WindowCandidate
-            }
-            _ => Admission::Refused,
+            Some(_) => Admission::WindowCandidate,
+            None => Admission::Refused,
         }
     }
 
-    /// After a completed handshake by a [`Admission::WindowCandidate`] key: takes the window for
-    /// this key, or confirms it already holds it. Any other new key is refused from now on.
-    pub fn claim_window(&self, fingerprint: &[u8; 32]) -> Result<(), PairingError> {
+    /// After a completed handshake by a [`Admission::WindowCandidate`] key: whether the window
+    /// is still open. It reserves nothing: only [`bind_with_code`](Self::bind_with_code) pairs.
+    pub fn claim_window(&self, _fingerprint: &[u8; 32]) -> Result<(), PairingError> {
         let now = self.clock.now();
         let mut inner = self.lock();
-        if inner.by_fp.contains_key(fingerprint) {
-            return Ok(());
-        }
         inner.expire(now);
-        let w = inner.window.as_mut().ok_or(PairingError::WindowClosed)?;
-        match &w.claim {
-            None => {
-                w.claim = Some(Claim {
-                    fingerprint: *fingerprint,
-                    hold_until: w.deadline.max(now + CLAIM_HOLD),
-                });
-                Ok(())
-            }
-            Some(c) if c.fingerprint == *fingerprint => Ok(()),
-            Some(_) => Err(PairingError::NotClaimant),
-        }
+        inner
+            .window
+            .as_ref()
+            .map(|_| ())
+            .ok_or(PairingError::WindowClosed)
     }
 
-    /// The claimant's first provisioning succeeded: bind `device_id` to its key (paired via
-    /// window) and close the window.
-    pub fn bind_window_claim(
+    /// A window candidate presents `code` with its first request as `device_id`: if it is the
+    /// open window's code, binds `device_id` to the key (durably, paired via window) and closes
+    /// the window. A wrong code counts; the [`MAX_WRONG_CODES`]th closes the window.
+    pub fn bind_with_code(
         &self,
         fingerprint: &[u8; 32],
         spki_der: &[u8],
         device_id: &DeviceId,
-        label: Option<String>,
+        code: Option<&str>,
     ) -> Result<Pairing, PairingError> {
-        let label = check_label(label)?;
         let now = self.clock.now();
         let mut inner = self.lock();
+        if let Some(p) = inner.by_fp.get(fingerprint) {
+            // Already bound (a retry of the request that paired it).
+            return if p.device_id == *device_id {
+                Ok(p.clone())
+            } else {
+                Err(PairingError::DeviceMismatch {
+                    presented: device_id.clone(),
+                    paired: p.device_id.clone(),
+                })
+            };
+        }
         inner.expire(now);
-        let holds = matches!(&inner.window, Some(Window { claim: Some(c), .. }) if c.fingerprint == *fingerprint);
-        if !holds {
-            return Err(match inner.window {
-                Some(_) => PairingError::NotClaimant,
-                None => PairingError::WindowClosed,
-            });
+        let w = inner.window.as_mut().ok_or(PairingError::WindowClosed)?;
+        let code = code.ok_or(PairingError::CodeMissing)?;
+        let given = normalise_code(code);
+        if !companion_crypto::secret::ct_eq(given.as_bytes(), w.code.as_bytes()) {
+            w.wrong_codes += 1;
+            let attempts = w.wrong_codes;
+            let closed = attempts >= MAX_WRONG_CODES;
+            if closed {
+                inner.window = None;
+            }
+            return Err(PairingError::WrongCode { attempts, closed });
         }
         if inner.by_device.contains_key(device_id) {
             return Err(PairingError::DeviceAlreadyPaired(device_id.clone()));
@@ -348,7 +396,7 @@ impl PairingRegistry {
             device_id: device_id.clone(),
             spki_der: spki_der.to_vec(),
             fingerprint: *fingerprint,
-            label,
+            label: None,
             paired_at: self.clock.unix_now(),
             paired_via: PairedVia::Window,
         };
@@ -514,36 +562,46 @@ mod tests {
     }
 
     #[test]
-    fn window_admits_one_new_key_then_closes() {
+    fn window_pairs_only_the_holder_of_its_code() {
         let f = fixture();
         let (a_spki, a) = key();
-        let (_, b) = key();
+        let (b_spki, b) = key();
         let (_, c) = key();
         assert_eq!(f.reg.classify(&a), Admission::Refused);
         let w = f.reg.open_window(Duration::from_secs(120)).unwrap();
         assert_eq!(w.closes_at, 1_700_000_120);
-        // Before any handshake completes, every unknown key may try.
+        let code = w.code.unwrap();
+        assert_eq!(code.len(), 11, "{code}");
+        // The status never shows the code again.
+        assert_eq!(f.reg.window().unwrap().code, None);
+        // Every unknown key may try; connecting reserves nothing.
         assert!(f.reg.admit(&a, &[]) && f.reg.admit(&b, &[]));
-        f.clock.advance(Duration::from_secs(10));
         f.reg.claim_window(&a).unwrap();
-        f.reg.claim_window(&a).unwrap(); // idempotent for the claimant
+        f.reg.claim_window(&b).unwrap();
+        // Without the code, or with a wrong one: nothing is paired.
         assert!(matches!(
-            f.reg.claim_window(&b),
-            Err(PairingError::NotClaimant)
+            f.reg.bind_with_code(&b, &b_spki, &dev("intruder"), None),
+            Err(PairingError::CodeMissing)
         ));
-        assert!(!f.reg.admit(&b, &[]), "window now belongs to the claimant");
-        assert!(f.reg.admit(&a, &[]));
-        assert!(f.reg.window().unwrap().claimed);
-        f.reg.authorize(&a, &dev("bracelet-7")).unwrap();
-        // First successful provisioning binds the device ID and closes the window.
+        assert!(matches!(
+            f.reg
+                .bind_with_code(&b, &b_spki, &dev("intruder"), Some("00000-00000")),
+            Err(PairingError::WrongCode {
+                attempts: 1,
+                closed: false
+            })
+        ));
+        assert_eq!(f.reg.window().unwrap().wrong_codes, 1);
+        // The right code, typed loosely (lower case, no dash): paired at once, window closed.
+        let typed = code.replace('-', "").to_lowercase();
         let p = f
             .reg
-            .bind_window_claim(&a, &a_spki, &dev("bracelet-7"), None)
+            .bind_with_code(&a, &a_spki, &dev("bracelet-7"), Some(&typed))
             .unwrap();
         assert_eq!(p.paired_via, PairedVia::Window);
         assert_eq!(f.reg.window(), None);
         assert_eq!(f.reg.classify(&a), Admission::Paired(dev("bracelet-7")));
-        assert!(!f.reg.admit(&c, &[]));
+        assert!(!f.reg.admit(&c, &[]) && !f.reg.admit(&b, &[]));
         assert_eq!(
             f.state
                 .pairing(&dev("bracelet-7"))
@@ -552,37 +610,64 @@ mod tests {
                 .fingerprint,
             a
         );
+        // A retry of the pairing request is idempotent; the key cannot take another ID.
+        f.reg
+            .bind_with_code(&a, &a_spki, &dev("bracelet-7"), None)
+            .unwrap();
+        assert!(matches!(
+            f.reg.bind_with_code(&a, &a_spki, &dev("other"), None),
+            Err(PairingError::DeviceMismatch { .. })
+        ));
     }
 
     #[test]
-    fn window_closes_at_expiry_and_claims_lapse() {
+    fn wrong_codes_close_the_window_and_expiry_closes_it() {
         let f = fixture();
-        let (_, a) = key();
-        let (b_spki, b) = key();
-        f.reg.open_window(Duration::from_secs(60)).unwrap();
+        let (a_spki, a) = key();
+        let code = f
+            .reg
+            .open_window(Duration::from_secs(60))
+            .unwrap()
+            .code
+            .unwrap();
+        for n in 1..MAX_WRONG_CODES {
+            assert!(matches!(
+                f.reg.bind_with_code(&a, &a_spki, &dev("guess"), Some("ZZZZZ-ZZZZZ")),
+                Err(PairingError::WrongCode { attempts, closed: false }) if attempts == n
+            ));
+        }
+        assert!(matches!(
+            f.reg
+                .bind_with_code(&a, &a_spki, &dev("guess"), Some("ZZZZZ-ZZZZZ")),
+            Err(PairingError::WrongCode { closed: true, .. })
+        ));
+        // Closed: even the right code is refused now.
+        assert!(matches!(
+            f.reg
+                .bind_with_code(&a, &a_spki, &dev("guess"), Some(&code)),
+            Err(PairingError::WindowClosed)
+        ));
+        assert!(!f.reg.admit(&a, &[]));
+
+        let code = f
+            .reg
+            .open_window(Duration::from_secs(60))
+            .unwrap()
+            .code
+            .unwrap();
         f.clock.advance(Duration::from_secs(59));
         assert!(f.reg.admit(&a, &[]));
         f.clock.advance(Duration::from_secs(1));
         assert!(!f.reg.admit(&a, &[]), "closed at exactly the deadline");
         assert_eq!(f.reg.window(), None);
         assert!(matches!(
-            f.reg.claim_window(&a),
+            f.reg.bind_with_code(&a, &a_spki, &dev("late"), Some(&code)),
             Err(PairingError::WindowClosed)
         ));
-
-        // A claim made just before the end is held for CLAIM_HOLD, then lapses.
-        f.reg.open_window(Duration::from_secs(60)).unwrap();
-        f.clock.advance(Duration::from_secs(59));
-        f.reg.claim_window(&b).unwrap();
-        f.clock.advance(Duration::from_secs(300));
-        assert!(f.reg.admit(&b, &[]));
-        assert!(!f.reg.admit(&a, &[]));
-        f.clock.advance(CLAIM_HOLD);
-        assert!(!f.reg.admit(&b, &[]));
-        assert!(matches!(
-            f.reg.bind_window_claim(&b, &b_spki, &dev("late"), None),
-            Err(PairingError::WindowClosed)
-        ));
+        // Each opening draws a new code.
+        let c1 = f.reg.open_window(Duration::from_secs(60)).unwrap().code;
+        let c2 = f.reg.open_window(Duration::from_secs(60)).unwrap().code;
+        assert_ne!(c1, c2);
     }
 
     #[test]
@@ -603,19 +688,24 @@ mod tests {
     }
 
     #[test]
-    fn window_claimant_cannot_take_a_paired_device_id() {
+    fn window_cannot_take_a_paired_device_id() {
         let f = fixture();
         let (p_spki, _) = key();
         let (a_spki, a) = key();
         f.reg.pair_code(&code("watch-1", &p_spki), None).unwrap();
-        f.reg.open_window(Duration::from_secs(60)).unwrap();
+        let c = f
+            .reg
+            .open_window(Duration::from_secs(60))
+            .unwrap()
+            .code
+            .unwrap();
         f.reg.claim_window(&a).unwrap();
         assert!(matches!(
             f.reg.authorize(&a, &dev("watch-1")),
             Err(PairingError::DeviceAlreadyPaired(_))
         ));
         assert!(matches!(
-            f.reg.bind_window_claim(&a, &a_spki, &dev("watch-1"), None),
+            f.reg.bind_with_code(&a, &a_spki, &dev("watch-1"), Some(&c)),
             Err(PairingError::DeviceAlreadyPaired(_))
         ));
     }

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use companion_proto::binding::KeyBinding;
 use companion_proto::{DeviceId, RequestId, Supi};
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
@@ -175,15 +176,62 @@ pub struct OutstandingRequest {
     pub params: Option<String>,
     /// Renewals: the SUPI being renewed (v2).
     pub renew_supi: Option<Supi>,
+    /// The device's key-binding signature over this request (v3; [`pack_binding`]).
+    pub binding: Option<Vec<u8>>,
+    /// The device's signature authorising the pre-fetch of this credential's renewal (v3).
+    pub renewal_binding: Option<Vec<u8>>,
 }
 
-/// A revoked device; `cn_confirmed_at` stays `None` until the CN has revoked its credential.
+/// A credential's renewal key (the HPKE public key) and the device's packed signature
+/// authorising a renewal sealed to it.
+pub type RenewalKey = (Vec<u8>, Vec<u8>);
+
+/// Stores a [`KeyBinding`] as one blob: `u16-BE(scheme) || signature`.
+pub fn pack_binding(b: &KeyBinding) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + b.signature.len());
+    v.extend_from_slice(&b.scheme.to_be_bytes());
+    v.extend_from_slice(&b.signature);
+    v
+}
+
+/// The inverse of [`pack_binding`]; `None` for a blob too short to hold a scheme.
+pub fn unpack_binding(v: &[u8]) -> Option<KeyBinding> {
+    let (scheme, sig) = v.split_first_chunk::<2>()?;
+    Some(KeyBinding {
+        scheme: u16::from_be_bytes(*scheme),
+        signature: sig.to_vec(),
+    })
+}
+
+/// What a revocation revokes at the CN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationScope {
+    /// Every child credential of the device under this gateway's parent (`Revoke{device_id}`):
+    /// the owner revoked the device.
+    Device,
+    /// One child (`Revoke{supi}`): a credential issued for a device that was revoked or
+    /// unpaired meanwhile, or one the device reported unusable.
+    Child,
+}
+
+impl RevocationScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationScope::Device => "device",
+            RevocationScope::Child => "child",
+        }
+    }
+}
+
+/// A revocation to carry out at the CN; `cn_confirmed_at` stays `None` until the CN confirms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
     pub id: i64,
     pub device_id: DeviceId,
-    /// The child credential to revoke at the CN, if the device held one.
+    /// `Device` scope: the child the device held when revoked (informational: every child of
+    /// the device is revoked). `Child` scope: the child to revoke.
     pub supi: Option<Supi>,
+    pub scope: RevocationScope,
     pub revoked_at: UnixTime,
     pub cn_confirmed_at: Option<UnixTime>,
 }
@@ -280,6 +328,17 @@ CREATE TABLE blocks (
 ALTER TABLE requests ADD COLUMN params TEXT;
 ALTER TABLE requests ADD COLUMN renew_supi TEXT;
 ALTER TABLE credentials ADD COLUMN hpke_pk BLOB;
+"#,
+    // v3: key binding (PROTOCOL.md §4.4). A request keeps the device's signature over it and its
+    // authorisation for the renewal of what it produces; a credential keeps that authorisation,
+    // which the pre-fetched renewal is sent with.
+    r#"
+ALTER TABLE requests ADD COLUMN binding BLOB;
+ALTER TABLE requests ADD COLUMN renewal_binding BLOB;
+ALTER TABLE credentials ADD COLUMN renewal_binding BLOB;
+ALTER TABLE deliveries ADD COLUMN kind TEXT;
+ALTER TABLE revocations ADD COLUMN scope TEXT NOT NULL DEFAULT 'device'
+    CHECK (scope IN ('device', 'child'));
 "#,
 ];
 
@@ -449,12 +508,19 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<OutstandingRequest> {
         renew_supi: supi
             .map(|s| Supi::new(&s).map_err(|e| corrupt(6, e.to_string())))
             .transpose()?,
+        binding: row.get(7)?,
+        renewal_binding: row.get(8)?,
     })
 }
 
 fn revocation_from_row(row: &Row<'_>) -> rusqlite::Result<Revocation> {
     let supi: Option<String> = row.get(2)?;
+    let scope: String = row.get(5)?;
     Ok(Revocation {
+        scope: match scope.as_str() {
+            "child" => RevocationScope::Child,
+            _ => RevocationScope::Device,
+        },
         id: row.get(0)?,
         device_id: device_at(row, 1)?,
         supi: supi
@@ -503,8 +569,8 @@ fn insert_request_in(conn: &Connection, r: &OutstandingRequest) -> Result<(), St
     let res = exec(
         conn,
         "INSERT INTO requests (request_id, device_id, kind, hpke_pk, created_at, params,
-             renew_supi)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             renew_supi, binding, renewal_binding)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             r.request_id.as_bytes().as_slice(),
             r.device_id.as_str(),
@@ -512,7 +578,9 @@ fn insert_request_in(conn: &Connection, r: &OutstandingRequest) -> Result<(), St
             r.hpke_public_key,
             r.created_at,
             r.params,
-            r.renew_supi.as_ref().map(|s| s.as_str())
+            r.renew_supi.as_ref().map(|s| s.as_str()),
+            r.binding,
+            r.renewal_binding
         ],
     );
     match res {
@@ -542,28 +610,40 @@ fn record_issued_in(tx: &Connection, d: &PendingDelivery) -> Result<(), StateErr
         ],
     )?;
     if inserted > 0 {
-        let hpke_pk: Option<Vec<u8>> = tx
+        type Row = (Option<Vec<u8>>, Option<Vec<u8>>, Option<String>);
+        let (hpke_pk, renewal_binding, kind): Row = tx
             .query_row(
-                "SELECT hpke_pk FROM requests WHERE request_id = ?1",
+                "SELECT hpke_pk, renewal_binding, kind FROM requests WHERE request_id = ?1",
                 [d.request_id.as_bytes().as_slice()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .optional()?;
+            .optional()?
+            .unwrap_or((None, None, None));
+        exec(
+            tx,
+            "UPDATE deliveries SET kind = ?2 WHERE request_id = ?1",
+            params![d.request_id.as_bytes().as_slice(), kind],
+        )?;
+        // The renewal authorisation belongs to the request that produced this credential: a
+        // new credential without one leaves none behind (an older one would not verify).
         exec(
             tx,
             "INSERT INTO credentials
-                 (device_id, supi, expires_at, request_id, acknowledged_at, hpke_pk)
-             VALUES (?1, ?2, ?3, ?4, NULL, ?5)
+                 (device_id, supi, expires_at, request_id, acknowledged_at, hpke_pk,
+                  renewal_binding)
+             VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6)
              ON CONFLICT (device_id) DO UPDATE SET supi = excluded.supi,
                  expires_at = excluded.expires_at, request_id = excluded.request_id,
                  acknowledged_at = NULL,
-                 hpke_pk = coalesce(excluded.hpke_pk, credentials.hpke_pk)",
+                 hpke_pk = coalesce(excluded.hpke_pk, credentials.hpke_pk),
+                 renewal_binding = excluded.renewal_binding",
             params![
                 d.device_id.as_str(),
                 d.supi.as_str(),
                 d.expires_at,
                 d.request_id.as_bytes().as_slice(),
-                hpke_pk
+                hpke_pk,
+                renewal_binding
             ],
         )?;
         // Deliveries of older requests of this device are superseded.
@@ -817,7 +897,8 @@ impl State {
     ) -> Result<Option<OutstandingRequest>, StateError> {
         self.reader()
             .query_row(
-                "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi
+                "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi,
+                    binding, renewal_binding
                  FROM requests WHERE device_id = ?1",
                 [device.as_str()],
                 request_from_row,
@@ -830,7 +911,8 @@ impl State {
     pub fn outstanding_requests(&self) -> Result<Vec<OutstandingRequest>, StateError> {
         let conn = self.reader();
         let mut stmt = conn.prepare(
-            "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi
+            "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi,
+                    binding, renewal_binding
              FROM requests ORDER BY created_at, request_id",
         )?;
         let rows = stmt.query_map([], request_from_row)?;
@@ -931,6 +1013,30 @@ impl State {
         Ok(n > 0)
     }
 
+    /// The SUPI and kind of pending delivery `request_id` of `device` (kind `None` for
+    /// deliveries recorded before schema v3).
+    pub fn delivery_kind(
+        &self,
+        device: &DeviceId,
+        request_id: &RequestId,
+    ) -> Result<Option<(Supi, Option<RequestKind>)>, StateError> {
+        let row: Option<(String, Option<String>)> = self
+            .reader()
+            .query_row(
+                "SELECT supi, kind FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
+                params![request_id.as_bytes().as_slice(), device.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(supi, kind)| {
+            Ok((
+                Supi::new(&supi).map_err(|e| StateError::Corrupt(e.to_string()))?,
+                kind.as_deref().and_then(RequestKind::parse),
+            ))
+        })
+        .transpose()
+    }
+
     /// The pending delivery with this request ID for `device`, if any.
     pub fn delivery(
         &self,
@@ -948,17 +1054,22 @@ impl State {
             .map_err(unwrap_err)
     }
 
-    /// The HPKE public key of the request that issued `device`'s credential (its renewal key).
-    pub fn renewal_key(&self, device: &DeviceId) -> Result<Option<Vec<u8>>, StateError> {
-        let v: Option<Option<Vec<u8>>> = self
+    /// The HPKE public key of the request that issued `device`'s credential (its renewal key)
+    /// and the device's signature authorising a renewal sealed to it, when both are known.
+    pub fn renewal_key(&self, device: &DeviceId) -> Result<Option<RenewalKey>, StateError> {
+        type Row = (Option<Vec<u8>>, Option<Vec<u8>>);
+        let v: Option<Row> = self
             .conn()
             .query_row(
-                "SELECT hpke_pk FROM credentials WHERE device_id = ?1",
+                "SELECT hpke_pk, renewal_binding FROM credentials WHERE device_id = ?1",
                 [device.as_str()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(v.flatten())
+        Ok(match v {
+            Some((Some(pk), Some(b))) => Some((pk, b)),
+            _ => None,
+        })
     }
 
     // ---- credentials ----
@@ -1052,16 +1163,64 @@ impl State {
             supi: supi
                 .map(|s| Supi::new(&s).map_err(|e| StateError::Corrupt(e.to_string())))
                 .transpose()?,
+            scope: RevocationScope::Device,
             revoked_at: at,
             cn_confirmed_at: None,
         }))
+    }
+
+    /// Records that child `supi` of `device` must be revoked at the CN, and forgets it here: its
+    /// pending deliveries, and the held credential if it is that one. One transaction.
+    pub fn revoke_child(
+        &self,
+        device: &DeviceId,
+        supi: &Supi,
+        at: UnixTime,
+    ) -> Result<Revocation, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM deliveries WHERE device_id = ?1 AND supi = ?2",
+            params![device.as_str(), supi.as_str()],
+        )?;
+        tx.execute(
+            "DELETE FROM credentials WHERE device_id = ?1 AND supi = ?2",
+            params![device.as_str(), supi.as_str()],
+        )?;
+        tx.execute(
+            "INSERT INTO revocations (device_id, supi, revoked_at, cn_confirmed_at, scope)
+             VALUES (?1, ?2, ?3, NULL, 'child')",
+            params![device.as_str(), supi.as_str(), at],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(Revocation {
+            id,
+            device_id: device.clone(),
+            supi: Some(supi.clone()),
+            scope: RevocationScope::Child,
+            revoked_at: at,
+            cn_confirmed_at: None,
+        })
+    }
+
+    /// Whether a revocation of the whole `device` still waits for the CN's confirmation (the
+    /// device ID must not be provisioned again until it has: the CN revokes by device ID).
+    pub fn device_revocation_pending(&self, device: &DeviceId) -> Result<bool, StateError> {
+        let n: i64 = self.reader().query_row(
+            "SELECT count(*) FROM revocations
+             WHERE device_id = ?1 AND scope = 'device' AND cn_confirmed_at IS NULL",
+            [device.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
     }
 
     /// Revocations the CN has not confirmed yet (retry them after a reconnect), oldest first.
     pub fn unconfirmed_revocations(&self) -> Result<Vec<Revocation>, StateError> {
         let conn = self.reader();
         let mut stmt = conn.prepare(
-            "SELECT id, device_id, supi, revoked_at, cn_confirmed_at FROM revocations
+            "SELECT id, device_id, supi, revoked_at, cn_confirmed_at, scope FROM revocations
              WHERE cn_confirmed_at IS NULL ORDER BY id",
         )?;
         let rows = stmt.query_map([], revocation_from_row)?;
@@ -1178,6 +1337,8 @@ mod tests {
             device_id: dev(device),
             kind: RequestKind::Provision,
             hpke_public_key: vec![9; 32],
+            binding: Some(vec![4, 3, 1, 2, 3]),
+            renewal_binding: None,
             created_at: 2000 + i64::from(id),
             params: None,
             renew_supi: None,
@@ -1472,15 +1633,21 @@ mod tests {
         s.insert_pairing(&pairing("watch-1", 1)).unwrap();
         let mut r = request(7, "watch-1");
         r.params = Some("{}".into());
+        r.renewal_binding = Some(vec![4, 3, 7, 7]);
         s.insert_request(&r).unwrap();
         assert_eq!(s.request_for_device(&dev("watch-1")).unwrap(), Some(r));
         s.record_issued(&delivery(7, "watch-1", 42)).unwrap();
-        assert_eq!(s.renewal_key(&dev("watch-1")).unwrap(), Some(vec![9; 32]));
+        // The renewal key comes with the device's authorisation to renew to it.
+        assert_eq!(
+            s.renewal_key(&dev("watch-1")).unwrap(),
+            Some((vec![9; 32], vec![4, 3, 7, 7]))
+        );
         // A renewal issued before the first delivery was acknowledged supersedes it.
         let mut renew = request(8, "watch-1");
         renew.kind = RequestKind::Renew;
         renew.renew_supi = Some(supi(42));
         renew.hpke_public_key = vec![5; 32];
+        renew.renewal_binding = Some(vec![4, 3, 8, 8]);
         s.insert_request(&renew).unwrap();
         s.record_issued(&delivery(8, "watch-1", 42)).unwrap();
         let pending = s.pending_for_device(&dev("watch-1")).unwrap();
@@ -1495,6 +1662,26 @@ mod tests {
             s.discard_delivery(&dev("watch-1"), &RequestId([8; 16]))
                 .unwrap()
         );
-        assert_eq!(s.renewal_key(&dev("watch-1")).unwrap(), Some(vec![5; 32]));
+        assert_eq!(
+            s.renewal_key(&dev("watch-1")).unwrap(),
+            Some((vec![5; 32], vec![4, 3, 8, 8]))
+        );
+        // A credential from a request without an authorisation: no pre-fetch possible.
+        let mut bare = request(9, "watch-1");
+        bare.kind = RequestKind::Renew;
+        bare.renew_supi = Some(supi(42));
+        s.insert_request(&bare).unwrap();
+        s.record_issued(&delivery(9, "watch-1", 42)).unwrap();
+        assert_eq!(s.renewal_key(&dev("watch-1")).unwrap(), None);
+    }
+    #[test]
+    fn bindings_pack_round_trip() {
+        let b = KeyBinding {
+            scheme: 0x0403,
+            signature: vec![1, 2, 3],
+        };
+        assert_eq!(pack_binding(&b), vec![4, 3, 1, 2, 3]);
+        assert_eq!(unpack_binding(&pack_binding(&b)), Some(b));
+        assert_eq!(unpack_binding(&[4]), None);
     }
 }

@@ -16,7 +16,7 @@ use companion_proto::DeviceId;
 use companion_proto::msg::Params;
 use companion_transport::attach_client;
 use companion_transport::cn_client::CnTarget;
-use iotdev::client::{self, Attempt, ClientOptions};
+use iotdev::client::{self, Attempt, ClientOptions, ProvisionParams};
 use iotdev::{DeviceError, DeviceKeys};
 use rustls::pki_types::CertificateDer;
 
@@ -436,13 +436,44 @@ async fn unpaired_key_is_refused_and_the_window_admits_exactly_one_device() {
 
     let (ok, text) = gw.ctl(&["pair", "--window", "60s"]);
     assert!(ok, "{text}");
+    let code = text
+        .lines()
+        .find_map(|l| l.strip_prefix("one-time code: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let with_code = |c: &str| ProvisionParams {
+        options: ClientOptions {
+            window_code: Some(c.to_string()),
+            ..opts()
+        },
+        ..Default::default()
+    };
+    // Issue 14 attack: whoever connects first while the window is open used to claim it. Now a
+    // stranger without the owner's code — connecting first, with no code or a guessed one —
+    // is refused, pairs nothing, gets nothing issued, and the window stays open.
+    let e = client::provision(&ep, gw.devices, &stranger, &Default::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DeviceError::NotPaired(_)), "{e}");
+    let e = client::provision(&ep, gw.devices, &stranger, &with_code("00000-00000"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DeviceError::NotPaired(_)), "{e}");
+    assert_eq!(gw.status()["pairing_window"]["wrong_codes"], 1);
+    assert!(
+        cn_metrics(&cn)
+            .await
+            .contains("cn_backend_credentials_issued_total 0")
+    );
     let first = device("newcomer-1");
-    let cred = client::provision(&ep, gw.devices, &first, &Default::default())
+    let cred = client::provision(&ep, gw.devices, &first, &with_code(&code))
         .await
         .unwrap();
     assert_eq!(cred.bundle.device_id.as_str(), "newcomer-1");
+    // The code is spent: the window closed with the first pairing.
     let second = device("newcomer-2");
-    let e = client::provision(&ep, gw.devices, &second, &Default::default())
+    let e = client::provision(&ep, gw.devices, &second, &with_code(&code))
         .await
         .unwrap_err();
     assert!(matches!(e, DeviceError::NotPaired(_)), "{e}");
@@ -775,11 +806,23 @@ async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
     for (i, pk) in bad.iter().enumerate() {
         let mut rid = [0u8; 16];
         rid[0] = u8::try_from(i).unwrap();
+        // Correctly signed (key binding): the HPKE key is what is wrong.
+        let request_id = companion_proto::RequestId::from(rid);
+        let (binding, renewal_binding) = iotdev::client::sign_bindings(
+            &keys,
+            companion_proto::binding::BindingOp::Provision,
+            &request_id,
+            pk,
+        )
+        .unwrap();
         let req = DeviceMessage::ProvisionRequest(ProvisionRequest {
-            request_id: companion_proto::RequestId::from(rid),
+            request_id,
             device_id: keys.device_id.clone(),
             hpke_public_key: *pk,
             params: Params::default(),
+            binding,
+            renewal_binding: Some(renewal_binding),
+            window_code: None,
         });
         // One exchange per device at a time: a `busy` answer while the previous stream winds
         // down is retried after its `retry_after_ms`, as a device does.
@@ -988,4 +1031,293 @@ async fn a_device_cannot_widen_the_owners_credential_settings() {
     assert!(!b.restrictions.roaming_allowed, "{:?}", b.restrictions);
     assert_eq!(b.restrictions.dnns, vec!["iot".to_string()]);
     assert_eq!(b.restrictions.max_bitrate_kbps, Some(256));
+}
+
+// ---------------------------------------------------------------- revocation (issue 14)
+
+/// The parent's children at the CN, as `(SUPI, state, device)`, read with the operator's CLI.
+fn cn_children(cn: &Cn) -> Vec<(String, String, String)> {
+    let out = Command::new(bin("cn-backend"))
+        .arg("--dir")
+        .arg(&cn.dir)
+        .args(["--json", "subscriber", "show", COMPANION_SUPI])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap().to_string();
+            (s("supi"), s("state"), s("device_id"))
+        })
+        .collect()
+}
+
+fn active_children(cn: &Cn) -> usize {
+    cn_children(cn)
+        .iter()
+        .filter(|(_, state, _)| state == "active")
+        .count()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Before: `gatewayctl revoke` revoked only the SUPI the gateway held, so a child issued to the
+/// same device earlier stayed active at the CN (and in the quota) for its whole lifetime. Now the
+/// revoke goes to the CN by device ID and every child of the device is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_device_revokes_every_child_it_was_ever_issued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let keys = device("meter-9");
+    gw.pair(&keys);
+    let other = device("meter-10");
+    gw.pair(&other);
+    // Two credentials for the same device (a second provisioning replaces the first here).
+    let a = client::provision(&ep, gw.devices, &keys, &Default::default())
+        .await
+        .unwrap();
+    let b = client::provision(&ep, gw.devices, &keys, &Default::default())
+        .await
+        .unwrap();
+    assert_ne!(a.bundle.supi, b.bundle.supi);
+    client::provision(&ep, gw.devices, &other, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(active_children(&cn), 3);
+
+    let (ok, out) = gw.ctl(&["revoke", "meter-9"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("revoked at the core network"), "{out}");
+    let children = cn_children(&cn);
+    for (supi, state, device) in &children {
+        let want = if device == "meter-9" {
+            "revoked"
+        } else {
+            "active"
+        };
+        assert_eq!(state, want, "{supi} of {device}: {children:?}");
+    }
+    assert_eq!(gw.status()["revocations_unconfirmed"], 0);
+    // The revoked credentials no longer attach; the other device's still does.
+    assert!(attach(&ep, &a.bundle).await.is_err());
+    assert!(attach(&ep, &b.bundle).await.is_err());
+}
+
+/// Before: with no SUPI held, a revoke was marked confirmed without asking the CN. Now the
+/// revoke is always asked of the CN; while the CN is down it stays pending (persisted), the
+/// device ID is not provisioned again, and it is carried out once the CN is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_while_the_cn_is_down_is_kept_and_carried_out_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let keys = device("lock-1");
+    gw.pair(&keys);
+    let cred = client::provision(&ep, gw.devices, &keys, &Default::default())
+        .await
+        .unwrap();
+    cn.stop();
+    gw.wait_cn("down");
+    let (ok, out) = gw.ctl(&["revoke", "lock-1"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("pending"), "{out}");
+    assert_eq!(gw.status()["revocations_unconfirmed"], 1);
+    // Re-paired under the same ID at once: nothing is issued before the CN confirmed.
+    let again = device("lock-1");
+    gw.pair(&again);
+    let e = client::provision(&ep, gw.devices, &again, &Default::default())
+        .await
+        .unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    cn.start();
+    wait_until("the revocation confirmed", || {
+        gw.status()["revocations_unconfirmed"] == 0
+    });
+    let children = cn_children(&cn);
+    assert!(
+        children
+            .iter()
+            .any(|(s, st, _)| s == cred.bundle.supi.as_str() && st == "revoked"),
+        "{children:?}"
+    );
+    // Now the re-paired device is provisioned; its new child stays active.
+    client::provision(&ep, gw.devices, &again, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(active_children(&cn), 1);
+}
+
+/// Before: a batch result that arrived after the device was revoked was still recorded (and the
+/// child stayed active at the CN). Now it is discarded, the child is revoked at the CN, and the
+/// quota slot is free. The CN is frozen (SIGSTOP) so the revoke happens while the request is at
+/// the CN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let keys = device("cam-1");
+    gw.pair(&keys);
+    signal(cn.child(), "-STOP");
+    let waiting = {
+        let ep = ep.clone();
+        let addr = gw.devices;
+        let keys = keys.clone();
+        tokio::spawn(async move { client::provision(&ep, addr, &keys, &Default::default()).await })
+    };
+    wait_until("the request at the CN", || {
+        gw.status()["requests_outstanding"] == 1
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let revoke = {
+        let dir = gw.control.clone();
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+                .arg("--socket")
+                .arg(&dir)
+                .args(["revoke", "cam-1"])
+                .output()
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(cn.child(), "-CONT");
+    let out = revoke.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = waiting.await.unwrap();
+    assert!(r.is_err(), "the revoked device got a credential: {r:?}");
+    wait_until("the orphan revoked at the CN", || {
+        gw.status()["revocations_unconfirmed"] == 0 && active_children(&cn) == 0
+    });
+    assert_eq!(gw.status()["credentials_held"], 0);
+    let m = gw.metrics().await;
+    // Whichever the CN processed first (the batch or the revoke), the result came back for a
+    // device no longer paired: discarded and revoked.
+    assert_eq!(
+        metric(&m, "gatewayd_orphan_credentials_revoked_total"),
+        1.0,
+        "{m}"
+    );
+}
+
+/// Before: a device answering `credential_unusable` made the gateway drop the blob, but the
+/// child stayed active at the CN with its quota slot. Now that new child is revoked at the CN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_unusable_revokes_the_child_at_the_cn() {
+    use companion_proto::device::{ClientEvent, ClientExchange};
+    use companion_proto::msg::ProvisionRequest;
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let keys = device("broken-1");
+    gw.pair(&keys);
+    let conn = raw_connect(&ep, gw.devices, &keys).await;
+    let attempt = Attempt::provision(Params::default()).unwrap();
+    let (binding, renewal_binding) = iotdev::client::sign_bindings(
+        &keys,
+        companion_proto::binding::BindingOp::Provision,
+        &attempt.request_id,
+        &attempt.hpke.public_key(),
+    )
+    .unwrap();
+    let now = Instant::now();
+    let mut ex = ClientExchange::provision(
+        ProvisionRequest {
+            request_id: attempt.request_id,
+            device_id: keys.device_id.clone(),
+            hpke_public_key: attempt.hpke.public_key(),
+            params: Params::default(),
+            binding,
+            renewal_binding: Some(renewal_binding),
+            window_code: None,
+        },
+        now,
+        companion_proto::Config::default(),
+    )
+    .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut supi = None;
+    let mut buf = vec![0u8; 4096];
+    'outer: loop {
+        while let Some(f) = ex.poll_transmit() {
+            send.write_all(&f).await.unwrap();
+        }
+        while let Some(ev) = ex.poll_event() {
+            match ev {
+                ClientEvent::Delivery(d) => {
+                    supi = Some(d.supi.clone());
+                    // The device cannot use it (as if its storage or HPKE open failed).
+                    ex.reject("test: cannot store").unwrap();
+                }
+                ClientEvent::Pending { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        if ex.is_closed() {
+            while let Some(f) = ex.poll_transmit() {
+                send.write_all(&f).await.unwrap();
+            }
+            let _ = send.finish();
+            break 'outer;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        ex.handle_bytes(Instant::now(), &buf[..n]).unwrap();
+    }
+    let supi = supi.unwrap();
+    wait_until("the unusable child revoked at the CN", || {
+        cn_children(&cn)
+            .iter()
+            .any(|(s, st, _)| s == supi.as_str() && st == "revoked")
+    });
+    wait_until("the revocation confirmed", || {
+        gw.status()["revocations_unconfirmed"] == 0
+    });
+    assert_eq!(gw.status()["deliveries_pending"], 0);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "gatewayd_orphan_credentials_revoked_total"),
+        1.0,
+        "{m}"
+    );
+    // The device tries again with a new request and gets a working credential.
+    let retry = ProvisionParams {
+        retry_for: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let cred = client::provision(&ep, gw.devices, &keys, &retry)
+        .await
+        .unwrap();
+    assert_ne!(cred.bundle.supi, supi);
+    assert_eq!(active_children(&cn), 1);
 }

@@ -2,7 +2,7 @@
 //! [`ClientExchange`](companion_proto::device::ClientExchange).
 //!
 //! ```text
-//! connect (ALPN companion-device/1; the device presents its self-signed certificate; the
+//! connect (ALPN companion-device/2; the device presents its self-signed certificate; the
 //!          gateway's key is pinned, or trusted on first use)
 //! open a bidirectional stream
 //! -> ProvisionRequest | RenewRequest        (request ID reused across retries of an Attempt)
@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use companion_crypto::hpke::{DeviceHpkeKey, SealedCredential, open_credential};
+use companion_proto::binding::{BindingOp, KeyBinding, binding_message};
 use companion_proto::bundle::CredentialBundle;
 use companion_proto::device::{ClientEvent, ClientExchange};
 use companion_proto::msg::{CredentialDelivery, Params, ProvisionRequest, RenewRequest};
@@ -88,6 +89,9 @@ pub struct ClientOptions {
     pub acknowledge: bool,
     /// TLS server name sent (not verified: the gateway's key is pinned).
     pub server_name: String,
+    /// The owner's pairing-window code, for a device that pairs through the window
+    /// (PROTOCOL.md §10.1); sent with provisioning requests only.
+    pub window_code: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -98,6 +102,7 @@ impl Default for ClientOptions {
             patience: Duration::from_secs(60),
             acknowledge: true,
             server_name: "gateway.local".into(),
+            window_code: None,
         }
     }
 }
@@ -300,7 +305,7 @@ async fn exchange(
     let lost = |e: quinn::ConnectionError| connection_error(e, keys, verifier, gateway);
     if negotiated_alpn(conn).as_deref() != Some(ALPN_DEVICE) {
         return Err(DeviceError::Protocol(
-            "the gateway did not agree on ALPN companion-device/1".into(),
+            "the gateway did not agree on ALPN companion-device/2".into(),
         ));
     }
     let gateway_fingerprint = companion_transport::peer_fingerprint(conn)
@@ -313,13 +318,23 @@ async fn exchange(
         ..Config::default()
     };
     let proto = |e: companion_proto::ProtoError| DeviceError::Protocol(e.to_string());
+    let hpke_public_key = attempt.hpke.public_key();
+    let op = match attempt.kind {
+        AttemptKind::Provision { .. } => BindingOp::Provision,
+        AttemptKind::Renew { .. } => BindingOp::Renew,
+    };
+    let (binding, renewal_binding) =
+        sign_bindings(keys, op, &attempt.request_id, &hpke_public_key)?;
     let mut ex = match &attempt.kind {
         AttemptKind::Provision { params } => ClientExchange::provision(
             ProvisionRequest {
                 request_id: attempt.request_id,
                 device_id: keys.device_id.clone(),
-                hpke_public_key: attempt.hpke.public_key(),
+                hpke_public_key,
                 params: params.clone(),
+                binding,
+                renewal_binding: Some(renewal_binding),
+                window_code: opts.window_code.clone(),
             },
             now,
             config,
@@ -328,8 +343,10 @@ async fn exchange(
             RenewRequest {
                 request_id: attempt.request_id,
                 supi: supi.clone(),
-                hpke_public_key: attempt.hpke.public_key(),
+                hpke_public_key,
                 params: params.clone(),
+                binding,
+                renewal_binding: Some(renewal_binding),
             },
             now,
             config,
@@ -474,4 +491,26 @@ fn open_delivery(
         return Err("the renewed credential carries another SUPI".into());
     }
     Ok(bundle)
+}
+
+/// The key-binding signatures of a request (PROTOCOL.md §4.4): one over this request, made
+/// with the device's TLS identity key, and one authorising the gateway to pre-fetch the
+/// renewal of the credential it produces (request ID `request_id.renewal()`, same HPKE key).
+pub fn sign_bindings(
+    keys: &DeviceKeys,
+    op: BindingOp,
+    request_id: &RequestId,
+    hpke_public_key: &[u8; 32],
+) -> Result<(KeyBinding, KeyBinding), DeviceError> {
+    let sign = |op, rid: &RequestId| {
+        companion_transport::sign_binding(
+            &keys.identity,
+            &binding_message(op, rid, &keys.device_id, hpke_public_key),
+        )
+        .map_err(|e| DeviceError::Local(format!("cannot sign the key binding: {e}")))
+    };
+    Ok((
+        sign(op, request_id)?,
+        sign(BindingOp::Renew, &request_id.renewal())?,
+    ))
 }

@@ -5,7 +5,7 @@
 //!
 //! - [`DeviceKeys`]: the device ID, its TLS identity (a self-signed P-256 certificate, whose
 //!   public key the owner pairs through the `CPN:` pairing code) and the pinned gateway key;
-//! - [`client`]: one provisioning or renewal over QUIC (`companion-device/1`, mutual TLS), driving
+//! - [`client`]: one provisioning or renewal over QUIC (`companion-device/2`, mutual TLS), driving
 //!   the sans-IO [`companion_proto::device::ClientExchange`]: request, `Pending`, delivery, HPKE
 //!   opening and checks, acknowledgement;
 //! - [`store::Device`]: the same with persistent state in a directory (identity 0600, pinned

@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 use companion_proto::DeviceId;
 use companion_proto::msg::Params;
 use companion_transport::cn_client;
-use iotdev::attach::{self, AttachError, DEFAULT_SERVING_NETWORK};
+use iotdev::attach::{self, AttachError};
 use iotdev::client::{AttemptKind, ClientOptions};
 use iotdev::store::StoredCredential;
 use iotdev::{Device, DeviceError};
@@ -90,9 +90,10 @@ enum Cmd {
     /// Authenticate to the operator's network with the credential (5G AKA, endpoint and trust
     /// anchor from the credential).
     Attach {
-        /// Serving network name (a visited network tests roaming).
-        #[arg(long, default_value = DEFAULT_SERVING_NETWORK)]
-        serving_network: String,
+        /// Serving network name (a visited network tests roaming). Default: the home network's,
+        /// from the credential (`5G:mnc<MNC>.mcc<MCC>.3gppnetwork.org`).
+        #[arg(long)]
+        serving_network: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -123,6 +124,10 @@ struct GatewayArgs {
     /// Longest wait for one exchange with the gateway.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     timeout: Duration,
+    /// The one-time code of the owner's pairing window (`gatewayctl pair --window` prints it),
+    /// for a device that is not paired by pairing code.
+    #[arg(long, env = "IOTDEV_WINDOW_CODE")]
+    window_code: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -230,7 +235,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             serving_network,
             json,
             timeout,
-        } => attach_cmd(&dir, &serving_network, json, timeout).await,
+        } => attach_cmd(&dir, serving_network.as_deref(), json, timeout).await,
         Cmd::Renew { gw, lifetime } => renew(&dir, &gw, lifetime).await,
         Cmd::ResetGatewayPin => {
             let mut d = open(&dir)?;
@@ -382,6 +387,7 @@ fn client_options(gw: &GatewayArgs) -> ClientOptions {
     ClientOptions {
         patience: gw.timeout,
         connect_timeout: d.connect_timeout.min(gw.timeout),
+        window_code: gw.window_code.clone(),
         ..d
     }
 }
@@ -627,12 +633,29 @@ fn show(dir: &Path, json: bool, reveal: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn attach_cmd(dir: &Path, snn: &str, json: bool, timeout: Duration) -> Result<(), Failure> {
+async fn attach_cmd(
+    dir: &Path,
+    snn: Option<&str>,
+    json: bool,
+    timeout: Duration,
+) -> Result<(), Failure> {
     let d = open(dir)?;
     let Some(c) = d.credential() else {
         return Err(attach_failure(AttachError::NoCredential));
     };
     let b = &c.bundle;
+    let home_snn;
+    let snn = match snn {
+        Some(s) => s,
+        None => {
+            home_snn = b.home_network.serving_network_name().map_err(|e| {
+                anyhow::anyhow!(
+                    "the credential's home network is invalid ({e}); pass --serving-network"
+                )
+            })?;
+            home_snn.as_str()
+        }
+    };
     if b.expires_at <= now_unix() {
         eprintln!(
             "note: the credential expired at {}; asking the network anyway",

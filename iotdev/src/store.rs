@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use companion_crypto::hpke::DeviceHpkeKey;
-use companion_proto::bundle::{AttachInfo, CredentialBundle, Key128};
+use companion_proto::bundle::{AttachInfo, CredentialBundle, HomeNetwork, Key128};
 use companion_proto::msg::{Params, Restrictions};
 use companion_proto::{DeviceId, RequestId, Supi};
 use companion_transport::Identity;
@@ -97,6 +97,11 @@ struct CredentialFile {
     attach_server_name: String,
     attach_trust_anchor: String,
     renewal_hpke_sk: String,
+    /// The home network (bundle v2); empty in files written before it.
+    #[serde(default)]
+    home_mcc: String,
+    #[serde(default)]
+    home_mnc: String,
 }
 
 impl Drop for CredentialFile {
@@ -156,6 +161,8 @@ impl CredentialFile {
             attach_server_name: b.attach.server_name.clone(),
             attach_trust_anchor: hex::encode(&b.attach.trust_anchor),
             renewal_hpke_sk: hex::encode(c.renewal_key.to_bytes().expose()),
+            home_mcc: b.home_network.mcc.clone(),
+            home_mnc: b.home_network.mnc.clone(),
         }
     }
 
@@ -163,12 +170,25 @@ impl CredentialFile {
         let mut amf = [0u8; 2];
         hex::decode_to_slice(&self.amf, &mut amf).map_err(|e| local("device state", e))?;
         let request_id = RequestId(hex16(&self.request_id)?);
+        let supi = Supi::new(&self.supi).map_err(|e| local("device state", e))?;
+        // A file from before bundle v2: MCC from the IMSI, and a 2-digit MNC assumed.
+        let home_network = if self.home_mcc.is_empty() {
+            HomeNetwork {
+                mcc: supi.imsi().get(..3).unwrap_or_default().to_string(),
+                mnc: supi.imsi().get(3..5).unwrap_or_default().to_string(),
+            }
+        } else {
+            HomeNetwork {
+                mcc: self.home_mcc.clone(),
+                mnc: self.home_mnc.clone(),
+            }
+        };
         Ok(StoredCredential {
             bundle: CredentialBundle {
                 version: companion_proto::bundle::BUNDLE_VERSION,
                 device_id: device_id.clone(),
                 request_id,
-                supi: Supi::new(&self.supi).map_err(|e| local("device state", e))?,
+                supi,
                 k: Key128::from_bytes(hex16(&self.k)?),
                 opc: Key128::from_bytes(hex16(&self.opc)?),
                 amf,
@@ -186,6 +206,7 @@ impl CredentialFile {
                     trust_anchor: hex::decode(&self.attach_trust_anchor)
                         .map_err(|e| local("device state", e))?,
                 },
+                home_network,
             },
             request_id,
             renewal_key: hex_key(&self.renewal_hpke_sk)?,
@@ -487,7 +508,7 @@ mod tests {
         d.keys.gateway_pin = Some([3; 32]);
         d.credential = Some(StoredCredential {
             bundle: CredentialBundle {
-                version: 1,
+                version: companion_proto::bundle::BUNDLE_VERSION,
                 device_id: id.clone(),
                 request_id: RequestId([1; 16]),
                 supi: Supi::new("imsi-001010000000042").unwrap(),
@@ -502,6 +523,10 @@ mod tests {
                     endpoint: "127.0.0.1:1".into(),
                     server_name: "cn".into(),
                     trust_anchor: vec![0x30, 0],
+                },
+                home_network: HomeNetwork {
+                    mcc: "001".into(),
+                    mnc: "01".into(),
                 },
             },
             request_id: RequestId([1; 16]),

@@ -6,7 +6,7 @@
 //! step):
 //!
 //! 1. QUIC Initial/Handshake exchange with TLS 1.3: the device checks the gateway's key against
-//!    its pin ([`PinnedServerVerifier`]) and ALPN `companion-device/1`, presents its own
+//!    its pin ([`PinnedServerVerifier`]) and ALPN `companion-device/2`, presents its own
 //!    self-signed certificate and signs the transcript (`CertificateVerify`) — the client config
 //!    `iotdev` uses ([`device_client_config`]).
 //! 2. The gateway checks the certificate against its pairings (`PinnedClientVerifier` on the
@@ -61,7 +61,7 @@ pub enum HandshakeError {
     Closed { code: u64, reason: String },
     #[error("connection lost: {0}")]
     ConnectionLost(String),
-    #[error("the gateway did not agree on ALPN companion-device/1")]
+    #[error("the gateway did not agree on ALPN companion-device/2")]
     Alpn,
     #[error("{0}")]
     Local(String),
@@ -93,7 +93,7 @@ pub struct Established {
 }
 
 /// The QUIC client configuration of a device: `iotdev`'s (pinned gateway key, the device's
-/// certificate, ALPN `companion-device/1`) with `limits`.
+/// certificate, ALPN `companion-device/2`) with `limits`.
 pub fn device_client_config(
     keys: &DeviceKeys,
     limits: &Limits,

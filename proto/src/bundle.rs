@@ -13,8 +13,8 @@ use crate::ids::{DeviceId, RequestId, Supi};
 use crate::msg::Restrictions;
 pub use crate::secret::Key128;
 
-/// The bundle format version.
-pub const BUNDLE_VERSION: u64 = 1;
+/// The bundle format version: 2 added `home_network` (key 12).
+pub const BUNDLE_VERSION: u64 = 2;
 /// HPKE `info` string.
 pub const HPKE_INFO: &[u8] = b"companion credential v1";
 /// Largest SQN (48 bits).
@@ -44,6 +44,27 @@ pub struct AttachInfo {
     /// DER of the operator CA certificate the CN's certificate chains to.
     #[cbor(n(2), with = "minicbor::bytes")]
     pub trust_anchor: Vec<u8>,
+}
+
+/// The home network (PLMN) the SUPI belongs to: what a device needs to build its serving
+/// network name at home and to tell home from visited networks. The MNC keeps its length (2 or
+/// 3 digits), which the IMSI alone does not tell.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct HomeNetwork {
+    /// Mobile country code, 3 digits.
+    #[n(0)]
+    pub mcc: String,
+    /// Mobile network code, 2 or 3 digits.
+    #[n(1)]
+    pub mnc: String,
+}
+
+impl HomeNetwork {
+    /// The home serving network name, `5G:mnc<MNC, 3 digits>.mcc<MCC>.3gppnetwork.org`.
+    pub fn serving_network_name(&self) -> Result<String, crate::ids::IdError> {
+        crate::ids::serving_network_name(&self.mcc, &self.mnc)
+    }
 }
 
 /// The credential bundle. `Debug` never shows K or OPc.
@@ -86,6 +107,9 @@ pub struct CredentialBundle {
     /// How to attach.
     #[n(11)]
     pub attach: AttachInfo,
+    /// The SUPI's home network, with the MNC's length.
+    #[n(12)]
+    pub home_network: HomeNetwork,
 }
 
 /// Why a bundle was rejected.
@@ -119,6 +143,7 @@ impl CredentialBundle {
             + var(self.attach.endpoint.len())
             + var(self.attach.server_name.len())
             + var(self.attach.trust_anchor.len())
+            + 32
             + dnns;
         let mut buf = Zeroizing::new(Vec::with_capacity(cap));
         minicbor::encode(self, &mut *buf).map_err(|e| EncodeError::Cbor(e.to_string()))?;
@@ -136,6 +161,18 @@ impl CredentialBundle {
         }
         if b.expires_at <= b.issued_at {
             return Err(BundleError::Invalid("expires_at is not after issued_at"));
+        }
+        let digits = |s: &str, n: std::ops::RangeInclusive<usize>| {
+            n.contains(&s.len()) && s.bytes().all(|c| c.is_ascii_digit())
+        };
+        let h = &b.home_network;
+        if !digits(&h.mcc, 3..=3) || !digits(&h.mnc, 2..=3) {
+            return Err(BundleError::Invalid(
+                "home_network needs a 3-digit MCC and a 2- or 3-digit MNC",
+            ));
+        }
+        if !b.supi.imsi().starts_with(&format!("{}{}", h.mcc, h.mnc)) {
+            return Err(BundleError::Invalid("the SUPI is not in home_network"));
         }
         Ok(b)
     }
@@ -163,7 +200,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample() -> CredentialBundle {
         CredentialBundle {
-            version: 1,
+            version: BUNDLE_VERSION,
             device_id: DeviceId::new("watch-01").unwrap(),
             request_id: RequestId(core::array::from_fn(|i| i as u8)),
             supi: Supi::new("imsi-001010000000042").unwrap(),
@@ -183,13 +220,18 @@ pub(crate) mod tests {
                 server_name: "cn.example.net".into(),
                 trust_anchor: vec![0x30, 0x00],
             },
+            home_network: HomeNetwork {
+                mcc: "001".into(),
+                mnc: "01".into(),
+            },
         }
     }
 
-    pub(crate) const GOLDEN: &str = "ac0001016877617463682d30310250000102030405060708090a0b0c0d0e0f0374696d73692d3030\
+    pub(crate) const GOLDEN: &str = "ad0002016877617463682d30310250000102030405060708090a0b0c0d0e0f0374696d73692d3030\
         313031303030303030303034320450464646464646464646464646464646460550cdcdcdcdcdcdcd\
         cdcdcdcdcdcdcdcdcd06428000071820081a692e2c00091a6955b9000aa200f401800ba30073636e\
-        2e6578616d706c652e6e65743a34343333016e636e2e6578616d706c652e6e657402423000";
+        2e6578616d706c652e6e65743a34343333016e636e2e6578616d706c652e6e6574024230000ca200\
+        6330303101623031";
 
     #[test]
     fn golden_and_round_trip() {
@@ -218,11 +260,23 @@ pub(crate) mod tests {
     #[test]
     fn checks() {
         let mut b = sample();
-        b.version = 2;
+        b.version = 1;
         assert_eq!(
             CredentialBundle::decode(&b.encode().unwrap()),
-            Err(BundleError::UnsupportedVersion(2))
+            Err(BundleError::UnsupportedVersion(1))
         );
+        let mut b = sample();
+        b.home_network.mnc = "011".into();
+        assert_eq!(
+            CredentialBundle::decode(&b.encode().unwrap()),
+            Err(BundleError::Invalid("the SUPI is not in home_network"))
+        );
+        let mut b = sample();
+        b.home_network.mnc = "1".into();
+        assert!(matches!(
+            CredentialBundle::decode(&b.encode().unwrap()),
+            Err(BundleError::Invalid(_))
+        ));
         let mut b = sample();
         b.sqn_start = 1 << 48;
         assert!(matches!(

@@ -1,4 +1,4 @@
-//! The gateway ↔ CN session (`companion-cn/1`).
+//! The gateway ↔ CN session (`companion-cn/2`).
 //!
 //! The first bidirectional stream of the connection (opened by the gateway) carries AKA with
 //! the companion's own USIM, bound to the TLS session ([`ClientSession`] / [`ServerSession`],

@@ -1,4 +1,4 @@
-//! The device ↔ gateway exchange (`companion-device/1`), one bidirectional stream per exchange,
+//! The device ↔ gateway exchange (`companion-device/2`), one bidirectional stream per exchange,
 //! opened by the device.
 //!
 //! ```text

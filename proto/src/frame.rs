@@ -80,9 +80,9 @@ impl Header {
 /// The three conversations; each has its own ALPN, message types and size limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Conversation {
-    /// Device ↔ gateway, ALPN `companion-device/1`.
+    /// Device ↔ gateway, ALPN `companion-device/2`.
     Device,
-    /// Gateway ↔ core network, ALPN `companion-cn/1`.
+    /// Gateway ↔ core network, ALPN `companion-cn/2`.
     Cn,
     /// Device ↔ core network attach, ALPN `companion-attach/1`.
     Attach,
@@ -92,8 +92,8 @@ impl Conversation {
     /// The TLS ALPN protocol identifier.
     pub const fn alpn(self) -> &'static str {
         match self {
-            Conversation::Device => "companion-device/1",
-            Conversation::Cn => "companion-cn/1",
+            Conversation::Device => "companion-device/2",
+            Conversation::Cn => "companion-cn/2",
             Conversation::Attach => "companion-attach/1",
         }
     }

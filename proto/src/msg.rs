@@ -8,6 +8,7 @@
 
 use minicbor::{Decode, Encode};
 
+pub use crate::binding::KeyBinding;
 use crate::codec::{decode_body, encode_body, open_enum};
 use crate::error::{DecodeError, EncodeError, ProtoError};
 use crate::frame::{Conversation, Frame, FrameDecoder, MsgType, decode_frame, encode_frame};
@@ -200,6 +201,19 @@ pub struct ProvisionRequest {
     /// Requested parameters (may be empty).
     #[n(3)]
     pub params: Params,
+    /// The device's signature binding `hpke_public_key` to this request and its identity key
+    /// (`binding::binding_message(Provision, ..)`).
+    #[n(4)]
+    pub binding: KeyBinding,
+    /// The device's signature authorising the gateway to pre-fetch the renewal of the
+    /// credential this request produces: over `binding_message(Renew, request_id.renewal(),
+    /// device_id, hpke_public_key)`. Absent: the gateway does not pre-fetch.
+    #[n(5)]
+    pub renewal_binding: Option<KeyBinding>,
+    /// The pairing window's one-time code, from the owner; only for a device that is not
+    /// paired yet and pairs through the window (PROTOCOL.md §10.1).
+    #[n(6)]
+    pub window_code: Option<String>,
 }
 
 /// `RenewRequest` (0x02), device → gateway: a fresh credential replacing `supi`.
@@ -218,6 +232,13 @@ pub struct RenewRequest {
     /// New parameters; absent keeps the current ones.
     #[n(3)]
     pub params: Option<Params>,
+    /// The device's signature: `binding_message(Renew, request_id, device_id,
+    /// hpke_public_key)`, made with the key the credential was issued to.
+    #[n(4)]
+    pub binding: KeyBinding,
+    /// Authorisation to pre-fetch the next renewal (`request_id.renewal()`, same HPKE key).
+    #[n(5)]
+    pub renewal_binding: Option<KeyBinding>,
 }
 
 /// `CredentialDelivery` (0x03), gateway → device.
@@ -377,6 +398,13 @@ pub struct BatchItem {
     /// For `Renew`: the credential being replaced.
     #[n(6)]
     pub supi: Option<Supi>,
+    /// The device's SubjectPublicKeyInfo (DER), as paired; SHA-256 of it is
+    /// `device_key_fingerprint`.
+    #[cbor(n(7), with = "minicbor::bytes")]
+    pub device_spki: Vec<u8>,
+    /// The device's key-binding signature over this item (`binding::binding_message`).
+    #[n(8)]
+    pub binding: KeyBinding,
 }
 
 /// `BatchProvision` (0x20), gateway → CN.
@@ -600,7 +628,7 @@ fn body<'b, T: Decode<'b, ()>>(frame: &'b Frame) -> Result<T, ProtoError> {
     })
 }
 
-/// A message of the device ↔ gateway conversation (`companion-device/1`).
+/// A message of the device ↔ gateway conversation (`companion-device/2`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceMessage {
     /// 0x01
@@ -619,7 +647,7 @@ pub enum DeviceMessage {
     Error(ErrorMsg),
 }
 
-/// A message of the gateway ↔ CN conversation (`companion-cn/1`).
+/// A message of the gateway ↔ CN conversation (`companion-cn/2`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CnMessage {
     /// 0x10

@@ -77,26 +77,46 @@ fn resync() -> impl Strategy<Value = Resync> {
 
 fn device_msg() -> impl Strategy<Value = DeviceMessage> {
     prop_oneof![
-        (rid(), dev(), any::<[u8; 32]>(), params()).prop_map(
-            |(request_id, device_id, hpke_public_key, params)| {
-                DeviceMessage::ProvisionRequest(ProvisionRequest {
-                    request_id,
-                    device_id,
-                    hpke_public_key,
-                    params,
-                })
-            }
-        ),
-        (rid(), supi(), any::<[u8; 32]>(), of(params())).prop_map(
-            |(request_id, supi, hpke_public_key, params)| {
-                DeviceMessage::RenewRequest(RenewRequest {
-                    request_id,
-                    supi,
-                    hpke_public_key,
-                    params,
-                })
-            }
-        ),
+        (
+            (rid(), dev(), any::<[u8; 32]>(), params()),
+            (key_binding(), of(key_binding()), of("[0-9A-Z-]{0,12}"))
+        )
+            .prop_map(
+                |(
+                    (request_id, device_id, hpke_public_key, params),
+                    (binding, renewal_binding, window_code),
+                )| {
+                    DeviceMessage::ProvisionRequest(ProvisionRequest {
+                        request_id,
+                        device_id,
+                        hpke_public_key,
+                        params,
+                        binding,
+                        renewal_binding,
+                        window_code,
+                    })
+                }
+            ),
+        (
+            rid(),
+            supi(),
+            any::<[u8; 32]>(),
+            of(params()),
+            key_binding(),
+            of(key_binding())
+        )
+            .prop_map(
+                |(request_id, supi, hpke_public_key, params, binding, renewal_binding)| {
+                    DeviceMessage::RenewRequest(RenewRequest {
+                        request_id,
+                        supi,
+                        hpke_public_key,
+                        params,
+                        binding,
+                        renewal_binding,
+                    })
+                }
+            ),
         (rid(), supi(), any::<u64>(), sealed()).prop_map(
             |(request_id, supi, expires_at, sealed)| {
                 DeviceMessage::CredentialDelivery(CredentialDelivery {
@@ -128,9 +148,22 @@ fn batch_item() -> impl Strategy<Value = BatchItem> {
         any::<[u8; 32]>(),
         params(),
         of(supi()),
+        (
+            proptest::collection::vec(any::<u8>(), 0..100),
+            key_binding(),
+        ),
     )
         .prop_map(
-            |(k, request_id, device_id, device_key_fingerprint, hpke_public_key, params, supi)| {
+            |(
+                k,
+                request_id,
+                device_id,
+                device_key_fingerprint,
+                hpke_public_key,
+                params,
+                supi,
+                (device_spki, binding),
+            )| {
                 BatchItem {
                     kind: ItemKind::from_code(k % 3),
                     request_id,
@@ -139,9 +172,16 @@ fn batch_item() -> impl Strategy<Value = BatchItem> {
                     hpke_public_key,
                     params,
                     supi,
+                    device_spki,
+                    binding,
                 }
             },
         )
+}
+
+fn key_binding() -> impl Strategy<Value = KeyBinding> {
+    (any::<u16>(), proptest::collection::vec(any::<u8>(), 0..80))
+        .prop_map(|(scheme, signature)| KeyBinding { scheme, signature })
 }
 
 fn item_result() -> impl Strategy<Value = ItemResult> {
@@ -277,10 +317,10 @@ fn bundle() -> impl Strategy<Value = CredentialBundle> {
                 (endpoint, server_name, trust_anchor),
             )| {
                 CredentialBundle {
-                    version: 1,
+                    version: crate::bundle::BUNDLE_VERSION,
                     device_id,
                     request_id,
-                    supi,
+                    supi: supi.clone(),
                     k: Key128::from_bytes(k),
                     opc: Key128::from_bytes(opc),
                     amf,
@@ -292,6 +332,10 @@ fn bundle() -> impl Strategy<Value = CredentialBundle> {
                         endpoint,
                         server_name,
                         trust_anchor,
+                    },
+                    home_network: crate::bundle::HomeNetwork {
+                        mcc: supi.imsi()[..3].to_string(),
+                        mnc: supi.imsi()[3..5].to_string(),
                     },
                 }
             },

@@ -1,4 +1,4 @@
-//! The gateway's client for the CN (`companion-cn/1`): connect, authenticate with the
+//! The gateway's client for the CN (`companion-cn/2`): connect, authenticate with the
 //! companion's USIM (AKA bound to the TLS session), then run operations, one QUIC stream each.
 //!
 //! ```no_run
@@ -86,7 +86,7 @@ pub enum CnClientError {
     /// timeout, CN closed). Reconnect.
     #[error("connection to the CN failed: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    /// The CN offered an application protocol other than `companion-cn/1` / `companion-attach/1`.
+    /// The CN offered an application protocol other than `companion-cn/2` / `companion-attach/1`.
     #[error("the server does not speak {0}")]
     WrongAlpn(&'static str),
     /// The CN did not answer in time. Retry (same request IDs).
@@ -286,7 +286,7 @@ impl CnSession {
         opts: ClientOptions,
     ) -> Result<(CnSession, AuthResult), CnClientError> {
         let conn =
-            open_connection(endpoint, target, crate::ALPN_CN, "companion-cn/1", &opts).await?;
+            open_connection(endpoint, target, crate::ALPN_CN, "companion-cn/2", &opts).await?;
         let result = Self::authenticate(&conn, target, usim, &opts).await;
         match result {
             Ok((session, policy)) => Ok((

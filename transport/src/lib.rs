@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attach_client;
+pub mod binding;
 pub mod cn_client;
 pub mod drive;
 pub mod pki;
@@ -21,6 +22,7 @@ pub mod quic;
 pub mod restart;
 pub mod verify;
 
+pub use binding::{BindingError, sign_binding, verify_binding};
 pub use pki::{Identity, OperatorCa, PkiError, spki_fingerprint, spki_from_cert};
 pub use quic::{
     ConfigError, Limits, ServerTrust, client_config, negotiated_alpn, peer_fingerprint,
@@ -29,8 +31,8 @@ pub use quic::{
 pub use verify::{KeyPolicy, PinnedClientVerifier, PinnedServerVerifier};
 
 /// ALPN of the device ↔ gateway conversation.
-pub const ALPN_DEVICE: &[u8] = b"companion-device/1";
+pub const ALPN_DEVICE: &[u8] = b"companion-device/2";
 /// ALPN of the gateway ↔ CN conversation.
-pub const ALPN_CN: &[u8] = b"companion-cn/1";
+pub const ALPN_CN: &[u8] = b"companion-cn/2";
 /// ALPN of the device ↔ CN attach conversation.
 pub const ALPN_ATTACH: &[u8] = b"companion-attach/1";

@@ -195,6 +195,11 @@ fn item(n: u8) -> BatchItem {
         hpke_public_key: [4; 32],
         params: Params::default(),
         supi: None,
+        device_spki: vec![0x30, 0x00],
+        binding: KeyBinding {
+            scheme: 0x0403,
+            signature: vec![n; 8],
+        },
     }
 }
 

@@ -211,6 +211,10 @@ fn credential_crypto_ceiling(budget: Duration) -> anyhow::Result<Ceiling> {
                 expires_at: 1_802_592_000,
                 restrictions: Restrictions::default(),
                 attach: attach.clone(),
+                home_network: companion_proto::bundle::HomeNetwork {
+                    mcc: "001".into(),
+                    mnc: "01".into(),
+                },
             };
             let pt = bundle.encode()?;
             bundle_len = pt.len();
@@ -289,18 +293,31 @@ struct Devices {
 fn devices(tag: &str, n: usize) -> anyhow::Result<Devices> {
     let mut items = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
+    // One device identity signs every item's key binding (the CN verifies each signature; it
+    // does not care that the devices share a key). Signing is set-up, outside the timed part.
+    let identity = companion_transport::Identity::self_signed("bench-device")?;
+    let spki = identity.spki_der()?;
+    let fp = companion_transport::spki_fingerprint(&spki);
     for i in 0..n {
         let key = DeviceHpkeKey::try_generate()?;
-        let fp = *Secret::<32>::try_random()?.expose();
-        let rid = *Secret::<16>::try_random()?.expose();
+        let rid = RequestId::from(*Secret::<16>::try_random()?.expose());
+        let device_id = DeviceId::new(&format!("bench-{tag}-{i:07}"))?;
+        let msg = companion_proto::binding::binding_message(
+            companion_proto::binding::BindingOp::Provision,
+            &rid,
+            &device_id,
+            &key.public_key(),
+        );
         items.push(BatchItem {
             kind: ItemKind::Provision,
-            request_id: RequestId::from(rid),
-            device_id: DeviceId::new(&format!("bench-{tag}-{i:07}"))?,
+            request_id: rid,
+            device_id,
             device_key_fingerprint: fp,
             hpke_public_key: key.public_key(),
             params: Params::default(),
             supi: None,
+            device_spki: spki.clone(),
+            binding: companion_transport::sign_binding(&identity, &msg)?,
         });
         keys.push(key);
     }

@@ -110,6 +110,11 @@ END;
     r#"
 CREATE INDEX children_by_parent_issued ON children (parent_supi, issued_at);
 "#,
+    // 3: key binding (PROTOCOL.md §4.4): the device key (SPKI DER) that signed the provisioning
+    // request; renewals must be signed by it. NULL for children issued before.
+    r#"
+ALTER TABLE children ADD COLUMN device_spki BLOB;
+"#,
 ];
 
 /// The schema version this program writes.

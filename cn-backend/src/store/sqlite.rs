@@ -179,7 +179,7 @@ fn parent_from_row(row: &Row<'_>) -> rusqlite::Result<Parent> {
 const CHILD_COLS: &str = "c.supi, c.parent_supi, c.device_id, c.device_key_fp, c.request_id, \
                           c.amf, c.sqn, c.issued_at, c.expires_at, c.renewed_at, \
                           c.roaming_allowed, c.allowed_dnns, c.max_bitrate_kbps, c.status, \
-                          c.revoked_at";
+                          c.revoked_at, c.device_spki";
 
 fn child_from_row(row: &Row<'_>) -> rusqlite::Result<ChildCredential> {
     let device_id: String = row.get(2)?;
@@ -189,6 +189,7 @@ fn child_from_row(row: &Row<'_>) -> rusqlite::Result<ChildCredential> {
         parent: supi_at(row, 1)?,
         device_id: conv(2, Type::Text, DeviceId::parse(&device_id))?,
         device_key_fingerprint: KeyFingerprint(fixed(row, 3)?),
+        device_spki: row.get(15)?,
         request_id: RequestId(fixed(row, 4)?),
         amf: Amf(fixed(row, 5)?),
         sqn: sqn_at(row, 6)?,
@@ -740,8 +741,9 @@ impl WriteTx for SqliteTx<'_> {
             .prepare_cached(
                 "INSERT INTO children (supi, parent_supi, device_id, device_key_fp, request_id, \
                  k_enc, opc_enc, amf, sqn, issued_at, expires_at, renewed_at, roaming_allowed, \
-                 allowed_dnns, max_bitrate_kbps, status, revoked_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 allowed_dnns, max_bitrate_kbps, status, revoked_at, device_spki) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                 ?18)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -762,6 +764,7 @@ impl WriteTx for SqliteTx<'_> {
                     c.restrictions.max_bitrate_kbps,
                     c.status.as_str(),
                     c.revoked_at.map(|t| t.0),
+                    c.device_spki,
                 ])
             })
             .map_err(|e| {

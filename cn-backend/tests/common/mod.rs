@@ -12,16 +12,18 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use companion_crypto::hpke::{DeviceHpkeKey, SealedCredential, open_credential};
 use companion_crypto::secret::Key128;
 use companion_crypto::usim::SoftUsim;
+use companion_proto::binding::{BindingOp, binding_message};
 use companion_proto::bundle::CredentialBundle;
-use companion_proto::msg::{BatchItem, ItemKind, ItemResult, Params};
-use companion_proto::{DeviceId, RequestId};
-use companion_transport::OperatorCa;
+use companion_proto::msg::{BatchItem, ItemKind, ItemResult, KeyBinding, Params};
+use companion_proto::{DeviceId, RequestId, Supi};
 use companion_transport::cn_client::{ClientOptions, CnSession, CnTarget};
+use companion_transport::{Identity, OperatorCa};
 use tempfile::TempDir;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cn-backend");
@@ -296,6 +298,26 @@ pub async fn connect_with(srv: &Server, supi: &str, opts: ClientOptions) -> CnSe
         .0
 }
 
+/// The device key every [`DeviceReq`] signs with (one per test process: the CN keys children by
+/// request and device ID, and a retry must carry the same key).
+pub fn device_identity() -> &'static Identity {
+    static ID: OnceLock<Identity> = OnceLock::new();
+    ID.get_or_init(|| Identity::self_signed("test-device").unwrap())
+}
+
+/// Sets `item`'s device key (SPKI and fingerprint) to `identity`'s and signs it (key binding).
+pub fn sign(item: &mut BatchItem, identity: &Identity) {
+    let spki = identity.spki_der().unwrap();
+    let op = match item.kind {
+        ItemKind::Renew => BindingOp::Renew,
+        _ => BindingOp::Provision,
+    };
+    let msg = binding_message(op, &item.request_id, &item.device_id, &item.hpke_public_key);
+    item.binding = companion_transport::sign_binding(identity, &msg).unwrap();
+    item.device_key_fingerprint = companion_transport::spki_fingerprint(&spki);
+    item.device_spki = spki;
+}
+
 /// A device request: its ids and the HPKE key it will open the bundle with.
 #[derive(Clone)]
 pub struct DeviceReq {
@@ -319,16 +341,33 @@ impl DeviceReq {
         }
     }
 
+    /// The provisioning item, signed by [`device_identity`] as a device would (PROTOCOL.md §4.4).
     pub fn item(&self) -> BatchItem {
-        BatchItem {
+        let mut item = BatchItem {
             kind: ItemKind::Provision,
             request_id: self.request_id,
             device_id: self.device_id.clone(),
-            device_key_fingerprint: [9; 32],
+            device_key_fingerprint: [0; 32],
             hpke_public_key: self.hpke.public_key(),
             params: self.params.clone(),
             supi: None,
-        }
+            device_spki: Vec::new(),
+            binding: KeyBinding {
+                scheme: 0,
+                signature: Vec::new(),
+            },
+        };
+        sign(&mut item, device_identity());
+        item
+    }
+
+    /// The renewal item of `supi`, signed by [`device_identity`].
+    pub fn renew_item(&self, supi: &Supi) -> BatchItem {
+        let mut item = self.item();
+        item.kind = ItemKind::Renew;
+        item.supi = Some(supi.clone());
+        sign(&mut item, device_identity());
+        item
     }
 
     /// Opens an issued item's sealed bundle.

@@ -101,10 +101,17 @@ pub fn sealer()
     }
 }
 
+/// The device key of the items made by [`prov`] with `req` (the store only compares keys; the
+/// signature over the item is checked on the wire, before the store).
+pub fn spki(req: u8) -> Vec<u8> {
+    vec![0x30, 0x01, req]
+}
+
 pub fn prov(device: &str, req: u8) -> ProvisionItem {
     ProvisionItem {
         device_id: DeviceId::parse(device).unwrap(),
         device_key_fingerprint: KeyFingerprint([req; 32]),
+        device_spki: spki(req),
         request_id: RequestId([req; 16]),
         recipient: b"device-pk".to_vec(),
         params: RequestedParams::default(),
@@ -341,6 +348,7 @@ pub fn idempotent_replay<S: Store + ?Sized>(store: &S) {
     // Same request ID from the same device with another key: not a retry.
     let mut other_key = prov("watch", 1);
     other_key.device_key_fingerprint = KeyFingerprint([0xee; 32]);
+    other_key.device_spki = spki(0xee);
     assert_eq!(
         issue(store, &batch(&p, T0, vec![BatchItem::Provision(other_key)]))[0],
         ItemOutcome::Invalid(Invalid::RequestIdReused)
@@ -495,11 +503,29 @@ pub fn renewal<S: Store + ?Sized>(store: &S) {
     let renew = |req: u8, lifetime: Option<u64>, s: &Supi| {
         BatchItem::Renew(RenewItem {
             child: s.clone(),
+            device_id: DeviceId::parse("w").unwrap(),
+            device_spki: spki(1),
             request_id: RequestId([req; 16]),
             recipient: b"device-pk".to_vec(),
             lifetime_s: lifetime,
         })
     };
+    // Key binding: a renewal (a re-seal of the same K/OPc) signed by any key but the one the
+    // child was issued to, or claimed for another device, is refused before anything else.
+    for (device, key) in [("w", spki(2)), ("x", spki(1))] {
+        let foreign = BatchItem::Renew(RenewItem {
+            child: child.supi.clone(),
+            device_id: DeviceId::parse(device).unwrap(),
+            device_spki: key,
+            request_id: RequestId([40; 16]),
+            recipient: b"gateway-pk".to_vec(),
+            lifetime_s: None,
+        });
+        assert_eq!(
+            issue(store, &batch(&p, T0.plus_secs(50), vec![foreign]))[0],
+            ItemOutcome::Invalid(Invalid::KeyNotBound)
+        );
+    }
     let now = T0.plus_secs(100);
     let out = issue(
         store,

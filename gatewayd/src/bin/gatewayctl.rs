@@ -182,9 +182,15 @@ fn run(cli: Cli) -> Result<()> {
                 let until = UNIX_EPOCH + Duration::from_secs(window.closes_at.max(0) as u64);
                 writeln!(
                     out,
-                    "pairing window open for {} (until {}): the next new device that connects is paired",
+                    "pairing window open for {} (until {}).\n\
+                     one-time code: {}\n\
+                     Give this code to the new device (e.g. `iotdev provision --window-code ...`): \
+                     the first device that sends it is paired, and the window closes. \
+                     {} wrong codes close it early.",
                     humantime::format_duration(Duration::from_secs(window.remaining_secs)),
-                    humantime::format_rfc3339_seconds(until)
+                    humantime::format_rfc3339_seconds(until),
+                    window.code.as_deref().unwrap_or("(not shown)"),
+                    gatewayd::pairing::MAX_WRONG_CODES
                 )?;
             }
             r => return Err(unexpected(&r)),
@@ -208,14 +214,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Revoke { device } => match call(&socket, Request::Revoke { device })? {
             Response::Revoked { device, supi, cn } => {
                 let cn = match (cn, supi) {
-                    (CnRevocation::Revoked, Some(s)) => {
-                        format!("credential {s} revoked at the core network")
+                    (CnRevocation::Revoked, Some(s)) => format!(
+                        "every credential of the device (held here: {s}) revoked at the core network"
+                    ),
+                    (CnRevocation::Revoked, None) => {
+                        "every credential of the device revoked at the core network".into()
                     }
-                    (CnRevocation::Revoked, None) => "revoked at the core network".into(),
-                    (CnRevocation::NoCredential, _) => "it held no credential".into(),
-                    (CnRevocation::Pending { reason }, s) => format!(
-                        "revoking {} at the core network is pending ({reason}); gatewayd retries until it is confirmed",
-                        s.as_deref().unwrap_or("its credential")
+                    (CnRevocation::NoCredential, _) => {
+                        "the core network confirmed it held no active credential for it".into()
+                    }
+                    (CnRevocation::Pending { reason }, _) => format!(
+                        "revoking its credentials at the core network is pending ({reason}); \
+                         gatewayd retries until the core network confirms, and does not \
+                         provision this device ID again before"
                     ),
                 };
                 writeln!(out, "revoked {device}: {cn}")?;
@@ -366,10 +377,11 @@ fn status_text(s: &StatusInfo, now: i64) -> String {
         "pairing window",
         match &s.pairing_window {
             None => "closed".into(),
-            Some(w) if w.claimed => {
-                "claimed by a new device, waiting for its first provisioning".into()
-            }
-            Some(w) => format!("open for {}", coarse(w.remaining_secs)),
+            Some(w) => format!(
+                "open for {} ({} wrong codes)",
+                coarse(w.remaining_secs),
+                w.wrong_codes
+            ),
         },
     );
     if s.blocks.is_empty() {

@@ -2,7 +2,9 @@ use companion_crypto::usim::SoftUsim;
 
 use super::*;
 use crate::ids::DeviceId;
-use crate::msg::{BatchItem, Child, ChildState, ErrorCode, ItemKind, ItemResult, Params, Sealed};
+use crate::msg::{
+    BatchItem, Child, ChildState, ErrorCode, ItemKind, ItemResult, KeyBinding, Params, Sealed,
+};
 use crate::testutil::*;
 
 const EXP: [u8; 32] = [0x5e; 32];
@@ -70,6 +72,11 @@ fn item(n: u8) -> BatchItem {
         hpke_public_key: [n; 32],
         params: Params::default(),
         supi: None,
+        device_spki: vec![0x30, 0x00],
+        binding: KeyBinding {
+            scheme: 0x0403,
+            signature: vec![n; 8],
+        },
     }
 }
 

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::msg::Sealed;
+use crate::msg::{KeyBinding, Sealed};
 use crate::testutil::*;
 
 fn rid() -> RequestId {
@@ -22,6 +22,12 @@ fn req() -> ProvisionRequest {
         device_id: dev(),
         hpke_public_key: [0x11; 32],
         params: Default::default(),
+        binding: KeyBinding {
+            scheme: 0x0403,
+            signature: vec![0x44; 8],
+        },
+        renewal_binding: None,
+        window_code: None,
     }
 }
 
@@ -97,6 +103,11 @@ fn renew_and_busy_with_retry_after() {
         supi: child(),
         hpke_public_key: [3; 32],
         params: None,
+        binding: KeyBinding {
+            scheme: 0x0807,
+            signature: vec![0x44; 64],
+        },
+        renewal_binding: None,
     };
     let mut c = ClientExchange::renew(r.clone(), now, cfg()).unwrap();
     let mut s = ServerExchange::new(now, cfg(), Some(dev()));

@@ -31,6 +31,10 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
         enc: [0x22; 32],
         ciphertext: vec![0xc0, 0xff, 0xee],
     };
+    let binding = |b: u8| KeyBinding {
+        scheme: 0x0403,
+        signature: vec![b; 8],
+    };
     let d = |m: DeviceMessage| m.encode().unwrap();
     let c = |m: CnMessage| m.encode().unwrap();
     let a = |m: AttachMessage| m.encode().unwrap();
@@ -46,6 +50,9 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
                     roaming: Some(false),
                     ..Params::default()
                 },
+                binding: binding(0x44),
+                renewal_binding: Some(binding(0x45)),
+                window_code: None,
             })),
         ),
         (
@@ -55,6 +62,8 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
                 supi: supi(),
                 hpke_public_key: [0x11; 32],
                 params: None,
+                binding: binding(0x44),
+                renewal_binding: None,
             })),
         ),
         (
@@ -142,6 +151,8 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
                     hpke_public_key: [0x11; 32],
                     params: Params::default(),
                     supi: None,
+                    device_spki: vec![0x30, 0x00],
+                    binding: binding(0x44),
                 }],
             })),
         ),
@@ -229,11 +240,11 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
 pub(crate) const GOLDEN: &[(&str, &str)] = &[
     (
         "ProvisionRequest",
-        "010100000000004aa40050000102030405060708090a0b0c0d0e0f016877617463682d3031025820111111111111111111111111111111111111111111111111111111111111111103a2001a0001518001f4",
+        "010100000000006aa60050000102030405060708090a0b0c0d0e0f016877617463682d3031025820111111111111111111111111111111111111111111111111111111111111111103a2001a0001518001f404a2001904030148444444444444444405a20019040301484545454545454545",
     ),
     (
         "RenewRequest",
-        "010200000000004ca30050000102030405060708090a0b0c0d0e0f0174696d73692d3030313031303030303030303034320258201111111111111111111111111111111111111111111111111111111111111111",
+        "010200000000005ca40050000102030405060708090a0b0c0d0e0f0174696d73692d303031303130303030303030303432025820111111111111111111111111111111111111111111111111111111111111111104a20019040301484444444444444444",
     ),
     (
         "CredentialDelivery",
@@ -274,7 +285,7 @@ pub(crate) const GOLDEN: &[(&str, &str)] = &[
     ),
     (
         "BatchProvision",
-        "012000000000006ca200070181a600000150000102030405060708090a0b0c0d0e0f026877617463682d30310358203333333333333333333333333333333333333333333333333333333333333333045820111111111111111111111111111111111111111111111111111111111111111105a0",
+        "0120000000000080a200070181a800000150000102030405060708090a0b0c0d0e0f026877617463682d30310358203333333333333333333333333333333333333333333333333333333333333333045820111111111111111111111111111111111111111111111111111111111111111105a00742300008a20019040301484444444444444444",
     ),
     (
         "BatchResult",
@@ -495,4 +506,18 @@ fn protocol_doc_lists_the_golden_frames() {
         );
     }
     assert!(squashed.contains(&crate::bundle::tests::GOLDEN.replace(char::is_whitespace, "")));
+}
+
+/// Prints the example frames (regenerate `GOLDEN` and PROTOCOL.md Appendix A):
+/// `cargo test -p companion-proto print_golden -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_golden() {
+    for (name, bytes) in examples() {
+        println!("GOLDEN {name} {}", hex(&bytes));
+    }
+    println!(
+        "BUNDLE {}",
+        hex(&crate::bundle::tests::sample().encode().unwrap())
+    );
 }

@@ -1,0 +1,138 @@
+//! Key-binding signatures (`docs/PROTOCOL.md` §4.4): made by a device with its TLS identity key,
+//! checked by the gateway (early, to refuse garbage before it is queued) and by the CN (the
+//! check that counts: it records the SPKI with the child and holds renewals to it).
+//!
+//! Signing uses rustls' ring signers; checking parses the SubjectPublicKeyInfo with webpki, so
+//! the key's algorithm must agree with the signature scheme (an ECDSA P-256 key only verifies
+//! `ecdsa_secp256r1_sha256`, never an Ed25519 or RSA scheme).
+
+use companion_proto::binding::{KeyBinding, MAX_SIGNATURE_LEN};
+use rustls::SignatureScheme;
+use rustls::pki_types::{SignatureVerificationAlgorithm, SubjectPublicKeyInfoDer};
+
+use crate::pki::Identity;
+
+/// The signature schemes a key binding may use, most preferred first. Only schemes whose
+/// signatures are deterministic to verify and that TLS 1.3 allows (no RSA PKCS#1 v1.5).
+pub const BINDING_SCHEMES: [SignatureScheme; 3] = [
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ED25519,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+];
+
+/// Why a key binding was refused or could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    /// The scheme is not one of [`BINDING_SCHEMES`].
+    #[error(
+        "key-binding signature scheme 0x{0:04x} is not accepted (use ecdsa_secp256r1_sha256, ed25519 or ecdsa_secp384r1_sha384)"
+    )]
+    UnsupportedScheme(u16),
+    /// The signature is longer than any accepted scheme produces.
+    #[error("key-binding signature of {0} bytes is too long")]
+    TooLong(usize),
+    /// The device's SubjectPublicKeyInfo does not parse.
+    #[error("the device key (SPKI) does not parse: {0}")]
+    BadKey(String),
+    /// The signature does not verify under the key for this message (wrong key, wrong message,
+    /// or a scheme that does not match the key's algorithm).
+    #[error("the key-binding signature does not verify under the device key")]
+    BadSignature,
+    /// The identity key cannot sign with any accepted scheme.
+    #[error("the identity key cannot sign a key binding: {0}")]
+    CannotSign(String),
+}
+
+fn algorithm(scheme: u16) -> Result<&'static dyn SignatureVerificationAlgorithm, BindingError> {
+    match SignatureScheme::from(scheme) {
+        SignatureScheme::ECDSA_NISTP256_SHA256 => Ok(webpki::ring::ECDSA_P256_SHA256),
+        SignatureScheme::ED25519 => Ok(webpki::ring::ED25519),
+        SignatureScheme::ECDSA_NISTP384_SHA384 => Ok(webpki::ring::ECDSA_P384_SHA384),
+        _ => Err(BindingError::UnsupportedScheme(scheme)),
+    }
+}
+
+/// Checks `binding` over `message` under the DER SubjectPublicKeyInfo `spki`.
+pub fn verify_binding(
+    spki: &[u8],
+    message: &[u8],
+    binding: &KeyBinding,
+) -> Result<(), BindingError> {
+    let alg = algorithm(binding.scheme)?;
+    if binding.signature.len() > MAX_SIGNATURE_LEN {
+        return Err(BindingError::TooLong(binding.signature.len()));
+    }
+    let spki = SubjectPublicKeyInfoDer::from(spki);
+    let key = webpki::RawPublicKeyEntity::try_from(&spki)
+        .map_err(|e| BindingError::BadKey(format!("{e:?}")))?;
+    key.verify_signature(alg, message, &binding.signature)
+        .map_err(|_| BindingError::BadSignature)
+}
+
+/// Signs `message` with the identity's private key, choosing the first of [`BINDING_SCHEMES`]
+/// the key supports.
+pub fn sign_binding(identity: &Identity, message: &[u8]) -> Result<KeyBinding, BindingError> {
+    let key = rustls::crypto::ring::sign::any_supported_type(&identity.private_key())
+        .map_err(|e| BindingError::CannotSign(e.to_string()))?;
+    let signer = key.choose_scheme(&BINDING_SCHEMES).ok_or_else(|| {
+        BindingError::CannotSign("no accepted signature scheme for this key type".into())
+    })?;
+    let signature = signer
+        .sign(message)
+        .map_err(|e| BindingError::CannotSign(e.to_string()))?;
+    Ok(KeyBinding {
+        scheme: u16::from(signer.scheme()),
+        signature,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> Identity {
+        Identity::self_signed("watch-01").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn signs_and_verifies_and_refuses_every_substitution() {
+        let a = id();
+        let b = id();
+        let spki_a = a.spki_der().unwrap_or_else(|e| panic!("{e}"));
+        let spki_b = b.spki_der().unwrap_or_else(|e| panic!("{e}"));
+        let sig = sign_binding(&a, b"message one").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sig.scheme, 0x0403);
+        assert_eq!(verify_binding(&spki_a, b"message one", &sig), Ok(()));
+        // Another message (a replay for another request), another key, another scheme claimed.
+        assert_eq!(
+            verify_binding(&spki_a, b"message two", &sig),
+            Err(BindingError::BadSignature)
+        );
+        assert_eq!(
+            verify_binding(&spki_b, b"message one", &sig),
+            Err(BindingError::BadSignature)
+        );
+        let mut ed = sig.clone();
+        ed.scheme = 0x0807;
+        assert_eq!(
+            verify_binding(&spki_a, b"message one", &ed),
+            Err(BindingError::BadSignature)
+        );
+        let mut rsa = sig.clone();
+        rsa.scheme = 0x0401;
+        assert_eq!(
+            verify_binding(&spki_a, b"message one", &rsa),
+            Err(BindingError::UnsupportedScheme(0x0401))
+        );
+        let mut long = sig.clone();
+        long.signature = vec![0; MAX_SIGNATURE_LEN + 1];
+        assert_eq!(
+            verify_binding(&spki_a, b"message one", &long),
+            Err(BindingError::TooLong(513))
+        );
+        assert!(matches!(
+            verify_binding(b"\x30\x00", b"message one", &sig),
+            Err(BindingError::BadKey(_))
+        ));
+    }
+}
