@@ -146,6 +146,9 @@ fn default_addr_max_failures() -> u32 {
 fn default_max_sessions() -> usize {
     10_000
 }
+fn default_max_per_address() -> usize {
+    256
+}
 fn default_timeout() -> String {
     "30s".into()
 }
@@ -209,6 +212,11 @@ pub struct Settings {
     /// Most concurrent connections (gateway sessions and attaches).
     #[serde(default = "default_max_sessions")]
     pub max_connections: usize,
+    /// Most concurrent connections from one source address (IPv4 address, IPv6 /64), counted
+    /// from the first packet (before the handshake completes): one address cannot take the
+    /// slots of `max_connections`. Raise it when many gateways share an address (CGNAT).
+    #[serde(default = "default_max_per_address")]
+    pub max_connections_per_address: usize,
     /// Longest silence of a peer within one exchange.
     #[serde(default = "default_timeout")]
     pub exchange_timeout: String,
@@ -237,6 +245,7 @@ impl Default for Settings {
             aka_lockout: default_lockout(),
             aka_addr_max_failures: default_addr_max_failures(),
             max_connections: default_max_sessions(),
+            max_connections_per_address: default_max_per_address(),
             exchange_timeout: default_timeout(),
             drain_timeout: default_drain(),
         })
@@ -290,6 +299,11 @@ impl Settings {
         if self.child_allocation_limit == 0 {
             return Err(ConfigError::Invalid(
                 "child_allocation_limit must be at least 1".into(),
+            ));
+        }
+        if self.max_connections == 0 || self.max_connections_per_address == 0 {
+            return Err(ConfigError::Invalid(
+                "max_connections and max_connections_per_address must be at least 1".into(),
             ));
         }
         self.max_lifetime()?;
@@ -428,8 +442,13 @@ http_listen = @HTTP_LISTEN@
 # aka_lockout = "60s"
 # aka_addr_max_failures = 20
 
-# Most concurrent QUIC connections. default: 10000
+# Most concurrent QUIC connections, and most from one source address (IPv4 address, IPv6 /64);
+# counted from the first packet. Past either, new connections are refused (QUIC
+# CONNECTION_REFUSED; metric cn_backend_connections_refused_total{reason}). Raise the per-address
+# cap when many gateways share one address (carrier-grade NAT).
+# defaults: max_connections = 10000, max_connections_per_address = 256
 # max_connections = 10000
+# max_connections_per_address = 256
 
 # Longest silence of a peer inside one exchange. default: "30s"
 # exchange_timeout = "30s"

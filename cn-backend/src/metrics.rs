@@ -41,6 +41,11 @@ pub struct Metrics {
     pub sessions: IntGauge,
     /// Operation streams by operation (`batch`, `revoke`, `list`) and result (`ok`, error code).
     pub operations: IntCounterVec,
+    /// QUIC connections open now (authenticated or not, handshakes included).
+    pub connections: IntGauge,
+    /// Connections refused before the handshake, by reason (`max_connections`,
+    /// `per_address`, `shutting_down`).
+    pub connections_refused: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
@@ -163,6 +168,21 @@ impl Metrics {
                 "cn_backend_operations_total",
                 "Gateway operation streams by operation and result (ok or the error code sent).",
                 &["operation", "result"],
+            )?,
+            connections: {
+                let g = IntGauge::with_opts(Opts::new(
+                    "cn_backend_connections_open",
+                    "QUIC connections currently open, authenticated or not (handshakes included).",
+                ))?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            connections_refused: counter_vec(
+                &r,
+                "cn_backend_connections_refused_total",
+                "QUIC connections refused at the first packet, by reason (max_connections, \
+                 per_address: max_connections_per_address from one address, shutting_down).",
+                &["reason"],
             )?,
             registry: r,
         })

@@ -999,7 +999,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, parent) = store_with_parent(dir.path(), Timestamp(1_700_000_000));
         let cfg = IssuerConfig {
-            imsi_range: ImsiRange::new("001", "01", 9_000_000_000, 9_000_999_999).unwrap(),
+            // Exactly the 160 SUPIs the good items need: an item that consumed one and failed
+            // would leave the batch short, and it would fail with range exhausted.
+            imsi_range: ImsiRange::new("001", "01", 9_000_000_000, 9_000_000_159).unwrap(),
             op: Key128::from_bytes([3; 16]),
             amf: Amf::DEFAULT,
             operator: OperatorPolicy {
@@ -1080,22 +1082,21 @@ mod tests {
                 other => panic!("item {i}: {other:?}"),
             }
         }
-        // SUPIs are allocated in item order with no gap: the items that failed, before or
-        // after their allocation, consumed nothing.
+        // Every SUPI of the range is taken exactly once (in random order): the items that
+        // failed, before or after their allocation, consumed nothing.
+        msins.sort_unstable();
         let want: Vec<u64> = (0..160).map(|n| 9_000_000_000 + n).collect();
         assert_eq!(msins, want);
         assert_eq!(store.children_of(&parent).unwrap().len(), 160);
-        // The next issued credential takes the very next SUPI.
+        // The range is full: the next credential cannot be issued.
         let next = Batch {
             items: items(201..=201),
             ..batch
         };
-        match &issue_batch(&store, &cfg, &next, &TwoStep).unwrap()[0] {
-            ItemOutcome::Issued { child, .. } => {
-                assert_eq!(child.supi.as_str(), "imsi-001019000000160");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert!(matches!(
+            issue_batch(&store, &cfg, &next, &TwoStep),
+            Err(StoreError::ImsiRangeExhausted(_))
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use companion_transport::{ALPN_ATTACH, ALPN_CN, Limits, server_config};
+use companion_transport::{ALPN_ATTACH, ALPN_CN, server_config};
 use tracing::{info, warn};
 
 use crate::config::Layout;
@@ -77,9 +77,10 @@ pub async fn serve(layout: &Layout, opts: ServeOptions) -> anyhow::Result<()> {
         .with_context(|| format!("loading the data directory {}", layout.dir.display()))?;
     let listen = opts.listen.unwrap_or(loaded.settings.listen);
     let http_listen = opts.http_listen.unwrap_or(loaded.settings.http_listen);
-    let mut limits = Limits::cn_link();
-    limits.keep_alive = None;
-    limits.max_bidi_streams = 64;
+    // Unauthenticated peers get the small pre-authentication windows; a gateway session is
+    // raised to the full ones once its AKA succeeded (server::gateway_session).
+    let limits =
+        crate::server::authenticated_limits().until_authenticated(&crate::server::PRE_AUTH);
     let qcfg = server_config(&loaded.identity, None, &[ALPN_CN, ALPN_ATTACH], &limits)
         .context("building the QUIC server configuration")?;
     // Reset tokens and connection IDs derive from reset.key, kept across restarts: a restarted

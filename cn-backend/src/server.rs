@@ -36,7 +36,7 @@ use companion_proto::msg::{
 };
 use companion_proto::{Config, ProtoError};
 use companion_transport::drive::{DriveError, StreamDriver};
-use companion_transport::{ALPN_ATTACH, ALPN_CN, negotiated_alpn, tls_exporter};
+use companion_transport::{ALPN_ATTACH, ALPN_CN, Limits, PreAuth, negotiated_alpn, tls_exporter};
 use tracing::{debug, info, warn};
 
 use crate::aka_guard::{Reserved, SourcePrefix, VectorPlan};
@@ -72,30 +72,151 @@ fn proto_config(svc: &Service) -> Config {
     }
 }
 
+/// What an unauthenticated peer is granted (see [`Limits::until_authenticated`]): the AKA stream
+/// only, and 16 KiB of unread data for the whole connection. With [`AKA_READ_BUDGET`] on that
+/// stream, a connection that never authenticates makes the CN hold a few tens of KiB, not the
+/// 32 MiB window of an authenticated gateway session.
+pub const PRE_AUTH: PreAuth = PreAuth {
+    max_bidi_streams: 1,
+    connection_window: 16 * 1024,
+};
+
+/// Most bytes a peer may send on the AKA stream before AKA succeeded: AuthStart, AuthResponse
+/// and resynchronisations are a few hundred bytes in all, so a peer that announces a large
+/// frame there is refused with `too_large` before the CN buffers it.
+pub const AKA_READ_BUDGET: u64 = 4 * 1024;
+
+/// The limits of an authenticated connection (a gateway session once AKA succeeded); the
+/// endpoint advertises them narrowed to [`PRE_AUTH`], and [`Limits::grant`] raises a
+/// connection to them.
+pub fn authenticated_limits() -> Limits {
+    let mut limits = Limits::cn_link();
+    limits.keep_alive = None;
+    limits.max_bidi_streams = 64;
+    limits
+}
+
+/// The key of the per-address connection cap: the IPv4 address (also IPv4-mapped IPv6), the
+/// IPv6 /64 (one subscriber's LAN gets a /64 or more, so a host can pick any address in it).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => IpAddr::V4(a),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(m) => IpAddr::V4(m),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & (u128::MAX << 64))),
+        },
+    }
+}
+
+/// One connection's place in [`Service::connections`], taken in the accept loop before the
+/// connection's task is spawned (so a burst of connections cannot overshoot the caps), and
+/// given back when dropped, however the connection ends.
+struct Slot {
+    svc: Arc<Service>,
+    key: IpAddr,
+}
+
+/// Why a connection was refused at its first packet (the metric's label).
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Total,
+    PerAddress,
+}
+
+impl Slot {
+    fn take(svc: &Arc<Service>, ip: IpAddr) -> Result<Slot, Refusal> {
+        let key = address_key(ip);
+        // A poisoned lock still holds consistent counts (every update is one statement).
+        let mut c = svc
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if c.total >= svc.settings.max_connections {
+            return Err(Refusal::Total);
+        }
+        let n = c.per_address.entry(key).or_insert(0);
+        if *n >= svc.settings.max_connections_per_address {
+            if *n == 0 {
+                c.per_address.remove(&key);
+            }
+            return Err(Refusal::PerAddress);
+        }
+        *n += 1;
+        c.total += 1;
+        svc.metrics.connections.inc();
+        Ok(Slot {
+            svc: svc.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self
+            .svc
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_address.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_address.remove(&self.key);
+            }
+        }
+        self.svc.metrics.connections.dec();
+    }
+}
+
 /// Accepts connections until the endpoint is closed.
 pub async fn run(svc: Arc<Service>, endpoint: quinn::Endpoint) {
+    let refused = |reason: &str| {
+        svc.metrics
+            .connections_refused
+            .with_label_values(&[reason])
+            .inc();
+    };
     while let Some(incoming) = endpoint.accept().await {
         if svc.is_shutting_down() {
+            refused("shutting_down");
             incoming.refuse();
             continue;
         }
-        if svc.connections.load(Ordering::Acquire) >= svc.settings.max_connections {
-            warn!(
-                "connection limit reached; refusing {}",
-                incoming.remote_address()
-            );
-            incoming.refuse();
-            continue;
-        }
+        let peer = incoming.remote_address();
+        let slot = match Slot::take(&svc, peer.ip()) {
+            Ok(s) => s,
+            Err(Refusal::Total) => {
+                refused("max_connections");
+                warn!(
+                    %peer,
+                    "connection limit reached (max_connections = {}); refusing",
+                    svc.settings.max_connections
+                );
+                incoming.refuse();
+                continue;
+            }
+            Err(Refusal::PerAddress) => {
+                // Debug only: a flood from one address must not flood the log too; the
+                // metric counts them.
+                refused("per_address");
+                debug!(
+                    %peer,
+                    "per-address connection limit reached (max_connections_per_address = {}); \
+                     refusing",
+                    svc.settings.max_connections_per_address
+                );
+                incoming.refuse();
+                continue;
+            }
+        };
         let svc = svc.clone();
         tokio::spawn(async move {
-            svc.connections.fetch_add(1, Ordering::AcqRel);
-            let peer = incoming.remote_address();
+            let _slot = slot;
             match incoming.await {
                 Ok(conn) => handle_connection(&svc, conn).await,
                 Err(e) => debug!(%peer, "handshake failed: {e}"),
             }
-            svc.connections.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
@@ -113,6 +234,7 @@ async fn handle_connection(svc: &Arc<Service>, conn: quinn::Connection) {
         return;
     };
     let mut drv = StreamDriver::new(send, recv, svc.exchange_timeout);
+    drv.set_read_budget(Some(AKA_READ_BUDGET));
     match alpn.as_deref() {
         Some(a) if a == ALPN_CN => gateway_session(svc, &conn, drv, exporter).await,
         Some(a) if a == ALPN_ATTACH => attach(svc, &conn, &mut drv, exporter).await,
@@ -378,6 +500,21 @@ async fn run_aka<W: AkaWire>(
                 }
                 return None;
             }
+            Err(DriveError::OverBudget { budget }) => {
+                aka_metric("too_large");
+                debug!("AKA stream over its budget of {budget} bytes");
+                reject(
+                    m,
+                    ErrorMsg::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "AKA messages are at most {budget} bytes in all before \
+                             authentication; send AuthStart and the answers only"
+                        ),
+                    ),
+                );
+                break;
+            }
             Err(e) => {
                 aka_metric(if matches!(e, DriveError::Timeout(_)) {
                     "timeout"
@@ -569,6 +706,9 @@ async fn gateway_session(
             return;
         }
     };
+    // Authenticated: the full windows and operation streams (MAX_DATA and MAX_STREAMS go out
+    // with or before AuthResult, so the gateway's first operation does not wait for them).
+    authenticated_limits().grant(conn);
     if m.accept(result).is_err() || drv.flush_and_finish(&mut m).await.is_err() {
         return;
     }

@@ -228,6 +228,17 @@ pub struct AttachTemplate {
     pub trust_anchor: Vec<u8>,
 }
 
+/// Open QUIC connections: the total and, per source address key (IPv4 address, IPv6 /64), how
+/// many. An address leaves the map with its last connection, so the map holds at most
+/// `max_connections` entries.
+#[derive(Debug, Default)]
+pub struct ConnectionCount {
+    /// All open connections.
+    pub total: usize,
+    /// Open connections per source address key.
+    pub per_address: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
 /// The state every connection and request handler shares.
 #[derive(Debug)]
 pub struct Service {
@@ -245,8 +256,9 @@ pub struct Service {
     pub metrics: Metrics,
     /// AKA lock-out (per SUPI and source prefix, per source prefix) and vector reuse.
     pub aka_guard: Mutex<AkaGuard>,
-    /// Open connections.
-    pub connections: AtomicUsize,
+    /// Open connections, in all and per source address ([`crate::server`] takes and returns
+    /// the slots).
+    pub connections: Mutex<ConnectionCount>,
     /// Batches being processed.
     pub inflight: AtomicUsize,
     /// Set once shutdown began.
@@ -335,7 +347,7 @@ impl Service {
             attach,
             metrics,
             aka_guard: Mutex::new(AkaGuard::default()),
-            connections: AtomicUsize::new(0),
+            connections: Mutex::new(ConnectionCount::default()),
             inflight: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
         })

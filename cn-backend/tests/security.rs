@@ -38,16 +38,17 @@ fn low_order_keys() -> Vec<[u8; 32]> {
     .collect()
 }
 
-/// The persistent SUPI allocator's next MSIN (None before the first allocation), read from the
-/// database file while the server runs (WAL: a reader sees the last commit).
-fn next_msin(dir: &Dir) -> Option<i64> {
+/// Child credentials in the database, every status: each one is a SUPI taken from the range
+/// (nothing else takes one), read from the database file while the server runs (WAL: a reader
+/// sees the last commit).
+fn children_rows(dir: &Dir) -> i64 {
     let db = rusqlite::Connection::open_with_flags(
         dir.path().join("cn-backend.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
-    db.query_row("SELECT next_msin FROM imsi_allocator", [], |r| r.get(0))
-        .ok()
+    db.query_row("SELECT count(*) FROM children", [], |r| r.get(0))
+        .unwrap()
 }
 
 fn metric(text: &str, name: &str) -> u64 {
@@ -59,8 +60,9 @@ fn metric(text: &str, name: &str) -> u64 {
 /// Attack 1 (IMSI range burn): a paired device, or a greedy gateway, sends requests whose HPKE
 /// key is all-zero or another low-order point. Before the fix every such item consumed a SUPI
 /// (allocated, then the seal failed, and the allocation was committed anyway) without using any
-/// quota. Now: 10,000 such items leave the allocator where it was, issue nothing, use no quota,
-/// and the next good request gets the very next SUPI.
+/// quota. Now: 10,000 such items take no SUPI from the range (the children table, where every
+/// SUPI taken is stored, does not grow), issue nothing and use no quota; the next good request
+/// is issued as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_order_hpke_keys_burn_no_supi_and_no_quota() {
     const BAD_ITEMS: usize = 10_000;
@@ -82,7 +84,8 @@ async fn low_order_hpke_keys_burn_no_supi_and_no_quota() {
         .unwrap();
     assert_eq!(r.items[0].outcome, Outcome::Issued);
     let first_supi = good.open(&r.items[0]).supi;
-    let before = next_msin(&dir).unwrap();
+    let before = children_rows(&dir);
+    assert_eq!(before, 1);
 
     let keys = low_order_keys();
     let mut outcomes = std::collections::HashMap::<Outcome, usize>::new();
@@ -119,9 +122,9 @@ async fn low_order_hpke_keys_burn_no_supi_and_no_quota() {
         }
         sent += n;
     }
-    let after = next_msin(&dir).unwrap();
+    let after = children_rows(&dir);
     eprintln!(
-        "{BAD_ITEMS} items with low-order HPKE keys: next_msin {before} -> {after} \
+        "{BAD_ITEMS} items with low-order HPKE keys: SUPIs taken {before} -> {after} \
          ({} SUPIs burned); outcomes {outcomes:?}",
         after - before
     );
@@ -131,7 +134,7 @@ async fn low_order_hpke_keys_burn_no_supi_and_no_quota() {
     assert_eq!(show["subscriber"]["active_children"], 1, "{show}");
     assert_eq!(s.list_children().await.unwrap().children.len(), 1);
 
-    // The next good request gets the SUPI right after the first one: nothing was skipped.
+    // The next good request is issued: one more SUPI taken, a different one.
     let good2 = DeviceReq::new(2);
     let r = s
         .batch(BatchProvision {
@@ -142,13 +145,8 @@ async fn low_order_hpke_keys_burn_no_supi_and_no_quota() {
         .unwrap();
     assert_eq!(r.items[0].outcome, Outcome::Issued);
     let second_supi = good2.open(&r.items[0]).supi;
-    let msin = |s: &str| s[s.len() - 10..].parse::<u64>().unwrap();
-    assert_eq!(
-        msin(second_supi.as_str()),
-        msin(first_supi.as_str()) + 1,
-        "{first_supi} then {second_supi}"
-    );
-    assert_eq!(next_msin(&dir).unwrap(), before + 1);
+    assert_ne!(first_supi, second_supi);
+    assert_eq!(children_rows(&dir), before + 1);
     let (_, m) = srv.http("GET", "/metrics", None, "");
     assert_eq!(metric(&m, "cn_backend_credentials_issued_total"), 2);
     assert_eq!(
@@ -210,7 +208,7 @@ async fn allocation_cap_stops_revoke_and_reissue_churn() {
     assert_eq!(metric(&m, "cn_backend_allocation_rate_limited_total"), 5);
     assert_eq!(metric(&m, "cn_backend_credentials_issued_total"), 5);
     // Exactly five SUPIs were taken from the range.
-    assert_eq!(next_msin(&dir), Some(100_005));
+    assert_eq!(children_rows(&dir), 5);
     assert!(srv.log_text().contains("allocation cap"));
 
     // Renewal keeps its SUPI: not capped. Issue-then-renew needs a live child, so use a fresh
@@ -377,8 +375,8 @@ async fn client_auth_failed_errors_lock_no_companion_out() {
     );
 }
 
-/// Attack 2b (child at attach): the same with a child SUPI. Child SUPIs are sequential, so
-/// easy to guess; 20 AttachRequest + `Error(auth_failed)` from one address lock no device out:
+/// Attack 2b (child at attach): the same with a child SUPI (random within the range now, but
+/// known to its gateway and to anyone who saw it); 20 AttachRequest + `Error(auth_failed)` from one address lock no device out:
 /// the real device attaches at once from another address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_auth_failed_errors_lock_no_device_out_at_attach() {
@@ -599,4 +597,277 @@ async fn a_resent_challenge_the_usim_already_used_is_resynchronised() {
             "{r}: {m}"
         );
     }
+}
+
+/// Resident memory of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A client configuration for a raw `companion-cn/1` connection (no AKA).
+fn raw_cn_config(srv: &Server) -> quinn::ClientConfig {
+    companion_transport::client_config(
+        companion_transport::ServerTrust::Anchors(vec![srv.anchor.clone()]),
+        None,
+        companion_transport::ALPN_CN,
+        &companion_transport::Limits::cn_link(),
+    )
+    .unwrap()
+}
+
+/// Writes a frame header announcing a 4 MiB AuthStart (the CN conversation's largest frame),
+/// then body bytes: `Some(n)` bytes, or as many as flow control lets through (`None`: until a
+/// write makes no progress for 300 ms or fails). Returns the bytes written.
+async fn push_partial_frame(send: &mut quinn::SendStream, body: Option<usize>) -> usize {
+    let mut header = vec![1u8, 0x10, 0, 0];
+    header.extend_from_slice(&(4u32 * 1024 * 1024).to_be_bytes());
+    let chunk = vec![0xa5u8; 16 * 1024];
+    let stall = Duration::from_millis(300);
+    let mut written = 0usize;
+    match tokio::time::timeout(stall, send.write_all(&header)).await {
+        Ok(Ok(())) => {}
+        _ => return 0,
+    }
+    let limit = body.unwrap_or(4 * 1024 * 1024);
+    while written < limit {
+        let n = chunk.len().min(limit - written);
+        match tokio::time::timeout(stall, send.write(&chunk[..n])).await {
+            Ok(Ok(w)) => written += w,
+            _ => break,
+        }
+    }
+    written
+}
+
+/// One unauthenticated connection that pushes what it can: a partial huge frame on the AKA
+/// stream (`hold`: 3 KiB of it and then waits, under the CN's AKA budget; else as much as flow
+/// control allows), then up to four more streams with the same. Returns the connection (kept
+/// open by the caller) and the bytes written.
+async fn flood_connection(
+    ep: quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    hold: bool,
+) -> Option<(quinn::Connection, Vec<quinn::SendStream>, usize)> {
+    let conn = ep.connect_with(cfg, addr, "localhost").ok()?.await.ok()?;
+    let mut streams = Vec::new();
+    let mut total = 0;
+    let body = hold.then_some(3 * 1024);
+    for _ in 0..5 {
+        let Ok(Ok((mut send, _recv))) =
+            tokio::time::timeout(Duration::from_millis(300), conn.open_bi()).await
+        else {
+            break;
+        };
+        total += push_partial_frame(&mut send, body).await;
+        streams.push(send);
+    }
+    Some((conn, streams, total))
+}
+
+/// Attack 5 (memory held for unauthenticated clients): 500 connections that never
+/// authenticate, from ten addresses, each pushing as much unacknowledged data as the CN's flow
+/// control allows — a partial 4 MiB frame on the AKA stream and on as many extra streams as
+/// the CN lets it open; half of them stop at 3 KiB (under the AKA budget) and stay. Before the
+/// fix each connection could make the CN hold ~36 MiB (32 MiB connection window, 4 MiB frames
+/// on the AKA stream, 64 streams); now the CN grants an unauthenticated connection one stream,
+/// a 16 KiB window and a 4 KiB AKA budget, and its peak RSS grows by less than 64 MiB.
+/// `CN_UNAUTH_FLOOD` sets the number of connections (to measure an older build safely).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_hold_little_memory() {
+    let n: usize = std::env::var("CN_UNAUTH_FLOOD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    // The CN waits long enough for every flood connection's AKA stream to stay open.
+    let dir = Dir::init("exchange_timeout = \"120s\"");
+    dir.add_parent(P1, &[]);
+    let srv = dir.serve();
+    let pid = srv.child.id();
+    // Warm up with one real session, so the baseline includes the runtime's first allocations.
+    let s = connect(&srv, P1).await;
+    assert!(s.list_children().await.unwrap().children.is_empty());
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = rss_kib(pid);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+
+    let cfg = raw_cn_config(&srv);
+    let endpoints: Vec<quinn::Endpoint> = (10..20)
+        .map(|i| client_endpoint_at(&format!("127.0.0.{i}")))
+        .collect();
+    let t0 = Instant::now();
+    let mut held = Vec::new();
+    let mut pushed = 0usize;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        set.spawn(flood_connection(
+            endpoints[i % endpoints.len()].clone(),
+            cfg.clone(),
+            srv.quic,
+            i % 2 == 1,
+        ));
+        // At most 50 handshakes in flight at once.
+        if set.len() >= 50
+            && let Some(Ok(Some((c, st, w)))) = set.join_next().await
+        {
+            held.push((c, st));
+            pushed += w;
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        if let Ok(Some((c, st, w))) = r {
+            held.push((c, st));
+            pushed += w;
+        }
+    }
+    // Let the CN take in what is in flight.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap().max(after);
+    let open = held
+        .iter()
+        .filter(|(c, _)| c.close_reason().is_none())
+        .count();
+    let streams: usize = held.iter().map(|(_, s)| s.len()).sum();
+    let (_, m) = srv.http("GET", "/metrics", None, "");
+    eprintln!(
+        "{n} unauthenticated connections in {:.1?}: {} established, {open} still open, \
+         {streams} streams, {} KiB pushed; CN RSS {} KiB -> peak {} KiB (+{} MiB), {} KiB \
+         after; AKA too_large: {}",
+        t0.elapsed(),
+        held.len(),
+        pushed / 1024,
+        baseline,
+        peak,
+        (peak.saturating_sub(baseline)) / 1024,
+        after,
+        metric(
+            &m,
+            "cn_backend_aka_outcomes_total{conversation=\"cn\",result=\"too_large\"}"
+        ),
+    );
+    assert_eq!(held.len(), n, "every flood connection was established");
+    assert!(
+        peak.saturating_sub(baseline) < 64 * 1024,
+        "CN RSS grew by {} MiB",
+        (peak - baseline) / 1024
+    );
+    // The CN still serves a real gateway.
+    let s = connect(&srv, P1).await;
+    assert!(s.list_children().await.unwrap().children.is_empty());
+}
+
+/// Attack 5, the slots: one address opening connection after connection. At most
+/// `max_connections_per_address` are admitted at once (a burst of ten at once admits exactly
+/// three: the count is taken before the connection's task starts), the rest are refused with
+/// QUIC CONNECTION_REFUSED and counted; another address still connects and authenticates; a
+/// burst past `max_connections` overshoots by none; a closed connection frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_connection_cap_refuses_one_address_not_others() {
+    let dir = Dir::init("max_connections_per_address = 3\nmax_connections = 5");
+    dir.add_parent(P1, &[]);
+    let srv = dir.serve();
+    let cfg = raw_cn_config(&srv);
+
+    async fn burst(
+        ep: &quinn::Endpoint,
+        cfg: &quinn::ClientConfig,
+        addr: std::net::SocketAddr,
+        n: usize,
+    ) -> (Vec<quinn::Connection>, usize) {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let c = ep.connect_with(cfg.clone(), addr, "localhost").unwrap();
+            set.spawn(c);
+        }
+        let (mut ok, mut refused) = (Vec::new(), 0);
+        while let Some(r) = set.join_next().await {
+            match r.unwrap() {
+                Ok(c) => ok.push(c),
+                Err(quinn::ConnectionError::ConnectionClosed(c))
+                    if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+                {
+                    refused += 1;
+                }
+                Err(e) => panic!("unexpected connection error: {e}"),
+            }
+        }
+        (ok, refused)
+    }
+
+    let ep_a = client_endpoint_at("127.0.0.2");
+    let (mut a, refused) = burst(&ep_a, &cfg, srv.quic, 10).await;
+    eprintln!(
+        "burst of 10 from 127.0.0.2: {} admitted, {refused} refused",
+        a.len()
+    );
+    assert_eq!((a.len(), refused), (3, 7));
+
+    // Another address: a real gateway session authenticates and works.
+    let ep_b = client_endpoint_at("127.0.0.3");
+    let mut u = parent_usim(P1);
+    let (s, _) = CnSession::connect_with(
+        &ep_b,
+        &srv.target(common::HOME_SNN),
+        &mut u,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert!(s.list_children().await.unwrap().children.is_empty());
+
+    // Four open; a burst of three from a third address: one fits under max_connections.
+    let ep_c = client_endpoint_at("127.0.0.4");
+    let (c, refused_total) = burst(&ep_c, &cfg, srv.quic, 3).await;
+    eprintln!(
+        "burst of 3 from 127.0.0.4 with 4 of 5 open: {} admitted, {refused_total} refused",
+        c.len()
+    );
+    assert_eq!((c.len(), refused_total), (1, 2));
+
+    let (_, m) = srv.http("GET", "/metrics", None, "");
+    let refused_metric = |reason: &str| {
+        metric(
+            &m,
+            &format!("cn_backend_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(refused_metric("per_address"), 7, "{m}");
+    assert_eq!(refused_metric("max_connections"), 2, "{m}");
+    assert_eq!(metric(&m, "cn_backend_connections_open"), 5, "{m}");
+
+    // Closing one of 127.0.0.2's connections frees its slot.
+    let gone = a.pop().unwrap();
+    gone.close(0u32.into(), b"done");
+    let t0 = Instant::now();
+    loop {
+        let (ok, _) = burst(&ep_a, &cfg, srv.quic, 1).await;
+        if ok.len() == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "slot not given back after close"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
 }

@@ -56,6 +56,7 @@ conformance_tests!(
     parent_lifecycle_cascades,
     batch_errors_commit_nothing,
     supi_allocation_skips_taken,
+    supi_allocation_is_unpredictable,
     sqn_advances_and_resyncs,
     sqn_unique_under_concurrency,
     aka_failure_counter,
@@ -146,14 +147,17 @@ fn reopen_keeps_data_and_checks_kek() {
         &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
     );
     assert!(matches!(&out[0], ItemOutcome::AlreadyIssued { sealed: s, .. } if *s == sealed));
-    // The SUPI allocator continues after a restart.
+    // After a restart, allocation sees the SUPI taken before it: a new request gets another.
     let out = issue(
         &store,
         &batch(&p, T0, vec![BatchItem::Provision(prov("v", 2))]),
     );
+    let first = store.children_of(&p).unwrap();
+    assert_eq!(first.len(), 2);
     assert!(
-        matches!(&out[0], ItemOutcome::Issued { child, .. } if child.supi == supi(9_000_000_001))
+        matches!(&out[0], ItemOutcome::Issued { child, .. } if first.iter().any(|c| c.supi == child.supi))
     );
+    assert_ne!(first[0].supi, first[1].supi);
     drop(store);
     let wrong = SqliteStore::open(&path, Kek::from_bytes(&[1; 32]), SqliteConfig::default());
     assert!(matches!(wrong, Err(StoreError::WrongKek)));
@@ -230,4 +234,16 @@ fn separate_connections_respect_quota() {
         stores[2].parent(&p).unwrap().unwrap().status,
         SubscriptionStatus::Active
     );
+}
+
+/// Two fresh stores given the same requests hand out different SUPIs (the allocation is drawn
+/// from the CSPRNG, not derived from the store's state).
+#[test]
+fn fresh_stores_allocate_different_sequences() {
+    let (a, b) = (fixture(), fixture());
+    let pa = add_parent(&a.store, 1, 100);
+    let pb = add_parent(&b.store, 1, 100);
+    let sa = issue_many(&a.store, &cfg(), &pa, 20);
+    let sb = issue_many(&b.store, &cfg(), &pb, 20);
+    assert_ne!(sa, sb);
 }

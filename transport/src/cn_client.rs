@@ -165,6 +165,8 @@ impl CnClientError {
             DriveError::Proto(p) => CnClientError::Protocol(p),
             DriveError::Timeout(s) => CnClientError::Timeout(s),
             DriveError::Ended => CnClientError::Stream("the CN ended the stream early".into()),
+            // Clients set no read budget; kept for completeness.
+            DriveError::OverBudget { .. } => CnClientError::Stream(e.to_string()),
             DriveError::Read(_) | DriveError::Write(_) => match conn.close_reason() {
                 Some(reason) => CnClientError::Connection(reason),
                 None => CnClientError::Stream(e.to_string()),

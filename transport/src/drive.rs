@@ -35,6 +35,13 @@ pub enum DriveError {
     /// The stream ended in a terminal state without the event the caller waited for.
     #[error("the stream ended without an answer")]
     Ended,
+    /// The peer sent more bytes on this stream than its read budget allows
+    /// ([`StreamDriver::set_read_budget`]); nothing past the budget was read.
+    #[error("the peer sent more than {budget} bytes on this stream")]
+    OverBudget {
+        /// The budget, bytes.
+        budget: u64,
+    },
 }
 
 impl DriveError {
@@ -51,6 +58,8 @@ pub struct StreamDriver {
     recv: quinn::RecvStream,
     peer_finished: bool,
     write_timeout: Duration,
+    /// Most bytes that may still be read from the peer, if limited.
+    read_budget: Option<(u64, u64)>,
 }
 
 impl StreamDriver {
@@ -61,7 +70,16 @@ impl StreamDriver {
             recv,
             peer_finished: false,
             write_timeout,
+            read_budget: None,
         }
+    }
+
+    /// Limits the bytes read from the peer from now on to `budget` (`None`: unlimited). Past
+    /// it, [`StreamDriver::next_event`] fails with [`DriveError::OverBudget`] without reading
+    /// further, so a peer cannot make the machine buffer a large frame: a server sets a small
+    /// budget while the peer is unauthenticated (AKA messages are tiny) and lifts it after.
+    pub fn set_read_budget(&mut self, budget: Option<u64>) {
+        self.read_budget = budget.map(|b| (b, b));
     }
 
     /// Writes every frame the machine has queued.
@@ -92,9 +110,17 @@ impl StreamDriver {
             let deadline = m
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + FALLBACK_TIMEOUT);
+            let chunk_max = match self.read_budget {
+                // One byte past what is left, to tell "exactly at the budget" from "over it"
+                // (and still see the end of the stream when nothing is left).
+                Some((_, left)) => usize::try_from(left.saturating_add(1))
+                    .unwrap_or(READ_CHUNK)
+                    .min(READ_CHUNK),
+                None => READ_CHUNK,
+            };
             let read = tokio::time::timeout_at(
                 tokio::time::Instant::from_std(deadline),
-                self.recv.read_chunk(READ_CHUNK, true),
+                self.recv.read_chunk(chunk_max, true),
             )
             .await;
             let now = Instant::now();
@@ -112,7 +138,17 @@ impl StreamDriver {
                     }
                     Err(e) => Err(e),
                 },
-                Ok(Ok(Some(chunk))) => m.handle_bytes(now, &chunk.bytes),
+                Ok(Ok(Some(chunk))) => {
+                    if let Some((budget, left)) = &mut self.read_budget {
+                        let n = u64::try_from(chunk.bytes.len()).unwrap_or(u64::MAX);
+                        if n > *left {
+                            *left = 0;
+                            return Err(DriveError::OverBudget { budget: *budget });
+                        }
+                        *left -= n;
+                    }
+                    m.handle_bytes(now, &chunk.bytes)
+                }
                 Ok(Ok(None)) => {
                     self.peer_finished = true;
                     m.handle_end_of_stream()

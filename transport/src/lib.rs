@@ -25,7 +25,7 @@ pub mod verify;
 pub use binding::{BindingError, sign_binding, verify_binding};
 pub use pki::{Identity, OperatorCa, PkiError, spki_fingerprint, spki_from_cert};
 pub use quic::{
-    ConfigError, Limits, ServerTrust, client_config, negotiated_alpn, peer_fingerprint,
+    ConfigError, Limits, PreAuth, ServerTrust, client_config, negotiated_alpn, peer_fingerprint,
     server_config, tls_exporter,
 };
 pub use verify::{KeyPolicy, PinnedClientVerifier, PinnedServerVerifier};

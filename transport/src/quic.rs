@@ -45,6 +45,17 @@ pub struct Limits {
     pub connection_window: u32,
 }
 
+/// What a server grants a connection before its peer authenticated (see
+/// [`Limits::until_authenticated`]).
+#[derive(Clone, Debug)]
+pub struct PreAuth {
+    /// Bidirectional streams the peer may have open at once (1: the authentication stream).
+    pub max_bidi_streams: u32,
+    /// Flow-control window for the whole connection, bytes: the most unread data the peer can
+    /// make the server hold.
+    pub connection_window: u32,
+}
+
 impl Limits {
     /// A device talking to the gateway: one exchange at a time, small messages.
     pub fn device_link() -> Self {
@@ -79,6 +90,30 @@ impl Limits {
             keep_alive: Some(CN_LIVENESS / 4),
             ..Self::cn_link()
         }
+    }
+
+    /// These limits narrowed to `pre` for the handshake: what a server advertises to a peer
+    /// that has not authenticated yet. [`Limits::grant`] raises a connection to `self` later.
+    ///
+    /// Only the connection-wide window and the stream count change: quinn (0.11) fixes the
+    /// per-stream window for the whole connection at the handshake (every stream's
+    /// MAX_STREAM_DATA is its bytes read plus that window), so it cannot be raised for later
+    /// streams. It need not be: the connection window bounds the unread bytes of all streams
+    /// together, so with `pre.connection_window` and one stream an unauthenticated peer can
+    /// make the server buffer at most that much.
+    pub fn until_authenticated(&self, pre: &PreAuth) -> Limits {
+        Limits {
+            max_bidi_streams: pre.max_bidi_streams.min(self.max_bidi_streams),
+            connection_window: pre.connection_window.min(self.connection_window),
+            ..self.clone()
+        }
+    }
+
+    /// Raises `conn` (configured with [`Limits::until_authenticated`]) to these limits, once
+    /// its peer authenticated: sends MAX_DATA and MAX_STREAMS with the full values.
+    pub fn grant(&self, conn: &quinn::Connection) {
+        conn.set_receive_window(self.connection_window.into());
+        conn.set_max_concurrent_bi_streams(self.max_bidi_streams.into());
     }
 
     fn transport(&self) -> Result<quinn::TransportConfig, ConfigError> {

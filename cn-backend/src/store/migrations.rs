@@ -4,6 +4,10 @@
 //! `BEGIN IMMEDIATE` transaction together with the version bump, so a crash leaves the schema at
 //! a whole version. A database with a newer version than this program knows is refused. Append
 //! new migrations at the end; never edit a released one.
+//!
+//! v1's `imsi_allocator` is no longer read or written: child SUPIs are drawn at random and a
+//! SUPI is taken by its child row (`SqliteStore::allocate_supi`). The table stays, so an older
+//! binary run on this database still works (it skips SUPIs already taken).
 
 use rusqlite::{Connection, TransactionBehavior};
 

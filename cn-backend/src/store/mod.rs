@@ -314,10 +314,14 @@ pub trait WriteTx {
     fn child(&mut self, supi: &Supi) -> Result<Option<ChildCredential>, StoreError>;
     /// Reads and decrypts K and OPc of a parent or child.
     fn keys(&mut self, supi: &Supi) -> Result<Option<SubscriberKeys>, StoreError>;
-    /// Allocates the next unused SUPI from `range`, advancing the persistent allocator. The
-    /// advance is part of the transaction: rolled back (to a savepoint or entirely), the SUPI is
-    /// handed out again. Batch issuance allocates only in the item savepoint that also stores
-    /// the sealed credential, so an item that fails consumes nothing.
+    /// Allocates an unused SUPI from `range`, uniformly at random among the free ones as far as
+    /// possible (a CSPRNG draw, checked against every parent and child; when the range is
+    /// nearly full, the first free one after a random point), so child SUPIs cannot be guessed
+    /// from one another. No allocator state is kept: a SUPI is taken by the child row stored
+    /// with it in the same transaction, so rolled back (to a savepoint or entirely) it is free
+    /// again. Batch issuance allocates only in the item savepoint that also stores the sealed
+    /// credential, so an item that fails consumes nothing. [`StoreError::ImsiRangeExhausted`]
+    /// when no SUPI of the range is free.
     fn allocate_supi(&mut self, range: &ImsiRange) -> Result<Supi, StoreError>;
     /// Children of `parent` issued at or after `since` (SUPIs allocated to it in that window,
     /// since every allocation is stored with its child) and the oldest of their `issued_at`.

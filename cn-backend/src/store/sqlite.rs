@@ -280,6 +280,72 @@ fn q_aka_failures(conn: &Connection, supi: &Supi) -> Result<AkaFailures, StoreEr
         .map_err(db_err)
 }
 
+/// Uniform random draws [`SqliteStore`]'s allocator makes before it falls back to a scan.
+const RANDOM_PROBES: usize = 32;
+
+/// A uniformly random MSIN of `range`, from the operating system's CSPRNG (rejection
+/// sampling: no modulo bias), so a child SUPI says nothing about the others.
+fn random_msin(range: &ImsiRange) -> Result<u64, StoreError> {
+    let span = range.last_msin() - range.first_msin() + 1;
+    // The largest multiple of `span` that fits in u64: draws at or above it are redrawn
+    // (fewer than half of them, as span <= 10^10 < 2^63).
+    let zone = u64::MAX - (u64::MAX % span);
+    loop {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(|_| StoreError::Kek(crate::kek::KekError::Rng))?;
+        let x = u64::from_le_bytes(b);
+        if x < zone {
+            return Ok(range.first_msin() + x % span);
+        }
+    }
+}
+
+/// The SUPI of `msin`, which the caller drew from `range`.
+fn range_supi(range: &ImsiRange, msin: u64) -> Result<Supi, StoreError> {
+    range.supi(msin).ok_or_else(|| {
+        StoreError::Database(format!(
+            "MSIN {msin} outside the IMSI range {}",
+            range.plmn()
+        ))
+    })
+}
+
+/// The first MSIN in `from..=to` of `range` that no parent or child holds: one walk, in order,
+/// over the SUPIs taken in that span (same width within a PLMN, so text order is numeric).
+fn first_free(
+    conn: &Connection,
+    range: &ImsiRange,
+    from: u64,
+    to: u64,
+) -> Result<Option<u64>, StoreError> {
+    let (Some(lo), Some(hi)) = (range.supi(from), range.supi(to)) else {
+        return Ok(None);
+    };
+    let prefix_len = "imsi-".len() + range.plmn().len();
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT supi FROM children WHERE supi BETWEEN ?1 AND ?2 \
+             UNION SELECT supi FROM parents WHERE supi BETWEEN ?1 AND ?2 ORDER BY 1",
+        )
+        .map_err(db_err)?;
+    let mut rows = stmt.query([lo.as_str(), hi.as_str()]).map_err(db_err)?;
+    let mut expected = from;
+    while let Some(row) = rows.next().map_err(db_err)? {
+        let taken: String = row.get(0).map_err(db_err)?;
+        let Some(msin) = taken.get(prefix_len..).and_then(|d| d.parse::<u64>().ok()) else {
+            continue;
+        };
+        if msin > expected {
+            return Ok(Some(expected));
+        }
+        expected = expected.max(msin + 1);
+        if expected > to {
+            return Ok(None);
+        }
+    }
+    Ok((expected <= to).then_some(expected))
+}
+
 fn q_supi_taken(conn: &Connection, supi: &Supi) -> Result<bool, StoreError> {
     conn.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM parents WHERE supi = ?1) \
@@ -666,36 +732,33 @@ impl WriteTx for SqliteTx<'_> {
     }
 
     fn allocate_supi(&mut self, range: &ImsiRange) -> Result<Supi, StoreError> {
-        let stored: Option<u64> = self
-            .conn
-            .prepare_cached("SELECT next_msin FROM imsi_allocator WHERE plmn = ?1")
-            .and_then(|mut s| s.query_row([range.plmn()], |r| u64_at(r, 0)).optional())
-            .map_err(db_err)?;
-        let mut msin = stored.unwrap_or(0).max(range.first_msin());
-        let supi = loop {
-            let Some(supi) = range.supi(msin) else {
-                return Err(StoreError::ImsiRangeExhausted(format!(
-                    "{}:{}-{}",
-                    range.plmn(),
-                    range.first_msin(),
-                    range.last_msin()
-                )));
-            };
-            msin += 1;
-            // Skip SUPIs imported as parents or issued under an earlier allocator state.
+        // Uniform draws first: while the range is less than ~90 % taken, one of them is free
+        // with near certainty (all RANDOM_PROBES taken at a fill of f happens with f^32).
+        for _ in 0..RANDOM_PROBES {
+            let msin = random_msin(range)?;
+            let supi = range_supi(range, msin)?;
+            // Skip SUPIs already issued or imported as parents.
             if !q_supi_taken(self.conn, &supi)? {
-                break supi;
+                return Ok(supi);
             }
-        };
-        let next = sql_u64(msin)?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO imsi_allocator (plmn, next_msin) VALUES (?1, ?2) \
-                 ON CONFLICT (plmn) DO UPDATE SET next_msin = excluded.next_msin",
-            )
-            .and_then(|mut s| s.execute(params![range.plmn(), next]))
-            .map_err(db_err)?;
-        Ok(supi)
+        }
+        // Nearly full: the first free MSIN at or after a random point (wrapping around), found
+        // with one ordered walk over the taken SUPIs of the range instead of more draws.
+        let start = random_msin(range)?;
+        if let Some(msin) = first_free(self.conn, range, start, range.last_msin())? {
+            return range_supi(range, msin);
+        }
+        if start > range.first_msin()
+            && let Some(msin) = first_free(self.conn, range, range.first_msin(), start - 1)?
+        {
+            return range_supi(range, msin);
+        }
+        Err(StoreError::ImsiRangeExhausted(format!(
+            "{}:{}-{}",
+            range.plmn(),
+            range.first_msin(),
+            range.last_msin()
+        )))
     }
 
     fn children_issued_since(

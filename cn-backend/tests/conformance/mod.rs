@@ -456,10 +456,7 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
         ),
     );
     assert!(matches!(&out[0], ItemOutcome::Invalid(Invalid::Seal(m)) if m == "bad recipient key"));
-    // The failed item took no SUPI: the two issued ones are consecutive, and the next
-    // request gets the one after them.
-    let msin = |o: &ItemOutcome| -> u64 { issued(o).0.supi.as_str()[10..].parse().unwrap() };
-    assert_eq!(msin(&out[2]), msin(&out[1]) + 1);
+    // The failed item took no SUPI: the store holds exactly the two issued children.
     assert_eq!(store.children_of(&p).unwrap().len(), 2);
     let more = issue(
         store,
@@ -481,7 +478,9 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
         ),
     );
     assert!(matches!(&more[0], ItemOutcome::Invalid(Invalid::Seal(_))));
-    assert_eq!(msin(&more[1]), msin(&out[2]) + 1);
+    issued(&more[1]);
+    // Three children in all (one revoked): the second failed seal took nothing either.
+    assert_eq!(store.children_of(&p).unwrap().len(), 3);
 }
 
 pub fn renewal<S: Store + ?Sized>(store: &S) {
@@ -641,7 +640,9 @@ pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
             ],
         ),
     );
-    let kids: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
+    let mut kids: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
+    // Cascades report children in SUPI order; random SUPIs come in any order.
+    kids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     let out = issue(
         store,
         &batch(&other, T0, vec![BatchItem::Provision(prov("x", 1))]),
@@ -780,10 +781,13 @@ pub fn batch_errors_commit_nothing<S: Store + ?Sized>(store: &S) {
 }
 
 pub fn supi_allocation_skips_taken<S: Store + ?Sized>(store: &S) {
-    // A parent whose SUPI lies inside the child range.
+    // A range of four SUPIs with a parent's SUPI inside it: the three others are handed out
+    // (in random order), never the parent's.
+    let range = config(9_000_000_000, 9_000_000_003);
     let p = add_parent(store, 9_000_000_001, 10);
-    let out = issue(
+    let out = ops::issue_batch(
         store,
+        &range,
         &batch(
             &p,
             T0,
@@ -792,18 +796,48 @@ pub fn supi_allocation_skips_taken<S: Store + ?Sized>(store: &S) {
                 BatchItem::Provision(prov("b", 2)),
             ],
         ),
-    );
-    let got: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
-    assert_eq!(got, vec![supi(9_000_000_000), supi(9_000_000_002)]);
-    // A request whose sealing failed consumes no SUPI: the next one gets the one it would have.
+        &sealer(),
+    )
+    .unwrap();
+    let mut got: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
+    // A request whose sealing failed consumes no SUPI: the last free one is still there.
     let mut bad = prov("c", 3);
     bad.recipient = b"bad".to_vec();
-    issue(store, &batch(&p, T0, vec![BatchItem::Provision(bad)]));
-    let out = issue(
+    ops::issue_batch(
         store,
+        &range,
+        &batch(&p, T0, vec![BatchItem::Provision(bad)]),
+        &sealer(),
+    )
+    .unwrap();
+    let out = ops::issue_batch(
+        store,
+        &range,
         &batch(&p, T0, vec![BatchItem::Provision(prov("d", 4))]),
+        &sealer(),
+    )
+    .unwrap();
+    got.push(issued(&out[0]).0.supi.clone());
+    got.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(
+        got,
+        vec![
+            supi(9_000_000_000),
+            supi(9_000_000_002),
+            supi(9_000_000_003)
+        ]
     );
-    assert_eq!(issued(&out[0]).0.supi, supi(9_000_000_003));
+    // Full: the next request fails with range exhausted, and takes nothing.
+    assert!(matches!(
+        ops::issue_batch(
+            store,
+            &range,
+            &batch(&p, T0, vec![BatchItem::Provision(prov("e", 5))]),
+            &sealer(),
+        ),
+        Err(StoreError::ImsiRangeExhausted(_))
+    ));
+    assert_eq!(store.children_of(&p).unwrap().len(), 3);
     // Importing a parent over an existing child SUPI is refused.
     let dup = ops::add_parent(
         store,
@@ -821,6 +855,81 @@ pub fn supi_allocation_skips_taken<S: Store + ?Sized>(store: &S) {
         T0,
     );
     assert!(matches!(dup, Err(StoreError::Duplicate(_))));
+}
+
+/// Issues `n` children of `p` from `range` in batches of at most 64; returns their SUPIs'
+/// MSINs in the order they were issued.
+pub fn issue_many<S: Store + ?Sized>(
+    store: &S,
+    range: &IssuerConfig,
+    p: &Supi,
+    n: usize,
+) -> Vec<u64> {
+    let mut msins = Vec::new();
+    let mut i = 0usize;
+    while i < n {
+        let items: Vec<BatchItem> = (i..n.min(i + 64))
+            .map(|j| {
+                let mut it = prov(&format!("dev-{j}"), u8::try_from(j % 256).unwrap());
+                it.request_id = RequestId([u8::try_from(j / 256).unwrap(); 16]);
+                it.request_id.0[0] = u8::try_from(j % 256).unwrap();
+                BatchItem::Provision(it)
+            })
+            .collect();
+        i += items.len();
+        for o in ops::issue_batch(store, range, &batch(p, T0, items), &sealer()).unwrap() {
+            let s = issued(&o).0.supi.as_str().to_owned();
+            msins.push(s[s.len() - 10..].parse().unwrap());
+        }
+    }
+    msins
+}
+
+/// Child SUPIs are not sequential: drawn at random over the range, never twice, and a nearly
+/// full small range is filled to the last SUPI without a collision.
+pub fn supi_allocation_is_unpredictable<S: Store + ?Sized>(store: &S) {
+    // A large range: 200 children. Sequential allocation gives gaps of exactly 1.
+    let p = add_parent(store, 1, 1000);
+    let msins = issue_many(store, &cfg(), &p, 200);
+    let mut sorted = msins.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 200, "a SUPI was handed out twice");
+    let consecutive = msins.windows(2).filter(|w| w[1] == w[0] + 1).count();
+    // Uniform draws over 10^6 SUPIs: a consecutive pair has probability ~10^-6 each.
+    assert!(
+        consecutive < 5,
+        "{consecutive} of 199 allocations were sequential"
+    );
+    let (lo, hi) = (sorted[0], sorted[199]);
+    assert!(
+        hi - lo > 500_000,
+        "200 draws over 10^6 spread over {lo}..{hi} only"
+    );
+
+    // A small range, nearly full before it starts: 50 SUPIs, two of them parents'. All 48
+    // free ones are handed out, each once, then the range is exhausted.
+    let small = config(9_100_000_000, 9_100_000_049);
+    add_parent(store, 9_100_000_007, 1);
+    add_parent(store, 9_100_000_031, 1);
+    let q = add_parent(store, 2, 1000);
+    let msins = issue_many(store, &small, &q, 48);
+    let mut sorted = msins.clone();
+    sorted.sort_unstable();
+    let expected: Vec<u64> = (9_100_000_000..=9_100_000_049)
+        .filter(|m| *m != 9_100_000_007 && *m != 9_100_000_031)
+        .collect();
+    assert_eq!(sorted, expected);
+    assert_ne!(msins, expected, "the small range was filled in order");
+    assert!(matches!(
+        ops::issue_batch(
+            store,
+            &small,
+            &batch(&q, T0, vec![BatchItem::Provision(prov("last", 1))]),
+            &sealer()
+        ),
+        Err(StoreError::ImsiRangeExhausted(_))
+    ));
 }
 
 pub fn sqn_advances_and_resyncs<S: Store + ?Sized>(store: &S) {
