@@ -1075,10 +1075,14 @@ async fn forged_initials_never_block_an_address_and_its_device_is_served() {
     gw.wait_cn("up");
     let victim: std::net::IpAddr = "127.0.0.9".parse().unwrap();
     let mut forger = Forger::new(b"not-companion/0");
-    const FORGED: usize = 40;
+    const FORGED: usize = 200;
     for i in 1..=FORGED {
         forger.send_from(victim, gw.devices);
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if i % 10 != 0 {
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let b = blocked(&gw);
         assert!(
             !b.contains(&victim.to_string()),
