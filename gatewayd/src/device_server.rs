@@ -289,15 +289,7 @@ impl DeviceServer {
         let Ok(blocks) = self.state.blocks(now) else {
             return;
         };
-        if blocks.len() < max {
-            return;
-        }
-        let mut finite: Vec<_> = blocks
-            .iter()
-            .filter_map(|b| b.until.map(|u| (u, b.addr)))
-            .collect();
-        finite.sort_unstable();
-        for (until, addr) in finite.into_iter().take(blocks.len() + 1 - max) {
+        for (until, addr) in blocks_to_evict(&blocks, max) {
             match self.state.unblock(addr) {
                 Ok(_) => {
                     tracing::warn!(
@@ -771,6 +763,21 @@ impl DeviceServer {
     }
 }
 
+/// The blocks to lift so that one more fits within `max`: those ending soonest, never an
+/// indefinite one (the owner's).
+fn blocks_to_evict(blocks: &[crate::state::Block], max: usize) -> Vec<(i64, IpAddr)> {
+    if blocks.len() < max {
+        return Vec::new();
+    }
+    let mut finite: Vec<_> = blocks
+        .iter()
+        .filter_map(|b| b.until.map(|u| (u, b.addr)))
+        .collect();
+    finite.sort_unstable();
+    finite.truncate(blocks.len() + 1 - max);
+    finite
+}
+
 /// When the first `Pending` goes to a device whose request is not answered at once.
 const FIRST_PENDING_AFTER: Duration = Duration::from_millis(300);
 
@@ -839,6 +846,26 @@ mod tests {
         }
         // Half the promise at least on a LAN.
         assert_eq!(next_pending_after(ms(2_000), ms(1)), ms(1_000));
+    }
+
+    #[test]
+    fn a_full_block_list_makes_room_by_lifting_the_block_ending_soonest() {
+        use crate::state::Block;
+        let b = |last: u8, until: Option<i64>| Block {
+            addr: IpAddr::from([10, 0, 0, last]),
+            until,
+            created_at: 0,
+        };
+        let blocks = vec![b(1, None), b(2, Some(50)), b(3, Some(20)), b(4, None)];
+        assert!(blocks_to_evict(&blocks, 5).is_empty());
+        assert_eq!(
+            blocks_to_evict(&blocks, 4),
+            vec![(20, IpAddr::from([10, 0, 0, 3]))]
+        );
+        assert_eq!(blocks_to_evict(&blocks, 3).len(), 2);
+        // Only indefinite blocks: nothing is lifted (the new block still goes in, over the
+        // bound the filter's sync enforces by leaving the soonest-ending out).
+        assert!(blocks_to_evict(&[b(1, None), b(2, None)], 2).is_empty());
     }
 
     #[test]

@@ -397,3 +397,66 @@ pub fn key_ip(k: &SourceKey) -> IpAddr {
         None => IpAddr::V6(v6),
     }
 }
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    fn key(i: u32) -> SourceKey {
+        let mut a = [0u8; 16];
+        a[0] = 0xfd;
+        a[12..].copy_from_slice(&i.to_be_bytes());
+        SourceKey::v6(a)
+    }
+
+    #[test]
+    fn the_deny_list_stays_at_its_bound_and_keeps_the_blocks_ending_last() {
+        let p = UserspacePolicy::default();
+        let max = DENY_MAX;
+        // Full: half indefinite (owner), half ending at 1000 + i.
+        for i in 0..max {
+            let until_ns = if i % 2 == 0 { 0 } else { 1000 + u64::from(i) };
+            p.set_deny(key(i), DenyEntry { until_ns });
+        }
+        assert_eq!(p.table_stats().deny, max as usize);
+        // A block ending later than the soonest finite one replaces it (key 1, until 1001).
+        p.set_deny(
+            key(max),
+            DenyEntry {
+                until_ns: 1_000_000,
+            },
+        );
+        let s = p.table_stats();
+        assert_eq!((s.deny, s.deny_evictions), (max as usize, 1));
+        assert!(!p.deny_keys().contains(&key(1)));
+        assert!(p.deny_keys().contains(&key(max)));
+        // One ending sooner than every finite one is not added; indefinite ones never go.
+        p.set_deny(key(max + 1), DenyEntry { until_ns: 1 });
+        assert!(!p.deny_keys().contains(&key(max + 1)));
+        assert_eq!(p.table_stats().deny, max as usize);
+        for i in (0..max).step_by(2) {
+            assert!(p.deny_keys().contains(&key(i)));
+        }
+    }
+
+    #[test]
+    fn a_flood_of_sources_keeps_the_bucket_table_at_its_bound() {
+        let p = UserspacePolicy::default();
+        p.set_config(FilterConfig {
+            port: 4433,
+            initial_rate: 10,
+            initial_burst: 20,
+            ..FilterConfig::default()
+        });
+        p.set_bucket_capacity(100);
+        let mut initial = vec![0u8; 1200];
+        initial[0] = 0xc0;
+        initial[1..5].copy_from_slice(&1u32.to_be_bytes());
+        for i in 0..10_000 {
+            p.judge(key(i), &initial, 1_000_000);
+        }
+        let s = p.table_stats();
+        assert_eq!(s.buckets, 100);
+        assert_eq!(s.bucket_evictions, 10_000 - 100);
+    }
+}
