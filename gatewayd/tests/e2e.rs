@@ -1133,9 +1133,25 @@ async fn a_failed_handshake_from_an_unvalidated_address_is_not_counted() {
         gw.wait_cn("up");
         let victim: std::net::IpAddr = "127.0.0.10".parse().unwrap();
         let mut forger = Forger::new(b"not-companion/0");
-        for _ in 0..25 {
+        for i in 0..25 {
             forger.send_from(victim, gw.devices);
             tokio::time::sleep(Duration::from_millis(20)).await;
+            if i == 0 {
+                // The first failure recorded before the next Initial arrives.
+                let until = Instant::now() + Duration::from_secs(10);
+                while labelled(
+                    &gw.metrics().await,
+                    "gatewayd_device_handshake_failures_total",
+                    "address=\"unvalidated\"",
+                ) < 1.0
+                {
+                    assert!(
+                        Instant::now() < until,
+                        "{policy}: the first failure not seen"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let m = gw.metrics().await;
@@ -1294,16 +1310,40 @@ async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
         &companion_transport::Limits::device_link(),
     )
     .unwrap();
-    for i in 0..400u32 {
-        let a = std::net::Ipv4Addr::new(127, 2, (i / 250) as u8, (i % 250 + 1) as u8);
-        let ep = quinn::Endpoint::client(SocketAddr::new(a.into(), 0)).unwrap();
-        for _ in 0..2 {
-            let r = tokio::time::timeout(
-                Duration::from_secs(3),
-                ep.connect_with(bad.clone(), gw.devices, "gw").unwrap(),
-            )
-            .await;
-            assert!(!matches!(r, Ok(Ok(_))), "a bad ALPN must fail");
+    // In batches of 100 (the suspects table holds 256), each batch's second round once gatewayd
+    // has recorded the first round's failures (the client learns of its failure before the
+    // server's connection task records it).
+    let unvalidated = |m: &str| {
+        labelled(
+            m,
+            "gatewayd_device_handshake_failures_total",
+            "address=\"unvalidated\"",
+        )
+    };
+    for batch in 0..4u32 {
+        let eps: Vec<_> = (batch * 100..(batch + 1) * 100)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::new(127, 2, (i / 250) as u8, (i % 250 + 1) as u8);
+                quinn::Endpoint::client(SocketAddr::new(a.into(), 0)).unwrap()
+            })
+            .collect();
+        let before = unvalidated(&gw.metrics().await);
+        for round in 0..2 {
+            for ep in &eps {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    ep.connect_with(bad.clone(), gw.devices, "gw").unwrap(),
+                )
+                .await;
+                assert!(!matches!(r, Ok(Ok(_))), "a bad ALPN must fail");
+            }
+            if round == 0 {
+                let until = Instant::now() + Duration::from_secs(10);
+                while unvalidated(&gw.metrics().await) < before + 100.0 {
+                    assert!(Instant::now() < until, "first-round failures not recorded");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
