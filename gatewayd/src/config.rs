@@ -135,6 +135,12 @@ pub struct FilterConfig {
     /// How long an automatic block lasts. Default `10m`.
     #[serde(with = "duration_str")]
     pub block_for: Duration,
+    /// Most source addresses each per-address table keeps: the Initial token buckets (userspace
+    /// mode; the eBPF map holds 65,536), the handshake-failure counters, the per-address
+    /// connection rate and the addresses suspected of failing handshakes. A full table evicts
+    /// its least recently used address (`gatewayd_address_table_evictions_total{table}`).
+    /// 16 to 65536. Default 65536.
+    pub max_tracked_sources: usize,
 }
 
 impl Default for FilterConfig {
@@ -149,8 +155,28 @@ impl Default for FilterConfig {
             block_after_failures: 10,
             failure_window: Duration::from_secs(60),
             block_for: Duration::from_secs(600),
+            max_tracked_sources: MAX_TRACKED_SOURCES,
         }
     }
+}
+
+/// Largest (and default) `[filter] max_tracked_sources`: the size of the eBPF bucket map.
+pub const MAX_TRACKED_SOURCES: usize = companion_filter_common::BUCKETS_MAX as usize;
+
+/// When the device server answers a new connection with a QUIC Retry (RFC 9000 §8.1), so the
+/// client proves it receives packets at its source address before any handshake work is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryPolicy {
+    /// Every connection from an address not yet validated (costs one round trip per connection).
+    Always,
+    /// Only while `retry_load_handshakes` or more handshakes are in progress, and for addresses
+    /// that recently failed a handshake; handshake failures from unvalidated addresses are then
+    /// not counted towards automatic blocks.
+    UnderLoad,
+    /// Never: no failure before the client proved its address counts towards a block, so only
+    /// failures after the handshake (a key unpaired meanwhile) can block an address.
+    Never,
 }
 
 /// The device-facing QUIC server.
@@ -178,6 +204,12 @@ pub struct DevicesConfig {
     /// Initial costs that device a retransmission timeout. Beyond `net.core.rmem_max` /
     /// `wmem_max` only with CAP_NET_ADMIN. Default 4 MiB (4194304).
     pub socket_buffer: usize,
+    /// QUIC address validation: `always`, `under_load` or `never` (see [`RetryPolicy`]).
+    /// Default `always`.
+    pub retry: RetryPolicy,
+    /// With `retry = "under_load"`: handshakes in progress from which new connections get a
+    /// Retry. Default 64.
+    pub retry_load_handshakes: usize,
 }
 
 impl Default for DevicesConfig {
@@ -190,6 +222,8 @@ impl Default for DevicesConfig {
             new_connections_per_ip: 200,
             max_connections_per_device: 2,
             socket_buffer: 4 * 1024 * 1024,
+            retry: RetryPolicy::Always,
+            retry_load_handshakes: 64,
         }
     }
 }
@@ -564,6 +598,16 @@ impl Config {
         }
         if self.filter.block_for.is_zero() || self.filter.failure_window.is_zero() {
             return invalid("[filter] block_for and failure_window must be longer than 0s");
+        }
+        if self.devices.retry_load_handshakes == 0 {
+            return invalid("[devices] retry_load_handshakes must be at least 1");
+        }
+        if !(16..=MAX_TRACKED_SOURCES).contains(&self.filter.max_tracked_sources) {
+            return Err(ConfigError::Invalid(format!(
+                "[filter] max_tracked_sources = {} is out of range: set it between 16 and {} \
+                 (the size of the eBPF bucket map)",
+                self.filter.max_tracked_sources, MAX_TRACKED_SOURCES
+            )));
         }
         if self
             .filter

@@ -385,6 +385,7 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
         registry.clone(),
         state.clone(),
         metrics.clone(),
+        cfg.filter.max_tracked_sources,
     );
     server.set_filter(filter.clone());
     let (accept_tx, accept_rx) = watch::channel(false);
@@ -610,6 +611,7 @@ fn reload(
         || new.companion != old.companion;
     provisioner.reconfigure(new.batching.batcher(), settings(&new));
     server.reconfigure(new.devices.clone());
+    server.set_max_tracked_sources(new.filter.max_tracked_sources);
     if new.filter != old.filter || new.devices != old.devices {
         handler.filter.reconfigure(&new);
         if new.filter.mode != old.filter.mode || new.filter.interfaces != old.filter.interfaces {

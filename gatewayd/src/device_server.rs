@@ -7,6 +7,10 @@
 //!   at most 2 bidirectional streams per connection (transport limit), at most
 //!   `max_connections_per_device` connections per key, a per-IP rate of new connections, and
 //!   one provisioning at a time per device.
+//! - Address validation ([`RetryPolicy`]): a QUIC Retry to new connections from addresses that
+//!   have not proved they receive our packets (always, by default), so a forged source address
+//!   costs no handshake work; only failures from validated addresses count towards an automatic
+//!   block. Every table keyed by address is bounded ([`BoundedMap`]).
 //! - One [`ServerExchange`] per stream with a per-stream silence deadline; a device that sends
 //!   garbage is cut off (connection closed), one that stalls loses its stream, one that
 //!   reconnects in a loop is refused at the door — none of it affects other devices.
@@ -29,10 +33,11 @@ use companion_transport::{
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 
-use crate::config::DevicesConfig;
+use crate::bounded::BoundedMap;
+use crate::config::{DevicesConfig, RetryPolicy};
 use crate::delivery::{Peer, Provisioner, Reply, decode_sealed};
 use crate::filter::{Filter, FilteredSocket, UserspacePolicy};
-use crate::metrics::{Metrics, giveup, kind};
+use crate::metrics::{Metrics, address, giveup, kind, table};
 use crate::pairing::{Admission, PairingRegistry};
 use crate::state::{AckOutcome, State};
 
@@ -136,7 +141,14 @@ pub struct DeviceServer {
     metrics: Arc<Metrics>,
     active: AtomicUsize,
     streams: AtomicUsize,
-    rate: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Per-address connection rate, bounded by `[filter] max_tracked_sources`.
+    rate: Mutex<BoundedMap<IpAddr, Bucket>>,
+    /// Addresses that failed a handshake before proving their address, and when: with
+    /// `retry = "under_load"` they get a Retry for `failure_window`, so their next failure is
+    /// attributable and counts. Bounded like `rate`.
+    suspects: Mutex<BoundedMap<IpAddr, Instant>>,
+    /// Handshakes in progress (the load `retry = "under_load"` looks at).
+    handshaking: AtomicUsize,
     /// Open connections by device key.
     conns: Mutex<HashMap<[u8; 32], Vec<ConnEntry>>>,
     /// Device keys with an exchange in progress (one provisioning at a time per device).
@@ -173,6 +185,15 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
+/// Counts a handshake in progress until dropped.
+struct HandshakeGuard(Arc<DeviceServer>);
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        self.0.handshaking.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct StreamGuard<'a>(&'a AtomicUsize);
 
 impl Drop for StreamGuard<'_> {
@@ -197,6 +218,7 @@ impl DeviceServer {
         registry: Arc<PairingRegistry>,
         state: Arc<State>,
         metrics: Arc<Metrics>,
+        max_tracked_sources: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             cfg: Mutex::new(cfg),
@@ -206,7 +228,9 @@ impl DeviceServer {
             metrics,
             active: AtomicUsize::new(0),
             streams: AtomicUsize::new(0),
-            rate: Mutex::new(HashMap::new()),
+            rate: Mutex::new(BoundedMap::new(max_tracked_sources)),
+            suspects: Mutex::new(BoundedMap::new(max_tracked_sources)),
+            handshaking: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             filter: std::sync::OnceLock::new(),
@@ -219,19 +243,106 @@ impl DeviceServer {
         let _ = self.filter.set(filter);
     }
 
-    /// A handshake from `ip` failed or was refused: count it towards an automatic block.
-    fn handshake_failed(&self, ip: IpAddr) {
+    /// A handshake from `ip` failed or was refused. Counted towards an automatic block only if
+    /// the address was `validated` (the client proved it receives our packets there: a Retry
+    /// token, or a completed handshake); otherwise the source may be forged, and the address
+    /// only becomes a Retry suspect (`retry = "under_load"`).
+    fn handshake_failed(&self, ip: IpAddr, validated: bool) {
+        let label = if validated {
+            address::VALIDATED
+        } else {
+            address::UNVALIDATED
+        };
+        self.metrics
+            .handshake_failures
+            .with_label_values(&[label])
+            .inc();
+        if !validated {
+            let (evicted, len) = {
+                let mut s = lock(&self.suspects);
+                let evicted = s.insert(ip, Instant::now()).is_some();
+                (evicted, s.len())
+            };
+            self.metrics
+                .address_table(table::RETRY_SUSPECTS, len, usize::from(evicted));
+            return;
+        }
         let Some(f) = self.filter.get() else { return };
         let now = unix_now();
         if let Some(b) = f.note_failure(ip, now) {
             tracing::warn!(addr = %ip, until = ?b.until, "repeated failed handshakes: source blocked");
+            self.make_room_for_a_block(now);
             if let Err(e) = self.state.block(&b) {
                 tracing::error!(error = %e, "cannot store an automatic block");
             }
             if let Ok(blocks) = self.state.blocks(now) {
+                self.metrics.address_table(table::BLOCKS, blocks.len(), 0);
                 f.sync(&blocks, self.registry.window().is_some(), now);
             }
         }
+    }
+
+    /// Keeps the stored blocks within the deny list's size (`DENY_MAX`): a full list loses the
+    /// block that ends soonest (never an indefinite one, the owner's) to the new one.
+    fn make_room_for_a_block(&self, now: i64) {
+        let max = companion_filter_common::DENY_MAX as usize;
+        let Ok(blocks) = self.state.blocks(now) else {
+            return;
+        };
+        for (until, addr) in blocks_to_evict(&blocks, max) {
+            match self.state.unblock(addr) {
+                Ok(_) => {
+                    tracing::warn!(
+                        addr = %addr,
+                        until,
+                        "deny list full ({max} blocks): the block ending soonest makes room"
+                    );
+                    self.metrics
+                        .address_table_evictions
+                        .with_label_values(&[table::BLOCKS])
+                        .inc();
+                }
+                Err(e) => tracing::error!(error = %e, "cannot lift a block to make room"),
+            }
+        }
+    }
+
+    /// Whether a new connection from `ip`, not yet validated, gets a Retry.
+    fn wants_retry(&self, cfg: &DevicesConfig, ip: IpAddr, window: Duration) -> bool {
+        match cfg.retry {
+            RetryPolicy::Always => true,
+            RetryPolicy::Never => false,
+            RetryPolicy::UnderLoad => {
+                if self.handshaking.load(Ordering::Relaxed) >= cfg.retry_load_handshakes {
+                    return true;
+                }
+                let mut s = lock(&self.suspects);
+                match s.peek(&ip) {
+                    Some(t) if t.elapsed() < window => true,
+                    Some(_) => {
+                        s.remove(&ip);
+                        false
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
+
+    /// Bounds the per-address tables to `max_tracked_sources` (SIGHUP).
+    pub fn set_max_tracked_sources(&self, max: usize) {
+        let (evicted, len) = {
+            let mut r = lock(&self.rate);
+            (r.set_capacity(max), r.len())
+        };
+        self.metrics
+            .address_table(table::CONNECTION_RATE, len, evicted);
+        let (evicted, len) = {
+            let mut s = lock(&self.suspects);
+            (s.set_capacity(max), s.len())
+        };
+        self.metrics
+            .address_table(table::RETRY_SUSPECTS, len, evicted);
     }
 
     /// A device abandoned its exchange before the gateway answered: logged and counted
@@ -291,13 +402,23 @@ impl DeviceServer {
         let now = Instant::now();
         let burst = f64::from(per_sec) * 2.0;
         let mut rate = lock(&self.rate);
-        if rate.len() > 65_536 {
-            rate.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(10));
+        if !rate.contains_key(&ip) {
+            let evicted = rate
+                .insert(
+                    ip,
+                    Bucket {
+                        tokens: burst,
+                        at: now,
+                    },
+                )
+                .is_some();
+            self.metrics
+                .address_table(table::CONNECTION_RATE, rate.len(), usize::from(evicted));
         }
-        let b = rate.entry(ip).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
+        // Just inserted if it was missing (the invariant the `else` relies on).
+        let Some(b) = rate.get_mut(&ip) else {
+            return true;
+        };
         b.tokens =
             (b.tokens + now.duration_since(b.at).as_secs_f64() * f64::from(per_sec)).min(burst);
         b.at = now;
@@ -327,6 +448,23 @@ impl DeviceServer {
                 incoming.refuse();
                 continue;
             }
+            let validated = incoming.remote_address_validated();
+            let window = self
+                .filter
+                .get()
+                .map_or(Duration::from_secs(60), |f| f.failure_window());
+            let mut incoming = incoming;
+            if !validated && self.wants_retry(&cfg, incoming.remote_address().ip(), window) {
+                // Stateless: the client comes back with a token proving its address. Nothing
+                // per address is kept for it, so forged sources cost one small packet each.
+                match incoming.retry() {
+                    Ok(()) => {
+                        self.metrics.retries_sent.inc();
+                        continue;
+                    }
+                    Err(e) => incoming = e.into_incoming(),
+                }
+            }
             if !self.admit_rate(incoming.remote_address().ip(), cfg.new_connections_per_ip) {
                 tracing::debug!(remote = %incoming.remote_address(), "refused: connection rate");
                 incoming.refuse();
@@ -335,24 +473,35 @@ impl DeviceServer {
             next_id += 1;
             let me = self.clone();
             let id = next_id;
-            tokio::spawn(async move { me.connection(incoming, id, cfg).await });
+            self.handshaking.fetch_add(1, Ordering::Relaxed);
+            let guard = HandshakeGuard(self.clone());
+            tokio::spawn(async move { me.connection(incoming, id, cfg, validated, guard).await });
         }
         tracing::info!("device server stopped accepting connections");
     }
 
-    async fn connection(self: Arc<Self>, incoming: quinn::Incoming, id: usize, cfg: DevicesConfig) {
+    async fn connection(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        id: usize,
+        cfg: DevicesConfig,
+        validated: bool,
+        handshake: HandshakeGuard,
+    ) {
         let remote = incoming.remote_address();
-        let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.await })
-            .await
-        {
+        let done = tokio::time::timeout(Duration::from_secs(10), async { incoming.await }).await;
+        drop(handshake);
+        let conn = match done {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::info!(%remote, error = %e, "device handshake failed (unpaired key or bad TLS)");
                 // Only a handshake the peer got wrong (refused certificate, TLS or QUIC protocol
                 // error) counts towards an automatic block; a timeout or a client that gave up
                 // is what an honest device does on a loaded network.
+                // And only from a validated address: a single forged Initial (bad ALPN, say)
+                // fails here too, from whatever source address the sender wrote in it.
                 if matches!(e, quinn::ConnectionError::TransportError(_)) {
-                    self.handshake_failed(remote.ip());
+                    self.handshake_failed(remote.ip(), validated);
                 }
                 return;
             }
@@ -382,7 +531,8 @@ impl DeviceServer {
             }
             Admission::Refused => {
                 conn.close(close::NOT_PAIRED.into(), b"not paired");
-                self.handshake_failed(remote.ip());
+                // The handshake completed: the client received our packets at this address.
+                self.handshake_failed(remote.ip(), true);
                 return;
             }
         };
@@ -613,6 +763,21 @@ impl DeviceServer {
     }
 }
 
+/// The blocks to lift so that one more fits within `max`: those ending soonest, never an
+/// indefinite one (the owner's).
+fn blocks_to_evict(blocks: &[crate::state::Block], max: usize) -> Vec<(i64, IpAddr)> {
+    if blocks.len() < max {
+        return Vec::new();
+    }
+    let mut finite: Vec<_> = blocks
+        .iter()
+        .filter_map(|b| b.until.map(|u| (u, b.addr)))
+        .collect();
+    finite.sort_unstable();
+    finite.truncate(blocks.len() + 1 - max);
+    finite
+}
+
 /// When the first `Pending` goes to a device whose request is not answered at once.
 const FIRST_PENDING_AFTER: Duration = Duration::from_millis(300);
 
@@ -681,6 +846,26 @@ mod tests {
         }
         // Half the promise at least on a LAN.
         assert_eq!(next_pending_after(ms(2_000), ms(1)), ms(1_000));
+    }
+
+    #[test]
+    fn a_full_block_list_makes_room_by_lifting_the_block_ending_soonest() {
+        use crate::state::Block;
+        let b = |last: u8, until: Option<i64>| Block {
+            addr: IpAddr::from([10, 0, 0, last]),
+            until,
+            created_at: 0,
+        };
+        let blocks = vec![b(1, None), b(2, Some(50)), b(3, Some(20)), b(4, None)];
+        assert!(blocks_to_evict(&blocks, 5).is_empty());
+        assert_eq!(
+            blocks_to_evict(&blocks, 4),
+            vec![(20, IpAddr::from([10, 0, 0, 3]))]
+        );
+        assert_eq!(blocks_to_evict(&blocks, 3).len(), 2);
+        // Only indefinite blocks: nothing is lifted (the new block still goes in, over the
+        // bound the filter's sync enforces by leaving the soonest-ending out).
+        assert!(blocks_to_evict(&[b(1, None), b(2, None)], 2).is_empty());
     }
 
     #[test]

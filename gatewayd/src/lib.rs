@@ -17,10 +17,12 @@
 //!   acknowledged, renewal pre-fetch, revocation retries;
 //! - [`cn_link`]: the authenticated sessions to the CN, reconnecting with backoff;
 //! - [`filter`]: the LAN filter (eBPF XDP/TC, or the same policy in userspace);
+//! - [`bounded`]: the fixed-capacity map behind every per-source-address table;
 //! - [`daemon`]: wiring, the control handler, signals, systemd notifications, ready file.
 #![forbid(unsafe_code)]
 
 pub mod batcher;
+pub mod bounded;
 pub mod clock;
 pub mod cn_link;
 pub mod companion;

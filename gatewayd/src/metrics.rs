@@ -78,6 +78,49 @@ pub struct Metrics {
     /// Child credentials revoked at the CN because no device will use them: issued for a device
     /// revoked or unpaired meanwhile, or reported `credential_unusable`.
     pub orphans_revoked: prometheus::IntCounter,
+    /// QUIC Retry packets sent to unvalidated source addresses.
+    pub retries_sent: prometheus::IntCounter,
+    /// Failed device handshakes, by whether the source address was validated
+    /// ([`address`]; only validated ones count towards automatic blocks).
+    pub handshake_failures: IntCounterVec,
+    /// Entries in each per-source-address table ([`table`]).
+    pub address_table_entries: IntGaugeVec,
+    /// Entries evicted from a full per-source-address table ([`table`]).
+    pub address_table_evictions: IntCounterVec,
+}
+
+/// Labels of `gatewayd_device_handshake_failures_total`.
+pub mod address {
+    /// The client proved it receives packets at its address (Retry token, or a failure after
+    /// the handshake completed): counted towards an automatic block.
+    pub const VALIDATED: &str = "validated";
+    /// The source address may be forged: not counted.
+    pub const UNVALIDATED: &str = "unvalidated";
+    pub const ALL: [&str; 2] = [VALIDATED, UNVALIDATED];
+}
+
+/// Tables of `gatewayd_address_table_entries` / `gatewayd_address_table_evictions_total`.
+pub mod table {
+    /// The userspace filter's Initial token buckets.
+    pub const FILTER_BUCKETS: &str = "filter_buckets";
+    /// The userspace filter's deny list (blocks in force).
+    pub const FILTER_DENY: &str = "filter_deny";
+    /// Failed-handshake counters towards automatic blocks.
+    pub const HANDSHAKE_FAILURES: &str = "handshake_failures";
+    /// The device server's per-address connection rate.
+    pub const CONNECTION_RATE: &str = "connection_rate";
+    /// Addresses that recently failed a handshake (always sent a Retry, `retry = "under_load"`).
+    pub const RETRY_SUSPECTS: &str = "retry_suspects";
+    /// Stored blocks (an automatic block evicts the one ending soonest when the deny list is full).
+    pub const BLOCKS: &str = "blocks";
+    pub const ALL: [&str; 6] = [
+        FILTER_BUCKETS,
+        FILTER_DENY,
+        HANDSHAKE_FAILURES,
+        CONNECTION_RATE,
+        RETRY_SUSPECTS,
+        BLOCKS,
+    ];
 }
 
 /// Reasons of `gatewayd_cn_link_losses_total`.
@@ -243,6 +286,46 @@ impl Metrics {
              the device reported credential_unusable (its quota slot is freed).",
         ))?;
         registry.register(Box::new(orphans_revoked.clone()))?;
+        let retries_sent = prometheus::IntCounter::with_opts(opts(
+            "quic_retries_sent_total",
+            "QUIC Retry packets sent to device source addresses not yet validated ([devices] retry).",
+        ))?;
+        let handshake_failures = IntCounterVec::new(
+            opts(
+                "device_handshake_failures_total",
+                "Failed or refused device handshakes, by address (validated: counted towards an \
+                 automatic block; unvalidated: the source may be forged, not counted).",
+            ),
+            &["address"],
+        )?;
+        for a in address::ALL {
+            handshake_failures.with_label_values(&[a]);
+        }
+        let address_table_entries = IntGaugeVec::new(
+            opts(
+                "address_table_entries",
+                "Entries in each per-source-address table (filter_buckets, filter_deny, \
+                 handshake_failures, connection_rate, retry_suspects, blocks); each is bounded \
+                 by [filter] max_tracked_sources (the deny list and blocks by 16384).",
+            ),
+            &["table"],
+        )?;
+        let address_table_evictions = IntCounterVec::new(
+            opts(
+                "address_table_evictions_total",
+                "Entries evicted from a full per-source-address table, by table: a flood of \
+                 distinct source addresses (or a table sized too small).",
+            ),
+            &["table"],
+        )?;
+        for t in table::ALL {
+            address_table_entries.with_label_values(&[t]);
+            address_table_evictions.with_label_values(&[t]);
+        }
+        registry.register(Box::new(retries_sent.clone()))?;
+        registry.register(Box::new(handshake_failures.clone()))?;
+        registry.register(Box::new(address_table_entries.clone()))?;
+        registry.register(Box::new(address_table_evictions.clone()))?;
         registry.register(Box::new(cn_link_losses.clone()))?;
         registry.register(Box::new(device_giveups.clone()))?;
         registry.register(Box::new(pendings_sent.clone()))?;
@@ -290,12 +373,28 @@ impl Metrics {
             pendings_sent,
             binding_refused,
             orphans_revoked,
+            retries_sent,
+            handshake_failures,
+            address_table_entries,
+            address_table_evictions,
         })
     }
 
     /// The registry, to add more collectors.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Records a per-address table's size and how many entries it just evicted.
+    pub fn address_table(&self, table: &str, entries: usize, evicted: usize) {
+        self.address_table_entries
+            .with_label_values(&[table])
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        if evicted > 0 {
+            self.address_table_evictions
+                .with_label_values(&[table])
+                .inc_by(evicted as u64);
+        }
     }
 
     /// Counts one request outcome.

@@ -172,7 +172,12 @@ listen = "127.0.0.1:0"
                 .as_nanos()
         )))
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+        // GATEWAYD_BIN: another build (e.g. main's) for before/after figures.
+        let exe = std::env::var_os("GATEWAYD_BIN").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_gatewayd")),
+            PathBuf::from,
+        );
+        let mut child = Command::new(exe)
             .arg("--config")
             .arg(&self.config)
             .arg("--ready-file")
@@ -717,8 +722,11 @@ async fn misbehaving_devices_are_cut_off_without_affecting_others() {
             .is_err(),
         "a third concurrent stream must wait"
     );
-    // Reconnecting in a loop: refused beyond the per-address rate.
+    // Reconnecting in a loop: refused beyond the per-address rate (5/s, bursts of 10). Each
+    // connection now takes a Retry round trip first, so the loop is slower and more tokens
+    // refill meanwhile: the bound is on what the rate allows over the loop's duration.
     let mut refused = 0;
+    let looping = Instant::now();
     for _ in 0..30 {
         let cfg_keys = &keys[3];
         let c = companion_transport::client_config(
@@ -735,9 +743,11 @@ async fn misbehaving_devices_are_cut_off_without_affecting_others() {
             Err(_) => refused += 1,
         }
     }
+    let allowed = 10.0 + 5.0 * looping.elapsed().as_secs_f64();
     assert!(
-        refused >= 10,
-        "only {refused} of 30 loop connections refused"
+        refused >= 1 && f64::from(30 - refused) <= allowed + 1.0,
+        "only {refused} of 30 loop connections refused in {:?}",
+        looping.elapsed()
     );
     // Meanwhile a well-behaved device (from another address) is served normally.
     let good = device("good-1");
@@ -1031,6 +1041,392 @@ async fn a_device_cannot_widen_the_owners_credential_settings() {
     assert!(!b.restrictions.roaming_allowed, "{:?}", b.restrictions);
     assert_eq!(b.restrictions.dnns, vec!["iot".to_string()]);
     assert_eq!(b.restrictions.max_bitrate_kbps, Some(256));
+}
+
+// ---- Forged source addresses (issue 15 item 3) ----
+
+/// Single QUIC Initials (a full ClientHello, padded to 1200 bytes) as a client would send them
+/// first, built with quinn-proto and never followed up: what an attacker who forges its source
+/// address can send (it never sees the answer).
+struct Forger {
+    ep: quinn_proto::Endpoint,
+    cfg: quinn::ClientConfig,
+}
+
+impl Forger {
+    fn new(alpn: &[u8]) -> Self {
+        let keys = device("forger");
+        let cfg = companion_transport::client_config(
+            companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
+                companion_transport::PinnedServerVerifier::new(None),
+            )),
+            Some(&keys.identity),
+            alpn,
+            &companion_transport::Limits::device_link(),
+        )
+        .unwrap();
+        let ep = quinn_proto::Endpoint::new(
+            std::sync::Arc::new(quinn_proto::EndpointConfig::default()),
+            None,
+            false,
+            None,
+        );
+        Self { ep, cfg }
+    }
+
+    /// One Initial of a new connection to `to`.
+    fn initial(&mut self, to: SocketAddr) -> Vec<u8> {
+        let now = Instant::now();
+        let (_, mut conn) = self.ep.connect(now, self.cfg.clone(), to, "gw").unwrap();
+        let mut buf = Vec::new();
+        let t = conn.poll_transmit(now, 1, &mut buf).unwrap();
+        buf.truncate(t.size);
+        assert!(buf.len() >= 1200 && buf[0] & 0xf0 == 0xc0, "an Initial");
+        buf
+    }
+
+    /// Sends one Initial to `to` "from" `from` (any 127/8 address can be bound on loopback).
+    fn send_from(&mut self, from: std::net::IpAddr, to: SocketAddr) {
+        let pkt = self.initial(to);
+        let s = std::net::UdpSocket::bind(SocketAddr::new(from, 0)).unwrap();
+        s.send_to(&pkt, to).unwrap();
+    }
+}
+
+fn blocked(gw: &Gw) -> Vec<String> {
+    gw.status()["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["addr"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn labelled(text: &str, name: &str, label: &str) -> f64 {
+    metric(text, &format!("{name}{{{label}}}"))
+}
+
+/// The attack: single-packet Initials with a ClientHello the gateway refuses (wrong ALPN), from
+/// a forged source address. Before: ten of them blocked 127.0.0.9 for 10 minutes (persisted).
+/// Now (default `retry = "always"`): each is answered with a stateless Retry that the forger
+/// never sees, nothing is counted, and a real device at that address is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_initials_never_block_an_address_and_its_device_is_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let victim: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+    let mut forger = Forger::new(b"not-companion/0");
+    const FORGED: usize = 200;
+    for i in 1..=FORGED {
+        forger.send_from(victim, gw.devices);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if i % 10 != 0 {
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let b = blocked(&gw);
+        assert!(
+            !b.contains(&victim.to_string()),
+            "{victim} blocked after {i} forged Initials: {b:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(blocked(&gw).is_empty());
+    let m = gw.metrics().await;
+    assert!(
+        metric(&m, "gatewayd_quic_retries_sent_total") >= FORGED as f64,
+        "every forged Initial answered with a Retry"
+    );
+    assert_eq!(
+        labelled(
+            &m,
+            "gatewayd_device_handshake_failures_total",
+            "address=\"validated\""
+        ),
+        0.0
+    );
+
+    // The honest device at the forged address: Retry, then its handshake and provisioning.
+    let keys = device("victim-01");
+    gw.pair(&keys);
+    let ep = quinn::Endpoint::client(SocketAddr::new(victim, 0)).unwrap();
+    let cred = client::provision(&ep, gw.devices, &keys, &Default::default())
+        .await
+        .unwrap();
+    assert!(cred.acknowledged);
+    assert!(blocked(&gw).is_empty());
+}
+
+/// Without a Retry (`under_load` while idle, and `never`) a forged bad-ALPN ClientHello does
+/// reach TLS and fails there, but from an unvalidated address: not counted. With `under_load`
+/// the address becomes a suspect and its next connection gets a Retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_handshake_from_an_unvalidated_address_is_not_counted() {
+    for policy in ["under_load", "never"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cn = Cn::init(&tmp.path().join("cn"), 10);
+        let gw = Gw::with_devices(
+            &tmp.path().join("gw"),
+            &cn,
+            "",
+            &format!("retry = \"{policy}\"\n"),
+        );
+        gw.wait_cn("up");
+        let victim: std::net::IpAddr = "127.0.0.10".parse().unwrap();
+        let mut forger = Forger::new(b"not-companion/0");
+        for i in 0..25 {
+            forger.send_from(victim, gw.devices);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if i == 0 {
+                // The first failure recorded before the next Initial arrives.
+                let until = Instant::now() + Duration::from_secs(10);
+                while labelled(
+                    &gw.metrics().await,
+                    "gatewayd_device_handshake_failures_total",
+                    "address=\"unvalidated\"",
+                ) < 1.0
+                {
+                    assert!(
+                        Instant::now() < until,
+                        "{policy}: the first failure not seen"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let m = gw.metrics().await;
+        let unvalidated = labelled(
+            &m,
+            "gatewayd_device_handshake_failures_total",
+            "address=\"unvalidated\"",
+        );
+        let retries = metric(&m, "gatewayd_quic_retries_sent_total");
+        match policy {
+            // The first failure makes 127.0.0.10 a suspect: the other 24 get a Retry.
+            "under_load" => {
+                assert_eq!(unvalidated, 1.0, "{policy}");
+                assert_eq!(retries, 24.0, "{policy}");
+            }
+            _ => {
+                assert_eq!(unvalidated, 25.0, "{policy}");
+                assert_eq!(retries, 0.0, "{policy}");
+            }
+        }
+        assert_eq!(
+            labelled(
+                &m,
+                "gatewayd_device_handshake_failures_total",
+                "address=\"validated\""
+            ),
+            0.0,
+            "{policy}"
+        );
+        assert!(blocked(&gw).is_empty(), "{policy}: {:?}", blocked(&gw));
+    }
+}
+
+/// The existing defence still works: a client that really is at its address (it answers the
+/// Retry) and fails the handshake `block_after_failures` times is blocked, and stays out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failures_from_a_validated_address_still_block_it() {
+    for (policy, expect_failures) in [("always", 10.0), ("under_load", 10.0)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cn = Cn::init(&tmp.path().join("cn"), 10);
+        let gw = Gw::with_devices(
+            &tmp.path().join("gw"),
+            &cn,
+            "",
+            &format!("retry = \"{policy}\"\n"),
+        );
+        gw.wait_cn("up");
+        let attacker: std::net::IpAddr = "127.0.0.11".parse().unwrap();
+        let ep = quinn::Endpoint::client(SocketAddr::new(attacker, 0)).unwrap();
+        let keys = device("attacker");
+        let bad = companion_transport::client_config(
+            companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
+                companion_transport::PinnedServerVerifier::new(None),
+            )),
+            Some(&keys.identity),
+            b"not-companion/0",
+            &companion_transport::Limits::device_link(),
+        )
+        .unwrap();
+        let mut tries = 0;
+        while !blocked(&gw).contains(&attacker.to_string()) {
+            tries += 1;
+            assert!(tries <= 12, "{policy}: not blocked after {tries} failures");
+            let r = tokio::time::timeout(
+                Duration::from_secs(3),
+                ep.connect_with(bad.clone(), gw.devices, "gw").unwrap(),
+            )
+            .await;
+            assert!(!matches!(r, Ok(Ok(_))), "{policy}: a bad ALPN must fail");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let m = gw.metrics().await;
+        let validated = labelled(
+            &m,
+            "gatewayd_device_handshake_failures_total",
+            "address=\"validated\"",
+        );
+        // `under_load` while idle: the first failure is unvalidated (a suspect from then on),
+        // the next ten are validated.
+        assert_eq!(validated, expect_failures, "{policy}");
+        // Blocked: even a paired device at that address gets nowhere now.
+        let good = device("good-at-attacker");
+        gw.pair(&good);
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            client::run(
+                &ep,
+                gw.devices,
+                &good,
+                &Attempt::provision(Params::default()).unwrap(),
+                &ClientOptions {
+                    connect_timeout: Duration::from_secs(2),
+                    ..opts()
+                },
+            ),
+        )
+        .await;
+        assert!(
+            !matches!(e, Ok(Ok(_))),
+            "{policy}: a blocked address was served"
+        );
+    }
+}
+
+/// A flood of distinct source addresses leaves every per-address table at its bound
+/// (`[filter] max_tracked_sources`), evicting, and the gateway keeps serving devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
+    const MAX: f64 = 256.0;
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    // `under_load` that never counts as loaded: forged Initials reach the connection-rate table
+    // and TLS (their failures fill the suspects table); the filter's buckets see every source.
+    let gw = Gw::with_devices(
+        &tmp.path().join("gw"),
+        &cn,
+        "",
+        "retry = \"under_load\"\nretry_load_handshakes = 1000000\n\
+         [filter]\nmax_tracked_sources = 256\nblock_after_failures = 1000\n",
+    );
+    gw.wait_cn("up");
+    let mut forger = Forger::new(b"not-companion/0");
+    for i in 0..3000u32 {
+        let src = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+        forger.send_from(src.into(), gw.devices);
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Let gatewayd work through the forged handshakes first (their failures would otherwise
+    // keep evicting the real addresses below from the suspects table, as a flood should).
+    let mut last = -1.0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let m = gw.metrics().await;
+        let now = labelled(
+            &m,
+            "gatewayd_device_handshake_failures_total",
+            "address=\"unvalidated\"",
+        );
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(last > 256.0, "forged handshakes failed: {last}");
+    // Validated failures from 400 real addresses fill the failure counters: each one's first
+    // bad handshake is unvalidated (a suspect from then on), its second one follows a Retry.
+    let keys = device("flooder");
+    let bad = companion_transport::client_config(
+        companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
+            companion_transport::PinnedServerVerifier::new(None),
+        )),
+        Some(&keys.identity),
+        b"not-companion/0",
+        &companion_transport::Limits::device_link(),
+    )
+    .unwrap();
+    // In batches of 100 (the suspects table holds 256), each batch's second round once gatewayd
+    // has recorded the first round's failures (the client learns of its failure before the
+    // server's connection task records it).
+    let unvalidated = |m: &str| {
+        labelled(
+            m,
+            "gatewayd_device_handshake_failures_total",
+            "address=\"unvalidated\"",
+        )
+    };
+    for batch in 0..4u32 {
+        let eps: Vec<_> = (batch * 100..(batch + 1) * 100)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::new(127, 2, (i / 250) as u8, (i % 250 + 1) as u8);
+                quinn::Endpoint::client(SocketAddr::new(a.into(), 0)).unwrap()
+            })
+            .collect();
+        let before = unvalidated(&gw.metrics().await);
+        for round in 0..2 {
+            for ep in &eps {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    ep.connect_with(bad.clone(), gw.devices, "gw").unwrap(),
+                )
+                .await;
+                assert!(!matches!(r, Ok(Ok(_))), "a bad ALPN must fail");
+            }
+            if round == 0 {
+                let until = Instant::now() + Duration::from_secs(10);
+                while unvalidated(&gw.metrics().await) < before + 100.0 {
+                    assert!(Instant::now() < until, "first-round failures not recorded");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m = gw.metrics().await;
+    for t in [
+        "filter_buckets",
+        "connection_rate",
+        "retry_suspects",
+        "handshake_failures",
+    ] {
+        let entries = labelled(
+            &m,
+            "gatewayd_address_table_entries",
+            &format!("table=\"{t}\""),
+        );
+        let evicted = labelled(
+            &m,
+            "gatewayd_address_table_evictions_total",
+            &format!("table=\"{t}\""),
+        );
+        eprintln!("{t}: {entries} entries, {evicted} evicted");
+        assert!(entries <= MAX, "{t}: {entries} entries");
+        assert!(entries > 0.0, "{t}: empty");
+        assert!(evicted > 0.0, "{t}: nothing evicted");
+    }
+    assert!(blocked(&gw).is_empty());
+    // Still serving.
+    let good = device("after-flood");
+    gw.pair(&good);
+    let ep = quinn::Endpoint::client("127.0.0.12:0".parse().unwrap()).unwrap();
+    if let Err(e) = client::provision(&ep, gw.devices, &good, &Default::default()).await {
+        let log = std::fs::read_dir(&gw.dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>();
+        let tail: Vec<_> = log.lines().rev().take(40).collect();
+        panic!("a device after the flood: {e}\n{}", tail.join("\n"));
+    }
 }
 
 // ---------------------------------------------------------------- revocation (issue 14)

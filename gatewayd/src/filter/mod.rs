@@ -24,13 +24,14 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use companion_filter_common::{DenyEntry, FilterConfig as BpfConfig, Reason, SourceKey};
+use companion_filter_common::{DENY_MAX, DenyEntry, FilterConfig as BpfConfig, Reason, SourceKey};
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::BoundedMap;
 use crate::config::{Config, FilterModeSetting};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, table};
 use crate::state::Block;
-pub use userspace::{FilteredSocket, UserspacePolicy};
+pub use userspace::{FilteredSocket, TableStats, UserspacePolicy};
 
 /// Where the policy runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,11 +171,16 @@ struct Inner {
     window_open: bool,
     /// Sources learned from paired devices' handshakes.
     learned: HashSet<SourceKey>,
-    /// Recent handshake failures per source: (first failure in window, count).
-    failures: HashMap<IpAddr, (std::time::Instant, u32)>,
+    /// Recent handshake failures per source (validated addresses only): (first failure in
+    /// window, count). Bounded by `[filter] max_tracked_sources`.
+    failures: BoundedMap<IpAddr, (std::time::Instant, u32)>,
     /// Counter values already added to the Prometheus counters.
     exported: [u64; Reason::COUNT as usize],
+    /// Userspace table evictions already added to the Prometheus counters.
+    exported_tables: TableStats,
     deny_entries: u64,
+    /// Blocks left out of the deny list at the last sync because it was full (logged on change).
+    deny_overflow: usize,
 }
 
 /// The running filter: mode, maps (kernel or userspace), counters.
@@ -259,11 +265,15 @@ impl Filter {
                 port,
                 window_open: false,
                 learned: HashSet::new(),
-                failures: HashMap::new(),
+                failures: BoundedMap::new(cfg.filter.max_tracked_sources),
                 exported: [0; Reason::COUNT as usize],
+                exported_tables: TableStats::default(),
                 deny_entries: 0,
+                deny_overflow: 0,
             }),
         });
+        me.policy
+            .set_bucket_capacity(cfg.filter.max_tracked_sources);
         me.push_config();
         me
     }
@@ -289,7 +299,17 @@ impl Filter {
 
     /// New configuration (SIGHUP): rate, burst, strict, allowed sources, failure policy.
     pub fn reconfigure(&self, cfg: &Config) {
-        self.inner().cfg = cfg.clone();
+        let evicted = {
+            let mut i = self.inner();
+            i.cfg = cfg.clone();
+            i.failures.set_capacity(cfg.filter.max_tracked_sources)
+        };
+        self.metrics
+            .address_table_evictions
+            .with_label_values(&[table::HANDSHAKE_FAILURES])
+            .inc_by(evicted as u64);
+        self.policy
+            .set_bucket_capacity(cfg.filter.max_tracked_sources);
         self.push_config();
         self.sync_paired();
     }
@@ -306,9 +326,34 @@ impl Filter {
             self.push_config();
         }
         let mono = monotonic_ns();
-        let want: HashMap<SourceKey, DenyEntry> = blocks
+        // The deny maps hold DENY_MAX entries: past that, the blocks that end soonest are left
+        // out (indefinite ones, the owner's, last). gatewayd itself keeps its automatic blocks
+        // within DENY_MAX (see `DeviceServer::handshake_failed`), so only owner blocks get here.
+        let mut in_force: Vec<&Block> = blocks
             .iter()
             .filter(|b| b.until.is_none_or(|u| u > now_unix))
+            .collect();
+        let overflow = in_force.len().saturating_sub(DENY_MAX as usize);
+        if overflow > 0 {
+            in_force.sort_unstable_by_key(|b| std::cmp::Reverse(b.until.unwrap_or(i64::MAX)));
+            in_force.truncate(DENY_MAX as usize);
+        }
+        {
+            let mut i = self.inner();
+            if i.deny_overflow != overflow {
+                i.deny_overflow = overflow;
+                if overflow > 0 {
+                    tracing::warn!(
+                        blocks = in_force.len() + overflow,
+                        left_out = overflow,
+                        "more blocks than the deny list holds ({DENY_MAX}): the ones ending \
+                         soonest are not enforced; unblock addresses with `gatewayctl unblock`"
+                    );
+                }
+            }
+        }
+        let want: HashMap<SourceKey, DenyEntry> = in_force
+            .into_iter()
             .map(|b| {
                 let until_ns = match b.until {
                     None => 0,
@@ -364,7 +409,12 @@ impl Filter {
         }
     }
 
-    /// A handshake from `ip` failed (unpaired key, bad TLS). Returns the block to store when
+    /// `[filter] failure_window`.
+    pub fn failure_window(&self) -> Duration {
+        self.inner().cfg.filter.failure_window
+    }
+
+    /// A handshake from a validated `ip` failed (unpaired key, bad TLS). Returns the block to store when
     /// this source crossed `block_after_failures` within `failure_window`.
     pub fn note_failure(&self, ip: IpAddr, now_unix: i64) -> Option<Block> {
         let mut i = self.inner();
@@ -374,19 +424,36 @@ impl Filter {
             return None;
         }
         let now = std::time::Instant::now();
-        if i.failures.len() > 65_536 {
-            i.failures
-                .retain(|_, (t, _)| now.duration_since(*t) < window);
-        }
-        let e = i.failures.entry(ip).or_insert((now, 0));
-        if now.duration_since(e.0) > window {
-            *e = (now, 0);
-        }
-        e.1 += 1;
-        if e.1 < limit {
+        let count = match i.failures.get_mut(&ip) {
+            Some(e) => {
+                if now.duration_since(e.0) > window {
+                    *e = (now, 0);
+                }
+                e.1 += 1;
+                e.1
+            }
+            None => {
+                if i.failures.insert(ip, (now, 1)).is_some() {
+                    self.metrics
+                        .address_table_evictions
+                        .with_label_values(&[table::HANDSHAKE_FAILURES])
+                        .inc();
+                }
+                1
+            }
+        };
+        if count < limit {
+            self.metrics
+                .address_table_entries
+                .with_label_values(&[table::HANDSHAKE_FAILURES])
+                .set(i.failures.len() as i64);
             return None;
         }
         i.failures.remove(&ip);
+        self.metrics
+            .address_table_entries
+            .with_label_values(&[table::HANDSHAKE_FAILURES])
+            .set(i.failures.len() as i64);
         Some(Block {
             addr: ip,
             until: Some(now_unix + block_for.as_secs().max(1) as i64),
@@ -422,6 +489,20 @@ impl Filter {
             }
         }
         i.exported = raw;
+        let t = self.policy.table_stats();
+        let prev = i.exported_tables;
+        i.exported_tables = t;
+        drop(i);
+        self.metrics.address_table(
+            table::FILTER_BUCKETS,
+            t.buckets,
+            t.bucket_evictions.saturating_sub(prev.bucket_evictions) as usize,
+        );
+        self.metrics.address_table(
+            table::FILTER_DENY,
+            t.deny,
+            t.deny_evictions.saturating_sub(prev.deny_evictions) as usize,
+        );
     }
 
     pub fn status(&self) -> FilterStatus {

@@ -18,19 +18,45 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use companion_filter_common::{
-    BUCKETS_MAX, Bucket, BucketAction, DenyEntry, FilterConfig, Reason, SourceKey, Verdict, decide,
+    BUCKETS_MAX, Bucket, BucketAction, DENY_MAX, DenyEntry, FilterConfig, Reason, SourceKey,
+    Verdict, decide,
 };
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
 use super::{monotonic_ns, source_key};
+use crate::bounded::BoundedMap;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Tables {
     cfg: FilterConfig,
-    buckets: HashMap<SourceKey, Bucket>,
+    /// Bounded like the eBPF LRU map (`[filter] max_tracked_sources`, at most `BUCKETS_MAX`): a
+    /// flood of distinct sources evicts the least recently seen ones, whose next Initial starts
+    /// a fresh bucket.
+    buckets: BoundedMap<SourceKey, Bucket>,
+    /// At most `DENY_MAX` entries, like the eBPF hash map.
     deny: HashMap<SourceKey, DenyEntry>,
     paired: HashSet<SourceKey>,
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Self {
+            cfg: FilterConfig::default(),
+            buckets: BoundedMap::new(BUCKETS_MAX as usize),
+            deny: HashMap::new(),
+            paired: HashSet::new(),
+        }
+    }
+}
+
+/// Sizes of the userspace policy's per-source tables and their evictions so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableStats {
+    pub buckets: usize,
+    pub bucket_evictions: u64,
+    pub deny: usize,
+    pub deny_evictions: u64,
 }
 
 /// The policy and its state in userspace, with the same counters as the eBPF program.
@@ -40,11 +66,35 @@ pub struct UserspacePolicy {
     active: AtomicBool,
     tables: Mutex<Tables>,
     counters: [AtomicU64; Reason::COUNT as usize],
+    bucket_evictions: AtomicU64,
+    deny_evictions: AtomicU64,
 }
 
 impl UserspacePolicy {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Most sources with a token bucket (clamped to `1..=BUCKETS_MAX`); evicts the least
+    /// recently seen beyond it.
+    pub fn set_bucket_capacity(&self, capacity: usize) {
+        let evicted = self
+            .tables()
+            .buckets
+            .set_capacity(capacity.clamp(1, BUCKETS_MAX as usize));
+        self.bucket_evictions
+            .fetch_add(evicted as u64, Ordering::Relaxed);
+    }
+
+    /// Table sizes and evictions (for `gatewayd_address_table_*`).
+    pub fn table_stats(&self) -> TableStats {
+        let t = self.tables();
+        TableStats {
+            buckets: t.buckets.len(),
+            bucket_evictions: self.bucket_evictions.load(Ordering::Relaxed),
+            deny: t.deny.len(),
+            deny_evictions: self.deny_evictions.load(Ordering::Relaxed),
+        }
     }
 
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -63,8 +113,41 @@ impl UserspacePolicy {
         self.tables().cfg = cfg;
     }
 
+    /// Denies `key` until `e`. A full deny list (`DENY_MAX`, the eBPF map's size) first evicts
+    /// the entry that ends soonest, if it ends before this one (never an indefinite block);
+    /// otherwise the new entry is not added (logged; [`super::Filter::sync`] trims the list to
+    /// `DENY_MAX` first, so this only guards the table's bound).
     pub fn set_deny(&self, key: SourceKey, e: DenyEntry) {
-        self.tables().deny.insert(key, e);
+        let mut t = self.tables();
+        if !t.deny.contains_key(&key) && t.deny.len() >= DENY_MAX as usize {
+            // 0 = indefinite: ends last.
+            let ends = |d: &DenyEntry| {
+                if d.until_ns == 0 {
+                    u64::MAX
+                } else {
+                    d.until_ns
+                }
+            };
+            let soonest = t
+                .deny
+                .iter()
+                .min_by_key(|(_, d)| ends(d))
+                .map(|(k, d)| (*k, ends(d)));
+            match soonest {
+                Some((k, end)) if end < ends(&e) => {
+                    t.deny.remove(&k);
+                    self.deny_evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    tracing::warn!(
+                        addr = %key_ip(&key),
+                        "userspace deny list full ({DENY_MAX} blocks ending later): block not applied"
+                    );
+                    return;
+                }
+            }
+        }
+        t.deny.insert(key, e);
     }
 
     pub fn remove_deny(&self, key: &SourceKey) {
@@ -110,16 +193,9 @@ impl UserspacePolicy {
                 t.buckets.get_mut(&src),
                 &mut fresh,
             );
-            if action == BucketAction::Insert {
-                if t.buckets.len() >= BUCKETS_MAX as usize {
-                    // Like the LRU map: make room, oldest refills first.
-                    let cut = now_ns.saturating_sub(10_000_000_000);
-                    t.buckets.retain(|_, b| b.last_ns >= cut);
-                    if t.buckets.len() >= BUCKETS_MAX as usize {
-                        t.buckets.clear();
-                    }
-                }
-                t.buckets.insert(src, fresh);
+            if action == BucketAction::Insert && t.buckets.insert(src, fresh).is_some() {
+                // Like the LRU map: the least recently seen source makes room.
+                self.bucket_evictions.fetch_add(1, Ordering::Relaxed);
             }
             reason
         };
@@ -319,5 +395,68 @@ pub fn key_ip(k: &SourceKey) -> IpAddr {
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    fn key(i: u32) -> SourceKey {
+        let mut a = [0u8; 16];
+        a[0] = 0xfd;
+        a[12..].copy_from_slice(&i.to_be_bytes());
+        SourceKey::v6(a)
+    }
+
+    #[test]
+    fn the_deny_list_stays_at_its_bound_and_keeps_the_blocks_ending_last() {
+        let p = UserspacePolicy::default();
+        let max = DENY_MAX;
+        // Full: half indefinite (owner), half ending at 1000 + i.
+        for i in 0..max {
+            let until_ns = if i % 2 == 0 { 0 } else { 1000 + u64::from(i) };
+            p.set_deny(key(i), DenyEntry { until_ns });
+        }
+        assert_eq!(p.table_stats().deny, max as usize);
+        // A block ending later than the soonest finite one replaces it (key 1, until 1001).
+        p.set_deny(
+            key(max),
+            DenyEntry {
+                until_ns: 1_000_000,
+            },
+        );
+        let s = p.table_stats();
+        assert_eq!((s.deny, s.deny_evictions), (max as usize, 1));
+        assert!(!p.deny_keys().contains(&key(1)));
+        assert!(p.deny_keys().contains(&key(max)));
+        // One ending sooner than every finite one is not added; indefinite ones never go.
+        p.set_deny(key(max + 1), DenyEntry { until_ns: 1 });
+        assert!(!p.deny_keys().contains(&key(max + 1)));
+        assert_eq!(p.table_stats().deny, max as usize);
+        for i in (0..max).step_by(2) {
+            assert!(p.deny_keys().contains(&key(i)));
+        }
+    }
+
+    #[test]
+    fn a_flood_of_sources_keeps_the_bucket_table_at_its_bound() {
+        let p = UserspacePolicy::default();
+        p.set_config(FilterConfig {
+            port: 4433,
+            initial_rate: 10,
+            initial_burst: 20,
+            ..FilterConfig::default()
+        });
+        p.set_bucket_capacity(100);
+        let mut initial = vec![0u8; 1200];
+        initial[0] = 0xc0;
+        initial[1..5].copy_from_slice(&1u32.to_be_bytes());
+        for i in 0..10_000 {
+            p.judge(key(i), &initial, 1_000_000);
+        }
+        let s = p.table_stats();
+        assert_eq!(s.buckets, 100);
+        assert_eq!(s.bucket_evictions, 10_000 - 100);
     }
 }
