@@ -596,6 +596,15 @@ impl Config {
                 )));
             }
         }
+        if self.filter.allowed_sources.len() > companion_filter_common::PAIRED_MAX as usize / 2 {
+            return Err(ConfigError::Invalid(format!(
+                "[filter] allowed_sources lists {} addresses; at most {} fit (the other half of \
+                 the eBPF paired-source map is kept for addresses learned from paired devices): \
+                 list fewer, or rely on learning",
+                self.filter.allowed_sources.len(),
+                companion_filter_common::PAIRED_MAX / 2
+            )));
+        }
         if self.filter.block_for.is_zero() || self.filter.failure_window.is_zero() {
             return invalid("[filter] block_for and failure_window must be longer than 0s");
         }
@@ -683,6 +692,38 @@ mod tests {
             cfg.cn.effective_server_name().as_deref(),
             Some("cn.operator.example")
         );
+    }
+
+    #[test]
+    fn allowed_sources_must_leave_room_for_learned_addresses() {
+        let mut cfg = Config::default();
+        let half = companion_filter_common::PAIRED_MAX as usize / 2;
+        cfg.filter.allowed_sources = (0..half)
+            .map(|i| {
+                std::net::IpAddr::from([
+                    0xfd,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    (i >> 8) as u8,
+                    i as u8,
+                ])
+            })
+            .collect();
+        cfg.validate().unwrap();
+        cfg.filter.allowed_sources.push("10.0.0.1".parse().unwrap());
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("allowed_sources lists 8193"), "{e}");
     }
 
     #[test]

@@ -144,6 +144,8 @@ impl ControlHandler for Handler {
         let r = self.registry.revoke(&device)?;
         if let Some(fp) = fingerprint {
             self.server.disconnect(&fp);
+            let n = self.filter.forget_device(&fp);
+            tracing::info!(device = %device, sources = n, "LAN filter: the revoked device's learned addresses left the paired-source map");
         }
         tracing::info!(device = %device, supi = ?r.supi.as_ref().map(|s| s.as_str()), "device revoked");
         // Always asked of the CN, by device ID: every child issued to this device under this

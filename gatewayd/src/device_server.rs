@@ -537,7 +537,7 @@ impl DeviceServer {
             }
         };
         if let Some(f) = self.filter.get() {
-            f.learn_paired(remote.ip());
+            f.learn_paired(remote.ip(), fingerprint);
         }
         {
             let mut conns = lock(&self.conns);

@@ -67,6 +67,10 @@ pub struct Metrics {
     pub filter_mode: IntGaugeVec,
     /// Packets to the QUIC port judged by the LAN filter, by reason.
     pub filter_packets: IntCounterVec,
+    /// Learned paired-device addresses evicted from the full paired-source map.
+    pub filter_paired_evictions: prometheus::IntCounter,
+    /// Paired-source map updates the kernel refused.
+    pub filter_paired_sync_failures: prometheus::IntCounter,
     /// CN sessions lost, by why ([`link_loss`]).
     pub cn_link_losses: IntCounterVec,
     /// Device exchanges the device abandoned before the gateway answered, by why ([`giveup`]).
@@ -239,13 +243,26 @@ impl Metrics {
             opts(
                 "filter_packets_total",
                 "UDP packets to the device QUIC port judged by the LAN filter, by reason \
-                 (passed, dropped_short_initial, rate_limited, denied, not_paired).",
+                 (passed, dropped_short_initial, rate_limited, denied, not_paired, \
+                 dropped_unparsed: headers the filter cannot walk, dropped_fragment: IP \
+                 fragments).",
             ),
             &["reason"],
         )?;
         for r in companion_filter_common::Reason::ALL {
             filter_packets.with_label_values(&[r.label()]);
         }
+        let filter_paired_evictions = prometheus::IntCounter::with_opts(opts(
+            "filter_paired_evictions_total",
+            "Learned paired-device source addresses evicted (least recently seen first) to keep \
+             the LAN filter's paired-source map within its capacity; in strict mode such a \
+             device needs a pairing window or [filter] allowed_sources to be admitted again.",
+        ))?;
+        let filter_paired_sync_failures = prometheus::IntCounter::with_opts(opts(
+            "filter_paired_sync_failures_total",
+            "Updates of the eBPF paired-source map the kernel refused (the source is then \
+             judged as before the update).",
+        ))?;
         let cn_link_losses = IntCounterVec::new(
             opts(
                 "cn_link_losses_total",
@@ -331,6 +348,8 @@ impl Metrics {
         registry.register(Box::new(pendings_sent.clone()))?;
         registry.register(Box::new(filter_mode.clone()))?;
         registry.register(Box::new(filter_packets.clone()))?;
+        registry.register(Box::new(filter_paired_evictions.clone()))?;
+        registry.register(Box::new(filter_paired_sync_failures.clone()))?;
         registry.register(Box::new(devices_paired.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_latency.clone()))?;
@@ -368,6 +387,8 @@ impl Metrics {
             credentials_expiring_24h,
             filter_mode,
             filter_packets,
+            filter_paired_evictions,
+            filter_paired_sync_failures,
             cn_link_losses,
             device_giveups,
             pendings_sent,

@@ -421,6 +421,12 @@ async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
     assert!(matches!(e, DeviceError::NotPaired(_)), "{e}");
     // The other device still attaches.
     attach(&ep, &cred2.bundle).await.unwrap();
+    // The LAN filter learned 127.0.0.1 from both devices: the address stays a paired source
+    // while sensor-02 is paired, and leaves when sensor-02 is revoked too (issue 15 item 4).
+    assert_eq!(gw.status()["filter"]["paired_sources"], 1);
+    let (ok, text) = gw.ctl(&["revoke", "sensor-02"]);
+    assert!(ok, "{text}");
+    assert_eq!(gw.status()["filter"]["paired_sources"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

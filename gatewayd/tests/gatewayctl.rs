@@ -96,12 +96,15 @@ impl ControlHandler for TestHandler {
                 initial_burst: 400,
                 deny_entries: 0,
                 paired_sources: 0,
+                paired_evicted: 0,
                 counters: gatewayd::filter::FilterCounters {
                     passed: 10,
                     dropped_short_initial: 3,
                     rate_limited: 2,
                     denied: 1,
                     not_paired: 0,
+                    dropped_unparsed: 4,
+                    dropped_fragment: 5,
                 },
             })),
         })
@@ -303,6 +306,8 @@ async fn gatewayctl_drives_every_command() {
     // The LAN filter's mode and counters.
     assert_eq!(status["filter"]["mode"], "userspace");
     assert_eq!(status["filter"]["counters"]["dropped_short_initial"], 3);
+    assert_eq!(status["filter"]["counters"]["dropped_unparsed"], 4);
+    assert_eq!(status["filter"]["counters"]["dropped_fragment"], 5);
     assert!(
         text.contains(
             "LAN filter             userspace (fallback: no [filter] interfaces configured)"
@@ -310,7 +315,10 @@ async fn gatewayctl_drives_every_command() {
         "{text}"
     );
     assert!(
-        text.contains("passed 10, dropped_short_initial 3, rate_limited 2, denied 1, not_paired 0"),
+        text.contains(
+            "passed 10, dropped_short_initial 3, rate_limited 2, denied 1, not_paired 0, \
+             dropped_unparsed 4, dropped_fragment 5"
+        ),
         "{text}"
     );
     assert!(

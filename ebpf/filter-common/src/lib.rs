@@ -40,6 +40,25 @@ pub const BUCKETS_MAX: u32 = 65_536;
 pub const DENY_MAX: u32 = 16_384;
 pub const PAIRED_MAX: u32 = 16_384;
 
+/// The parser's bound: the transport (UDP) header must start at or before this byte of the
+/// frame (Ethernet header included). Anything that needs more is not parsed but judged by the
+/// fail-closed rule (see [`Reason::DroppedUnparsed`]). Legitimate frames need at most
+/// 14 (Ethernet) + 8 (two VLAN tags) + 60 (IPv4 with options) or 40 (IPv6) + a few short
+/// extension headers.
+pub const MAX_L4_OFFSET: usize = 200;
+/// How many IPv6 extension headers the parser walks: the longest chain RFC 8200 §4.1's order
+/// allows before the upper-layer header (hop-by-hop, destination options, routing, fragment,
+/// AH, destination options). A longer chain is dropped if it may be UDP to the port.
+pub const MAX_EXT_HEADERS: usize = 6;
+
+/// Next-header values of the IPv6 extension headers the parser walks: hop-by-hop (0),
+/// routing (43), fragment (44), AH (51, length in 4-byte units), destination options (60).
+/// Anything else ends the chain (ESP, "no next header", and transports).
+#[inline(always)]
+pub const fn is_ext_header(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 51 | 60)
+}
+
 /// Why a packet was passed or dropped; the index into the per-CPU counter array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -54,18 +73,32 @@ pub enum Reason {
     Denied = 3,
     /// Strict mode, window closed, and the source is not a paired device's.
     NotPaired = 4,
+    /// A packet that may be UDP to the QUIC port but whose headers the filter cannot walk to
+    /// the transport header: an IPv6 chain of more than [`MAX_EXT_HEADERS`] extension headers,
+    /// one reaching past [`MAX_L4_OFFSET`], or cut short; or an IPv4/IPv6 UDP header past the
+    /// bound or cut short. Dropped before any other check (fail closed): the filter cannot
+    /// tell such a packet from one to the port, and no legitimate device needs it.
+    DroppedUnparsed = 5,
+    /// An IP fragment of UDP to the QUIC port (IPv4 with MF set at offset 0, or IPv6 with a
+    /// Fragment header at offset 0), or a first fragment too short to hold the UDP ports.
+    /// QUIC sizes its datagrams to the path and never needs IP fragmentation. Non-first
+    /// fragments carry no UDP header and pass uncounted: without their first fragment the
+    /// kernel can never reassemble them.
+    DroppedFragment = 6,
 }
 
 impl Reason {
     /// Number of reasons (size of the counter array).
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
     /// Every reason, in counter-index order.
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Passed,
         Reason::DroppedShortInitial,
         Reason::RateLimited,
         Reason::Denied,
         Reason::NotPaired,
+        Reason::DroppedUnparsed,
+        Reason::DroppedFragment,
     ];
 
     /// The label used in metrics and `gatewayctl status`.
@@ -76,6 +109,8 @@ impl Reason {
             Reason::RateLimited => "rate_limited",
             Reason::Denied => "denied",
             Reason::NotPaired => "not_paired",
+            Reason::DroppedUnparsed => "dropped_unparsed",
+            Reason::DroppedFragment => "dropped_fragment",
         }
     }
 

@@ -4,6 +4,10 @@
 //!
 //! Only UDP to `FILTER_CONFIG.port` is judged (IPv4 and IPv6, Ethernet with up to two 802.1Q /
 //! 802.1ad tags, IPv6 extension headers skipped); everything else passes untouched and uncounted.
+//! The parser fails closed: an IPv6 header chain it cannot walk to the transport header (more
+//! than `MAX_EXT_HEADERS` extension headers, past `MAX_L4_OFFSET`, or cut short) is dropped as
+//! `dropped_unparsed`, since it may hide UDP to the port; a first fragment of UDP to the port
+//! (IPv4 MF, IPv6 Fragment header) is dropped as `dropped_fragment`.
 //! Judged packets go through, in order: deny list (with expiry) → strict mode (paired sources
 //! only unless the pairing window is open) → short-Initial check (RFC 9000 §14.1) → per-source
 //! token bucket on Initials. Each judged packet increments one per-CPU counter.
@@ -16,8 +20,9 @@ use aya_ebpf::macros::{classifier, map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use companion_filter_common::{
-    BUCKETS_MAX, Bucket, BucketAction, DENY_MAX, DenyEntry, FilterConfig, MIN_INITIAL_LEN,
-    PAIRED_MAX, PairedEntry, Reason, SourceKey, decide, is_initial,
+    BUCKETS_MAX, Bucket, BucketAction, DENY_MAX, DenyEntry, FilterConfig, MAX_EXT_HEADERS,
+    MAX_L4_OFFSET, MIN_INITIAL_LEN, PAIRED_MAX, PairedEntry, Reason, SourceKey, decide,
+    is_ext_header, is_initial,
 };
 
 #[map(name = "FILTER_CONFIG")]
@@ -54,9 +59,11 @@ pub fn companion_filter_xdp(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn companion_filter_tc(ctx: TcContext) -> i32 {
-    // Make the headers (and the first payload bytes) linear; a failure only means they may
-    // already be, or the packet is shorter — the bounds checks below decide.
-    let want = if ctx.len() < 128 { ctx.len() } else { 128 };
+    // Make the headers (and the first payload bytes) linear, up to everything the parser may
+    // read (MAX_L4_OFFSET + UDP header + 5 payload bytes); a failure only means they may
+    // already be, or the packet is shorter — the bounds checks below decide (and headers that
+    // stay out of reach are dropped as unparsed, never passed unjudged).
+    let want = if ctx.len() < 256 { ctx.len() } else { 256 };
     let _ = ctx.pull_data(want);
     match filter(ctx.data(), ctx.data_end()) {
         Out::Pass => TC_ACT_OK as i32,
@@ -101,7 +108,10 @@ fn filter(data: usize, end: usize) -> Out {
     }
 }
 
-/// `None`: not UDP to our port (or unparseable): pass uncounted.
+/// `None`: not UDP to our port: pass uncounted. Fails closed: a packet that may be UDP to our
+/// port but whose headers cannot be walked is `Some(DroppedUnparsed)`, a fragment of UDP to
+/// our port `Some(DroppedFragment)` (the rule is spelled out on those reasons in
+/// `companion_filter_common`; `gatewayd`'s `parse_frame` is the same parser in userspace).
 #[inline(always)]
 fn judge(data: usize, end: usize) -> Option<Reason> {
     let cfg = FILTER_CONFIG.get(0)?;
@@ -120,6 +130,8 @@ fn judge(data: usize, end: usize) -> Option<Reason> {
         }
     }
     let src: SourceKey;
+    // A first fragment (more follow): to our port it is dropped, not judged.
+    let fragment: bool;
     if proto == ETH_P_IP {
         let vihl = pair_at(data, end, off)?[0];
         if vihl >> 4 != 4 {
@@ -132,11 +144,13 @@ fn judge(data: usize, end: usize) -> Option<Reason> {
         if pair_at(data, end, off + 8)?[1] != IPPROTO_UDP {
             return None;
         }
-        // Non-first fragments carry no UDP header: the kernel reassembles, the first fragment
-        // was judged.
-        if be16_at(data, end, off + 6)? & 0x1fff != 0 {
+        // Non-first fragments carry no UDP header; the kernel cannot reassemble them without
+        // their first fragment, which is judged (and dropped if it is to our port).
+        let frag = be16_at(data, end, off + 6)?;
+        if frag & 0x1fff != 0 {
             return None;
         }
+        fragment = frag & 0x2000 != 0;
         let a = ptr_at::<[u8; 4]>(data, end, off + 12)?;
         src = SourceKey::v4(unsafe { *a });
         off += ihl;
@@ -145,44 +159,73 @@ fn judge(data: usize, end: usize) -> Option<Reason> {
         src = SourceKey::v6(unsafe { *a });
         let mut next = pair_at(data, end, off + 6)?[0];
         off += 40;
-        // Skip up to four extension headers (hop-by-hop, routing, fragment, destination).
+        let mut frag = false;
+        // Walk the extension headers (hop-by-hop, routing, fragment, destination options,
+        // AH) to the transport header. A chain that cannot be walked — longer than
+        // MAX_EXT_HEADERS, reaching past MAX_L4_OFFSET, or cut short — may hide UDP to our
+        // port: dropped.
         let mut i = 0;
-        while i < 4 {
-            match next {
-                0 | 43 | 60 => {
-                    let h = pair_at(data, end, off)?;
-                    next = h[0];
-                    off += (h[1] as usize + 1) * 8;
+        while i <= MAX_EXT_HEADERS {
+            if !is_ext_header(next) {
+                break;
+            }
+            if i == MAX_EXT_HEADERS || off > MAX_L4_OFFSET {
+                return Some(Reason::DroppedUnparsed);
+            }
+            // `off` is at most MAX_L4_OFFSET here; keep the verifier's view of it exact.
+            let o = off & 0xff;
+            let Some(h) = ptr_at::<[u8; 4]>(data, end, o) else {
+                return Some(Reason::DroppedUnparsed);
+            };
+            let h = unsafe { *h };
+            let this = next;
+            next = h[0];
+            if this == 44 {
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    // Non-first fragment: no transport header (see IPv4 above).
+                    return None;
                 }
-                44 => {
-                    let h = ptr_at::<[u8; 4]>(data, end, off)?;
-                    let h = unsafe { *h };
-                    if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                        return None;
-                    }
-                    next = h[0];
-                    off += 8;
-                }
-                _ => break,
+                frag = true;
+                off = o + 8;
+            } else if this == 51 {
+                off = o + (h[1] as usize + 2) * 4;
+            } else {
+                off = o + (h[1] as usize + 1) * 8;
             }
             i += 1;
         }
         if next != IPPROTO_UDP {
             return None;
         }
+        fragment = frag;
     } else {
         return None;
     }
-    if off > 200 {
-        return None;
+    if off > MAX_L4_OFFSET {
+        // Only IPv6 gets here with UDP past the bound (IPv4 ends by byte 82).
+        return Some(Reason::DroppedUnparsed);
     }
     // Keep the verifier's view of `off` small and exact.
     let off = off & 0xff;
-    let dport = be16_at(data, end, off + 2)?;
+    let Some(dport) = be16_at(data, end, off + 2) else {
+        // UDP whose ports are not there: a first fragment too short to hold them, or a
+        // packet cut short. Either may be to our port.
+        return Some(if fragment {
+            Reason::DroppedFragment
+        } else {
+            Reason::DroppedUnparsed
+        });
+    };
     if dport != cfg.port {
         return None;
     }
-    let udp_len = be16_at(data, end, off + 4)? as u32;
+    if fragment {
+        return Some(Reason::DroppedFragment);
+    }
+    let Some(udp_len) = be16_at(data, end, off + 4) else {
+        return Some(Reason::DroppedUnparsed);
+    };
+    let udp_len = udp_len as u32;
     let payload_len = udp_len.saturating_sub(8);
     // First byte and version; a payload shorter than 5 bytes cannot be an Initial (and
     // `is_initial` needs a non-zero version), so (0, 0) judges it the same.

@@ -407,21 +407,29 @@ fn status_text(s: &StatusInfo, now: i64) -> String {
         line(
             "filter policy",
             format!(
-                "UDP port {}, Initials {}/s per source (burst {}), strict {}, {} denied, {} paired sources",
+                "UDP port {}, Initials {}/s per source (burst {}), strict {}, {} denied, {} paired sources ({} evicted for room)",
                 f.port,
                 f.initial_rate,
                 f.initial_burst,
                 if f.strict { "on" } else { "off" },
                 f.deny_entries,
-                f.paired_sources
+                f.paired_sources,
+                f.paired_evicted
             ),
         );
         let c = &f.counters;
         line(
             "filter packets",
             format!(
-                "passed {}, dropped_short_initial {}, rate_limited {}, denied {}, not_paired {}",
-                c.passed, c.dropped_short_initial, c.rate_limited, c.denied, c.not_paired
+                "passed {}, dropped_short_initial {}, rate_limited {}, denied {}, not_paired {}, \
+                 dropped_unparsed {}, dropped_fragment {}",
+                c.passed,
+                c.dropped_short_initial,
+                c.rate_limited,
+                c.denied,
+                c.not_paired,
+                c.dropped_unparsed,
+                c.dropped_fragment
             ),
         );
     }

@@ -14,6 +14,17 @@ use companion_filter_common::{
 pub static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/companion-filter"));
 
+/// What [`EbpfFilter::set_paired`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PairedSync {
+    pub inserted: u64,
+    pub removed: u64,
+    /// Inserts or removals the kernel refused.
+    pub failed: u64,
+    /// The first refusal's error, for the log.
+    pub first_error: Option<String>,
+}
+
 /// How the program ended up attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attach {
@@ -104,7 +115,16 @@ impl EbpfFilter {
 
     /// Loads both programs without attaching them (for `BPF_PROG_TEST_RUN`).
     pub fn load_detached() -> anyhow::Result<Self> {
-        let mut bpf = Self::open()?;
+        Self::load_detached_object(OBJECT)
+    }
+
+    /// [`Self::load_detached`] with another build of the object (before/after measurements
+    /// of an older program with the same maps).
+    pub fn load_detached_object(object: &[u8]) -> anyhow::Result<Self> {
+        if object.is_empty() {
+            anyhow::bail!("gatewayd was built without the eBPF object (AYA_BUILD_SKIP)");
+        }
+        let mut bpf = EbpfLoader::new().load(object).map_err(err)?;
         let prog: &mut Xdp = bpf
             .program_mut(programs::XDP)
             .ok_or_else(|| err("XDP program missing"))?
@@ -190,21 +210,101 @@ impl EbpfFilter {
         Ok(m.keys().filter_map(Result::ok).collect())
     }
 
-    pub fn set_paired(&mut self, keys: &HashSet<SourceKey>) -> anyhow::Result<()> {
+    /// Makes `FILTER_PAIRED` hold exactly `keys`: removes the others first (so their room is
+    /// free), then inserts every missing key it can. A failed insert (map full, or a kernel
+    /// error) does not stop the others; the failures are returned for the caller to log and
+    /// count. The caller keeps `keys` within [`PAIRED_MAX`](companion_filter_common::PAIRED_MAX)
+    /// (see `Filter::sync_paired`), so in practice nothing fails.
+    pub fn set_paired(&mut self, keys: &HashSet<SourceKey>) -> anyhow::Result<PairedSync> {
         let mut m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
             self.bpf
                 .map_mut(maps::PAIRED)
                 .ok_or_else(|| err("paired map missing"))?,
         )
         .map_err(err)?;
-        let present: Vec<SourceKey> = m.keys().filter_map(Result::ok).collect();
+        let present: HashSet<SourceKey> = m.keys().filter_map(Result::ok).collect();
+        let mut out = PairedSync::default();
         for k in present.iter().filter(|k| !keys.contains(k)) {
-            let _ = m.remove(k);
+            match m.remove(k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => out.removed += 1,
+                Err(e) => {
+                    out.failed += 1;
+                    out.first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
         }
-        for k in keys {
-            m.insert(*k, PairedEntry { flags: 1 }, 0).map_err(err)?;
+        for k in keys.iter().filter(|k| !present.contains(k)) {
+            match m.insert(*k, PairedEntry { flags: 1 }, 0) {
+                Ok(()) => out.inserted += 1,
+                Err(e) => {
+                    out.failed += 1;
+                    out.first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
         }
-        Ok(())
+        Ok(out)
+    }
+
+    /// Adds one source to `FILTER_PAIRED`.
+    pub fn insert_paired(&mut self, k: SourceKey) -> anyhow::Result<()> {
+        let mut m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut(maps::PAIRED)
+                .ok_or_else(|| err("paired map missing"))?,
+        )
+        .map_err(err)?;
+        m.insert(k, PairedEntry { flags: 1 }, 0).map_err(err)
+    }
+
+    /// Removes one source from `FILTER_PAIRED` (absent is fine).
+    pub fn remove_paired(&mut self, k: &SourceKey) -> anyhow::Result<()> {
+        let mut m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut(maps::PAIRED)
+                .ok_or_else(|| err("paired map missing"))?,
+        )
+        .map_err(err)?;
+        match m.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// How many sources `FILTER_PAIRED` holds.
+    pub fn paired_len(&mut self) -> anyhow::Result<usize> {
+        let m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut(maps::PAIRED)
+                .ok_or_else(|| err("paired map missing"))?,
+        )
+        .map_err(err)?;
+        Ok(m.keys().filter(Result::is_ok).count())
+    }
+
+    /// Whether `FILTER_PAIRED` holds `k`.
+    pub fn is_paired(&mut self, k: &SourceKey) -> anyhow::Result<bool> {
+        let m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut(maps::PAIRED)
+                .ok_or_else(|| err("paired map missing"))?,
+        )
+        .map_err(err)?;
+        match m.get(k, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// One reason's counter, summed over CPUs.
+    pub fn counter(&mut self, r: Reason) -> anyhow::Result<u64> {
+        let a: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(
+            self.bpf
+                .map_mut(maps::COUNTERS)
+                .ok_or_else(|| err("counter map missing"))?,
+        )
+        .map_err(err)?;
+        Ok(a.get(&(r as u32), 0).map_err(err)?.iter().sum())
     }
 
     /// Per-reason counters, summed over CPUs.

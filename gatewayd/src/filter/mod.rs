@@ -24,7 +24,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use companion_filter_common::{DENY_MAX, DenyEntry, FilterConfig as BpfConfig, Reason, SourceKey};
+use companion_filter_common::{
+    DENY_MAX, DenyEntry, FilterConfig as BpfConfig, PAIRED_MAX, Reason, SourceKey,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::bounded::BoundedMap;
@@ -73,6 +75,12 @@ pub struct FilterCounters {
     pub rate_limited: u64,
     pub denied: u64,
     pub not_paired: u64,
+    /// May be UDP to the port, but the headers could not be walked (fail closed).
+    #[serde(default)]
+    pub dropped_unparsed: u64,
+    /// IP fragments of UDP to the port.
+    #[serde(default)]
+    pub dropped_fragment: u64,
 }
 
 impl FilterCounters {
@@ -83,12 +91,19 @@ impl FilterCounters {
             rate_limited: a[Reason::RateLimited as usize],
             denied: a[Reason::Denied as usize],
             not_paired: a[Reason::NotPaired as usize],
+            dropped_unparsed: a[Reason::DroppedUnparsed as usize],
+            dropped_fragment: a[Reason::DroppedFragment as usize],
         }
     }
 
     /// Every packet dropped, whatever the reason.
     pub fn dropped(&self) -> u64 {
-        self.dropped_short_initial + self.rate_limited + self.denied + self.not_paired
+        self.dropped_short_initial
+            + self.rate_limited
+            + self.denied
+            + self.not_paired
+            + self.dropped_unparsed
+            + self.dropped_fragment
     }
 }
 
@@ -108,6 +123,10 @@ pub struct FilterStatus {
     pub initial_burst: u32,
     pub deny_entries: u64,
     pub paired_sources: u64,
+    /// Learned paired-device addresses evicted (least recently seen first) to keep the
+    /// paired-source map within its capacity, since start.
+    #[serde(default)]
+    pub paired_evicted: u64,
     pub counters: FilterCounters,
 }
 
@@ -169,8 +188,11 @@ struct Inner {
     cfg: Config,
     port: u16,
     window_open: bool,
-    /// Sources learned from paired devices' handshakes.
-    learned: HashSet<SourceKey>,
+    /// Sources learned from paired devices' handshakes, bounded by [`Inner::learned_max`]
+    /// (least recently seen evicted first) and trimmed when a device is revoked.
+    learned: HashMap<SourceKey, Learned>,
+    /// Learned entries evicted for room since start.
+    evicted: u64,
     /// Recent handshake failures per source (validated addresses only): (first failure in
     /// window, count). Bounded by `[filter] max_tracked_sources`.
     failures: BoundedMap<IpAddr, (std::time::Instant, u32)>,
@@ -181,6 +203,42 @@ struct Inner {
     deny_entries: u64,
     /// Blocks left out of the deny list at the last sync because it was full (logged on change).
     deny_overflow: usize,
+}
+
+/// Most devices remembered per learned source (several paired devices behind one address).
+const DEVICES_PER_SOURCE: usize = 8;
+
+/// A learned paired-device source.
+#[derive(Debug, Clone)]
+struct Learned {
+    /// Last handshake of a paired device from it (the eviction order).
+    last_seen: std::time::Instant,
+    /// Certificate fingerprints of the devices seen from it (most recent last).
+    devices: Vec<[u8; 32]>,
+}
+
+impl Inner {
+    fn allowed(&self) -> HashSet<SourceKey> {
+        self.cfg
+            .filter
+            .allowed_sources
+            .iter()
+            .map(|a| source_key(*a))
+            .collect()
+    }
+
+    /// How many learned sources fit beside `allowed_sources` in the paired-source map
+    /// (`PAIRED_MAX`; the configuration keeps `allowed_sources` to at most half of it).
+    fn learned_max(&self) -> usize {
+        (PAIRED_MAX as usize).saturating_sub(self.cfg.filter.allowed_sources.len())
+    }
+
+    /// Every paired source: the learned and the configured.
+    fn paired_keys(&self) -> HashSet<SourceKey> {
+        let mut keys: HashSet<SourceKey> = self.learned.keys().copied().collect();
+        keys.extend(self.allowed());
+        keys
+    }
 }
 
 /// The running filter: mode, maps (kernel or userspace), counters.
@@ -219,6 +277,33 @@ impl Filter {
                 Err(e) => (None, Some(format!("eBPF unusable: {e:#}"))),
             },
         };
+        Self::build(cfg, port, policy, metrics, ebpf, fallback_reason)
+    }
+
+    /// [`Self::start`] around an already loaded, detached program (tests: the real maps,
+    /// driven through `BPF_PROG_TEST_RUN`). The userspace policy stays off.
+    #[doc(hidden)]
+    pub fn start_detached(
+        cfg: &Config,
+        port: u16,
+        policy: Arc<UserspacePolicy>,
+        metrics: Arc<Metrics>,
+        ebpf: ebpf::EbpfFilter,
+    ) -> Arc<Self> {
+        let me = Self::build(cfg, port, policy, metrics, Some(ebpf), None);
+        me.policy.set_active(false);
+        me
+    }
+
+    fn build(
+        cfg: &Config,
+        port: u16,
+        policy: Arc<UserspacePolicy>,
+        metrics: Arc<Metrics>,
+        ebpf: Option<ebpf::EbpfFilter>,
+        fallback_reason: Option<String>,
+    ) -> Arc<Self> {
+        let f = &cfg.filter;
         let mode = match ebpf.as_ref().map(|e| e.attach) {
             Some(ebpf::Attach::Xdp) => FilterMode::Xdp,
             Some(ebpf::Attach::XdpGeneric) => FilterMode::XdpGeneric,
@@ -264,7 +349,8 @@ impl Filter {
                 cfg: cfg.clone(),
                 port,
                 window_open: false,
-                learned: HashSet::new(),
+                learned: HashMap::new(),
+                evicted: 0,
                 failures: BoundedMap::new(cfg.filter.max_tracked_sources),
                 exported: [0; Reason::COUNT as usize],
                 exported_tables: TableStats::default(),
@@ -275,6 +361,9 @@ impl Filter {
         me.policy
             .set_bucket_capacity(cfg.filter.max_tracked_sources);
         me.push_config();
+        // `allowed_sources` are admitted from the start, not only after the first learned
+        // source or SIGHUP.
+        me.sync_paired();
         me
     }
 
@@ -389,24 +478,140 @@ impl Filter {
         }
     }
 
+    /// Brings both paired-source tables (kernel and userspace) in line with the learned and
+    /// configured sources (start, SIGHUP). Every key that fits is inserted; refusals are
+    /// logged and counted, never silently skipped.
     fn sync_paired(&self) {
         let mut i = self.inner();
-        let mut keys = i.learned.clone();
-        keys.extend(i.cfg.filter.allowed_sources.iter().map(|a| source_key(*a)));
-        if let Some(e) = i.ebpf.as_mut()
-            && let Err(err) = e.set_paired(&keys)
-        {
-            tracing::error!(error = %err, "cannot update the eBPF paired-source map");
+        let keys = i.paired_keys();
+        if let Some(e) = i.ebpf.as_mut() {
+            match e.set_paired(&keys) {
+                Ok(r) if r.failed == 0 => {}
+                Ok(r) => {
+                    self.metrics.filter_paired_sync_failures.inc_by(r.failed);
+                    tracing::error!(
+                        failed = r.failed,
+                        inserted = r.inserted,
+                        removed = r.removed,
+                        error = r.first_error.as_deref().unwrap_or(""),
+                        "the eBPF paired-source map refused some sources: in strict mode those \
+                         devices are dropped as not_paired; check `gatewayctl status` (paired \
+                         sources) and the kernel's memory limits for BPF maps"
+                    );
+                }
+                Err(err) => {
+                    self.metrics.filter_paired_sync_failures.inc();
+                    tracing::error!(error = %err, "cannot update the eBPF paired-source map");
+                }
+            }
         }
         self.policy.set_paired(keys);
     }
 
-    /// A paired device completed a handshake from `ip`: admit that source in strict mode.
-    pub fn learn_paired(&self, ip: IpAddr) {
-        let new = self.inner().learned.insert(source_key(ip));
-        if new {
-            self.sync_paired();
+    /// Adds or removes one source in both paired-source tables.
+    fn put_paired(&self, i: &mut Inner, k: SourceKey, present: bool) {
+        if let Some(e) = i.ebpf.as_mut() {
+            let r = if present {
+                e.insert_paired(k)
+            } else {
+                e.remove_paired(&k)
+            };
+            if let Err(err) = r {
+                self.metrics.filter_paired_sync_failures.inc();
+                tracing::error!(
+                    source = %userspace::key_ip(&k),
+                    error = %err,
+                    "cannot update the eBPF paired-source map: in strict mode this source is \
+                     judged as before until the next successful update"
+                );
+            }
         }
+        if present {
+            self.policy.add_paired(k);
+        } else {
+            self.policy.remove_paired(&k);
+        }
+    }
+
+    /// A paired device (certificate `fingerprint`) completed a handshake from `ip`: admit that
+    /// source in strict mode. The learned sources are bounded: when full, the least recently
+    /// seen one is evicted (logged, counted in `gatewayd_filter_paired_evictions_total`); a
+    /// device whose address was evicted is admitted again from its next handshake inside a
+    /// pairing window, or at once if its address is in `allowed_sources`.
+    pub fn learn_paired(&self, ip: IpAddr, fingerprint: [u8; 32]) {
+        let k = source_key(ip);
+        let now = std::time::Instant::now();
+        let mut guard = self.inner();
+        let i = &mut *guard;
+        if let Some(l) = i.learned.get_mut(&k) {
+            l.last_seen = now;
+            l.devices.retain(|d| *d != fingerprint);
+            if l.devices.len() >= DEVICES_PER_SOURCE {
+                l.devices.remove(0);
+            }
+            l.devices.push(fingerprint);
+            return;
+        }
+        let max = i.learned_max();
+        while i.learned.len() >= max {
+            let Some(oldest) = i
+                .learned
+                .iter()
+                .min_by_key(|(_, l)| l.last_seen)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            i.learned.remove(&oldest);
+            i.evicted += 1;
+            self.metrics.filter_paired_evictions.inc();
+            tracing::warn!(
+                source = %userspace::key_ip(&oldest),
+                capacity = max,
+                "LAN filter: paired-source map full; evicted the least recently seen learned \
+                 address (in strict mode its device is admitted again inside a pairing window, \
+                 or list it in [filter] allowed_sources)"
+            );
+            if !i.allowed().contains(&oldest) {
+                self.put_paired(i, oldest, false);
+            }
+        }
+        i.learned.insert(
+            k,
+            Learned {
+                last_seen: now,
+                devices: vec![fingerprint],
+            },
+        );
+        self.put_paired(i, k, true);
+    }
+
+    /// A device was revoked: the sources learned from it alone leave the paired-source
+    /// tables. Returns how many did.
+    pub fn forget_device(&self, fingerprint: &[u8; 32]) -> usize {
+        let mut guard = self.inner();
+        let i = &mut *guard;
+        let mut gone = Vec::new();
+        for (k, l) in i.learned.iter_mut() {
+            l.devices.retain(|d| d != fingerprint);
+            if l.devices.is_empty() {
+                gone.push(*k);
+            }
+        }
+        let allowed = i.allowed();
+        for k in &gone {
+            i.learned.remove(k);
+            if !allowed.contains(k) {
+                self.put_paired(i, *k, false);
+            }
+        }
+        gone.len()
+    }
+
+    /// Runs `f` on the eBPF filter, if one is loaded (tests: inspect the kernel maps).
+    #[doc(hidden)]
+    pub fn with_ebpf<R>(&self, f: impl FnOnce(&mut ebpf::EbpfFilter) -> R) -> Option<R> {
+        self.inner().ebpf.as_mut().map(f)
     }
 
     /// `[filter] failure_window`.
@@ -522,7 +727,8 @@ impl Filter {
             initial_rate: rate,
             initial_burst: burst,
             deny_entries: i.deny_entries,
-            paired_sources: (i.learned.len() + i.cfg.filter.allowed_sources.len()) as u64,
+            paired_sources: i.paired_keys().len() as u64,
+            paired_evicted: i.evicted,
             counters,
         }
     }

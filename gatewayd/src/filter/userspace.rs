@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use companion_filter_common::{
-    BUCKETS_MAX, Bucket, BucketAction, DENY_MAX, DenyEntry, FilterConfig, Reason, SourceKey,
-    Verdict, decide,
+    BUCKETS_MAX, Bucket, BucketAction, DENY_MAX, DenyEntry, FilterConfig, MAX_EXT_HEADERS,
+    MAX_L4_OFFSET, Reason, SourceKey, Verdict, decide, is_ext_header,
 };
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -162,6 +162,19 @@ impl UserspacePolicy {
         self.tables().paired = keys;
     }
 
+    pub fn add_paired(&self, key: SourceKey) {
+        self.tables().paired.insert(key);
+    }
+
+    pub fn remove_paired(&self, key: &SourceKey) {
+        self.tables().paired.remove(key);
+    }
+
+    /// Whether `key` is a paired source.
+    pub fn is_paired(&self, key: &SourceKey) -> bool {
+        self.tables().paired.contains(key)
+    }
+
     pub fn counters(&self) -> [u64; Reason::COUNT as usize] {
         std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
     }
@@ -208,8 +221,12 @@ impl UserspacePolicy {
     pub fn judge_frame(&self, frame: &[u8], now_ns: u64) -> Verdict {
         let port = self.tables().cfg.port;
         match parse_frame(frame, port) {
-            None => Verdict::NotOurs,
-            Some((src, payload_len, head)) => {
+            Parsed::NotOurs => Verdict::NotOurs,
+            Parsed::Drop(reason) => {
+                self.counters[reason as usize].fetch_add(1, Ordering::Relaxed);
+                Verdict::Counted(reason)
+            }
+            Parsed::Udp(src, payload_len, head) => {
                 // The frame may be cut short of the UDP length: judge on the UDP length field,
                 // like the kernel program does.
                 let mut payload = vec![0u8; payload_len as usize];
@@ -221,9 +238,31 @@ impl UserspacePolicy {
     }
 }
 
-/// Ethernet (+ up to two VLAN tags) → IPv4/IPv6 (+ extension headers) → UDP to `port`: the
-/// source, the UDP payload length (from the UDP header) and the payload bytes present.
-pub fn parse_frame(f: &[u8], port: u16) -> Option<(SourceKey, u32, &[u8])> {
+/// What [`parse_frame`] makes of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed<'a> {
+    /// Not UDP to the port (or not IP at all): passes uncounted.
+    NotOurs,
+    /// Dropped before the policy: [`Reason::DroppedUnparsed`] or [`Reason::DroppedFragment`].
+    Drop(Reason),
+    /// UDP to the port: the source, the UDP payload length (from the UDP header) and the
+    /// payload bytes present.
+    Udp(SourceKey, u32, &'a [u8]),
+}
+
+/// Ethernet (+ up to two VLAN tags) → IPv4/IPv6 (+ extension headers) → UDP to `port`, exactly
+/// as the eBPF program parses it, failing closed the same way (see [`Reason::DroppedUnparsed`]
+/// and [`Reason::DroppedFragment`]).
+///
+/// The socket wrapper never calls this: the kernel has already walked the headers and
+/// reassembled fragments of what a UDP socket receives, so there is nothing to fail open on.
+/// It exists so the parity tests can hand the same frames to both implementations.
+pub fn parse_frame(f: &[u8], port: u16) -> Parsed<'_> {
+    parse_frame_inner(f, port).unwrap_or(Parsed::NotOurs)
+}
+
+/// `None` = not ours (what the eBPF program's `?` on a bounds check means).
+fn parse_frame_inner(f: &[u8], port: u16) -> Option<Parsed<'_>> {
     if port == 0 {
         return None;
     }
@@ -237,14 +276,19 @@ pub fn parse_frame(f: &[u8], port: u16) -> Option<(SourceKey, u32, &[u8])> {
         }
     }
     let src;
+    let fragment;
     match proto {
         0x0800 => {
             let vihl = *f.get(off)?;
             let ihl = usize::from(vihl & 0x0f) * 4;
-            if vihl >> 4 != 4 || ihl < 20 || *f.get(off + 9)? != 17 || be16(off + 6)? & 0x1fff != 0
-            {
+            if vihl >> 4 != 4 || ihl < 20 || *f.get(off + 9)? != 17 {
                 return None;
             }
+            let frag = be16(off + 6)?;
+            if frag & 0x1fff != 0 {
+                return None;
+            }
+            fragment = frag & 0x2000 != 0;
             src = SourceKey::v4(f.get(off + 12..off + 16)?.try_into().ok()?);
             off += ihl;
         }
@@ -252,33 +296,58 @@ pub fn parse_frame(f: &[u8], port: u16) -> Option<(SourceKey, u32, &[u8])> {
             src = SourceKey::v6(f.get(off + 8..off + 24)?.try_into().ok()?);
             let mut next = *f.get(off + 6)?;
             off += 40;
-            for _ in 0..4 {
-                match next {
-                    0 | 43 | 60 => {
-                        next = *f.get(off)?;
-                        off += (usize::from(*f.get(off + 1)?) + 1) * 8;
-                    }
+            let mut frag = false;
+            let mut walked = 0;
+            while is_ext_header(next) {
+                if walked == MAX_EXT_HEADERS || off > MAX_L4_OFFSET {
+                    return Some(Parsed::Drop(Reason::DroppedUnparsed));
+                }
+                let Some(h) = f.get(off..off + 4) else {
+                    return Some(Parsed::Drop(Reason::DroppedUnparsed));
+                };
+                let this = next;
+                next = h[0];
+                off += match this {
                     44 => {
-                        if be16(off + 2)? & 0xfff8 != 0 {
+                        if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
                             return None;
                         }
-                        next = *f.get(off)?;
-                        off += 8;
+                        frag = true;
+                        8
                     }
-                    _ => break,
-                }
+                    51 => (usize::from(h[1]) + 2) * 4,
+                    _ => (usize::from(h[1]) + 1) * 8,
+                };
+                walked += 1;
             }
             if next != 17 {
                 return None;
             }
+            fragment = frag;
         }
         _ => return None,
     }
-    if off > 200 || be16(off + 2)? != port {
+    if off > MAX_L4_OFFSET {
+        return Some(Parsed::Drop(Reason::DroppedUnparsed));
+    }
+    let Some(dport) = be16(off + 2) else {
+        return Some(Parsed::Drop(if fragment {
+            Reason::DroppedFragment
+        } else {
+            Reason::DroppedUnparsed
+        }));
+    };
+    if dport != port {
         return None;
     }
-    let udp_len = u32::from(be16(off + 4)?).saturating_sub(8);
-    Some((src, udp_len, f.get(off + 8..).unwrap_or(&[])))
+    if fragment {
+        return Some(Parsed::Drop(Reason::DroppedFragment));
+    }
+    let Some(udp_len) = be16(off + 4) else {
+        return Some(Parsed::Drop(Reason::DroppedUnparsed));
+    };
+    let udp_len = u32::from(udp_len).saturating_sub(8);
+    Some(Parsed::Udp(src, udp_len, f.get(off + 8..).unwrap_or(&[])))
 }
 
 /// The device QUIC socket, judged by a [`UserspacePolicy`] before quinn sees a datagram.

@@ -498,8 +498,12 @@ fn open_enums_keep_unknown_codes() {
 #[test]
 fn protocol_doc_frames_are_the_golden_frames() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/PROTOCOL.md");
-    let doc = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (the spec is part of the repository)", path.display()));
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the spec is part of the repository)",
+            path.display()
+        )
+    });
     let appendix = doc
         .split("## Appendix A")
         .nth(1)
