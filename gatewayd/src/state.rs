@@ -1619,7 +1619,8 @@ mod tests {
         let s = State::open(dir.path()).unwrap();
         s.conn()
             .execute(
-                "INSERT INTO credentials VALUES ('bad id!', 'imsi-001010000000001', 1, zeroblob(16), NULL, NULL)",
+                "INSERT INTO credentials (device_id, supi, expires_at, request_id)
+                 VALUES ('bad id!', 'imsi-001010000000001', 1, zeroblob(16))",
                 [],
             )
             .unwrap();

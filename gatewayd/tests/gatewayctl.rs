@@ -341,7 +341,7 @@ async fn gatewayctl_drives_every_command() {
     let out = ok(&socket, &["revoke", "watch-01"]).await;
     assert!(
         out.starts_with(
-            "revoked watch-01: revoking imsi-001010000000042 at the core network is pending"
+            "revoked watch-01: revoking its credentials at the core network is pending"
         ),
         "{out}"
     );
