@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use companion_crypto::secret::Key128;
-use companion_proto::bundle::{AttachInfo, BUNDLE_VERSION, CredentialBundle, HomeNetwork};
+use companion_proto::bundle::{
+    AttachInfo, BUNDLE_VERSION, BundleSignature, CredentialBundle, HomeNetwork,
+};
 use companion_transport::{Identity, OperatorCa};
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -250,6 +252,9 @@ pub struct Service {
     pub issuer: IssuerConfig,
     /// Attach information sealed into bundles.
     pub attach: AttachTemplate,
+    /// Signs every bundle with the server key (its certificate chains to the operator CA), so
+    /// a device with the CA as its factory trust anchor can check it (PROTOCOL.md §9.1).
+    pub bundle_signer: companion_transport::IdentitySigner,
     /// Home PLMN: MCC and three-digit MNC.
     pub home_plmn: (String, String),
     /// Metrics.
@@ -337,7 +342,10 @@ impl Service {
             trust_anchor: loaded.ca_der,
         };
         let mnc3 = format!("{:0>3}", s.mnc);
+        let bundle_signer = companion_transport::IdentitySigner::new(&loaded.identity)
+            .map_err(|e| SetupError::Key(format!("the server key cannot sign bundles: {e}")))?;
         Ok(Service {
+            bundle_signer,
             store: Arc::new(loaded.store),
             home_plmn: (s.mcc.clone(), mnc3),
             exchange_timeout: s.exchange_timeout()?,
@@ -410,10 +418,23 @@ impl Service {
                 mcc: self.settings.mcc.clone(),
                 mnc: self.settings.mnc.clone(),
             },
+            operator_signature: None,
         };
-        bundle
-            .encode()
-            .map_err(|e| SealError(format!("bundle encoding: {e}")))
+        let msg = bundle
+            .signed_message()
+            .map_err(|e| SealError(format!("bundle encoding: {e}")))?;
+        let sig = self
+            .bundle_signer
+            .sign(&msg)
+            .map_err(|e| SealError(format!("bundle signature: {e}")))?;
+        // The leaf only: the device holds the operator CA (its trust anchor).
+        let chain = self.bundle_signer.chain().iter().take(1).cloned().collect();
+        CredentialBundle {
+            operator_signature: Some(BundleSignature::new(chain, sig.scheme, sig.signature)),
+            ..bundle
+        }
+        .encode()
+        .map_err(|e| SealError(format!("bundle encoding: {e}")))
     }
 }
 

@@ -1723,3 +1723,116 @@ async fn credential_unusable_revokes_the_child_at_the_cn() {
     assert_ne!(cred.bundle.supi, supi);
     assert_eq!(active_children(&cn), 1);
 }
+
+// ---------------------------------------------------------------- bundle authenticity
+
+/// The operator CA (DER) from the CN's directory: what a device's factory configuration holds.
+fn operator_ca_der(cn: &Cn) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(cn.dir.join("ca.pem"))
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// Issue 14, bundle authenticity: the CN signs every bundle under the operator CA. A device
+/// whose factory configuration holds that CA provisions through the real gateway and CN (the
+/// genuine bundle verifies); a bundle that anyone posing as its gateway made up — sealed to the
+/// device's own HPKE key, so it opens — is refused, unsigned or signed under another CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_the_operator_anchor_refuses_a_bundle_the_gateway_made_up() {
+    use companion_proto::bundle::{AttachInfo, BundleSignature, CredentialBundle, HomeNetwork};
+    use companion_proto::msg::{CredentialDelivery, Restrictions, Sealed};
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let anchor = operator_ca_der(&cn);
+    let mut keys = device("anchored-1");
+    keys.operator_anchor = Some(anchor.clone());
+    gw.pair(&keys);
+    // The genuine path: signed by the CN, accepted.
+    let cred = client::provision(&ep, gw.devices, &keys, &Default::default())
+        .await
+        .unwrap();
+    let sig = cred
+        .bundle
+        .operator_signature
+        .as_ref()
+        .expect("signed bundle");
+    assert_eq!(sig.scheme, 0x0403);
+    companion_transport::verify_bundle(&cred.bundle, &anchor).unwrap();
+    attach(&ep, &cred.bundle).await.unwrap();
+
+    // The forger: a first-use LAN attacker (or a compromised gateway) with its own "CN".
+    let evil_ca = companion_transport::OperatorCa::generate("evil operator").unwrap();
+    let evil_cn = evil_ca.issue_server(&["cn.evil.example".into()]).unwrap();
+    let attempt = Attempt::provision(Params::default()).unwrap();
+    let forge = |bundle: &CredentialBundle| {
+        let pt = bundle.encode().unwrap();
+        let s = companion_crypto::hpke::seal_credential(
+            &attempt.hpke.public_key(),
+            keys.device_id.as_str(),
+            attempt.request_id.as_bytes(),
+            &pt,
+        )
+        .unwrap();
+        CredentialDelivery {
+            request_id: attempt.request_id,
+            supi: bundle.supi.clone(),
+            expires_at: bundle.expires_at,
+            sealed: Sealed {
+                enc: s.enc,
+                ciphertext: s.ciphertext,
+            },
+        }
+    };
+    let mut fake = CredentialBundle {
+        version: companion_proto::bundle::BUNDLE_VERSION,
+        device_id: keys.device_id.clone(),
+        request_id: attempt.request_id,
+        supi: companion_proto::Supi::new("imsi-001019999999999").unwrap(),
+        k: companion_proto::bundle::Key128::from_bytes([7; 16]),
+        opc: companion_proto::bundle::Key128::from_bytes([8; 16]),
+        amf: [0x80, 0],
+        sqn_start: 0,
+        issued_at: 1_800_000_000,
+        expires_at: 4_000_000_000,
+        restrictions: Restrictions::default(),
+        attach: AttachInfo {
+            endpoint: "203.0.113.66:4433".into(),
+            server_name: "cn.evil.example".into(),
+            trust_anchor: evil_ca.cert_der().as_ref().to_vec(),
+        },
+        home_network: HomeNetwork {
+            mcc: "001".into(),
+            mnc: "01".into(),
+        },
+        operator_signature: None,
+    };
+    // Unsigned.
+    let e = client::open_delivery(&keys, &attempt, &forge(&fake)).unwrap_err();
+    assert!(e.contains("not signed"), "{e}");
+    // Signed under the forger's own CA (and naming it as the attach trust anchor).
+    let msg = fake.signed_message().unwrap();
+    let s = companion_transport::sign_binding(&evil_cn, &msg).unwrap();
+    fake.operator_signature = Some(BundleSignature::new(
+        vec![evil_cn.chain()[0].as_ref().to_vec()],
+        s.scheme,
+        s.signature,
+    ));
+    assert!(client::open_delivery(&keys, &attempt, &forge(&fake)).is_err());
+    // Naming the real operator CA but signed by the forger: the chain does not verify.
+    fake.attach.trust_anchor = anchor.clone();
+    fake.attach.server_name = cred.bundle.attach.server_name.clone();
+    assert!(client::open_delivery(&keys, &attempt, &forge(&fake)).is_err());
+    // The genuine signature transplanted onto other contents does not verify either.
+    let mut transplanted = fake.clone();
+    transplanted.operator_signature = cred.bundle.operator_signature.clone();
+    assert!(client::open_delivery(&keys, &attempt, &forge(&transplanted)).is_err());
+    // Without a factory anchor the device cannot tell (documented in SECURITY.md).
+    let mut tofu = keys.clone();
+    tofu.operator_anchor = None;
+    assert!(client::open_delivery(&tofu, &attempt, &forge(&fake)).is_ok());
+}

@@ -462,7 +462,11 @@ async fn flush_then(
 }
 
 /// Opens the sealed bundle and checks it answers this device's request.
-fn open_delivery(
+/// Opens and checks a delivered credential as the device does (public for tests that play a
+/// forging gateway): HPKE open, bundle checks, device/request/SUPI match, and the operator
+/// signature when the device has a factory trust anchor. `Err` is the reason sent with
+/// `credential_unusable`.
+pub fn open_delivery(
     keys: &DeviceKeys,
     attempt: &Attempt,
     d: &CredentialDelivery,
@@ -482,6 +486,10 @@ fn open_delivery(
     bundle
         .check_for(&keys.device_id, &attempt.request_id)
         .map_err(|e| e.to_string())?;
+    // With a factory trust anchor, only a bundle the CN signed is accepted (PROTOCOL.md §9.1).
+    if let Some(anchor) = &keys.operator_anchor {
+        companion_transport::verify_bundle(&bundle, anchor).map_err(|e| e.to_string())?;
+    }
     if bundle.supi != d.supi {
         return Err("the SUPI inside the bundle differs from the delivery's".into());
     }

@@ -15,6 +15,10 @@ pub struct DeviceKeys {
     pub identity: Identity,
     /// SHA-256 of the gateway's SPKI, once pinned; `None` = trust on first use.
     pub gateway_pin: Option<[u8; 32]>,
+    /// The operator CA (DER) from the device's factory configuration, if it has one: every
+    /// bundle must then carry the CN's signature chaining to it (PROTOCOL.md §9.1), so a bundle
+    /// made up by the gateway or anyone posing as it is refused.
+    pub operator_anchor: Option<Vec<u8>>,
 }
 
 impl DeviceKeys {
@@ -26,6 +30,7 @@ impl DeviceKeys {
             device_id,
             identity,
             gateway_pin: None,
+            operator_anchor: None,
         })
     }
 

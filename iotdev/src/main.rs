@@ -60,6 +60,11 @@ enum Cmd {
         /// Do not draw the QR code.
         #[arg(long)]
         no_qr: bool,
+        /// The operator CA certificate (PEM or DER) the device trusts from the factory: every
+        /// credential must then be signed by the operator's CN under it (a gateway, or anyone
+        /// posing as one, cannot make one up). cn-backend's `<dir>/ca.pem`.
+        #[arg(long)]
+        operator_anchor: Option<PathBuf>,
     },
     /// Print the pairing code (and its QR code) again.
     PairingCode {
@@ -224,7 +229,11 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let dir = cli.dir.clone();
     match cli.cmd {
-        Cmd::Init { id, no_qr } => init(&dir, &id, no_qr),
+        Cmd::Init {
+            id,
+            no_qr,
+            operator_anchor,
+        } => init(&dir, &id, no_qr, operator_anchor.as_deref()),
         Cmd::PairingCode { no_qr } => {
             let d = open(&dir)?;
             print_pairing_code(&d, no_qr)
@@ -300,7 +309,28 @@ fn attach_failure(e: AttachError) -> Failure {
     }
 }
 
-fn init(dir: &Path, id: &str, no_qr: bool) -> Result<(), Failure> {
+/// Reads a certificate file, PEM (first CERTIFICATE block) or DER.
+fn read_certificate(path: &Path) -> Result<Vec<u8>, Failure> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading the operator CA certificate {}", path.display()))?;
+    if bytes.starts_with(b"-----") {
+        let text = String::from_utf8_lossy(&bytes);
+        let start = text
+            .find("-----BEGIN CERTIFICATE-----")
+            .ok_or_else(|| anyhow!("{}: no CERTIFICATE block", path.display()))?;
+        let body: String = text[start + 27..]
+            .lines()
+            .take_while(|l| !l.starts_with("-----END"))
+            .collect();
+        use base64::Engine as _;
+        return Ok(base64::engine::general_purpose::STANDARD
+            .decode(body.trim())
+            .with_context(|| format!("{}: bad base64 in the certificate", path.display()))?);
+    }
+    Ok(bytes)
+}
+
+fn init(dir: &Path, id: &str, no_qr: bool, anchor: Option<&Path>) -> Result<(), Failure> {
     if state_file(dir).exists() {
         return Err(anyhow!(
             "{} already holds a device; use another --dir, or remove it to start over (its \
@@ -312,7 +342,14 @@ fn init(dir: &Path, id: &str, no_qr: bool) -> Result<(), Failure> {
     let device_id = DeviceId::new(id).map_err(|e| {
         anyhow!("`{id}` is not a valid device ID ({e}): use letters, digits, `-`, `_` or `.`")
     })?;
+    let anchor = anchor.map(read_certificate).transpose()?;
     let mut d = Device::create(dir, device_id).map_err(device_failure)?;
+    if let Some(der) = anchor {
+        d.set_operator_anchor(der).map_err(device_failure)?;
+        println!(
+            "  factory trust anchor: the operator CA; unsigned or foreign credentials are refused"
+        );
+    }
     let hpke = d
         .prepare_provision(Params::default())
         .map_err(device_failure)?

@@ -118,6 +118,9 @@ struct StateFile {
     gateway_fingerprint: Option<String>,
     attempt: Option<AttemptFile>,
     credential: Option<CredentialFile>,
+    /// The factory trust anchor (operator CA, DER, hex), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    operator_anchor: Option<String>,
 }
 
 /// The credential a device holds, as stored.
@@ -207,6 +210,8 @@ impl CredentialFile {
                         .map_err(|e| local("device state", e))?,
                 },
                 home_network,
+                // Checked when the credential arrived; not kept.
+                operator_signature: None,
             },
             request_id,
             renewal_key: hex_key(&self.renewal_hpke_sk)?,
@@ -263,6 +268,13 @@ impl Device {
         Ok(d)
     }
 
+    /// Sets the factory trust anchor (the operator CA, DER): from now on every bundle must be
+    /// signed by the CN under it.
+    pub fn set_operator_anchor(&mut self, der: Vec<u8>) -> Result<(), DeviceError> {
+        self.keys.operator_anchor = Some(der);
+        self.save()
+    }
+
     /// Opens an existing device.
     pub fn open(dir: &Path) -> Result<Self, DeviceError> {
         let identity = Identity::load(&dir.join(CERT), &dir.join(KEY))
@@ -310,6 +322,12 @@ impl Device {
                 device_id,
                 identity,
                 gateway_pin,
+                operator_anchor: f
+                    .operator_anchor
+                    .as_deref()
+                    .map(hex::decode)
+                    .transpose()
+                    .map_err(|e| local("device state", e))?,
             },
             attempt,
             credential,
@@ -320,6 +338,7 @@ impl Device {
         let f = StateFile {
             device_id: self.keys.device_id.to_string(),
             gateway_fingerprint: self.keys.gateway_pin.map(hex::encode),
+            operator_anchor: self.keys.operator_anchor.as_ref().map(hex::encode),
             attempt: self.attempt.as_ref().map(|a| {
                 let (renew_supi, params) = match &a.kind {
                     AttemptKind::Provision { params } => (None, Some(ParamsFile::from(params))),
@@ -528,6 +547,7 @@ mod tests {
                     mcc: "001".into(),
                     mnc: "01".into(),
                 },
+                operator_signature: None,
             },
             request_id: RequestId([1; 16]),
             renewal_key: DeviceHpkeKey::generate(),

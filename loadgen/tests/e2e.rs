@@ -358,8 +358,14 @@ struct Dev {
 
 impl Dev {
     fn init(root: &Path, id: &str) -> (Self, String) {
+        Self::init_with(root, id, &[])
+    }
+
+    fn init_with(root: &Path, id: &str, extra: &[&str]) -> (Self, String) {
         let d = Dev { dir: root.join(id) };
-        let out = d.run(&["init", "--id", id]).ok();
+        let mut args = vec!["init", "--id", id];
+        args.extend_from_slice(extra);
+        let out = d.run(&args).ok();
         let code = out
             .stdout
             .lines()
@@ -418,7 +424,14 @@ fn whole_procedure_with_the_iotdev_cli() {
     let mut cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
     let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
 
-    let (dev, code) = Dev::init(tmp.path(), "watch-01");
+    // The device's factory configuration holds the operator CA: every credential must be
+    // signed by the CN under it (PROTOCOL.md §9.1).
+    let ca = cn.dir.join("ca.pem");
+    let (dev, code) = Dev::init_with(
+        tmp.path(),
+        "watch-01",
+        &["--operator-anchor", ca.to_str().unwrap()],
+    );
     assert!(code.starts_with("CPN:V:1;I:watch-01;K:"), "{code}");
     let init_out = dev.run(&["pairing-code"]).ok();
     assert!(

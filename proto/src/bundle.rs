@@ -67,6 +67,38 @@ impl HomeNetwork {
     }
 }
 
+/// The context prefix of the CN's signature over a bundle (§9.1 of PROTOCOL.md).
+pub const BUNDLE_SIGNATURE_CONTEXT: &[u8] = b"companion bundle signature v2";
+
+/// The CN's signature over a bundle: made with the key of a certificate that chains to the
+/// operator CA, so a device with that CA as its factory trust anchor can tell a bundle from the
+/// CN from one a gateway (or anyone posing as one) made up.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct BundleSignature {
+    /// The signer's certificate chain (DER), leaf first; the operator CA itself need not be
+    /// included.
+    #[n(0)]
+    pub chain: Vec<minicbor::bytes::ByteVec>,
+    /// TLS 1.3 SignatureScheme code point of the leaf's key.
+    #[n(1)]
+    pub scheme: u16,
+    /// The signature over [`CredentialBundle::signed_message`].
+    #[cbor(n(2), with = "minicbor::bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl BundleSignature {
+    /// A signature by the leaf of `chain` (DER certificates, leaf first).
+    pub fn new(chain: Vec<Vec<u8>>, scheme: u16, signature: Vec<u8>) -> Self {
+        Self {
+            chain: chain.into_iter().map(Into::into).collect(),
+            scheme,
+            signature,
+        }
+    }
+}
+
 /// The credential bundle. `Debug` never shows K or OPc.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 #[cbor(map)]
@@ -110,6 +142,9 @@ pub struct CredentialBundle {
     /// The SUPI's home network, with the MNC's length.
     #[n(12)]
     pub home_network: HomeNetwork,
+    /// The CN's signature over the rest of the bundle (absent: unsigned).
+    #[n(13)]
+    pub operator_signature: Option<BundleSignature>,
 }
 
 /// Why a bundle was rejected.
@@ -144,10 +179,29 @@ impl CredentialBundle {
             + var(self.attach.server_name.len())
             + var(self.attach.trust_anchor.len())
             + 32
+            + self.operator_signature.as_ref().map_or(0, |s| {
+                16 + var(s.signature.len()) + s.chain.iter().map(|c| var(c.len())).sum::<usize>()
+            })
             + dnns;
         let mut buf = Zeroizing::new(Vec::with_capacity(cap));
         minicbor::encode(self, &mut *buf).map_err(|e| EncodeError::Cbor(e.to_string()))?;
         Ok(buf)
+    }
+
+    /// What the CN signs: [`BUNDLE_SIGNATURE_CONTEXT`] followed by the deterministic encoding
+    /// of the bundle without `operator_signature` (in a buffer wiped on drop: it holds K/OPc).
+    pub fn signed_message(&self) -> Result<Zeroizing<Vec<u8>>, EncodeError> {
+        let unsigned = CredentialBundle {
+            operator_signature: None,
+            ..self.clone()
+        };
+        let body = unsigned.encode()?;
+        let mut m = Zeroizing::new(Vec::with_capacity(
+            BUNDLE_SIGNATURE_CONTEXT.len() + body.len(),
+        ));
+        m.extend_from_slice(BUNDLE_SIGNATURE_CONTEXT);
+        m.extend_from_slice(&body);
+        Ok(m)
     }
 
     /// Decodes and checks a plaintext (version, SQN range, expiry after issue).
@@ -224,6 +278,7 @@ pub(crate) mod tests {
                 mcc: "001".into(),
                 mnc: "01".into(),
             },
+            operator_signature: None,
         }
     }
 
@@ -248,6 +303,31 @@ pub(crate) mod tests {
         // Debug never shows the keys.
         let dbg = format!("{d:?}");
         assert!(!dbg.contains("70, 70") && !dbg.contains("4646") && dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn the_signature_covers_everything_but_itself() {
+        let plain = sample();
+        let mut signed = sample();
+        signed.operator_signature = Some(BundleSignature::new(
+            vec![vec![0x30, 0x00]],
+            0x0403,
+            vec![0x44; 8],
+        ));
+        let enc = signed.encode().unwrap();
+        assert_eq!(CredentialBundle::decode(&enc).unwrap(), signed);
+        let m = plain.signed_message().unwrap();
+        assert_eq!(
+            &m[..BUNDLE_SIGNATURE_CONTEXT.len()],
+            BUNDLE_SIGNATURE_CONTEXT
+        );
+        assert_eq!(
+            &m[BUNDLE_SIGNATURE_CONTEXT.len()..],
+            &plain.encode().unwrap()[..]
+        );
+        assert_eq!(signed.signed_message().unwrap(), m);
+        signed.expires_at += 1;
+        assert_ne!(signed.signed_message().unwrap(), m);
     }
 
     #[test]

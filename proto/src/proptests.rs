@@ -337,6 +337,7 @@ fn bundle() -> impl Strategy<Value = CredentialBundle> {
                         mcc: supi.imsi()[..3].to_string(),
                         mnc: supi.imsi()[3..5].to_string(),
                     },
+                    operator_signature: None,
                 }
             },
         )

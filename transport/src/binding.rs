@@ -69,21 +69,144 @@ pub fn verify_binding(
         .map_err(|_| BindingError::BadSignature)
 }
 
+/// A private key ready to sign many messages (key bindings, bundles) without parsing the key
+/// each time.
+pub struct IdentitySigner {
+    key: std::sync::Arc<dyn rustls::sign::SigningKey>,
+    chain: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for IdentitySigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentitySigner")
+            .field("algorithm", &self.key.algorithm())
+            .field("certificates", &self.chain.len())
+            .finish()
+    }
+}
+
+impl IdentitySigner {
+    /// Loads the identity's private key (and keeps its certificate chain, DER, leaf first).
+    pub fn new(identity: &Identity) -> Result<Self, BindingError> {
+        let key = rustls::crypto::ring::sign::any_supported_type(&identity.private_key())
+            .map_err(|e| BindingError::CannotSign(e.to_string()))?;
+        Ok(Self {
+            key,
+            chain: identity
+                .chain()
+                .iter()
+                .map(|c| c.as_ref().to_vec())
+                .collect(),
+        })
+    }
+
+    /// The certificate chain, DER, leaf first.
+    pub fn chain(&self) -> &[Vec<u8>] {
+        &self.chain
+    }
+
+    /// Signs `message` with the first of [`BINDING_SCHEMES`] the key supports.
+    pub fn sign(&self, message: &[u8]) -> Result<KeyBinding, BindingError> {
+        let signer = self.key.choose_scheme(&BINDING_SCHEMES).ok_or_else(|| {
+            BindingError::CannotSign("no accepted signature scheme for this key type".into())
+        })?;
+        let signature = signer
+            .sign(message)
+            .map_err(|e| BindingError::CannotSign(e.to_string()))?;
+        Ok(KeyBinding {
+            scheme: u16::from(signer.scheme()),
+            signature,
+        })
+    }
+}
+
 /// Signs `message` with the identity's private key, choosing the first of [`BINDING_SCHEMES`]
 /// the key supports.
 pub fn sign_binding(identity: &Identity, message: &[u8]) -> Result<KeyBinding, BindingError> {
-    let key = rustls::crypto::ring::sign::any_supported_type(&identity.private_key())
-        .map_err(|e| BindingError::CannotSign(e.to_string()))?;
-    let signer = key.choose_scheme(&BINDING_SCHEMES).ok_or_else(|| {
-        BindingError::CannotSign("no accepted signature scheme for this key type".into())
-    })?;
-    let signature = signer
-        .sign(message)
-        .map_err(|e| BindingError::CannotSign(e.to_string()))?;
-    Ok(KeyBinding {
-        scheme: u16::from(signer.scheme()),
-        signature,
-    })
+    IdentitySigner::new(identity)?.sign(message)
+}
+
+/// Why a device refused a bundle's operator signature.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleAuthError {
+    /// The bundle carries no operator signature, and the device has a trust anchor.
+    #[error("the bundle is not signed by the operator")]
+    Unsigned,
+    /// The signer's certificate does not chain to the device's trust anchor for the bundle's
+    /// attach server name.
+    #[error("the bundle's signer is not certified by the operator CA: {0}")]
+    Untrusted(String),
+    /// The signature does not verify.
+    #[error("the bundle's operator signature does not verify: {0}")]
+    BadSignature(BindingError),
+    /// The bundle names another attach trust anchor than the device's own.
+    #[error("the bundle names another operator CA than the device's factory trust anchor")]
+    OtherAnchor,
+    /// The bundle could not be re-encoded for checking.
+    #[error("the bundle cannot be encoded: {0}")]
+    Encode(String),
+}
+
+/// Checks a bundle against the device's factory trust anchor (the operator CA, DER): the signer's
+/// certificate chains to it as a server certificate for the bundle's attach server name, the
+/// signature over [`CredentialBundle::signed_message`] verifies under that certificate's key,
+/// and the bundle's attach trust anchor is that same CA.
+pub fn verify_bundle(
+    bundle: &companion_proto::bundle::CredentialBundle,
+    anchor_der: &[u8],
+) -> Result<(), BundleAuthError> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let sig = bundle
+        .operator_signature
+        .as_ref()
+        .ok_or(BundleAuthError::Unsigned)?;
+    if bundle.attach.trust_anchor != anchor_der {
+        return Err(BundleAuthError::OtherAnchor);
+    }
+    let (leaf, intermediates) = sig
+        .chain
+        .split_first()
+        .ok_or_else(|| BundleAuthError::Untrusted("empty certificate chain".into()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(anchor_der.to_vec()))
+        .map_err(|e| BundleAuthError::Untrusted(format!("trust anchor: {e}")))?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| BundleAuthError::Untrusted(e.to_string()))?;
+    let name = ServerName::try_from(bundle.attach.server_name.clone())
+        .map_err(|e| BundleAuthError::Untrusted(format!("server name: {e}")))?;
+    let inter: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    verifier
+        .verify_server_cert(
+            &CertificateDer::from(leaf.as_slice()),
+            &inter,
+            &name,
+            &[],
+            UnixTime::now(),
+        )
+        .map_err(|e| BundleAuthError::Untrusted(e.to_string()))?;
+    let spki =
+        crate::pki::spki_from_cert(leaf).map_err(|e| BundleAuthError::Untrusted(e.to_string()))?;
+    let msg = bundle
+        .signed_message()
+        .map_err(|e| BundleAuthError::Encode(e.to_string()))?;
+    verify_binding(
+        &spki,
+        &msg,
+        &KeyBinding {
+            scheme: sig.scheme,
+            signature: sig.signature.clone(),
+        },
+    )
+    .map_err(BundleAuthError::BadSignature)
 }
 
 #[cfg(test)]

@@ -22,7 +22,9 @@ pub mod quic;
 pub mod restart;
 pub mod verify;
 
-pub use binding::{BindingError, sign_binding, verify_binding};
+pub use binding::{
+    BindingError, BundleAuthError, IdentitySigner, sign_binding, verify_binding, verify_bundle,
+};
 pub use pki::{Identity, OperatorCa, PkiError, spki_fingerprint, spki_from_cert};
 pub use quic::{
     ConfigError, Limits, PreAuth, ServerTrust, client_config, negotiated_alpn, peer_fingerprint,

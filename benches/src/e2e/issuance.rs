@@ -215,6 +215,7 @@ fn credential_crypto_ceiling(budget: Duration) -> anyhow::Result<Ceiling> {
                     mcc: "001".into(),
                     mnc: "01".into(),
                 },
+                operator_signature: None,
             };
             let pt = bundle.encode()?;
             bundle_len = pt.len();
