@@ -1,4 +1,5 @@
-//! Milenage, the 3GPP KDF / RES*, a whole AKA round, and HPKE sealing of a credential bundle.
+//! Milenage, the 3GPP KDF / RES*, a whole AKA round, HPKE sealing of a credential bundle, and the
+//! signatures of key binding and bundle authenticity.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::hint::black_box;
@@ -60,5 +61,32 @@ fn hpke(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, milenage_and_kdf, hpke);
+/// What key binding and bundle signing add per credential: the device's signature (device side),
+/// its verification (gateway and CN, once each) and the CN's bundle signature (CN side).
+fn signatures(c: &mut Criterion) {
+    use companion_proto::binding::{BindingOp, binding_message};
+    use companion_proto::{DeviceId, RequestId};
+    let device = companion_transport::Identity::self_signed("watch-01").unwrap();
+    let spki = device.spki_der().unwrap();
+    let signer = companion_transport::IdentitySigner::new(&device).unwrap();
+    let msg = binding_message(
+        BindingOp::Provision,
+        &RequestId([7; 16]),
+        &DeviceId::new("watch-01").unwrap(),
+        &[0x11; 32],
+    );
+    c.bench_function("binding/sign (ECDSA P-256, device)", |b| {
+        b.iter(|| signer.sign(black_box(&msg)).unwrap())
+    });
+    let sig = signer.sign(&msg).unwrap();
+    c.bench_function("binding/verify (ECDSA P-256, gateway and CN)", |b| {
+        b.iter(|| companion_transport::verify_binding(&spki, black_box(&msg), &sig).unwrap())
+    });
+    let pt = bundle_sized_plaintext();
+    c.bench_function("bundle/sign (ECDSA P-256, CN, 600 B bundle)", |b| {
+        b.iter(|| signer.sign(black_box(&pt)).unwrap())
+    });
+}
+
+criterion_group!(benches, milenage_and_kdf, hpke, signatures);
 criterion_main!(benches);
