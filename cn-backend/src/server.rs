@@ -916,6 +916,17 @@ async fn batch(
     let mut index = Vec::new();
     // A renewal's HPKE key is fresh per request (PROTOCOL.md §4.1): one key, one renewal.
     let mut renew_keys: HashSet<[u8; 32]> = HashSet::new();
+    let refused = bound.iter().filter(|b| b.is_err()).count();
+    if refused > 0 {
+        // Once per batch: a gateway that substitutes keys is authenticated, and this names it.
+        warn!(
+            parent = %parent,
+            refused,
+            items = b.items.len(),
+            "batch items refused: their key binding does not verify (a gateway substituting \
+             HPKE or device keys, or replaying signatures)"
+        );
+    }
     for ((i, it), bound) in b.items.iter().enumerate().zip(bound) {
         let rid = it.request_id;
         if let Err(why) = bound {
