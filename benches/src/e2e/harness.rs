@@ -259,6 +259,22 @@ impl Cn {
             .arg(&cn_dir)
             .args(["init", "--mcc", "001", "--mnc", "01"]);
         run(c, "cn-backend init")?;
+        // The benches issue far more than the operator's default cap on new credentials per
+        // parent and hour (child_allocation_limit, 10,000): lift it, since a bench is a flood
+        // by design. Every key of the generated file is top level, so appending sets it.
+        {
+            use std::io::Write as _;
+            let path = cn_dir.join("cn-backend.toml");
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            writeln!(
+                f,
+                "\n# set by the benches\nchild_allocation_limit = 4000000000"
+            )
+            .with_context(|| format!("writing {}", path.display()))?;
+        }
         let mut c = bins.command("cn-backend");
         c.arg("--dir").arg(&cn_dir).args([
             "subscriber",
