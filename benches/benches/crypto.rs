@@ -86,6 +86,17 @@ fn signatures(c: &mut Criterion) {
     c.bench_function("bundle/sign (ECDSA P-256, CN, 600 B bundle)", |b| {
         b.iter(|| signer.sign(black_box(&pt)).unwrap())
     });
+    // The same with an Ed25519 identity key (a device's choice; see BENCHMARKS.md).
+    let ed = companion_transport::Identity::self_signed_ed25519("watch-01").unwrap();
+    let ed_spki = ed.spki_der().unwrap();
+    let ed_signer = companion_transport::IdentitySigner::new(&ed).unwrap();
+    c.bench_function("binding/sign (Ed25519, device)", |b| {
+        b.iter(|| ed_signer.sign(black_box(&msg)).unwrap())
+    });
+    let ed_sig = ed_signer.sign(&msg).unwrap();
+    c.bench_function("binding/verify (Ed25519, gateway and CN)", |b| {
+        b.iter(|| companion_transport::verify_binding(&ed_spki, black_box(&msg), &ed_sig).unwrap())
+    });
 }
 
 criterion_group!(benches, milenage_and_kdf, hpke, signatures);

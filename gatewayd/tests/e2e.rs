@@ -1836,3 +1836,34 @@ async fn a_device_with_the_operator_anchor_refuses_a_bundle_the_gateway_made_up(
     tofu.operator_anchor = None;
     assert!(client::open_delivery(&tofu, &attempt, &forge(&fake)).is_ok());
 }
+
+/// A device whose identity key is Ed25519 (the pairing code's `K` may be Ed25519 or ECDSA
+/// P-256, PROTOCOL.md §10): it pairs, passes mutual TLS, signs its key binding with scheme
+/// 0x0807, is provisioned and attaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ed25519_device_is_provisioned_and_attaches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let keys = DeviceKeys {
+        device_id: DeviceId::new("ed-1").unwrap(),
+        identity: companion_transport::Identity::self_signed_ed25519("ed-1").unwrap(),
+        gateway_pin: None,
+        operator_anchor: None,
+    };
+    let (_, sig) = iotdev::client::sign_bindings(
+        &keys,
+        companion_proto::binding::BindingOp::Provision,
+        &companion_proto::RequestId::from([1; 16]),
+        &[9; 32],
+    )
+    .unwrap();
+    assert_eq!(sig.scheme, 0x0807);
+    gw.pair(&keys);
+    let cred = client::provision(&ep, gw.devices, &keys, &Default::default())
+        .await
+        .unwrap();
+    attach(&ep, &cred.bundle).await.unwrap();
+}

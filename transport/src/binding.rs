@@ -257,5 +257,15 @@ mod tests {
             verify_binding(b"\x30\x00", b"message one", &sig),
             Err(BindingError::BadKey(_))
         ));
+        // An Ed25519 identity signs with scheme 0x0807, and its signature verifies only as that.
+        let ed = Identity::self_signed_ed25519("watch-02").unwrap_or_else(|e| panic!("{e}"));
+        let spki_ed = ed.spki_der().unwrap_or_else(|e| panic!("{e}"));
+        let sig_ed = sign_binding(&ed, b"message one").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sig_ed.scheme, 0x0807);
+        assert_eq!(verify_binding(&spki_ed, b"message one", &sig_ed), Ok(()));
+        assert_eq!(
+            verify_binding(&spki_a, b"message one", &sig_ed),
+            Err(BindingError::BadSignature)
+        );
     }
 }

@@ -102,7 +102,20 @@ impl Identity {
     /// A fresh P-256 key with a self-signed certificate: what a device or a gateway presents.
     /// Peers do not validate it against any CA; they pin its public key.
     pub fn self_signed(common_name: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        Self::self_signed_with(common_name, &PKCS_ECDSA_P256_SHA256)
+    }
+
+    /// [`self_signed`](Self::self_signed) with an Ed25519 key (RFC 8410), for devices that
+    /// prefer it: TLS 1.3 and key bindings accept it (`ed25519`, 0x0807).
+    pub fn self_signed_ed25519(common_name: &str) -> Result<Self, PkiError> {
+        Self::self_signed_with(common_name, &rcgen::PKCS_ED25519)
+    }
+
+    fn self_signed_with(
+        common_name: &str,
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> Result<Self, PkiError> {
+        let key = KeyPair::generate_for(alg)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished_name(common_name);
         // Devices often have no clock before they are provisioned; pins, not dates, carry trust.
