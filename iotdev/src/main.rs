@@ -311,21 +311,15 @@ fn attach_failure(e: AttachError) -> Failure {
 
 /// Reads a certificate file, PEM (first CERTIFICATE block) or DER.
 fn read_certificate(path: &Path) -> Result<Vec<u8>, Failure> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
     let bytes = std::fs::read(path)
         .with_context(|| format!("reading the operator CA certificate {}", path.display()))?;
     if bytes.starts_with(b"-----") {
-        let text = String::from_utf8_lossy(&bytes);
-        let start = text
-            .find("-----BEGIN CERTIFICATE-----")
-            .ok_or_else(|| anyhow!("{}: no CERTIFICATE block", path.display()))?;
-        let body: String = text[start + 27..]
-            .lines()
-            .take_while(|l| !l.starts_with("-----END"))
-            .collect();
-        use base64::Engine as _;
-        return Ok(base64::engine::general_purpose::STANDARD
-            .decode(body.trim())
-            .with_context(|| format!("{}: bad base64 in the certificate", path.display()))?);
+        return Ok(CertificateDer::from_pem_slice(&bytes)
+            .map_err(|e| anyhow!("{}: no readable CERTIFICATE block ({e:?})", path.display()))?
+            .as_ref()
+            .to_vec());
     }
     Ok(bytes)
 }
