@@ -8,7 +8,7 @@
 //! > {"op":"pair","code":"CPN:V:1;I:watch-1;K:MCow...;;","label":"kitchen"}
 //! < {"result":"paired","new":true,"device":{"device":"watch-1",...}}
 //! > {"op":"open_window","seconds":120}
-//! < {"result":"window_opened","window":{"closes_at":1700000120,"remaining_secs":120,"claimed":false}}
+//! < {"result":"window_opened","window":{"closes_at":1700000120,"remaining_secs":120,"code":"7KQ2M-X9D4T","wrong_codes":0}}
 //! > {"op":"revoke","device":"nope"}
 //! < {"result":"error","kind":"not_found","message":"device nope is not paired"}
 //! ```

@@ -521,12 +521,12 @@ impl DeviceServer {
         let paired = match self.registry.classify(&fingerprint) {
             Admission::Paired(d) => Some(d),
             Admission::WindowCandidate => {
-                if let Err(e) = self.registry.claim_window(&fingerprint) {
+                if let Err(e) = self.registry.window_still_open() {
                     tracing::info!(%remote, error = %e, "pairing window refused a new device");
                     conn.close(close::NOT_PAIRED.into(), b"not paired");
                     return;
                 }
-                tracing::info!(%remote, fingerprint = %hex::encode(fingerprint), "new device claimed the pairing window");
+                tracing::info!(%remote, fingerprint = %hex::encode(fingerprint), "new device admitted by the open pairing window (it pairs only with the window's code)");
                 None
             }
             Admission::Refused => {

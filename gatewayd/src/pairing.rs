@@ -80,7 +80,8 @@ pub enum PairingError {
 pub enum Admission {
     /// The key is paired to this device.
     Paired(DeviceId),
-    /// Unknown key admitted by the open window: call [`PairingRegistry::claim_window`].
+    /// Unknown key admitted by the open window: it may pair by sending the window's code
+    /// ([`PairingRegistry::bind_with_code`]).
     WindowCandidate,
     /// Neither paired nor covered by a window.
     Refused,
@@ -342,7 +343,7 @@ impl PairingRegistry {
 
     /// After a completed handshake by a [`Admission::WindowCandidate`] key: whether the window
     /// is still open. It reserves nothing: only [`bind_with_code`](Self::bind_with_code) pairs.
-    pub fn claim_window(&self, _fingerprint: &[u8; 32]) -> Result<(), PairingError> {
+    pub fn window_still_open(&self) -> Result<(), PairingError> {
         let now = self.clock.now();
         let mut inner = self.lock();
         inner.expire(now);
@@ -576,8 +577,7 @@ mod tests {
         assert_eq!(f.reg.window().unwrap().code, None);
         // Every unknown key may try; connecting reserves nothing.
         assert!(f.reg.admit(&a, &[]) && f.reg.admit(&b, &[]));
-        f.reg.claim_window(&a).unwrap();
-        f.reg.claim_window(&b).unwrap();
+        f.reg.window_still_open().unwrap();
         // Without the code, or with a wrong one: nothing is paired.
         assert!(matches!(
             f.reg.bind_with_code(&b, &b_spki, &dev("intruder"), None),
@@ -699,7 +699,7 @@ mod tests {
             .unwrap()
             .code
             .unwrap();
-        f.reg.claim_window(&a).unwrap();
+        f.reg.window_still_open().unwrap();
         assert!(matches!(
             f.reg.authorize(&a, &dev("watch-1")),
             Err(PairingError::DeviceAlreadyPaired(_))
