@@ -29,6 +29,7 @@ pub mod kek;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod parallel;
 pub mod policy;
 pub mod serve;
 pub mod server;

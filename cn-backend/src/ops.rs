@@ -546,52 +546,18 @@ fn issue_one<Se: Sealer + ?Sized>(
     }
 }
 
-fn encapsulate_chunk<Se: Sealer + ?Sized>(
-    sealer: &Se,
-    chunk: &[Pending<'_>],
-) -> Vec<Result<Se::Encapsulated, SealError>> {
-    chunk
-        .iter()
-        .map(|p| sealer.encapsulate(&p.item.recipient, &p.item.device_id, &p.item.request_id))
-        .collect()
-}
-
 /// Encapsulates `pending` in order, split across the available cores.
 fn encapsulate_all<Se: Sealer + ?Sized>(
     sealer: &Se,
     pending: &[Pending<'_>],
 ) -> Vec<Result<Se::Encapsulated, SealError>> {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let threads = cores.min(pending.len() / MIN_SEALS_PER_THREAD).max(1);
-    if threads == 1 {
-        return encapsulate_chunk(sealer, pending);
-    }
-    let per_thread = pending.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut chunks = pending.chunks(per_thread);
-        let mine = chunks.next().unwrap_or_default();
-        // Threads that could not be started leave their chunk to this thread.
-        let others: Vec<_> = chunks
-            .map(|c| {
-                let h = std::thread::Builder::new()
-                    .name("cn-seal".into())
-                    .spawn_scoped(scope, move || encapsulate_chunk(sealer, c));
-                (c, h.ok())
-            })
-            .collect();
-        let mut out = encapsulate_chunk(sealer, mine);
-        for (c, h) in others {
-            match h.map(std::thread::ScopedJoinHandle::join) {
-                Some(Ok(encapsulated)) => out.extend(encapsulated),
-                Some(Err(_)) => out.extend(
-                    c.iter()
-                        .map(|_| Err(SealError("the sealing thread panicked".into()))),
-                ),
-                None => out.extend(encapsulate_chunk(sealer, c)),
-            }
-        }
-        out
-    })
+    crate::parallel::map_in_order(
+        pending,
+        MIN_SEALS_PER_THREAD,
+        "cn-seal",
+        |p| sealer.encapsulate(&p.item.recipient, &p.item.device_id, &p.item.request_id),
+        || Err(SealError("the sealing thread panicked".into())),
+    )
 }
 
 fn write_provision<Se: Sealer + ?Sized>(

@@ -889,27 +889,8 @@ fn check_binding(it: &companion_proto::msg::BatchItem) -> Result<(), String> {
 /// [`check_binding`] for every item, in order, split across the available cores (an ECDSA
 /// verification costs about as much as the HPKE seal of the same item).
 fn check_bindings(items: &[companion_proto::msg::BatchItem]) -> Vec<Result<(), String>> {
-    const MIN_PER_THREAD: usize = 16;
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let threads = cores.min(items.len() / MIN_PER_THREAD).max(1);
-    if threads == 1 {
-        return items.iter().map(check_binding).collect();
-    }
-    let per_thread = items.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(per_thread)
-            .map(|chunk| scope.spawn(move || chunk.iter().map(check_binding).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                // A panicking verifier thread refuses its items rather than the whole batch.
-                h.join()
-                    .unwrap_or_else(|_| vec![Err("key binding check failed".into()); per_thread])
-            })
-            .take(items.len())
-            .collect()
+    crate::parallel::map_in_order(items, 16, "cn-binding", check_binding, || {
+        Err("key binding check failed".into())
     })
 }
 
