@@ -656,6 +656,31 @@ async fn a_restarted_gateway_knows_its_devices_and_redelivers() {
 }
 
 /// A raw connection with `keys`' certificate, for misbehaving devices.
+/// A `ProvisionRequest` as a device makes it: signed with its identity key (key binding and
+/// renewal authorisation), empty params.
+fn signed_provision_request(
+    keys: &DeviceKeys,
+    request_id: companion_proto::RequestId,
+    hpke_public_key: [u8; 32],
+) -> companion_proto::msg::ProvisionRequest {
+    let (binding, renewal_binding) = iotdev::client::sign_bindings(
+        keys,
+        companion_proto::binding::BindingOp::Provision,
+        &request_id,
+        &hpke_public_key,
+    )
+    .unwrap();
+    companion_proto::msg::ProvisionRequest {
+        request_id,
+        device_id: keys.device_id.clone(),
+        hpke_public_key,
+        params: Params::default(),
+        binding,
+        renewal_binding: Some(renewal_binding),
+        window_code: None,
+    }
+}
+
 async fn raw_connect(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
@@ -808,7 +833,7 @@ async fn cn_metrics(cn: &Cn) -> String {
 /// device with a real key is then provisioned normally through the iotdev library.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
-    use companion_proto::msg::{DeviceMessage, ErrorCode, Message, ProvisionRequest};
+    use companion_proto::msg::{DeviceMessage, ErrorCode, Message};
     let tmp = tempfile::tempdir().unwrap();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
@@ -823,23 +848,11 @@ async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
         let mut rid = [0u8; 16];
         rid[0] = u8::try_from(i).unwrap();
         // Correctly signed (key binding): the HPKE key is what is wrong.
-        let request_id = companion_proto::RequestId::from(rid);
-        let (binding, renewal_binding) = iotdev::client::sign_bindings(
+        let req = DeviceMessage::ProvisionRequest(signed_provision_request(
             &keys,
-            companion_proto::binding::BindingOp::Provision,
-            &request_id,
-            pk,
-        )
-        .unwrap();
-        let req = DeviceMessage::ProvisionRequest(ProvisionRequest {
-            request_id,
-            device_id: keys.device_id.clone(),
-            hpke_public_key: *pk,
-            params: Params::default(),
-            binding,
-            renewal_binding: Some(renewal_binding),
-            window_code: None,
-        });
+            companion_proto::RequestId::from(rid),
+            *pk,
+        ));
         // One exchange per device at a time: a `busy` answer while the previous stream winds
         // down is retried after its `retry_after_ms`, as a device does.
         let mut tries = 0;
@@ -1632,7 +1645,6 @@ async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_unusable_revokes_the_child_at_the_cn() {
     use companion_proto::device::{ClientEvent, ClientExchange};
-    use companion_proto::msg::ProvisionRequest;
     let tmp = tempfile::tempdir().unwrap();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
@@ -1642,24 +1654,9 @@ async fn credential_unusable_revokes_the_child_at_the_cn() {
     gw.pair(&keys);
     let conn = raw_connect(&ep, gw.devices, &keys).await;
     let attempt = Attempt::provision(Params::default()).unwrap();
-    let (binding, renewal_binding) = iotdev::client::sign_bindings(
-        &keys,
-        companion_proto::binding::BindingOp::Provision,
-        &attempt.request_id,
-        &attempt.hpke.public_key(),
-    )
-    .unwrap();
     let now = Instant::now();
     let mut ex = ClientExchange::provision(
-        ProvisionRequest {
-            request_id: attempt.request_id,
-            device_id: keys.device_id.clone(),
-            hpke_public_key: attempt.hpke.public_key(),
-            params: Params::default(),
-            binding,
-            renewal_binding: Some(renewal_binding),
-            window_code: None,
-        },
+        signed_provision_request(&keys, attempt.request_id, attempt.hpke.public_key()),
         now,
         companion_proto::Config::default(),
     )
