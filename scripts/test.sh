@@ -4,7 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n\033[1;32m==> %s\033[0m\n' "$*" >&2; }
+step() {
+  printf '\n\033[1;32m==> %s\033[0m\n' "$*" >&2
+  # CI_DISK_REPORT=1 (set by .ci/run): free disk and target/ size at each step, since the suite's
+  # builds are large and a full disk fails in the middle of a compiler run.
+  if [ "${CI_DISK_REPORT:-0}" = 1 ]; then
+    printf '    disk: %s free; target/ %s\n' "$(df -h --output=avail . | tail -n 1 | tr -d ' ')" \
+      "$(du -sh target 2>/dev/null | cut -f1)" >&2
+  fi
+}
 
 step "setup"
 bash scripts/setup.sh
