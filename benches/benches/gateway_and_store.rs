@@ -76,6 +76,7 @@ fn store_commit(c: &mut Criterion) {
                 roaming_allowed: false,
                 allowed_dnns: vec![],
                 max_bitrate_kbps: None,
+                require_attestation: false,
             },
         },
         "bench",
@@ -114,6 +115,7 @@ fn store_commit(c: &mut Criterion) {
                         let mut rid = [0u8; 16];
                         rid[..8].copy_from_slice(&n.to_be_bytes());
                         BatchItem::Provision(ProvisionItem {
+                            attestation: Default::default(),
                             device_id: DeviceId::parse(&format!("dev-{n}")).unwrap(),
                             device_key_fingerprint: KeyFingerprint([3; 32]),
                             device_spki: vec![0x30, 3],

@@ -41,12 +41,90 @@ impl From<StoreError> for AdminError {
             StoreError::ParentNotFound(_)
             | StoreError::ChildNotFound(_)
             | StoreError::UnknownSupi(_) => AdminError::NotFound(e.to_string()),
-            StoreError::Duplicate(_) | StoreError::InvalidTransition { .. } => {
-                AdminError::Conflict(e.to_string())
-            }
+            StoreError::Duplicate(_)
+            | StoreError::InvalidTransition { .. }
+            | StoreError::RootExists(_) => AdminError::Conflict(e.to_string()),
             StoreError::Model(m) => AdminError::BadRequest(m.to_string()),
             other => AdminError::Store(other),
         }
+    }
+}
+
+/// A manufacturer root as shown to operators.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootView {
+    pub name: String,
+    pub subject: String,
+    /// SHA-256 of the certificate (DER), hex.
+    pub fingerprint: String,
+    pub added_at: i64,
+}
+
+impl RootView {
+    fn of(r: &crate::store::ManufacturerRoot) -> Self {
+        Self {
+            name: r.name.clone(),
+            subject: r.subject.clone(),
+            fingerprint: hex::encode(r.fingerprint),
+            added_at: r.added_at.as_secs(),
+        }
+    }
+}
+
+/// Installs a manufacturer root (PROTOCOL.md §4.5) from PEM or DER: a CA certificate whose
+/// device certificates then attest device keys to parents that `require_attestation`.
+pub fn add_root<S: Store + ?Sized>(
+    store: &S,
+    name: &str,
+    cert: &[u8],
+    now: Timestamp,
+) -> Result<RootView, AdminError> {
+    let ok_name = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok_name {
+        return Err(bad("a root name is 1 to 64 characters of [A-Za-z0-9._-]"));
+    }
+    let der =
+        companion_transport::attestation::certificate_der(cert).map_err(|e| bad(e.to_string()))?;
+    let info = companion_transport::attestation::inspect_root(&der)
+        .map_err(|e| bad(format!("not usable as a manufacturer root: {e}")))?;
+    if info.not_after <= now.as_secs() {
+        return Err(bad(format!(
+            "the certificate expired at {} (Unix time)",
+            info.not_after
+        )));
+    }
+    let root = crate::store::ManufacturerRoot {
+        name: name.to_owned(),
+        fingerprint: companion_transport::spki_fingerprint(&der),
+        cert_der: der,
+        subject: info.subject,
+        added_at: now,
+    };
+    store.add_manufacturer_root(&root)?;
+    Ok(RootView::of(&root))
+}
+
+/// The installed manufacturer roots.
+pub fn list_roots<S: Store + ?Sized>(store: &S) -> Result<Vec<RootView>, AdminError> {
+    Ok(store
+        .manufacturer_roots()?
+        .iter()
+        .map(RootView::of)
+        .collect())
+}
+
+/// Removes the manufacturer root `name`. Credentials already issued stay valid; new items
+/// chaining only to it no longer count as attested.
+pub fn remove_root<S: Store + ?Sized>(store: &S, name: &str) -> Result<(), AdminError> {
+    if store.remove_manufacturer_root(name)? {
+        Ok(())
+    } else {
+        Err(AdminError::NotFound(format!(
+            "no manufacturer root named {name:?}"
+        )))
     }
 }
 
@@ -124,6 +202,9 @@ pub struct AddSubscriber {
     /// Bitrate cap of children in kbit/s (default: none).
     #[serde(default)]
     pub max_bitrate_kbps: Option<u32>,
+    /// Whether devices need a manufacturer attestation (default false).
+    #[serde(default)]
+    pub require_attestation: bool,
 }
 
 /// Defaults of `subscriber add`.
@@ -150,6 +231,9 @@ pub struct PolicyUpdate {
     /// New bitrate cap; 0 removes the cap.
     #[serde(default)]
     pub max_bitrate_kbps: Option<u32>,
+    /// Require (or stop requiring) manufacturer attestation.
+    #[serde(default)]
+    pub require_attestation: Option<bool>,
 }
 
 /// A parent subscription as shown to operators.
@@ -164,6 +248,7 @@ pub struct ParentView {
     pub roaming_allowed: bool,
     pub dnns: Vec<String>,
     pub max_bitrate_kbps: Option<u32>,
+    pub require_attestation: bool,
     pub created_at: i64,
     pub updated_at: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,6 +273,7 @@ impl ParentView {
                 .map(ToString::to_string)
                 .collect(),
             max_bitrate_kbps: p.policy.max_bitrate_kbps,
+            require_attestation: p.policy.require_attestation,
             created_at: p.created_at.as_secs(),
             updated_at: p.updated_at.as_secs(),
             active_children: None,
@@ -333,6 +419,7 @@ pub fn add_subscriber<S: Store + ?Sized>(
         roaming_allowed: req.roaming.unwrap_or(false),
         allowed_dnns: dnns(&req.dnns)?,
         max_bitrate_kbps: req.max_bitrate_kbps,
+        require_attestation: req.require_attestation,
     };
     let parent = NewParent {
         supi: supi.clone(),
@@ -409,6 +496,9 @@ pub fn update_policy<S: Store + ?Sized>(
     }
     if let Some(b) = upd.max_bitrate_kbps {
         policy.max_bitrate_kbps = (b != 0).then_some(b);
+    }
+    if let Some(r) = upd.require_attestation {
+        policy.require_attestation = r;
     }
     ops::set_parent_policy(store, &supi, &policy, actor, now)?;
     let p = store

@@ -13,6 +13,7 @@
 //! - `amf`: 4 hex digits. `sqn`: SQN_HE, decimal, or hex with a `0x` prefix (48-bit).
 //! - `roaming`: `true|false|yes|no|1|0`. `dnns`: separated by `;` or spaces; empty = any.
 //! - Optional column `max_bitrate_kbps`: empty = no cap.
+//! - Optional column `require_attestation`: true/false, empty = false.
 //!
 //! Every row is parsed and validated first, then all rows are inserted in one transaction; the
 //! first bad row (syntax, duplicate in the file, SUPI already in the database) is reported with
@@ -67,7 +68,7 @@ const REQUIRED: [&str; 8] = [
     "roaming",
     "dnns",
 ];
-const OPTIONAL: [&str; 3] = ["opc", "op", "max_bitrate_kbps"];
+const OPTIONAL: [&str; 4] = ["opc", "op", "max_bitrate_kbps", "require_attestation"];
 
 struct Columns(HashMap<&'static str, usize>);
 
@@ -103,11 +104,11 @@ impl Columns {
     }
 }
 
-fn parse_bool(s: &str) -> Result<bool, String> {
+fn parse_bool(name: &str, s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "yes" | "1" => Ok(true),
         "false" | "no" | "0" => Ok(false),
-        _ => Err(format!("roaming: expected true or false, got {s:?}")),
+        _ => Err(format!("{name}: expected true or false, got {s:?}")),
     }
 }
 
@@ -141,7 +142,7 @@ fn parse_row(cols: &Columns, rec: &csv::StringRecord) -> Result<NewParent, Strin
     let max_children =
         u32::try_from(num("max_children")?).map_err(|_| "max_children: too large".to_owned())?;
     let max_lifetime_s = num("max_lifetime_s")?;
-    let roaming_allowed = parse_bool(cols.get(rec, "roaming"))?;
+    let roaming_allowed = parse_bool("roaming", cols.get(rec, "roaming"))?;
     let allowed_dnns = cols
         .get(rec, "dnns")
         .split(|c: char| c == ';' || c.is_whitespace())
@@ -155,12 +156,18 @@ fn parse_row(cols: &Columns, rec: &csv::StringRecord) -> Result<NewParent, Strin
             format!("max_bitrate_kbps: expected a positive integer or nothing, got {s:?}")
         })?),
     };
+    // Optional column; empty or absent = not required.
+    let require_attestation = match cols.get(rec, "require_attestation") {
+        "" => false,
+        s => parse_bool("require_attestation", s)?,
+    };
     let policy = ParentPolicy {
         max_children,
         max_lifetime_s,
         roaming_allowed,
         allowed_dnns,
         max_bitrate_kbps,
+        require_attestation,
     }
     .validated()
     .map_err(|e| e.to_string())?;

@@ -40,6 +40,10 @@ enum Cmd {
     /// Manage companion (parent) subscriptions.
     #[command(subcommand)]
     Subscriber(SubCmd),
+    /// Manage the manufacturer roots that attest device keys (PROTOCOL.md §4.5), for parents
+    /// with `--require-attestation`.
+    #[command(subcommand)]
+    Attestation(AttestationCmd),
     /// Show the audit trail (issue, renew, revoke, policy and lifecycle changes).
     Audit {
         /// Only entries about this SUPI (as subject or parent).
@@ -48,6 +52,26 @@ enum Cmd {
         /// Newest N entries.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AttestationCmd {
+    /// Trust a manufacturer's device CA (a CA certificate, PEM or DER). Takes effect for the
+    /// next batch, without a restart.
+    AddRoot {
+        /// A name for it (1 to 64 of [A-Za-z0-9._-]).
+        #[arg(long)]
+        name: String,
+        /// The CA certificate file.
+        cert: PathBuf,
+    },
+    /// List the installed roots.
+    ListRoots,
+    /// Stop trusting a root (issued credentials stay valid).
+    RemoveRoot {
+        /// Its name.
+        name: String,
     },
 }
 
@@ -126,7 +150,7 @@ enum SubCmd {
     },
     /// Import subscriptions from CSV in one transaction (all or nothing).
     Import {
-        /// The CSV file (header: supi,k,opc|op,amf,sqn,max_children,max_lifetime_s,roaming,dnns[,max_bitrate_kbps]); `-` reads stdin.
+        /// The CSV file (header: supi,k,opc|op,amf,sqn,max_children,max_lifetime_s,roaming,dnns[,max_bitrate_kbps][,require_attestation]); `-` reads stdin.
         csv: PathBuf,
     },
 }
@@ -170,6 +194,9 @@ struct AddArgs {
     /// Bitrate cap of children, kbit/s.
     #[arg(long)]
     max_bitrate_kbps: Option<u32>,
+    /// Issue only to devices whose key a manufacturer root certifies (`attestation add-root`).
+    #[arg(long)]
+    require_attestation: bool,
 }
 
 #[derive(Debug, Args)]
@@ -194,6 +221,9 @@ struct PolicyArgs {
     /// Bitrate cap of children, kbit/s (0 removes the cap).
     #[arg(long)]
     max_bitrate_kbps: Option<u32>,
+    /// Require manufacturer attestation for new credentials and renewals (true/false).
+    #[arg(long, action = clap::ArgAction::Set)]
+    require_attestation: Option<bool>,
 }
 
 fn print<T: Serialize>(
@@ -213,7 +243,7 @@ fn print<T: Serialize>(
 
 fn parent_line(p: &admin::ParentView) -> String {
     format!(
-        "{}  {:<9}  max_children={} max_lifetime_s={} roaming={} dnns=[{}] max_bitrate_kbps={}\n",
+        "{}  {:<9}  max_children={} max_lifetime_s={} roaming={} dnns=[{}] max_bitrate_kbps={}{}\n",
         p.supi,
         p.status,
         p.max_children,
@@ -221,7 +251,12 @@ fn parent_line(p: &admin::ParentView) -> String {
         p.roaming_allowed,
         p.dnns.join(","),
         p.max_bitrate_kbps
-            .map_or_else(|| "none".to_owned(), |b| b.to_string())
+            .map_or_else(|| "none".to_owned(), |b| b.to_string()),
+        if p.require_attestation {
+            " require_attestation"
+        } else {
+            ""
+        }
     )
 }
 
@@ -298,6 +333,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ))
         }
         Cmd::Subscriber(sub) => subscriber(&layout, json, sub),
+        Cmd::Attestation(cmd) => {
+            let store = service::open_store(&layout)?;
+            let line = |r: &admin::RootView| {
+                format!(
+                    "{}  sha256={}  {}  added_at={}\n",
+                    r.name, r.fingerprint, r.subject, r.added_at
+                )
+            };
+            match cmd {
+                AttestationCmd::AddRoot { name, cert } => {
+                    let bytes = std::fs::read(&cert)
+                        .with_context(|| format!("reading {}", cert.display()))?;
+                    let v = admin::add_root(&store, &name, &bytes, Timestamp::now())?;
+                    print(json, &v, |v| format!("added manufacturer root {}", line(v)))
+                }
+                AttestationCmd::ListRoots => {
+                    let v = admin::list_roots(&store)?;
+                    print(json, &v, |v| v.iter().map(line).collect())
+                }
+                AttestationCmd::RemoveRoot { name } => {
+                    admin::remove_root(&store, &name)?;
+                    print(json, &serde_json::json!({ "removed": name }), |_| {
+                        format!("removed manufacturer root {name}\n")
+                    })
+                }
+            }
+        }
         Cmd::Audit { supi, limit } => {
             let store = service::open_store(&layout)?;
             let v = admin::audit(&store, supi.as_deref(), limit)?;
@@ -349,6 +411,7 @@ fn subscriber(layout: &Layout, json: bool, cmd: SubCmd) -> anyhow::Result<()> {
                 roaming: Some(a.roaming),
                 dnns: a.dnns,
                 max_bitrate_kbps: a.max_bitrate_kbps,
+                require_attestation: a.require_attestation,
             };
             let v = admin::add_subscriber(&store, &req, op.as_ref(), actor, now)?;
             print(json, &v, |v| format!("added {}", parent_line(v)))
@@ -389,6 +452,7 @@ fn subscriber(layout: &Layout, json: bool, cmd: SubCmd) -> anyhow::Result<()> {
                     Some(p.dnns)
                 },
                 max_bitrate_kbps: p.max_bitrate_kbps,
+                require_attestation: p.require_attestation,
             };
             let v = admin::update_policy(&store, &p.supi, &upd, actor, now)?;
             print(json, &v, |v| format!("updated {}", parent_line(v)))

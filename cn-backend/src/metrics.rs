@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Batch items whose key-binding signature did not verify (or whose key was not the one
     /// fingerprinted): a gateway that substitutes keys, or a broken device.
     pub binding_refused: IntCounter,
+    /// Manufacturer attestations of batch items by result (`verified`, `absent`, `failed`).
+    pub attestation: IntCounterVec,
     /// AKA outcomes by conversation (`cn`, `attach`) and result.
     pub aka: IntCounterVec,
     /// Attach outcomes by result.
@@ -128,6 +130,14 @@ impl Metrics {
                 "Batch items refused because the device's key-binding signature does not verify \
                  under the device key in the item (a gateway that substitutes HPKE or device \
                  keys, or replays a signature), or that key is not the fingerprinted one.",
+            )?,
+            attestation: counter_vec(
+                &r,
+                "cn_backend_attestation_total",
+                "Batch items by manufacturer attestation result: verified (the chain certifies \
+                 the device key for its ID under an installed root), absent, or failed. Items \
+                 of parents that require attestation are refused unless verified.",
+                &["result"],
             )?,
             aka: counter_vec(
                 &r,

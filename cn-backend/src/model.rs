@@ -409,6 +409,9 @@ pub struct ParentPolicy {
     pub allowed_dnns: Vec<Dnn>,
     /// Bitrate cap for children in kbit/s; `None` means no cap.
     pub max_bitrate_kbps: Option<u32>,
+    /// Issue and renew only for devices whose identity key a manufacturer root certifies for
+    /// their device ID (PROTOCOL.md §4.5).
+    pub require_attestation: bool,
 }
 
 impl ParentPolicy {
@@ -576,6 +579,7 @@ mod tests {
             roaming_allowed: false,
             allowed_dnns: vec![],
             max_bitrate_kbps: None,
+            require_attestation: false,
         };
         assert!(p.clone().validated().is_err());
         let p = ParentPolicy {

@@ -55,7 +55,7 @@ use crate::model::{
     ParentPolicy, RequestId, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
 };
 use crate::policy::{
-    self, Denial, IdempotencyKey, Invalid, OperatorPolicy, Refusal, RequestedParams,
+    self, Attestation, Denial, IdempotencyKey, Invalid, OperatorPolicy, Refusal, RequestedParams,
 };
 use crate::store::{
     AkaFailures, AkaMaterial, AuditAction, AuditEvent, Issuance, IssuanceKind, NewChild, Store,
@@ -157,6 +157,8 @@ pub struct ProvisionItem {
     pub recipient: Vec<u8>,
     /// Control parameters (seed step 4).
     pub params: RequestedParams,
+    /// The manufacturer attestation of `device_spki`, as the wire layer checked it.
+    pub attestation: Attestation,
 }
 
 /// A request to renew an existing child credential.
@@ -175,6 +177,8 @@ pub struct RenewItem {
     pub recipient: Vec<u8>,
     /// Requested lifetime from now, in seconds.
     pub lifetime_s: Option<u64>,
+    /// The manufacturer attestation of `device_spki`, as the wire layer checked it.
+    pub attestation: Attestation,
 }
 
 /// One item of a batch.
@@ -420,6 +424,11 @@ fn prepare_provision<'i, Se: Sealer + ?Sized>(
     item: &'i ProvisionItem,
     slot: usize,
 ) -> Result<Prepared<'i>, StoreError> {
+    // A parent that requires attestation gives nothing, not even a stored answer, to a key no
+    // manufacturer certified for this device.
+    if let Err(d) = policy::check_attestation(&ctx.parent.policy, &item.attestation) {
+        return Ok(Prepared::Done(ItemOutcome::PolicyDenied(d)));
+    }
     let key = IdempotencyKey {
         parent: ctx.parent.supi.clone(),
         device_id: item.device_id.clone(),
@@ -619,6 +628,9 @@ fn renew_one<Se: Sealer + ?Sized>(
             return Ok(ItemOutcome::Invalid(Invalid::KeyNotBound));
         }
         Some(_) => {}
+    }
+    if let Err(d) = policy::check_attestation(&ctx.parent.policy, &item.attestation) {
+        return Ok(ItemOutcome::PolicyDenied(d));
     }
     let key = IdempotencyKey {
         parent: ctx.parent.supi.clone(),
@@ -951,6 +963,7 @@ mod tests {
                     roaming_allowed: false,
                     allowed_dnns: Vec::new(),
                     max_bitrate_kbps: None,
+                    require_attestation: false,
                 },
             },
             "test",
@@ -1011,6 +1024,7 @@ mod tests {
             range
                 .map(|i| {
                     BatchItem::Provision(ProvisionItem {
+                        attestation: Default::default(),
                         device_id: DeviceId::parse(&format!("dev-{i}")).unwrap(),
                         device_key_fingerprint: KeyFingerprint([i; 32]),
                         device_spki: vec![0x30, i],
@@ -1091,6 +1105,7 @@ mod tests {
         };
         let item = |n: u32, recipient: &[u8]| {
             BatchItem::Provision(ProvisionItem {
+                attestation: Default::default(),
                 device_id: DeviceId::parse(&format!("dev-{n}")).unwrap(),
                 device_key_fingerprint: KeyFingerprint([1; 32]),
                 device_spki: vec![0x30, 1],

@@ -107,6 +107,40 @@ pub enum Denial {
     /// The credential to renew was revoked.
     #[error("credential is revoked")]
     Revoked,
+    /// The parent requires a manufacturer attestation of the device key, and the item has
+    /// none that verifies (the reason).
+    #[error("the subscription requires a manufacturer attestation of the device key: {0}")]
+    NotAttested(String),
+}
+
+/// What the wire layer found of an item's manufacturer attestation (PROTOCOL.md §4.5).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Attestation {
+    /// The item carries no attestation chain.
+    #[default]
+    Absent,
+    /// The chain certifies the item's device key for its device ID under the named root.
+    Verified {
+        /// The installed manufacturer root the chain leads to.
+        root: String,
+    },
+    /// The item carries a chain that does not attest its key (why).
+    Failed(String),
+}
+
+/// A parent with `require_attestation` accepts only items whose attestation verified. Without
+/// it the attestation is informational: counted, never a reason to refuse.
+pub fn check_attestation(policy: &ParentPolicy, attestation: &Attestation) -> Result<(), Denial> {
+    if !policy.require_attestation {
+        return Ok(());
+    }
+    match attestation {
+        Attestation::Verified { .. } => Ok(()),
+        Attestation::Absent => Err(Denial::NotAttested(
+            "the device presented no manufacturer certificate".into(),
+        )),
+        Attestation::Failed(why) => Err(Denial::NotAttested(why.clone())),
+    }
 }
 
 /// A request that is malformed in a way syntax checks cannot catch.
@@ -413,6 +447,7 @@ mod tests {
             roaming_allowed: false,
             allowed_dnns: vec![dnn("internet"), dnn("ims")],
             max_bitrate_kbps: Some(1000),
+            require_attestation: false,
         }
         .validated()
         .unwrap()
@@ -553,6 +588,7 @@ mod tests {
             allowed_dnns: vec![],
             roaming_allowed: true,
             max_bitrate_kbps: None,
+            require_attestation: false,
             ..p
         };
         let r = narrow_restrictions(

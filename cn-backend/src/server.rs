@@ -45,7 +45,7 @@ use crate::model::{
     Supi, Timestamp,
 };
 use crate::ops::{self, Batch, BatchItem, ItemOutcome, ProvisionItem, RenewItem};
-use crate::policy::{self, AttachRefusal, Denial, RequestedParams};
+use crate::policy::{self, AttachRefusal, Attestation, Denial, RequestedParams};
 use crate::service::{Service, proto_restrictions, sealed_to_wire};
 use crate::store::{Store, StoreError, Subscriber};
 
@@ -886,12 +886,69 @@ fn check_binding(it: &companion_proto::msg::BatchItem) -> Result<(), String> {
         .map_err(|e| format!("key binding refused: {e}"))
 }
 
-/// [`check_binding`] for every item, in order, split across the available cores (an ECDSA
-/// verification costs about as much as the HPKE seal of the same item).
-fn check_bindings(items: &[companion_proto::msg::BatchItem]) -> Vec<Result<(), String>> {
-    crate::parallel::map_in_order(items, 16, "cn-binding", check_binding, || {
-        Err("key binding check failed".into())
-    })
+/// Checks one item's manufacturer attestation (PROTOCOL.md §4.5), if it carries a chain: it must
+/// certify the item's (binding-checked) device key for its device ID under an installed root.
+fn check_attestation(
+    it: &companion_proto::msg::BatchItem,
+    roots: &companion_transport::ManufacturerRoots,
+) -> Attestation {
+    let Some(chain) = &it.attestation else {
+        return Attestation::Absent;
+    };
+    match companion_transport::verify_attestation(
+        chain.certs(),
+        &it.device_spki,
+        it.device_id.as_str(),
+        roots,
+        companion_transport::attestation::UnixTime::now(),
+    ) {
+        Ok(root) => Attestation::Verified { root },
+        Err(e) => Attestation::Failed(e.to_string()),
+    }
+}
+
+/// The installed manufacturer roots; a stored root that is no longer a usable trust anchor is
+/// skipped with a warning (it cannot attest anything).
+fn load_roots(store: &dyn Store) -> Result<companion_transport::ManufacturerRoots, StoreError> {
+    let mut roots = companion_transport::ManufacturerRoots::default();
+    for r in store.manufacturer_roots()? {
+        if let Err(e) = roots.add(&r.name, &r.cert_der) {
+            warn!(root = %r.name, "manufacturer root skipped: {e}");
+        }
+    }
+    Ok(roots)
+}
+
+/// One item's key-binding verdict (`Err`: the reason it is refused) and attestation.
+type ItemCheck = (Result<(), String>, Attestation);
+
+/// [`check_binding`], then (for a bound item) [`check_attestation`], for every item, in order,
+/// split across the available cores (an ECDSA verification costs about as much as the HPKE seal
+/// of the same item). The roots are read only when some item carries a chain.
+fn check_items(
+    store: &dyn Store,
+    items: &[companion_proto::msg::BatchItem],
+) -> Result<Vec<ItemCheck>, StoreError> {
+    let roots = if items.iter().any(|it| it.attestation.is_some()) {
+        load_roots(store)?
+    } else {
+        companion_transport::ManufacturerRoots::default()
+    };
+    Ok(crate::parallel::map_in_order(
+        items,
+        16,
+        "cn-binding",
+        |it| {
+            let bound = check_binding(it);
+            let attested = if bound.is_ok() {
+                check_attestation(it, &roots)
+            } else {
+                Attestation::Absent
+            };
+            (bound, attested)
+        },
+        || (Err("key binding check failed".into()), Attestation::Absent),
+    ))
 }
 
 async fn batch(
@@ -911,9 +968,10 @@ async fn batch(
     // Key binding (PROTOCOL.md §4.4): each item's signature must verify under the device key it
     // carries, and that key must be the one fingerprinted. Signature checks cost tens of
     // microseconds each, so a whole batch is checked on the blocking pool.
-    let (b, bound) = blocking(move || {
-        let bound = check_bindings(&b.items);
-        Ok((b, bound))
+    let st = svc.store.clone();
+    let (b, checked) = blocking(move || {
+        let checked = check_items(&*st, &b.items)?;
+        Ok((b, checked))
     })
     .await
     .map_err(|e| internal(&e))?;
@@ -924,7 +982,7 @@ async fn batch(
     let mut index = Vec::new();
     // A renewal's HPKE key is fresh per request (PROTOCOL.md §4.1): one key, one renewal.
     let mut renew_keys: HashSet<[u8; 32]> = HashSet::new();
-    let refused = bound.iter().filter(|b| b.is_err()).count();
+    let refused = checked.iter().filter(|(b, _)| b.is_err()).count();
     if refused > 0 {
         // Once per batch: a gateway that substitutes keys is authenticated, and this names it.
         warn!(
@@ -935,13 +993,24 @@ async fn batch(
              HPKE or device keys, or replaying signatures)"
         );
     }
-    for ((i, it), bound) in b.items.iter().enumerate().zip(bound) {
+    for ((i, it), (bound, attestation)) in b.items.iter().enumerate().zip(checked) {
         let rid = it.request_id;
         if let Err(why) = bound {
             svc.metrics.binding_refused.inc();
             answers.push(Some(item_result(rid, Outcome::Invalid, why)));
             continue;
         }
+        svc.metrics
+            .attestation
+            .with_label_values(&[match &attestation {
+                Attestation::Verified { .. } => "verified",
+                Attestation::Absent => "absent",
+                Attestation::Failed(why) => {
+                    debug!(device = %it.device_id, "attestation does not verify: {why}");
+                    "failed"
+                }
+            }])
+            .inc();
         let Ok(device_id) = DeviceId::parse(it.device_id.as_str()) else {
             answers.push(Some(item_result(rid, Outcome::Invalid, "bad device id")));
             continue;
@@ -962,6 +1031,7 @@ async fn batch(
                 request_id: model_rid,
                 recipient: it.hpke_public_key.to_vec(),
                 params,
+                attestation,
             }),
             ItemKind::Renew => {
                 let Some(Ok(child)) = it.supi.as_ref().map(|s| Supi::parse(s.as_str())) else {
@@ -987,6 +1057,7 @@ async fn batch(
                     request_id: model_rid,
                     recipient: it.hpke_public_key.to_vec(),
                     lifetime_s: params.lifetime_s,
+                    attestation,
                 })
             }
             ItemKind::Unknown(k) => {

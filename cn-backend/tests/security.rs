@@ -99,6 +99,7 @@ async fn low_order_hpke_keys_burn_no_supi_and_no_quota() {
                 rid[..8].copy_from_slice(&(i as u64).to_be_bytes());
                 // Signed by the device key: the low-order HPKE key is what is wrong.
                 let mut item = BatchItem {
+                    attestation: None,
                     kind: ItemKind::Provision,
                     request_id: RequestId::from(rid),
                     device_id: DeviceId::new(&format!("evil-{i}")).unwrap(),

@@ -64,6 +64,7 @@ conformance_tests!(
     import_all_or_nothing,
     import_ten_thousand,
     concurrent_batches_respect_quota,
+    manufacturer_roots,
 );
 
 #[test]
@@ -72,7 +73,7 @@ fn durability_settings_and_file_mode() {
     let path = f.dir.path().join("cn.db");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    assert_eq!(f.store.schema_version().unwrap(), 3);
+    assert_eq!(f.store.schema_version().unwrap(), 4);
     let settings = f.store.settings().unwrap();
     assert_eq!(settings.journal_mode, "wal");
     assert!(settings.synchronous_full);

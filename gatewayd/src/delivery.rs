@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use companion_proto::binding::{BindingOp, binding_message};
 use companion_proto::device::DeviceRequest;
 use companion_proto::msg::{
-    BatchItem, BatchProvision, BatchResult, ErrorCode, ErrorMsg, ItemKind, Outcome, Params, Revoke,
-    Sealed,
+    AttestationChain, BatchItem, BatchProvision, BatchResult, ErrorCode, ErrorMsg, ItemKind,
+    Outcome, Params, Revoke, Sealed,
 };
 use companion_proto::{DeviceId, RequestId, Supi};
 use serde::{Deserialize, Serialize};
@@ -119,6 +119,9 @@ pub enum Reply {
 pub struct Peer {
     pub fingerprint: [u8; 32],
     pub spki_der: Vec<u8>,
+    /// The manufacturer chain the device presented as its TLS certificate chain, when its leaf
+    /// is not self-issued (PROTOCOL.md §4.5); forwarded, never trusted here.
+    pub attestation: Option<AttestationChain>,
 }
 
 #[derive(Debug, Clone)]
@@ -373,6 +376,7 @@ impl Provisioner {
             supi: o.renew_supi.clone(),
             device_spki: spki.to_vec(),
             binding,
+            attestation: self.registry.attestation(&o.device_id),
         })
     }
 
@@ -523,6 +527,14 @@ impl Provisioner {
             )
             .is_ok()
         });
+        // The manufacturer chain of this connection goes with every item of the device,
+        // including renewals pre-fetched while it is away (PROTOCOL.md §4.5).
+        if let Err(e) = self
+            .registry
+            .note_attestation(&device, peer.attestation.as_ref())
+        {
+            return Reply::Fail(err(ErrorCode::Internal, e.to_string()));
+        }
         // What is persisted if this request is new (see step 3).
         let record = OutstandingRequest {
             request_id,

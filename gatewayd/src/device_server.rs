@@ -24,10 +24,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use companion_proto::device::{DeviceRequest, ServerEvent, ServerExchange};
-use companion_proto::msg::{CredentialDelivery, ErrorCode, ErrorMsg};
+use companion_proto::msg::{AttestationChain, CredentialDelivery, ErrorCode, ErrorMsg};
 use companion_proto::{Config, DeviceId, ProtoError};
 use companion_transport::{
-    ALPN_DEVICE, Identity, KeyPolicy, Limits, PinnedClientVerifier, negotiated_alpn,
+    ALPN_DEVICE, Identity, KeyPolicy, Limits, PinnedClientVerifier, negotiated_alpn, peer_chain,
     peer_fingerprint, server_config,
 };
 use rustls::pki_types::CertificateDer;
@@ -556,9 +556,21 @@ impl DeviceServer {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.metrics.active_connections.inc();
         let _guard = ActiveGuard(&self, fingerprint, id);
+        // A manufacturer chain (a leaf that is not self-issued) is forwarded with the device's
+        // items for the CN to check; one over the size limits is not (the device is then
+        // simply not attested).
+        let attestation =
+            match companion_transport::attestation::forwardable_chain(&peer_chain(&conn)) {
+                Ok(c) => c.and_then(|c| AttestationChain::new(c).ok()),
+                Err(e) => {
+                    tracing::info!(%remote, error = %e, "device certificate chain not forwarded");
+                    None
+                }
+            };
         let peer = Peer {
             fingerprint,
             spki_der,
+            attestation,
         };
         tracing::debug!(%remote, device = ?paired, "device connected");
         loop {

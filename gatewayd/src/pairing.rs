@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use companion_proto::DeviceId;
+use companion_proto::msg::AttestationChain;
 use companion_proto::pairing::PairingCode;
 use companion_transport::KeyPolicy;
 
@@ -153,6 +154,8 @@ fn display_code(c: &str) -> String {
 struct Inner {
     by_fp: HashMap<[u8; 32], Pairing>,
     by_device: HashMap<DeviceId, [u8; 32]>,
+    /// The manufacturer chain each paired device last presented (PROTOCOL.md §4.5).
+    attestations: HashMap<DeviceId, AttestationChain>,
     window: Option<Window>,
 }
 
@@ -216,6 +219,12 @@ impl PairingRegistry {
         let mut inner = Inner::default();
         for p in state.pairings()? {
             inner.insert(p);
+        }
+        for (device, cbor) in state.attestations()? {
+            // A stored chain that no longer decodes is dropped; the device sends it again.
+            if let Ok(chain) = AttestationChain::from_cbor(&cbor) {
+                inner.attestations.insert(device, chain);
+            }
         }
         Ok(Self {
             state,
@@ -440,6 +449,7 @@ impl PairingRegistry {
             .state
             .revoke_device(device, self.clock.unix_now())?
             .ok_or_else(|| PairingError::NotPaired(device.clone()))?;
+        inner.attestations.remove(device);
         if let Some(fp) = inner.by_device.remove(device) {
             inner.by_fp.remove(&fp);
         }
@@ -451,6 +461,32 @@ impl PairingRegistry {
         let inner = self.lock();
         let fp = inner.by_device.get(device)?;
         inner.by_fp.get(fp).cloned()
+    }
+
+    /// Records the manufacturer chain the paired `device` presented on its current connection
+    /// (`None`: a self-issued certificate), written through to the state when it changed. The
+    /// chain proves nothing to the gateway; the CN checks it.
+    pub fn note_attestation(
+        &self,
+        device: &DeviceId,
+        chain: Option<&AttestationChain>,
+    ) -> Result<(), PairingError> {
+        let mut inner = self.lock();
+        if !inner.by_device.contains_key(device) || inner.attestations.get(device) == chain {
+            return Ok(());
+        }
+        self.state
+            .set_attestation(device, chain.map(AttestationChain::to_cbor).as_deref())?;
+        match chain {
+            Some(c) => inner.attestations.insert(device.clone(), c.clone()),
+            None => inner.attestations.remove(device),
+        };
+        Ok(())
+    }
+
+    /// The manufacturer chain `device` last presented, if any.
+    pub fn attestation(&self, device: &DeviceId) -> Option<AttestationChain> {
+        self.lock().attestations.get(device).cloned()
     }
 
     /// Every pairing, by device ID.

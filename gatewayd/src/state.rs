@@ -340,6 +340,12 @@ ALTER TABLE deliveries ADD COLUMN kind TEXT;
 ALTER TABLE revocations ADD COLUMN scope TEXT NOT NULL DEFAULT 'device'
     CHECK (scope IN ('device', 'child'));
 "#,
+    // v4: manufacturer attestation (PROTOCOL.md §4.5). The certificate chain the paired device
+    // last presented (CBOR, as in BatchItem key 9), forwarded with each of its batch items,
+    // including renewals the gateway pre-fetches while the device is away.
+    r#"
+ALTER TABLE pairings ADD COLUMN attestation BLOB;
+"#,
 ];
 
 /// The gateway's database. Shareable (`Arc<State>`); every call is one short transaction (or
@@ -862,6 +868,28 @@ impl State {
             )
             .optional()
             .map_err(unwrap_err)
+    }
+
+    /// Records the manufacturer chain (CBOR) the paired `device` presents, or clears it.
+    pub fn set_attestation(
+        &self,
+        device: &DeviceId,
+        chain: Option<&[u8]>,
+    ) -> Result<bool, StateError> {
+        let n = self.conn().execute(
+            "UPDATE pairings SET attestation = ?2 WHERE device_id = ?1",
+            params![device.as_str(), chain],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Every recorded manufacturer chain (CBOR), by device.
+    pub fn attestations(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, StateError> {
+        let conn = self.reader();
+        let mut stmt = conn
+            .prepare("SELECT device_id, attestation FROM pairings WHERE attestation IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| Ok((device_at(r, 0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>().map_err(unwrap_err)
     }
 
     /// Every pairing, by device ID.

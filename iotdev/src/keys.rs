@@ -34,6 +34,39 @@ impl DeviceKeys {
         })
     }
 
+    /// A device identity from the factory: a key and the manufacturer's certificate chain for it
+    /// (PROTOCOL.md §4.5). The chain must certify this key (checked by signing with it) and, if
+    /// it names a device (`urn:companion:device:<id>`), name `device_id`.
+    pub fn from_factory(device_id: DeviceId, identity: Identity) -> Result<Self, DeviceError> {
+        let spki = identity
+            .spki_der()
+            .map_err(|e| DeviceError::Local(format!("factory certificate: {e}")))?;
+        let probe = b"companion factory identity check";
+        let signed = companion_transport::sign_binding(&identity, probe)
+            .map_err(|e| DeviceError::Local(format!("factory key: {e}")))?;
+        if companion_transport::verify_binding(&spki, probe, &signed).is_err() {
+            return Err(DeviceError::Local(
+                "the factory key is not the key the factory certificate certifies".into(),
+            ));
+        }
+        if let Some(named) = identity
+            .chain()
+            .first()
+            .and_then(|leaf| companion_transport::attestation::certified_device_id(leaf))
+            && named != device_id.as_str()
+        {
+            return Err(DeviceError::Local(format!(
+                "the factory certificate is for device {named}, not {device_id}"
+            )));
+        }
+        Ok(Self {
+            device_id,
+            identity,
+            gateway_pin: None,
+            operator_anchor: None,
+        })
+    }
+
     /// The DER SubjectPublicKeyInfo of the TLS key.
     pub fn spki_der(&self) -> Result<Vec<u8>, DeviceError> {
         self.identity

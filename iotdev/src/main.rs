@@ -54,9 +54,18 @@ enum Cmd {
     /// Create the device: TLS identity key (pairing), HPKE key (sealing); print the pairing code
     /// and its QR code.
     Init {
-        /// The device ID (letters, digits, `-`, `_`, `.`; at most 64 characters).
-        #[arg(long)]
-        id: String,
+        /// The device ID (letters, digits, `-`, `_`, `.`; at most 64 characters). With
+        /// --factory-cert, defaults to the ID the certificate names.
+        #[arg(long, required_unless_present = "factory_cert")]
+        id: Option<String>,
+        /// The manufacturer's certificate chain for the device's key (PEM, leaf first): the
+        /// device presents it in TLS and the operator's CN checks it (manufacturer attestation,
+        /// PROTOCOL.md §4.5). Needs --factory-key.
+        #[arg(long, requires = "factory_key")]
+        factory_cert: Option<PathBuf>,
+        /// The factory-installed private key (PKCS#8 PEM) that --factory-cert certifies.
+        #[arg(long, requires = "factory_cert")]
+        factory_key: Option<PathBuf>,
         /// Do not draw the QR code.
         #[arg(long)]
         no_qr: bool,
@@ -116,6 +125,37 @@ enum Cmd {
     },
     /// Forget the pinned gateway key (after the gateway was really replaced).
     ResetGatewayPin,
+    /// A test manufacturer: make a device CA and factory identities it certifies (for tests and
+    /// the demo; a real manufacturer's CA lives in its factory's HSM).
+    #[command(subcommand)]
+    Factory(FactoryCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum FactoryCmd {
+    /// Create a manufacturer CA: <out>/manufacturer-ca.pem and manufacturer-ca.key (0600).
+    /// The operator installs the .pem with `cn-backend attestation add-root`.
+    Ca {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "Test device manufacturer CA")]
+        name: String,
+    },
+    /// Certify a new device key: <out>/<id>.pem (chain, leaf first) and <out>/<id>.key (0600),
+    /// for `iotdev init --factory-cert <id>.pem --factory-key <id>.key`.
+    Device {
+        /// The directory holding manufacturer-ca.pem and manufacturer-ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The device ID the certificate names.
+        #[arg(long)]
+        id: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -233,7 +273,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             id,
             no_qr,
             operator_anchor,
-        } => init(&dir, &id, no_qr, operator_anchor.as_deref()),
+            factory_cert,
+            factory_key,
+        } => {
+            let factory = factory_cert.zip(factory_key);
+            init(
+                &dir,
+                id.as_deref(),
+                no_qr,
+                operator_anchor.as_deref(),
+                factory.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+            )
+        }
+        Cmd::Factory(cmd) => factory(cmd),
         Cmd::PairingCode { no_qr } => {
             let d = open(&dir)?;
             print_pairing_code(&d, no_qr)
@@ -324,7 +376,65 @@ fn read_certificate(path: &Path) -> Result<Vec<u8>, Failure> {
     Ok(bytes)
 }
 
-fn init(dir: &Path, id: &str, no_qr: bool, anchor: Option<&Path>) -> Result<(), Failure> {
+fn factory(cmd: FactoryCmd) -> Result<(), Failure> {
+    use companion_transport::ManufacturerCa;
+    let mkdir = |out: &Path| {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
+    };
+    match cmd {
+        FactoryCmd::Ca { out, name } => {
+            mkdir(&out)?;
+            let ca = ManufacturerCa::generate(&name).context("creating the CA")?;
+            let (cert, key) = (
+                out.join("manufacturer-ca.pem"),
+                out.join("manufacturer-ca.key"),
+            );
+            ca.save(&cert, &key).context("writing the CA")?;
+            println!(
+                "created manufacturer CA {name:?}: {} (key {}, 0600)",
+                cert.display(),
+                key.display()
+            );
+            println!(
+                "operator: cn-backend attestation add-root --name <name> {}",
+                cert.display()
+            );
+        }
+        FactoryCmd::Device { ca, id, out } => {
+            DeviceId::new(&id).map_err(|e| anyhow!("`{id}` is not a valid device ID ({e})"))?;
+            let ca = ManufacturerCa::load(
+                &ca.join("manufacturer-ca.pem"),
+                &ca.join("manufacturer-ca.key"),
+            )
+            .with_context(|| format!("loading the manufacturer CA from {}", ca.display()))?;
+            mkdir(&out)?;
+            let identity = ca.issue_device(&id).context("certifying the device key")?;
+            let (cert, key) = (out.join(format!("{id}.pem")), out.join(format!("{id}.key")));
+            identity
+                .save(&cert, &key)
+                .context("writing the device identity")?;
+            println!(
+                "certified device {id}: {} (key {}, 0600)",
+                cert.display(),
+                key.display()
+            );
+            println!(
+                "device: iotdev --dir <dir> init --factory-cert {} --factory-key {}",
+                cert.display(),
+                key.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn init(
+    dir: &Path,
+    id: Option<&str>,
+    no_qr: bool,
+    anchor: Option<&Path>,
+    factory: Option<(&Path, &Path)>,
+) -> Result<(), Failure> {
     if state_file(dir).exists() {
         return Err(anyhow!(
             "{} already holds a device; use another --dir, or remove it to start over (its \
@@ -333,11 +443,40 @@ fn init(dir: &Path, id: &str, no_qr: bool, anchor: Option<&Path>) -> Result<(), 
         )
         .into());
     }
+    let identity = factory
+        .map(|(cert, key)| {
+            companion_transport::Identity::load(cert, key).with_context(|| {
+                format!(
+                    "loading the factory identity {} / {}",
+                    cert.display(),
+                    key.display()
+                )
+            })
+        })
+        .transpose()?;
+    let named = identity
+        .as_ref()
+        .and_then(|i| i.chain().first())
+        .and_then(|leaf| companion_transport::attestation::certified_device_id(leaf));
+    let id = id.or(named.as_deref()).ok_or_else(|| {
+        anyhow!("the factory certificate names no device (urn:companion:device:<id>): give --id")
+    })?;
     let device_id = DeviceId::new(id).map_err(|e| {
         anyhow!("`{id}` is not a valid device ID ({e}): use letters, digits, `-`, `_` or `.`")
     })?;
     let anchor = anchor.map(read_certificate).transpose()?;
-    let mut d = Device::create(dir, device_id).map_err(device_failure)?;
+    let mut d = match identity {
+        None => Device::create(dir, device_id),
+        Some(identity) => iotdev::DeviceKeys::from_factory(device_id, identity)
+            .and_then(|keys| Device::create_with(dir, keys)),
+    }
+    .map_err(device_failure)?;
+    if factory.is_some() {
+        println!(
+            "  factory identity: the manufacturer's certificate chain is presented to the gateway \
+             and checked by the operator (attestation)"
+        );
+    }
     if let Some(der) = anchor {
         d.set_operator_anchor(der).map_err(device_failure)?;
         println!(

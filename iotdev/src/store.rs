@@ -238,14 +238,19 @@ impl Device {
         }
     }
 
-    /// A new device in `dir` (created 0700).
+    /// A new device in `dir` (created 0700) with a fresh self-signed identity.
     pub fn create(dir: &Path, device_id: DeviceId) -> Result<Self, DeviceError> {
+        let keys = DeviceKeys::generate(device_id)?;
+        Self::create_with(dir, keys)
+    }
+
+    /// A new device in `dir` (created 0700) with the given identity (a factory one, say).
+    pub fn create_with(dir: &Path, keys: DeviceKeys) -> Result<Self, DeviceError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| local(&dir.display().to_string(), e))?;
-        let keys = DeviceKeys::generate(device_id)?;
         let d = Self {
             dir: dir.to_path_buf(),
             keys,

@@ -17,6 +17,7 @@
 
 pub mod aka;
 pub mod attach;
+pub mod attestation;
 pub mod binding;
 pub mod bundle;
 pub mod cn;

@@ -8,6 +8,7 @@
 
 use minicbor::{Decode, Encode};
 
+pub use crate::attestation::AttestationChain;
 pub use crate::binding::KeyBinding;
 use crate::codec::{decode_body, encode_body, open_enum};
 use crate::error::{DecodeError, EncodeError, ProtoError};
@@ -405,6 +406,10 @@ pub struct BatchItem {
     /// The device's key-binding signature over this item (`binding::binding_message`).
     #[n(8)]
     pub binding: KeyBinding,
+    /// The device's manufacturer certificate chain (§4.5), when its TLS client certificate is
+    /// not self-issued: the CN checks that it certifies `device_spki` for `device_id`.
+    #[n(9)]
+    pub attestation: Option<AttestationChain>,
 }
 
 /// `BatchProvision` (0x20), gateway → CN.

@@ -151,6 +151,10 @@ fn batch_item() -> impl Strategy<Value = BatchItem> {
         (
             proptest::collection::vec(any::<u8>(), 0..100),
             key_binding(),
+            of(proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..64),
+                1..=crate::attestation::MAX_CHAIN_CERTS,
+            )),
         ),
     )
         .prop_map(
@@ -162,9 +166,10 @@ fn batch_item() -> impl Strategy<Value = BatchItem> {
                 hpke_public_key,
                 params,
                 supi,
-                (device_spki, binding),
+                (device_spki, binding, attestation),
             )| {
                 BatchItem {
+                    attestation: attestation.and_then(|c| AttestationChain::new(c).ok()),
                     kind: ItemKind::from_code(k % 3),
                     request_id,
                     device_id,

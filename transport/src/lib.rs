@@ -1,6 +1,7 @@
 //! QUIC and TLS plumbing shared by `cn-backend`, `gatewayd`, `iotdev` and `loadgen`.
 //!
 //! - [`pki`]: the operator CA and the self-signed P-256 identities devices and gateways present;
+//! - [`attestation`]: manufacturer certificate chains that certify a device's identity key;
 //! - [`verify`]: rustls verifiers that admit peers by public-key fingerprint (pairing, pinning);
 //! - [`quic`]: quinn endpoint configurations (TLS 1.3 only, ring, one ALPN per conversation),
 //!   transport limits, and the TLS exporter the AKA session binding uses;
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attach_client;
+pub mod attestation;
 pub mod binding;
 pub mod cn_client;
 pub mod drive;
@@ -22,13 +24,17 @@ pub mod quic;
 pub mod restart;
 pub mod verify;
 
+pub use attestation::{AttestationError, ManufacturerRoots, verify_attestation};
 pub use binding::{
     BindingError, BundleAuthError, IdentitySigner, sign_binding, verify_binding, verify_bundle,
 };
-pub use pki::{Identity, OperatorCa, PkiError, spki_fingerprint, spki_from_cert};
+pub use pki::{
+    CertificateAuthority, Identity, ManufacturerCa, OperatorCa, PkiError, spki_fingerprint,
+    spki_from_cert,
+};
 pub use quic::{
-    ConfigError, Limits, PreAuth, ServerTrust, client_config, negotiated_alpn, peer_fingerprint,
-    server_config, tls_exporter,
+    ConfigError, Limits, PreAuth, ServerTrust, client_config, negotiated_alpn, peer_chain,
+    peer_fingerprint, server_config, tls_exporter,
 };
 pub use verify::{KeyPolicy, PinnedClientVerifier, PinnedServerVerifier};
 

@@ -195,22 +195,31 @@ impl Identity {
     }
 }
 
-/// The operator's certificate authority: created once by `cn-backend init`, signs the CN server
-/// certificate, and travels to gateways and devices as their trust anchor for the CN.
-pub struct OperatorCa {
+/// A certificate authority: a P-256 key and its self-signed CA certificate (path length 0).
+///
+/// As [`OperatorCa`] it is created once by `cn-backend init`, signs the CN server certificate, and
+/// travels to gateways and devices as their trust anchor for the CN. As [`ManufacturerCa`] it
+/// stands for a device maker's factory CA (`iotdev factory`), for tests and the demo: it certifies
+/// device identity keys for manufacturer attestation (`crate::attestation`).
+pub struct CertificateAuthority {
     cert_der: CertificateDer<'static>,
     key: KeyPair,
 }
 
-impl std::fmt::Debug for OperatorCa {
+/// The operator's CA (see [`CertificateAuthority`]).
+pub type OperatorCa = CertificateAuthority;
+/// A manufacturer's device CA (see [`CertificateAuthority`]).
+pub type ManufacturerCa = CertificateAuthority;
+
+impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OperatorCa")
+        f.debug_struct("CertificateAuthority")
             .field("key", &"<redacted>")
             .finish()
     }
 }
 
-impl OperatorCa {
+impl CertificateAuthority {
     /// A new CA with a fresh P-256 key, valid for 20 years.
     pub fn generate(common_name: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -274,6 +283,31 @@ impl OperatorCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut params, 365 * 2);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Identity {
+            chain: vec![cert.der().clone(), self.cert_der.clone()],
+            key_pkcs8: Zeroizing::new(key.serialize_der()),
+        })
+    }
+
+    /// Issues a device identity as a factory would: a fresh P-256 key and a certificate for it
+    /// naming `device_id` in a subjectAltName URI (`urn:companion:device:<id>`), for TLS client
+    /// authentication, valid for 30 years (devices outlive their makers' support cycles, and
+    /// their clock is not trusted). The chain is leaf then CA.
+    pub fn issue_device(&self, device_id: &str) -> Result<Identity, PkiError> {
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name(device_id);
+        let uri = format!("{}{device_id}", crate::attestation::DEVICE_URI_PREFIX);
+        params.subject_alt_names = vec![SanType::URI(
+            uri.as_str()
+                .try_into()
+                .map_err(|_| PkiError::BadName(device_id.to_owned()))?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, 365 * 30);
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Identity {
             chain: vec![cert.der().clone(), self.cert_der.clone()],

@@ -230,6 +230,14 @@ pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 }
 
 /// The SHA-256 SPKI fingerprint of the certificate the peer presented, if any.
+/// The certificate chain the peer presented in the handshake (leaf first); empty if none.
+pub fn peer_chain(conn: &quinn::Connection) -> Vec<CertificateDer<'static>> {
+    conn.peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|b| *b)
+        .unwrap_or_default()
+}
+
 pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<[u8; 32]> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;

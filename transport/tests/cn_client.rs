@@ -188,6 +188,7 @@ fn usim(k: [u8; 16]) -> SoftUsim {
 
 fn item(n: u8) -> BatchItem {
     BatchItem {
+        attestation: None,
         kind: ItemKind::Provision,
         request_id: RequestId::from([n; 16]),
         device_id: "watch-01".parse().unwrap(),

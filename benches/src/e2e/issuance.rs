@@ -310,6 +310,7 @@ fn devices(tag: &str, n: usize) -> anyhow::Result<Devices> {
             &key.public_key(),
         );
         items.push(BatchItem {
+            attestation: None,
             kind: ItemKind::Provision,
             request_id: rid,
             device_id,

@@ -119,6 +119,19 @@ CREATE INDEX children_by_parent_issued ON children (parent_supi, issued_at);
     r#"
 ALTER TABLE children ADD COLUMN device_spki BLOB;
 "#,
+    // 4: manufacturer attestation (PROTOCOL.md §4.5): a parent policy that requires it, and the
+    // manufacturer roots the operator trusts (`cn-backend attestation add-root`).
+    r#"
+ALTER TABLE parents ADD COLUMN require_attestation INTEGER NOT NULL DEFAULT 0
+    CHECK (require_attestation IN (0, 1));
+CREATE TABLE manufacturer_roots (
+    name        TEXT PRIMARY KEY,
+    cert        BLOB NOT NULL,
+    fingerprint BLOB NOT NULL UNIQUE CHECK (length(fingerprint) = 32),
+    subject     TEXT NOT NULL,
+    added_at    INTEGER NOT NULL
+) STRICT;
+"#,
 ];
 
 /// The schema version this program writes.

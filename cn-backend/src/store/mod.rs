@@ -85,6 +85,24 @@ pub enum StoreError {
     /// The random number generator failed.
     #[error("random number generator failed")]
     Rng,
+    /// A manufacturer root with this name or certificate is already installed.
+    #[error("a manufacturer root named {0:?}, or with the same certificate, is already installed")]
+    RootExists(String),
+}
+
+/// A manufacturer root the operator trusts for device attestation (PROTOCOL.md §4.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManufacturerRoot {
+    /// The operator's name for it (unique).
+    pub name: String,
+    /// The root certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// SHA-256 of `cert_der` (unique).
+    pub fingerprint: [u8; 32],
+    /// The certificate's subject, for display.
+    pub subject: String,
+    /// When it was installed.
+    pub added_at: Timestamp,
 }
 
 /// What a child credential is stored with, besides its public fields.
@@ -400,6 +418,13 @@ pub trait Store: Send + Sync {
     fn aka_failures(&self, supi: &Supi) -> Result<AkaFailures, StoreError>;
     /// Audit entries matching `query`, oldest first.
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The installed manufacturer roots, by name.
+    fn manufacturer_roots(&self) -> Result<Vec<ManufacturerRoot>, StoreError>;
+    /// Installs a manufacturer root; [`StoreError::RootExists`] if its name or certificate is
+    /// installed already.
+    fn add_manufacturer_root(&self, root: &ManufacturerRoot) -> Result<(), StoreError>;
+    /// Removes the root named `name`; whether there was one.
+    fn remove_manufacturer_root(&self, name: &str) -> Result<bool, StoreError>;
 }
 
 /// Runs `f` in a write transaction of `store` and returns its value.

@@ -24,7 +24,7 @@ use rusqlite::{
 use super::migrations;
 use super::{
     AkaFailures, AkaMaterial, AuditAction, AuditEvent, AuditQuery, AuditRecord, Issuance,
-    IssuanceKind, NewChild, Store, StoreError, Subscriber, WriteTx,
+    IssuanceKind, ManufacturerRoot, NewChild, Store, StoreError, Subscriber, WriteTx,
 };
 use crate::kek::{Kek, RowId};
 use crate::model::{
@@ -155,7 +155,8 @@ fn sql_u64(v: u64) -> Result<i64, StoreError> {
 }
 
 const PARENT_COLS: &str = "supi, amf, sqn, status, max_children, max_lifetime_s, roaming_allowed, \
-                           allowed_dnns, max_bitrate_kbps, created_at, updated_at";
+                           allowed_dnns, max_bitrate_kbps, created_at, updated_at, \
+                           require_attestation";
 
 fn parent_from_row(row: &Row<'_>) -> rusqlite::Result<Parent> {
     let status: String = row.get(3)?;
@@ -170,6 +171,7 @@ fn parent_from_row(row: &Row<'_>) -> rusqlite::Result<Parent> {
             roaming_allowed: row.get(6)?,
             allowed_dnns: dnns_at(row, 7)?,
             max_bitrate_kbps: row.get(8)?,
+            require_attestation: row.get(11)?,
         },
         created_at: Timestamp(row.get(9)?),
         updated_at: Timestamp(row.get(10)?),
@@ -611,7 +613,8 @@ impl WriteTx for SqliteTx<'_> {
             .prepare_cached(
                 "INSERT INTO parents (supi, k_enc, opc_enc, amf, sqn, status, max_children, \
                  max_lifetime_s, roaming_allowed, allowed_dnns, max_bitrate_kbps, created_at, \
-                 updated_at) VALUES (?1, ?2, ?3, ?4, ?5, 'active', ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                 updated_at, require_attestation) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'active', ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -626,6 +629,7 @@ impl WriteTx for SqliteTx<'_> {
                     join_dnns(&p.allowed_dnns),
                     p.max_bitrate_kbps,
                     now.0,
+                    p.require_attestation,
                 ])
             })
             .map_err(|e| {
@@ -667,7 +671,8 @@ impl WriteTx for SqliteTx<'_> {
             .conn
             .execute(
                 "UPDATE parents SET max_children = ?2, max_lifetime_s = ?3, roaming_allowed = ?4, \
-                 allowed_dnns = ?5, max_bitrate_kbps = ?6, updated_at = ?7 WHERE supi = ?1",
+                 allowed_dnns = ?5, max_bitrate_kbps = ?6, updated_at = ?7, \
+                 require_attestation = ?8 WHERE supi = ?1",
                 params![
                     supi.as_str(),
                     policy.max_children,
@@ -675,7 +680,8 @@ impl WriteTx for SqliteTx<'_> {
                     policy.roaming_allowed,
                     join_dnns(&policy.allowed_dnns),
                     policy.max_bitrate_kbps,
-                    now.0
+                    now.0,
+                    policy.require_attestation
                 ],
             )
             .map_err(db_err)?;
@@ -1086,6 +1092,59 @@ impl Store for SqliteStore {
 
     fn aka_failures(&self, supi: &Supi) -> Result<AkaFailures, StoreError> {
         self.read(|c| q_aka_failures(c, supi))
+    }
+
+    fn manufacturer_roots(&self) -> Result<Vec<ManufacturerRoot>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT name, cert, fingerprint, subject, added_at FROM manufacturer_roots \
+                 ORDER BY name",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |row| {
+                    Ok(ManufacturerRoot {
+                        name: row.get(0)?,
+                        cert_der: row.get(1)?,
+                        fingerprint: fixed(row, 2)?,
+                        subject: row.get(3)?,
+                        added_at: Timestamp(row.get(4)?),
+                    })
+                })?
+                .collect()
+            })
+            .map_err(db_err)
+        })
+    }
+
+    fn add_manufacturer_root(&self, root: &ManufacturerRoot) -> Result<(), StoreError> {
+        let conn = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        conn.execute(
+            "INSERT INTO manufacturer_roots (name, cert, fingerprint, subject, added_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                root.name,
+                root.cert_der,
+                root.fingerprint.as_slice(),
+                root.subject,
+                root.added_at.0
+            ],
+        )
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::RootExists(root.name.clone())
+            } else {
+                db_err(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    fn remove_manufacturer_root(&self, name: &str) -> Result<bool, StoreError> {
+        let conn = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = conn
+            .execute("DELETE FROM manufacturer_roots WHERE name = ?1", [name])
+            .map_err(db_err)?;
+        Ok(n > 0)
     }
 
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {

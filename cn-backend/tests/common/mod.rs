@@ -344,6 +344,7 @@ impl DeviceReq {
     /// The provisioning item, signed by [`device_identity`] as a device would (PROTOCOL.md §4.4).
     pub fn item(&self) -> BatchItem {
         let mut item = BatchItem {
+            attestation: None,
             kind: ItemKind::Provision,
             request_id: self.request_id,
             device_id: self.device_id.clone(),

@@ -17,7 +17,9 @@ use cn_backend::ops::{
     self, Batch, BatchItem, IssuerConfig, ItemOutcome, ProvisionItem, RenewItem, SealError,
 };
 use cn_backend::policy::{Denial, IdempotencyKey, Invalid, OperatorPolicy, RequestedParams};
-use cn_backend::store::{AuditAction, AuditQuery, IssuanceKind, Store, StoreError, Subscriber};
+use cn_backend::store::{
+    AuditAction, AuditQuery, IssuanceKind, ManufacturerRoot, Store, StoreError, Subscriber,
+};
 use cn_backend::{ChildCredential, import};
 use companion_crypto::aka::{Sqn, next_sqn, sqn_after_resync};
 use companion_crypto::milenage::Milenage;
@@ -58,6 +60,7 @@ pub fn policy(max_children: u32) -> ParentPolicy {
         roaming_allowed: false,
         allowed_dnns: vec![dnn("internet"), dnn("ims")],
         max_bitrate_kbps: Some(2000),
+        require_attestation: false,
     }
 }
 
@@ -109,6 +112,7 @@ pub fn spki(req: u8) -> Vec<u8> {
 
 pub fn prov(device: &str, req: u8) -> ProvisionItem {
     ProvisionItem {
+        attestation: Default::default(),
         device_id: DeviceId::parse(device).unwrap(),
         device_key_fingerprint: KeyFingerprint([req; 32]),
         device_spki: spki(req),
@@ -183,6 +187,7 @@ pub fn parents_add_list_policy<S: Store + ?Sized>(store: &S) {
         roaming_allowed: true,
         allowed_dnns: vec![],
         max_bitrate_kbps: None,
+        require_attestation: true,
         ..policy(1)
     };
     ops::set_parent_policy(store, &supi(1), &new_policy, "op", T0.plus_secs(5)).unwrap();
@@ -496,11 +501,13 @@ pub fn renewal<S: Store + ?Sized>(store: &S) {
     let tighter = ParentPolicy {
         allowed_dnns: vec![dnn("internet")],
         max_bitrate_kbps: Some(100),
+        require_attestation: false,
         ..policy(5)
     };
     ops::set_parent_policy(store, &p, &tighter, "op", T0).unwrap();
     let renew = |req: u8, lifetime: Option<u64>, s: &Supi| {
         BatchItem::Renew(RenewItem {
+            attestation: Default::default(),
             child: s.clone(),
             device_id: DeviceId::parse("w").unwrap(),
             device_spki: spki(1),
@@ -513,6 +520,7 @@ pub fn renewal<S: Store + ?Sized>(store: &S) {
     // child was issued to, or claimed for another device, is refused before anything else.
     for (device, key) in [("w", spki(2)), ("x", spki(1))] {
         let foreign = BatchItem::Renew(RenewItem {
+            attestation: Default::default(),
             child: child.supi.clone(),
             device_id: DeviceId::parse(device).unwrap(),
             device_spki: key,
@@ -1142,4 +1150,32 @@ pub fn concurrent_batches_respect_quota<S: Store + ?Sized>(store: &S) {
         assert_eq!(store.count_active_children(p, T0).unwrap(), QUOTA);
         assert_eq!(store.children_of(p).unwrap().len(), QUOTA as usize);
     }
+}
+
+/// Manufacturer roots (PROTOCOL.md §4.5): installed by name, unique by name and by certificate,
+/// listed by name, removed by name.
+pub fn manufacturer_roots<S: Store + ?Sized>(store: &S) {
+    let root = |name: &str, fp: u8| ManufacturerRoot {
+        name: name.to_owned(),
+        cert_der: vec![0x30, 0x03, 0x02, 0x01, fp],
+        fingerprint: [fp; 32],
+        subject: format!("CN={name}"),
+        added_at: T0,
+    };
+    assert!(store.manufacturer_roots().unwrap().is_empty());
+    store.add_manufacturer_root(&root("zeta", 1)).unwrap();
+    store.add_manufacturer_root(&root("acme", 2)).unwrap();
+    assert!(matches!(
+        store.add_manufacturer_root(&root("acme", 3)),
+        Err(StoreError::RootExists(_))
+    ));
+    assert!(matches!(
+        store.add_manufacturer_root(&root("other-name", 1)),
+        Err(StoreError::RootExists(_))
+    ));
+    let all = store.manufacturer_roots().unwrap();
+    assert_eq!(all, vec![root("acme", 2), root("zeta", 1)]);
+    assert!(store.remove_manufacturer_root("acme").unwrap());
+    assert!(!store.remove_manufacturer_root("acme").unwrap());
+    assert_eq!(store.manufacturer_roots().unwrap(), vec![root("zeta", 1)]);
 }

@@ -65,6 +65,7 @@ fn authenticated(usim: &mut SoftUsim) -> (ClientSession, ServerSession) {
 
 fn item(n: u8) -> BatchItem {
     BatchItem {
+        attestation: None,
         kind: ItemKind::Provision,
         request_id: RequestId([n; 16]),
         device_id: DeviceId::new(&format!("dev-{n}")).unwrap(),

@@ -144,6 +144,7 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
             c(CnMessage::BatchProvision(BatchProvision {
                 batch_id: 7,
                 items: vec![BatchItem {
+                    attestation: None,
                     kind: ItemKind::Provision,
                     request_id: rid(),
                     device_id: dev(),
