@@ -769,4 +769,32 @@ mod tests {
         assert!(!again.admit(&fp, &spki));
         assert_eq!(again.window(), None);
     }
+
+    #[test]
+    fn attestation_chains_are_kept_per_pairing_and_survive_reload() {
+        use companion_proto::msg::AttestationChain;
+        let f = fixture();
+        let (spki, _) = key();
+        f.reg.pair_code(&code("meter-1", &spki), None).unwrap();
+        let chain = AttestationChain::new(vec![vec![0x30, 1], vec![0x30, 2]]).unwrap();
+        // Unknown devices are ignored; a paired one keeps what it presented.
+        f.reg
+            .note_attestation(&dev("stranger"), Some(&chain))
+            .unwrap();
+        assert_eq!(f.reg.attestation(&dev("stranger")), None);
+        f.reg
+            .note_attestation(&dev("meter-1"), Some(&chain))
+            .unwrap();
+        assert_eq!(f.reg.attestation(&dev("meter-1")), Some(chain.clone()));
+        let again =
+            PairingRegistry::load(f.state.clone(), f.clock.clone(), Duration::from_secs(60))
+                .unwrap();
+        assert_eq!(again.attestation(&dev("meter-1")), Some(chain));
+        // A later connection without a chain clears it, durably; so does a revoke.
+        again.note_attestation(&dev("meter-1"), None).unwrap();
+        let third =
+            PairingRegistry::load(f.state.clone(), f.clock.clone(), Duration::from_secs(60))
+                .unwrap();
+        assert_eq!(third.attestation(&dev("meter-1")), None);
+    }
 }

@@ -1864,3 +1864,114 @@ async fn an_ed25519_device_is_provisioned_and_attaches() {
         .unwrap();
     attach(&ep, &cred.bundle).await.unwrap();
 }
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Manufacturer attestation end to end (PROTOCOL.md §4.5), with the real binaries: a test
+/// manufacturer made with `iotdev factory`, its root installed with `cn-backend attestation
+/// add-root`, and a parent that requires attestation. A device initialised from its factory
+/// identity presents the chain in TLS; gatewayd forwards it; the CN issues. A device with a
+/// self-signed key, paired just the same, is refused by the CN with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_factory_attested_device_is_provisioned_where_attestation_is_required() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let maker = tmp.path().join("maker");
+    let iotdev = bin("iotdev");
+    run_ok(
+        Command::new(&iotdev)
+            .args(["factory", "ca", "--name", "Acme devices", "--out"])
+            .arg(&maker),
+    );
+    run_ok(
+        Command::new(&iotdev)
+            .args(["factory", "device", "--id", "meter-7", "--ca"])
+            .arg(&maker)
+            .arg("--out")
+            .arg(&maker),
+    );
+    let cn_cli = |args: &[&str]| {
+        run_ok(
+            Command::new(bin("cn-backend"))
+                .arg("--dir")
+                .arg(&cn.dir)
+                .args(args),
+        )
+    };
+    cn_cli(&[
+        "attestation",
+        "add-root",
+        "--name",
+        "acme",
+        maker.join("manufacturer-ca.pem").to_str().unwrap(),
+    ]);
+    cn_cli(&[
+        "subscriber",
+        "policy",
+        COMPANION_SUPI,
+        "--require-attestation",
+        "true",
+    ]);
+
+    // The device's ID comes from its factory certificate.
+    let dev_dir = tmp.path().join("meter-7");
+    let out = run_ok(
+        Command::new(&iotdev)
+            .arg("--dir")
+            .arg(&dev_dir)
+            .args(["init", "--no-qr", "--factory-cert"])
+            .arg(maker.join("meter-7.pem"))
+            .arg("--factory-key")
+            .arg(maker.join("meter-7.key")),
+    );
+    assert!(out.contains("created device meter-7"), "{out}");
+    let attested = iotdev::Device::open(&dev_dir).unwrap().keys().clone();
+    assert_eq!(attested.identity.chain().len(), 2);
+
+    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
+    gw.wait_cn("up");
+    let ep = endpoint();
+    let plain = device("plain-7");
+    gw.pair(&plain);
+    gw.pair(&attested);
+
+    match client::provision(&ep, gw.devices, &plain, &Default::default()).await {
+        Err(DeviceError::PolicyDenied(why)) => {
+            assert!(why.contains("manufacturer attestation"), "{why}");
+        }
+        other => panic!("a self-signed device was not refused: {other:?}"),
+    }
+    let cred = client::provision(&ep, gw.devices, &attested, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(cred.bundle.device_id.as_str(), "meter-7");
+    attach(&ep, &cred.bundle).await.unwrap();
+    let m = cn_metrics(&cn).await;
+    assert!(
+        m.contains("cn_backend_attestation_total{result=\"verified\"} 1"),
+        "{m}"
+    );
+
+    // The gateway keeps the chain with the pairing, durably (renewals it pre-fetches while the
+    // device is away carry it too).
+    let mut gw = gw;
+    gw.stop();
+    let state = rusqlite::Connection::open(gw.dir.join("state/gatewayd.db")).unwrap();
+    let stored: Option<Vec<u8>> = state
+        .query_row(
+            "SELECT attestation FROM pairings WHERE device_id = 'meter-7'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let chain = companion_proto::msg::AttestationChain::from_cbor(&stored.unwrap()).unwrap();
+    assert_eq!(chain.certs()[0], attested.identity.chain()[0].to_vec());
+}
