@@ -2,7 +2,9 @@
 # The whole procedure end to end, on the embedded defaults, without root:
 #   build (release) -> cn-backend init + a parent (companion) subscription -> start cn-backend and
 #   gatewayd on loopback -> loadgen pairs and provisions DEVICES simulated devices through gatewayd
-#   and attaches each to cn-backend with its new credential -> summary + metrics -> clean up.
+#   and attaches each to cn-backend with its new credential -> one more device with a factory
+#   identity from a test maker (manufacturer attestation), with the iotdev CLI -> summary + metrics
+#   -> clean up.
 # Exits non-zero if any device failed. Everything lives in a temporary directory that is removed
 # at the end, also on failure or Ctrl-C (KEEP=1 keeps it for inspection).
 #
