@@ -99,5 +99,29 @@ fn signatures(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, milenage_and_kdf, hpke, signatures);
+/// What manufacturer attestation (PROTOCOL.md §4.5) adds per item at the CN: path validation of
+/// a two-certificate chain (one ECDSA P-256 signature) plus the device-ID check.
+fn attestation(c: &mut Criterion) {
+    let maker = companion_transport::ManufacturerCa::generate("Acme devices").unwrap();
+    let device = maker.issue_device("watch-01").unwrap();
+    let chain: Vec<Vec<u8>> = device.chain().iter().map(|c| c.to_vec()).collect();
+    let spki = device.spki_der().unwrap();
+    let roots =
+        companion_transport::ManufacturerRoots::new([("acme", maker.cert_der().as_ref())]).unwrap();
+    let now = companion_transport::attestation::UnixTime::now();
+    c.bench_function("attestation/verify (P-256 leaf + CA, CN, per item)", |b| {
+        b.iter(|| {
+            companion_transport::verify_attestation(
+                black_box(&chain),
+                &spki,
+                "watch-01",
+                &roots,
+                now,
+            )
+            .unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, milenage_and_kdf, hpke, signatures, attestation);
 criterion_main!(benches);
