@@ -7,6 +7,7 @@
 #   DEB_VERSION=0.1.0-0~prev1 DEB_OUT=target/debian-prev scripts/build-deb.sh   # (cargo-deb then
 #                                               # deletes older .debs of the package from target/debian/)
 #   LINTIAN=1 scripts/build-deb.sh              # then run lintian on both (fails on any tag not overridden)
+#   DEB_FAST=1 ...                              # faster, lighter compression
 #
 # The packages carry the binaries, the units of systemd/ with their sysusers.d and tmpfiles.d
 # entries (cargo-deb generates the maintainer-script fragments: systemd-sysusers, systemd-tmpfiles,
@@ -63,6 +64,9 @@ mkdir -p "$OUT"
 args=(--no-build --locked --profile "$cargo_profile" --output "$OUT")
 if [ -n "${DEB_VERSION:-}" ]; then
   args+=(--deb-version "$DEB_VERSION")
+fi
+if [ "${DEB_FAST:-0}" = 1 ]; then
+  args+=(--fast) # lighter compression (the CI's throwaway packages)
 fi
 debs=()
 for p in cn-backend gatewayd; do
