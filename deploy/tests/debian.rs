@@ -16,6 +16,8 @@
 //! `DEB_PROFILE=debug scripts/build-deb.sh` (twice). Needs root, debootstrap,
 //! systemd-container, lintian and the Debian mirror of the machine's apt sources (once).
 //! Without them the tests skip, or fail under `DEPLOY_TESTS_STRICT=1`.
+//! `DEB_SUITE_KEEP=1` keeps the run's root copy and its `/out` (`target/systemd-root/run-*`,
+//! `out-*`: results, suite.log, journal.txt, console.log) for inspection.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -325,6 +327,15 @@ fn packages_under_real_systemd() {
 
     // A per-run copy of the root (deleted at the end) and the directory bound at /out.
     let base = target_dir().join("systemd-root");
+    // Copies left by a run that was killed (a panic removes its own).
+    for e in std::fs::read_dir(&base).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if (name.starts_with("run-") || name.starts_with("out-"))
+            && std::env::var_os("DEB_SUITE_KEEP").is_none()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let run = Scratch(base.join(format!("run-{}", std::process::id())));
     let out_dir = Scratch(base.join(format!("out-{}", std::process::id())));
     for d in [&run.0, &out_dir.0] {
