@@ -125,6 +125,7 @@ c_install() {
     [ "$(prop $p LoadState)" = loaded ] || bad "$p.service not loaded" || return 1
     # Not started at installation (they need configuration first), not enabled.
     [ "$(prop $p ActiveState)" = inactive ] || bad "$p started at installation" || return 1
+    [ "$(systemctl is-enabled $p 2>/dev/null)" = disabled ] || bad "$p is $(systemctl is-enabled $p 2>&1) at installation" || return 1
   done
   dpkg-query -W -f='${Conffiles}' gatewayd | grep -q ' /etc/gatewayd/gatewayd.toml ' ||
     bad "/etc/gatewayd/gatewayd.toml is not a conffile" || return 1
@@ -153,10 +154,12 @@ configure() {
 
 c_configure_and_start_prev() {
   configure || bad "configuration failed (see suite.log)" || return 1
+  # As docs/OPERATIONS.md says: systemctl enable --now (enable, then the readiness check's start).
+  t 30 systemctl enable cn-backend gatewayd || bad "systemctl enable failed" || return 1
   ready cn-backend || return 1
   ready gatewayd || return 1
   provision dev-before-upgrade || bad "device dev-before-upgrade not provisioned on $PREV_VERSION" || return 1
-  DETAIL="$PREV_VERSION configured, started, device dev-before-upgrade provisioned"
+  DETAIL="$PREV_VERSION configured, enabled, started, device dev-before-upgrade provisioned"
 }
 
 # --- upgrade --------------------------------------------------------------------------------
@@ -167,7 +170,6 @@ c_upgrade() {
   paired_before=$(gw_field "devices paired")
   held_before=$(gw_field "credentials held" | awk '{print $1}')
   children_before=$(cn_children)
-  cp -a /var/lib/gatewayd/gatewayd.db /root/gatewayd.db.before 2>/dev/null
   t 180 dpkg -i /root/debs/new/*.deb || bad "dpkg -i of version $NEW_VERSION failed" || return 1
   for p in gatewayd cn-backend; do
     [ "$(installed_version $p)" = "$NEW_VERSION" ] || bad "$p: version $(installed_version $p) after upgrade" || return 1
@@ -176,6 +178,7 @@ c_upgrade() {
   [ "$(prop gatewayd MainPID)" != "$gw_pid" ] || bad "gatewayd not restarted by the upgrade" || return 1
   [ "$(prop cn-backend MainPID)" != "$cn_pid" ] || bad "cn-backend not restarted by the upgrade" || return 1
   grep -q '^endpoint = "127.0.0.1:4434"' /etc/gatewayd/gatewayd.toml || bad "local conffile edits lost" || return 1
+  [ "$(systemctl is-enabled gatewayd)/$(systemctl is-enabled cn-backend)" = enabled/enabled ] || bad "enablement lost in the upgrade" || return 1
   [ ! -e /etc/gatewayd/gatewayd.toml.dpkg-new ] || bad "conffile prompt left gatewayd.toml.dpkg-new" || return 1
   wait_until 30 cn_link_up || bad "CN link not up after the upgrade" || return 1
   [ "$(gw_field "devices paired")" = "$paired_before" ] || bad "devices paired: $paired_before -> $(gw_field "devices paired")" || return 1
@@ -184,7 +187,7 @@ c_upgrade() {
   gatewayctl devices 2>>"$LOG" | grep -q 'dev-before-upgrade' || bad "dev-before-upgrade no longer listed" || return 1
   holds_credential dev-before-upgrade || bad "dev-before-upgrade lost its credential" || return 1
   t 30 iotdev --dir "$DEV/dev-before-upgrade" attach || bad "the pre-upgrade credential no longer attaches" || return 1
-  DETAIL="$PREV_VERSION -> $NEW_VERSION with both daemons running: restarted, conffile edits kept, $paired_before paired / $held_before credential(s) held / $children_before CN child(ren) unchanged, old credential attaches"
+  DETAIL="$PREV_VERSION -> $NEW_VERSION with both daemons running: restarted, still enabled, conffile edits kept, $paired_before paired / $held_before credential(s) held / $children_before CN child(ren) unchanged, old credential attaches"
 }
 
 # --- readiness (the new version, restarted cold) -----------------------------------------------
