@@ -2,7 +2,8 @@
 //! system booted under a real systemd (issue 18):
 //!
 //! - `lintian_is_clean`: lintian on both packages, errors and warnings fail.
-//! - `packages_under_real_systemd`: a Debian bookworm root made once by `debootstrap` and cached
+//! - `packages_under_real_systemd`: a Debian root (the machine's release, else bookworm) made once
+//!   by `debootstrap` and cached
 //!   in `target/systemd-root/` (rebuilt when its stamp, the debootstrap command, changes), copied
 //!   per run, booted with `systemd-nspawn -b` (systemd as PID 1, a private network with only
 //!   `lo`, CAP_BPF, CAP_PERFMON and bpf(2) granted so that the XDP filter can load). A oneshot unit inside runs
@@ -27,7 +28,8 @@ use std::time::{Duration, Instant};
 use deploy_tests::{bin, repo, skip, tool};
 
 /// What the cached root is made of. Changing it (or anything in the stamp) rebuilds the root.
-const SUITE: &str = "bookworm";
+/// The Debian release of the root when the machine's own cannot be told (see `suite`).
+const DEFAULT_SUITE: &str = "bookworm";
 /// procps: gatewayd's `ExecReload=/bin/kill` (the package depends on it; minbase lacks it).
 const INCLUDE: &str = "systemd,systemd-sysv,dbus,iproute2,procps";
 /// Bumped when the root needs rebuilding for a reason the command line does not show.
@@ -108,9 +110,28 @@ fn package_dirs() -> Option<(PathBuf, PathBuf)> {
     Some((new, prev))
 }
 
+/// The machine's own Debian release (`VERSION_CODENAME` of /etc/os-release), else bookworm: the
+/// packages under test hold the machine's debug binaries, linked against its C library, so the
+/// root must be the same release (or a later one). `$DEBOOTSTRAP_SUITE` overrides it.
+fn suite() -> String {
+    if let Ok(s) = std::env::var("DEBOOTSTRAP_SUITE") {
+        return s;
+    }
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let field = |k: &str| {
+        os.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    match (field("ID="), field("VERSION_CODENAME=")) {
+        (Some(id), Some(code)) if id == "debian" && !code.is_empty() => code,
+        _ => DEFAULT_SUITE.to_string(),
+    }
+}
+
 /// The Debian mirror of the machine's apt sources (one-line `.list` or deb822 `.sources`), or
 /// `$DEBOOTSTRAP_MIRROR`.
-fn debian_mirror() -> Option<String> {
+fn debian_mirror(suite: &str) -> Option<String> {
     if let Ok(m) = std::env::var("DEBOOTSTRAP_MIRROR") {
         return Some(m);
     }
@@ -136,7 +157,7 @@ fn debian_mirror() -> Option<String> {
                 let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) else {
                     continue;
                 };
-                if suites.split_whitespace().any(|s| s == SUITE)
+                if suites.split_whitespace().any(|s| s == suite)
                     && let Some(u) = uris.split_whitespace().find(|u| u.ends_with("/debian"))
                 {
                     return Some(u.to_string());
@@ -148,10 +169,10 @@ fn debian_mirror() -> Option<String> {
                 if w.next() != Some("deb") {
                     continue;
                 }
-                let (Some(uri), Some(suite)) = (w.next(), w.next()) else {
+                let (Some(uri), Some(s)) = (w.next(), w.next()) else {
                     continue;
                 };
-                if suite == SUITE && uri.trim_end_matches('/').ends_with("/debian") {
+                if s == suite && uri.trim_end_matches('/').ends_with("/debian") {
                     return Some(uri.to_string());
                 }
             }
@@ -165,20 +186,31 @@ fn debian_mirror() -> Option<String> {
 fn cached_root(debootstrap: &Path) -> PathBuf {
     let base = target_dir().join("systemd-root");
     std::fs::create_dir_all(&base).unwrap();
-    let root = base.join(SUITE);
+    let suite = suite();
+    let root = base.join(&suite);
     let stamp = format!(
-        "format {ROOT_FORMAT}: debootstrap --variant=minbase --include={INCLUDE} {SUITE}\n"
+        "format {ROOT_FORMAT}: debootstrap --variant=minbase --include={INCLUDE} {suite}\n"
     );
-    let stamp_file = base.join(format!("{SUITE}.stamp"));
+    let stamp_file = base.join(format!("{suite}.stamp"));
     if root.join("sbin/init").exists()
         && std::fs::read_to_string(&stamp_file).is_ok_and(|s| s == stamp)
     {
         return root;
     }
-    let mirror = debian_mirror().unwrap_or_else(|| {
-        panic!("no Debian {SUITE} mirror in /etc/apt/sources.list(.d); set DEBOOTSTRAP_MIRROR")
+    let mirror = debian_mirror(&suite).unwrap_or_else(|| {
+        panic!("no Debian {suite} mirror in /etc/apt/sources.list(.d); set DEBOOTSTRAP_MIRROR")
     });
-    let tmp = base.join(format!("{SUITE}.tmp"));
+    // One cached root: another release's goes.
+    for e in std::fs::read_dir(&base).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(other) = name.strip_suffix(".stamp")
+            && other != suite
+        {
+            let _ = std::fs::remove_dir_all(base.join(other));
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let tmp = base.join(format!("{suite}.tmp"));
     for d in [&tmp, &root] {
         if d.exists() {
             std::fs::remove_dir_all(d).unwrap();
@@ -186,11 +218,11 @@ fn cached_root(debootstrap: &Path) -> PathBuf {
     }
     let _ = std::fs::remove_file(&stamp_file);
     let started = Instant::now();
-    eprintln!("debootstrap {SUITE} from {mirror} into {}", tmp.display());
+    eprintln!("debootstrap {suite} from {mirror} into {}", tmp.display());
     let out = Command::new("timeout")
         .args(["-k", "10", "900"])
         .arg(debootstrap)
-        .args(["--variant=minbase", &format!("--include={INCLUDE}"), SUITE])
+        .args(["--variant=minbase", &format!("--include={INCLUDE}"), &suite])
         .arg(&tmp)
         .arg(&mirror)
         .output()
