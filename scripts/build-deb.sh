@@ -2,23 +2,25 @@
 # Debian packages of cn-backend and gatewayd (with gatewayctl), built by cargo-deb from the
 # `[package.metadata.deb]` tables of cn-backend/Cargo.toml and gatewayd/Cargo.toml:
 #
-#   scripts/build-deb.sh                        # release build -> target/debian/ ($CARGO_TARGET_DIR/debian/){cn-backend,gatewayd}_<v>_<arch>.deb
+#   scripts/build-deb.sh                        # release build -> target/debian/{cn-backend,gatewayd}_<v>_<arch>.deb
 #   DEB_PROFILE=debug scripts/build-deb.sh      # package the debug build instead (CI, see below)
 #   DEB_VERSION=0.1.0-0~prev1 DEB_OUT=target/debian-prev scripts/build-deb.sh   # (cargo-deb then
 #                                               # deletes older .debs of the package from target/debian/)
 #   LINTIAN=1 scripts/build-deb.sh              # then run lintian on both (fails on any tag not overridden)
 #   DEB_FAST=1 ...                              # faster, lighter compression
 #
-# The packages carry the binaries, the units of systemd/ with their sysusers.d and tmpfiles.d
-# entries (cargo-deb generates the maintainer-script fragments: systemd-sysusers, systemd-tmpfiles,
-# deb-systemd-helper), gatewayd's default configuration /etc/gatewayd/gatewayd.toml as a conffile,
+# (target/ is $CARGO_TARGET_DIR when set.) The packages carry the binaries, the units of systemd/
+# with their sysusers.d and tmpfiles.d entries (cargo-deb generates the maintainer-script fragments:
+# systemd-sysusers, systemd-tmpfiles, deb-systemd-helper), gatewayd's default configuration
+# /etc/gatewayd/gatewayd.toml as a conffile,
 # README/OPERATIONS.md and man pages generated from --help by help2man.
 #
 # DEB_PROFILE=debug packages target/debug (the build scripts/test.sh has already made), so the
 # test suite needs no release build (minutes on 2 cores): the binaries are the same code, built
 # with opt-level 2 for dependencies, dynamically linked against the build machine's glibc, so such
 # packages install on that Debian release (bookworm in CI) and later ones only. Distribute the
-# release packages. cargo-deb strips the binaries in both cases.
+# release packages. cargo-deb strips the binaries in both cases. (cargo-deb 3.8 warns that it may
+# refuse the dev profile in a future version: setup.sh pins 3.8.0.)
 #
 # Needs cargo-deb and help2man (scripts/setup.sh installs both); `dpkg-shlibdeps` (dpkg-dev)
 # computes the dependencies on the C library.
