@@ -19,7 +19,7 @@
 # test suite needs no release build (minutes on 2 cores): the binaries are the same code, built
 # with opt-level 2 for dependencies, dynamically linked against the build machine's glibc, so such
 # packages install on that Debian release (bookworm in CI) and later ones only. Distribute the
-# release packages. cargo-deb strips the binaries in both cases. (cargo-deb 3.8 warns that it may
+# release packages. The binaries are stripped in both cases. (cargo-deb 3.8 warns that it may
 # refuse the dev profile in a future version: setup.sh pins 3.8.0.)
 #
 # Needs cargo-deb and help2man (scripts/setup.sh installs both); `dpkg-shlibdeps` (dpkg-dev)
@@ -63,7 +63,9 @@ man_page gatewayctl "pair, list and revoke the devices of gatewayd"
 man_page cn-backend "operator credential service for companion-UE provisioning"
 
 mkdir -p "$OUT"
-args=(--no-build --locked --profile "$cargo_profile" --output "$OUT")
+# --strip: the release profile keeps line tables (debug = "line-tables-only"), and cargo-deb would
+# then ship them; lintian refuses unstripped binaries.
+args=(--no-build --locked --strip --profile "$cargo_profile" --output "$OUT")
 if [ -n "${DEB_VERSION:-}" ]; then
   args+=(--deb-version "$DEB_VERSION")
 fi
