@@ -77,6 +77,8 @@ for p in cn-backend gatewayd; do
   deb=$(cargo deb -p "$p" "${args[@]}" | tail -n 1)
   [ -f "$deb" ] || die "cargo deb -p $p did not report a .deb ($deb)"
   debs+=("$deb")
+  # cargo-deb's stripped copies of the binaries (target/<package>/*.stripped-*.tmp).
+  rm -f "$TARGET_DIR/$p/"*.stripped-*.tmp && rmdir "$TARGET_DIR/$p" 2>/dev/null || true
   echo "build-deb: $deb ($(stat -c %s "$deb") bytes)" >&2
 done
 
