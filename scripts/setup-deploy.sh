@@ -2,7 +2,10 @@
 # Tools for the deployment tests and the static router builds (issue 7), called by setup.sh.
 # Idempotent: each step checks first.
 #   Debian packages: systemd (systemd-analyze, -sysusers, -tmpfiles), prometheus (promtool and the
-#   server), qemu-user-static (runs the aarch64 binaries), make, file.
+#   server), qemu-user-static (runs the aarch64 binaries), make, file; for the Debian packages and
+#   their real-systemd suite (deploy/tests/debian.rs): debootstrap, systemd-container
+#   (systemd-nspawn), lintian, help2man, dpkg-dev (dpkg-shlibdeps).
+#   Rust: cargo-deb (scripts/build-deb.sh).
 #   Rust: the x86_64/aarch64 musl targets; zig (PyPI `ziglang`) as the cross C compiler/linker
 #   for SQLite, ring and mimalloc; cargo-zigbuild.
 set -euo pipefail
@@ -15,6 +18,11 @@ command -v systemd-analyze >/dev/null || debs+=(systemd)
 command -v qemu-aarch64-static >/dev/null || debs+=(qemu-user-static)
 command -v make >/dev/null || debs+=(make)
 command -v file >/dev/null || debs+=(file)
+command -v debootstrap >/dev/null || debs+=(debootstrap)
+command -v systemd-nspawn >/dev/null || debs+=(systemd-container)
+command -v lintian >/dev/null || debs+=(lintian)
+command -v help2man >/dev/null || debs+=(help2man)
+command -v dpkg-shlibdeps >/dev/null || debs+=(dpkg-dev)
 if ((${#debs[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "apt-get install ${debs[*]}"
@@ -44,4 +52,10 @@ ZIGBUILD_VERSION=0.24.1
 if ! cargo-zigbuild --version 2>/dev/null | grep -q "$ZIGBUILD_VERSION"; then
   log "cargo install cargo-zigbuild@$ZIGBUILD_VERSION --locked (about a minute)"
   cargo install "cargo-zigbuild@$ZIGBUILD_VERSION" --locked --quiet
+fi
+
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+  log "cargo install cargo-deb@$CARGO_DEB_VERSION --locked (about two minutes)"
+  cargo install "cargo-deb@$CARGO_DEB_VERSION" --locked --quiet
 fi

@@ -29,6 +29,16 @@ cargo build --workspace --bins --locked
 step "static router binaries (scripts/build-static.sh: x86_64 + aarch64 musl, target/static cached)"
 bash scripts/build-static.sh
 
+step "Debian packages (scripts/build-deb.sh): the debug build above, as the new and a previous version"
+# The systemd container suite (deploy/tests/debian.rs) upgrades from the previous to the new
+# version. Packaging only: the binaries are the debug build above (same Debian release as the
+# container root), so no release build is needed.
+deb_version=$(awk -F'"' '/^version = /{print $2; exit}' Cargo.toml)
+# The previous version first: cargo-deb clears older .debs of a package from target/debian/.
+DEB_FAST=1 DEB_PROFILE=debug DEB_VERSION="${deb_version}-0~prev1" DEB_OUT="${CARGO_TARGET_DIR:-target}/debian-prev" \
+  bash scripts/build-deb.sh >/dev/null
+DEB_FAST=1 DEB_PROFILE=debug bash scripts/build-deb.sh >/dev/null
+
 step "the README's first command: DEVICES=200 scripts/demo.sh"
 # The main job, for real, on a small device count: both README commands are proven at every run.
 # PROFILE=debug reuses the build above (the release build is the same code and the same build.rs,

@@ -92,7 +92,7 @@ fn scripts_parse_as_posix_sh() {
     ] {
         assert_eq!(
             caps[set],
-            serde_json::json!(["CAP_NET_ADMIN", "CAP_BPF"]),
+            serde_json::json!(["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"]),
             "{set}"
         );
     }

@@ -172,14 +172,15 @@ fn units_are_hardened_with_least_capabilities() {
             "{name}: restart limits"
         );
     }
-    // gatewayd: exactly what loading and attaching XDP/TC needs; cn-backend: nothing.
+    // gatewayd: exactly what loading (as a non-root user) and attaching XDP/TC needs; cn-backend:
+    // nothing.
     assert_eq!(
         setting(&gw, "CapabilityBoundingSet"),
-        ["CAP_NET_ADMIN CAP_BPF"]
+        ["CAP_NET_ADMIN CAP_BPF CAP_PERFMON"]
     );
     assert_eq!(
         setting(&gw, "AmbientCapabilities"),
-        ["CAP_NET_ADMIN CAP_BPF"]
+        ["CAP_NET_ADMIN CAP_BPF CAP_PERFMON"]
     );
     assert_eq!(setting(&cn, "CapabilityBoundingSet"), [""]);
     assert_eq!(
