@@ -409,4 +409,49 @@ mod tests {
         ));
         assert!(inspect_root(b"junk").is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use std::sync::OnceLock;
+
+        /// One maker, one device (key generation is too slow to repeat per case).
+        fn fixture() -> &'static (ManufacturerCa, Identity) {
+            static F: OnceLock<(ManufacturerCa, Identity)> = OnceLock::new();
+            F.get_or_init(|| {
+                let ca = ManufacturerCa::generate("Acme devices").unwrap();
+                let dev = ca.issue_device("sensor-1").unwrap();
+                (ca, dev)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever a gateway or device sends as a chain, the CN answers with an error,
+            /// never a panic and never a verified attestation.
+            #[test]
+            fn arbitrary_chains_never_verify(
+                chain in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 0..6)
+            ) {
+                let (ca, dev) = fixture();
+                let spki = dev.spki_der().unwrap();
+                prop_assert!(verify_attestation(&chain, &spki, "sensor-1", &roots(ca), UnixTime::now()).is_err());
+                let certs: Vec<CertificateDer<'_>> = chain.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
+                let _ = forwardable_chain(&certs);
+                let _ = certified_device_id(chain.first().map_or(&[][..], Vec::as_slice));
+            }
+
+            /// Any single-byte change to the genuine leaf stops it verifying.
+            #[test]
+            fn a_modified_leaf_never_verifies(pos in any::<prop::sample::Index>(), xor in 1u8..=255) {
+                let (ca, dev) = fixture();
+                let mut chain = der_chain(dev);
+                let i = pos.index(chain[0].len());
+                chain[0][i] ^= xor;
+                let spki = dev.spki_der().unwrap();
+                prop_assert!(verify_attestation(&chain, &spki, "sensor-1", &roots(ca), UnixTime::now()).is_err());
+            }
+        }
+    }
 }
