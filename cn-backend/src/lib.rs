@@ -5,7 +5,7 @@
 //! | [`model`] | domain types: SUPI, IMSI range, parent subscription, child credential, restrictions |
 //! | [`policy`] | pure policy functions (seed Notes 1–3): lifetime, quota, narrowing, renewal, attach |
 //! | [`kek`] | the key-encryption key that protects K and OPc at rest |
-//! | [`store`] | the [`store::Store`] trait (engine primitives) and the SQLite engine |
+//! | [`store`] | the [`store::Store`] trait (engine primitives), the SQLite and PostgreSQL engines |
 //! | [`ops`] | operations over any store: batch issuance, lifecycle, AKA SQN, administration |
 //! | [`import`] | all-or-nothing CSV import of parent subscriptions |
 //! | [`config`] | `cn-backend.toml` and the data directory layout |
@@ -39,4 +39,4 @@ pub mod store;
 pub use kek::Kek;
 pub use model::{ChildCredential, Parent, Supi, Timestamp};
 pub use ops::{Batch, BatchItem, IssuerConfig, ItemOutcome, Sealer};
-pub use store::{SqliteStore, Store, StoreError};
+pub use store::{PgStore, SqliteStore, Store, StoreError};

@@ -1,4 +1,5 @@
-//! Storage: the [`Store`] trait every engine implements, and the SQLite engine.
+//! Storage: the [`Store`] trait every engine implements, the SQLite engine (the default) and
+//! the PostgreSQL engine ([`postgres`]).
 //!
 //! The trait is deliberately *primitive*: an engine provides a serialisable write transaction
 //! ([`Store::write_tx`] handing out a [`WriteTx`]) plus a handful of reads. Every decision — quota,
@@ -11,6 +12,8 @@
 //! [`crate::model::SubscriberKeys`].
 
 pub mod migrations;
+pub mod pg_migrations;
+pub mod postgres;
 pub mod sqlite;
 
 use companion_crypto::aka::Sqn;
@@ -23,6 +26,7 @@ use crate::model::{
 };
 use crate::policy::IdempotencyKey;
 
+pub use postgres::{PgConfig, PgStore, is_postgres_url};
 pub use sqlite::{SqliteConfig, SqliteSettings, SqliteStore};
 
 /// Storage failures. Engine-specific errors are carried as text so the trait stays engine-neutral.
@@ -390,7 +394,7 @@ pub trait WriteTx {
 }
 
 /// A storage engine. Reads may run concurrently with each other and with the writer.
-pub trait Store: Send + Sync {
+pub trait Store: Send + Sync + std::fmt::Debug {
     /// Runs `f` in one serialisable write transaction and commits iff it returns `Ok`; the
     /// commit is durable when this returns. Writers are serialised (SQLite: one writer
     /// connection and `BEGIN IMMEDIATE`). An engine may call `f` again after a serialisation

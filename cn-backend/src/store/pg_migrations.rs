@@ -1,0 +1,183 @@
+//! Versioned schema migrations for the PostgreSQL engine.
+//!
+//! They mirror [`super::migrations`] step for step (version `n` here has the tables and
+//! columns of SQLite's version `n`), so one version number describes the schema on both
+//! engines. `schema_version` holds the number of migrations applied. All pending steps run in
+//! one transaction under a transaction-scoped advisory lock, so two processes starting at once
+//! cannot both apply a step; a database newer than this program is refused.
+
+use postgres::Client;
+
+use super::StoreError;
+use super::postgres::pg_err;
+
+/// Advisory lock key held while migrating (any constant unique to this program).
+const MIGRATION_LOCK: i64 = 0x636e_2d62_6b65_6e64; // "cn-bkend"
+
+/// The migrations, in order; `MIGRATIONS[i]` brings the schema from version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // v1: the initial schema.
+    r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+
+CREATE TABLE parents (
+    supi             TEXT PRIMARY KEY,
+    k_enc            BYTEA NOT NULL,
+    opc_enc          BYTEA NOT NULL,
+    amf              BYTEA NOT NULL CHECK (length(amf) = 2),
+    sqn              BIGINT NOT NULL CHECK (sqn BETWEEN 0 AND 281474976710655),
+    status           TEXT NOT NULL CHECK (status IN ('active', 'suspended', 'revoked')),
+    max_children     BIGINT NOT NULL CHECK (max_children >= 0),
+    max_lifetime_s   BIGINT NOT NULL CHECK (max_lifetime_s > 0),
+    roaming_allowed  BOOLEAN NOT NULL,
+    allowed_dnns     TEXT NOT NULL,
+    max_bitrate_kbps BIGINT CHECK (max_bitrate_kbps > 0),
+    created_at       BIGINT NOT NULL,
+    updated_at       BIGINT NOT NULL
+);
+
+CREATE TABLE children (
+    supi             TEXT PRIMARY KEY,
+    parent_supi      TEXT NOT NULL REFERENCES parents (supi),
+    device_id        TEXT NOT NULL,
+    device_key_fp    BYTEA NOT NULL CHECK (length(device_key_fp) = 32),
+    request_id       BYTEA NOT NULL CHECK (length(request_id) = 16),
+    k_enc            BYTEA NOT NULL,
+    opc_enc          BYTEA NOT NULL,
+    amf              BYTEA NOT NULL CHECK (length(amf) = 2),
+    sqn              BIGINT NOT NULL CHECK (sqn BETWEEN 0 AND 281474976710655),
+    issued_at        BIGINT NOT NULL,
+    expires_at       BIGINT NOT NULL,
+    renewed_at       BIGINT,
+    roaming_allowed  BOOLEAN NOT NULL,
+    allowed_dnns     TEXT NOT NULL,
+    max_bitrate_kbps BIGINT CHECK (max_bitrate_kbps > 0),
+    status           TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    revoked_at       BIGINT
+);
+CREATE INDEX children_by_parent ON children (parent_supi, status, expires_at);
+
+CREATE TABLE issuances (
+    parent_supi TEXT NOT NULL REFERENCES parents (supi),
+    device_id   TEXT NOT NULL,
+    request_id  BYTEA NOT NULL CHECK (length(request_id) = 16),
+    child_supi  TEXT NOT NULL REFERENCES children (supi),
+    kind        TEXT NOT NULL CHECK (kind IN ('provision', 'renew')),
+    sealed      BYTEA NOT NULL,
+    created_at  BIGINT NOT NULL,
+    PRIMARY KEY (parent_supi, device_id, request_id)
+);
+CREATE INDEX issuances_by_child ON issuances (child_supi);
+
+CREATE TABLE aka_failures (
+    supi     TEXT PRIMARY KEY,
+    count    BIGINT NOT NULL,
+    first_at BIGINT NOT NULL,
+    last_at  BIGINT NOT NULL
+);
+
+CREATE TABLE audit (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at          BIGINT NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL CHECK (action IN
+                  ('add', 'import', 'policy', 'issue', 'renew', 'revoke', 'suspend', 'resume')),
+    supi        TEXT NOT NULL,
+    parent_supi TEXT,
+    device_id   TEXT,
+    request_id  BYTEA,
+    detail      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX audit_by_supi ON audit (supi);
+CREATE INDEX audit_by_parent ON audit (parent_supi);
+CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit trail is append-only';
+END;
+$$;
+CREATE TRIGGER audit_no_update BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+"#,
+    // 2: per-parent allocation rate.
+    r#"
+CREATE INDEX children_by_parent_issued ON children (parent_supi, issued_at);
+"#,
+    // 3: key binding (PROTOCOL.md §4.4).
+    r#"
+ALTER TABLE children ADD COLUMN device_spki BYTEA;
+"#,
+    // 4: manufacturer attestation (PROTOCOL.md §4.5).
+    r#"
+ALTER TABLE parents ADD COLUMN require_attestation BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE manufacturer_roots (
+    name        TEXT PRIMARY KEY,
+    cert        BYTEA NOT NULL,
+    fingerprint BYTEA NOT NULL UNIQUE CHECK (length(fingerprint) = 32),
+    subject     TEXT NOT NULL,
+    added_at    BIGINT NOT NULL
+);
+"#,
+];
+
+/// The schema version this program writes.
+pub fn latest_version() -> u32 {
+    MIGRATIONS.len() as u32
+}
+
+fn read_version(tx: &mut postgres::Transaction<'_>) -> Result<u32, StoreError> {
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .map_err(pg_err)?;
+    let v: Option<i64> = tx
+        .query_opt("SELECT max(version) FROM schema_version", &[])
+        .map_err(pg_err)?
+        .and_then(|r| r.get(0));
+    u32::try_from(v.unwrap_or(0))
+        .map_err(|_| StoreError::Schema(format!("invalid schema version {v:?}")))
+}
+
+/// The schema version of the database `client` is connected to.
+pub fn current_version(client: &mut Client) -> Result<u32, StoreError> {
+    let v: Option<i64> = client
+        .query_opt(
+            "SELECT CASE WHEN to_regclass('schema_version') IS NULL THEN 0 \
+             ELSE (SELECT coalesce(max(version), 0) FROM schema_version) END",
+            &[],
+        )
+        .map_err(pg_err)?
+        .and_then(|r| r.get(0));
+    u32::try_from(v.unwrap_or(0))
+        .map_err(|_| StoreError::Schema(format!("invalid schema version {v:?}")))
+}
+
+/// Applies every pending migration; returns the resulting version.
+pub fn migrate(client: &mut Client) -> Result<u32, StoreError> {
+    let mut tx = client.transaction().map_err(pg_err)?;
+    // Held until commit or rollback: a second process waits here, then sees the new version.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(pg_err)?;
+    let mut version = read_version(&mut tx)?;
+    let latest = latest_version();
+    if version > latest {
+        return Err(StoreError::Schema(format!(
+            "database schema version {version} is newer than this program's ({latest})"
+        )));
+    }
+    while let Some(sql) = MIGRATIONS.get(version as usize) {
+        tx.batch_execute(sql).map_err(pg_err)?;
+        version += 1;
+        tx.execute("DELETE FROM schema_version", &[])
+            .map_err(pg_err)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&i64::from(version)],
+        )
+        .map_err(pg_err)?;
+    }
+    tx.commit().map_err(pg_err)?;
+    Ok(version)
+}

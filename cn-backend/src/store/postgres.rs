@@ -1,0 +1,1316 @@
+//! The PostgreSQL engine: several processes (or hosts) on one database.
+//!
+//! - Driver: the synchronous `postgres` client of the rust-postgres family; TLS through rustls
+//!   (`tokio-postgres-rustls`, ring provider) with `sslmode=verify-full` semantics: the server
+//!   certificate must chain to the CA in `sslrootcert` and name the host connected to. Without
+//!   TLS only a Unix socket or a loopback address is accepted.
+//! - Write transactions run at READ COMMITTED with explicit row locks: [`WriteTx::lock_parent`]
+//!   is `SELECT … FOR UPDATE`, and the SQN read of [`WriteTx::aka_material`] locks its row too,
+//!   so concurrent batches of one parent, and concurrent SQN reservations of one subscriber,
+//!   are serialised by the database whichever process runs them. Every later statement of a
+//!   READ COMMITTED transaction sees what the previous lock holder committed. A serialisation
+//!   failure or deadlock (SQLSTATE 40001/40P01) rolls back and runs the closure again, as
+//!   [`Store::write_tx`] allows.
+//! - A small pool of connections (`Mutex<Vec<Client>>`): connections are opened on demand, kept
+//!   up to [`PgConfig::max_idle`], and dropped when the server closed them.
+//! - K and OPc are sealed under the KEK, bound to their table, row and column, as on SQLite;
+//!   `meta.kek_check` refuses a different KEK.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row};
+
+use super::pg_migrations;
+use super::{
+    AkaFailures, AkaMaterial, AuditAction, AuditEvent, AuditQuery, AuditRecord, Issuance,
+    IssuanceKind, ManufacturerRoot, NewChild, Store, StoreError, Subscriber, WriteTx,
+};
+use crate::kek::{Kek, RowId};
+use crate::model::{
+    Amf, ChildCredential, ChildStatus, DeviceId, Dnn, ImsiRange, KeyFingerprint, NewParent, Parent,
+    ParentPolicy, RequestId, Restrictions, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
+};
+use crate::policy::IdempotencyKey;
+use companion_crypto::aka::Sqn;
+
+const PARENTS: &str = "parents";
+const CHILDREN: &str = "children";
+
+/// How often [`PgStore::write_tx`] runs a transaction that hit a serialisation failure.
+const MAX_ATTEMPTS: u32 = 50;
+
+/// Where and how to connect, parsed from a `postgres://` URL.
+#[derive(Clone)]
+pub struct PgConfig {
+    config: postgres::Config,
+    /// CA certificate file for TLS (`sslrootcert`); TLS is used iff set.
+    ca: Option<PathBuf>,
+    /// Idle connections kept open for reuse.
+    pub max_idle: usize,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the password.
+        f.debug_struct("PgConfig")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .field("user", &self.config.get_user())
+            .field("ca", &self.ca)
+            .finish()
+    }
+}
+
+/// Whether `url` selects the PostgreSQL engine.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+impl PgConfig {
+    /// Parses a `postgres://user:password@host:port/dbname?…` URL (without a password in it,
+    /// `PGPASSWORD` is used if set). Besides what the driver
+    /// understands (`host=/socket/dir`, `connect_timeout`, …) it takes `sslmode=disable` or
+    /// `sslmode=verify-full` with `sslrootcert=/path/ca.pem`. Without TLS, every host must be a
+    /// Unix socket directory or a loopback address.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let bad = |m: String| StoreError::Database(format!("store URL: {m}"));
+        if !is_postgres_url(url) {
+            return Err(bad("expected postgres://…".into()));
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut sslmode = None;
+        let mut ca = None;
+        let mut rest = Vec::new();
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
+                Some(("sslrootcert", v)) => ca = Some(PathBuf::from(v)),
+                _ => rest.push(kv),
+            }
+        }
+        let stripped = if rest.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        let mut config: postgres::Config = stripped
+            .parse()
+            .map_err(|e: postgres::Error| bad(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.application_name("cn-backend");
+        // A password kept out of the (world-readable) configuration file.
+        if config.get_password().is_none()
+            && let Some(pw) = std::env::var_os("PGPASSWORD").filter(|p| !p.is_empty())
+        {
+            config.password(pw.as_encoded_bytes());
+        }
+        match sslmode.as_deref() {
+            Some("verify-full") => {
+                if ca.is_none() {
+                    return Err(bad(
+                        "sslmode=verify-full needs sslrootcert=/path/ca.pem".into()
+                    ));
+                }
+                config.ssl_mode(postgres::config::SslMode::Require);
+            }
+            None | Some("disable") => {
+                if ca.is_some() {
+                    return Err(bad("sslrootcert given without sslmode=verify-full".into()));
+                }
+                ca = None;
+                let local = config.get_hosts().iter().all(|h| match h {
+                    postgres::config::Host::Unix(_) => true,
+                    postgres::config::Host::Tcp(name) => {
+                        name == "localhost"
+                            || name
+                                .parse::<std::net::IpAddr>()
+                                .is_ok_and(|a| a.is_loopback())
+                    }
+                });
+                if !local {
+                    return Err(bad(
+                        "a connection without TLS is allowed only over a Unix socket or to a \
+                         loopback address; add sslmode=verify-full&sslrootcert=/path/ca.pem"
+                            .into(),
+                    ));
+                }
+                config.ssl_mode(postgres::config::SslMode::Disable);
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "sslmode={other} is not supported (use verify-full, or disable for a local \
+                     socket)"
+                )));
+            }
+        }
+        Ok(Self {
+            config,
+            ca,
+            max_idle: 8,
+        })
+    }
+}
+
+/// Maps a driver error onto [`StoreError`], with the server's message when there is one.
+pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        return StoreError::Database(format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ));
+    }
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg = format!("{msg}: {s_msg}");
+        }
+        src = s.source();
+    }
+    StoreError::Database(msg)
+}
+
+fn is_retryable(e: &postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+fn is_retryable_store_err(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database(m)
+        if m.ends_with("(SQLSTATE 40001)") || m.ends_with("(SQLSTATE 40P01)"))
+}
+
+fn is_unique_violation(e: &postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn get<'a, T: postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
+    row.try_get(idx)
+        .map_err(|e| corrupt(format!("column {idx}: {e}")))
+}
+
+fn fixed<const N: usize>(row: &Row, idx: usize) -> Result<[u8; N], StoreError> {
+    let v: Vec<u8> = get(row, idx)?;
+    v.try_into()
+        .map_err(|_| corrupt(format!("column {idx}: wrong length")))
+}
+
+fn supi_at(row: &Row, idx: usize) -> Result<Supi, StoreError> {
+    let s: String = get(row, idx)?;
+    Supi::parse(&s).map_err(corrupt)
+}
+
+fn dnns_at(row: &Row, idx: usize) -> Result<Vec<Dnn>, StoreError> {
+    let s: String = get(row, idx)?;
+    s.split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| Dnn::parse(d).map_err(corrupt))
+        .collect()
+}
+
+fn join_dnns(dnns: &[Dnn]) -> String {
+    dnns.iter().map(Dnn::as_str).collect::<Vec<_>>().join(",")
+}
+
+fn u64_at(row: &Row, idx: usize) -> Result<u64, StoreError> {
+    let v: i64 = get(row, idx)?;
+    u64::try_from(v).map_err(corrupt)
+}
+
+fn u32_at(row: &Row, idx: usize) -> Result<u32, StoreError> {
+    let v: i64 = get(row, idx)?;
+    u32::try_from(v).map_err(corrupt)
+}
+
+fn opt_u32_at(row: &Row, idx: usize) -> Result<Option<u32>, StoreError> {
+    let v: Option<i64> = get(row, idx)?;
+    v.map(|v| u32::try_from(v).map_err(corrupt)).transpose()
+}
+
+fn sqn_at(row: &Row, idx: usize) -> Result<Sqn, StoreError> {
+    Sqn::new(u64_at(row, idx)?).map_err(corrupt)
+}
+
+fn sql_u64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Database(format!("value {v} out of range")))
+}
+
+/// A 48-bit SQN always fits in a BIGINT.
+fn sql_sqn(sqn: Sqn) -> i64 {
+    i64::try_from(sqn.value()).unwrap_or(i64::MAX)
+}
+
+const PARENT_COLS: &str = "supi, amf, sqn, status, max_children, max_lifetime_s, roaming_allowed, \
+                           allowed_dnns, max_bitrate_kbps, created_at, updated_at, \
+                           require_attestation";
+
+fn parent_from_row(row: &Row) -> Result<Parent, StoreError> {
+    let status: String = get(row, 3)?;
+    Ok(Parent {
+        supi: supi_at(row, 0)?,
+        amf: Amf(fixed(row, 1)?),
+        sqn: sqn_at(row, 2)?,
+        status: SubscriptionStatus::parse(&status).map_err(corrupt)?,
+        policy: ParentPolicy {
+            max_children: u32_at(row, 4)?,
+            max_lifetime_s: u64_at(row, 5)?,
+            roaming_allowed: get(row, 6)?,
+            allowed_dnns: dnns_at(row, 7)?,
+            max_bitrate_kbps: opt_u32_at(row, 8)?,
+            require_attestation: get(row, 11)?,
+        },
+        created_at: Timestamp(get(row, 9)?),
+        updated_at: Timestamp(get(row, 10)?),
+    })
+}
+
+const CHILD_COLS: &str = "c.supi, c.parent_supi, c.device_id, c.device_key_fp, c.request_id, \
+                          c.amf, c.sqn, c.issued_at, c.expires_at, c.renewed_at, \
+                          c.roaming_allowed, c.allowed_dnns, c.max_bitrate_kbps, c.status, \
+                          c.revoked_at, c.device_spki";
+
+fn child_from_row(row: &Row) -> Result<ChildCredential, StoreError> {
+    let device_id: String = get(row, 2)?;
+    let status: String = get(row, 13)?;
+    Ok(ChildCredential {
+        supi: supi_at(row, 0)?,
+        parent: supi_at(row, 1)?,
+        device_id: DeviceId::parse(&device_id).map_err(corrupt)?,
+        device_key_fingerprint: KeyFingerprint(fixed(row, 3)?),
+        device_spki: get(row, 15)?,
+        request_id: RequestId(fixed(row, 4)?),
+        amf: Amf(fixed(row, 5)?),
+        sqn: sqn_at(row, 6)?,
+        issued_at: Timestamp(get(row, 7)?),
+        expires_at: Timestamp(get(row, 8)?),
+        renewed_at: get::<Option<i64>>(row, 9)?.map(Timestamp),
+        restrictions: Restrictions {
+            roaming_allowed: get(row, 10)?,
+            allowed_dnns: dnns_at(row, 11)?,
+            max_bitrate_kbps: opt_u32_at(row, 12)?,
+        },
+        status: ChildStatus::parse(&status).map_err(corrupt)?,
+        revoked_at: get::<Option<i64>>(row, 14)?.map(Timestamp),
+    })
+}
+
+fn audit_from_row(row: &Row) -> Result<AuditRecord, StoreError> {
+    let action: String = get(row, 3)?;
+    let parent: Option<String> = get(row, 5)?;
+    let device: Option<String> = get(row, 6)?;
+    let request: Option<Vec<u8>> = get(row, 7)?;
+    Ok(AuditRecord {
+        id: get(row, 0)?,
+        event: AuditEvent {
+            at: Timestamp(get(row, 1)?),
+            actor: get(row, 2)?,
+            action: AuditAction::parse(&action)
+                .ok_or_else(|| corrupt(format!("unknown audit action {action:?}")))?,
+            supi: supi_at(row, 4)?,
+            parent: parent
+                .map(|p| Supi::parse(&p).map_err(corrupt))
+                .transpose()?,
+            device_id: device
+                .map(|d| DeviceId::parse(&d).map_err(corrupt))
+                .transpose()?,
+            request_id: request
+                .map(|r| {
+                    <[u8; 16]>::try_from(r)
+                        .map(RequestId)
+                        .map_err(|_| corrupt("wrong request ID length"))
+                })
+                .transpose()?,
+            detail: get(row, 8)?,
+        },
+    })
+}
+
+// ---- queries shared by the pooled connections and the write transaction ----
+
+fn q_parent(
+    c: &mut impl GenericClient,
+    supi: &Supi,
+    lock: bool,
+) -> Result<Option<Parent>, StoreError> {
+    let sql = if lock {
+        format!("SELECT {PARENT_COLS} FROM parents WHERE supi = $1 FOR UPDATE")
+    } else {
+        format!("SELECT {PARENT_COLS} FROM parents WHERE supi = $1")
+    };
+    c.query_opt(&sql, &[&supi.as_str()])
+        .map_err(pg_err)?
+        .as_ref()
+        .map(parent_from_row)
+        .transpose()
+}
+
+fn q_child(
+    c: &mut impl GenericClient,
+    supi: &Supi,
+    lock: bool,
+) -> Result<Option<ChildCredential>, StoreError> {
+    let sql = if lock {
+        format!("SELECT {CHILD_COLS} FROM children c WHERE c.supi = $1 FOR UPDATE")
+    } else {
+        format!("SELECT {CHILD_COLS} FROM children c WHERE c.supi = $1")
+    };
+    c.query_opt(&sql, &[&supi.as_str()])
+        .map_err(pg_err)?
+        .as_ref()
+        .map(child_from_row)
+        .transpose()
+}
+
+fn q_count_active(
+    c: &mut impl GenericClient,
+    parent: &Supi,
+    now: Timestamp,
+) -> Result<u32, StoreError> {
+    let row = c
+        .query_one(
+            "SELECT count(*) FROM children \
+             WHERE parent_supi = $1 AND status = 'active' AND expires_at > $2",
+            &[&parent.as_str(), &now.0],
+        )
+        .map_err(pg_err)?;
+    u32_at(&row, 0)
+}
+
+fn q_issuance(
+    c: &mut impl GenericClient,
+    key: &IdempotencyKey,
+) -> Result<Option<Issuance>, StoreError> {
+    let row = c
+        .query_opt(
+            "SELECT child_supi, kind, sealed, created_at FROM issuances \
+             WHERE parent_supi = $1 AND device_id = $2 AND request_id = $3",
+            &[
+                &key.parent.as_str(),
+                &key.device_id.as_str(),
+                &key.request_id.0.as_slice(),
+            ],
+        )
+        .map_err(pg_err)?;
+    row.map(|r| {
+        let kind: String = get(&r, 1)?;
+        Ok(Issuance {
+            child_supi: supi_at(&r, 0)?,
+            kind: IssuanceKind::parse(&kind)
+                .ok_or_else(|| corrupt(format!("unknown issuance kind {kind:?}")))?,
+            sealed: get(&r, 2)?,
+            created_at: Timestamp(get(&r, 3)?),
+        })
+    })
+    .transpose()
+}
+
+fn failures_from_row(r: &Row) -> Result<AkaFailures, StoreError> {
+    Ok(AkaFailures {
+        count: u32_at(r, 0)?,
+        first_at: Some(Timestamp(get(r, 1)?)),
+        last_at: Some(Timestamp(get(r, 2)?)),
+    })
+}
+
+fn q_supi_taken(c: &mut impl GenericClient, supi: &Supi) -> Result<bool, StoreError> {
+    let row = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM parents WHERE supi = $1) \
+                 OR EXISTS (SELECT 1 FROM children WHERE supi = $1)",
+            &[&supi.as_str()],
+        )
+        .map_err(pg_err)?;
+    get(&row, 0)
+}
+
+/// Uniform random draws the allocator makes before it falls back to a scan.
+const RANDOM_PROBES: usize = 32;
+
+/// A uniformly random MSIN of `range` from the operating system's CSPRNG (rejection sampling).
+fn random_msin(range: &ImsiRange) -> Result<u64, StoreError> {
+    let span = range.last_msin() - range.first_msin() + 1;
+    let zone = u64::MAX - (u64::MAX % span);
+    loop {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(|_| StoreError::Kek(crate::kek::KekError::Rng))?;
+        let x = u64::from_le_bytes(b);
+        if x < zone {
+            return Ok(range.first_msin() + x % span);
+        }
+    }
+}
+
+fn range_supi(range: &ImsiRange, msin: u64) -> Result<Supi, StoreError> {
+    range.supi(msin).ok_or_else(|| {
+        StoreError::Database(format!(
+            "MSIN {msin} outside the IMSI range {}",
+            range.plmn()
+        ))
+    })
+}
+
+/// The first MSIN in `from..=to` of `range` that no parent or child holds (one ordered walk).
+fn first_free(
+    c: &mut impl GenericClient,
+    range: &ImsiRange,
+    from: u64,
+    to: u64,
+) -> Result<Option<u64>, StoreError> {
+    let (Some(lo), Some(hi)) = (range.supi(from), range.supi(to)) else {
+        return Ok(None);
+    };
+    let prefix_len = "imsi-".len() + range.plmn().len();
+    let rows = c
+        .query(
+            "SELECT supi FROM children WHERE supi BETWEEN $1 AND $2 \
+             UNION SELECT supi FROM parents WHERE supi BETWEEN $1 AND $2 ORDER BY 1",
+            &[&lo.as_str(), &hi.as_str()],
+        )
+        .map_err(pg_err)?;
+    let mut expected = from;
+    for row in rows {
+        let taken: String = get(&row, 0)?;
+        let Some(msin) = taken.get(prefix_len..).and_then(|d| d.parse::<u64>().ok()) else {
+            continue;
+        };
+        if msin > expected {
+            return Ok(Some(expected));
+        }
+        expected = expected.max(msin + 1);
+        if expected > to {
+            return Ok(None);
+        }
+    }
+    Ok((expected <= to).then_some(expected))
+}
+
+/// A [`Store`] on one PostgreSQL database, shareable by several processes.
+pub struct PgStore {
+    config: PgConfig,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    kek: Kek,
+    pool: Mutex<Vec<Client>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tls_connector(ca: &PathBuf) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bad = |m: String| StoreError::Database(format!("sslrootcert {}: {m}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no certificate in the file".into()));
+    }
+    for c in certs {
+        roots.add(c).map_err(|e| bad(e.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+impl PgStore {
+    /// Connects, applies pending migrations and checks that `kek` is the key the database was
+    /// created with.
+    pub fn open(config: PgConfig, kek: Kek) -> Result<Self, StoreError> {
+        let tls = config.ca.as_ref().map(tls_connector).transpose()?;
+        let store = Self {
+            config,
+            tls,
+            kek,
+            pool: Mutex::new(Vec::new()),
+        };
+        let mut client = store.connect()?;
+        pg_migrations::migrate(&mut client)?;
+        store.check_kek(&mut client)?;
+        store.put_back(client);
+        Ok(store)
+    }
+
+    /// Parses `url` ([`PgConfig::from_url`]) and opens the store.
+    pub fn open_url(url: &str, kek: Kek) -> Result<Self, StoreError> {
+        Self::open(PgConfig::from_url(url)?, kek)
+    }
+
+    fn connect(&self) -> Result<Client, StoreError> {
+        let r = match &self.tls {
+            Some(tls) => self.config.config.connect(tls.clone()),
+            None => self.config.config.connect(NoTls),
+        };
+        r.map_err(|e| match pg_err(e) {
+            StoreError::Database(m) => {
+                StoreError::Database(format!("cannot connect to PostgreSQL: {m}"))
+            }
+            other => other,
+        })
+    }
+
+    fn take(&self) -> Result<Client, StoreError> {
+        let pooled = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match pooled {
+            Some(c) if !c.is_closed() => Ok(c),
+            _ => self.connect(),
+        }
+    }
+
+    fn put_back(&self, client: Client) {
+        if client.is_closed() {
+            return;
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < self.config.max_idle {
+            pool.push(client);
+        }
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut client = self.take()?;
+        let out = f(&mut client);
+        self.put_back(client);
+        out
+    }
+
+    fn check_kek(&self, client: &mut Client) -> Result<(), StoreError> {
+        client
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('kek_check', $1) \
+                 ON CONFLICT (key) DO NOTHING",
+                &[&self.kek.check_value()?],
+            )
+            .map_err(pg_err)?;
+        let row = client
+            .query_one("SELECT value FROM meta WHERE key = 'kek_check'", &[])
+            .map_err(pg_err)?;
+        let stored: Vec<u8> = get(&row, 0)?;
+        if self.kek.verify_check(&stored) {
+            Ok(())
+        } else {
+            Err(StoreError::WrongKek)
+        }
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        self.read(pg_migrations::current_version)
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Closing a `postgres::Client` blocks on the driver's own runtime, which panics inside
+        // an async context (a service dropped at the end of `serve`): close them on a thread.
+        let clients =
+            std::mem::take(&mut *self.pool.lock().unwrap_or_else(PoisonError::into_inner));
+        if clients.is_empty() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(clients)).join();
+        }
+    }
+}
+
+/// Encrypted K and OPc as stored.
+type EncKeys = (Vec<u8>, Vec<u8>);
+
+/// A write transaction on the PostgreSQL engine.
+struct PgTx<'a, 'c> {
+    tx: &'a mut postgres::Transaction<'c>,
+    kek: &'a Kek,
+    /// Set when a statement failed with a serialisation failure or deadlock: the whole
+    /// transaction is then retried.
+    retry: bool,
+}
+
+impl PgTx<'_, '_> {
+    fn err(&mut self, e: postgres::Error) -> StoreError {
+        if is_retryable(&e) {
+            self.retry = true;
+        }
+        pg_err(e)
+    }
+
+    fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        match self.tx.execute(sql, params) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Runs a shared query helper, noting retryable failures (by the SQLSTATE that
+    /// [`pg_err`] keeps in the message).
+    fn q<T>(
+        &mut self,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let r = f(self.tx);
+        if let Err(e) = &r
+            && is_retryable_store_err(e)
+        {
+            self.retry = true;
+        }
+        r
+    }
+
+    fn seal_keys(
+        &self,
+        table: &str,
+        supi: &Supi,
+        keys: &SubscriberKeys,
+    ) -> Result<EncKeys, StoreError> {
+        let id = |column| RowId {
+            table,
+            row: supi.as_str(),
+            column,
+        };
+        Ok((
+            self.kek.seal(id("k"), &keys.k)?,
+            self.kek.seal(id("opc"), &keys.opc)?,
+        ))
+    }
+
+    fn open_keys(
+        &self,
+        table: &str,
+        supi: &Supi,
+        k: &[u8],
+        opc: &[u8],
+    ) -> Result<SubscriberKeys, StoreError> {
+        let id = |column| RowId {
+            table,
+            row: supi.as_str(),
+            column,
+        };
+        Ok(SubscriberKeys {
+            k: self.kek.open(id("k"), k)?,
+            opc: self.kek.open(id("opc"), opc)?,
+        })
+    }
+
+    fn enc_keys(&mut self, table: &str, supi: &Supi) -> Result<Option<EncKeys>, StoreError> {
+        let sql = if table == PARENTS {
+            "SELECT k_enc, opc_enc FROM parents WHERE supi = $1"
+        } else {
+            "SELECT k_enc, opc_enc FROM children WHERE supi = $1"
+        };
+        let row = match self.tx.query_opt(sql, &[&supi.as_str()]) {
+            Ok(r) => r,
+            Err(e) => return Err(self.err(e)),
+        };
+        row.map(|r| Ok((get(&r, 0)?, get(&r, 1)?))).transpose()
+    }
+}
+
+impl WriteTx for PgTx<'_, '_> {
+    fn lock_parent(&mut self, supi: &Supi) -> Result<Option<Parent>, StoreError> {
+        match self.tx.query_opt(
+            &format!("SELECT {PARENT_COLS} FROM parents WHERE supi = $1 FOR UPDATE"),
+            &[&supi.as_str()],
+        ) {
+            Ok(r) => r.as_ref().map(parent_from_row).transpose(),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn insert_parent(&mut self, parent: &NewParent, now: Timestamp) -> Result<(), StoreError> {
+        if self.q(|c| q_supi_taken(c, &parent.supi))? {
+            return Err(StoreError::Duplicate(parent.supi.clone()));
+        }
+        let (k, opc) = self.seal_keys(PARENTS, &parent.supi, &parent.keys)?;
+        let p = &parent.policy;
+        let r = self.tx.execute(
+            "INSERT INTO parents (supi, k_enc, opc_enc, amf, sqn, status, max_children, \
+             max_lifetime_s, roaming_allowed, allowed_dnns, max_bitrate_kbps, created_at, \
+             updated_at, require_attestation) \
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9, $10, $11, $11, $12)",
+            &[
+                &parent.supi.as_str(),
+                &k,
+                &opc,
+                &parent.amf.0.as_slice(),
+                &sql_sqn(parent.sqn),
+                &i64::from(p.max_children),
+                &sql_u64(p.max_lifetime_s)?,
+                &p.roaming_allowed,
+                &join_dnns(&p.allowed_dnns),
+                &p.max_bitrate_kbps.map(i64::from),
+                &now.0,
+                &p.require_attestation,
+            ],
+        );
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Duplicate(parent.supi.clone())),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn set_parent_status(
+        &mut self,
+        supi: &Supi,
+        status: SubscriptionStatus,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let n = self.exec(
+            "UPDATE parents SET status = $2, updated_at = $3 WHERE supi = $1",
+            &[&supi.as_str(), &status.as_str(), &now.0],
+        )?;
+        if n == 0 {
+            return Err(StoreError::ParentNotFound(supi.clone()));
+        }
+        Ok(())
+    }
+
+    fn set_parent_policy(
+        &mut self,
+        supi: &Supi,
+        policy: &ParentPolicy,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let n = self.exec(
+            "UPDATE parents SET max_children = $2, max_lifetime_s = $3, roaming_allowed = $4, \
+             allowed_dnns = $5, max_bitrate_kbps = $6, updated_at = $7, \
+             require_attestation = $8 WHERE supi = $1",
+            &[
+                &supi.as_str(),
+                &i64::from(policy.max_children),
+                &sql_u64(policy.max_lifetime_s)?,
+                &policy.roaming_allowed,
+                &join_dnns(&policy.allowed_dnns),
+                &policy.max_bitrate_kbps.map(i64::from),
+                &now.0,
+                &policy.require_attestation,
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::ParentNotFound(supi.clone()));
+        }
+        Ok(())
+    }
+
+    fn count_active_children(&mut self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError> {
+        self.q(|c| q_count_active(c, parent, now))
+    }
+
+    fn issuance(&mut self, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError> {
+        self.q(|c| q_issuance(c, key))
+    }
+
+    fn insert_issuance(
+        &mut self,
+        key: &IdempotencyKey,
+        issuance: &Issuance,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO issuances (parent_supi, device_id, request_id, child_supi, kind, \
+             sealed, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &key.parent.as_str(),
+                &key.device_id.as_str(),
+                &key.request_id.0.as_slice(),
+                &issuance.child_supi.as_str(),
+                &issuance.kind.as_str(),
+                &issuance.sealed,
+                &issuance.created_at.0,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn child(&mut self, supi: &Supi) -> Result<Option<ChildCredential>, StoreError> {
+        self.q(|c| q_child(c, supi, false))
+    }
+
+    fn keys(&mut self, supi: &Supi) -> Result<Option<SubscriberKeys>, StoreError> {
+        for table in [PARENTS, CHILDREN] {
+            if let Some((k, opc)) = self.enc_keys(table, supi)? {
+                return self.open_keys(table, supi, &k, &opc).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    fn allocate_supi(&mut self, range: &ImsiRange) -> Result<Supi, StoreError> {
+        for _ in 0..RANDOM_PROBES {
+            let msin = random_msin(range)?;
+            let supi = range_supi(range, msin)?;
+            if !self.q(|c| q_supi_taken(c, &supi))? {
+                return Ok(supi);
+            }
+        }
+        let start = random_msin(range)?;
+        if let Some(msin) = self.q(|c| first_free(c, range, start, range.last_msin()))? {
+            return range_supi(range, msin);
+        }
+        if start > range.first_msin()
+            && let Some(msin) = self.q(|c| first_free(c, range, range.first_msin(), start - 1))?
+        {
+            return range_supi(range, msin);
+        }
+        Err(StoreError::ImsiRangeExhausted(format!(
+            "{}:{}-{}",
+            range.plmn(),
+            range.first_msin(),
+            range.last_msin()
+        )))
+    }
+
+    fn children_issued_since(
+        &mut self,
+        parent: &Supi,
+        since: Timestamp,
+    ) -> Result<(u32, Option<Timestamp>), StoreError> {
+        let row = match self.tx.query_one(
+            "SELECT count(*), min(issued_at) FROM children \
+             WHERE parent_supi = $1 AND issued_at >= $2",
+            &[&parent.as_str(), &since.0],
+        ) {
+            Ok(r) => r,
+            Err(e) => return Err(self.err(e)),
+        };
+        Ok((
+            u32_at(&row, 0)?,
+            get::<Option<i64>>(&row, 1)?.map(Timestamp),
+        ))
+    }
+
+    fn item_savepoint(&mut self) -> Result<(), StoreError> {
+        self.exec("SAVEPOINT batch_item", &[]).map(drop)
+    }
+
+    fn release_item(&mut self) -> Result<(), StoreError> {
+        self.exec("RELEASE SAVEPOINT batch_item", &[]).map(drop)
+    }
+
+    fn rollback_item(&mut self) -> Result<(), StoreError> {
+        self.exec("ROLLBACK TO SAVEPOINT batch_item", &[])?;
+        self.exec("RELEASE SAVEPOINT batch_item", &[]).map(drop)
+    }
+
+    fn insert_child(&mut self, new: &NewChild) -> Result<(), StoreError> {
+        let c = &new.child;
+        let (k, opc) = self.seal_keys(CHILDREN, &c.supi, &new.keys)?;
+        let r = self.tx.execute(
+            "INSERT INTO children (supi, parent_supi, device_id, device_key_fp, request_id, \
+             k_enc, opc_enc, amf, sqn, issued_at, expires_at, renewed_at, roaming_allowed, \
+             allowed_dnns, max_bitrate_kbps, status, revoked_at, device_spki) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18)",
+            &[
+                &c.supi.as_str(),
+                &c.parent.as_str(),
+                &c.device_id.as_str(),
+                &c.device_key_fingerprint.0.as_slice(),
+                &c.request_id.0.as_slice(),
+                &k,
+                &opc,
+                &c.amf.0.as_slice(),
+                &sql_sqn(c.sqn),
+                &c.issued_at.0,
+                &c.expires_at.0,
+                &c.renewed_at.map(|t| t.0),
+                &c.restrictions.roaming_allowed,
+                &join_dnns(&c.restrictions.allowed_dnns),
+                &c.restrictions.max_bitrate_kbps.map(i64::from),
+                &c.status.as_str(),
+                &c.revoked_at.map(|t| t.0),
+                &c.device_spki,
+            ],
+        );
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Duplicate(c.supi.clone())),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn renew_child(
+        &mut self,
+        supi: &Supi,
+        expires_at: Timestamp,
+        restrictions: &Restrictions,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let n = self.exec(
+            "UPDATE children SET expires_at = $2, roaming_allowed = $3, allowed_dnns = $4, \
+             max_bitrate_kbps = $5, renewed_at = $6 WHERE supi = $1",
+            &[
+                &supi.as_str(),
+                &expires_at.0,
+                &restrictions.roaming_allowed,
+                &join_dnns(&restrictions.allowed_dnns),
+                &restrictions.max_bitrate_kbps.map(i64::from),
+                &now.0,
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::ChildNotFound(supi.clone()));
+        }
+        Ok(())
+    }
+
+    fn revoke_child(&mut self, supi: &Supi, now: Timestamp) -> Result<bool, StoreError> {
+        let n = self.exec(
+            "UPDATE children SET status = 'revoked', revoked_at = $2 \
+             WHERE supi = $1 AND status = 'active'",
+            &[&supi.as_str(), &now.0],
+        )?;
+        if n == 0 && self.q(|c| q_child(c, supi, false))?.is_none() {
+            return Err(StoreError::ChildNotFound(supi.clone()));
+        }
+        Ok(n == 1)
+    }
+
+    fn revoke_children_of(
+        &mut self,
+        parent: &Supi,
+        now: Timestamp,
+    ) -> Result<Vec<ChildCredential>, StoreError> {
+        let rows = match self.tx.query(
+            &format!(
+                "UPDATE children c SET status = 'revoked', revoked_at = $2 \
+                 WHERE c.parent_supi = $1 AND c.status = 'active' RETURNING {CHILD_COLS}"
+            ),
+            &[&parent.as_str(), &now.0],
+        ) {
+            Ok(r) => r,
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut revoked = rows
+            .iter()
+            .map(child_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        revoked.sort_by(|a, b| a.supi.as_str().cmp(b.supi.as_str()));
+        Ok(revoked)
+    }
+
+    fn aka_material(&mut self, supi: &Supi) -> Result<Option<AkaMaterial>, StoreError> {
+        // The row is locked: the caller reserves the next SQN from the value read here.
+        if let Some(parent) = self.q(|c| q_parent(c, supi, true))? {
+            let Some((k, opc)) = self.enc_keys(PARENTS, supi)? else {
+                return Ok(None);
+            };
+            let keys = self.open_keys(PARENTS, supi, &k, &opc)?;
+            return Ok(Some(AkaMaterial {
+                amf: parent.amf,
+                sqn: parent.sqn,
+                keys,
+                subscriber: Subscriber::Parent(parent),
+            }));
+        }
+        let Some(child) = self.q(|c| q_child(c, supi, true))? else {
+            return Ok(None);
+        };
+        let parent = self
+            .q(|c| q_parent(c, &child.parent, false))?
+            .ok_or_else(|| StoreError::Corrupt(format!("{supi} has no parent row")))?;
+        let Some((k, opc)) = self.enc_keys(CHILDREN, supi)? else {
+            return Ok(None);
+        };
+        let keys = self.open_keys(CHILDREN, supi, &k, &opc)?;
+        Ok(Some(AkaMaterial {
+            amf: child.amf,
+            sqn: child.sqn,
+            keys,
+            subscriber: Subscriber::Child {
+                child,
+                parent_status: parent.status,
+            },
+        }))
+    }
+
+    fn set_sqn(&mut self, supi: &Supi, sqn: Sqn) -> Result<(), StoreError> {
+        let sqn = sql_sqn(sqn);
+        for sql in [
+            "UPDATE parents SET sqn = $2 WHERE supi = $1",
+            "UPDATE children SET sqn = $2 WHERE supi = $1",
+        ] {
+            if self.exec(sql, &[&supi.as_str(), &sqn])? > 0 {
+                return Ok(());
+            }
+        }
+        Err(StoreError::UnknownSupi(supi.clone()))
+    }
+
+    fn record_aka_failure(
+        &mut self,
+        supi: &Supi,
+        now: Timestamp,
+    ) -> Result<AkaFailures, StoreError> {
+        let row = match self.tx.query_one(
+            "INSERT INTO aka_failures AS f (supi, count, first_at, last_at) \
+             VALUES ($1, 1, $2, $2) \
+             ON CONFLICT (supi) DO UPDATE SET count = f.count + 1, last_at = excluded.last_at \
+             RETURNING count, first_at, last_at",
+            &[&supi.as_str(), &now.0],
+        ) {
+            Ok(r) => r,
+            Err(e) => return Err(self.err(e)),
+        };
+        failures_from_row(&row)
+    }
+
+    fn clear_aka_failures(&mut self, supi: &Supi) -> Result<(), StoreError> {
+        self.exec(
+            "DELETE FROM aka_failures WHERE supi = $1",
+            &[&supi.as_str()],
+        )
+        .map(drop)
+    }
+
+    fn append_audit(&mut self, e: &AuditEvent) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO audit (at, actor, action, supi, parent_supi, device_id, request_id, \
+             detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &e.at.0,
+                &e.actor,
+                &e.action.as_str(),
+                &e.supi.as_str(),
+                &e.parent.as_ref().map(Supi::as_str),
+                &e.device_id.as_ref().map(DeviceId::as_str),
+                &e.request_id.as_ref().map(|r| r.0.to_vec()),
+                &e.detail,
+            ],
+        )
+        .map(drop)
+    }
+}
+
+impl PgStore {
+    /// One attempt of a write transaction: `Ok(Err(e))` when it failed with a serialisation
+    /// conflict (retry), `Err` for any other failure.
+    fn attempt(
+        &self,
+        client: &mut Client,
+        f: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), StoreError>,
+    ) -> Result<Result<(), StoreError>, StoreError> {
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .map_err(pg_err)?;
+        let mut ptx = PgTx {
+            tx: &mut tx,
+            kek: &self.kek,
+            retry: false,
+        };
+        let r = f(&mut ptx);
+        let retry = ptx.retry;
+        match r {
+            // Dropping `tx` rolls back.
+            Err(e) if retry || is_retryable_store_err(&e) => Ok(Err(e)),
+            Err(e) => Err(e),
+            Ok(()) => match tx.commit() {
+                Ok(()) => Ok(Ok(())),
+                Err(e) if is_retryable(&e) => Ok(Err(pg_err(e))),
+                Err(e) => Err(pg_err(e)),
+            },
+        }
+    }
+}
+
+impl Store for PgStore {
+    fn write_tx(
+        &self,
+        f: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.take()?;
+        let mut attempt = 0u32;
+        let out = loop {
+            attempt += 1;
+            match self.attempt(&mut client, f) {
+                Ok(Ok(())) => break Ok(()),
+                Ok(Err(e)) if attempt >= MAX_ATTEMPTS => {
+                    tracing::warn!(error = %e, "write transaction conflicted {attempt} times");
+                    break Err(StoreError::Busy);
+                }
+                Ok(Err(_)) => {
+                    // Short, growing pause so the conflicting writer can finish.
+                    std::thread::sleep(Duration::from_millis(u64::from(attempt.min(20))));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.put_back(client);
+        out
+    }
+
+    fn parent(&self, supi: &Supi) -> Result<Option<Parent>, StoreError> {
+        self.read(|c| q_parent(c, supi, false))
+    }
+
+    fn list_parents(&self, after: Option<&Supi>, limit: u32) -> Result<Vec<Parent>, StoreError> {
+        self.read(|c| {
+            c.query(
+                &format!(
+                    "SELECT {PARENT_COLS} FROM parents WHERE supi > $1 ORDER BY supi LIMIT $2"
+                ),
+                &[&after.map_or("", Supi::as_str), &i64::from(limit)],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(parent_from_row)
+            .collect()
+        })
+    }
+
+    fn count_parents(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let row = c
+                .query_one("SELECT count(*) FROM parents", &[])
+                .map_err(pg_err)?;
+            u64_at(&row, 0)
+        })
+    }
+
+    fn child(&self, supi: &Supi) -> Result<Option<ChildCredential>, StoreError> {
+        self.read(|c| q_child(c, supi, false))
+    }
+
+    fn children_of(&self, parent: &Supi) -> Result<Vec<ChildCredential>, StoreError> {
+        self.read(|c| {
+            c.query(
+                &format!(
+                    "SELECT {CHILD_COLS} FROM children c WHERE c.parent_supi = $1 \
+                     ORDER BY c.supi"
+                ),
+                &[&parent.as_str()],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(child_from_row)
+            .collect()
+        })
+    }
+
+    fn count_active_children(&self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError> {
+        self.read(|c| q_count_active(c, parent, now))
+    }
+
+    fn issuance(&self, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError> {
+        self.read(|c| q_issuance(c, key))
+    }
+
+    fn aka_failures(&self, supi: &Supi) -> Result<AkaFailures, StoreError> {
+        self.read(|c| {
+            c.query_opt(
+                "SELECT count, first_at, last_at FROM aka_failures WHERE supi = $1",
+                &[&supi.as_str()],
+            )
+            .map_err(pg_err)?
+            .as_ref()
+            .map(failures_from_row)
+            .transpose()
+            .map(Option::unwrap_or_default)
+        })
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let limit = if query.limit == 0 { 100 } else { query.limit };
+        self.read(|c| {
+            c.query(
+                "SELECT id, at, actor, action, supi, parent_supi, device_id, request_id, detail \
+                 FROM audit WHERE ($1::text IS NULL OR supi = $1 OR parent_supi = $1) \
+                 AND id > $2 ORDER BY id LIMIT $3",
+                &[
+                    &query.supi.as_ref().map(Supi::as_str),
+                    &query.after_id.unwrap_or(0),
+                    &i64::from(limit),
+                ],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(audit_from_row)
+            .collect()
+        })
+    }
+
+    fn manufacturer_roots(&self) -> Result<Vec<ManufacturerRoot>, StoreError> {
+        self.read(|c| {
+            c.query(
+                "SELECT name, cert, fingerprint, subject, added_at FROM manufacturer_roots \
+                 ORDER BY name",
+                &[],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(|row| {
+                Ok(ManufacturerRoot {
+                    name: get(row, 0)?,
+                    cert_der: get(row, 1)?,
+                    fingerprint: fixed(row, 2)?,
+                    subject: get(row, 3)?,
+                    added_at: Timestamp(get(row, 4)?),
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn add_manufacturer_root(&self, root: &ManufacturerRoot) -> Result<(), StoreError> {
+        self.read(|c| {
+            match c.execute(
+                "INSERT INTO manufacturer_roots (name, cert, fingerprint, subject, added_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &root.name,
+                    &root.cert_der,
+                    &root.fingerprint.as_slice(),
+                    &root.subject,
+                    &root.added_at.0,
+                ],
+            ) {
+                Ok(_) => Ok(()),
+                Err(e) if is_unique_violation(&e) => Err(StoreError::RootExists(root.name.clone())),
+                Err(e) => Err(pg_err(e)),
+            }
+        })
+    }
+
+    fn remove_manufacturer_root(&self, name: &str) -> Result<bool, StoreError> {
+        self.read(|c| {
+            let n = c
+                .execute("DELETE FROM manufacturer_roots WHERE name = $1", &[&name])
+                .map_err(pg_err)?;
+            Ok(n > 0)
+        })
+    }
+}
