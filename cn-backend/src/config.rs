@@ -24,6 +24,9 @@ pub const DEFAULT_DIR: &str = "/var/lib/cn-backend";
 pub struct Layout {
     /// The directory.
     pub dir: PathBuf,
+    /// `--store URL`: the database to use instead of `[store] url` of the configuration (and
+    /// of the SQLite file of the directory).
+    pub store_url: Option<String>,
 }
 
 impl Layout {
@@ -31,6 +34,7 @@ impl Layout {
     pub fn new(dir: &Path) -> Self {
         Layout {
             dir: dir.to_owned(),
+            store_url: None,
         }
     }
     /// `cn-backend.toml`.
@@ -156,6 +160,16 @@ fn default_drain() -> String {
     "30s".into()
 }
 
+/// `[store]` of `cn-backend.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `postgres://…` for the PostgreSQL engine; empty for the SQLite file of the data
+    /// directory.
+    #[serde(default)]
+    pub url: String,
+}
+
 /// `cn-backend.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,6 +202,9 @@ pub struct Settings {
     /// Most items in one batch.
     #[serde(default = "default_max_batch_items")]
     pub max_batch_items: usize,
+    /// `[store]`: which database (default: the SQLite file of the data directory).
+    #[serde(default)]
+    pub store: StoreSettings,
     /// Operator-wide longest credential lifetime (humantime, e.g. `90d`).
     #[serde(default = "default_max_lifetime")]
     pub max_lifetime: String,
@@ -238,6 +255,7 @@ impl Default for Settings {
             http_listen: default_http_listen(),
             attach_endpoint: String::new(),
             max_batch_items: default_max_batch_items(),
+            store: StoreSettings::default(),
             max_lifetime: default_max_lifetime(),
             child_allocation_limit: default_child_allocation_limit(),
             child_allocation_window: default_child_allocation_window(),
@@ -381,8 +399,26 @@ impl Settings {
                 "@HTTP_LISTEN@",
                 &format!("{:?}", self.http_listen.to_string()),
             )
+            + &if self.store.url.is_empty() {
+                STORE_TEMPLATE.replace(
+                    "@STORE@",
+                    "# url = \"postgres://cn@/cn?host=/run/postgresql\"",
+                )
+            } else {
+                STORE_TEMPLATE.replace("@STORE@", &format!("url = {:?}", self.store.url))
+            }
     }
 }
+
+/// The `[store]` table appended to [`TEMPLATE`] (a table comes after the top-level keys).
+const STORE_TEMPLATE: &str = r#"
+# The database. Default: the SQLite file cn-backend.db of this directory. A postgres:// URL
+# selects PostgreSQL (docs/OPERATIONS.md, "PostgreSQL store"); `--store URL` overrides it.
+# Without TLS only a Unix socket (?host=/dir) or a loopback address is accepted; otherwise add
+# sslmode=verify-full&sslrootcert=/path/ca.pem.
+[store]
+@STORE@
+"#;
 
 /// The configuration file written by `cn-backend init`; every key shows its default.
 pub const TEMPLATE: &str = r#"# cn-backend configuration. Every key is optional; the comment above each one gives its

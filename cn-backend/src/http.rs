@@ -80,10 +80,10 @@ type ApiResult = Result<Response, ApiError>;
 
 async fn run<T: serde::Serialize + Send + 'static>(
     svc: &Arc<Service>,
-    f: impl FnOnce(&crate::store::SqliteStore) -> Result<T, AdminError> + Send + 'static,
+    f: impl FnOnce(&dyn Store) -> Result<T, AdminError> + Send + 'static,
 ) -> ApiResult {
     let st = svc.store.clone();
-    let r = tokio::task::spawn_blocking(move || f(&st))
+    let r = tokio::task::spawn_blocking(move || f(&*st))
         .await
         .map_err(|e| {
             ApiError(AdminError::Store(crate::store::StoreError::Database(

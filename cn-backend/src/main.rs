@@ -23,6 +23,10 @@ struct Cli {
     /// Data directory (configuration, keys, certificates, database).
     #[arg(long, global = true, env = "CN_BACKEND_DIR", default_value = DEFAULT_DIR)]
     dir: PathBuf,
+    /// The database: `postgres://…` for PostgreSQL (overrides `[store] url` of the
+    /// configuration; `init` records it there). Default: the SQLite file of the directory.
+    #[arg(long, global = true, env = "CN_BACKEND_STORE")]
+    store: Option<String>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -272,7 +276,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let layout = Layout::new(&cli.dir);
+    let mut layout = Layout::new(&cli.dir);
+    layout.store_url = cli.store;
     let json = cli.json;
     match cli.cmd {
         Cmd::Init(a) => {
@@ -334,7 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Subscriber(sub) => subscriber(&layout, json, sub),
         Cmd::Attestation(cmd) => {
-            let store = service::open_store(&layout)?;
+            let store = &*service::open_store(&layout)?;
             let line = |r: &admin::RootView| {
                 format!(
                     "{}  sha256={}  {}  added_at={}\n",
@@ -345,15 +350,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 AttestationCmd::AddRoot { name, cert } => {
                     let bytes = std::fs::read(&cert)
                         .with_context(|| format!("reading {}", cert.display()))?;
-                    let v = admin::add_root(&store, &name, &bytes, Timestamp::now())?;
+                    let v = admin::add_root(store, &name, &bytes, Timestamp::now())?;
                     print(json, &v, |v| format!("added manufacturer root {}", line(v)))
                 }
                 AttestationCmd::ListRoots => {
-                    let v = admin::list_roots(&store)?;
+                    let v = admin::list_roots(store)?;
                     print(json, &v, |v| v.iter().map(line).collect())
                 }
                 AttestationCmd::RemoveRoot { name } => {
-                    admin::remove_root(&store, &name)?;
+                    admin::remove_root(store, &name)?;
                     print(json, &serde_json::json!({ "removed": name }), |_| {
                         format!("removed manufacturer root {name}\n")
                     })
@@ -361,8 +366,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Audit { supi, limit } => {
-            let store = service::open_store(&layout)?;
-            let v = admin::audit(&store, supi.as_deref(), limit)?;
+            let store = &*service::open_store(&layout)?;
+            let v = admin::audit(store, supi.as_deref(), limit)?;
             print(json, &v, |v| {
                 v.iter()
                     .map(|a| {
@@ -389,7 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn subscriber(layout: &Layout, json: bool, cmd: SubCmd) -> anyhow::Result<()> {
-    let store = service::open_store(layout)?;
+    let store = &*service::open_store(layout)?;
     let now = Timestamp::now();
     let actor = "cli";
     match cmd {
@@ -413,15 +418,15 @@ fn subscriber(layout: &Layout, json: bool, cmd: SubCmd) -> anyhow::Result<()> {
                 max_bitrate_kbps: a.max_bitrate_kbps,
                 require_attestation: a.require_attestation,
             };
-            let v = admin::add_subscriber(&store, &req, op.as_ref(), actor, now)?;
+            let v = admin::add_subscriber(store, &req, op.as_ref(), actor, now)?;
             print(json, &v, |v| format!("added {}", parent_line(v)))
         }
         SubCmd::List { after, limit } => {
-            let v = admin::list_subscribers(&store, after.as_deref(), limit)?;
+            let v = admin::list_subscribers(store, after.as_deref(), limit)?;
             print(json, &v, |v| v.iter().map(parent_line).collect())
         }
         SubCmd::Show { supi } => {
-            let v = admin::show_subscriber(&store, &supi, now)?;
+            let v = admin::show_subscriber(store, &supi, now)?;
             print(json, &v, |d| {
                 let mut s = parent_line(&d.subscriber);
                 s += &format!(
@@ -454,19 +459,19 @@ fn subscriber(layout: &Layout, json: bool, cmd: SubCmd) -> anyhow::Result<()> {
                 max_bitrate_kbps: p.max_bitrate_kbps,
                 require_attestation: p.require_attestation,
             };
-            let v = admin::update_policy(&store, &p.supi, &upd, actor, now)?;
+            let v = admin::update_policy(store, &p.supi, &upd, actor, now)?;
             print(json, &v, |v| format!("updated {}", parent_line(v)))
         }
-        SubCmd::Suspend { supi } => status(&store, json, &supi, SubscriptionStatus::Suspended),
-        SubCmd::Resume { supi } => status(&store, json, &supi, SubscriptionStatus::Active),
-        SubCmd::Revoke { supi } => status(&store, json, &supi, SubscriptionStatus::Revoked),
+        SubCmd::Suspend { supi } => status(store, json, &supi, SubscriptionStatus::Suspended),
+        SubCmd::Resume { supi } => status(store, json, &supi, SubscriptionStatus::Active),
+        SubCmd::Revoke { supi } => status(store, json, &supi, SubscriptionStatus::Revoked),
         SubCmd::Import { csv } => {
             let n = if csv.as_os_str() == "-" {
-                admin::import(&store, std::io::stdin().lock(), "cli:import", now)?
+                admin::import(store, std::io::stdin().lock(), "cli:import", now)?
             } else {
                 let f = std::fs::File::open(&csv)
                     .with_context(|| format!("opening {}", csv.display()))?;
-                admin::import(&store, std::io::BufReader::new(f), "cli:import", now)?
+                admin::import(store, std::io::BufReader::new(f), "cli:import", now)?
             };
             print(json, &serde_json::json!({ "imported": n }), |_| {
                 format!("imported {n} subscribers\n")
@@ -476,7 +481,7 @@ fn subscriber(layout: &Layout, json: bool, cmd: SubCmd) -> anyhow::Result<()> {
 }
 
 fn status(
-    store: &cn_backend::SqliteStore,
+    store: &dyn cn_backend::Store,
     json: bool,
     supi: &str,
     to: SubscriptionStatus,

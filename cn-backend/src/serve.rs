@@ -73,7 +73,8 @@ fn write_ready(path: &Path, quic: SocketAddr, http: SocketAddr) -> anyhow::Resul
 
 /// Runs the service until SIGTERM/SIGINT, then drains and returns.
 pub async fn serve(layout: &Layout, opts: ServeOptions) -> anyhow::Result<()> {
-    let loaded = service::load(layout)
+    // The store may connect to PostgreSQL through a blocking client: not on an async worker.
+    let loaded = tokio::task::block_in_place(|| service::load(layout))
         .with_context(|| format!("loading the data directory {}", layout.dir.display()))?;
     let listen = opts.listen.unwrap_or(loaded.settings.listen);
     let http_listen = opts.http_listen.unwrap_or(loaded.settings.http_listen);

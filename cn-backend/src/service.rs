@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::model::{ChildCredential, DeviceId, RequestId, Restrictions, SubscriberKeys};
 use crate::ops::{IssuerConfig, SealError, Sealer};
 use crate::policy::{AllocationCap, OperatorPolicy};
-use crate::store::{SqliteConfig, SqliteStore, StoreError};
+use crate::store::{PgStore, SqliteConfig, SqliteStore, Store, StoreError, is_postgres_url};
 use companion_crypto::hpke::CredentialSealer;
 
 /// Errors creating or loading the data directory.
@@ -115,6 +115,11 @@ pub struct InitReport {
 pub fn init(layout: &Layout, settings: &Settings) -> Result<InitReport, SetupError> {
     settings.validate()?;
     let dir = &layout.dir;
+    let mut settings = settings.clone();
+    if let Some(url) = &layout.store_url {
+        settings.store.url.clone_from(url);
+    }
+    let settings = &settings;
     if layout.config().exists() || layout.kek().exists() || layout.database().exists() {
         return Err(SetupError::AlreadyInitialised(dir.display().to_string()));
     }
@@ -140,7 +145,8 @@ pub fn init(layout: &Layout, settings: &Settings) -> Result<InitReport, SetupErr
         &layout.admin_token(),
         Zeroizing::new(format!("{}\n", hex::encode(token.expose()))).as_bytes(),
     )?;
-    SqliteStore::open(&layout.database(), kek, SqliteConfig::default())?;
+    let postgres = !settings.store.url.is_empty();
+    open_engine(layout, &settings.store.url, kek)?;
     // The configuration last: its presence marks a complete directory.
     let cfg = layout.config();
     let mut f = fs::OpenOptions::new()
@@ -161,9 +167,9 @@ pub fn init(layout: &Layout, settings: &Settings) -> Result<InitReport, SetupErr
         layout.server_cert(),
         layout.server_key(),
         layout.admin_token(),
-        layout.database(),
     ]
     .iter()
+    .chain((!postgres).then(|| layout.database()).iter())
     .map(|p| p.display().to_string())
     .collect();
     let r = settings.imsi_range()?;
@@ -182,17 +188,37 @@ pub fn init(layout: &Layout, settings: &Settings) -> Result<InitReport, SetupErr
     })
 }
 
-/// Opens the database of an initialised directory.
-pub fn open_store(layout: &Layout) -> Result<SqliteStore, SetupError> {
+/// Opens the database of an initialised directory: `--store URL` if given, else `[store] url`
+/// of its configuration, else its SQLite file.
+pub fn open_store(layout: &Layout) -> Result<Box<dyn Store>, SetupError> {
     if !layout.kek().exists() {
         return Err(SetupError::NotInitialised(layout.dir.display().to_string()));
     }
     let kek = Kek::load(&layout.kek())?;
-    Ok(SqliteStore::open(
-        &layout.database(),
-        kek,
-        SqliteConfig::default(),
-    )?)
+    let url = match &layout.store_url {
+        Some(u) => u.clone(),
+        None => Settings::load(&layout.config())?.store.url,
+    };
+    open_engine(layout, &url, kek)
+}
+
+/// Opens the engine `url` names: empty for the directory's SQLite file, `postgres://…` for
+/// PostgreSQL.
+fn open_engine(layout: &Layout, url: &str, kek: Kek) -> Result<Box<dyn Store>, SetupError> {
+    if url.is_empty() {
+        return Ok(Box::new(SqliteStore::open(
+            &layout.database(),
+            kek,
+            SqliteConfig::default(),
+        )?));
+    }
+    if !is_postgres_url(url) {
+        return Err(SetupError::Store(StoreError::Database(format!(
+            "store URL must start with postgres:// (got {:?})",
+            url.split("://").next().unwrap_or_default()
+        ))));
+    }
+    Ok(Box::new(PgStore::open_url(url, kek)?))
 }
 
 /// Loads the operator OP.
@@ -245,7 +271,7 @@ pub struct ConnectionCount {
 #[derive(Debug)]
 pub struct Service {
     /// The database.
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     /// The configuration.
     pub settings: Settings,
     /// Issuing configuration (IMSI range, OP, limits).
@@ -278,7 +304,7 @@ pub struct Service {
 #[derive(Debug)]
 pub struct Loaded {
     /// The database.
-    pub store: SqliteStore,
+    pub store: Box<dyn Store>,
     /// The configuration.
     pub settings: Settings,
     /// Operator OP.
@@ -346,7 +372,7 @@ impl Service {
             .map_err(|e| SetupError::Key(format!("the server key cannot sign bundles: {e}")))?;
         Ok(Service {
             bundle_signer,
-            store: Arc::new(loaded.store),
+            store: Arc::from(loaded.store),
             home_plmn: (s.mcc.clone(), mnc3),
             exchange_timeout: s.exchange_timeout()?,
             lockout: s.aka_lockout()?,
