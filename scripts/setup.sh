@@ -83,4 +83,40 @@ if ! command -v ip >/dev/null; then
   fi
 fi
 
+# The PostgreSQL store's tests (cn-backend/tests/postgres.rs) start their own throwaway server
+# with initdb + pg_ctl from Debian's postgresql package; a missing server fails them under CI.
+# The package's own cluster is not wanted: stop it and keep it from starting at boot (no
+# systemd here usually; policy-rc.d keeps apt from starting it at all during the install).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    log "apt-get install postgresql (the PostgreSQL store's tests run their own server)"
+    apt-get update -qq
+    rc_d_added=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+      rc_d_added=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    if [ "$rc_d_added" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  else
+    log "WARNING: PostgreSQL server binaries missing: run setup as root (the PostgreSQL store's tests are skipped, or fail under CI/DEPLOY_TESTS_STRICT=1)"
+  fi
+fi
+# Whether installed now or before: no system cluster running beside the tests' servers.
+if command -v pg_lsclusters >/dev/null && [ "$(id -u)" = 0 ]; then
+  pg_lsclusters --no-header 2>/dev/null | while read -r ver name _port status _rest; do
+    if [ "$status" = online ]; then
+      log "stopping the system PostgreSQL cluster $ver/$name (not used)"
+      pg_ctlcluster "$ver" "$name" stop || true
+    fi
+    conf="/etc/postgresql/$ver/$name/start.conf"
+    if [ -f "$conf" ] && ! grep -qx manual "$conf"; then
+      echo manual >"$conf"
+    fi
+  done
+  if command -v systemctl >/dev/null && systemctl is-enabled postgresql >/dev/null 2>&1; then
+    systemctl disable --now postgresql >/dev/null 2>&1 || true
+  fi
+fi
+
 log "toolchains ready"

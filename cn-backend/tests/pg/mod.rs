@@ -1,0 +1,237 @@
+//! A throwaway PostgreSQL server for the tests: `initdb` + `pg_ctl` of Debian's `postgresql`
+//! package (`/usr/lib/postgresql/<version>/bin`, or `PG_BIN_DIR`) in a temporary directory,
+//! listening only on a Unix socket in that directory (no TCP). One server per test binary; every
+//! test gets its own database. As root the server runs as `nobody` (PostgreSQL refuses root).
+//!
+//! Missing binaries fail the tests when `CI` or `DEPLOY_TESTS_STRICT=1` is set, else the tests
+//! print a note and pass without running.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    dead_code,
+    missing_debug_implementations
+)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The running server of this test binary.
+pub struct PgServer {
+    /// The temporary directory: `data/`, the socket, `log`.
+    pub dir: PathBuf,
+    bin: PathBuf,
+    run_as: Option<String>,
+    next_db: AtomicU32,
+}
+
+fn strict() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+        || std::env::var("DEPLOY_TESTS_STRICT").is_ok_and(|v| v == "1")
+}
+
+/// The directory with `initdb` and `pg_ctl`: `PG_BIN_DIR`, else the newest
+/// `/usr/lib/postgresql/<version>/bin`.
+fn bin_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("PG_BIN_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, b)| b)
+}
+
+fn run(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PgServer {
+    fn cmd(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    fn start() -> Result<Self, String> {
+        let bin = bin_dir().ok_or(
+            "no PostgreSQL server binaries (initdb, pg_ctl) found under \
+                                    /usr/lib/postgresql/*/bin; install Debian's `postgresql` \
+                                    package (scripts/setup.sh) or set PG_BIN_DIR",
+        )?;
+        let root = std::fs::metadata("/proc/self")
+            .map_err(|e| e.to_string())?
+            .uid()
+            == 0;
+        // Under /tmp, not TMPDIR: the socket path must stay short and reachable by `nobody`.
+        let dir = tempfile::Builder::new()
+            .prefix("cn-pg-")
+            .tempdir_in("/tmp")
+            .map_err(|e| e.to_string())?
+            .keep();
+        let run_as = if root {
+            let out = Command::new("id")
+                .args(["-u", "nobody"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let uid: u32 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .map_err(|_| "no user nobody to run PostgreSQL as")?;
+            std::os::unix::fs::chown(&dir, Some(uid), None).map_err(|e| e.to_string())?;
+            Some("nobody".to_owned())
+        } else {
+            None
+        };
+        let server = PgServer {
+            dir,
+            bin,
+            run_as,
+            next_db: AtomicU32::new(0),
+        };
+        let data = server.dir.join("data");
+        run(
+            server
+                .cmd("initdb")
+                .arg("-D")
+                .arg(&data)
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                    "--no-sync",
+                ])
+                .stdout(Stdio::null()),
+            "initdb",
+        );
+        let opts = format!(
+            "-k {} -c listen_addresses='' -F -c max_connections=300 -c shared_buffers=32MB",
+            server.dir.display()
+        );
+        run(
+            server
+                .cmd("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(server.dir.join("log"))
+                .args(["-w", "-t", "60", "-o", &opts, "start"])
+                .stdout(Stdio::null()),
+            "pg_ctl start",
+        );
+        server.watchdog();
+        Ok(server)
+    }
+
+    /// A static is never dropped: a small shell process stops the server and removes the
+    /// directory once this test process has exited.
+    fn watchdog(&self) {
+        let stop = format!(
+            "{}{} -D {} -m immediate stop",
+            self.run_as
+                .as_ref()
+                .map_or(String::new(), |u| format!("runuser -u {u} -- ")),
+            self.bin.join("pg_ctl").display(),
+            self.dir.join("data").display()
+        );
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            dir = self.dir.display()
+        );
+        let _ = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+    }
+
+    /// The socket directory.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn admin(&self) -> postgres::Client {
+        postgres::Config::new()
+            .host_path(&self.dir)
+            .user("postgres")
+            .dbname("postgres")
+            .connect(postgres::NoTls)
+            .unwrap()
+    }
+
+    /// Creates a new, empty database and returns its URL.
+    pub fn create_db(&self) -> String {
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            self.next_db.fetch_add(1, Ordering::Relaxed)
+        );
+        self.admin()
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        self.url(&name)
+    }
+
+    /// The URL of database `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@/{name}?host={}", self.dir.display())
+    }
+
+    /// A superuser connection to the database of `url` (for tampering in tests).
+    pub fn client(&self, url: &str) -> postgres::Client {
+        let name = url
+            .split('/')
+            .nth(3)
+            .and_then(|s| s.split('?').next())
+            .unwrap();
+        postgres::Config::new()
+            .host_path(&self.dir)
+            .user("postgres")
+            .dbname(name)
+            .connect(postgres::NoTls)
+            .unwrap()
+    }
+}
+
+/// The server of this test binary, started on first use; `None` (after a printed note) when the
+/// binaries are missing and strict mode is off.
+pub fn server() -> Option<&'static PgServer> {
+    static SERVER: OnceLock<Result<PgServer, String>> = OnceLock::new();
+    match SERVER.get_or_init(PgServer::start) {
+        Ok(s) => Some(s),
+        Err(e) if strict() => panic!("PostgreSQL tests cannot run (CI/DEPLOY_TESTS_STRICT): {e}"),
+        Err(e) => {
+            eprintln!("note: skipping a PostgreSQL test: {e}");
+            None
+        }
+    }
+}

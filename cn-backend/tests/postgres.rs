@@ -1,0 +1,306 @@
+//! The conformance suite against the PostgreSQL engine on a real server (started by
+//! `tests/pg`), the same list as `tests/sqlite.rs`, plus PostgreSQL-specific checks and one run
+//! of the real binary on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod conformance;
+mod pg;
+
+use cn_backend::kek::Kek;
+use cn_backend::ops::{self, BatchItem, ItemOutcome};
+use cn_backend::store::{PgConfig, PgStore, Store, StoreError};
+use conformance::*;
+
+const KEK: [u8; 32] = [0x5a; 32];
+
+fn open(url: &str) -> PgStore {
+    PgStore::open_url(url, Kek::from_bytes(&KEK)).unwrap()
+}
+
+macro_rules! conformance_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let Some(srv) = pg::server() else { return };
+                let store = open(&srv.create_db());
+                conformance::$name(&store);
+            }
+        )*
+    };
+}
+
+conformance_tests!(
+    parents_add_list_policy,
+    secrets_round_trip,
+    issue_narrows_and_seals,
+    idempotent_replay,
+    quota_counts_active_unexpired,
+    policy_denials,
+    seal_failure_is_per_item,
+    renewal,
+    revoke_child,
+    parent_lifecycle_cascades,
+    batch_errors_commit_nothing,
+    supi_allocation_skips_taken,
+    supi_allocation_is_unpredictable,
+    sqn_advances_and_resyncs,
+    sqn_unique_under_concurrency,
+    aka_failure_counter,
+    audit_paging,
+    import_all_or_nothing,
+    import_ten_thousand,
+    concurrent_batches_respect_quota,
+    manufacturer_roots,
+);
+
+#[test]
+fn schema_version_and_append_only_audit() {
+    let Some(srv) = pg::server() else { return };
+    let url = srv.create_db();
+    let store = open(&url);
+    assert_eq!(store.schema_version().unwrap(), 4);
+    add_parent(&store, 1, 1);
+    let mut c = srv.client(&url);
+    let upd = c.execute("UPDATE audit SET actor = 'mallory'", &[]);
+    assert!(format!("{:?}", upd.unwrap_err()).contains("append-only"));
+    let del = c.execute("DELETE FROM audit", &[]);
+    assert!(format!("{:?}", del.unwrap_err()).contains("append-only"));
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM audit", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn secrets_are_encrypted_and_bound_to_their_row() {
+    let Some(srv) = pg::server() else { return };
+    let url = srv.create_db();
+    let store = open(&url);
+    let a = add_parent(&store, 1, 1);
+    let b = add_parent(&store, 2, 1);
+    let mut c = srv.client(&url);
+    let k_enc: Vec<u8> = c
+        .query_one("SELECT k_enc FROM parents WHERE supi = $1", &[&a.as_str()])
+        .unwrap()
+        .get(0);
+    assert!(
+        !k_enc.windows(16).any(|w| w == [1u8; 16]),
+        "K stored in clear"
+    );
+    c.execute(
+        "UPDATE parents SET k_enc = $1 WHERE supi = $2",
+        &[&k_enc, &b.as_str()],
+    )
+    .unwrap();
+    assert!(matches!(
+        ops::aka_vector(&store, &b),
+        Err(StoreError::Kek(_))
+    ));
+    assert!(ops::aka_vector(&store, &a).is_ok());
+}
+
+#[test]
+fn reopen_keeps_data_and_checks_kek() {
+    let Some(srv) = pg::server() else { return };
+    let url = srv.create_db();
+    let sealed = {
+        let store = open(&url);
+        let p = add_parent(&store, 1, 2);
+        let out = issue(
+            &store,
+            &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
+        );
+        match &out[0] {
+            ItemOutcome::Issued { sealed, .. } => sealed.clone(),
+            o => panic!("{o:?}"),
+        }
+    };
+    let store = open(&url);
+    let out = issue(
+        &store,
+        &batch(&supi(1), T0, vec![BatchItem::Provision(prov("w", 1))]),
+    );
+    assert!(matches!(&out[0], ItemOutcome::AlreadyIssued { sealed: s, .. } if *s == sealed));
+    drop(store);
+    let wrong = PgStore::open_url(&url, Kek::from_bytes(&[1; 32]));
+    assert!(matches!(wrong, Err(StoreError::WrongKek)));
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let Some(srv) = pg::server() else { return };
+    let url = srv.create_db();
+    drop(open(&url));
+    srv.client(&url)
+        .execute("UPDATE schema_version SET version = 99", &[])
+        .unwrap();
+    let r = PgStore::open_url(&url, Kek::from_bytes(&KEK));
+    assert!(
+        matches!(&r, Err(StoreError::Schema(m)) if m.contains("newer")),
+        "{r:?}"
+    );
+}
+
+/// Several processes' worth of stores starting at once on an empty database: the advisory lock
+/// lets exactly one apply each migration, and every store opens.
+#[test]
+fn concurrent_first_open_migrates_once() {
+    let Some(srv) = pg::server() else { return };
+    let url = srv.create_db();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| open(&url))).collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap().schema_version().unwrap(), 4);
+        }
+    });
+    let n: i64 = srv
+        .client(&url)
+        .query_one("SELECT count(*) FROM schema_version", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+/// Two stores (two processes' connections) racing for one parent's quota.
+#[test]
+fn separate_stores_respect_quota() {
+    let Some(srv) = pg::server() else { return };
+    let url = srv.create_db();
+    let stores = [open(&url), open(&url), open(&url)];
+    let p = add_parent(&stores[0], 1, 10);
+    let issued: usize = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..9u8)
+            .map(|t| {
+                let store = &stores[usize::from(t % 3)];
+                let p = &p;
+                s.spawn(move || {
+                    let items = (0..4u8)
+                        .map(|i| {
+                            let mut it = prov(&format!("d{t}-{i}"), t);
+                            it.request_id.0[1] = i;
+                            BatchItem::Provision(it)
+                        })
+                        .collect();
+                    ops::issue_batch(store, &cfg(), &batch(p, T0, items), &sealer())
+                        .unwrap()
+                        .iter()
+                        .filter(|o| matches!(o, ItemOutcome::Issued { .. }))
+                        .count()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(issued, 10);
+    assert_eq!(stores[1].count_active_children(&p, T0).unwrap(), 10);
+}
+
+#[test]
+fn unreachable_server_and_bad_urls_are_one_clear_error() {
+    let r = PgStore::open_url(
+        "postgres://cn@/cn?host=/nonexistent-cn-pg-dir",
+        Kek::from_bytes(&KEK),
+    );
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("cannot connect to PostgreSQL"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+    // Plain TCP to a remote host is refused before connecting; verify-full needs a CA.
+    let e = PgConfig::from_url("postgres://cn@db.example.net/cn").unwrap_err();
+    assert!(e.to_string().contains("sslmode=verify-full"), "{e}");
+    let e = PgConfig::from_url("postgres://cn@db.example.net/cn?sslmode=verify-full").unwrap_err();
+    assert!(e.to_string().contains("sslrootcert"), "{e}");
+    let e = PgConfig::from_url("postgres://cn@db.example.net/cn?sslmode=require").unwrap_err();
+    assert!(e.to_string().contains("not supported"), "{e}");
+    assert!(PgConfig::from_url("postgres://cn@127.0.0.1/cn").is_ok());
+    assert!(PgConfig::from_url("postgres://cn@/cn?host=/run/postgresql").is_ok());
+    assert!(
+        PgConfig::from_url(
+            "postgres://cn@db.example.net/cn?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn unknown_role_is_one_clear_error() {
+    let Some(srv) = pg::server() else { return };
+    let url = srv
+        .create_db()
+        .replace("postgres://postgres@", "postgres://nosuchrole@");
+    let e = PgStore::open_url(&url, Kek::from_bytes(&KEK))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nosuchrole"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+}
+
+/// The real binary on PostgreSQL: `init --store`, `subscriber add`, `serve`, one gateway
+/// session issuing a batch, then `subscriber show` lists the child; a wrong KEK is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_runs_on_postgres() {
+    use common::*;
+    use companion_proto::msg::{BatchProvision, Outcome};
+    const P1: &str = "imsi-001010000000001";
+
+    // The synchronous client runs its own runtime: not on this test's async worker.
+    let Some(srv) = tokio::task::block_in_place(pg::server) else {
+        return;
+    };
+    let url = tokio::task::block_in_place(|| srv.create_db());
+    let dir = Dir {
+        tmp: tempfile::tempdir().unwrap(),
+    };
+    dir.cli_ok(&[
+        "init",
+        "--store",
+        &url,
+        "--imsi-start",
+        "100000",
+        "--imsi-count",
+        "100000",
+        "--server-name",
+        "localhost",
+    ]);
+    assert!(!dir.path().join("cn-backend.db").exists());
+    let toml = std::fs::read_to_string(dir.path().join("cn-backend.toml")).unwrap();
+    assert!(toml.contains("[store]") && toml.contains(&url), "{toml}");
+    // From here on the configuration names the database.
+    dir.add_parent(P1, &["--max-children", "5"]);
+    let server = dir.serve();
+    let s = connect(&server, P1).await;
+    let dev = DeviceReq::new(1);
+    let r = s
+        .batch(BatchProvision {
+            batch_id: 1,
+            items: vec![dev.item()],
+        })
+        .await
+        .unwrap();
+    let item = r.items.into_iter().next().unwrap();
+    assert_eq!(item.outcome, Outcome::Issued, "{:?}", item.reason);
+    let bundle = dev.open(&item);
+    drop(s);
+    drop(server);
+    let show = dir.cli_json(&["subscriber", "show", P1]);
+    let text = show.to_string();
+    assert!(
+        text.contains(bundle.supi.as_str()),
+        "child {} not in {text}",
+        bundle.supi.as_str()
+    );
+    assert!(!dir.path().join("cn-backend.db").exists());
+    // The audit trail is in PostgreSQL too.
+    let audit = dir.cli_ok(&["audit"]);
+    assert!(audit.contains("issue"), "{audit}");
+    // Another directory (another KEK) pointed at the same database is refused in one line.
+    let other = Dir {
+        tmp: tempfile::tempdir().unwrap(),
+    };
+    let (ok, _, err) = other.cli(&["init", "--store", &url, "--server-name", "localhost"]);
+    assert!(!ok);
+    assert!(err.contains("KEK does not match"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
