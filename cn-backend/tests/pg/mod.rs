@@ -37,7 +37,8 @@ fn strict() -> bool {
 /// `/usr/lib/postgresql/<version>/bin`.
 fn bin_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("PG_BIN_DIR") {
-        return Some(PathBuf::from(d));
+        let d = PathBuf::from(d);
+        return d.join("initdb").exists().then_some(d);
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
