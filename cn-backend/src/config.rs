@@ -402,21 +402,25 @@ impl Settings {
             + &if self.store.url.is_empty() {
                 STORE_TEMPLATE.replace(
                     "@STORE@",
-                    "# url = \"postgres://cn@/cn?host=/run/postgresql\"",
+                    "# store = { url = \"postgres://cn-backend@/cn?host=/run/postgresql\" }",
                 )
             } else {
-                STORE_TEMPLATE.replace("@STORE@", &format!("url = {:?}", self.store.url))
+                STORE_TEMPLATE.replace(
+                    "@STORE@",
+                    &format!("store = {{ url = {:?} }}", self.store.url),
+                )
             }
     }
 }
 
-/// The `[store]` table appended to [`TEMPLATE`] (a table comes after the top-level keys).
+/// The `store` key appended to [`TEMPLATE`]. Written as an inline table (`store = { url = … }`,
+/// the same as a `[store]` table) so that keys appended to the file later stay top-level.
 const STORE_TEMPLATE: &str = r#"
 # The database. Default: the SQLite file cn-backend.db of this directory. A postgres:// URL
 # selects PostgreSQL (docs/OPERATIONS.md, "PostgreSQL store"); `--store URL` overrides it.
 # Without TLS only a Unix socket (?host=/dir) or a loopback address is accepted; otherwise add
-# sslmode=verify-full&sslrootcert=/path/ca.pem.
-[store]
+# sslmode=verify-full&sslrootcert=/path/ca.pem. A password belongs in PGPASSWORD, not here.
+# Same as a [store] table with the url key (which would have to come after every other key).
 @STORE@
 "#;
 
@@ -507,6 +511,27 @@ mod tests {
         assert_eq!(parsed.imsi_start, 900_000_000);
         assert_eq!(parsed.max_batch_items, 256);
         assert_eq!(parsed.server_names, d.server_names);
+    }
+
+    #[test]
+    fn store_url_round_trips_and_later_keys_stay_top_level() {
+        let mut d = Settings::default();
+        assert!(
+            toml::from_str::<Settings>(&d.to_toml())
+                .unwrap()
+                .store
+                .url
+                .is_empty()
+        );
+        d.store.url = "postgres://cn@/cn?host=/run/postgresql".into();
+        let text = d.to_toml() + "\nmax_connections = 5\n";
+        let parsed: Settings = toml::from_str(&text).unwrap();
+        assert_eq!(parsed.store.url, d.store.url);
+        assert_eq!(parsed.max_connections, 5);
+        // The [store] table form reads the same.
+        let parsed: Settings =
+            toml::from_str("mcc = \"001\"\n[store]\nurl = \"postgres://a@/b?host=/c\"\n").unwrap();
+        assert_eq!(parsed.store.url, "postgres://a@/b?host=/c");
     }
 
     #[test]

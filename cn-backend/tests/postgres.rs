@@ -304,3 +304,51 @@ async fn binary_runs_on_postgres() {
     assert!(err.contains("KEK does not match"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// TLS with verify-full semantics against a server on a loopback port: the server's certificate
+/// must chain to `sslrootcert` and name the host connected to.
+#[test]
+fn tls_verify_full() {
+    use companion_transport::OperatorCa;
+    if pg::server().is_none() {
+        return;
+    }
+    let ca = OperatorCa::generate("database CA").unwrap();
+    let id = ca.issue_server(&["localhost".to_owned()]).unwrap();
+    let srv = pg::PgServer::start_tls(&pg::TlsFiles {
+        cert_pem: id.cert_pem(),
+        key_pem: id.key_pem().to_string(),
+    })
+    .unwrap();
+    let port = srv.port.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_file = tmp.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    let other = tmp.path().join("other.pem");
+    std::fs::write(&other, OperatorCa::generate("other").unwrap().cert_pem()).unwrap();
+    let url = |host: &str, ca: &std::path::Path| {
+        format!(
+            "postgres://postgres@{host}:{port}/postgres?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        )
+    };
+    let store = open(&url("localhost", &ca_file));
+    add_parent(&store, 1, 1);
+    assert_eq!(store.count_parents().unwrap(), 1);
+    // A certificate from another CA, or one that does not name the host: refused.
+    let e = PgStore::open_url(&url("localhost", &other), Kek::from_bytes(&KEK))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot connect") && e.contains("certificate"),
+        "{e}"
+    );
+    let e = PgStore::open_url(&url("127.0.0.1", &ca_file), Kek::from_bytes(&KEK))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot connect") && e.contains("certificate"),
+        "{e}"
+    );
+    drop(store);
+}

@@ -25,7 +25,17 @@ pub struct PgServer {
     pub dir: PathBuf,
     bin: PathBuf,
     run_as: Option<String>,
+    run_as_uid: Option<u32>,
     next_db: AtomicU32,
+    /// The loopback TCP port of a TLS server ([`PgServer::start_tls`]); none for the Unix-socket
+    /// server.
+    pub port: Option<u16>,
+}
+
+/// A server certificate chain and key (PEM) for [`PgServer::start_tls`].
+pub struct TlsFiles {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 fn strict() -> bool {
@@ -79,6 +89,16 @@ impl PgServer {
     }
 
     fn start() -> Result<Self, String> {
+        Self::start_with(None)
+    }
+
+    /// A second, separate server that also listens on a free loopback TCP port with TLS on
+    /// (`ssl=on`, the given certificate); stopped when dropped.
+    pub fn start_tls(tls: &TlsFiles) -> Result<Self, String> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&TlsFiles>) -> Result<Self, String> {
         let bin = bin_dir().ok_or(
             "no PostgreSQL server binaries (initdb, pg_ctl) found under \
                                     /usr/lib/postgresql/*/bin; install Debian's `postgresql` \
@@ -94,6 +114,7 @@ impl PgServer {
             .tempdir_in("/tmp")
             .map_err(|e| e.to_string())?
             .keep();
+        let mut run_as_uid = None;
         let run_as = if root {
             let out = Command::new("id")
                 .args(["-u", "nobody"])
@@ -104,15 +125,27 @@ impl PgServer {
                 .parse()
                 .map_err(|_| "no user nobody to run PostgreSQL as")?;
             std::os::unix::fs::chown(&dir, Some(uid), None).map_err(|e| e.to_string())?;
+            run_as_uid = Some(uid);
             Some("nobody".to_owned())
         } else {
             None
+        };
+        let port = match tls {
+            Some(_) => Some(
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map_err(|e| e.to_string())?
+                    .port(),
+            ),
+            None => None,
         };
         let server = PgServer {
             dir,
             bin,
             run_as,
+            run_as_uid,
             next_db: AtomicU32::new(0),
+            port,
         };
         let data = server.dir.join("data");
         run(
@@ -132,10 +165,31 @@ impl PgServer {
                 .stdout(Stdio::null()),
             "initdb",
         );
-        let opts = format!(
-            "-k {} -c listen_addresses='' -F -c max_connections=300 -c shared_buffers=32MB",
+        let mut opts = format!(
+            "-k {} -F -c max_connections=300 -c shared_buffers=32MB",
             server.dir.display()
         );
+        match (tls, port) {
+            (Some(t), Some(port)) => {
+                let (cert, key) = (server.dir.join("server.pem"), server.dir.join("server.key"));
+                std::fs::write(&cert, &t.cert_pem).map_err(|e| e.to_string())?;
+                std::fs::write(&key, &t.key_pem).map_err(|e| e.to_string())?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| e.to_string())?;
+                for f in [&cert, &key] {
+                    std::os::unix::fs::chown(f, server.run_as_uid, None)
+                        .map_err(|e| e.to_string())?;
+                }
+                opts.push_str(&format!(
+                    " -c listen_addresses=127.0.0.1 -p {port} -c ssl=on -c ssl_cert_file={} \
+                     -c ssl_key_file={}",
+                    cert.display(),
+                    key.display()
+                ));
+            }
+            _ => opts.push_str(" -c listen_addresses=''"),
+        }
         run(
             server
                 .cmd("pg_ctl")
@@ -220,6 +274,20 @@ impl PgServer {
             .dbname(name)
             .connect(postgres::NoTls)
             .unwrap()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
