@@ -56,8 +56,8 @@ pub enum SetupError {
     /// The KEK could not be created or loaded.
     #[error(transparent)]
     Kek(#[from] KekError),
-    /// The database could not be opened.
-    #[error("database: {0}")]
+    /// The database could not be opened (the message says so once: "database error: …").
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// Certificates could not be made or loaded.
     #[error("certificates: {0}")]
