@@ -11,18 +11,20 @@
 //!   READ COMMITTED transaction sees what the previous lock holder committed. A serialisation
 //!   failure or deadlock (SQLSTATE 40001/40P01) rolls back and runs the closure again, as
 //!   [`Store::write_tx`] allows.
-//! - A small pool of connections (`Mutex<Vec<Client>>`): connections are opened on demand, kept
-//!   up to [`PgConfig::max_idle`], and dropped when the server closed them.
+//! - A small pool of connections (`Mutex<Vec<…>>`): connections are opened on demand, kept
+//!   up to [`PgConfig::max_idle`], and dropped when the server closed them. Each keeps its
+//!   prepared statements, so a statement costs one round trip after its first use.
 //! - K and OPc are sealed under the KEK, bound to their table, row and column, as on SQLite;
 //!   `meta.kek_check` refuses a different KEK.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row};
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement};
 
 use super::pg_migrations;
 use super::{
@@ -340,10 +342,56 @@ fn audit_from_row(row: &Row) -> Result<AuditRecord, StoreError> {
     })
 }
 
+/// A connection or transaction with the statement cache of its connection.
+struct Db<'a, C> {
+    c: &'a mut C,
+    stmts: &'a mut HashMap<String, Statement>,
+}
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl<C: GenericClient> Db<'_, C> {
+    /// The prepared statement for `sql`, prepared on first use on this connection.
+    fn stmt(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.c.prepare(sql)?;
+        self.stmts.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, postgres::Error> {
+        let s = self.stmt(sql)?;
+        self.c.query(&s, params)
+    }
+
+    fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, postgres::Error> {
+        let s = self.stmt(sql)?;
+        self.c.query_opt(&s, params)
+    }
+
+    fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, postgres::Error> {
+        let s = self.stmt(sql)?;
+        self.c.query_one(&s, params)
+    }
+
+    fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, postgres::Error> {
+        let s = self.stmt(sql)?;
+        self.c.execute(&s, params)
+    }
+}
+
+/// A pooled connection and its prepared statements.
+struct Conn {
+    client: Client,
+    stmts: HashMap<String, Statement>,
+}
+
 // ---- queries shared by the pooled connections and the write transaction ----
 
 fn q_parent(
-    c: &mut impl GenericClient,
+    c: &mut Db<'_, impl GenericClient>,
     supi: &Supi,
     lock: bool,
 ) -> Result<Option<Parent>, StoreError> {
@@ -360,7 +408,7 @@ fn q_parent(
 }
 
 fn q_child(
-    c: &mut impl GenericClient,
+    c: &mut Db<'_, impl GenericClient>,
     supi: &Supi,
     lock: bool,
 ) -> Result<Option<ChildCredential>, StoreError> {
@@ -377,7 +425,7 @@ fn q_child(
 }
 
 fn q_count_active(
-    c: &mut impl GenericClient,
+    c: &mut Db<'_, impl GenericClient>,
     parent: &Supi,
     now: Timestamp,
 ) -> Result<u32, StoreError> {
@@ -392,7 +440,7 @@ fn q_count_active(
 }
 
 fn q_issuance(
-    c: &mut impl GenericClient,
+    c: &mut Db<'_, impl GenericClient>,
     key: &IdempotencyKey,
 ) -> Result<Option<Issuance>, StoreError> {
     let row = c
@@ -427,7 +475,7 @@ fn failures_from_row(r: &Row) -> Result<AkaFailures, StoreError> {
     })
 }
 
-fn q_supi_taken(c: &mut impl GenericClient, supi: &Supi) -> Result<bool, StoreError> {
+fn q_supi_taken(c: &mut Db<'_, impl GenericClient>, supi: &Supi) -> Result<bool, StoreError> {
     let row = c
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM parents WHERE supi = $1) \
@@ -466,7 +514,7 @@ fn range_supi(range: &ImsiRange, msin: u64) -> Result<Supi, StoreError> {
 
 /// The first MSIN in `from..=to` of `range` that no parent or child holds (one ordered walk).
 fn first_free(
-    c: &mut impl GenericClient,
+    c: &mut Db<'_, impl GenericClient>,
     range: &ImsiRange,
     from: u64,
     to: u64,
@@ -504,7 +552,7 @@ pub struct PgStore {
     config: PgConfig,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     kek: Kek,
-    pool: Mutex<Vec<Client>>,
+    pool: Mutex<Vec<Conn>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -550,10 +598,10 @@ impl PgStore {
             kek,
             pool: Mutex::new(Vec::new()),
         };
-        let mut client = store.connect()?;
-        pg_migrations::migrate(&mut client)?;
-        store.check_kek(&mut client)?;
-        store.put_back(client);
+        let mut conn = store.take()?;
+        pg_migrations::migrate(&mut conn.client)?;
+        store.check_kek(&mut conn.client)?;
+        store.put_back(conn);
         Ok(store)
     }
 
@@ -575,35 +623,41 @@ impl PgStore {
         })
     }
 
-    fn take(&self) -> Result<Client, StoreError> {
+    fn take(&self) -> Result<Conn, StoreError> {
         let pooled = self
             .pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
         match pooled {
-            Some(c) if !c.is_closed() => Ok(c),
-            _ => self.connect(),
+            Some(c) if !c.client.is_closed() => Ok(c),
+            _ => Ok(Conn {
+                client: self.connect()?,
+                stmts: HashMap::new(),
+            }),
         }
     }
 
-    fn put_back(&self, client: Client) {
-        if client.is_closed() {
+    fn put_back(&self, conn: Conn) {
+        if conn.client.is_closed() {
             return;
         }
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         if pool.len() < self.config.max_idle {
-            pool.push(client);
+            pool.push(conn);
         }
     }
 
     fn read<T>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Db<'_, Client>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut client = self.take()?;
-        let out = f(&mut client);
-        self.put_back(client);
+        let mut conn = self.take()?;
+        let out = f(&mut Db {
+            c: &mut conn.client,
+            stmts: &mut conn.stmts,
+        });
+        self.put_back(conn);
         out
     }
 
@@ -628,7 +682,7 @@ impl PgStore {
 
     /// The schema version of the database.
     pub fn schema_version(&self) -> Result<u32, StoreError> {
-        self.read(pg_migrations::current_version)
+        self.read(|db| pg_migrations::current_version(db.c))
     }
 }
 
@@ -653,13 +707,21 @@ type EncKeys = (Vec<u8>, Vec<u8>);
 /// A write transaction on the PostgreSQL engine.
 struct PgTx<'a, 'c> {
     tx: &'a mut postgres::Transaction<'c>,
+    stmts: &'a mut HashMap<String, Statement>,
     kek: &'a Kek,
     /// Set when a statement failed with a serialisation failure or deadlock: the whole
     /// transaction is then retried.
     retry: bool,
 }
 
-impl PgTx<'_, '_> {
+impl<'c> PgTx<'_, 'c> {
+    fn db(&mut self) -> Db<'_, postgres::Transaction<'c>> {
+        Db {
+            c: &mut *self.tx,
+            stmts: &mut *self.stmts,
+        }
+    }
+
     fn err(&mut self, e: postgres::Error) -> StoreError {
         if is_retryable(&e) {
             self.retry = true;
@@ -668,7 +730,7 @@ impl PgTx<'_, '_> {
     }
 
     fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
-        match self.tx.execute(sql, params) {
+        match self.db().execute(sql, params) {
             Ok(n) => Ok(n),
             Err(e) => Err(self.err(e)),
         }
@@ -678,9 +740,9 @@ impl PgTx<'_, '_> {
     /// [`pg_err`] keeps in the message).
     fn q<T>(
         &mut self,
-        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Db<'_, postgres::Transaction<'c>>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let r = f(self.tx);
+        let r = f(&mut self.db());
         if let Err(e) = &r
             && is_retryable_store_err(e)
         {
@@ -730,7 +792,7 @@ impl PgTx<'_, '_> {
         } else {
             "SELECT k_enc, opc_enc FROM children WHERE supi = $1"
         };
-        let row = match self.tx.query_opt(sql, &[&supi.as_str()]) {
+        let row = match self.db().query_opt(sql, &[&supi.as_str()]) {
             Ok(r) => r,
             Err(e) => return Err(self.err(e)),
         };
@@ -740,7 +802,7 @@ impl PgTx<'_, '_> {
 
 impl WriteTx for PgTx<'_, '_> {
     fn lock_parent(&mut self, supi: &Supi) -> Result<Option<Parent>, StoreError> {
-        match self.tx.query_opt(
+        match self.db().query_opt(
             &format!("SELECT {PARENT_COLS} FROM parents WHERE supi = $1 FOR UPDATE"),
             &[&supi.as_str()],
         ) {
@@ -755,7 +817,7 @@ impl WriteTx for PgTx<'_, '_> {
         }
         let (k, opc) = self.seal_keys(PARENTS, &parent.supi, &parent.keys)?;
         let p = &parent.policy;
-        let r = self.tx.execute(
+        let r = self.db().execute(
             "INSERT INTO parents (supi, k_enc, opc_enc, amf, sqn, status, max_children, \
              max_lifetime_s, roaming_allowed, allowed_dnns, max_bitrate_kbps, created_at, \
              updated_at, require_attestation) \
@@ -897,7 +959,7 @@ impl WriteTx for PgTx<'_, '_> {
         parent: &Supi,
         since: Timestamp,
     ) -> Result<(u32, Option<Timestamp>), StoreError> {
-        let row = match self.tx.query_one(
+        let row = match self.db().query_one(
             "SELECT count(*), min(issued_at) FROM children \
              WHERE parent_supi = $1 AND issued_at >= $2",
             &[&parent.as_str(), &since.0],
@@ -927,7 +989,7 @@ impl WriteTx for PgTx<'_, '_> {
     fn insert_child(&mut self, new: &NewChild) -> Result<(), StoreError> {
         let c = &new.child;
         let (k, opc) = self.seal_keys(CHILDREN, &c.supi, &new.keys)?;
-        let r = self.tx.execute(
+        let r = self.db().execute(
             "INSERT INTO children (supi, parent_supi, device_id, device_key_fp, request_id, \
              k_enc, opc_enc, amf, sqn, issued_at, expires_at, renewed_at, roaming_allowed, \
              allowed_dnns, max_bitrate_kbps, status, revoked_at, device_spki) \
@@ -1003,7 +1065,7 @@ impl WriteTx for PgTx<'_, '_> {
         parent: &Supi,
         now: Timestamp,
     ) -> Result<Vec<ChildCredential>, StoreError> {
-        let rows = match self.tx.query(
+        let rows = match self.db().query(
             &format!(
                 "UPDATE children c SET status = 'revoked', revoked_at = $2 \
                  WHERE c.parent_supi = $1 AND c.status = 'active' RETURNING {CHILD_COLS}"
@@ -1074,7 +1136,7 @@ impl WriteTx for PgTx<'_, '_> {
         supi: &Supi,
         now: Timestamp,
     ) -> Result<AkaFailures, StoreError> {
-        let row = match self.tx.query_one(
+        let row = match self.db().query_one(
             "INSERT INTO aka_failures AS f (supi, count, first_at, last_at) \
              VALUES ($1, 1, $2, $2) \
              ON CONFLICT (supi) DO UPDATE SET count = f.count + 1, last_at = excluded.last_at \
@@ -1119,9 +1181,10 @@ impl PgStore {
     /// conflict (retry), `Err` for any other failure.
     fn attempt(
         &self,
-        client: &mut Client,
+        conn: &mut Conn,
         f: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), StoreError>,
     ) -> Result<Result<(), StoreError>, StoreError> {
+        let Conn { client, stmts } = conn;
         let mut tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::ReadCommitted)
@@ -1129,6 +1192,7 @@ impl PgStore {
             .map_err(pg_err)?;
         let mut ptx = PgTx {
             tx: &mut tx,
+            stmts,
             kek: &self.kek,
             retry: false,
         };
@@ -1152,11 +1216,11 @@ impl Store for PgStore {
         &self,
         f: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut client = self.take()?;
+        let mut conn = self.take()?;
         let mut attempt = 0u32;
         let out = loop {
             attempt += 1;
-            match self.attempt(&mut client, f) {
+            match self.attempt(&mut conn, f) {
                 Ok(Ok(())) => break Ok(()),
                 Ok(Err(e)) if attempt >= MAX_ATTEMPTS => {
                     tracing::warn!(error = %e, "write transaction conflicted {attempt} times");
@@ -1169,7 +1233,7 @@ impl Store for PgStore {
                 Err(e) => break Err(e),
             }
         };
-        self.put_back(client);
+        self.put_back(conn);
         out
     }
 
