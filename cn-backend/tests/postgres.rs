@@ -238,7 +238,9 @@ fn unknown_role_is_one_clear_error() {
 }
 
 /// The real binary on PostgreSQL: `init --store`, `subscriber add`, `serve`, one gateway
-/// session issuing a batch, then `subscriber show` lists the child; a wrong KEK is refused.
+/// session issuing a batch, then `subscriber show` lists the child; import, list, policy,
+/// suspend/resume/revoke, the attestation roots and the audit trail work on it; a second data
+/// directory (another KEK) is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_runs_on_postgres() {
     use common::*;
@@ -292,9 +294,53 @@ async fn binary_runs_on_postgres() {
         bundle.supi.as_str()
     );
     assert!(!dir.path().join("cn-backend.db").exists());
-    // The audit trail is in PostgreSQL too.
-    let audit = dir.cli_ok(&["audit"]);
-    assert!(audit.contains("issue"), "{audit}");
+    // The rest of the CLI on the same database: import, list, policy, lifecycle, roots, audit.
+    const P2: &str = "imsi-001010000000002";
+    let csv = dir.tmp.path().join("p.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "supi,k,opc,amf,sqn,max_children,max_lifetime_s,roaming,dnns\n\
+             {P2},{K},{OPC},8000,0,5,86400,false,internet\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        dir.cli_json(&["subscriber", "import", path_str(&csv)])["imported"],
+        1
+    );
+    let list = dir.cli_json(&["subscriber", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    dir.cli_ok(&["subscriber", "policy", P2, "--max-children", "7"]);
+    let shown = dir.cli_json(&["subscriber", "show", P2]).to_string();
+    assert!(shown.contains("\"max_children\":7"), "{shown}");
+    dir.cli_ok(&["subscriber", "suspend", P2]);
+    dir.cli_ok(&["subscriber", "resume", P2]);
+    dir.cli_ok(&["subscriber", "revoke", P2]);
+    let (ok, _, err) = dir.cli(&["subscriber", "resume", P2]);
+    assert!(!ok && err.contains("cannot change status"), "{err}");
+    let root = dir.tmp.path().join("acme.pem");
+    std::fs::write(
+        &root,
+        companion_transport::ManufacturerCa::generate("Acme devices")
+            .unwrap()
+            .cert_pem(),
+    )
+    .unwrap();
+    dir.cli_ok(&["attestation", "add-root", "--name", "acme", path_str(&root)]);
+    let roots = dir.cli_json(&["attestation", "list-roots"]);
+    assert_eq!(roots[0]["name"], "acme", "{roots}");
+    dir.cli_ok(&["attestation", "remove-root", "acme"]);
+    assert_eq!(
+        dir.cli_json(&["attestation", "list-roots"]),
+        serde_json::json!([])
+    );
+    let audit = dir.cli_ok(&["audit", "--limit", "100"]);
+    for action in [
+        "add", "issue", "import", "policy", "suspend", "resume", "revoke",
+    ] {
+        assert!(audit.contains(action), "{action} missing from {audit}");
+    }
     // Another directory (another KEK) pointed at the same database is refused in one line.
     let other = Dir {
         tmp: tempfile::tempdir().unwrap(),
