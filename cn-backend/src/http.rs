@@ -109,6 +109,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/subscribers/{supi}/revoke", post(revoke))
         .route("/children/{supi}/revoke", post(revoke_child))
         .route("/audit", get(audit))
+        .route("/attestation/roots", get(list_roots))
+        .route(
+            "/attestation/roots/{name}",
+            post(add_root).delete(remove_root),
+        )
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz))
@@ -249,6 +254,27 @@ async fn revoke_child(State(st): State<HttpState>, Path(supi): Path<String>) -> 
             svc.metrics.revoked.inc();
         }
         Ok(json!({ "supi": supi, "revoked": changed }))
+    })
+    .await
+}
+
+async fn list_roots(State(st): State<HttpState>) -> ApiResult {
+    run(&st.svc, |s| admin::list_roots(s)).await
+}
+
+/// The body is the root's CA certificate, PEM or DER.
+async fn add_root(State(st): State<HttpState>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let r = run(&st.svc, move |s| {
+        admin::add_root(s, &name, body.as_ref(), Timestamp::now())
+    })
+    .await?;
+    Ok((StatusCode::CREATED, r).into_response())
+}
+
+async fn remove_root(State(st): State<HttpState>, Path(name): Path<String>) -> ApiResult {
+    run(&st.svc, move |s| {
+        admin::remove_root(s, &name)?;
+        Ok(json!({ "removed": name }))
     })
     .await
 }

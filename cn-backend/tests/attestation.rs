@@ -202,3 +202,41 @@ async fn a_parent_that_requires_attestation_issues_only_to_certified_device_keys
     let r = one(&s, 10, item(&next, &device3, None)).await;
     assert_eq!(r.outcome, Outcome::Issued, "{:?}", r.reason);
 }
+
+/// The admin API manages roots as the CLI does: bearer token required, CA certificates only,
+/// names unique, and a root added over the API attests at the next batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roots_are_managed_through_the_admin_api() {
+    let dir = Dir::init("");
+    dir.add_parent(P1, &["--max-children", "10", "--require-attestation"]);
+    let srv = dir.serve();
+    let token = dir.token();
+    let acme = ManufacturerCa::generate("Acme devices").unwrap();
+    let path = "/api/v1/attestation/roots/acme";
+
+    let (code, _) = srv.http("POST", path, None, &acme.cert_pem());
+    assert_eq!(code, 401);
+    let leaf = acme.issue_device("x").unwrap().cert_pem();
+    let (code, body) = srv.http("POST", path, Some(&token), &leaf);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("not a CA certificate"), "{body}");
+    let (code, body) = srv.http("POST", path, Some(&token), &acme.cert_pem());
+    assert_eq!(code, 201, "{body}");
+    let (code, _) = srv.http("POST", path, Some(&token), &acme.cert_pem());
+    assert_eq!(code, 409);
+    let (code, body) = srv.http("GET", "/api/v1/attestation/roots", Some(&token), "");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[0]["name"], "acme");
+
+    let s = connect(&srv, P1).await;
+    let req = DeviceReq::new(5);
+    let device = acme.issue_device(req.device_id.as_str()).unwrap();
+    let r = one(&s, 1, item(&req, &device, Some(chain_of(&device)))).await;
+    assert_eq!(r.outcome, Outcome::Issued, "{:?}", r.reason);
+
+    let (code, _) = srv.http("DELETE", path, Some(&token), "");
+    assert_eq!(code, 200);
+    let (code, _) = srv.http("DELETE", path, Some(&token), "");
+    assert_eq!(code, 404);
+}
