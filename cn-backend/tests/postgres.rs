@@ -31,29 +31,7 @@ macro_rules! conformance_tests {
     };
 }
 
-conformance_tests!(
-    parents_add_list_policy,
-    secrets_round_trip,
-    issue_narrows_and_seals,
-    idempotent_replay,
-    quota_counts_active_unexpired,
-    policy_denials,
-    seal_failure_is_per_item,
-    renewal,
-    revoke_child,
-    parent_lifecycle_cascades,
-    batch_errors_commit_nothing,
-    supi_allocation_skips_taken,
-    supi_allocation_is_unpredictable,
-    sqn_advances_and_resyncs,
-    sqn_unique_under_concurrency,
-    aka_failure_counter,
-    audit_paging,
-    import_all_or_nothing,
-    import_ten_thousand,
-    concurrent_batches_respect_quota,
-    manufacturer_roots,
-);
+conformance::all_tests!(conformance_tests);
 
 #[test]
 fn schema_version_and_append_only_audit() {

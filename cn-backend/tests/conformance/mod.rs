@@ -28,6 +28,38 @@ use companion_crypto::secret::Key128;
 pub const T0: Timestamp = Timestamp(1_700_000_000);
 pub const OP: [u8; 16] = [0x11; 16];
 
+/// Every conformance test, by name: each engine's test file defines a macro that turns a list of
+/// names into `#[test]`s over its own store and passes it here, so a new test runs on every
+/// engine (`conformance::all_tests!(conformance_tests);`).
+macro_rules! all_tests {
+    ($engine:ident) => {
+        $engine!(
+            parents_add_list_policy,
+            secrets_round_trip,
+            issue_narrows_and_seals,
+            idempotent_replay,
+            quota_counts_active_unexpired,
+            policy_denials,
+            seal_failure_is_per_item,
+            renewal,
+            revoke_child,
+            parent_lifecycle_cascades,
+            batch_errors_commit_nothing,
+            supi_allocation_skips_taken,
+            supi_allocation_is_unpredictable,
+            sqn_advances_and_resyncs,
+            sqn_unique_under_concurrency,
+            aka_failure_counter,
+            audit_paging,
+            import_all_or_nothing,
+            import_ten_thousand,
+            concurrent_batches_respect_quota,
+            manufacturer_roots,
+        );
+    };
+}
+pub(crate) use all_tests;
+
 pub fn supi(n: u64) -> Supi {
     Supi::parse(&format!("imsi-00101{n:010}")).unwrap()
 }
