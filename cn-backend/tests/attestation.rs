@@ -10,26 +10,11 @@
 mod common;
 
 use common::*;
-use companion_proto::msg::{AttestationChain, BatchItem, BatchProvision, ItemResult, Outcome};
+use companion_proto::msg::{AttestationChain, BatchItem, ItemResult, Outcome};
 use companion_transport::{Identity, ManufacturerCa};
 
 const P1: &str = "imsi-001010000000001";
 const P2: &str = "imsi-001010000000002";
-
-async fn one(
-    s: &companion_transport::cn_client::CnSession,
-    id: u64,
-    item: BatchItem,
-) -> ItemResult {
-    let r = s
-        .batch(BatchProvision {
-            batch_id: id,
-            items: vec![item],
-        })
-        .await
-        .unwrap();
-    r.items.into_iter().next().unwrap()
-}
 
 fn chain_of(id: &Identity) -> AttestationChain {
     AttestationChain::new(id.chain().iter().map(|c| c.to_vec()).collect()).unwrap()

@@ -9,26 +9,11 @@ mod common;
 
 use common::*;
 use companion_crypto::hpke::{DeviceHpkeKey, SealedCredential, open_credential};
-use companion_proto::msg::{BatchItem, BatchProvision, ItemResult, Outcome};
+use companion_proto::msg::Outcome;
 use companion_proto::{DeviceId, RequestId};
 use companion_transport::Identity;
 
 const P1: &str = "imsi-001010000000001";
-
-async fn one(
-    s: &companion_transport::cn_client::CnSession,
-    id: u64,
-    item: BatchItem,
-) -> ItemResult {
-    let r = s
-        .batch(BatchProvision {
-            batch_id: id,
-            items: vec![item],
-        })
-        .await
-        .unwrap();
-    r.items.into_iter().next().unwrap()
-}
 
 fn children(srv: &Server, dir: &Dir) -> usize {
     let (code, body) = srv.http(

@@ -20,7 +20,7 @@ use companion_crypto::secret::Key128;
 use companion_crypto::usim::SoftUsim;
 use companion_proto::binding::{BindingOp, binding_message};
 use companion_proto::bundle::CredentialBundle;
-use companion_proto::msg::{BatchItem, ItemKind, ItemResult, KeyBinding, Params};
+use companion_proto::msg::{BatchItem, BatchProvision, ItemKind, ItemResult, KeyBinding, Params};
 use companion_proto::{DeviceId, RequestId, Supi};
 use companion_transport::cn_client::{ClientOptions, CnSession, CnTarget};
 use companion_transport::{Identity, OperatorCa};
@@ -388,6 +388,18 @@ impl DeviceReq {
         b.check_for(&self.device_id, &self.request_id).unwrap();
         b
     }
+}
+
+/// Sends `item` alone in batch `id` and returns its result.
+pub async fn one(s: &CnSession, id: u64, item: BatchItem) -> ItemResult {
+    let r = s
+        .batch(BatchProvision {
+            batch_id: id,
+            items: vec![item],
+        })
+        .await
+        .unwrap();
+    r.items.into_iter().next().unwrap()
 }
 
 /// The device's USIM built from its bundle.
