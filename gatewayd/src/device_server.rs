@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use companion_proto::device::{DeviceRequest, ServerEvent, ServerExchange};
-use companion_proto::msg::{AttestationChain, CredentialDelivery, ErrorCode, ErrorMsg};
+use companion_proto::msg::{CredentialDelivery, ErrorCode, ErrorMsg};
 use companion_proto::{Config, DeviceId, ProtoError};
 use companion_transport::{
     ALPN_DEVICE, Identity, KeyPolicy, Limits, PinnedClientVerifier, negotiated_alpn, peer_chain,
@@ -561,7 +561,7 @@ impl DeviceServer {
         // simply not attested).
         let attestation =
             match companion_transport::attestation::forwardable_chain(&peer_chain(&conn)) {
-                Ok(c) => c.and_then(|c| AttestationChain::new(c).ok()),
+                Ok(c) => c,
                 Err(e) => {
                     tracing::info!(%remote, error = %e, "device certificate chain not forwarded");
                     None

@@ -25,7 +25,7 @@ use crate::pki::spki_from_cert;
 
 /// The subjectAltName URI prefix naming the device a manufacturer certificate is for.
 pub const DEVICE_URI_PREFIX: &str = "urn:companion:device:";
-pub use companion_proto::attestation::{MAX_CHAIN_BYTES, MAX_CHAIN_CERTS};
+pub use companion_proto::attestation::{AttestationChain, MAX_CHAIN_BYTES, MAX_CHAIN_CERTS};
 
 /// Why an attestation chain does not attest a device key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,27 +60,13 @@ pub enum AttestationError {
     OtherDevice(String),
 }
 
-/// Checks the size limits every holder of a chain applies.
-pub fn check_size(chain: &[Vec<u8>]) -> Result<(), AttestationError> {
-    let bytes: usize = chain.iter().map(Vec::len).sum();
-    if chain.len() > MAX_CHAIN_CERTS || bytes > MAX_CHAIN_BYTES {
-        return Err(AttestationError::TooLarge {
-            certs: chain.len(),
-            bytes,
-        });
-    }
-    if chain.is_empty() {
-        return Err(AttestationError::Empty);
-    }
-    Ok(())
-}
-
 /// What of a TLS client's certificate chain the gateway forwards as the device's attestation:
 /// nothing for a self-issued leaf (a device without a manufacturer certificate), else the whole
-/// chain as presented. `Err` for a chain over the size limits or a leaf that does not parse.
+/// chain as presented. `Err` for a chain over the wire limits ([`AttestationChain::new`]) or a leaf
+/// that does not parse.
 pub fn forwardable_chain(
     chain: &[CertificateDer<'_>],
-) -> Result<Option<Vec<Vec<u8>>>, AttestationError> {
+) -> Result<Option<AttestationChain>, AttestationError> {
     let Some(leaf) = chain.first() else {
         return Ok(None);
     };
@@ -89,9 +75,12 @@ pub fn forwardable_chain(
     if cert.issuer().as_raw() == cert.subject().as_raw() {
         return Ok(None);
     }
-    let owned: Vec<Vec<u8>> = chain.iter().map(|c| c.to_vec()).collect();
-    check_size(&owned)?;
-    Ok(Some(owned))
+    AttestationChain::new(chain.iter().map(|c| c.to_vec()).collect())
+        .map(Some)
+        .map_err(|e| AttestationError::TooLarge {
+            certs: e.certs,
+            bytes: e.bytes,
+        })
 }
 
 /// The device ID a manufacturer certificate (DER) names in its `urn:companion:device:` URI, if
@@ -209,7 +198,6 @@ pub fn verify_attestation(
     roots: &ManufacturerRoots,
     now: UnixTime,
 ) -> Result<String, AttestationError> {
-    check_size(chain)?;
     if roots.is_empty() {
         return Err(AttestationError::NoRoots);
     }
@@ -378,7 +366,10 @@ mod tests {
         assert_eq!(forwardable_chain(&[]), Ok(None));
         let ca = ManufacturerCa::generate("Acme devices").unwrap();
         let dev = ca.issue_device("sensor-1").unwrap();
-        assert_eq!(forwardable_chain(dev.chain()), Ok(Some(der_chain(&dev))));
+        assert_eq!(
+            forwardable_chain(dev.chain()),
+            Ok(Some(AttestationChain::new(der_chain(&dev)).unwrap()))
+        );
         assert_eq!(
             certified_device_id(&dev.chain()[0]).as_deref(),
             Some("sensor-1")
