@@ -265,7 +265,8 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn run_ok(mut c: Command, what: &str) -> Output {
+/// Runs `c` and returns its output; panics with both streams unless it succeeded.
+pub fn run_ok(c: &mut Command, what: &str) -> Output {
     let out = c.output().unwrap();
     assert!(
         out.status.success(),
@@ -298,7 +299,7 @@ impl Cn {
         c.arg("--dir")
             .arg(dir)
             .args(["init", "--mcc", "001", "--mnc", "01"]);
-        run_ok(c, "cn-backend init");
+        run_ok(&mut c, "cn-backend init");
         let mut c = Command::new(&b);
         c.arg("--dir").arg(dir).args([
             "subscriber",
@@ -312,7 +313,7 @@ impl Cn {
             "--max-children",
             &max_children.to_string(),
         ]);
-        run_ok(c, "cn-backend subscriber add");
+        run_ok(&mut c, "cn-backend subscriber add");
         let ready = dir.join("ready.json");
         let log = std::fs::File::create(dir.join("cn-backend.log")).unwrap();
         let mut child = Command::new(&b)
@@ -448,7 +449,7 @@ impl Gw {
     pub fn ctl(&self, args: &[&str]) -> String {
         let mut c = self.runner.cmd("gatewayctl");
         c.arg("--socket").arg(&self.control).args(args);
-        String::from_utf8(run_ok(c, &format!("gatewayctl {args:?}")).stdout).unwrap()
+        String::from_utf8(run_ok(&mut c, &format!("gatewayctl {args:?}")).stdout).unwrap()
     }
 
     /// Waits until `gatewayctl status` reports the CN link up.
@@ -486,7 +487,7 @@ pub fn provision_device(root: &Path, gw: &Gw, runner: &Runner, id: &str) -> Stri
             .arg(&dir)
             .args(args)
             .env_remove("IOTDEV_GATEWAY");
-        String::from_utf8(run_ok(c, &format!("iotdev {args:?}")).stdout).unwrap()
+        String::from_utf8(run_ok(&mut c, &format!("iotdev {args:?}")).stdout).unwrap()
     };
     let out = iot(&["init", "--id", id]);
     let code = out

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deploy_tests::{bin, repo, skip, tool};
+use deploy_tests::{bin, repo, run_ok, skip, tool};
 
 /// What the cached root is made of. Changing it (or anything in the stamp) rebuilds the root.
 /// The Debian release of the root when the machine's own cannot be told (see `suite`).
@@ -258,17 +258,6 @@ impl Drop for Scratch {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-}
-
-fn run_ok(c: &mut Command, what: &str) {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn copy_file(from: &Path, to: &Path, mode: u32) {
