@@ -111,7 +111,7 @@ pub struct InitReport {
 }
 
 /// Creates a data directory: configuration, KEK, OP, operator CA, server certificate, admin
-/// token and database. Refuses an initialised directory.
+/// token, QUIC stateless-reset key and database. Refuses an initialised directory.
 pub fn init(layout: &Layout, settings: &Settings) -> Result<InitReport, SetupError> {
     settings.validate()?;
     let dir = &layout.dir;
@@ -145,6 +145,11 @@ pub fn init(layout: &Layout, settings: &Settings) -> Result<InitReport, SetupErr
         &layout.admin_token(),
         Zeroizing::new(format!("{}\n", hex::encode(token.expose()))).as_bytes(),
     )?;
+    // The stateless-reset key now rather than at the first `serve`, so that a copy of the
+    // directory made for another instance of a fleet shares it (docs/OPERATIONS.md, "Running a
+    // fleet").
+    companion_transport::restart::load_or_create_reset_key(&layout.reset_key())
+        .map_err(|e| SetupError::Key(e.to_string()))?;
     let postgres = !settings.store.url.is_empty();
     open_engine(layout, &settings.store.url, kek)?;
     // The configuration last: its presence marks a complete directory.
@@ -167,6 +172,7 @@ pub fn init(layout: &Layout, settings: &Settings) -> Result<InitReport, SetupErr
         layout.server_cert(),
         layout.server_key(),
         layout.admin_token(),
+        layout.reset_key(),
     ]
     .iter()
     .chain((!postgres).then(|| layout.database()).iter())

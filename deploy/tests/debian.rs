@@ -40,7 +40,7 @@ const WATCHDOG_SEC: u32 = 5;
 const CONTAINER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Every check the suite must report as passed, in its order.
-const CHECKS: [&str; 12] = [
+const CHECKS: [&str; 13] = [
     "install",
     "start-previous-version",
     "upgrade",
@@ -51,6 +51,7 @@ const CHECKS: [&str; 12] = [
     "reload-sighup",
     "watchdog",
     "stop-drains",
+    "instances",
     "remove",
     "purge",
 ];

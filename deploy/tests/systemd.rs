@@ -132,6 +132,50 @@ fn units_pass_systemd_analyze_verify_and_a_typo_is_caught() {
     );
 }
 
+/// `cn-backend@.service`, the template for several instances on one host: an instance passes
+/// `systemd-analyze verify`, it takes its listen addresses from `/etc/cn-backend/%i.env`, and its
+/// settings are `cn-backend.service`'s line for line apart from those (so hardening cannot drift
+/// between the two).
+#[test]
+fn the_instance_template_is_the_single_unit_plus_its_addresses() {
+    let single = unit_text("cn-backend.service");
+    let template = unit_text("cn-backend@.service");
+    let settings = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains('='))
+            .filter(|l| {
+                ![
+                    "Description=",
+                    "ExecStart=",
+                    "EnvironmentFile=",
+                    "DefaultInstance=",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(settings(&single), settings(&template));
+    assert!(template.contains("EnvironmentFile=/etc/cn-backend/%i.env"));
+    assert!(template.contains(
+        "ExecStart=/usr/bin/cn-backend --dir /var/lib/cn-backend serve --listen ${LISTEN} --http-listen ${HTTP_LISTEN}"
+    ));
+
+    let Some(analyze) = tool("systemd-analyze", "systemd") else {
+        return;
+    };
+    let root = root_with(&[("cn-backend@.service", template.clone())]);
+    let (ok, text) = verify(&analyze, root.path(), &["cn-backend@a.service"]);
+    assert!(ok, "systemd-analyze verify cn-backend@a.service: {text}");
+    let root = root_with(&[(
+        "cn-backend@.service",
+        template.replacen("ProtectSystem=strict", "ProtectSystem=stric", 1),
+    )]);
+    let (ok, text) = verify(&analyze, root.path(), &["cn-backend@a.service"]);
+    assert!(!ok, "verify accepted a broken template: {text}");
+}
+
 /// Each unit's `systemd-analyze security` exposure (0 = locked down, 10 = unprotected) stays at
 /// or below `max`, and the settings that matter are present.
 #[test]

@@ -244,12 +244,14 @@ c_hardening() {
   DETAIL="as their users, NoNewPrivs, seccomp, CapEff/CapBnd gatewayd=CAP_NET_ADMIN+CAP_BPF+CAP_PERFMON cn-backend=none, /usr+/etc read-only, /root hidden, private /tmp; provisioning works under it (e2e)"
 }
 
-metrics() { # GET /metrics from gatewayd (bash /dev/tcp; no curl in the root)
-  exec 3<>/dev/tcp/127.0.0.1/9464 || return 1
-  printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+# http_get PORT PATH: GET from 127.0.0.1 (bash /dev/tcp; no curl in the root).
+http_get() {
+  exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+  printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$2" >&3
   timeout 10 cat <&3
   exec 3<&-
 }
+metrics() { http_get 9464 /metrics; } # gatewayd's
 c_ebpf() {
   local mode bnd
   mode=$(metrics | grep '^gatewayd_filter_mode{' | grep ' 1$' | sed 's/.*mode="\([^"]*\)".*/\1/')
@@ -370,6 +372,40 @@ c_stop_drains() {
   DETAIL="systemctl stop gatewayd with $inflight requests unanswered at a frozen CN, CN resumed 1 s later: stop took $ms ms (drained=true, exit 0); all $n devices hold their credential (delivered during the drain, or after the restart), CN issued exactly $n; cn-backend stopped cleanly in $cms ms"
 }
 
+# --- several instances from the template ----------------------------------------------------
+# cn-backend@.service as docs/OPERATIONS.md ("Running a fleet") describes it: instances a and b
+# serve from the one data directory, each on the addresses of /etc/cn-backend/NAME.env; an
+# instance without its file does not start.
+c_instances() {
+  local i u udp tcp pid
+  install -d -m 0755 /etc/cn-backend
+  printf 'LISTEN=127.0.0.1:4435\nHTTP_LISTEN=127.0.0.1:8481\n' >/etc/cn-backend/a.env
+  printf 'LISTEN=127.0.0.1:4436\nHTTP_LISTEN=127.0.0.1:8482\n' >/etc/cn-backend/b.env
+  t 90 systemctl start cn-backend@a cn-backend@b || bad "systemctl start cn-backend@a cn-backend@b failed: $(systemctl status --no-pager cn-backend@a cn-backend@b 2>&1 | tail -n 8)" || return 1
+  for i in a:4435:8481 b:4436:8482; do
+    IFS=: read -r u udp tcp <<<"$i"
+    u=cn-backend@$u
+    [ "$(prop "$u" ActiveState)/$(prop "$u" SubState)" = active/running ] || bad "$u: $(prop "$u" ActiveState)/$(prop "$u" SubState)" || return 1
+    [ "$(prop "$u" User)" = cn-backend ] || bad "$u runs as $(prop "$u" User)" || return 1
+    ss -Hlun "sport = :$udp" | grep -q . || bad "$u active but UDP $udp not bound" || return 1
+    http_get "$tcp" /metrics | grep -q '^cn_backend_' || bad "$u: no metrics on $tcp" || return 1
+  done
+  # Both processes distinct, both alive, next to the single-instance unit's.
+  pid=$(prop cn-backend@a MainPID)
+  [ "$pid" != "$(prop cn-backend@b MainPID)" ] && [ "$pid" != 0 ] || bad "instances share a PID" || return 1
+  if t 30 systemctl start cn-backend@c; then
+    bad "cn-backend@c started without /etc/cn-backend/c.env"
+    return 1
+  fi
+  t 60 systemctl stop cn-backend@a cn-backend@b || bad "systemctl stop of the instances failed" || return 1
+  for u in cn-backend@a cn-backend@b; do
+    [ "$(prop "$u" Result)" = success ] || bad "$u stop: Result=$(prop "$u" Result)" || return 1
+  done
+  t 30 systemctl reset-failed cn-backend@c
+  rm -rf /etc/cn-backend
+  DETAIL="cn-backend@a and @b active on 4435/8481 and 4436/8482 from one data directory, beside cn-backend.service; cn-backend@c without its env file refused; both stopped cleanly"
+}
+
 # --- remove and purge -----------------------------------------------------------------------
 c_remove() {
   t 120 apt-get remove -y gatewayd cn-backend || bad "apt-get remove failed" || return 1
@@ -423,7 +459,8 @@ check watchdog c_watchdog
 rm -rf /etc/systemd/system/gatewayd.service.d /etc/systemd/system/cn-backend.service.d
 t 30 systemctl daemon-reload
 check stop-drains c_stop_drains
-journalctl --no-pager -o short-monotonic -u gatewayd -u cn-backend >"$OUT/journal.txt" 2>&1
+check instances c_instances
+journalctl --no-pager -o short-monotonic -u gatewayd -u cn-backend -u 'cn-backend@*' >"$OUT/journal.txt" 2>&1
 check remove c_remove
 check purge c_purge
 log "suite ends"
