@@ -304,3 +304,116 @@ pub fn server() -> Option<&'static PgServer> {
         }
     }
 }
+
+/// Streaming replication, for the high-availability tests: a hot standby of a server, its
+/// promotion, and stopping a server as a crash would.
+impl PgServer {
+    /// A hot standby of this server: `pg_basebackup -R` over this server's socket into a new
+    /// temporary directory, started on its own socket there. It follows this server by streaming
+    /// replication (`primary_conninfo` written by `-R`); `application_name` is `standby`.
+    pub fn start_standby(&self) -> Result<PgServer, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("cn-pg-standby-")
+            .tempdir_in("/tmp")
+            .map_err(|e| e.to_string())?
+            .keep();
+        if let Some(uid) = self.run_as_uid {
+            std::os::unix::fs::chown(&dir, Some(uid), None).map_err(|e| e.to_string())?;
+        }
+        let standby = PgServer {
+            dir,
+            bin: self.bin.clone(),
+            run_as: self.run_as.clone(),
+            run_as_uid: self.run_as_uid,
+            next_db: AtomicU32::new(0),
+            port: None,
+        };
+        let data = standby.dir.join("data");
+        run(
+            standby
+                .cmd("pg_basebackup")
+                .arg("-D")
+                .arg(&data)
+                .arg("-h")
+                .arg(&self.dir)
+                .args([
+                    "-U",
+                    "postgres",
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                    "-d",
+                ])
+                .arg(format!(
+                    "application_name=standby host={}",
+                    self.dir.display()
+                ))
+                .stdout(Stdio::null()),
+            "pg_basebackup",
+        );
+        let opts = format!(
+            "-k {} -F -c max_connections=300 -c shared_buffers=32MB -c listen_addresses='' \
+             -c hot_standby=on",
+            standby.dir.display()
+        );
+        run(
+            standby
+                .cmd("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(standby.dir.join("log"))
+                .args(["-w", "-t", "60", "-o", &opts, "start"])
+                .stdout(Stdio::null()),
+            "pg_ctl start (standby)",
+        );
+        Ok(standby)
+    }
+
+    /// Runs SQL as the superuser on the `postgres` database of this server.
+    pub fn admin_sql(&self, sql: &str) -> Vec<postgres::Row> {
+        self.admin().query(sql, &[]).unwrap()
+    }
+
+    /// `pg_ctl promote`: this standby becomes a primary (waits until it accepts writes).
+    pub fn promote(&self) {
+        run(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-w", "-t", "60", "promote"])
+                .stdout(Stdio::null()),
+            "pg_ctl promote",
+        );
+    }
+
+    /// Stops the server as a crash would (`-m immediate`: no checkpoint, clients cut off).
+    pub fn crash(&self) {
+        run(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-m", "immediate", "stop"])
+                .stdout(Stdio::null()),
+            "pg_ctl stop -m immediate",
+        );
+    }
+
+    /// A new, separate server of this binary's kind (its own directory and socket), stopped
+    /// when dropped: for tests that need a primary of their own (replication, crashes).
+    pub fn start_own() -> Option<PgServer> {
+        match PgServer::start() {
+            Ok(s) => Some(s),
+            Err(e) if strict() => {
+                panic!("PostgreSQL tests cannot run (CI/DEPLOY_TESTS_STRICT): {e}")
+            }
+            Err(e) => {
+                eprintln!("note: skipping a PostgreSQL test: {e}");
+                None
+            }
+        }
+    }
+}
