@@ -121,38 +121,68 @@ fn real_main() -> anyhow::Result<bool> {
                 errors.push(format!("{name}: {e:#}"));
             }
         }
+        // After every suite, so that a later failure or an interrupted run keeps these figures.
+        write_results(&cli, &machine, &reports, &errors, None)?;
     }
 
+    // Criterion's results are optional: without them the micro-benchmark table is left out.
     let micro = match &cli.criterion {
-        Some(dir) => Some(micro_benchmarks(dir)?),
+        Some(dir) => match micro_benchmarks(dir) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("e2e-bench: note: no micro-benchmark table: {e:#}");
+                None
+            }
+        },
         None => None,
     };
-    let json = serde_json::json!({
-        "machine": machine,
-        "micro": micro.as_ref().map(|m| &m.0),
-        "quick": cli.quick,
-        "suites": reports.iter().map(|r| (r.name.to_string(), r.data.clone())).collect::<serde_json::Map<_, _>>(),
-        "targets": reports.iter().flat_map(|r| r.targets.clone()).collect::<Vec<_>>(),
-        "errors": errors,
-    });
-    let json_path = cli.out.join("results.json");
-    fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
-    let mut md = markdown(&machine, &reports, &errors, cli.quick);
-    if let Some((_, table)) = &micro {
-        md.push_str(table);
-    }
-    let md_path = cli.out.join("results.md");
-    fs::write(&md_path, &md)?;
-    eprintln!(
-        "e2e-bench: wrote {} and {}",
-        json_path.display(),
-        md_path.display()
-    );
+    let md = write_results(&cli, &machine, &reports, &errors, micro.as_ref())?;
     if let Some(doc) = &cli.update_doc {
         update_doc(doc, &md)?;
         eprintln!("e2e-bench: updated {}", doc.display());
     }
     Ok(errors.is_empty())
+}
+
+/// Writes `results.json` and `results.md` (atomically: a temporary file renamed) for the suites
+/// run so far; returns the markdown.
+fn write_results(
+    cli: &Cli,
+    machine: &serde_json::Value,
+    reports: &[SuiteReport],
+    errors: &[String],
+    micro: Option<&(Vec<Micro>, String)>,
+) -> anyhow::Result<String> {
+    let json = serde_json::json!({
+        "machine": machine,
+        "micro": micro.map(|m| &m.0),
+        "quick": cli.quick,
+        "suites": reports.iter().map(|r| (r.name.to_string(), r.data.clone())).collect::<serde_json::Map<_, _>>(),
+        "targets": reports.iter().flat_map(|r| r.targets.clone()).collect::<Vec<_>>(),
+        "errors": errors,
+    });
+    let mut md = markdown(machine, reports, errors, cli.quick);
+    if let Some((_, table)) = micro {
+        md.push_str(table);
+    }
+    let json_path = cli.out.join("results.json");
+    let md_path = cli.out.join("results.md");
+    write_atomically(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    write_atomically(&md_path, md.as_bytes())?;
+    eprintln!(
+        "e2e-bench: wrote {} and {} ({} suite(s))",
+        json_path.display(),
+        md_path.display(),
+        reports.len()
+    );
+    Ok(md)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 fn markdown(
