@@ -717,6 +717,9 @@ pub fn revoke_child<S: Store + ?Sized>(
         let child = tx
             .child(supi)?
             .ok_or_else(|| StoreError::ChildNotFound(supi.clone()))?;
+        // Parent before child, the order of every batch: the revocation moves the parent's
+        // live-children counter (PostgreSQL would otherwise see a lock-order deadlock).
+        tx.lock_parent(&child.parent)?;
         let changed = tx.revoke_child(supi, now)?;
         if changed {
             tx.append_audit(&AuditEvent {

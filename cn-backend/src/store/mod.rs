@@ -322,7 +322,11 @@ pub trait WriteTx {
         policy: &ParentPolicy,
         now: Timestamp,
     ) -> Result<(), StoreError>;
-    /// Counts active children of `parent` with `expires_at > now`.
+    /// Counts active children of `parent` with `expires_at > now`, in O(1) per parent
+    /// (amortised): engines keep a counter of the parent's live children in the parent row
+    /// (schema v5), reconciled here with the children that expired since (or, on a clock
+    /// behind, that are live again), so the result is exactly that count for any `now`. Call
+    /// it with the parent locked ([`WriteTx::lock_parent`]).
     fn count_active_children(&mut self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError>;
     /// Looks a request up in the idempotency ledger.
     fn issuance(&mut self, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError>;

@@ -887,8 +887,33 @@ impl WriteTx for PgTx<'_, '_> {
         Ok(())
     }
 
+    /// O(1) per parent (amortised), as on SQLite (see `SqliteTx::count_active_children` for
+    /// the invariants I1 and I2): one update flips `quota_counted` to `expires_at > now` on the
+    /// active children where they differ (two partial-index range scans), the triggers move the
+    /// counter, and the counter is read. The caller holds the parent row (`lock_parent`), so a
+    /// racing instance's batch for the same parent waits until this one commits and then, at
+    /// READ COMMITTED, reads the counter it left.
     fn count_active_children(&mut self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError> {
-        self.q(|c| q_count_active(c, parent, now))
+        self.exec(
+            "UPDATE children SET quota_counted = NOT quota_counted WHERE supi IN ( \
+               SELECT supi FROM children \
+                WHERE parent_supi = $1 AND status = 'active' AND quota_counted \
+                  AND expires_at <= $2 \
+               UNION ALL \
+               SELECT supi FROM children \
+                WHERE parent_supi = $1 AND status = 'active' AND NOT quota_counted \
+                  AND expires_at > $2)",
+            &[&parent.as_str(), &now.0],
+        )?;
+        let row = match self.db().query_opt(
+            "SELECT live_children FROM parents WHERE supi = $1",
+            &[&parent.as_str()],
+        ) {
+            Ok(r) => r,
+            Err(e) => return Err(self.err(e)),
+        };
+        let row = row.ok_or_else(|| StoreError::ParentNotFound(parent.clone()))?;
+        u32_at(&row, 0)
     }
 
     fn issuance(&mut self, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError> {
