@@ -42,7 +42,10 @@ pub enum StoreError {
     #[error(transparent)]
     Kek(#[from] KekError),
     /// The database was created with a different KEK.
-    #[error("the KEK does not match this database")]
+    #[error(
+        "the KEK does not match this database: use the kek.key the database was created with \
+         (every instance of a fleet needs the same one)"
+    )]
     WrongKek,
     /// The database schema is newer than this program, or unknown.
     #[error("schema: {0}")]
