@@ -195,7 +195,8 @@ pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
         let latest = latest_version();
         if version > latest {
             return Err(StoreError::Schema(format!(
-                "database schema version {version} is newer than this program's ({latest})"
+                "database schema version {version} is newer than this program's ({latest}): \
+                 run the cn-backend release that upgraded it, or a newer one"
             )));
         }
         let Some(sql) = MIGRATIONS.get(version as usize) else {

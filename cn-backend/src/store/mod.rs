@@ -38,6 +38,11 @@ pub enum StoreError {
     /// The database stayed locked by another writer longer than the busy timeout.
     #[error("database is busy")]
     Busy,
+    /// The database server cannot be reached or closed the connection (restart, failover,
+    /// network): a retry later may succeed. Nothing of the failed call was committed unless the
+    /// connection was lost during the commit itself, which an idempotent retry resolves.
+    #[error("{0}")]
+    Unavailable(String),
     /// Secrets at rest could not be decrypted or encrypted.
     #[error(transparent)]
     Kek(#[from] KekError),

@@ -159,8 +159,32 @@ impl PgConfig {
     }
 }
 
+/// Whether `e` says the server is unreachable or gone (closed connection, I/O error,
+/// SQLSTATE class 08, or the server shutting down or starting up), rather than refusing the
+/// statement.
+fn is_connection_error(e: &postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let c = db.code().code();
+        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03");
+    }
+    if e.is_closed() {
+        return true;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
 /// Maps a driver error onto [`StoreError`], with the server's message when there is one.
 pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
+    if is_connection_error(&e) {
+        return StoreError::Unavailable(format!("PostgreSQL unavailable: {}", error_text(&e)));
+    }
     if let Some(db) = e.as_db_error() {
         return StoreError::Database(format!(
             "{}: {} (SQLSTATE {})",
@@ -169,8 +193,21 @@ pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
             db.code().code()
         ));
     }
+    StoreError::Database(error_text(&e))
+}
+
+/// The driver's message with its sources, on one line.
+fn error_text(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
     let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
+    let mut src = std::error::Error::source(e);
     while let Some(s) = src {
         let s_msg = s.to_string();
         if !msg.contains(&s_msg) {
@@ -178,7 +215,7 @@ pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
         }
         src = s.source();
     }
-    StoreError::Database(msg)
+    msg.replace('\n', " ")
 }
 
 fn is_retryable(e: &postgres::Error) -> bool {
@@ -615,11 +652,24 @@ impl PgStore {
             Some(tls) => self.config.config.connect(tls.clone()),
             None => self.config.config.connect(NoTls),
         };
-        r.map_err(|e| match pg_err(e) {
-            StoreError::Database(m) => {
-                StoreError::Database(format!("cannot connect to PostgreSQL: {m}"))
+        r.map_err(|e| {
+            let m = error_text(&e);
+            match e.code().map(SqlState::code) {
+                // invalid_authorization_specification, invalid_password
+                Some("28000" | "28P01") => StoreError::Database(format!(
+                    "PostgreSQL refused the login: {m}; check the user and password of the \
+                     store URL ([store] url in cn-backend.toml, or --store)"
+                )),
+                Some("3D000") => StoreError::Database(format!(
+                    "cannot connect to PostgreSQL: {m}; create the database or correct the \
+                     store URL ([store] url in cn-backend.toml, or --store)"
+                )),
+                _ => StoreError::Unavailable(format!(
+                    "cannot connect to PostgreSQL: {m}; check that the server is running and \
+                     reachable at the host of the store URL ([store] url in cn-backend.toml, or \
+                     --store)"
+                )),
             }
-            other => other,
         })
     }
 
@@ -648,15 +698,28 @@ impl PgStore {
         }
     }
 
+    /// Runs a read on a pooled connection. A pooled connection the server closed since (a
+    /// restart) fails its first statement: a read has no effect, so it runs once more on a
+    /// new connection.
     fn read<T>(
         &self,
-        f: impl FnOnce(&mut Db<'_, Client>) -> Result<T, StoreError>,
+        mut f: impl FnMut(&mut Db<'_, Client>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.take()?;
-        let out = f(&mut Db {
+        let mut out = f(&mut Db {
             c: &mut conn.client,
             stmts: &mut conn.stmts,
         });
+        if matches!(out, Err(StoreError::Unavailable(_))) && conn.client.is_closed() {
+            conn = Conn {
+                client: self.connect()?,
+                stmts: HashMap::new(),
+            };
+            out = f(&mut Db {
+                c: &mut conn.client,
+                stmts: &mut conn.stmts,
+            });
+        }
         self.put_back(conn);
         out
     }
@@ -1210,11 +1273,17 @@ impl PgStore {
         f: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), StoreError>,
     ) -> Result<Result<(), StoreError>, StoreError> {
         let Conn { client, stmts } = conn;
-        let mut tx = client
+        let mut tx = match client
             .build_transaction()
             .isolation_level(IsolationLevel::ReadCommitted)
             .start()
-            .map_err(pg_err)?;
+        {
+            Ok(tx) => tx,
+            // Nothing ran on a connection lost before BEGIN (a pooled connection the server
+            // closed since): `write_tx` reconnects and runs the transaction again.
+            Err(e) if is_connection_error(&e) => return Ok(Err(pg_err(e))),
+            Err(e) => return Err(pg_err(e)),
+        };
         let mut ptx = PgTx {
             tx: &mut tx,
             stmts,
@@ -1245,6 +1314,14 @@ impl Store for PgStore {
         let mut attempt = 0u32;
         let out = loop {
             attempt += 1;
+            if conn.client.is_closed() {
+                // Only after a connection lost before BEGIN (see `attempt`): a loss later in
+                // the transaction is an error of its own and not retried here.
+                conn = Conn {
+                    client: self.connect()?,
+                    stmts: HashMap::new(),
+                };
+            }
             match self.attempt(&mut conn, f) {
                 Ok(Ok(())) => break Ok(()),
                 Ok(Err(e)) if attempt >= MAX_ATTEMPTS => {

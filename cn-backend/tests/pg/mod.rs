@@ -30,6 +30,8 @@ pub struct PgServer {
     /// The loopback TCP port of a TLS server ([`PgServer::start_tls`]); none for the Unix-socket
     /// server.
     pub port: Option<u16>,
+    /// The `pg_ctl start -o` options, to start it again after [`PgServer::stop_fast`].
+    opts: std::sync::Mutex<String>,
 }
 
 /// A server certificate chain and key (PEM) for [`PgServer::start_tls`].
@@ -92,6 +94,54 @@ impl PgServer {
         Self::start_with(None)
     }
 
+    /// A second, separate Unix-socket server of this test's own (for fault tests that stop and
+    /// reconfigure it); stopped when dropped.
+    pub fn start_private() -> Result<Self, String> {
+        Self::start_with(None)
+    }
+
+    /// `pg_ctl stop -m fast`: clients are disconnected, the server shuts down cleanly.
+    pub fn stop_fast(&self) {
+        run(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-w", "-m", "fast", "stop"])
+                .stdout(Stdio::null()),
+            "pg_ctl stop",
+        );
+    }
+
+    /// Starts the server again after [`PgServer::stop_fast`], with the same options.
+    pub fn start_again(&self) {
+        let opts = self.opts.lock().unwrap().clone();
+        run(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .arg("-l")
+                .arg(self.dir.join("log"))
+                .args(["-w", "-t", "60", "-o", &opts, "start"])
+                .stdout(Stdio::null()),
+            "pg_ctl start",
+        );
+    }
+
+    /// Replaces `pg_hba.conf` with `rules` and reloads the configuration.
+    pub fn set_hba(&self, rules: &str) {
+        let path = self.dir.join("data").join("pg_hba.conf");
+        std::fs::write(&path, rules).unwrap();
+        std::os::unix::fs::chown(&path, self.run_as_uid, None).unwrap();
+        run(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .arg("reload")
+                .stdout(Stdio::null()),
+            "pg_ctl reload",
+        );
+    }
+
     /// A second, separate server that also listens on a free loopback TCP port with TLS on
     /// (`ssl=on`, the given certificate); stopped when dropped.
     pub fn start_tls(tls: &TlsFiles) -> Result<Self, String> {
@@ -146,6 +196,7 @@ impl PgServer {
             run_as_uid,
             next_db: AtomicU32::new(0),
             port,
+            opts: std::sync::Mutex::new(String::new()),
         };
         let data = server.dir.join("data");
         run(
@@ -190,6 +241,7 @@ impl PgServer {
             }
             _ => opts.push_str(" -c listen_addresses=''"),
         }
+        opts.clone_into(&mut server.opts.lock().unwrap());
         run(
             server
                 .cmd("pg_ctl")
