@@ -326,6 +326,20 @@ pub fn issue_batch<S: Store + ?Sized, Se: Sealer + ?Sized>(
         let parent = tx
             .lock_parent(&batch.parent)?
             .ok_or_else(|| StoreError::ParentNotFound(batch.parent.clone()))?;
+        // The ledger entries the provision items will look up, in one round trip.
+        let keys: Vec<IdempotencyKey> = batch
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                BatchItem::Provision(p) => Some(IdempotencyKey {
+                    parent: parent.supi.clone(),
+                    device_id: p.device_id.clone(),
+                    request_id: p.request_id,
+                }),
+                BatchItem::Renew(_) => None,
+            })
+            .collect();
+        tx.prefetch_issuances(&keys)?;
         let ctx = BatchCtx {
             cfg,
             sealer,

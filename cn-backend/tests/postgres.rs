@@ -406,3 +406,35 @@ fn live_counter_backfill() {
     assert_eq!(store.schema_version().unwrap(), 5);
     check_backfill(&store);
 }
+
+/// A batch of 256 new credentials costs a constant number of round trips (multi-row
+/// statements), whatever its size: measured on the store's statement counter, prepared
+/// statements warm.
+#[test]
+fn batch_round_trips_are_constant() {
+    let Some(srv) = pg::server() else { return };
+    let store = open(&srv.create_db());
+    let p = add_parent(&store, 1, 10_000);
+    let mut cfg = cfg();
+    cfg.max_batch_items = 256;
+    let mut next = 0u32;
+    let mut run = |n: u32| {
+        let items = (0..n)
+            .map(|_| {
+                next += 1;
+                let mut it = prov(&format!("d{next}"), 1);
+                it.request_id.0[..4].copy_from_slice(&next.to_be_bytes());
+                BatchItem::Provision(it)
+            })
+            .collect();
+        let before = store.round_trips();
+        let out = ops::issue_batch(&store, &cfg, &batch(&p, T0, items), &sealer()).unwrap();
+        assert!(out.iter().all(|o| matches!(o, ItemOutcome::Issued { .. })));
+        store.round_trips() - before
+    };
+    run(4); // prepares the statements
+    let (one, many) = (run(1), run(256));
+    eprintln!("round trips per batch: 1 credential {one}, 256 credentials {many}");
+    assert_eq!(one, many, "a batch's round trips grow with its size");
+    assert!(many <= 16, "{many} round trips for a batch of 256");
+}

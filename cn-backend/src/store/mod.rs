@@ -338,6 +338,13 @@ pub trait WriteTx {
     fn count_active_children(&mut self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError>;
     /// Looks a request up in the idempotency ledger.
     fn issuance(&mut self, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError>;
+    /// Looks up, in advance, the ledger entries of `keys` that [`WriteTx::issuance`] will be
+    /// asked for in this transaction (one round trip instead of one per key). Engines without
+    /// round trips keep the default, which does nothing. A batch calls it with the keys of its
+    /// provision items, which is also how many SUPIs it may allocate.
+    fn prefetch_issuances(&mut self, _keys: &[IdempotencyKey]) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Records the answer to a request in the idempotency ledger.
     fn insert_issuance(
         &mut self,
