@@ -30,8 +30,6 @@ pub struct PgServer {
     /// The loopback TCP port of a TLS server ([`PgServer::start_tls`]); none for the Unix-socket
     /// server.
     pub port: Option<u16>,
-    /// The `pg_ctl start -o` options, to start it again after [`PgServer::stop_fast`].
-    opts: std::sync::Mutex<String>,
 }
 
 /// A server certificate chain and key (PEM) for [`PgServer::start_tls`].
@@ -112,9 +110,17 @@ impl PgServer {
         );
     }
 
-    /// Starts the server again after [`PgServer::stop_fast`], with the same options.
+    /// Starts the server again after [`PgServer::stop_fast`], with the same options: those
+    /// PostgreSQL recorded in `postmaster.opts` (the command line, each argument quoted, after
+    /// the binary's path), handed back through `pg_ctl -o`.
     pub fn start_again(&self) {
-        let opts = self.opts.lock().unwrap().clone();
+        let recorded =
+            std::fs::read_to_string(self.dir.join("data").join("postmaster.opts")).unwrap();
+        let opts = recorded
+            .trim()
+            .split_once(' ')
+            .map(|(_, args)| args.to_owned())
+            .unwrap_or_default();
         run(
             self.cmd("pg_ctl")
                 .arg("-D")
@@ -196,7 +202,6 @@ impl PgServer {
             run_as_uid,
             next_db: AtomicU32::new(0),
             port,
-            opts: std::sync::Mutex::new(String::new()),
         };
         let data = server.dir.join("data");
         run(
@@ -241,7 +246,6 @@ impl PgServer {
             }
             _ => opts.push_str(" -c listen_addresses=''"),
         }
-        opts.clone_into(&mut server.opts.lock().unwrap());
         run(
             server
                 .cmd("pg_ctl")
