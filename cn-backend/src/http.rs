@@ -60,9 +60,9 @@ impl IntoResponse for ApiError {
             }
             AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            AdminError::Store(crate::store::StoreError::Busy) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "busy")
-            }
+            AdminError::Store(
+                crate::store::StoreError::Busy | crate::store::StoreError::Unavailable(_),
+            ) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             AdminError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {

@@ -326,6 +326,20 @@ pub fn issue_batch<S: Store + ?Sized, Se: Sealer + ?Sized>(
         let parent = tx
             .lock_parent(&batch.parent)?
             .ok_or_else(|| StoreError::ParentNotFound(batch.parent.clone()))?;
+        // The ledger entries the provision items will look up, in one round trip.
+        let keys: Vec<IdempotencyKey> = batch
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                BatchItem::Provision(p) => Some(IdempotencyKey {
+                    parent: parent.supi.clone(),
+                    device_id: p.device_id.clone(),
+                    request_id: p.request_id,
+                }),
+                BatchItem::Renew(_) => None,
+            })
+            .collect();
+        tx.prefetch_issuances(&keys)?;
         let ctx = BatchCtx {
             cfg,
             sealer,
@@ -717,6 +731,9 @@ pub fn revoke_child<S: Store + ?Sized>(
         let child = tx
             .child(supi)?
             .ok_or_else(|| StoreError::ChildNotFound(supi.clone()))?;
+        // Parent before child, the order of every batch: the revocation moves the parent's
+        // live-children counter (PostgreSQL would otherwise see a lock-order deadlock).
+        tx.lock_parent(&child.parent)?;
         let changed = tx.revoke_child(supi, now)?;
         if changed {
             tx.append_audit(&AuditEvent {

@@ -61,6 +61,9 @@ async fn blocking<T: Send + 'static>(
 fn internal(e: &StoreError) -> ErrorMsg {
     match e {
         StoreError::Busy => ErrorMsg::retry_after(ErrorCode::Busy, "database busy", 1000),
+        StoreError::Unavailable(_) => {
+            ErrorMsg::retry_after(ErrorCode::Busy, "database unavailable", 1000)
+        }
         _ => ErrorMsg::retry_after(ErrorCode::Internal, "internal error", 2000),
     }
 }

@@ -51,7 +51,10 @@ fn durability_settings_and_file_mode() {
     let path = f.dir.path().join("cn.db");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    assert_eq!(f.store.schema_version().unwrap(), 4);
+    assert_eq!(
+        f.store.schema_version().unwrap(),
+        cn_backend::store::migrations::latest_version()
+    );
     let settings = f.store.settings().unwrap();
     assert_eq!(settings.journal_mode, "wal");
     assert!(settings.synchronous_full);
@@ -225,4 +228,24 @@ fn fresh_stores_allocate_different_sequences() {
     let sa = issue_many(&a.store, &cfg(), &pa, 20);
     let sb = issue_many(&b.store, &cfg(), &pb, 20);
     assert_ne!(sa, sb);
+}
+
+/// Schema v5's backfill: a database written by a v4 program (children active, expired and
+/// revoked) gets a live-children counter that the quota check can use at once.
+#[test]
+fn live_counter_backfill() {
+    use cn_backend::store::migrations::MIGRATIONS;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cn.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for sql in &MIGRATIONS[..4] {
+        conn.execute_batch(sql).unwrap();
+    }
+    conn.pragma_update(None, "user_version", 4).unwrap();
+    conn.execute_batch(&v4_rows_sql(|n| format!("zeroblob({n})"), "0"))
+        .unwrap();
+    drop(conn);
+    let store = open(&path);
+    assert_eq!(store.schema_version().unwrap(), 5);
+    check_backfill(&store);
 }

@@ -132,6 +132,45 @@ CREATE TABLE manufacturer_roots (
     added_at    INTEGER NOT NULL
 ) STRICT;
 "#,
+    // 5: the quota check in O(1) per parent (see `SqliteStore`'s `count_active_children`).
+    // `parents.live_children` counts the parent's children that are active and
+    // `quota_counted`, kept by the triggers below on every insert, update of status,
+    // quota_counted or parent, and delete (invariant I1). A batch first flips `quota_counted`
+    // to `expires_at > now` on the few active children where they differ (the partial indexes
+    // find exactly those), so afterwards the counter is the number of live children (I2).
+    // Backfill: every existing child counted, the counter = its active children (I1 holds).
+    r#"
+ALTER TABLE children ADD COLUMN quota_counted INTEGER NOT NULL DEFAULT 1
+    CHECK (quota_counted IN (0, 1));
+ALTER TABLE parents ADD COLUMN live_children INTEGER NOT NULL DEFAULT 0
+    CHECK (live_children >= 0);
+UPDATE parents SET live_children =
+    (SELECT count(*) FROM children c WHERE c.parent_supi = parents.supi AND c.status = 'active');
+CREATE INDEX children_counted_expiry ON children (parent_supi, expires_at)
+    WHERE status = 'active' AND quota_counted = 1;
+CREATE INDEX children_uncounted_expiry ON children (parent_supi, expires_at)
+    WHERE status = 'active' AND quota_counted = 0;
+CREATE TRIGGER children_live_insert AFTER INSERT ON children
+    WHEN NEW.status = 'active' AND NEW.quota_counted = 1
+BEGIN
+    UPDATE parents SET live_children = live_children + 1 WHERE supi = NEW.parent_supi;
+END;
+CREATE TRIGGER children_live_update AFTER UPDATE OF status, quota_counted, parent_supi ON children
+    WHEN (OLD.status = 'active' AND OLD.quota_counted = 1)
+         IS NOT (NEW.status = 'active' AND NEW.quota_counted = 1)
+      OR OLD.parent_supi IS NOT NEW.parent_supi
+BEGIN
+    UPDATE parents SET live_children = live_children - 1
+        WHERE supi = OLD.parent_supi AND OLD.status = 'active' AND OLD.quota_counted = 1;
+    UPDATE parents SET live_children = live_children + 1
+        WHERE supi = NEW.parent_supi AND NEW.status = 'active' AND NEW.quota_counted = 1;
+END;
+CREATE TRIGGER children_live_delete AFTER DELETE ON children
+    WHEN OLD.status = 'active' AND OLD.quota_counted = 1
+BEGIN
+    UPDATE parents SET live_children = live_children - 1 WHERE supi = OLD.parent_supi;
+END;
+"#,
 ];
 
 /// The schema version this program writes.
@@ -156,7 +195,8 @@ pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
         let latest = latest_version();
         if version > latest {
             return Err(StoreError::Schema(format!(
-                "database schema version {version} is newer than this program's ({latest})"
+                "database schema version {version} is newer than this program's ({latest}): \
+                 run the cn-backend release that upgraded it, or a newer one"
             )));
         }
         let Some(sql) = MIGRATIONS.get(version as usize) else {

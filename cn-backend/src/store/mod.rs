@@ -38,11 +38,19 @@ pub enum StoreError {
     /// The database stayed locked by another writer longer than the busy timeout.
     #[error("database is busy")]
     Busy,
+    /// The database server cannot be reached or closed the connection (restart, failover,
+    /// network): a retry later may succeed. Nothing of the failed call was committed unless the
+    /// connection was lost during the commit itself, which an idempotent retry resolves.
+    #[error("{0}")]
+    Unavailable(String),
     /// Secrets at rest could not be decrypted or encrypted.
     #[error(transparent)]
     Kek(#[from] KekError),
     /// The database was created with a different KEK.
-    #[error("the KEK does not match this database")]
+    #[error(
+        "the KEK does not match this database: use the kek.key the database was created with \
+         (every instance of a fleet needs the same one)"
+    )]
     WrongKek,
     /// The database schema is newer than this program, or unknown.
     #[error("schema: {0}")]
@@ -322,10 +330,21 @@ pub trait WriteTx {
         policy: &ParentPolicy,
         now: Timestamp,
     ) -> Result<(), StoreError>;
-    /// Counts active children of `parent` with `expires_at > now`.
+    /// Counts active children of `parent` with `expires_at > now`, in O(1) per parent
+    /// (amortised): engines keep a counter of the parent's live children in the parent row
+    /// (schema v5), reconciled here with the children that expired since (or, on a clock
+    /// behind, that are live again), so the result is exactly that count for any `now`. Call
+    /// it with the parent locked ([`WriteTx::lock_parent`]).
     fn count_active_children(&mut self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError>;
     /// Looks a request up in the idempotency ledger.
     fn issuance(&mut self, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError>;
+    /// Looks up, in advance, the ledger entries of `keys` that [`WriteTx::issuance`] will be
+    /// asked for in this transaction (one round trip instead of one per key). Engines without
+    /// round trips keep the default, which does nothing. A batch calls it with the keys of its
+    /// provision items, which is also how many SUPIs it may allocate.
+    fn prefetch_issuances(&mut self, _keys: &[IdempotencyKey]) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Records the answer to a request in the idempotency ledger.
     fn insert_issuance(
         &mut self,

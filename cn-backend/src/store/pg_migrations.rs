@@ -122,6 +122,60 @@ CREATE TABLE manufacturer_roots (
     added_at    BIGINT NOT NULL
 );
 "#,
+    // 5: the quota check in O(1) per parent; the same invariant as SQLite's version 5:
+    // `parents.live_children` = the parent's children that are active and `quota_counted` (I1),
+    // kept by triggers in the writing transaction (statement-level for inserts, so a multi-row
+    // insert updates the parent once). The counter's row is the parent row, which every batch
+    // has locked first (`SELECT … FOR UPDATE`), so racing instances are serialised on it.
+    r#"
+ALTER TABLE children ADD COLUMN quota_counted BOOLEAN NOT NULL DEFAULT true;
+ALTER TABLE parents ADD COLUMN live_children BIGINT NOT NULL DEFAULT 0
+    CHECK (live_children >= 0);
+UPDATE parents SET live_children =
+    (SELECT count(*) FROM children c WHERE c.parent_supi = parents.supi AND c.status = 'active');
+CREATE INDEX children_counted_expiry ON children (parent_supi, expires_at)
+    WHERE status = 'active' AND quota_counted;
+CREATE INDEX children_uncounted_expiry ON children (parent_supi, expires_at)
+    WHERE status = 'active' AND NOT quota_counted;
+CREATE FUNCTION children_live_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE parents p SET live_children = p.live_children + n.added
+    FROM (SELECT parent_supi, count(*) AS added FROM new_children
+          WHERE status = 'active' AND quota_counted GROUP BY parent_supi) n
+    WHERE p.supi = n.parent_supi;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER children_live_insert AFTER INSERT ON children
+    REFERENCING NEW TABLE AS new_children
+    FOR EACH STATEMENT EXECUTE FUNCTION children_live_insert();
+CREATE FUNCTION children_live_change() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    was BOOLEAN := false;
+    is_now BOOLEAN := false;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        was := OLD.status = 'active' AND OLD.quota_counted;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        is_now := NEW.status = 'active' AND NEW.quota_counted;
+    END IF;
+    IF TG_OP = 'UPDATE' AND was = is_now AND OLD.parent_supi = NEW.parent_supi THEN
+        RETURN NULL;
+    END IF;
+    IF was THEN
+        UPDATE parents SET live_children = live_children - 1 WHERE supi = OLD.parent_supi;
+    END IF;
+    IF is_now THEN
+        UPDATE parents SET live_children = live_children + 1 WHERE supi = NEW.parent_supi;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER children_live_change
+    AFTER UPDATE OF status, quota_counted, parent_supi OR DELETE ON children
+    FOR EACH ROW EXECUTE FUNCTION children_live_change();
+"#,
 ];
 
 /// The schema version this program writes.
@@ -164,7 +218,8 @@ pub fn migrate(client: &mut Client) -> Result<u32, StoreError> {
     let latest = latest_version();
     if version > latest {
         return Err(StoreError::Schema(format!(
-            "database schema version {version} is newer than this program's ({latest})"
+            "database schema version {version} is newer than this program's ({latest}): \
+                 run the cn-backend release that upgraded it, or a newer one"
         )));
     }
     while let Some(sql) = MIGRATIONS.get(version as usize) {

@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -159,8 +160,32 @@ impl PgConfig {
     }
 }
 
+/// Whether `e` says the server is unreachable or gone (closed connection, I/O error,
+/// SQLSTATE class 08, or the server shutting down or starting up), rather than refusing the
+/// statement.
+fn is_connection_error(e: &postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let c = db.code().code();
+        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03");
+    }
+    if e.is_closed() {
+        return true;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
 /// Maps a driver error onto [`StoreError`], with the server's message when there is one.
 pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
+    if is_connection_error(&e) {
+        return StoreError::Unavailable(format!("PostgreSQL unavailable: {}", error_text(&e)));
+    }
     if let Some(db) = e.as_db_error() {
         return StoreError::Database(format!(
             "{}: {} (SQLSTATE {})",
@@ -169,8 +194,21 @@ pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
             db.code().code()
         ));
     }
+    StoreError::Database(error_text(&e))
+}
+
+/// The driver's message with its sources, on one line.
+fn error_text(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
     let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
+    let mut src = std::error::Error::source(e);
     while let Some(s) = src {
         let s_msg = s.to_string();
         if !msg.contains(&s_msg) {
@@ -178,7 +216,7 @@ pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
         }
         src = s.source();
     }
-    StoreError::Database(msg)
+    msg.replace('\n', " ")
 }
 
 fn is_retryable(e: &postgres::Error) -> bool {
@@ -346,6 +384,7 @@ fn audit_from_row(row: &Row) -> Result<AuditRecord, StoreError> {
 struct Db<'a, C> {
     c: &'a mut C,
     stmts: &'a mut HashMap<String, Statement>,
+    trips: &'a AtomicU64,
 }
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
@@ -353,9 +392,11 @@ type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 impl<C: GenericClient> Db<'_, C> {
     /// The prepared statement for `sql`, prepared on first use on this connection.
     fn stmt(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        self.trips.fetch_add(1, Ordering::Relaxed);
         if let Some(s) = self.stmts.get(sql) {
             return Ok(s.clone());
         }
+        self.trips.fetch_add(1, Ordering::Relaxed);
         let s = self.c.prepare(sql)?;
         self.stmts.insert(sql.to_owned(), s.clone());
         Ok(s)
@@ -553,6 +594,8 @@ pub struct PgStore {
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     kek: Kek,
     pool: Mutex<Vec<Conn>>,
+    /// Statements sent (prepares, executions, BEGIN/COMMIT): [`PgStore::round_trips`].
+    trips: AtomicU64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -597,6 +640,7 @@ impl PgStore {
             tls,
             kek,
             pool: Mutex::new(Vec::new()),
+            trips: AtomicU64::new(0),
         };
         let mut conn = store.take()?;
         pg_migrations::migrate(&mut conn.client)?;
@@ -615,11 +659,24 @@ impl PgStore {
             Some(tls) => self.config.config.connect(tls.clone()),
             None => self.config.config.connect(NoTls),
         };
-        r.map_err(|e| match pg_err(e) {
-            StoreError::Database(m) => {
-                StoreError::Database(format!("cannot connect to PostgreSQL: {m}"))
+        r.map_err(|e| {
+            let m = error_text(&e);
+            match e.code().map(SqlState::code) {
+                // invalid_authorization_specification, invalid_password
+                Some("28000" | "28P01") => StoreError::Database(format!(
+                    "PostgreSQL refused the login: {m}; check the user and password of the \
+                     store URL ([store] url in cn-backend.toml, or --store)"
+                )),
+                Some("3D000") => StoreError::Database(format!(
+                    "cannot connect to PostgreSQL: {m}; create the database or correct the \
+                     store URL ([store] url in cn-backend.toml, or --store)"
+                )),
+                _ => StoreError::Unavailable(format!(
+                    "cannot connect to PostgreSQL: {m}; check that the server is running and \
+                     reachable at the host of the store URL ([store] url in cn-backend.toml, or \
+                     --store)"
+                )),
             }
-            other => other,
         })
     }
 
@@ -648,15 +705,30 @@ impl PgStore {
         }
     }
 
+    /// Runs a read on a pooled connection. A pooled connection the server closed since (a
+    /// restart) fails its first statement: a read has no effect, so it runs once more on a
+    /// new connection.
     fn read<T>(
         &self,
-        f: impl FnOnce(&mut Db<'_, Client>) -> Result<T, StoreError>,
+        mut f: impl FnMut(&mut Db<'_, Client>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.take()?;
-        let out = f(&mut Db {
+        let mut out = f(&mut Db {
             c: &mut conn.client,
             stmts: &mut conn.stmts,
+            trips: &self.trips,
         });
+        if matches!(out, Err(StoreError::Unavailable(_))) && conn.client.is_closed() {
+            conn = Conn {
+                client: self.connect()?,
+                stmts: HashMap::new(),
+            };
+            out = f(&mut Db {
+                c: &mut conn.client,
+                stmts: &mut conn.stmts,
+                trips: &self.trips,
+            });
+        }
         self.put_back(conn);
         out
     }
@@ -678,6 +750,12 @@ impl PgStore {
         } else {
             Err(StoreError::WrongKek)
         }
+    }
+
+    /// Statements this store has sent so far (executions, prepares on first use, BEGIN and
+    /// COMMIT): what the round trips of an operation cost, for tests and benchmarks.
+    pub fn round_trips(&self) -> u64 {
+        self.trips.load(Ordering::Relaxed)
     }
 
     /// The schema version of the database.
@@ -704,19 +782,228 @@ impl Drop for PgStore {
 /// Encrypted K and OPc as stored.
 type EncKeys = (Vec<u8>, Vec<u8>);
 
+/// Rows a batch writes (new children with their encrypted K and OPc, ledger entries, audit
+/// entries), kept in memory until a statement needs them in the database or the transaction
+/// commits, then written with one multi-row statement per table: a batch's new credentials cost
+/// a constant number of round trips, not three per credential.
+#[derive(Default)]
+struct Deferred {
+    children: Vec<(ChildCredential, Vec<u8>, Vec<u8>)>,
+    issuances: Vec<(IdempotencyKey, Issuance)>,
+    audit: Vec<AuditEvent>,
+}
+
+/// Lengths of the three [`Deferred`] lists.
+type Mark = (usize, usize, usize);
+
+impl Deferred {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.issuances.is_empty() && self.audit.is_empty()
+    }
+
+    fn mark(&self) -> Mark {
+        (self.children.len(), self.issuances.len(), self.audit.len())
+    }
+
+    fn truncate(&mut self, (c, i, a): Mark) {
+        self.children.truncate(c);
+        self.issuances.truncate(i);
+        self.audit.truncate(a);
+    }
+
+    /// Keeps the rows before `mark`, returns the rest.
+    fn split_off(&mut self, (c, i, a): Mark) -> Deferred {
+        Deferred {
+            children: self.children.split_off(c),
+            issuances: self.issuances.split_off(i),
+            audit: self.audit.split_off(a),
+        }
+    }
+}
+
+/// Candidate SUPIs checked against the database at once by [`WriteTx::allocate_supi`], at
+/// least; a batch announces how many it may need ([`WriteTx::prefetch_issuances`]).
+const SUPI_CANDIDATES: usize = 16;
+
 /// A write transaction on the PostgreSQL engine.
 struct PgTx<'a, 'c> {
     tx: &'a mut postgres::Transaction<'c>,
     stmts: &'a mut HashMap<String, Statement>,
+    trips: &'a AtomicU64,
     kek: &'a Kek,
     /// Set when a statement failed with a serialisation failure or deadlock: the whole
     /// transaction is then retried.
     retry: bool,
+    /// Writes not sent yet. Invariant: every other statement runs after [`PgTx::flush`], except
+    /// the reads that consult these rows first ([`WriteTx::issuance`], [`WriteTx::child`],
+    /// [`WriteTx::allocate_supi`]'s candidates).
+    deferred: Deferred,
+    /// The open item savepoint: where its rows begin in `deferred`. The SQL savepoint is only
+    /// opened when something of the item must reach the database before it ends.
+    item: Option<Mark>,
+    /// Whether `SAVEPOINT batch_item` was sent for the open item.
+    savepoint_open: bool,
+    /// Ledger lookups answered in advance ([`WriteTx::prefetch_issuances`]); a key is dropped
+    /// when its entry is written, after which the database answers.
+    known_issuances: Vec<(IdempotencyKey, Option<Issuance>)>,
+    /// SUPIs of the range `reserve_range` found free in this transaction, not handed out yet.
+    reserve: Vec<Supi>,
+    reserve_range: Option<(String, u64, u64)>,
+    /// SUPIs the batch may still allocate (its provision items), for the size of a refill.
+    expected_allocations: usize,
 }
 
 impl<'c> PgTx<'_, 'c> {
+    /// Sends the deferred rows. Inside an item whose SQL savepoint is not open yet, the rows
+    /// before the item go first, then the savepoint, then the item's, so that
+    /// [`WriteTx::rollback_item`] still undoes exactly the item.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        if let Some(mark) = self.item
+            && !self.savepoint_open
+        {
+            let tail = self.deferred.split_off(mark);
+            self.write_deferred()?;
+            self.exec("SAVEPOINT batch_item", &[])?;
+            self.savepoint_open = true;
+            self.deferred = tail;
+        }
+        self.write_deferred()?;
+        if self.item.is_some() {
+            self.item = Some((0, 0, 0));
+        }
+        Ok(())
+    }
+
+    /// Writes `deferred` with one statement per table (children before the ledger entries
+    /// that reference them) and empties it. A unique violation can only come from another
+    /// transaction that took a SUPI meanwhile: the transaction is run again.
+    fn write_deferred(&mut self) -> Result<(), StoreError> {
+        let d = std::mem::take(&mut self.deferred);
+        if !d.children.is_empty() {
+            let cs = &d.children;
+            let supi: Vec<&str> = cs.iter().map(|(c, _, _)| c.supi.as_str()).collect();
+            let parent: Vec<&str> = cs.iter().map(|(c, _, _)| c.parent.as_str()).collect();
+            let device: Vec<&str> = cs.iter().map(|(c, _, _)| c.device_id.as_str()).collect();
+            let fp: Vec<&[u8]> = cs
+                .iter()
+                .map(|(c, _, _)| c.device_key_fingerprint.0.as_slice())
+                .collect();
+            let rid: Vec<&[u8]> = cs
+                .iter()
+                .map(|(c, _, _)| c.request_id.0.as_slice())
+                .collect();
+            let k: Vec<&[u8]> = cs.iter().map(|(_, k, _)| k.as_slice()).collect();
+            let opc: Vec<&[u8]> = cs.iter().map(|(_, _, o)| o.as_slice()).collect();
+            let amf: Vec<&[u8]> = cs.iter().map(|(c, _, _)| c.amf.0.as_slice()).collect();
+            let sqn: Vec<i64> = cs.iter().map(|(c, _, _)| sql_sqn(c.sqn)).collect();
+            let issued: Vec<i64> = cs.iter().map(|(c, _, _)| c.issued_at.0).collect();
+            let expires: Vec<i64> = cs.iter().map(|(c, _, _)| c.expires_at.0).collect();
+            let renewed: Vec<Option<i64>> = cs
+                .iter()
+                .map(|(c, _, _)| c.renewed_at.map(|t| t.0))
+                .collect();
+            let roaming: Vec<bool> = cs
+                .iter()
+                .map(|(c, _, _)| c.restrictions.roaming_allowed)
+                .collect();
+            let dnns: Vec<String> = cs
+                .iter()
+                .map(|(c, _, _)| join_dnns(&c.restrictions.allowed_dnns))
+                .collect();
+            let rate: Vec<Option<i64>> = cs
+                .iter()
+                .map(|(c, _, _)| c.restrictions.max_bitrate_kbps.map(i64::from))
+                .collect();
+            let status: Vec<&str> = cs.iter().map(|(c, _, _)| c.status.as_str()).collect();
+            let revoked: Vec<Option<i64>> = cs
+                .iter()
+                .map(|(c, _, _)| c.revoked_at.map(|t| t.0))
+                .collect();
+            let spki: Vec<Option<&[u8]>> = cs
+                .iter()
+                .map(|(c, _, _)| c.device_spki.as_deref())
+                .collect();
+            self.exec_rows(
+                "INSERT INTO children (supi, parent_supi, device_id, device_key_fp, request_id, \
+                 k_enc, opc_enc, amf, sqn, issued_at, expires_at, renewed_at, roaming_allowed, \
+                 allowed_dnns, max_bitrate_kbps, status, revoked_at, device_spki) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], \
+                 $5::bytea[], $6::bytea[], $7::bytea[], $8::bytea[], $9::int8[], $10::int8[], \
+                 $11::int8[], $12::int8[], $13::bool[], $14::text[], $15::int8[], $16::text[], \
+                 $17::int8[], $18::bytea[])",
+                &[
+                    &supi, &parent, &device, &fp, &rid, &k, &opc, &amf, &sqn, &issued, &expires,
+                    &renewed, &roaming, &dnns, &rate, &status, &revoked, &spki,
+                ],
+            )?;
+        }
+        if !d.issuances.is_empty() {
+            let is = &d.issuances;
+            self.known_issuances
+                .retain(|(k, _)| !is.iter().any(|(w, _)| w == k));
+            let parent: Vec<&str> = is.iter().map(|(k, _)| k.parent.as_str()).collect();
+            let device: Vec<&str> = is.iter().map(|(k, _)| k.device_id.as_str()).collect();
+            let rid: Vec<&[u8]> = is.iter().map(|(k, _)| k.request_id.0.as_slice()).collect();
+            let child: Vec<&str> = is.iter().map(|(_, i)| i.child_supi.as_str()).collect();
+            let kind: Vec<&str> = is.iter().map(|(_, i)| i.kind.as_str()).collect();
+            let sealed: Vec<&[u8]> = is.iter().map(|(_, i)| i.sealed.as_slice()).collect();
+            let at: Vec<i64> = is.iter().map(|(_, i)| i.created_at.0).collect();
+            self.exec_rows(
+                "INSERT INTO issuances (parent_supi, device_id, request_id, child_supi, kind, \
+                 sealed, created_at) SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], \
+                 $4::text[], $5::text[], $6::bytea[], $7::int8[])",
+                &[&parent, &device, &rid, &child, &kind, &sealed, &at],
+            )?;
+        }
+        if !d.audit.is_empty() {
+            let es = &d.audit;
+            let at: Vec<i64> = es.iter().map(|e| e.at.0).collect();
+            let actor: Vec<&str> = es.iter().map(|e| e.actor.as_str()).collect();
+            let action: Vec<&str> = es.iter().map(|e| e.action.as_str()).collect();
+            let supi: Vec<&str> = es.iter().map(|e| e.supi.as_str()).collect();
+            let parent: Vec<Option<&str>> = es
+                .iter()
+                .map(|e| e.parent.as_ref().map(Supi::as_str))
+                .collect();
+            let device: Vec<Option<&str>> = es
+                .iter()
+                .map(|e| e.device_id.as_ref().map(DeviceId::as_str))
+                .collect();
+            let rid: Vec<Option<&[u8]>> = es
+                .iter()
+                .map(|e| e.request_id.as_ref().map(|r| r.0.as_slice()))
+                .collect();
+            let detail: Vec<&str> = es.iter().map(|e| e.detail.as_str()).collect();
+            // WITH ORDINALITY + ORDER BY: identities follow the order of the entries.
+            self.exec_rows(
+                "INSERT INTO audit (at, actor, action, supi, parent_supi, device_id, request_id, \
+                 detail) SELECT a, b, c, d, e, f, g, h FROM unnest($1::int8[], $2::text[], \
+                 $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[]) \
+                 WITH ORDINALITY AS u(a, b, c, d, e, f, g, h, n) ORDER BY n",
+                &[&at, &actor, &action, &supi, &parent, &device, &rid, &detail],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// [`PgTx::exec`] for the multi-row inserts: a unique violation retries the transaction.
+    fn exec_rows(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
+        match self.db().execute(sql, params) {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => {
+                self.retry = true;
+                Err(pg_err(e))
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
     fn db(&mut self) -> Db<'_, postgres::Transaction<'c>> {
         Db {
+            trips: self.trips,
             c: &mut *self.tx,
             stmts: &mut *self.stmts,
         }
@@ -802,6 +1089,7 @@ impl<'c> PgTx<'_, 'c> {
 
 impl WriteTx for PgTx<'_, '_> {
     fn lock_parent(&mut self, supi: &Supi) -> Result<Option<Parent>, StoreError> {
+        self.flush()?;
         match self.db().query_opt(
             &format!("SELECT {PARENT_COLS} FROM parents WHERE supi = $1 FOR UPDATE"),
             &[&supi.as_str()],
@@ -812,6 +1100,7 @@ impl WriteTx for PgTx<'_, '_> {
     }
 
     fn insert_parent(&mut self, parent: &NewParent, now: Timestamp) -> Result<(), StoreError> {
+        self.flush()?;
         if self.q(|c| q_supi_taken(c, &parent.supi))? {
             return Err(StoreError::Duplicate(parent.supi.clone()));
         }
@@ -850,6 +1139,7 @@ impl WriteTx for PgTx<'_, '_> {
         status: SubscriptionStatus,
         now: Timestamp,
     ) -> Result<(), StoreError> {
+        self.flush()?;
         let n = self.exec(
             "UPDATE parents SET status = $2, updated_at = $3 WHERE supi = $1",
             &[&supi.as_str(), &status.as_str(), &now.0],
@@ -866,6 +1156,7 @@ impl WriteTx for PgTx<'_, '_> {
         policy: &ParentPolicy,
         now: Timestamp,
     ) -> Result<(), StoreError> {
+        self.flush()?;
         let n = self.exec(
             "UPDATE parents SET max_children = $2, max_lifetime_s = $3, roaming_allowed = $4, \
              allowed_dnns = $5, max_bitrate_kbps = $6, updated_at = $7, \
@@ -887,12 +1178,81 @@ impl WriteTx for PgTx<'_, '_> {
         Ok(())
     }
 
+    /// O(1) per parent (amortised), as on SQLite (see `SqliteTx::count_active_children` for
+    /// the invariants I1 and I2): one update flips `quota_counted` to `expires_at > now` on the
+    /// active children where they differ (two partial-index range scans), the triggers move the
+    /// counter, and the counter is read. The caller holds the parent row (`lock_parent`), so a
+    /// racing instance's batch for the same parent waits until this one commits and then, at
+    /// READ COMMITTED, reads the counter it left.
     fn count_active_children(&mut self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError> {
-        self.q(|c| q_count_active(c, parent, now))
+        self.flush()?;
+        self.exec(
+            "UPDATE children SET quota_counted = NOT quota_counted WHERE supi IN ( \
+               SELECT supi FROM children \
+                WHERE parent_supi = $1 AND status = 'active' AND quota_counted \
+                  AND expires_at <= $2 \
+               UNION ALL \
+               SELECT supi FROM children \
+                WHERE parent_supi = $1 AND status = 'active' AND NOT quota_counted \
+                  AND expires_at > $2)",
+            &[&parent.as_str(), &now.0],
+        )?;
+        let row = match self.db().query_opt(
+            "SELECT live_children FROM parents WHERE supi = $1",
+            &[&parent.as_str()],
+        ) {
+            Ok(r) => r,
+            Err(e) => return Err(self.err(e)),
+        };
+        let row = row.ok_or_else(|| StoreError::ParentNotFound(parent.clone()))?;
+        u32_at(&row, 0)
     }
 
     fn issuance(&mut self, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError> {
+        if let Some((_, i)) = self.deferred.issuances.iter().find(|(k, _)| k == key) {
+            return Ok(Some(i.clone()));
+        }
+        if let Some((_, i)) = self.known_issuances.iter().find(|(k, _)| k == key) {
+            return Ok(i.clone());
+        }
         self.q(|c| q_issuance(c, key))
+    }
+
+    fn prefetch_issuances(&mut self, keys: &[IdempotencyKey]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let parent: Vec<&str> = keys.iter().map(|k| k.parent.as_str()).collect();
+        let device: Vec<&str> = keys.iter().map(|k| k.device_id.as_str()).collect();
+        let rid: Vec<&[u8]> = keys.iter().map(|k| k.request_id.0.as_slice()).collect();
+        let rows = match self.db().query(
+            "SELECT k.n, s.child_supi, s.kind, s.sealed, s.created_at \
+             FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS k(p, d, r, n) \
+             JOIN issuances s ON s.parent_supi = k.p AND s.device_id = k.d AND s.request_id = k.r",
+            &[&parent, &device, &rid],
+        ) {
+            Ok(r) => r,
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut found: Vec<Option<Issuance>> = vec![None; keys.len()];
+        for r in &rows {
+            let n: i64 = get(r, 0)?;
+            let kind: String = get(r, 2)?;
+            let slot = usize::try_from(n - 1)
+                .ok()
+                .and_then(|i| found.get_mut(i))
+                .ok_or_else(|| corrupt("ledger lookup out of range"))?;
+            *slot = Some(Issuance {
+                child_supi: supi_at(r, 1)?,
+                kind: IssuanceKind::parse(&kind)
+                    .ok_or_else(|| corrupt(format!("unknown issuance kind {kind:?}")))?,
+                sealed: get(r, 3)?,
+                created_at: Timestamp(get(r, 4)?),
+            });
+        }
+        self.known_issuances.extend(keys.iter().cloned().zip(found));
+        self.expected_allocations += keys.len();
+        Ok(())
     }
 
     fn insert_issuance(
@@ -900,27 +1260,26 @@ impl WriteTx for PgTx<'_, '_> {
         key: &IdempotencyKey,
         issuance: &Issuance,
     ) -> Result<(), StoreError> {
-        self.exec(
-            "INSERT INTO issuances (parent_supi, device_id, request_id, child_supi, kind, \
-             sealed, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &key.parent.as_str(),
-                &key.device_id.as_str(),
-                &key.request_id.0.as_slice(),
-                &issuance.child_supi.as_str(),
-                &issuance.kind.as_str(),
-                &issuance.sealed,
-                &issuance.created_at.0,
-            ],
-        )?;
+        self.deferred
+            .issuances
+            .push((key.clone(), issuance.clone()));
         Ok(())
     }
 
     fn child(&mut self, supi: &Supi) -> Result<Option<ChildCredential>, StoreError> {
+        if let Some((c, _, _)) = self
+            .deferred
+            .children
+            .iter()
+            .find(|(c, _, _)| c.supi == *supi)
+        {
+            return Ok(Some(c.clone()));
+        }
         self.q(|c| q_child(c, supi, false))
     }
 
     fn keys(&mut self, supi: &Supi) -> Result<Option<SubscriberKeys>, StoreError> {
+        self.flush()?;
         for table in [PARENTS, CHILDREN] {
             if let Some((k, opc)) = self.enc_keys(table, supi)? {
                 return self.open_keys(table, supi, &k, &opc).map(Some);
@@ -930,6 +1289,57 @@ impl WriteTx for PgTx<'_, '_> {
     }
 
     fn allocate_supi(&mut self, range: &ImsiRange) -> Result<Supi, StoreError> {
+        // Uniform draws checked in bulk: SUPI_CANDIDATES random ones, one query for those a
+        // parent or child holds, the free ones kept for the next calls of this transaction.
+        let key = (
+            range.plmn().to_owned(),
+            range.first_msin(),
+            range.last_msin(),
+        );
+        if self.reserve_range.as_ref() != Some(&key) {
+            self.reserve.clear();
+            self.reserve_range = Some(key);
+        }
+        for refill in 0..2 {
+            while let Some(s) = self.reserve.pop() {
+                if !self.deferred.children.iter().any(|(c, _, _)| c.supi == s) {
+                    self.expected_allocations = self.expected_allocations.saturating_sub(1);
+                    return Ok(s);
+                }
+            }
+            if refill == 1 {
+                break;
+            }
+            // Enough for the rest of the batch, with a margin for draws that are taken.
+            let want =
+                SUPI_CANDIDATES.max(self.expected_allocations + self.expected_allocations / 4);
+            let mut candidates: Vec<String> = Vec::with_capacity(want);
+            for _ in 0..want {
+                let s = range_supi(range, random_msin(range)?)?.as_str().to_owned();
+                if !candidates.contains(&s) {
+                    candidates.push(s);
+                }
+            }
+            let rows = match self.db().query(
+                "SELECT supi FROM children WHERE supi = ANY($1) \
+                 UNION ALL SELECT supi FROM parents WHERE supi = ANY($1)",
+                &[&candidates],
+            ) {
+                Ok(r) => r,
+                Err(e) => return Err(self.err(e)),
+            };
+            let taken: Vec<String> = rows
+                .iter()
+                .map(|r| get::<String>(r, 0))
+                .collect::<Result<_, _>>()?;
+            for c in candidates {
+                if !taken.contains(&c) {
+                    self.reserve.push(Supi::parse(&c).map_err(corrupt)?);
+                }
+            }
+        }
+        // A nearly full range: the rows in flight first, then the probes and walks below.
+        self.flush()?;
         for _ in 0..RANDOM_PROBES {
             let msin = random_msin(range)?;
             let supi = range_supi(range, msin)?;
@@ -959,6 +1369,7 @@ impl WriteTx for PgTx<'_, '_> {
         parent: &Supi,
         since: Timestamp,
     ) -> Result<(u32, Option<Timestamp>), StoreError> {
+        self.flush()?;
         let row = match self.db().query_one(
             "SELECT count(*), min(issued_at) FROM children \
              WHERE parent_supi = $1 AND issued_at >= $2",
@@ -974,53 +1385,43 @@ impl WriteTx for PgTx<'_, '_> {
     }
 
     fn item_savepoint(&mut self) -> Result<(), StoreError> {
-        self.exec("SAVEPOINT batch_item", &[]).map(drop)
+        self.item = Some(self.deferred.mark());
+        self.savepoint_open = false;
+        Ok(())
     }
 
     fn release_item(&mut self) -> Result<(), StoreError> {
-        self.exec("RELEASE SAVEPOINT batch_item", &[]).map(drop)
+        if std::mem::take(&mut self.savepoint_open) {
+            self.exec("RELEASE SAVEPOINT batch_item", &[])?;
+        }
+        self.item = None;
+        Ok(())
     }
 
     fn rollback_item(&mut self) -> Result<(), StoreError> {
-        self.exec("ROLLBACK TO SAVEPOINT batch_item", &[])?;
-        self.exec("RELEASE SAVEPOINT batch_item", &[]).map(drop)
+        if std::mem::take(&mut self.savepoint_open) {
+            self.exec("ROLLBACK TO SAVEPOINT batch_item", &[])?;
+            self.exec("RELEASE SAVEPOINT batch_item", &[])?;
+        }
+        if let Some(mark) = self.item.take() {
+            self.deferred.truncate(mark);
+        }
+        Ok(())
     }
 
     fn insert_child(&mut self, new: &NewChild) -> Result<(), StoreError> {
         let c = &new.child;
-        let (k, opc) = self.seal_keys(CHILDREN, &c.supi, &new.keys)?;
-        let r = self.db().execute(
-            "INSERT INTO children (supi, parent_supi, device_id, device_key_fp, request_id, \
-             k_enc, opc_enc, amf, sqn, issued_at, expires_at, renewed_at, roaming_allowed, \
-             allowed_dnns, max_bitrate_kbps, status, revoked_at, device_spki) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18)",
-            &[
-                &c.supi.as_str(),
-                &c.parent.as_str(),
-                &c.device_id.as_str(),
-                &c.device_key_fingerprint.0.as_slice(),
-                &c.request_id.0.as_slice(),
-                &k,
-                &opc,
-                &c.amf.0.as_slice(),
-                &sql_sqn(c.sqn),
-                &c.issued_at.0,
-                &c.expires_at.0,
-                &c.renewed_at.map(|t| t.0),
-                &c.restrictions.roaming_allowed,
-                &join_dnns(&c.restrictions.allowed_dnns),
-                &c.restrictions.max_bitrate_kbps.map(i64::from),
-                &c.status.as_str(),
-                &c.revoked_at.map(|t| t.0),
-                &c.device_spki,
-            ],
-        );
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Duplicate(c.supi.clone())),
-            Err(e) => Err(self.err(e)),
+        if self
+            .deferred
+            .children
+            .iter()
+            .any(|(d, _, _)| d.supi == c.supi)
+        {
+            return Err(StoreError::Duplicate(c.supi.clone()));
         }
+        let (k, opc) = self.seal_keys(CHILDREN, &c.supi, &new.keys)?;
+        self.deferred.children.push((c.clone(), k, opc));
+        Ok(())
     }
 
     fn renew_child(
@@ -1030,6 +1431,7 @@ impl WriteTx for PgTx<'_, '_> {
         restrictions: &Restrictions,
         now: Timestamp,
     ) -> Result<(), StoreError> {
+        self.flush()?;
         let n = self.exec(
             "UPDATE children SET expires_at = $2, roaming_allowed = $3, allowed_dnns = $4, \
              max_bitrate_kbps = $5, renewed_at = $6 WHERE supi = $1",
@@ -1049,6 +1451,7 @@ impl WriteTx for PgTx<'_, '_> {
     }
 
     fn revoke_child(&mut self, supi: &Supi, now: Timestamp) -> Result<bool, StoreError> {
+        self.flush()?;
         let n = self.exec(
             "UPDATE children SET status = 'revoked', revoked_at = $2 \
              WHERE supi = $1 AND status = 'active'",
@@ -1065,6 +1468,7 @@ impl WriteTx for PgTx<'_, '_> {
         parent: &Supi,
         now: Timestamp,
     ) -> Result<Vec<ChildCredential>, StoreError> {
+        self.flush()?;
         let rows = match self.db().query(
             &format!(
                 "UPDATE children c SET status = 'revoked', revoked_at = $2 \
@@ -1084,6 +1488,7 @@ impl WriteTx for PgTx<'_, '_> {
     }
 
     fn aka_material(&mut self, supi: &Supi) -> Result<Option<AkaMaterial>, StoreError> {
+        self.flush()?;
         // The row is locked: the caller reserves the next SQN from the value read here.
         if let Some(parent) = self.q(|c| q_parent(c, supi, true))? {
             let Some((k, opc)) = self.enc_keys(PARENTS, supi)? else {
@@ -1119,6 +1524,7 @@ impl WriteTx for PgTx<'_, '_> {
     }
 
     fn set_sqn(&mut self, supi: &Supi, sqn: Sqn) -> Result<(), StoreError> {
+        self.flush()?;
         let sqn = sql_sqn(sqn);
         for sql in [
             "UPDATE parents SET sqn = $2 WHERE supi = $1",
@@ -1136,6 +1542,7 @@ impl WriteTx for PgTx<'_, '_> {
         supi: &Supi,
         now: Timestamp,
     ) -> Result<AkaFailures, StoreError> {
+        self.flush()?;
         let row = match self.db().query_one(
             "INSERT INTO aka_failures AS f (supi, count, first_at, last_at) \
              VALUES ($1, 1, $2, $2) \
@@ -1150,6 +1557,7 @@ impl WriteTx for PgTx<'_, '_> {
     }
 
     fn clear_aka_failures(&mut self, supi: &Supi) -> Result<(), StoreError> {
+        self.flush()?;
         self.exec(
             "DELETE FROM aka_failures WHERE supi = $1",
             &[&supi.as_str()],
@@ -1158,21 +1566,8 @@ impl WriteTx for PgTx<'_, '_> {
     }
 
     fn append_audit(&mut self, e: &AuditEvent) -> Result<(), StoreError> {
-        self.exec(
-            "INSERT INTO audit (at, actor, action, supi, parent_supi, device_id, request_id, \
-             detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            &[
-                &e.at.0,
-                &e.actor,
-                &e.action.as_str(),
-                &e.supi.as_str(),
-                &e.parent.as_ref().map(Supi::as_str),
-                &e.device_id.as_ref().map(DeviceId::as_str),
-                &e.request_id.as_ref().map(|r| r.0.to_vec()),
-                &e.detail,
-            ],
-        )
-        .map(drop)
+        self.deferred.audit.push(e.clone());
+        Ok(())
     }
 }
 
@@ -1185,18 +1580,37 @@ impl PgStore {
         f: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), StoreError>,
     ) -> Result<Result<(), StoreError>, StoreError> {
         let Conn { client, stmts } = conn;
-        let mut tx = client
+        // BEGIN and COMMIT (or ROLLBACK).
+        self.trips.fetch_add(2, Ordering::Relaxed);
+        let mut tx = match client
             .build_transaction()
             .isolation_level(IsolationLevel::ReadCommitted)
             .start()
-            .map_err(pg_err)?;
+        {
+            Ok(tx) => tx,
+            // Nothing ran on a connection lost before BEGIN (a pooled connection the server
+            // closed since): `write_tx` reconnects and runs the transaction again.
+            Err(e) if is_connection_error(&e) => return Ok(Err(pg_err(e))),
+            Err(e) => return Err(pg_err(e)),
+        };
         let mut ptx = PgTx {
             tx: &mut tx,
             stmts,
+            trips: &self.trips,
             kek: &self.kek,
             retry: false,
+            deferred: Deferred::default(),
+            item: None,
+            savepoint_open: false,
+            known_issuances: Vec::new(),
+            reserve: Vec::new(),
+            reserve_range: None,
+            expected_allocations: 0,
         };
-        let r = f(&mut ptx);
+        let mut r = f(&mut ptx);
+        if r.is_ok() {
+            r = ptx.flush();
+        }
         let retry = ptx.retry;
         match r {
             // Dropping `tx` rolls back.
@@ -1220,6 +1634,14 @@ impl Store for PgStore {
         let mut attempt = 0u32;
         let out = loop {
             attempt += 1;
+            if conn.client.is_closed() {
+                // Only after a connection lost before BEGIN (see `attempt`): a loss later in
+                // the transaction is an error of its own and not retried here.
+                conn = Conn {
+                    client: self.connect()?,
+                    stmts: HashMap::new(),
+                };
+            }
             match self.attempt(&mut conn, f) {
                 Ok(Ok(())) => break Ok(()),
                 Ok(Err(e)) if attempt >= MAX_ATTEMPTS => {

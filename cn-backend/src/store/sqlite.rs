@@ -691,8 +691,36 @@ impl WriteTx for SqliteTx<'_> {
         Ok(())
     }
 
+    /// O(1) per parent (amortised): the parent's counter after the reconciliation below.
+    ///
+    /// Invariant I1 (schema v5's triggers, whatever writes the row): `parents.live_children`
+    /// = #{children of the parent with `status = 'active'` and `quota_counted = 1`}.
+    /// The update below sets `quota_counted = (expires_at > now)` on exactly the active
+    /// children where the two differ, found through the two partial indexes; afterwards every
+    /// active child is counted iff it has not expired at `now`, so by I1 the counter equals
+    /// #{active children with `expires_at > now`}, what the scan of `q_count_active` returns
+    /// (I2, for any `now`, also one earlier than a previous batch's). Each child flips when time
+    /// passes its expiry (once, on monotonic clocks), so the work is amortised O(1) per child.
+    /// The write lock of the transaction serialises it with every other writer.
     fn count_active_children(&mut self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError> {
-        q_count_active(self.conn, parent, now)
+        self.conn
+            .prepare_cached(
+                "UPDATE children SET quota_counted = 1 - quota_counted WHERE supi IN ( \
+                   SELECT supi FROM children INDEXED BY children_counted_expiry \
+                    WHERE parent_supi = ?1 AND status = 'active' AND quota_counted = 1 \
+                      AND expires_at <= ?2 \
+                   UNION ALL \
+                   SELECT supi FROM children INDEXED BY children_uncounted_expiry \
+                    WHERE parent_supi = ?1 AND status = 'active' AND quota_counted = 0 \
+                      AND expires_at > ?2)",
+            )
+            .and_then(|mut s| s.execute(params![parent.as_str(), now.0]))
+            .map_err(db_err)?;
+        self.conn
+            .prepare_cached("SELECT live_children FROM parents WHERE supi = ?1")
+            .and_then(|mut s| s.query_row([parent.as_str()], |r| r.get(0)).optional())
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::ParentNotFound(parent.clone()))
     }
 
     fn issuance(&mut self, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError> {

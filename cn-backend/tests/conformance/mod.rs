@@ -19,6 +19,7 @@ use cn_backend::ops::{
 use cn_backend::policy::{Denial, IdempotencyKey, Invalid, OperatorPolicy, RequestedParams};
 use cn_backend::store::{
     AuditAction, AuditQuery, IssuanceKind, ManufacturerRoot, Store, StoreError, Subscriber,
+    transact,
 };
 use cn_backend::{ChildCredential, import};
 use companion_crypto::aka::{Sqn, next_sqn, sqn_after_resync};
@@ -55,6 +56,7 @@ macro_rules! all_tests {
             import_ten_thousand,
             concurrent_batches_respect_quota,
             manufacturer_roots,
+            live_counter_matches_scan,
         );
     };
 }
@@ -1210,4 +1212,176 @@ pub fn manufacturer_roots<S: Store + ?Sized>(store: &S) {
     assert!(store.remove_manufacturer_root("acme").unwrap());
     assert!(!store.remove_manufacturer_root("acme").unwrap());
     assert_eq!(store.manufacturer_roots().unwrap(), vec![root("zeta", 1)]);
+}
+
+/// The quota count of a batch (`WriteTx::count_active_children`: the parent's counter after
+/// reconciliation) at `now`, as `issue_batch` reads it: parent locked first.
+pub fn counted<S: Store + ?Sized>(store: &S, p: &Supi, now: Timestamp) -> u32 {
+    transact(store, |tx| {
+        tx.lock_parent(p)?;
+        tx.count_active_children(p, now)
+    })
+    .unwrap()
+}
+
+/// Property: after any sequence of issues (short and long lifetimes), renewals, revocations,
+/// suspend/resume cascades and clock moves (backwards too, as between instances whose clocks
+/// differ), the O(1) counter the quota check reads equals the scan of the parent's active,
+/// unexpired children, at the current time and at another one.
+pub fn live_counter_matches_scan<S: Store + ?Sized>(store: &S) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    static NEXT_PARENT: AtomicU64 = AtomicU64::new(5000);
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let ops = proptest::collection::vec((0u8..6, 0u32..1000), 1..40);
+    runner
+        .run(&ops, |ops| {
+            let p = add_parent(store, NEXT_PARENT.fetch_add(1, Ordering::Relaxed), 5);
+            let mut t = T0;
+            let mut children: Vec<(Supi, u8)> = Vec::new();
+            let mut next_req = 0u8;
+            let mut renewals = 0u16;
+            for (op, arg) in ops {
+                match op {
+                    0 | 1 => {
+                        let items = (0..arg % 4 + 1)
+                            .map(|_| {
+                                next_req = next_req.wrapping_add(1);
+                                let mut it = prov(&format!("d{next_req}"), next_req);
+                                it.params.lifetime_s = Some(u64::from(10 + arg % 3 * 50));
+                                BatchItem::Provision(it)
+                            })
+                            .collect();
+                        for o in issue(store, &batch(&p, t, items)) {
+                            if let ItemOutcome::Issued { child, .. } = o {
+                                let req = child.request_id.0[0];
+                                children.push((child.supi, req));
+                            }
+                        }
+                    }
+                    2 if !children.is_empty() => {
+                        let (c, _) = &children[arg as usize % children.len()];
+                        ops::revoke_child(store, c, "op", t).unwrap();
+                    }
+                    3 if !children.is_empty() => {
+                        let (c, req) = &children[arg as usize % children.len()];
+                        renewals += 1;
+                        let [r0, r1] = renewals.to_be_bytes();
+                        let mut request_id = [0u8; 16];
+                        request_id[..4].copy_from_slice(&[*req, 0xee, r0, r1]);
+                        issue(
+                            store,
+                            &batch(
+                                &p,
+                                t,
+                                vec![BatchItem::Renew(RenewItem {
+                                    attestation: Default::default(),
+                                    child: c.clone(),
+                                    device_id: DeviceId::parse(&format!("d{req}")).unwrap(),
+                                    device_spki: spki(*req),
+                                    request_id: RequestId(request_id),
+                                    recipient: b"device-pk".to_vec(),
+                                    lifetime_s: Some(u64::from(arg % 200 + 1)),
+                                })],
+                            ),
+                        );
+                    }
+                    4 => t = Timestamp(t.0 + i64::from(arg % 120) - 40),
+                    5 if arg % 5 == 0 => {
+                        ops::set_parent_status(store, &p, SubscriptionStatus::Suspended, "op", t)
+                            .unwrap();
+                        ops::set_parent_status(store, &p, SubscriptionStatus::Active, "op", t)
+                            .unwrap();
+                    }
+                    _ => {}
+                }
+                let other = Timestamp(t.0 + i64::from(arg % 200) - 100);
+                for now in [t, other, t] {
+                    prop_assert_eq!(
+                        counted(store, &p, now),
+                        store.count_active_children(&p, now).unwrap(),
+                        "counter and scan differ at {:?}",
+                        now
+                    );
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Rows written by a schema-v4 program, for the v5 backfill tests: `blob(n)` is an `n`-byte
+/// literal and `f` the false literal of the engine. Parent 1 has 3 live children (expiring
+/// at T0 + 100), 2 active but expired at T0 - 1 and 2 revoked; parent 2 has none.
+pub fn v4_rows_sql(blob: impl Fn(usize) -> String, f: &str) -> String {
+    let mut sql = String::new();
+    for n in [1u64, 2] {
+        sql += &format!(
+            "INSERT INTO parents (supi, k_enc, opc_enc, amf, sqn, status, max_children, \
+             max_lifetime_s, roaming_allowed, allowed_dnns, max_bitrate_kbps, created_at, \
+             updated_at) VALUES ('{}', {}, {}, {}, 0, 'active', 10, 3600, {f}, '', NULL, {t}, {t});\n",
+            supi(n),
+            blob(40),
+            blob(40),
+            blob(2),
+            t = T0.0,
+        );
+    }
+    let rows = [
+        (3, T0.0 + 100, "active"),
+        (2, T0.0 - 1, "active"),
+        (2, T0.0 + 100, "revoked"),
+    ];
+    let mut m = 100u64;
+    for (count, expires, status) in rows {
+        for _ in 0..count {
+            m += 1;
+            sql += &format!(
+                "INSERT INTO children (supi, parent_supi, device_id, device_key_fp, request_id, \
+                 k_enc, opc_enc, amf, sqn, issued_at, expires_at, renewed_at, roaming_allowed, \
+                 allowed_dnns, max_bitrate_kbps, status, revoked_at) VALUES ('{}', '{}', 'd{m}', \
+                 {}, {}, {}, {}, {}, 0, {}, {expires}, NULL, {f}, '', NULL, '{status}', NULL);\n",
+                supi(m),
+                supi(1),
+                blob(32),
+                blob(16),
+                blob(40),
+                blob(40),
+                blob(2),
+                T0.0 - 3600,
+            );
+        }
+    }
+    sql
+}
+
+/// After the v5 migration over [`v4_rows_sql`]: the backfilled counter, reconciled, is the
+/// scan at every time, and a batch respects the quota it gives.
+pub fn check_backfill<S: Store + ?Sized>(store: &S) {
+    let (p1, p2) = (supi(1), supi(2));
+    for now in [T0, Timestamp(T0.0 - 10), T0.plus_secs(200), T0] {
+        assert_eq!(
+            counted(store, &p1, now),
+            store.count_active_children(&p1, now).unwrap()
+        );
+        assert_eq!(counted(store, &p2, now), 0);
+    }
+    assert_eq!(counted(store, &p1, T0), 3);
+    assert_eq!(counted(store, &p1, Timestamp(T0.0 - 10)), 5);
+    // Quota 10 with 3 live: exactly 7 more.
+    let items = (0..9u8)
+        .map(|i| BatchItem::Provision(prov(&format!("n{i}"), i)))
+        .collect();
+    let out = issue(store, &batch(&p1, T0, items));
+    let n = out
+        .iter()
+        .filter(|o| matches!(o, ItemOutcome::Issued { .. }))
+        .count();
+    assert_eq!(n, 7);
+    assert_eq!(counted(store, &p1, T0), 10);
+    assert_eq!(store.count_active_children(&p1, T0).unwrap(), 10);
 }

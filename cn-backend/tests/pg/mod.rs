@@ -92,6 +92,62 @@ impl PgServer {
         Self::start_with(None)
     }
 
+    /// A second, separate Unix-socket server of this test's own (for fault tests that stop and
+    /// reconfigure it); stopped when dropped.
+    pub fn start_private() -> Result<Self, String> {
+        Self::start_with(None)
+    }
+
+    /// `pg_ctl stop -m fast`: clients are disconnected, the server shuts down cleanly.
+    pub fn stop_fast(&self) {
+        run(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-w", "-m", "fast", "stop"])
+                .stdout(Stdio::null()),
+            "pg_ctl stop",
+        );
+    }
+
+    /// Starts the server again after [`PgServer::stop_fast`], with the same options: those
+    /// PostgreSQL recorded in `postmaster.opts` (the command line, each argument quoted, after
+    /// the binary's path), handed back through `pg_ctl -o`.
+    pub fn start_again(&self) {
+        let recorded =
+            std::fs::read_to_string(self.dir.join("data").join("postmaster.opts")).unwrap();
+        let opts = recorded
+            .trim()
+            .split_once(' ')
+            .map(|(_, args)| args.to_owned())
+            .unwrap_or_default();
+        run(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .arg("-l")
+                .arg(self.dir.join("log"))
+                .args(["-w", "-t", "60", "-o", &opts, "start"])
+                .stdout(Stdio::null()),
+            "pg_ctl start",
+        );
+    }
+
+    /// Replaces `pg_hba.conf` with `rules` and reloads the configuration.
+    pub fn set_hba(&self, rules: &str) {
+        let path = self.dir.join("data").join("pg_hba.conf");
+        std::fs::write(&path, rules).unwrap();
+        std::os::unix::fs::chown(&path, self.run_as_uid, None).unwrap();
+        run(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .arg("reload")
+                .stdout(Stdio::null()),
+            "pg_ctl reload",
+        );
+    }
+
     /// A second, separate server that also listens on a free loopback TCP port with TLS on
     /// (`ssl=on`, the given certificate); stopped when dropped.
     pub fn start_tls(tls: &TlsFiles) -> Result<Self, String> {
