@@ -585,6 +585,7 @@ fn write_provision<Se: Sealer + ?Sized>(
         child: child.clone(),
         keys,
     })?;
+    tx.enqueue_sync(&child.supi, ctx.now)?;
     tx.insert_issuance(
         &key,
         &Issuance {
@@ -681,6 +682,7 @@ fn renew_one<Se: Sealer + ?Sized>(
         &renewed.restrictions,
         ctx.now,
     )?;
+    tx.enqueue_sync(&renewed.supi, ctx.now)?;
     tx.insert_issuance(
         &key,
         &Issuance {
@@ -719,6 +721,7 @@ pub fn revoke_child<S: Store + ?Sized>(
             .ok_or_else(|| StoreError::ChildNotFound(supi.clone()))?;
         let changed = tx.revoke_child(supi, now)?;
         if changed {
+            tx.enqueue_sync(supi, now)?;
             tx.append_audit(&AuditEvent {
                 at: now,
                 actor: actor.to_owned(),
@@ -792,6 +795,7 @@ pub fn set_parent_status<S: Store + ?Sized>(
         let mut revoked_children = Vec::new();
         if to != SubscriptionStatus::Active {
             for child in tx.revoke_children_of(supi, now)? {
+                tx.enqueue_sync(&child.supi, now)?;
                 tx.append_audit(&AuditEvent {
                     at: now,
                     actor: actor.to_owned(),

@@ -38,7 +38,7 @@ fn schema_version_and_append_only_audit() {
     let Some(srv) = pg::server() else { return };
     let url = srv.create_db();
     let store = open(&url);
-    assert_eq!(store.schema_version().unwrap(), 4);
+    assert_eq!(store.schema_version().unwrap(), 5);
     add_parent(&store, 1, 1);
     let mut c = srv.client(&url);
     let upd = c.execute("UPDATE audit SET actor = 'mallory'", &[]);
@@ -131,7 +131,7 @@ fn concurrent_first_open_migrates_once() {
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..4).map(|_| s.spawn(|| open(&url))).collect();
         for h in hs {
-            assert_eq!(h.join().unwrap().schema_version().unwrap(), 4);
+            assert_eq!(h.join().unwrap().schema_version().unwrap(), 5);
         }
     });
     let n: i64 = srv

@@ -51,7 +51,7 @@ fn durability_settings_and_file_mode() {
     let path = f.dir.path().join("cn.db");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    assert_eq!(f.store.schema_version().unwrap(), 4);
+    assert_eq!(f.store.schema_version().unwrap(), 5);
     let settings = f.store.settings().unwrap();
     assert_eq!(settings.journal_mode, "wal");
     assert!(settings.synchronous_full);

@@ -122,6 +122,21 @@ CREATE TABLE manufacturer_roots (
     added_at    BIGINT NOT NULL
 );
 "#,
+    // v5: Open5GS subscriber sync: the transactional outbox and the last pushed state per
+    // credential (see SQLite's v5).
+    r#"
+CREATE TABLE sync_outbox (
+    id         BIGSERIAL PRIMARY KEY,
+    supi       TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX sync_outbox_by_supi ON sync_outbox (supi, id);
+CREATE TABLE sync_state (
+    supi      TEXT PRIMARY KEY,
+    present   BOOLEAN NOT NULL,
+    pushed_at BIGINT NOT NULL
+);
+"#,
 ];
 
 /// The schema version this program writes.

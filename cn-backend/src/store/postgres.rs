@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -29,7 +30,8 @@ use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement};
 use super::pg_migrations;
 use super::{
     AkaFailures, AkaMaterial, AuditAction, AuditEvent, AuditQuery, AuditRecord, Issuance,
-    IssuanceKind, ManufacturerRoot, NewChild, Store, StoreError, Subscriber, WriteTx,
+    IssuanceKind, ManufacturerRoot, NewChild, OutboxEntry, Store, StoreError, Subscriber,
+    SyncBacklog, SyncState, WriteTx,
 };
 use crate::kek::{Kek, RowId};
 use crate::model::{
@@ -553,6 +555,7 @@ pub struct PgStore {
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     kek: Kek,
     pool: Mutex<Vec<Conn>>,
+    sync_outbox: AtomicBool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -597,6 +600,7 @@ impl PgStore {
             tls,
             kek,
             pool: Mutex::new(Vec::new()),
+            sync_outbox: AtomicBool::new(false),
         };
         let mut conn = store.take()?;
         pg_migrations::migrate(&mut conn.client)?;
@@ -709,6 +713,8 @@ struct PgTx<'a, 'c> {
     tx: &'a mut postgres::Transaction<'c>,
     stmts: &'a mut HashMap<String, Statement>,
     kek: &'a Kek,
+    /// The sync outbox is on ([`Store::set_sync_outbox`]).
+    sync_outbox: bool,
     /// Set when a statement failed with a serialisation failure or deadlock: the whole
     /// transaction is then retried.
     retry: bool,
@@ -1157,6 +1163,37 @@ impl WriteTx for PgTx<'_, '_> {
         .map(drop)
     }
 
+    fn enqueue_sync(&mut self, supi: &Supi, now: Timestamp) -> Result<(), StoreError> {
+        if !self.sync_outbox {
+            return Ok(());
+        }
+        self.exec(
+            "INSERT INTO sync_outbox (supi, created_at) VALUES ($1, $2)",
+            &[&supi.as_str(), &now.0],
+        )?;
+        Ok(())
+    }
+
+    fn ack_sync(
+        &mut self,
+        supi: &Supi,
+        up_to: i64,
+        present: bool,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            "DELETE FROM sync_outbox WHERE supi = $1 AND id <= $2",
+            &[&supi.as_str(), &up_to],
+        )?;
+        self.exec(
+            "INSERT INTO sync_state (supi, present, pushed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (supi) DO UPDATE SET present = excluded.present, \
+             pushed_at = excluded.pushed_at",
+            &[&supi.as_str(), &present, &now.0],
+        )?;
+        Ok(())
+    }
+
     fn append_audit(&mut self, e: &AuditEvent) -> Result<(), StoreError> {
         self.exec(
             "INSERT INTO audit (at, actor, action, supi, parent_supi, device_id, request_id, \
@@ -1194,6 +1231,7 @@ impl PgStore {
             tx: &mut tx,
             stmts,
             kek: &self.kek,
+            sync_outbox: self.sync_outbox.load(Ordering::Relaxed),
             retry: false,
         };
         let r = f(&mut ptx);
@@ -1375,6 +1413,90 @@ impl Store for PgStore {
                 .execute("DELETE FROM manufacturer_roots WHERE name = $1", &[&name])
                 .map_err(pg_err)?;
             Ok(n > 0)
+        })
+    }
+
+    fn set_sync_outbox(&self, on: bool) {
+        self.sync_outbox.store(on, Ordering::Relaxed);
+    }
+
+    fn sync_outbox(&self) -> bool {
+        self.sync_outbox.load(Ordering::Relaxed)
+    }
+
+    fn sync_pending(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read(|c| {
+            c.query(
+                "SELECT id, supi, created_at FROM sync_outbox ORDER BY id LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| {
+                Ok(OutboxEntry {
+                    id: get(r, 0)?,
+                    supi: supi_at(r, 1)?,
+                    created_at: Timestamp(get(r, 2)?),
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn sync_backlog(&self) -> Result<SyncBacklog, StoreError> {
+        self.read(|c| {
+            let r = c
+                .query_one("SELECT count(*), min(created_at) FROM sync_outbox", &[])
+                .map_err(pg_err)?;
+            let n: i64 = get(&r, 0)?;
+            Ok(SyncBacklog {
+                pending: u64::try_from(n).unwrap_or(0),
+                oldest: get::<Option<i64>>(&r, 1)?.map(Timestamp),
+            })
+        })
+    }
+
+    fn sync_state(&self, supi: &Supi) -> Result<Option<SyncState>, StoreError> {
+        self.read(|c| {
+            let pushed = c
+                .query_opt(
+                    "SELECT present, pushed_at FROM sync_state WHERE supi = $1",
+                    &[&supi.as_str()],
+                )
+                .map_err(pg_err)?
+                .map(|r| Ok::<_, StoreError>((get::<bool>(&r, 0)?, get::<i64>(&r, 1)?)))
+                .transpose()?;
+            let r = c
+                .query_one(
+                    "SELECT count(*) FROM sync_outbox WHERE supi = $1",
+                    &[&supi.as_str()],
+                )
+                .map_err(pg_err)?;
+            let pending: i64 = get(&r, 0)?;
+            if pushed.is_none() && pending == 0 {
+                return Ok(None);
+            }
+            Ok(Some(SyncState {
+                present: pushed.map(|p| p.0),
+                pushed_at: pushed.map(|p| Timestamp(p.1)),
+                pending: u64::try_from(pending).unwrap_or(0),
+            }))
+        })
+    }
+
+    fn sync_expired(&self, now: Timestamp, limit: u32) -> Result<Vec<Supi>, StoreError> {
+        self.read(|c| {
+            c.query(
+                "SELECT s.supi FROM sync_state s JOIN children c ON c.supi = s.supi \
+                 WHERE s.present AND c.expires_at <= $1 \
+                 AND NOT EXISTS (SELECT 1 FROM sync_outbox o WHERE o.supi = s.supi) \
+                 ORDER BY s.supi LIMIT $2",
+                &[&now.0, &i64::from(limit)],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| supi_at(r, 0))
+            .collect()
         })
     }
 }
