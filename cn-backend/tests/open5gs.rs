@@ -266,6 +266,40 @@ async fn lifecycle_changes_upsert_and_delete_documents() {
     );
     assert_eq!(st, 200, "{body}");
     wait_doc(&coll, &c2, false).await;
+    wait_metric(&srv, BACKLOG, |v| v == 0.0);
+
+    // The operator's view of single credentials, with the sync state (CLI and admin API agree).
+    let shown = dir.cli_json(&["child", "show", &c2]);
+    assert_eq!(shown["state"], "revoked");
+    assert_eq!(shown["sync"]["state"], "deleted", "{shown}");
+    let (st, api) = srv.http_json("GET", &format!("/api/v1/children/{c2}"), Some(&token), "");
+    assert_eq!(st, 200);
+    assert_eq!(api["sync"], shown["sync"]);
+    assert_eq!(
+        dir.cli_json(&["child", "show", &c1])["sync"]["state"],
+        "present"
+    );
+    let listed = dir.cli_json(&["child", "list", "--parent", P1]);
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    let detail = dir.cli_json(&["subscriber", "show", P1]);
+    assert!(
+        detail["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["sync"]["state"].is_string()),
+        "{detail}"
+    );
+    let text = dir.cli_ok(&["child", "show", &c1]);
+    assert!(text.contains("core=present"), "{text}");
+    // Revoking from the CLI (its own process) is pushed by the running service.
+    let c5 = issue(&s, 6, &DeviceReq::new(5)).await;
+    wait_doc(&coll, &c5, true).await;
+    let r = dir.cli_json(&["child", "revoke", &c5]);
+    assert_eq!(r, serde_json::json!({ "supi": c5, "revoked": true }));
+    wait_doc(&coll, &c5, false).await;
+    let (ok, _, err) = dir.cli(&["child", "show", "imsi-001019999999999"]);
+    assert!(!ok && err.contains("unknown credential"), "{err}");
 
     // Suspending the parent revokes its children: deleted; resuming brings nothing back (the
     // children stay revoked).
