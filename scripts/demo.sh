@@ -236,7 +236,7 @@ ATTEST_RC=0
   { [ "$SYNC" = open5gs ] || "$BIN/iotdev" --dir "$T/demo-meter-1" attach; }
 } >"$T/iotdev.log" 2>&1 || ATTEST_RC=$?
 if [ "$ATTEST_RC" = 0 ]; then
-  echo "  demo-meter-1: provisioned and attached; its maker's certificate verified at the CN"
+  echo "  demo-meter-1: provisioned${ATTACH[*]:+ and attached}; its maker's certificate verified at the CN"
 else
   echo "  the attested device failed (exit $ATTEST_RC):"; sed 's/^/    /' "$T/iotdev.log"
 fi
@@ -261,7 +261,7 @@ if [ "$SYNC" = open5gs ] && [ "$LOADGEN_RC" = 0 ] && [ "$ATTEST_RC" = 0 ]; then
 fi
 echo
 if [ "$LOADGEN_RC" = 0 ] && [ "$ATTEST_RC" = 0 ]; then
-  say "done: every device provisioned and attached"
+  say "done: every device provisioned${ATTACH[*]:+ and attached}${SYNC:+, and synced to the Open5GS store}"
   exit 0
 fi
 say "failures: loadgen exit $LOADGEN_RC, attested device exit $ATTEST_RC; run with KEEP=1 to keep the logs"

@@ -219,6 +219,9 @@ fn default_o5_retry_max() -> String {
 fn default_o5_sweep() -> String {
     "1s".into()
 }
+fn default_true() -> bool {
+    true
+}
 
 /// `[sync.open5gs]`: where the Open5GS subscriber documents live and the operator defaults for
 /// what a child credential does not say (docs/OPERATIONS.md, "With Open5GS").
@@ -283,6 +286,10 @@ pub struct Open5gsSettings {
     /// default: `1s`.
     #[serde(default = "default_o5_sweep")]
     pub sweep_interval: String,
+    /// Whether `serve` runs the pusher and the expiry sweeper. `false` only records outbox rows
+    /// (for all but one of several instances on one PostgreSQL database). default: true.
+    #[serde(default = "default_true")]
+    pub push: bool,
 }
 
 impl Open5gsSettings {
@@ -307,6 +314,7 @@ impl Open5gsSettings {
             subscribed_rau_tau_timer: default_o5_rau_tau(),
             retry_max: default_o5_retry_max(),
             sweep_interval: default_o5_sweep(),
+            push: true,
         })
     }
 
@@ -626,6 +634,11 @@ const STORE_TEMPLATE: &str = r#"
 # sslmode=verify-full&sslrootcert=/path/ca.pem. A password belongs in PGPASSWORD, not here.
 # Same as a [store] table with the url key (which would have to come after every other key).
 @STORE@
+
+# Keep an Open5GS core's subscriber store (MongoDB) in step with the child credentials: add a
+# [sync.open5gs] table at the end of this file (docs/OPERATIONS.md, "With Open5GS"), e.g.
+# [sync.open5gs]
+# uri = "mongodb://127.0.0.1:27017"
 "#;
 
 /// The configuration file written by `cn-backend init`; every key shows its default.
@@ -736,6 +749,36 @@ mod tests {
         let parsed: Settings =
             toml::from_str("mcc = \"001\"\n[store]\nurl = \"postgres://a@/b?host=/c\"\n").unwrap();
         assert_eq!(parsed.store.url, "postgres://a@/b?host=/c");
+    }
+
+    #[test]
+    fn sync_open5gs_table_parses_with_defaults_and_is_validated() {
+        let text = Settings::default().to_toml()
+            + "\n[sync.open5gs]\nuri = \"mongodb://127.0.0.1:27017\"\nsd = \"00000A\"\n";
+        let s: Settings = toml::from_str(&text).unwrap();
+        s.validate().unwrap();
+        let o5 = s.sync.open5gs.unwrap();
+        let mut want = Open5gsSettings::with_uri("mongodb://127.0.0.1:27017");
+        want.sd = "00000A".into();
+        assert_eq!(o5, want);
+        assert_eq!(o5.database, "open5gs");
+        assert_eq!(o5.collection, "subscribers");
+        assert_eq!(o5.default_dnns, ["internet"]);
+        assert_eq!(o5.retry_max().unwrap(), Duration::from_secs(30));
+        assert!(Settings::default().sync.open5gs.is_none());
+        for bad in [
+            "uri = \"http://x\"",
+            "uri = \"mongodb://x\"\nsd = \"12\"",
+            "uri = \"mongodb://x\"\nsession_type = 4",
+            "uri = \"mongodb://x\"\ndefault_dnns = []",
+            "uri = \"mongodb://x\"\nretry_max = \"soon\"",
+        ] {
+            let s: Settings = toml::from_str(&format!("[sync.open5gs]\n{bad}\n")).unwrap();
+            assert!(
+                matches!(s.validate(), Err(ConfigError::Invalid(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

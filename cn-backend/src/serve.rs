@@ -142,14 +142,14 @@ pub async fn serve(layout: &Layout, opts: ServeOptions) -> anyhow::Result<()> {
         }
     });
     let sync_task = match &svc.settings.sync.open5gs {
-        Some(o5) => {
+        Some(o5) if o5.push => {
             let pusher =
                 crate::sync::Pusher::new(svc.store.clone(), o5.clone(), svc.metrics.clone())
                     .await
                     .context("configuring [sync.open5gs]")?;
             Some(tokio::spawn(pusher.run(stop_tx.subscribe())))
         }
-        None => None,
+        _ => None,
     };
     let quic_task = tokio::spawn(crate::server::run(svc.clone(), endpoint.clone()));
     if let Some(p) = &opts.ready_file {

@@ -100,8 +100,9 @@ pub fn desired(
 }
 
 /// A bitrate as Open5GS stores it: in bit/s (unit 0) when the value fits an int32, otherwise
-/// in the smallest unit it fits, rounded down. Unit 0 is preferred because Open5GS releases
-/// differ in the unit factor (1024 in older readers, 1000 in newer ones); bit/s is exact in both.
+/// in the smallest unit it fits, rounded down (dividing by 1000). Unit 0 is preferred because
+/// it does not depend on the reader's factor between units (the `subscription.c` read for this
+/// multiplies by 1024 per step; the WebUI's labels suggest 1000).
 pub fn bitrate(kbps: u32) -> Document {
     let mut value = u64::from(kbps) * 1000;
     let mut unit = 0i32;
