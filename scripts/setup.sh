@@ -6,14 +6,17 @@
 #                              the nightly's rust-src and bpf-linker, for the eBPF LAN filter.
 #   scripts/setup.sh           everything the tests need on top (scripts/test.sh): clippy, rustfmt,
 #                              cargo-fuzz, the Debian tools of the deployment and namespace tests,
-#                              the musl targets, zig and cargo-zigbuild.
+#                              the musl targets, zig and cargo-zigbuild, and the MongoDB
+#                              wire-protocol server of the Open5GS sync tests (target/mongo-venv).
+#   scripts/setup.sh --mongo   only that server (SYNC=open5gs scripts/demo.sh).
 set -euo pipefail
 
 MODE=all
 case "${1:-}" in
   --build) MODE=build ;;
   "" | --all) MODE=all ;;
-  -h | --help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  --mongo) MODE=mongo ;;
+  -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "setup: unknown option '$1' (use --build, or nothing for everything)" >&2; exit 2 ;;
 esac
 
@@ -30,6 +33,37 @@ need_rustup_component() { # toolchain component
 }
 has_nightly() { rustup toolchain list 2>/dev/null | grep -q '^nightly'; }
 has_bpf_linker() { command -v bpf-linker >/dev/null && bpf-linker --version 2>/dev/null | grep -q '0\.10\.4'; }
+
+# The MongoDB wire-protocol server of the Open5GS sync tests (cn-backend/tests/open5gs.rs) and
+# of `SYNC=open5gs scripts/demo.sh`: PyPI's nx-27017 (MongoDB's wire protocol on SQLite; Debian
+# 12 has no MongoDB server), pinned to the tested versions, in a venv under target/ so nothing
+# is installed system-wide. Idempotent: a venv with the pinned version is left alone.
+MONGO_VENV="$(cd "$(dirname "$0")/.." && pwd)/target/mongo-venv"
+NX_PINS=(nx-27017==0.8.1 neosqlite==1.17.2 pymongo==4.20.1)
+need_mongo_wire_server() {
+  if [ -x "$MONGO_VENV/bin/nx-27017" ] &&
+    compgen -G "$MONGO_VENV/lib/python3*/site-packages/nx_27017-0.8.1.dist-info" >/dev/null; then
+    return 0
+  fi
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      log "apt-get install python3-venv (for the MongoDB wire-protocol test server)"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    else
+      log "WARNING: python3 with venv is missing: the Open5GS sync tests are skipped (or fail under CI)"
+      return 0
+    fi
+  fi
+  log "installing ${NX_PINS[*]} into $MONGO_VENV (MongoDB wire-protocol server for the Open5GS sync tests)"
+  mkdir -p "$(dirname "$MONGO_VENV")"
+  python3 -m venv "$MONGO_VENV"
+  "$MONGO_VENV/bin/pip" install --quiet --disable-pip-version-check "${NX_PINS[@]}"
+}
+
+if [ "$MODE" = mongo ]; then
+  need_mongo_wire_server
+  exit 0
+fi
 
 command -v rustup >/dev/null || { echo "setup: rustup is required (https://rustup.rs)" >&2; exit 1; }
 
@@ -118,5 +152,7 @@ if command -v pg_lsclusters >/dev/null && [ "$(id -u)" = 0 ]; then
     systemctl disable --now postgresql >/dev/null 2>&1 || true
   fi
 fi
+
+need_mongo_wire_server
 
 log "toolchains ready"

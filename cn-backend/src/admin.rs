@@ -13,7 +13,7 @@ use crate::model::{
     SubscriptionStatus, Supi, Timestamp,
 };
 use crate::ops;
-use crate::store::{AuditQuery, AuditRecord, Store, StoreError};
+use crate::store::{AuditQuery, AuditRecord, Store, StoreError, SyncState};
 
 /// Why an administrative operation failed.
 #[derive(Debug, Error)]
@@ -298,6 +298,57 @@ pub struct ChildView {
     pub roaming_allowed: bool,
     pub dnns: Vec<String>,
     pub max_bitrate_kbps: Option<u32>,
+    /// Where the 5G core's subscriber store stands (`[sync.open5gs]` configured only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncView>,
+}
+
+/// The sync state of one credential in the 5G core's subscriber store.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SyncView {
+    /// `pending` (changes not yet acknowledged), `present` (the document is in the core),
+    /// `deleted` (it was removed), or `not_synced` (nothing was ever queued).
+    pub state: String,
+    /// Changes waiting in the outbox.
+    pub pending: u64,
+    /// When the core last acknowledged a push (Unix seconds).
+    pub pushed_at: Option<i64>,
+}
+
+impl SyncView {
+    /// The view of `s` (`None`: never queued).
+    pub fn of(s: Option<SyncState>) -> Self {
+        match s {
+            None => SyncView {
+                state: "not_synced".into(),
+                pending: 0,
+                pushed_at: None,
+            },
+            Some(s) => SyncView {
+                state: match (s.pending, s.present) {
+                    (1.., _) | (0, None) => "pending",
+                    (0, Some(true)) => "present",
+                    (0, Some(false)) => "deleted",
+                }
+                .into(),
+                pending: s.pending,
+                pushed_at: s.pushed_at.map(Timestamp::as_secs),
+            },
+        }
+    }
+}
+
+/// `c`'s view with its sync state when the store has the outbox on.
+fn child_view<S: Store + ?Sized>(
+    store: &S,
+    c: &ChildCredential,
+    now: Timestamp,
+) -> Result<ChildView, AdminError> {
+    let mut v = ChildView::of(c, now);
+    if store.sync_outbox() {
+        v.sync = Some(SyncView::of(store.sync_state(&c.supi)?));
+    }
+    Ok(v)
 }
 
 /// `active`, `revoked` or `expired` at `now`.
@@ -331,6 +382,7 @@ impl ChildView {
                 .map(ToString::to_string)
                 .collect(),
             max_bitrate_kbps: c.restrictions.max_bitrate_kbps,
+            sync: None,
         }
     }
 }
@@ -465,8 +517,33 @@ pub fn show_subscriber<S: Store + ?Sized>(
     view.active_children = Some(store.count_active_children(&supi, now)?);
     Ok(SubscriberDetail {
         subscriber: view,
-        children: children.iter().map(|c| ChildView::of(c, now)).collect(),
+        children: children
+            .iter()
+            .map(|c| child_view(store, c, now))
+            .collect::<Result<_, _>>()?,
     })
+}
+
+/// The children of one subscriber (`child list --parent`), with their sync state.
+pub fn list_children<S: Store + ?Sized>(
+    store: &S,
+    parent: &str,
+    now: Timestamp,
+) -> Result<Vec<ChildView>, AdminError> {
+    Ok(show_subscriber(store, parent, now)?.children)
+}
+
+/// One child credential (`child show`), with its sync state.
+pub fn show_child<S: Store + ?Sized>(
+    store: &S,
+    supi: &str,
+    now: Timestamp,
+) -> Result<ChildView, AdminError> {
+    let supi = parse_supi(supi)?;
+    let c = store
+        .child(&supi)?
+        .ok_or_else(|| AdminError::NotFound(format!("unknown credential {supi}")))?;
+    child_view(store, &c, now)
 }
 
 /// Changes a subscriber's policy; unspecified fields keep their value.

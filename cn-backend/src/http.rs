@@ -11,6 +11,7 @@
 //! | GET | `/api/v1/subscribers/{supi}/children` | its children |
 //! | PATCH | `/api/v1/subscribers/{supi}/policy` | change policy (JSON, partial) |
 //! | POST | `/api/v1/subscribers/{supi}/suspend` \| `resume` \| `revoke` | lifecycle |
+//! | GET | `/api/v1/children/{supi}` | one child credential, with its sync state |
 //! | POST | `/api/v1/children/{supi}/revoke` | revoke one child credential |
 //! | GET | `/api/v1/audit?supi=&limit=` | audit trail, newest `limit`, oldest first |
 //!
@@ -107,6 +108,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/subscribers/{supi}/suspend", post(suspend))
         .route("/subscribers/{supi}/resume", post(resume))
         .route("/subscribers/{supi}/revoke", post(revoke))
+        .route("/children/{supi}", get(show_child))
         .route("/children/{supi}/revoke", post(revoke_child))
         .route("/audit", get(audit))
         .route("/attestation/roots", get(list_roots))
@@ -244,6 +246,13 @@ async fn resume(State(st): State<HttpState>, Path(supi): Path<String>) -> ApiRes
 
 async fn revoke(State(st): State<HttpState>, Path(supi): Path<String>) -> ApiResult {
     status(st, supi, SubscriptionStatus::Revoked).await
+}
+
+async fn show_child(State(st): State<HttpState>, Path(supi): Path<String>) -> ApiResult {
+    run(&st.svc, move |s| {
+        admin::show_child(s, &supi, Timestamp::now())
+    })
+    .await
 }
 
 async fn revoke_child(State(st): State<HttpState>, Path(supi): Path<String>) -> ApiResult {

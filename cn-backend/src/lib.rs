@@ -16,6 +16,7 @@
 //! | [`http`] | the admin HTTP API, `/metrics`, `/healthz` |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`serve`] | `cn-backend serve`: listeners, ready file, signal handling and draining |
+//! | [`sync`] | the Open5GS subscriber store kept in step: document mapping, outbox pusher, expiry sweeper |
 //!
 //! Policy is plain synchronous code; the database sits behind [`store::Store`]. The QUIC server,
 //! CLI and HTTP API sit on top of [`ops`] and the store's read methods.
@@ -35,6 +36,7 @@ pub mod serve;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod sync;
 
 pub use kek::Kek;
 pub use model::{ChildCredential, Parent, Supi, Timestamp};

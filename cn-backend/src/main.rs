@@ -44,6 +44,9 @@ enum Cmd {
     /// Manage companion (parent) subscriptions.
     #[command(subcommand)]
     Subscriber(SubCmd),
+    /// Inspect and revoke single child credentials (the admin API's /api/v1/children/...).
+    #[command(subcommand)]
+    Child(ChildCmd),
     /// Manage the manufacturer roots that attest device keys (PROTOCOL.md §4.5), for parents
     /// with `--require-attestation`.
     #[command(subcommand)]
@@ -56,6 +59,27 @@ enum Cmd {
         /// Newest N entries.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ChildCmd {
+    /// List the child credentials of one subscription (GET /api/v1/subscribers/{supi}/children).
+    List {
+        /// The parent subscription's SUPI.
+        #[arg(long)]
+        parent: String,
+    },
+    /// Show one child credential with its sync state (GET /api/v1/children/{supi}).
+    Show {
+        /// The child's SUPI.
+        supi: String,
+    },
+    /// Revoke one child credential (POST /api/v1/children/{supi}/revoke); with
+    /// [sync.open5gs], its document is deleted from the core.
+    Revoke {
+        /// The child's SUPI.
+        supi: String,
     },
 }
 
@@ -338,6 +362,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ))
         }
         Cmd::Subscriber(sub) => subscriber(&layout, json, sub),
+        Cmd::Child(cmd) => child(&layout, json, cmd),
         Cmd::Attestation(cmd) => {
             let store = &*service::open_store(&layout)?;
             let line = |r: &admin::RootView| {
@@ -437,8 +462,13 @@ fn subscriber(layout: &Layout, json: bool, cmd: SubCmd) -> anyhow::Result<()> {
                 );
                 for c in &d.children {
                     s += &format!(
-                        "  child {} {:<7} device={} expires_at={} roaming={}\n",
-                        c.supi, c.state, c.device_id, c.expires_at, c.roaming_allowed
+                        "  child {} {:<7} device={} expires_at={} roaming={}{}\n",
+                        c.supi,
+                        c.state,
+                        c.device_id,
+                        c.expires_at,
+                        c.roaming_allowed,
+                        sync_suffix(c)
                     );
                 }
                 s
@@ -475,6 +505,64 @@ fn subscriber(layout: &Layout, json: bool, cmd: SubCmd) -> anyhow::Result<()> {
             };
             print(json, &serde_json::json!({ "imported": n }), |_| {
                 format!("imported {n} subscribers\n")
+            })
+        }
+    }
+}
+
+/// ` core=<state>` when the credential is synced to a 5G core.
+fn sync_suffix(c: &admin::ChildView) -> String {
+    c.sync.as_ref().map_or(String::new(), |s| {
+        if s.pending > 0 {
+            format!(" core={} ({} change(s) to push)", s.state, s.pending)
+        } else {
+            format!(" core={}", s.state)
+        }
+    })
+}
+
+fn child_line(c: &admin::ChildView) -> String {
+    format!(
+        "{} {:<7} parent={} device={} issued_at={} expires_at={} roaming={} dnns={} max_bitrate_kbps={}{}\n",
+        c.supi,
+        c.state,
+        c.parent,
+        c.device_id,
+        c.issued_at,
+        c.expires_at,
+        c.roaming_allowed,
+        if c.dnns.is_empty() {
+            "any".to_owned()
+        } else {
+            c.dnns.join(",")
+        },
+        c.max_bitrate_kbps
+            .map_or("none".to_owned(), |b| b.to_string()),
+        sync_suffix(c)
+    )
+}
+
+fn child(layout: &Layout, json: bool, cmd: ChildCmd) -> anyhow::Result<()> {
+    let store = &*service::open_store(layout)?;
+    let now = Timestamp::now();
+    match cmd {
+        ChildCmd::List { parent } => {
+            let v = admin::list_children(store, &parent, now)?;
+            print(json, &v, |v| v.iter().map(child_line).collect())
+        }
+        ChildCmd::Show { supi } => {
+            let v = admin::show_child(store, &supi, now)?;
+            print(json, &v, child_line)
+        }
+        ChildCmd::Revoke { supi } => {
+            let changed = admin::revoke_child(store, &supi, "cli", now)?;
+            let v = serde_json::json!({ "supi": supi, "revoked": changed });
+            print(json, &v, |_| {
+                if changed {
+                    format!("{supi}: revoked\n")
+                } else {
+                    format!("{supi}: already revoked\n")
+                }
             })
         }
     }

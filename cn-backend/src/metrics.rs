@@ -48,6 +48,15 @@ pub struct Metrics {
     /// Connections refused before the handshake, by reason (`max_connections`,
     /// `per_address`, `shutting_down`).
     pub connections_refused: IntCounterVec,
+    /// Sync outbox rows not yet acknowledged by the core's subscriber store.
+    pub sync_backlog: IntGauge,
+    /// Age of the oldest unacknowledged outbox row, seconds (0 when the outbox is empty).
+    pub sync_oldest_age: IntGauge,
+    /// Pushes to the core's subscriber store by operation (`upsert`, `delete`) and result
+    /// (`ok`, `error`).
+    pub sync_pushes: IntCounterVec,
+    /// Commit-to-acknowledgement time of a pushed change, seconds.
+    pub sync_push_lag: Histogram,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
@@ -193,6 +202,37 @@ impl Metrics {
                 "QUIC connections refused at the first packet, by reason (max_connections, \
                  per_address: max_connections_per_address from one address, shutting_down).",
                 &["reason"],
+            )?,
+            sync_backlog: {
+                let g = IntGauge::with_opts(Opts::new(
+                    "cn_backend_sync_outbox_backlog",
+                    "Credential changes committed but not yet acknowledged by the 5G core's \
+                     subscriber store ([sync.open5gs]).",
+                ))?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            sync_oldest_age: {
+                let g = IntGauge::with_opts(Opts::new(
+                    "cn_backend_sync_outbox_oldest_age_seconds",
+                    "Age of the oldest unacknowledged change in the sync outbox, seconds \
+                     (0 when empty): how far the core's subscriber store lags behind.",
+                ))?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            sync_pushes: counter_vec(
+                &r,
+                "cn_backend_sync_pushes_total",
+                "Pushes to the 5G core's subscriber store by operation (upsert, delete) and \
+                 result (ok, error).",
+                &["operation", "result"],
+            )?,
+            sync_push_lag: histogram(
+                &r,
+                "cn_backend_sync_push_lag_seconds",
+                "Time from the commit of a credential change to the core's acknowledgement.",
+                vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0],
             )?,
             registry: r,
         })

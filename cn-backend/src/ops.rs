@@ -599,6 +599,7 @@ fn write_provision<Se: Sealer + ?Sized>(
         child: child.clone(),
         keys,
     })?;
+    tx.enqueue_sync(&child.supi, ctx.now)?;
     tx.insert_issuance(
         &key,
         &Issuance {
@@ -695,6 +696,7 @@ fn renew_one<Se: Sealer + ?Sized>(
         &renewed.restrictions,
         ctx.now,
     )?;
+    tx.enqueue_sync(&renewed.supi, ctx.now)?;
     tx.insert_issuance(
         &key,
         &Issuance {
@@ -736,6 +738,7 @@ pub fn revoke_child<S: Store + ?Sized>(
         tx.lock_parent(&child.parent)?;
         let changed = tx.revoke_child(supi, now)?;
         if changed {
+            tx.enqueue_sync(supi, now)?;
             tx.append_audit(&AuditEvent {
                 at: now,
                 actor: actor.to_owned(),
@@ -809,6 +812,7 @@ pub fn set_parent_status<S: Store + ?Sized>(
         let mut revoked_children = Vec::new();
         if to != SubscriptionStatus::Active {
             for child in tx.revoke_children_of(supi, now)? {
+                tx.enqueue_sync(&child.supi, now)?;
                 tx.append_audit(&AuditEvent {
                     at: now,
                     actor: actor.to_owned(),

@@ -141,6 +141,16 @@ pub async fn serve(layout: &Layout, opts: ServeOptions) -> anyhow::Result<()> {
             warn!("admin HTTP server failed: {e}");
         }
     });
+    let sync_task = match &svc.settings.sync.open5gs {
+        Some(o5) if o5.push => {
+            let pusher =
+                crate::sync::Pusher::new(svc.store.clone(), o5.clone(), svc.metrics.clone())
+                    .await
+                    .context("configuring [sync.open5gs]")?;
+            Some(tokio::spawn(pusher.run(stop_tx.subscribe())))
+        }
+        _ => None,
+    };
     let quic_task = tokio::spawn(crate::server::run(svc.clone(), endpoint.clone()));
     if let Some(p) = &opts.ready_file {
         write_ready(p, quic_addr, http_addr)?;
@@ -182,6 +192,10 @@ pub async fn serve(layout: &Layout, opts: ServeOptions) -> anyhow::Result<()> {
     quic_task.abort();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    if let Some(t) = sync_task {
+        // Whatever was not pushed stays in the outbox for the next start.
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     info!("stopped");
     Ok(())
 }

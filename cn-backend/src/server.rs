@@ -607,6 +607,18 @@ async fn check_kind(svc: &Arc<Service>, supi: &Supi, conv: Conv) -> Result<(), V
                 ))
             }
         }
+        // SQN ownership (docs/OPERATIONS.md, "With Open5GS"): a child synced to a 5G core
+        // authenticates there, and the core's UDM owns its SQN. Refused before a vector is
+        // made, so cn-backend never runs a second SQN sequence for the same credential.
+        (Conv::Attach, Ok((_, true))) if svc.settings.sync.open5gs.is_some() => {
+            Err(VectorError::Refuse(
+                "synced_to_core",
+                ErrorMsg::new(
+                    ErrorCode::PolicyDenied,
+                    "this credential authenticates at the operator's 5G core, not here",
+                ),
+            ))
+        }
         (Conv::Attach, Ok((_, true))) => Ok(()),
         _ => Err(unknown()),
     }

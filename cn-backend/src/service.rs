@@ -201,11 +201,16 @@ pub fn open_store(layout: &Layout) -> Result<Box<dyn Store>, SetupError> {
         return Err(SetupError::NotInitialised(layout.dir.display().to_string()));
     }
     let kek = Kek::load(&layout.kek())?;
+    let settings = Settings::load(&layout.config())?;
     let url = match &layout.store_url {
         Some(u) => u.clone(),
-        None => Settings::load(&layout.config())?.store.url,
+        None => settings.store.url.clone(),
     };
-    open_engine(layout, &url, kek)
+    let store = open_engine(layout, &url, kek)?;
+    // With a subscriber store to keep in step, every lifecycle change (from `serve` or from an
+    // operator command) records its outbox row; `serve` pushes them.
+    store.set_sync_outbox(settings.sync.open5gs.is_some());
+    Ok(store)
 }
 
 /// Opens the engine `url` names: empty for the directory's SQLite file, `postgres://…` for

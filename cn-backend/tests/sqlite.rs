@@ -246,6 +246,9 @@ fn live_counter_backfill() {
         .unwrap();
     drop(conn);
     let store = open(&path);
-    assert_eq!(store.schema_version().unwrap(), 5);
+    assert_eq!(
+        store.schema_version().unwrap(),
+        cn_backend::store::migrations::latest_version()
+    );
     check_backfill(&store);
 }

@@ -171,6 +171,23 @@ BEGIN
     UPDATE parents SET live_children = live_children - 1 WHERE supi = OLD.parent_supi;
 END;
 "#,
+    // 6: Open5GS subscriber sync (docs/OPERATIONS.md, "With Open5GS"): the transactional outbox
+    // (a row per child lifecycle change, written in the transaction that makes the change and
+    // deleted once the core's store acknowledged the push) and what the core's store was last
+    // told per credential (present = a document was upserted, 0 = it was deleted).
+    r#"
+CREATE TABLE sync_outbox (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    supi       TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX sync_outbox_by_supi ON sync_outbox (supi, id);
+CREATE TABLE sync_state (
+    supi      TEXT PRIMARY KEY,
+    present   INTEGER NOT NULL CHECK (present IN (0, 1)),
+    pushed_at INTEGER NOT NULL
+) STRICT;
+"#,
 ];
 
 /// The schema version this program writes.

@@ -117,6 +117,39 @@ pub struct ManufacturerRoot {
     pub added_at: Timestamp,
 }
 
+/// One pending change in the sync outbox: the credential `supi` changed and the core's
+/// subscriber store has not acknowledged its new state yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Position in the outbox (increasing).
+    pub id: i64,
+    /// The credential whose state is to be pushed.
+    pub supi: Supi,
+    /// When the change was committed.
+    pub created_at: Timestamp,
+}
+
+/// The sync outbox as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyncBacklog {
+    /// Outbox rows not yet acknowledged.
+    pub pending: u64,
+    /// When the oldest of them was committed.
+    pub oldest: Option<Timestamp>,
+}
+
+/// What the core's subscriber store knows of one credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncState {
+    /// The last acknowledged push: `Some(true)` a document was upserted, `Some(false)` it was
+    /// deleted, `None` nothing was pushed yet.
+    pub present: Option<bool>,
+    /// When that push was acknowledged.
+    pub pushed_at: Option<Timestamp>,
+    /// Outbox rows of this credential still to push.
+    pub pending: u64,
+}
+
 /// What a child credential is stored with, besides its public fields.
 #[derive(Debug, Clone)]
 pub struct NewChild {
@@ -410,6 +443,18 @@ pub trait WriteTx {
     fn clear_aka_failures(&mut self, supi: &Supi) -> Result<(), StoreError>;
     /// Appends one entry to the audit trail.
     fn append_audit(&mut self, event: &AuditEvent) -> Result<(), StoreError>;
+    /// Records in the sync outbox that credential `supi` changed, when the outbox is on
+    /// ([`Store::set_sync_outbox`]); does nothing otherwise.
+    fn enqueue_sync(&mut self, supi: &Supi, now: Timestamp) -> Result<(), StoreError>;
+    /// Acknowledges a push: deletes the outbox rows of `supi` up to `up_to` (rows added since
+    /// stay) and records what the core's store now holds (`present`).
+    fn ack_sync(
+        &mut self,
+        supi: &Supi,
+        up_to: i64,
+        present: bool,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
 }
 
 /// A storage engine. Reads may run concurrently with each other and with the writer.
@@ -448,6 +493,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn add_manufacturer_root(&self, root: &ManufacturerRoot) -> Result<(), StoreError>;
     /// Removes the root named `name`; whether there was one.
     fn remove_manufacturer_root(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Turns the sync outbox on (a subscriber store is configured, `[sync.open5gs]`): from now
+    /// on [`WriteTx::enqueue_sync`] records rows. Off by default, so that nothing piles up
+    /// without a pusher.
+    fn set_sync_outbox(&self, on: bool);
+    /// Whether the sync outbox is on.
+    fn sync_outbox(&self) -> bool;
+    /// The oldest outbox rows, at most `limit`.
+    fn sync_pending(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Size and age of the outbox.
+    fn sync_backlog(&self) -> Result<SyncBacklog, StoreError>;
+    /// The sync state of one credential; `None` when it was never pushed nor queued.
+    fn sync_state(&self, supi: &Supi) -> Result<Option<SyncState>, StoreError>;
+    /// Credentials whose document is in the core's store although they expired at or before
+    /// `now`, with no push queued (the expiry sweeper queues them), at most `limit`.
+    fn sync_expired(&self, now: Timestamp, limit: u32) -> Result<Vec<Supi>, StoreError>;
 }
 
 /// Runs `f` in a write transaction of `store` and returns its value.

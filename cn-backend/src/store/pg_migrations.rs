@@ -176,6 +176,21 @@ CREATE TRIGGER children_live_change
     AFTER UPDATE OF status, quota_counted, parent_supi OR DELETE ON children
     FOR EACH ROW EXECUTE FUNCTION children_live_change();
 "#,
+    // 6: Open5GS subscriber sync: the transactional outbox and the last pushed state per
+    // credential (see SQLite's version 6).
+    r#"
+CREATE TABLE sync_outbox (
+    id         BIGSERIAL PRIMARY KEY,
+    supi       TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX sync_outbox_by_supi ON sync_outbox (supi, id);
+CREATE TABLE sync_state (
+    supi      TEXT PRIMARY KEY,
+    present   BOOLEAN NOT NULL,
+    pushed_at BIGINT NOT NULL
+);
+"#,
 ];
 
 /// The schema version this program writes.

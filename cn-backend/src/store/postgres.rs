@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -30,7 +30,8 @@ use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement};
 use super::pg_migrations;
 use super::{
     AkaFailures, AkaMaterial, AuditAction, AuditEvent, AuditQuery, AuditRecord, Issuance,
-    IssuanceKind, ManufacturerRoot, NewChild, Store, StoreError, Subscriber, WriteTx,
+    IssuanceKind, ManufacturerRoot, NewChild, OutboxEntry, Store, StoreError, Subscriber,
+    SyncBacklog, SyncState, WriteTx,
 };
 use crate::kek::{Kek, RowId};
 use crate::model::{
@@ -596,6 +597,7 @@ pub struct PgStore {
     pool: Mutex<Vec<Conn>>,
     /// Statements sent (prepares, executions, BEGIN/COMMIT): [`PgStore::round_trips`].
     trips: AtomicU64,
+    sync_outbox: AtomicBool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -641,6 +643,7 @@ impl PgStore {
             kek,
             pool: Mutex::new(Vec::new()),
             trips: AtomicU64::new(0),
+            sync_outbox: AtomicBool::new(false),
         };
         let mut conn = store.take()?;
         pg_migrations::migrate(&mut conn.client)?;
@@ -791,32 +794,44 @@ struct Deferred {
     children: Vec<(ChildCredential, Vec<u8>, Vec<u8>)>,
     issuances: Vec<(IdempotencyKey, Issuance)>,
     audit: Vec<AuditEvent>,
+    /// Sync outbox rows (SUPI, created_at), when the outbox is on.
+    sync: Vec<(Supi, i64)>,
 }
 
-/// Lengths of the three [`Deferred`] lists.
-type Mark = (usize, usize, usize);
+/// Lengths of the four [`Deferred`] lists.
+type Mark = (usize, usize, usize, usize);
 
 impl Deferred {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.issuances.is_empty() && self.audit.is_empty()
+        self.children.is_empty()
+            && self.issuances.is_empty()
+            && self.audit.is_empty()
+            && self.sync.is_empty()
     }
 
     fn mark(&self) -> Mark {
-        (self.children.len(), self.issuances.len(), self.audit.len())
+        (
+            self.children.len(),
+            self.issuances.len(),
+            self.audit.len(),
+            self.sync.len(),
+        )
     }
 
-    fn truncate(&mut self, (c, i, a): Mark) {
+    fn truncate(&mut self, (c, i, a, o): Mark) {
         self.children.truncate(c);
         self.issuances.truncate(i);
         self.audit.truncate(a);
+        self.sync.truncate(o);
     }
 
     /// Keeps the rows before `mark`, returns the rest.
-    fn split_off(&mut self, (c, i, a): Mark) -> Deferred {
+    fn split_off(&mut self, (c, i, a, o): Mark) -> Deferred {
         Deferred {
             children: self.children.split_off(c),
             issuances: self.issuances.split_off(i),
             audit: self.audit.split_off(a),
+            sync: self.sync.split_off(o),
         }
     }
 }
@@ -831,6 +846,8 @@ struct PgTx<'a, 'c> {
     stmts: &'a mut HashMap<String, Statement>,
     trips: &'a AtomicU64,
     kek: &'a Kek,
+    /// The sync outbox is on ([`Store::set_sync_outbox`]).
+    sync_outbox: bool,
     /// Set when a statement failed with a serialisation failure or deadlock: the whole
     /// transaction is then retried.
     retry: bool,
@@ -872,7 +889,7 @@ impl<'c> PgTx<'_, 'c> {
         }
         self.write_deferred()?;
         if self.item.is_some() {
-            self.item = Some((0, 0, 0));
+            self.item = Some((0, 0, 0, 0));
         }
         Ok(())
     }
@@ -984,6 +1001,15 @@ impl<'c> PgTx<'_, 'c> {
                  $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[]) \
                  WITH ORDINALITY AS u(a, b, c, d, e, f, g, h, n) ORDER BY n",
                 &[&at, &actor, &action, &supi, &parent, &device, &rid, &detail],
+            )?;
+        }
+        if !d.sync.is_empty() {
+            let supi: Vec<&str> = d.sync.iter().map(|(s, _)| s.as_str()).collect();
+            let at: Vec<i64> = d.sync.iter().map(|(_, t)| *t).collect();
+            // WITH ORDINALITY + ORDER BY: outbox ids follow the order of the changes.
+            self.exec_rows(
+                "INSERT INTO sync_outbox (supi, created_at) SELECT s, t FROM                  unnest($1::text[], $2::int8[]) WITH ORDINALITY AS u(s, t, n) ORDER BY n",
+                &[&supi, &at],
             )?;
         }
         Ok(())
@@ -1565,6 +1591,36 @@ impl WriteTx for PgTx<'_, '_> {
         .map(drop)
     }
 
+    fn enqueue_sync(&mut self, supi: &Supi, now: Timestamp) -> Result<(), StoreError> {
+        if self.sync_outbox {
+            // Deferred like the batch's other rows (one statement per batch); no other row
+            // refers to the outbox, so its order among them does not matter.
+            self.deferred.sync.push((supi.clone(), now.0));
+        }
+        Ok(())
+    }
+
+    fn ack_sync(
+        &mut self,
+        supi: &Supi,
+        up_to: i64,
+        present: bool,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.flush()?;
+        self.exec(
+            "DELETE FROM sync_outbox WHERE supi = $1 AND id <= $2",
+            &[&supi.as_str(), &up_to],
+        )?;
+        self.exec(
+            "INSERT INTO sync_state (supi, present, pushed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (supi) DO UPDATE SET present = excluded.present, \
+             pushed_at = excluded.pushed_at",
+            &[&supi.as_str(), &present, &now.0],
+        )?;
+        Ok(())
+    }
+
     fn append_audit(&mut self, e: &AuditEvent) -> Result<(), StoreError> {
         self.deferred.audit.push(e.clone());
         Ok(())
@@ -1598,6 +1654,7 @@ impl PgStore {
             stmts,
             trips: &self.trips,
             kek: &self.kek,
+            sync_outbox: self.sync_outbox.load(Ordering::Relaxed),
             retry: false,
             deferred: Deferred::default(),
             item: None,
@@ -1797,6 +1854,90 @@ impl Store for PgStore {
                 .execute("DELETE FROM manufacturer_roots WHERE name = $1", &[&name])
                 .map_err(pg_err)?;
             Ok(n > 0)
+        })
+    }
+
+    fn set_sync_outbox(&self, on: bool) {
+        self.sync_outbox.store(on, Ordering::Relaxed);
+    }
+
+    fn sync_outbox(&self) -> bool {
+        self.sync_outbox.load(Ordering::Relaxed)
+    }
+
+    fn sync_pending(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read(|c| {
+            c.query(
+                "SELECT id, supi, created_at FROM sync_outbox ORDER BY id LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| {
+                Ok(OutboxEntry {
+                    id: get(r, 0)?,
+                    supi: supi_at(r, 1)?,
+                    created_at: Timestamp(get(r, 2)?),
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn sync_backlog(&self) -> Result<SyncBacklog, StoreError> {
+        self.read(|c| {
+            let r = c
+                .query_one("SELECT count(*), min(created_at) FROM sync_outbox", &[])
+                .map_err(pg_err)?;
+            let n: i64 = get(&r, 0)?;
+            Ok(SyncBacklog {
+                pending: u64::try_from(n).unwrap_or(0),
+                oldest: get::<Option<i64>>(&r, 1)?.map(Timestamp),
+            })
+        })
+    }
+
+    fn sync_state(&self, supi: &Supi) -> Result<Option<SyncState>, StoreError> {
+        self.read(|c| {
+            let pushed = c
+                .query_opt(
+                    "SELECT present, pushed_at FROM sync_state WHERE supi = $1",
+                    &[&supi.as_str()],
+                )
+                .map_err(pg_err)?
+                .map(|r| Ok::<_, StoreError>((get::<bool>(&r, 0)?, get::<i64>(&r, 1)?)))
+                .transpose()?;
+            let r = c
+                .query_one(
+                    "SELECT count(*) FROM sync_outbox WHERE supi = $1",
+                    &[&supi.as_str()],
+                )
+                .map_err(pg_err)?;
+            let pending: i64 = get(&r, 0)?;
+            if pushed.is_none() && pending == 0 {
+                return Ok(None);
+            }
+            Ok(Some(SyncState {
+                present: pushed.map(|p| p.0),
+                pushed_at: pushed.map(|p| Timestamp(p.1)),
+                pending: u64::try_from(pending).unwrap_or(0),
+            }))
+        })
+    }
+
+    fn sync_expired(&self, now: Timestamp, limit: u32) -> Result<Vec<Supi>, StoreError> {
+        self.read(|c| {
+            c.query(
+                "SELECT s.supi FROM sync_state s JOIN children c ON c.supi = s.supi \
+                 WHERE s.present AND c.expires_at <= $1 \
+                 AND NOT EXISTS (SELECT 1 FROM sync_outbox o WHERE o.supi = s.supi) \
+                 ORDER BY s.supi LIMIT $2",
+                &[&now.0, &i64::from(limit)],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| supi_at(r, 0))
+            .collect()
         })
     }
 }

@@ -13,6 +13,7 @@ use std::error::Error as StdError;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -24,7 +25,8 @@ use rusqlite::{
 use super::migrations;
 use super::{
     AkaFailures, AkaMaterial, AuditAction, AuditEvent, AuditQuery, AuditRecord, Issuance,
-    IssuanceKind, ManufacturerRoot, NewChild, Store, StoreError, Subscriber, WriteTx,
+    IssuanceKind, ManufacturerRoot, NewChild, OutboxEntry, Store, StoreError, Subscriber,
+    SyncBacklog, SyncState, WriteTx,
 };
 use crate::kek::{Kek, RowId};
 use crate::model::{
@@ -71,6 +73,7 @@ pub struct SqliteStore {
     kek: Kek,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    sync_outbox: AtomicBool,
 }
 
 const PARENTS: &str = "parents";
@@ -440,6 +443,7 @@ impl SqliteStore {
             kek,
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
+            sync_outbox: AtomicBool::new(false),
         };
         store.check_kek()?;
         Ok(store)
@@ -542,6 +546,8 @@ type EncKeys = (Vec<u8>, Vec<u8>);
 struct SqliteTx<'a> {
     conn: &'a Connection,
     kek: &'a Kek,
+    /// The sync outbox is on ([`Store::set_sync_outbox`]).
+    sync_outbox: bool,
 }
 
 impl SqliteTx<'_> {
@@ -1028,6 +1034,41 @@ impl WriteTx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn enqueue_sync(&mut self, supi: &Supi, now: Timestamp) -> Result<(), StoreError> {
+        if !self.sync_outbox {
+            return Ok(());
+        }
+        self.conn
+            .prepare_cached("INSERT INTO sync_outbox (supi, created_at) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![supi.as_str(), now.0]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn ack_sync(
+        &mut self,
+        supi: &Supi,
+        up_to: i64,
+        present: bool,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM sync_outbox WHERE supi = ?1 AND id <= ?2",
+                params![supi.as_str(), up_to],
+            )
+            .map_err(db_err)?;
+        self.conn
+            .execute(
+                "INSERT INTO sync_state (supi, present, pushed_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (supi) DO UPDATE SET present = excluded.present, \
+                 pushed_at = excluded.pushed_at",
+                params![supi.as_str(), present, now.0],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
     fn append_audit(&mut self, e: &AuditEvent) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
@@ -1063,6 +1104,7 @@ impl Store for SqliteStore {
         let mut stx = SqliteTx {
             conn: &tx,
             kek: &self.kek,
+            sync_outbox: self.sync_outbox.load(Ordering::Relaxed),
         };
         // On error `tx` is dropped, which rolls back.
         f(&mut stx)?;
@@ -1173,6 +1215,91 @@ impl Store for SqliteStore {
             .execute("DELETE FROM manufacturer_roots WHERE name = ?1", [name])
             .map_err(db_err)?;
         Ok(n > 0)
+    }
+
+    fn set_sync_outbox(&self, on: bool) {
+        self.sync_outbox.store(on, Ordering::Relaxed);
+    }
+
+    fn sync_outbox(&self) -> bool {
+        self.sync_outbox.load(Ordering::Relaxed)
+    }
+
+    fn sync_pending(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT id, supi, created_at FROM sync_outbox ORDER BY id LIMIT ?1")
+                .and_then(|mut s| {
+                    s.query_map([limit], |r| {
+                        Ok(OutboxEntry {
+                            id: r.get(0)?,
+                            supi: supi_at(r, 1)?,
+                            created_at: Timestamp(r.get(2)?),
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(db_err)
+        })
+    }
+
+    fn sync_backlog(&self) -> Result<SyncBacklog, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT count(*), min(created_at) FROM sync_outbox",
+                [],
+                |r| {
+                    Ok(SyncBacklog {
+                        pending: u64_at(r, 0)?,
+                        oldest: r.get::<_, Option<i64>>(1)?.map(Timestamp),
+                    })
+                },
+            )
+            .map_err(db_err)
+        })
+    }
+
+    fn sync_state(&self, supi: &Supi) -> Result<Option<SyncState>, StoreError> {
+        self.read(|c| {
+            let pushed: Option<(bool, i64)> = c
+                .query_row(
+                    "SELECT present, pushed_at FROM sync_state WHERE supi = ?1",
+                    [supi.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db_err)?;
+            let pending: i64 = c
+                .query_row(
+                    "SELECT count(*) FROM sync_outbox WHERE supi = ?1",
+                    [supi.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            if pushed.is_none() && pending == 0 {
+                return Ok(None);
+            }
+            Ok(Some(SyncState {
+                present: pushed.map(|p| p.0),
+                pushed_at: pushed.map(|p| Timestamp(p.1)),
+                pending: u64::try_from(pending).unwrap_or(0),
+            }))
+        })
+    }
+
+    fn sync_expired(&self, now: Timestamp, limit: u32) -> Result<Vec<Supi>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT s.supi FROM sync_state s JOIN children c ON c.supi = s.supi \
+                 WHERE s.present = 1 AND c.expires_at <= ?1 \
+                 AND NOT EXISTS (SELECT 1 FROM sync_outbox o WHERE o.supi = s.supi) \
+                 ORDER BY s.supi LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![now.0, limit], |r| supi_at(r, 0))?
+                    .collect()
+            })
+            .map_err(db_err)
+        })
     }
 
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {

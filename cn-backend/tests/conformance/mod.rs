@@ -19,7 +19,7 @@ use cn_backend::ops::{
 use cn_backend::policy::{Denial, IdempotencyKey, Invalid, OperatorPolicy, RequestedParams};
 use cn_backend::store::{
     AuditAction, AuditQuery, IssuanceKind, ManufacturerRoot, Store, StoreError, Subscriber,
-    transact,
+    SyncState, transact,
 };
 use cn_backend::{ChildCredential, import};
 use companion_crypto::aka::{Sqn, next_sqn, sqn_after_resync};
@@ -57,6 +57,7 @@ macro_rules! all_tests {
             concurrent_batches_respect_quota,
             manufacturer_roots,
             live_counter_matches_scan,
+            sync_outbox_follows_lifecycle,
         );
     };
 }
@@ -1384,4 +1385,150 @@ pub fn check_backfill<S: Store + ?Sized>(store: &S) {
     assert_eq!(n, 7);
     assert_eq!(counted(store, &p1, T0), 10);
     assert_eq!(store.count_active_children(&p1, T0).unwrap(), 10);
+}
+
+/// The sync outbox (docs/OPERATIONS.md, "With Open5GS"): off, nothing is recorded; on, every
+/// child lifecycle change records a row in its own transaction, an acknowledgement removes the
+/// rows it covered (and no later ones), and expired credentials still in the core are found.
+pub fn sync_outbox_follows_lifecycle<S: Store + ?Sized>(store: &S) {
+    let pending = |s: &S| -> Vec<(Supi, Timestamp)> {
+        s.sync_pending(100)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.supi, e.created_at))
+            .collect()
+    };
+    let p = add_parent(store, 1, 5);
+    assert!(!store.sync_outbox());
+    let out = issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("off", 9))]),
+    );
+    let untracked = issued(&out[0]).0.supi.clone();
+    assert!(pending(store).is_empty(), "outbox off: nothing recorded");
+    assert_eq!(store.sync_state(&untracked).unwrap(), None);
+
+    store.set_sync_outbox(true);
+    assert!(store.sync_outbox());
+    let out = issue(
+        store,
+        &batch(
+            &p,
+            T0,
+            vec![
+                BatchItem::Provision(prov("a", 1)),
+                BatchItem::Provision(prov("b", 2)),
+            ],
+        ),
+    );
+    let a = issued(&out[0]).0.clone();
+    let b = issued(&out[1]).0.clone();
+    let rows = pending(store);
+    assert_eq!(rows.len(), 2);
+    assert!(rows.contains(&(a.supi.clone(), T0)) && rows.contains(&(b.supi.clone(), T0)));
+    // A replay commits nothing new, so it records nothing.
+    issue(
+        store,
+        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
+    );
+    assert_eq!(pending(store).len(), 2);
+    let backlog = store.sync_backlog().unwrap();
+    assert_eq!((backlog.pending, backlog.oldest), (2, Some(T0)));
+
+    // Renewal.
+    let t1 = T0.plus_secs(10);
+    let renew = BatchItem::Renew(RenewItem {
+        attestation: Default::default(),
+        child: a.supi.clone(),
+        device_id: DeviceId::parse("a").unwrap(),
+        device_spki: spki(1),
+        request_id: RequestId([50; 16]),
+        recipient: b"device-pk".to_vec(),
+        lifetime_s: Some(3600),
+    });
+    let out = issue(store, &batch(&p, t1, vec![renew]));
+    assert!(matches!(out[0], ItemOutcome::Renewed { .. }), "{out:?}");
+    let rows = store.sync_pending(100).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[2].supi, a.supi);
+    assert!(rows[0].id < rows[1].id && rows[1].id < rows[2].id);
+    assert_eq!(
+        store.sync_state(&a.supi).unwrap(),
+        Some(SyncState {
+            present: None,
+            pushed_at: None,
+            pending: 2
+        })
+    );
+
+    // An acknowledgement up to the first row of `a` keeps its later row.
+    let first_a = rows.iter().find(|r| r.supi == a.supi).unwrap().id;
+    transact(store, |tx| tx.ack_sync(&a.supi, first_a, true, t1)).unwrap();
+    assert_eq!(
+        store.sync_state(&a.supi).unwrap(),
+        Some(SyncState {
+            present: Some(true),
+            pushed_at: Some(t1),
+            pending: 1
+        })
+    );
+    transact(store, |tx| tx.ack_sync(&a.supi, rows[2].id, true, t1)).unwrap();
+    transact(store, |tx| {
+        tx.ack_sync(&b.supi, rows[1].id.max(rows[0].id), true, t1)
+    })
+    .unwrap();
+    assert!(pending(store).is_empty());
+    assert_eq!(store.sync_backlog().unwrap().pending, 0);
+    assert_eq!(store.sync_backlog().unwrap().oldest, None);
+
+    // Expiry: the sweeper's query finds a credential still in the core once it expired.
+    let a_exp = store.child(&a.supi).unwrap().unwrap().expires_at;
+    let b_exp = store.child(&b.supi).unwrap().unwrap().expires_at;
+    assert_ne!(a_exp, b_exp);
+    let (first, first_exp, second, second_exp) = if a_exp < b_exp {
+        (&a.supi, a_exp, &b.supi, b_exp)
+    } else {
+        (&b.supi, b_exp, &a.supi, a_exp)
+    };
+    assert!(
+        store
+            .sync_expired(Timestamp(first_exp.0 - 1), 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.sync_expired(first_exp, 10).unwrap(),
+        vec![first.clone()]
+    );
+    // Queued for deletion: no longer reported.
+    transact(store, |tx| tx.enqueue_sync(first, first_exp)).unwrap();
+    assert!(store.sync_expired(first_exp, 10).unwrap().is_empty());
+    let id = store.sync_pending(10).unwrap()[0].id;
+    transact(store, |tx| tx.ack_sync(first, id, false, first_exp)).unwrap();
+    assert_eq!(
+        store.sync_expired(second_exp, 10).unwrap(),
+        vec![second.clone()]
+    );
+
+    // Revoking a child, and suspending the parent (which revokes the rest), record rows.
+    let t2 = T0.plus_secs(20);
+    assert!(ops::revoke_child(store, &a.supi, "op", t2).unwrap());
+    assert_eq!(pending(store), vec![(a.supi.clone(), t2)]);
+    let out = issue(
+        store,
+        &batch(&p, t2, vec![BatchItem::Provision(prov("c", 3))]),
+    );
+    let c = issued(&out[0]).0.clone();
+    let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Suspended, "op", t2).unwrap();
+    assert!(ch.revoked_children.contains(&c.supi));
+    let rows = pending(store);
+    // The untracked child issued while the outbox was off is revoked too: recorded now.
+    for s in [&a.supi, &c.supi, &untracked] {
+        assert!(rows.iter().any(|(x, _)| x == s), "{s} not queued: {rows:?}");
+    }
+    // A failed transaction records nothing.
+    let before = pending(store).len();
+    assert!(ops::revoke_child(store, &supi(999), "op", t2).is_err());
+    assert_eq!(pending(store).len(), before);
+    store.set_sync_outbox(false);
 }
