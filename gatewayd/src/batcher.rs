@@ -82,6 +82,9 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 pub struct Batcher<T> {
     cfg: BatcherConfig,
     queue: VecDeque<Queued<T>>,
+    /// Batches lost with their CN session, to send again as they were (same id, same items)
+    /// before any new batch.
+    resend: VecDeque<(Batch<T>, Instant)>,
     in_flight: HashMap<u64, Instant>,
     next_id: u64,
     /// Exponentially weighted mean time from sending a batch to its completion.
@@ -97,6 +100,7 @@ impl<T> Batcher<T> {
         Self {
             cfg,
             queue: VecDeque::new(),
+            resend: VecDeque::new(),
             in_flight: HashMap::new(),
             next_id: 1,
             service_time: INITIAL_SERVICE_TIME,
@@ -111,12 +115,14 @@ impl<T> Batcher<T> {
     pub fn reconfigure(&mut self, cfg: BatcherConfig) {
         let Self {
             queue,
+            resend,
             in_flight,
             next_id,
             service_time,
             ..
         } = std::mem::replace(self, Self::new(cfg));
         self.queue = queue;
+        self.resend = resend;
         self.in_flight = in_flight;
         self.next_id = next_id;
         self.service_time = service_time;
@@ -125,6 +131,11 @@ impl<T> Batcher<T> {
     /// Requests waiting for a batch.
     pub fn queue_len(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Batches waiting to be sent again ([`Batcher::resend`]).
+    pub fn resend_len(&self) -> usize {
+        self.resend.len()
     }
 
     /// Batches sent and not yet completed.
@@ -166,8 +177,25 @@ impl<T> Batcher<T> {
         (self.service_time * rounds).clamp(MIN_RETRY, MAX_RETRY)
     }
 
-    /// The next batch to send now, if the rule allows one.
+    /// Takes back batch `batch`, which was in flight on a CN session that was lost: its slot is
+    /// freed (no service-time sample: a lost session says nothing about the CN's speed) and the
+    /// batch is sent again **as it was** — same id, same items, so the same request IDs, which
+    /// the CN's idempotency ledger answers with the credentials it already issued — before any
+    /// new batch, on whatever session [`Batcher::poll_batch`]'s caller picks. Never re-formed
+    /// into new requests.
+    pub fn resend(&mut self, batch: Batch<T>, now: Instant) {
+        self.in_flight.remove(&batch.id);
+        self.resend.push_back((batch, now));
+    }
+
+    /// The next batch to send now, if the rule allows one: a batch to send again first
+    /// ([`Batcher::resend`], while fewer than `max_in_flight` are out), else a new one.
     pub fn poll_batch(&mut self, now: Instant) -> Option<Batch<T>> {
+        if !self.resend.is_empty() && self.in_flight.len() < self.cfg.max_in_flight {
+            let (batch, _) = self.resend.pop_front()?;
+            self.in_flight.insert(batch.id, now);
+            return Some(batch);
+        }
         let oldest = self.queue.front()?.since;
         let ready = self.in_flight.is_empty()
             || (self.in_flight.len() < self.cfg.max_in_flight
@@ -187,6 +215,9 @@ impl<T> Batcher<T> {
     /// When [`Batcher::poll_batch`] may next return a batch although nothing else happens; `None`
     /// when only a push or a completion can change that.
     pub fn next_deadline(&self) -> Option<Instant> {
+        if let Some((_, since)) = self.resend.front() {
+            return (self.in_flight.len() < self.cfg.max_in_flight).then_some(*since);
+        }
         let oldest = self.queue.front()?.since;
         if self.in_flight.is_empty() {
             // Ready immediately.
@@ -214,9 +245,12 @@ impl<T> Batcher<T> {
         self.in_flight.remove(&id);
     }
 
-    /// Empties the queue (shutdown, or CN unreachable): the caller answers each request itself.
+    /// Empties the queue and the batches to send again (shutdown, or CN unreachable): the
+    /// caller answers each request itself.
     pub fn drain(&mut self) -> Vec<T> {
-        self.queue.drain(..).map(|q| q.item).collect()
+        let mut out: Vec<T> = self.resend.drain(..).flat_map(|(b, _)| b.items).collect();
+        out.extend(self.queue.drain(..).map(|q| q.item));
+        out
     }
 }
 
@@ -324,6 +358,61 @@ mod tests {
         b.requeue_front(batch.items, t0);
         assert_eq!(b.drain(), vec![0, 1, 2, 3, 4]);
         assert_eq!(b.queue_len(), 0);
+    }
+
+    #[test]
+    fn a_batch_lost_with_its_session_is_sent_again_unchanged_before_new_ones() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg(3, 5, 2, 100));
+        for i in 0..3 {
+            b.push(i, t0).unwrap();
+        }
+        let lost = b.poll_batch(t0).unwrap();
+        assert_eq!((lost.id, lost.items.clone()), (1, vec![0, 1, 2]));
+        // New requests arrive while it is out; another batch leaves too.
+        for i in 3..7 {
+            b.push(i, t0).unwrap();
+        }
+        let other = b.poll_batch(t0).unwrap();
+        assert_eq!(other.items, vec![3, 4, 5]);
+        assert_eq!(b.in_flight(), 2);
+        // Its session dies: the batch comes back, its slot is free, the service time unchanged.
+        let st = b.service_time();
+        b.resend(lost, t0 + Duration::from_millis(1));
+        assert_eq!((b.in_flight(), b.resend_len()), (1, 1));
+        assert_eq!(b.service_time(), st);
+        assert_eq!(b.next_deadline(), Some(t0 + Duration::from_millis(1)));
+        // It leaves first, identical (same id, same items: same request IDs), not merged with
+        // the queued request 6 and not given a new id.
+        let again = b.poll_batch(t0 + Duration::from_millis(1)).unwrap();
+        assert_eq!(
+            again,
+            Batch {
+                id: 1,
+                items: vec![0, 1, 2]
+            }
+        );
+        assert_eq!(b.in_flight(), 2);
+        // Answered this time: complete() accepts the same id.
+        b.complete(again.id, t0 + Duration::from_millis(3));
+        b.complete(other.id, t0 + Duration::from_millis(3));
+        let next = b.poll_batch(t0 + Duration::from_millis(3)).unwrap();
+        assert_eq!((next.id, next.items), (3, vec![6]), "new batches get new ids");
+        // With one batch in flight at most: the resent batch takes the freed slot, and the
+        // queue waits behind it.
+        let mut b = Batcher::new(cfg(2, 5, 1, 100));
+        b.push(0, t0).unwrap();
+        b.push(1, t0).unwrap();
+        let x = b.poll_batch(t0).unwrap();
+        b.push(2, t0).unwrap();
+        b.resend(x, t0);
+        let x = b.poll_batch(t0).unwrap();
+        assert_eq!((x.id, x.items.clone()), (1, vec![0, 1]));
+        assert_eq!(b.poll_batch(t0 + Duration::from_secs(1)), None, "one in flight at most");
+        // Lost again and the link is down: drain hands back the batch to resend and the queue.
+        b.resend(x, t0);
+        assert_eq!(b.drain(), vec![0, 1, 2]);
+        assert_eq!((b.resend_len(), b.queue_len()), (0, 0));
     }
 
     #[derive(Debug, Clone)]
