@@ -397,7 +397,11 @@ mod tests {
         b.complete(again.id, t0 + Duration::from_millis(3));
         b.complete(other.id, t0 + Duration::from_millis(3));
         let next = b.poll_batch(t0 + Duration::from_millis(3)).unwrap();
-        assert_eq!((next.id, next.items), (3, vec![6]), "new batches get new ids");
+        assert_eq!(
+            (next.id, next.items),
+            (3, vec![6]),
+            "new batches get new ids"
+        );
         // With one batch in flight at most: the resent batch takes the freed slot, and the
         // queue waits behind it.
         let mut b = Batcher::new(cfg(2, 5, 1, 100));
@@ -408,7 +412,11 @@ mod tests {
         b.resend(x, t0);
         let x = b.poll_batch(t0).unwrap();
         assert_eq!((x.id, x.items.clone()), (1, vec![0, 1]));
-        assert_eq!(b.poll_batch(t0 + Duration::from_secs(1)), None, "one in flight at most");
+        assert_eq!(
+            b.poll_batch(t0 + Duration::from_secs(1)),
+            None,
+            "one in flight at most"
+        );
         // Lost again and the link is down: drain hands back the batch to resend and the queue.
         b.resend(x, t0);
         assert_eq!(b.drain(), vec![0, 1, 2]);

@@ -51,7 +51,6 @@ impl Backoff {
     }
 }
 
-
 /// Health of one CN endpoint.
 #[derive(Debug, Clone, Default)]
 struct Health {
@@ -472,7 +471,13 @@ impl CnLink {
 
     /// Records a failure of endpoint `i` (attempt failed or session lost) and returns whether
     /// another endpoint may be tried at once.
-    fn endpoint_failed(&self, i: usize, index: usize, backoff: &Backoff, metrics: &Metrics) -> bool {
+    fn endpoint_failed(
+        &self,
+        i: usize,
+        index: usize,
+        backoff: &Backoff,
+        metrics: &Metrics,
+    ) -> bool {
         let now = Instant::now();
         let mut e = lock(&self.endpoints);
         e.failed(i, now, backoff);
@@ -530,21 +535,19 @@ impl CnLink {
             self.set_slot_endpoint(index, Some(ep));
             let label = targets.endpoints[ep].label.clone();
             let attempt = async {
-                let target = targets
-                    .resolve(ep)
-                    .await
-                    .map_err(|e| (e, false))?;
+                let target = targets.resolve(ep).await.map_err(|e| (e, false))?;
                 let Some(client) = clients.for_addr(&target.addr) else {
-                    return Err((format!("no local socket for the address family of {}", target.addr), false));
+                    return Err((
+                        format!("no local socket for the address family of {}", target.addr),
+                        false,
+                    ));
                 };
                 let mut usim = usim.lock().await;
                 CnSession::connect_with(client, &target, usim.as_mut(), opts)
                     .await
                     .map_err(|e| {
-                        let reset = matches!(
-                            e,
-                            CnClientError::Connection(quinn::ConnectionError::Reset)
-                        );
+                        let reset =
+                            matches!(e, CnClientError::Connection(quinn::ConnectionError::Reset));
                         (e.to_string(), reset)
                     })
             };
@@ -701,7 +704,10 @@ mod tests {
         assert_eq!(e.pick(5, retry), Ok(1));
         // It fails again: the wait doubles (with jitter), independently of endpoint 0.
         let retry2 = e.failed(1, retry, &b);
-        assert!(retry2 - retry >= Duration::from_millis(500) && retry2 - retry <= Duration::from_secs(1));
+        assert!(
+            retry2 - retry >= Duration::from_millis(500)
+                && retry2 - retry <= Duration::from_secs(1)
+        );
         assert!(!e.in_backoff(0, retry));
         // Both down: the slot waits for the earliest retry time.
         let r0 = e.failed(0, retry, &b);

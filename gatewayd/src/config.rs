@@ -341,7 +341,9 @@ impl CnConfig {
         let list = self.endpoint_list();
         for (i, e) in list.iter().enumerate() {
             let ok = e.rsplit_once(':').is_some_and(|(h, p)| {
-                !h.is_empty() && !h.contains(char::is_whitespace) && p.parse::<u16>().is_ok_and(|p| p > 0)
+                !h.is_empty()
+                    && !h.contains(char::is_whitespace)
+                    && p.parse::<u16>().is_ok_and(|p| p > 0)
             });
             if !ok {
                 return invalid(format!(
@@ -352,8 +354,14 @@ impl CnConfig {
                 return invalid(format!("[cn] endpoints lists {e:?} twice"));
             }
         }
-        if self.server_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-            return invalid("[cn] server_name must not be empty (omit it to use each endpoint's host)".into());
+        if self
+            .server_name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return invalid(
+                "[cn] server_name must not be empty (omit it to use each endpoint's host)".into(),
+            );
         }
         Ok(())
     }
@@ -851,10 +859,16 @@ mod tests {
                 "endpoint = \"a:1\"\nendpoints = [\"b:2\"]",
                 "both endpoint and endpoints",
             ),
-            ("endpoints = [\"a:1\", \"nohost\"]", "\"nohost\" must be host:port"),
+            (
+                "endpoints = [\"a:1\", \"nohost\"]",
+                "\"nohost\" must be host:port",
+            ),
             ("endpoints = [\"a:0\"]", "must be host:port"),
             ("endpoints = [\"a:1\", \"A:1\"]", "twice"),
-            ("endpoints = [\"a:1\"]\nserver_name = \"\"", "server_name must not be empty"),
+            (
+                "endpoints = [\"a:1\"]\nserver_name = \"\"",
+                "server_name must not be empty",
+            ),
         ] {
             let e = Config::from_toml_str(&format!("[cn]\n{toml}\n"), "t").unwrap_err();
             assert!(e.to_string().contains(want), "{toml}: {e}");

@@ -309,17 +309,14 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
     // The companion USIM and the CN link.
-    let (usim, companion_supi): (Option<Box<dyn Usim>>, Option<String>) =
-        if cfg.cn.configured() {
-            let u = crate::companion::open(&cfg)?;
-            let supi = u.supi().to_string();
-            (Some(u), Some(supi))
-        } else {
-            tracing::warn!(
-                "no [cn] endpoint configured: new requests are answered \"retry later\""
-            );
-            (None, None)
-        };
+    let (usim, companion_supi): (Option<Box<dyn Usim>>, Option<String>) = if cfg.cn.configured() {
+        let u = crate::companion::open(&cfg)?;
+        let supi = u.supi().to_string();
+        (Some(u), Some(supi))
+    } else {
+        tracing::warn!("no [cn] endpoint configured: new requests are answered \"retry later\"");
+        (None, None)
+    };
     let targets = match &companion_supi {
         Some(s) => cn_targets(&cfg, s)?,
         None => None,

@@ -375,7 +375,10 @@ fn status_text(s: &StatusInfo, now: i64) -> String {
             (Some(e), _) => e.clone(),
             (None, _) => "every endpoint in backoff".into(),
         };
-        line(&format!("CN session {}", c.slot), format!("{} {at}", c.state));
+        line(
+            &format!("CN session {}", c.slot),
+            format!("{} {at}", c.state),
+        );
     }
     line("devices paired", s.devices_paired.to_string());
     line(
