@@ -469,15 +469,16 @@ impl CnLink {
         slot.endpoint = endpoint;
     }
 
-    /// Records a failure of endpoint `i` (attempt failed or session lost) and returns whether
-    /// another endpoint may be tried at once.
+    /// Records a failure of endpoint `i` (attempt failed or session lost) and returns what slot
+    /// `index` can do next: `Ok(())` another endpoint may be tried at once, `Err(t)` every endpoint
+    /// waits out its backoff, the first until `t`.
     fn endpoint_failed(
         &self,
         i: usize,
         index: usize,
         backoff: &Backoff,
         metrics: &Metrics,
-    ) -> bool {
+    ) -> Result<(), Instant> {
         let now = Instant::now();
         let mut e = lock(&self.endpoints);
         e.failed(i, now, backoff);
@@ -487,7 +488,7 @@ impl CnLink {
                 .with_label_values(&[label])
                 .inc();
         }
-        e.pick(index, now).is_ok()
+        e.pick(index, now).map(|_| ())
     }
 
     /// Keeps slot `index` connected until `shutdown` turns true, on the endpoint
@@ -584,12 +585,13 @@ impl CnLink {
                     let delay = if reason == crate::metrics::link_loss::RESET {
                         Backoff::jitter(backoff.min.min(Duration::from_millis(100))) / 2
                     } else {
-                        let elsewhere = self.endpoint_failed(ep, index, &backoff, &metrics);
+                        let next = self.endpoint_failed(ep, index, &backoff, &metrics);
                         self.set_slot_endpoint(index, None);
-                        if elsewhere {
-                            Backoff::jitter(backoff.min.min(Duration::from_millis(200)))
-                        } else {
-                            Backoff::jitter(backoff.delay(1))
+                        match next {
+                            Ok(()) => Backoff::jitter(backoff.min.min(Duration::from_millis(200))),
+                            // No other endpoint: wait for this one's retry time (the link stays
+                            // `connecting` meanwhile; no attempt has failed yet).
+                            Err(at) => at.saturating_duration_since(Instant::now()),
                         }
                     };
                     // Reconnecting: requests keep queueing until an attempt fails.
@@ -625,7 +627,7 @@ impl CnLink {
                     } else {
                         tracing::debug!(slot = index, cn = %label, error = %e, failures, "cannot reach the CN");
                     }
-                    let elsewhere = self.endpoint_failed(ep, index, &backoff, &metrics);
+                    let elsewhere = self.endpoint_failed(ep, index, &backoff, &metrics).is_ok();
                     self.set_slot_endpoint(index, None);
                     self.update_state(&metrics, elsewhere);
                     if elsewhere {
