@@ -108,6 +108,17 @@ impl Endpoints {
             .unwrap_or(now))
     }
 
+    /// Where a slot on endpoint `from` should move to even the load out: a usable endpoint with
+    /// at least two sessions fewer (one that failed earlier and whose backoff has ended, or that
+    /// came up later). `None` when the spread is even enough.
+    pub fn rebalance(&self, from: usize, now: Instant) -> Option<usize> {
+        let have = self.sessions(from);
+        (0..self.health.len())
+            .filter(|&j| j != from && !self.in_backoff(j, now))
+            .filter(|&j| self.health[j].sessions + 2 <= have)
+            .min_by_key(|&j| self.health[j].sessions)
+    }
+
     /// A slot starts using endpoint `i`.
     pub fn attach(&mut self, i: usize) {
         if let Some(h) = self.health.get_mut(i) {
@@ -277,6 +288,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 enum Ended {
     Shutdown,
     Lost(quinn::ConnectionError),
+}
+
+/// One connection attempt to endpoint `ep`: resolve, connect, authenticate. The error carries
+/// whether the CN answered with a stateless reset (it restarted during the attempt).
+async fn connect_endpoint(
+    clients: &CnClients,
+    targets: &CnTargets,
+    usim: &tokio::sync::Mutex<Box<dyn Usim>>,
+    ep: usize,
+    opts: ClientOptions,
+) -> Result<(CnSession, companion_proto::msg::AuthResult), (String, bool)> {
+    let target = targets.resolve(ep).await.map_err(|e| (e, false))?;
+    let Some(client) = clients.for_addr(&target.addr) else {
+        return Err((
+            format!("no local socket for the address family of {}", target.addr),
+            false,
+        ));
+    };
+    let mut usim = usim.lock().await;
+    CnSession::connect_with(client, &target, usim.as_mut(), opts)
+        .await
+        .map_err(|e| {
+            let reset = matches!(e, CnClientError::Connection(quinn::ConnectionError::Reset));
+            (e.to_string(), reset)
+        })
 }
 
 impl CnLink {
@@ -534,30 +570,15 @@ impl CnLink {
                 }
             };
             self.set_slot_endpoint(index, Some(ep));
-            let label = targets.endpoints[ep].label.clone();
-            let attempt = async {
-                let target = targets.resolve(ep).await.map_err(|e| (e, false))?;
-                let Some(client) = clients.for_addr(&target.addr) else {
-                    return Err((
-                        format!("no local socket for the address family of {}", target.addr),
-                        false,
-                    ));
-                };
-                let mut usim = usim.lock().await;
-                CnSession::connect_with(client, &target, usim.as_mut(), opts)
-                    .await
-                    .map_err(|e| {
-                        let reset =
-                            matches!(e, CnClientError::Connection(quinn::ConnectionError::Reset));
-                        (e.to_string(), reset)
-                    })
-            };
+            let mut ep = ep;
+            let mut label = targets.endpoints[ep].label.clone();
+            let attempt = connect_endpoint(&clients, &targets, &usim, ep, opts);
             let result = tokio::select! {
                 r = attempt => r,
                 _ = shutdown.changed() => break,
             };
             match result {
-                Ok((session, policy)) => {
+                Ok((mut session, policy)) => {
                     resets_in_a_row = 0;
                     if failures > 0 {
                         tracing::info!(slot = index, cn = %label, after_failures = failures, "CN link restored");
@@ -570,9 +591,60 @@ impl CnLink {
                         .store(policy.max_batch_items, Ordering::Relaxed);
                     lock(&self.slots[index]).session = Some(session.clone());
                     self.update_state(&metrics, false);
-                    let ended = tokio::select! {
-                        e = session.connection().closed() => Ended::Lost(e),
-                        _ = shutdown.wait_for(|s| *s) => Ended::Shutdown,
+                    let ended = loop {
+                        // Now and then (jittered), see whether the load should be evened out:
+                        // an endpoint that failed earlier and whose backoff has ended (or came
+                        // up later) gets this slot back — make before break: the new session
+                        // is authenticated first, the old one closes once the operations on it
+                        // finished (their clones dropped).
+                        let check = Backoff::jitter(backoff.max.min(Duration::from_secs(30)));
+                        tokio::select! {
+                            e = session.connection().closed() => break Ended::Lost(e),
+                            _ = shutdown.wait_for(|s| *s) => break Ended::Shutdown,
+                            () = tokio::time::sleep(check) => {}
+                        }
+                        let to = {
+                            let mut e = lock(&self.endpoints);
+                            let to = e.rebalance(ep, Instant::now());
+                            if let Some(to) = to {
+                                // Reserved now, so slots checking at the same time do not all
+                                // move.
+                                e.attach(to);
+                            }
+                            to
+                        };
+                        let Some(to) = to else { continue };
+                        let to_label = targets.endpoints[to].label.clone();
+                        let probe = tokio::select! {
+                            r = connect_endpoint(&clients, &targets, &usim, to, opts) => r,
+                            _ = shutdown.wait_for(|s| *s) => {
+                                lock(&self.endpoints).detach(to);
+                                break Ended::Shutdown;
+                            }
+                        };
+                        match probe {
+                            Ok((new, _)) => {
+                                tracing::info!(slot = index, from = %label, to = %to_label, "CN session moved to even the load out");
+                                {
+                                    let mut slot = lock(&self.slots[index]);
+                                    let mut e = lock(&self.endpoints);
+                                    e.detach(ep);
+                                    e.succeeded(to);
+                                    slot.endpoint = Some(to);
+                                    slot.session = Some(new.clone());
+                                }
+                                session = new;
+                                ep = to;
+                                label = to_label;
+                                self.update_state(&metrics, false);
+                            }
+                            Err((err, _)) => {
+                                lock(&self.endpoints).detach(to);
+                                let _ = self.endpoint_failed(to, index, &backoff, &metrics);
+                                self.update_state(&metrics, false);
+                                tracing::debug!(slot = index, cn = %to_label, error = %err, "endpoint still unusable; staying");
+                            }
+                        }
                     };
                     lock(&self.slots[index]).session = None;
                     let Ended::Lost(e) = ended else { break };
@@ -718,6 +790,38 @@ mod tests {
         e.succeeded(1);
         assert!(!e.in_backoff(1, retry));
         assert_eq!(e.pick(0, retry), Ok(1));
+    }
+
+    #[test]
+    fn a_returning_endpoint_gets_sessions_back_one_at_a_time() {
+        let b = Backoff {
+            min: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        };
+        let t0 = Instant::now();
+        let mut e = Endpoints::new(2);
+        // Endpoint 0 failed: all four sessions on 1.
+        let retry = e.failed(0, t0, &b);
+        for _ in 0..4 {
+            e.attach(1);
+        }
+        assert_eq!(
+            e.rebalance(1, t0),
+            None,
+            "not while it waits out its backoff"
+        );
+        assert_eq!(e.rebalance(1, retry), Some(0));
+        // Moves reserve their place: after two, the spread is even and nothing else moves.
+        e.attach(0);
+        e.detach(1);
+        assert_eq!(e.rebalance(1, retry), Some(0));
+        e.attach(0);
+        e.detach(1);
+        assert_eq!(e.rebalance(1, retry), None);
+        assert_eq!(e.rebalance(0, retry), None);
+        // 2/1 is even enough (a difference of one never moves back and forth).
+        e.detach(0);
+        assert_eq!(e.rebalance(1, retry), None);
     }
 
     #[test]

@@ -50,6 +50,10 @@ struct Instance {
 
 impl Instance {
     fn start(dir: &Path, name: &str) -> Self {
+        Self::start_at(dir, name, "127.0.0.1:0")
+    }
+
+    fn start_at(dir: &Path, name: &str, listen: &str) -> Self {
         let ready = dir.join(format!("ready-{name}.json"));
         let log_path = dir.join(format!("cn-{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
@@ -59,7 +63,7 @@ impl Instance {
             .args([
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--http-listen",
                 "127.0.0.1:0",
                 "--ready-file",
@@ -476,5 +480,25 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
         ),
         0.0
     );
+
+    // Instance a comes back on its address: once its backoff has ended, sessions move back one
+    // at a time (a new session is authenticated before the old one is let go) until the spread
+    // is even again.
+    let back = Instance::start_at(&cn_dir, "a2", &a.quic);
+    assert_eq!(back.quic, a.quic);
+    let t = Instant::now();
+    wait_until("sessions spread again", Duration::from_secs(30), || {
+        sessions_by_endpoint(&gw.status())
+            == HashMap::from([
+                (a.quic.clone(), SESSIONS / 2),
+                (b.quic.clone(), SESSIONS / 2),
+            ])
+    });
+    eprintln!(
+        "failover: instance a restarted; sessions spread 2/2 again after {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let st = gw.status();
+    assert_eq!(st["cn_link"], "up", "{st}");
     drop(gw.proc);
 }
