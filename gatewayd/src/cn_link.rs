@@ -84,6 +84,11 @@ impl Endpoints {
             .is_some_and(|t| t > now)
     }
 
+    /// Consecutive failures of endpoint `i` (0: healthy).
+    pub fn failures(&self, i: usize) -> u32 {
+        self.health.get(i).map_or(0, |h| h.failures)
+    }
+
     /// Slots on endpoint `i`.
     pub fn sessions(&self, i: usize) -> usize {
         self.health.get(i).map_or(0, |h| h.sessions)
@@ -290,13 +295,49 @@ enum Ended {
     Lost(quinn::ConnectionError),
 }
 
+/// A QUIC handshake with `target` (TLS verified, no AKA), closed at once: whether the endpoint
+/// answers at all.
+async fn reachable(
+    client: &quinn::Endpoint,
+    target: &CnTarget,
+    opts: &ClientOptions,
+) -> Result<(), String> {
+    let cfg = companion_transport::quic::client_config(
+        companion_transport::quic::ServerTrust::Anchors(target.trust_anchors.clone()),
+        None,
+        companion_transport::ALPN_CN,
+        &companion_transport::quic::Limits::cn_link_client(),
+    )
+    .map_err(|e| e.to_string())?;
+    let connecting = client
+        .connect_with(cfg, target.addr, &target.server_name)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(opts.connect_timeout, connecting).await {
+        Ok(Ok(conn)) => {
+            conn.close(0u32.into(), b"reachability probe");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("connection to the CN failed: {e}")),
+        Err(_) => Err(format!(
+            "QUIC handshake with {} did not complete within {:?}",
+            target.addr, opts.connect_timeout
+        )),
+    }
+}
+
 /// One connection attempt to endpoint `ep`: resolve, connect, authenticate. The error carries
 /// whether the CN answered with a stateless reset (it restarted during the attempt).
+///
+/// The companion USIM is locked for the whole attempt (two AKA runs never interleave), so an
+/// attempt stuck on a dead endpoint would hold every other slot back for the connect timeout.
+/// An endpoint that failed before (`suspect`: retried after its backoff, or probed to move a
+/// session back) is therefore first checked with a bare handshake, without the lock.
 async fn connect_endpoint(
     clients: &CnClients,
     targets: &CnTargets,
     usim: &tokio::sync::Mutex<Box<dyn Usim>>,
     ep: usize,
+    suspect: bool,
     opts: ClientOptions,
 ) -> Result<(CnSession, companion_proto::msg::AuthResult), (String, bool)> {
     let target = targets.resolve(ep).await.map_err(|e| (e, false))?;
@@ -306,6 +347,11 @@ async fn connect_endpoint(
             false,
         ));
     };
+    if suspect {
+        reachable(client, &target, &opts)
+            .await
+            .map_err(|e| (e, false))?;
+    }
     let mut usim = usim.lock().await;
     CnSession::connect_with(client, &target, usim.as_mut(), opts)
         .await
@@ -572,7 +618,8 @@ impl CnLink {
             self.set_slot_endpoint(index, Some(ep));
             let mut ep = ep;
             let mut label = targets.endpoints[ep].label.clone();
-            let attempt = connect_endpoint(&clients, &targets, &usim, ep, opts);
+            let suspect = lock(&self.endpoints).failures(ep) > 0;
+            let attempt = connect_endpoint(&clients, &targets, &usim, ep, suspect, opts);
             let result = tokio::select! {
                 r = attempt => r,
                 _ = shutdown.changed() => break,
@@ -616,7 +663,7 @@ impl CnLink {
                         let Some(to) = to else { continue };
                         let to_label = targets.endpoints[to].label.clone();
                         let probe = tokio::select! {
-                            r = connect_endpoint(&clients, &targets, &usim, to, opts) => r,
+                            r = connect_endpoint(&clients, &targets, &usim, to, true, opts) => r,
                             _ = shutdown.wait_for(|s| *s) => {
                                 lock(&self.endpoints).detach(to);
                                 break Ended::Shutdown;
