@@ -486,4 +486,71 @@ mod tests {
             prop_assert_eq!(sent, admitted);
         }
     }
+
+    proptest! {
+        /// With sessions lost at random: a lost batch comes back with the same id and the same
+        /// items, before new ones (never re-formed, never merged with new requests); every
+        /// request is answered exactly once in the end (completed, or drained when the link goes
+        /// down); no request is in two batches at once; in-flight stays within its limit.
+        #[test]
+        fn lost_batches_come_back_unchanged(
+            max_batch in 1usize..6, max_in_flight in 1usize..4,
+            ops in proptest::collection::vec(0u8..5, 1..300),
+        ) {
+            let now = Instant::now();
+            let mut b = Batcher::new(cfg(max_batch, 0, max_in_flight, 1000));
+            let mut next = 0u32;
+            let mut admitted = Vec::new();
+            let mut out: Vec<Batch<u32>> = Vec::new();
+            // Lost batches not sent again yet: id -> items.
+            let mut lost: HashMap<u64, Vec<u32>> = HashMap::new();
+            let mut answered = Vec::new();
+            for op in ops {
+                match op {
+                    0 | 1 => {
+                        b.push(next, now).unwrap();
+                        admitted.push(next);
+                        next += 1;
+                    }
+                    2 => {
+                        let mut resend_first = !lost.is_empty() && out.len() < max_in_flight;
+                        while let Some(batch) = b.poll_batch(now) {
+                            if std::mem::take(&mut resend_first) {
+                                prop_assert!(lost.contains_key(&batch.id), "a lost batch leaves first");
+                            }
+                            for i in &batch.items {
+                                let home = lost.iter().find(|(_, items)| items.contains(i)).map(|(id, _)| *id);
+                                prop_assert!(home.is_none_or(|id| id == batch.id), "request {} re-formed into batch {}", i, batch.id);
+                                prop_assert!(!out.iter().any(|o| o.items.contains(i)), "request {} twice in flight", i);
+                            }
+                            if let Some(items) = lost.remove(&batch.id) {
+                                prop_assert_eq!(&batch.items, &items, "resent batch changed");
+                            }
+                            out.push(batch);
+                        }
+                    }
+                    3 => if !out.is_empty() {
+                        // The session of the oldest batch is lost.
+                        let batch = out.remove(0);
+                        lost.insert(batch.id, batch.items.clone());
+                        b.resend(batch, now);
+                    },
+                    _ => if !out.is_empty() {
+                        let batch = out.remove(0);
+                        b.complete(batch.id, now);
+                        answered.extend(batch.items);
+                    },
+                }
+                prop_assert!(b.in_flight() <= max_in_flight);
+                prop_assert_eq!(b.in_flight(), out.len());
+            }
+            for batch in out.drain(..) {
+                b.complete(batch.id, now);
+                answered.extend(batch.items);
+            }
+            answered.extend(b.drain());
+            answered.sort_unstable();
+            prop_assert_eq!(answered, admitted);
+        }
+    }
 }
