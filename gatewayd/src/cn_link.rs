@@ -255,7 +255,11 @@ pub struct CnSessionInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CnEndpointInfo {
     pub endpoint: String,
+    /// Authenticated sessions on it.
     pub sessions: usize,
+    /// A slot is connecting to it (a reconnection, or a probe to move a session back).
+    #[serde(default)]
+    pub attempting: bool,
     /// Consecutive failures; 0 when healthy.
     pub failures: u32,
     /// Milliseconds until it is tried again, while in backoff.
@@ -442,13 +446,23 @@ impl CnLink {
     /// Each endpoint: sessions, failures, backoff, for `gatewayctl status`.
     pub fn endpoints_info(&self) -> Vec<CnEndpointInfo> {
         let now = Instant::now();
+        let mut live = vec![0usize; self.labels.len()];
+        for s in &self.slots {
+            let s = lock(s);
+            if s.session.as_ref().is_some_and(|s| !s.is_closed())
+                && let Some(c) = s.endpoint.and_then(|e| live.get_mut(e))
+            {
+                *c += 1;
+            }
+        }
         let e = lock(&self.endpoints);
         self.labels
             .iter()
             .enumerate()
             .map(|(i, label)| CnEndpointInfo {
                 endpoint: label.clone(),
-                sessions: e.sessions(i),
+                sessions: live[i],
+                attempting: e.sessions(i) > live[i],
                 failures: e.health[i].failures,
                 retry_in_ms: e.health[i]
                     .retry_at

@@ -125,12 +125,14 @@ impl ControlHandler for TestHandler {
                 gatewayd::cn_link::CnEndpointInfo {
                     endpoint: "cn-a.example:4434".into(),
                     sessions: 1,
+                    attempting: false,
                     failures: 0,
                     retry_in_ms: None,
                 },
                 gatewayd::cn_link::CnEndpointInfo {
                     endpoint: "cn-b.example:4434".into(),
                     sessions: 0,
+                    attempting: false,
                     failures: 3,
                     retry_in_ms: Some(4_000),
                 },

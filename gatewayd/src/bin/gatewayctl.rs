@@ -362,10 +362,8 @@ fn status_text(s: &StatusInfo, now: i64) -> String {
         let health = match (e.failures, e.retry_in_ms) {
             (0, _) => "healthy".to_string(),
             (n, Some(ms)) => format!("{n} failures, retried in {}", coarse_ms(ms)),
-            (n, None) if e.sessions == 0 => {
-                format!("{n} failures, usable again at the next connection")
-            }
-            (n, None) => format!("{n} failures, being retried"),
+            (n, None) if e.attempting => format!("{n} failures, being retried"),
+            (n, None) => format!("{n} failures, usable again at the next connection"),
         };
         line(
             "CN endpoint",
