@@ -146,6 +146,9 @@ config devices 'devices'
 	option max_connections '17'
 config metrics 'metrics'
 	option enabled 'no'
+config cn 'cn'
+	list endpoints 'cn1.operator.example:4434'
+	list endpoints '[2001:db8::2]:4434'
 config credentials 'credentials'
 	option roaming 'yes'
 	list dnns 'internet'
@@ -180,11 +183,19 @@ config filter 'filter'
     );
     assert_eq!(v["filter"]["strict"].as_bool(), Some(true));
     assert_eq!(
+        v["cn"]["endpoints"],
+        toml::Value::Array(vec![
+            "cn1.operator.example:4434".into(),
+            "[2001:db8::2]:4434".into()
+        ])
+    );
+    assert_eq!(
         v["filter"]["allowed_sources"],
         toml::Value::Array(vec!["192.168.1.10".into(), "fd00::10".into()])
     );
     // gatewayd's loader takes the log filter as given and the rest as typed values.
-    Config::from_toml_str(&toml, "generated").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    let cfg = Config::from_toml_str(&toml, "generated").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert_eq!(cfg.cn.endpoint_list().len(), 2);
 
     std::fs::write(
         tmp.path().join("gatewayd"),

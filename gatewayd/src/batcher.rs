@@ -82,6 +82,9 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 pub struct Batcher<T> {
     cfg: BatcherConfig,
     queue: VecDeque<Queued<T>>,
+    /// Batches lost with their CN session, to send again as they were (same id, same items)
+    /// before any new batch.
+    resend: VecDeque<(Batch<T>, Instant)>,
     in_flight: HashMap<u64, Instant>,
     next_id: u64,
     /// Exponentially weighted mean time from sending a batch to its completion.
@@ -97,6 +100,7 @@ impl<T> Batcher<T> {
         Self {
             cfg,
             queue: VecDeque::new(),
+            resend: VecDeque::new(),
             in_flight: HashMap::new(),
             next_id: 1,
             service_time: INITIAL_SERVICE_TIME,
@@ -111,12 +115,14 @@ impl<T> Batcher<T> {
     pub fn reconfigure(&mut self, cfg: BatcherConfig) {
         let Self {
             queue,
+            resend,
             in_flight,
             next_id,
             service_time,
             ..
         } = std::mem::replace(self, Self::new(cfg));
         self.queue = queue;
+        self.resend = resend;
         self.in_flight = in_flight;
         self.next_id = next_id;
         self.service_time = service_time;
@@ -125,6 +131,11 @@ impl<T> Batcher<T> {
     /// Requests waiting for a batch.
     pub fn queue_len(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Batches waiting to be sent again ([`Batcher::resend`]).
+    pub fn resend_len(&self) -> usize {
+        self.resend.len()
     }
 
     /// Batches sent and not yet completed.
@@ -166,8 +177,25 @@ impl<T> Batcher<T> {
         (self.service_time * rounds).clamp(MIN_RETRY, MAX_RETRY)
     }
 
-    /// The next batch to send now, if the rule allows one.
+    /// Takes back batch `batch`, which was in flight on a CN session that was lost: its slot is
+    /// freed (no service-time sample: a lost session says nothing about the CN's speed) and the
+    /// batch is sent again **as it was** — same id, same items, so the same request IDs, which
+    /// the CN's idempotency ledger answers with the credentials it already issued — before any
+    /// new batch, on whatever session [`Batcher::poll_batch`]'s caller picks. Never re-formed
+    /// into new requests.
+    pub fn resend(&mut self, batch: Batch<T>, now: Instant) {
+        self.in_flight.remove(&batch.id);
+        self.resend.push_back((batch, now));
+    }
+
+    /// The next batch to send now, if the rule allows one: a batch to send again first
+    /// ([`Batcher::resend`], while fewer than `max_in_flight` are out), else a new one.
     pub fn poll_batch(&mut self, now: Instant) -> Option<Batch<T>> {
+        if !self.resend.is_empty() && self.in_flight.len() < self.cfg.max_in_flight {
+            let (batch, _) = self.resend.pop_front()?;
+            self.in_flight.insert(batch.id, now);
+            return Some(batch);
+        }
         let oldest = self.queue.front()?.since;
         let ready = self.in_flight.is_empty()
             || (self.in_flight.len() < self.cfg.max_in_flight
@@ -187,6 +215,9 @@ impl<T> Batcher<T> {
     /// When [`Batcher::poll_batch`] may next return a batch although nothing else happens; `None`
     /// when only a push or a completion can change that.
     pub fn next_deadline(&self) -> Option<Instant> {
+        if let Some((_, since)) = self.resend.front() {
+            return (self.in_flight.len() < self.cfg.max_in_flight).then_some(*since);
+        }
         let oldest = self.queue.front()?.since;
         if self.in_flight.is_empty() {
             // Ready immediately.
@@ -214,9 +245,12 @@ impl<T> Batcher<T> {
         self.in_flight.remove(&id);
     }
 
-    /// Empties the queue (shutdown, or CN unreachable): the caller answers each request itself.
+    /// Empties the queue and the batches to send again (shutdown, or CN unreachable): the
+    /// caller answers each request itself.
     pub fn drain(&mut self) -> Vec<T> {
-        self.queue.drain(..).map(|q| q.item).collect()
+        let mut out: Vec<T> = self.resend.drain(..).flat_map(|(b, _)| b.items).collect();
+        out.extend(self.queue.drain(..).map(|q| q.item));
+        out
     }
 }
 
@@ -326,6 +360,69 @@ mod tests {
         assert_eq!(b.queue_len(), 0);
     }
 
+    #[test]
+    fn a_batch_lost_with_its_session_is_sent_again_unchanged_before_new_ones() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg(3, 5, 2, 100));
+        for i in 0..3 {
+            b.push(i, t0).unwrap();
+        }
+        let lost = b.poll_batch(t0).unwrap();
+        assert_eq!((lost.id, lost.items.clone()), (1, vec![0, 1, 2]));
+        // New requests arrive while it is out; another batch leaves too.
+        for i in 3..7 {
+            b.push(i, t0).unwrap();
+        }
+        let other = b.poll_batch(t0).unwrap();
+        assert_eq!(other.items, vec![3, 4, 5]);
+        assert_eq!(b.in_flight(), 2);
+        // Its session dies: the batch comes back, its slot is free, the service time unchanged.
+        let st = b.service_time();
+        b.resend(lost, t0 + Duration::from_millis(1));
+        assert_eq!((b.in_flight(), b.resend_len()), (1, 1));
+        assert_eq!(b.service_time(), st);
+        assert_eq!(b.next_deadline(), Some(t0 + Duration::from_millis(1)));
+        // It leaves first, identical (same id, same items: same request IDs), not merged with
+        // the queued request 6 and not given a new id.
+        let again = b.poll_batch(t0 + Duration::from_millis(1)).unwrap();
+        assert_eq!(
+            again,
+            Batch {
+                id: 1,
+                items: vec![0, 1, 2]
+            }
+        );
+        assert_eq!(b.in_flight(), 2);
+        // Answered this time: complete() accepts the same id.
+        b.complete(again.id, t0 + Duration::from_millis(3));
+        b.complete(other.id, t0 + Duration::from_millis(3));
+        let next = b.poll_batch(t0 + Duration::from_millis(3)).unwrap();
+        assert_eq!(
+            (next.id, next.items),
+            (3, vec![6]),
+            "new batches get new ids"
+        );
+        // With one batch in flight at most: the resent batch takes the freed slot, and the
+        // queue waits behind it.
+        let mut b = Batcher::new(cfg(2, 5, 1, 100));
+        b.push(0, t0).unwrap();
+        b.push(1, t0).unwrap();
+        let x = b.poll_batch(t0).unwrap();
+        b.push(2, t0).unwrap();
+        b.resend(x, t0);
+        let x = b.poll_batch(t0).unwrap();
+        assert_eq!((x.id, x.items.clone()), (1, vec![0, 1]));
+        assert_eq!(
+            b.poll_batch(t0 + Duration::from_secs(1)),
+            None,
+            "one in flight at most"
+        );
+        // Lost again and the link is down: drain hands back the batch to resend and the queue.
+        b.resend(x, t0);
+        assert_eq!(b.drain(), vec![0, 1, 2]);
+        assert_eq!((b.resend_len(), b.queue_len()), (0, 0));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Push,
@@ -387,6 +484,73 @@ mod tests {
             }
             sent.extend(b.drain());
             prop_assert_eq!(sent, admitted);
+        }
+    }
+
+    proptest! {
+        /// With sessions lost at random: a lost batch comes back with the same id and the same
+        /// items, before new ones (never re-formed, never merged with new requests); every
+        /// request is answered exactly once in the end (completed, or drained when the link goes
+        /// down); no request is in two batches at once; in-flight stays within its limit.
+        #[test]
+        fn lost_batches_come_back_unchanged(
+            max_batch in 1usize..6, max_in_flight in 1usize..4,
+            ops in proptest::collection::vec(0u8..5, 1..300),
+        ) {
+            let now = Instant::now();
+            let mut b = Batcher::new(cfg(max_batch, 0, max_in_flight, 1000));
+            let mut next = 0u32;
+            let mut admitted = Vec::new();
+            let mut out: Vec<Batch<u32>> = Vec::new();
+            // Lost batches not sent again yet: id -> items.
+            let mut lost: HashMap<u64, Vec<u32>> = HashMap::new();
+            let mut answered = Vec::new();
+            for op in ops {
+                match op {
+                    0 | 1 => {
+                        b.push(next, now).unwrap();
+                        admitted.push(next);
+                        next += 1;
+                    }
+                    2 => {
+                        let mut resend_first = !lost.is_empty() && out.len() < max_in_flight;
+                        while let Some(batch) = b.poll_batch(now) {
+                            if std::mem::take(&mut resend_first) {
+                                prop_assert!(lost.contains_key(&batch.id), "a lost batch leaves first");
+                            }
+                            for i in &batch.items {
+                                let home = lost.iter().find(|(_, items)| items.contains(i)).map(|(id, _)| *id);
+                                prop_assert!(home.is_none_or(|id| id == batch.id), "request {} re-formed into batch {}", i, batch.id);
+                                prop_assert!(!out.iter().any(|o| o.items.contains(i)), "request {} twice in flight", i);
+                            }
+                            if let Some(items) = lost.remove(&batch.id) {
+                                prop_assert_eq!(&batch.items, &items, "resent batch changed");
+                            }
+                            out.push(batch);
+                        }
+                    }
+                    3 => if !out.is_empty() {
+                        // The session of the oldest batch is lost.
+                        let batch = out.remove(0);
+                        lost.insert(batch.id, batch.items.clone());
+                        b.resend(batch, now);
+                    },
+                    _ => if !out.is_empty() {
+                        let batch = out.remove(0);
+                        b.complete(batch.id, now);
+                        answered.extend(batch.items);
+                    },
+                }
+                prop_assert!(b.in_flight() <= max_in_flight);
+                prop_assert_eq!(b.in_flight(), out.len());
+            }
+            for batch in out.drain(..) {
+                b.complete(batch.id, now);
+                answered.extend(batch.items);
+            }
+            answered.extend(b.drain());
+            answered.sort_unstable();
+            prop_assert_eq!(answered, admitted);
         }
     }
 }

@@ -232,10 +232,14 @@ impl Default for DevicesConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CnConfig {
-    /// `host:port` of `cn-backend`. No default: without it the daemon still serves paired
-    /// devices and pending deliveries but answers new requests "retry later".
+    /// `host:port` of `cn-backend`: the same as `endpoints` with one element (set one or the
+    /// other). No default: without a CN endpoint the daemon still serves paired devices and
+    /// pending deliveries but answers new requests "retry later".
     pub endpoint: Option<String>,
-    /// The name the CN's certificate must carry. Default: the host part of `endpoint`.
+    /// `host:port` of each `cn-backend` instance of the operator's fleet (one database behind
+    /// them). Sessions spread over the healthy ones and move to another when one fails.
+    pub endpoints: Vec<String>,
+    /// The name every CN certificate must carry. Default: the host part of each endpoint.
     pub server_name: Option<String>,
     /// The operator CA certificate (PEM) the CN's certificate must chain to.
     /// Default `/etc/gatewayd/operator-ca.pem`.
@@ -262,6 +266,7 @@ impl Default for CnConfig {
     fn default() -> Self {
         Self {
             endpoint: None,
+            endpoints: Vec::new(),
             server_name: None,
             ca_file: PathBuf::from("/etc/gatewayd/operator-ca.pem"),
             serving_network_name: None,
@@ -273,19 +278,92 @@ impl Default for CnConfig {
     }
 }
 
+/// Most CN endpoints in `[cn] endpoints`.
+pub const MAX_CN_ENDPOINTS: usize = 16;
+
 impl CnConfig {
-    /// The TLS server name to verify: `server_name`, else the host part of `endpoint`
-    /// (`[v6]:port` and `host:port` forms). `None` when no endpoint is configured.
-    pub fn effective_server_name(&self) -> Option<String> {
-        if let Some(name) = &self.server_name {
-            return Some(name.clone());
+    /// The configured CN endpoints (`host:port`), in order: `endpoints`, or `endpoint` as a
+    /// one-element list; empty when no CN is configured.
+    pub fn endpoint_list(&self) -> Vec<String> {
+        match &self.endpoint {
+            Some(e) => vec![e.clone()],
+            None => self.endpoints.clone(),
         }
-        let endpoint = self.endpoint.as_deref()?;
+    }
+
+    /// Whether a CN endpoint is configured.
+    pub fn configured(&self) -> bool {
+        self.endpoint.is_some() || !self.endpoints.is_empty()
+    }
+
+    /// The TLS server name to verify for `endpoint`: `server_name`, else the host part of the
+    /// endpoint (`[v6]:port` and `host:port` forms).
+    pub fn server_name_for(&self, endpoint: &str) -> String {
+        if let Some(name) = &self.server_name {
+            return name.clone();
+        }
         let host = match endpoint.strip_prefix('[') {
             Some(rest) => rest.split(']').next().unwrap_or(rest),
             None => endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h),
         };
-        Some(host.to_string())
+        host.to_string()
+    }
+
+    /// The TLS server name of the first endpoint (`None` when no endpoint is configured).
+    pub fn effective_server_name(&self) -> Option<String> {
+        self.endpoint_list()
+            .first()
+            .map(|e| self.server_name_for(e))
+    }
+
+    /// Checks `endpoint` / `endpoints`: not both, no empty list, each `host:port`, no duplicate,
+    /// at most [`MAX_CN_ENDPOINTS`].
+    fn validate_endpoints(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.endpoint.is_some() && !self.endpoints.is_empty() {
+            return invalid(
+                "[cn] sets both endpoint and endpoints: keep one (endpoint = \"h:p\" is the same \
+                 as endpoints = [\"h:p\"])"
+                    .into(),
+            );
+        }
+        if self.endpoints.len() > MAX_CN_ENDPOINTS {
+            return invalid(format!(
+                "[cn] endpoints lists {} CN endpoints; at most {MAX_CN_ENDPOINTS} are allowed",
+                self.endpoints.len()
+            ));
+        }
+        let key = if self.endpoint.is_some() {
+            "endpoint"
+        } else {
+            "endpoints"
+        };
+        let list = self.endpoint_list();
+        for (i, e) in list.iter().enumerate() {
+            let ok = e.rsplit_once(':').is_some_and(|(h, p)| {
+                !h.is_empty()
+                    && !h.contains(char::is_whitespace)
+                    && p.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return invalid(format!(
+                    "[cn] {key} {e:?} must be host:port (e.g. \"cn.example.net:4434\")"
+                ));
+            }
+            if list[..i].iter().any(|o| o.eq_ignore_ascii_case(e)) {
+                return invalid(format!("[cn] endpoints lists {e:?} twice"));
+            }
+        }
+        if self
+            .server_name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return invalid(
+                "[cn] server_name must not be empty (omit it to use each endpoint's host)".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -586,16 +664,7 @@ impl Config {
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir must not be empty");
         }
-        if let Some(e) = &self.cn.endpoint {
-            let ok = e
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-            if !ok {
-                return Err(ConfigError::Invalid(format!(
-                    "[cn] endpoint {e:?} must be host:port (e.g. \"cn.example.net:4434\")"
-                )));
-            }
-        }
+        self.cn.validate_endpoints()?;
         if self.filter.allowed_sources.len() > companion_filter_common::PAIRED_MAX as usize / 2 {
             return Err(ConfigError::Invalid(format!(
                 "[filter] allowed_sources lists {} addresses; at most {} fit (the other half of \
@@ -765,6 +834,49 @@ mod tests {
             .apply_env_from(|k| (k == "GATEWAYD_METRICS_LISTEN").then(|| "nope".into()))
             .unwrap_err();
         assert!(e.to_string().contains("GATEWAYD_METRICS_LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn endpoints_list_and_its_errors() {
+        let cfg = Config::from_toml_str(
+            "[cn]\nendpoints = [\"cn-a.example:4434\", \"[2001:db8::2]:4434\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.cn.endpoint_list(),
+            vec!["cn-a.example:4434".to_string(), "[2001:db8::2]:4434".into()]
+        );
+        assert!(cfg.cn.configured());
+        assert_eq!(cfg.cn.server_name_for("cn-a.example:4434"), "cn-a.example");
+        assert_eq!(cfg.cn.server_name_for("[2001:db8::2]:4434"), "2001:db8::2");
+        // `endpoint` is a one-element list.
+        let one = Config::from_toml_str("[cn]\nendpoint = \"cn.example:4434\"\n", "t").unwrap();
+        assert_eq!(one.cn.endpoint_list(), vec!["cn.example:4434".to_string()]);
+        assert!(!Config::default().cn.configured());
+        for (toml, want) in [
+            (
+                "endpoint = \"a:1\"\nendpoints = [\"b:2\"]",
+                "both endpoint and endpoints",
+            ),
+            (
+                "endpoints = [\"a:1\", \"nohost\"]",
+                "\"nohost\" must be host:port",
+            ),
+            ("endpoints = [\"a:0\"]", "must be host:port"),
+            ("endpoints = [\"a:1\", \"A:1\"]", "twice"),
+            (
+                "endpoints = [\"a:1\"]\nserver_name = \"\"",
+                "server_name must not be empty",
+            ),
+        ] {
+            let e = Config::from_toml_str(&format!("[cn]\n{toml}\n"), "t").unwrap_err();
+            assert!(e.to_string().contains(want), "{toml}: {e}");
+        }
+        let many: Vec<String> = (1..=17).map(|i| format!("\"cn{i}:4434\"")).collect();
+        let e = Config::from_toml_str(&format!("[cn]\nendpoints = [{}]\n", many.join(",")), "t")
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 16"), "{e}");
     }
 
     #[test]

@@ -233,6 +233,12 @@ pub struct StatusInfo {
     /// The LAN filter: mode (xdp, xdp_generic, tc, userspace) and per-reason counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Box<crate::filter::FilterStatus>>,
+    /// Each CN session slot: the endpoint it uses and its state (absent from older daemons).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cn_sessions: Vec<crate::cn_link::CnSessionInfo>,
+    /// Each configured CN endpoint: sessions, failures, backoff (absent from older daemons).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cn_endpoints: Vec<crate::cn_link::CnEndpointInfo>,
 }
 
 /// Batching limits in force and the batcher's load, for `gatewayctl status`.

@@ -18,13 +18,12 @@ use anyhow::Context;
 use companion_crypto::usim::Usim;
 use companion_proto::DeviceId;
 use companion_proto::pairing::PairingCode;
-use companion_transport::cn_client::CnTarget;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::watch;
 
 use crate::clock::{Clock, SystemClock};
-use crate::cn_link::{Backoff, CnLink};
+use crate::cn_link::{Backoff, CnClients, CnEndpoint, CnLink, CnTargets};
 use crate::config::Config;
 use crate::control::{
     AccessPolicy, BatchingStatus, CnRevocation, ControlError, ControlHandler, ControlServer,
@@ -195,6 +194,8 @@ impl ControlHandler for Handler {
                 batches_in_flight: self.provisioner.batches_in_flight(),
             }),
             filter: Some(Box::new(self.filter.status())),
+            cn_sessions: self.link.sessions_info(),
+            cn_endpoints: self.link.endpoints_info(),
         })
     }
 
@@ -222,16 +223,14 @@ impl ControlHandler for Handler {
     }
 }
 
-/// Resolves the CN target from the configuration.
-async fn cn_target(cfg: &Config, companion_supi: &str) -> anyhow::Result<Option<CnTarget>> {
-    let Some(endpoint) = &cfg.cn.endpoint else {
+/// The CN endpoints, their TLS names and what they share (operator CA, serving network name)
+/// from the configuration; `None` without a CN. Endpoints are resolved at each connection
+/// attempt, not here: one whose name does not resolve yet must not keep the others from serving.
+fn cn_targets(cfg: &Config, companion_supi: &str) -> anyhow::Result<Option<CnTargets>> {
+    let list = cfg.cn.endpoint_list();
+    if list.is_empty() {
         return Ok(None);
-    };
-    let addr = tokio::net::lookup_host(endpoint.as_str())
-        .await
-        .with_context(|| format!("[cn] endpoint {endpoint}"))?
-        .next()
-        .with_context(|| format!("[cn] endpoint {endpoint} resolves to no address"))?;
+    }
     let anchors = CertificateDer::pem_file_iter(&cfg.cn.ca_file)
         .with_context(|| format!("[cn] ca_file {}", cfg.cn.ca_file.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -253,9 +252,14 @@ async fn cn_target(cfg: &Config, companion_supi: &str) -> anyhow::Result<Option<
             companion_proto::ids::serving_network_name(mcc, mnc)?
         }
     };
-    Ok(Some(CnTarget {
-        addr,
-        server_name: cfg.cn.effective_server_name().unwrap_or_default(),
+    Ok(Some(CnTargets {
+        endpoints: list
+            .iter()
+            .map(|e| CnEndpoint {
+                label: e.clone(),
+                server_name: cfg.cn.server_name_for(e),
+            })
+            .collect(),
         trust_anchors: anchors,
         serving_network_name: snn,
     }))
@@ -305,22 +309,24 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
     // The companion USIM and the CN link.
-    let (usim, companion_supi): (Option<Box<dyn Usim>>, Option<String>) =
-        if cfg.cn.endpoint.is_some() {
-            let u = crate::companion::open(&cfg)?;
-            let supi = u.supi().to_string();
-            (Some(u), Some(supi))
-        } else {
-            tracing::warn!(
-                "no [cn] endpoint configured: new requests are answered \"retry later\""
-            );
-            (None, None)
-        };
-    let target = match &companion_supi {
-        Some(s) => cn_target(&cfg, s).await?,
+    let (usim, companion_supi): (Option<Box<dyn Usim>>, Option<String>) = if cfg.cn.configured() {
+        let u = crate::companion::open(&cfg)?;
+        let supi = u.supi().to_string();
+        (Some(u), Some(supi))
+    } else {
+        tracing::warn!("no [cn] endpoint configured: new requests are answered \"retry later\"");
+        (None, None)
+    };
+    let targets = match &companion_supi {
+        Some(s) => cn_targets(&cfg, s)?,
         None => None,
     };
-    let link = CnLink::new(cfg.cn.sessions, target.is_some());
+    let labels: Vec<String> = targets
+        .as_ref()
+        .map(|t| t.endpoints.iter().map(|e| e.label.clone()).collect())
+        .unwrap_or_default();
+    metrics.init_cn_endpoints(&labels);
+    let link = CnLink::new(cfg.cn.sessions, labels);
     metrics.set_cn_link(link.state());
     let provisioner = Provisioner::new(
         state.clone(),
@@ -331,32 +337,29 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
         cfg.batching.batcher(),
         settings(&cfg),
     );
-    let mut cn_endpoint = None;
-    if let (Some(target), Some(usim)) = (target, usim) {
-        let bind: SocketAddr = if target.addr.is_ipv6() {
-            "[::]:0".parse()?
-        } else {
-            "0.0.0.0:0".parse()?
-        };
-        let ep = quinn::Endpoint::client(bind).context("CN client endpoint")?;
+    let mut cn_clients = None;
+    if let (Some(targets), Some(usim)) = (targets, usim) {
+        let clients = CnClients::bind().context("CN client endpoint")?;
         let usim = Arc::new(tokio::sync::Mutex::new(usim));
         let backoff = Backoff {
             min: cfg.cn.reconnect_min,
             max: cfg.cn.reconnect_max,
         };
-        tracing::info!(cn = %target.addr, snn = %target.serving_network_name, sessions = cfg.cn.sessions, "connecting to the CN");
+        let names: Vec<&str> = targets.endpoints.iter().map(|e| e.label.as_str()).collect();
+        tracing::info!(cn = %names.join(", "), snn = %targets.serving_network_name, sessions = cfg.cn.sessions, "connecting to the CN");
+        let targets = Arc::new(targets);
         for i in 0..cfg.cn.sessions {
             tasks.spawn(link.clone().run_slot(
                 i,
-                ep.clone(),
-                target.clone(),
+                clients.clone(),
+                targets.clone(),
                 usim.clone(),
                 backoff,
                 metrics.clone(),
                 shutdown.clone(),
             ));
         }
-        cn_endpoint = Some(ep);
+        cn_clients = Some(clients);
     }
     tasks.spawn(provisioner.clone().run_batcher(shutdown.clone()));
     tasks.spawn(
@@ -541,8 +544,10 @@ pub async fn run(opts: Options, log_reload: LogReload) -> anyhow::Result<()> {
     })
     .await;
     tasks.abort_all();
-    if let Some(ep) = cn_endpoint {
-        let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+    if let Some(clients) = cn_clients {
+        for ep in [clients.v4, clients.v6].into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     filter.stop();
@@ -609,6 +614,8 @@ fn reload(
         || new.metrics != old.metrics
         || new.control != old.control
         || new.cn.endpoint != old.cn.endpoint
+        || new.cn.endpoints != old.cn.endpoints
+        || new.cn.server_name != old.cn.server_name
         || new.cn.sessions != old.cn.sessions
         || new.companion != old.companion;
     provisioner.reconfigure(new.batching.batcher(), settings(&new));
@@ -630,7 +637,7 @@ fn reload(
     }
     if restart_needed {
         tracing::warn!(
-            "some changed settings (listen addresses, state_dir, [cn] endpoint/sessions, [control], [metrics], [companion]) take effect only after a restart"
+            "some changed settings (listen addresses, state_dir, [cn] endpoint(s)/server_name/sessions, [control], [metrics], [companion]) take effect only after a restart"
         );
     }
 }

@@ -788,8 +788,10 @@ impl Provisioner {
                 self.record(jobs, r).await
             }
             Err((why, true, None, true)) => {
-                // Lost with the session (CN restarted, went silent, connection closed): the same
-                // request IDs go again on the next session, where the CN answers idempotently.
+                // Lost with the session (the CN instance died, restarted or went silent): the
+                // same batch — same id, same items, so the same request IDs — goes again on
+                // another session, before any new batch; the CN (any instance sharing the
+                // database) answers it from its idempotency ledger, never as a new request.
                 // The devices keep waiting, informed by `Pending`.
                 let (again, give_up): (Vec<Job>, Vec<Job>) = jobs
                     .into_iter()
@@ -798,9 +800,10 @@ impl Provisioner {
                         j
                     })
                     .partition(|j| j.link_failures < MAX_LINK_FAILURES);
-                tracing::info!(batch = id, requeued = again.len(), dropped = give_up.len(), error = %why, "batch lost with its CN session; sending it again on the next one");
+                tracing::info!(batch = id, resent = again.len(), dropped = give_up.len(), error = %why, "batch lost with its CN session; sending it again on another one");
                 if !again.is_empty() {
-                    lock(&self.batcher).requeue_front(again, self.clock.now());
+                    self.metrics.batches_resent.inc();
+                    lock(&self.batcher).resend(Batch { id, items: again }, self.clock.now());
                 }
                 self.wake.notify_one();
                 self.fail_jobs(id, give_up, &why, true, None);

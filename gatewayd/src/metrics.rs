@@ -73,6 +73,14 @@ pub struct Metrics {
     pub filter_paired_sync_failures: prometheus::IntCounter,
     /// CN sessions lost, by why ([`link_loss`]).
     pub cn_link_losses: IntCounterVec,
+    /// Authenticated CN sessions, by endpoint (`[cn] endpoints`).
+    pub cn_sessions: IntGaugeVec,
+    /// Whether an endpoint is usable (1) or waiting out its backoff after a failure (0).
+    pub cn_endpoint_up: IntGaugeVec,
+    /// Failed connection attempts and lost sessions, by endpoint.
+    pub cn_endpoint_failures: IntCounterVec,
+    /// Batches sent again on another session after theirs was lost, same request IDs.
+    pub batches_resent: prometheus::IntCounter,
     /// Device exchanges the device abandoned before the gateway answered, by why ([`giveup`]).
     pub device_giveups: IntCounterVec,
     /// `Pending` messages sent to devices.
@@ -275,6 +283,33 @@ impl Metrics {
         for r in link_loss::ALL {
             cn_link_losses.with_label_values(&[r]);
         }
+        let cn_sessions = IntGaugeVec::new(
+            opts(
+                "cn_sessions",
+                "Authenticated CN sessions, by CN endpoint ([cn] endpoints).",
+            ),
+            &["endpoint"],
+        )?;
+        let cn_endpoint_up = IntGaugeVec::new(
+            opts(
+                "cn_endpoint_up",
+                "1 while a CN endpoint may be used, 0 while it waits out its backoff after a \
+                 failed attempt or a lost session.",
+            ),
+            &["endpoint"],
+        )?;
+        let cn_endpoint_failures = IntCounterVec::new(
+            opts(
+                "cn_endpoint_failures_total",
+                "Failed connection attempts and lost sessions, by CN endpoint.",
+            ),
+            &["endpoint"],
+        )?;
+        let batches_resent = prometheus::IntCounter::with_opts(opts(
+            "batches_resent_total",
+            "Batches whose CN session was lost, sent again on another session with the same \
+             request IDs (the CN answers them idempotently).",
+        ))?;
         let device_giveups = IntCounterVec::new(
             opts(
                 "device_giveups_total",
@@ -344,6 +379,10 @@ impl Metrics {
         registry.register(Box::new(address_table_entries.clone()))?;
         registry.register(Box::new(address_table_evictions.clone()))?;
         registry.register(Box::new(cn_link_losses.clone()))?;
+        registry.register(Box::new(cn_sessions.clone()))?;
+        registry.register(Box::new(cn_endpoint_up.clone()))?;
+        registry.register(Box::new(cn_endpoint_failures.clone()))?;
+        registry.register(Box::new(batches_resent.clone()))?;
         registry.register(Box::new(device_giveups.clone()))?;
         registry.register(Box::new(pendings_sent.clone()))?;
         registry.register(Box::new(filter_mode.clone()))?;
@@ -390,6 +429,10 @@ impl Metrics {
             filter_paired_evictions,
             filter_paired_sync_failures,
             cn_link_losses,
+            cn_sessions,
+            cn_endpoint_up,
+            cn_endpoint_failures,
+            batches_resent,
             device_giveups,
             pendings_sent,
             binding_refused,
@@ -431,6 +474,16 @@ impl Metrics {
             CnLinkState::Connecting => 1,
             CnLinkState::Up => 2,
         });
+    }
+
+    /// Creates the per-endpoint series (0 sessions, usable, no failure) so they exist before
+    /// the first connection.
+    pub fn init_cn_endpoints(&self, endpoints: &[String]) {
+        for e in endpoints {
+            self.cn_sessions.with_label_values(&[e]).set(0);
+            self.cn_endpoint_up.with_label_values(&[e]).set(1);
+            self.cn_endpoint_failures.with_label_values(&[e]);
+        }
     }
 
     /// Everything in the text exposition format.

@@ -107,6 +107,36 @@ impl ControlHandler for TestHandler {
                     dropped_fragment: 5,
                 },
             })),
+            cn_sessions: vec![
+                gatewayd::cn_link::CnSessionInfo {
+                    slot: 0,
+                    endpoint: Some("cn-a.example:4434".into()),
+                    state: "up".into(),
+                    remote: Some("192.0.2.10:4434".into()),
+                },
+                gatewayd::cn_link::CnSessionInfo {
+                    slot: 1,
+                    endpoint: None,
+                    state: "waiting".into(),
+                    remote: None,
+                },
+            ],
+            cn_endpoints: vec![
+                gatewayd::cn_link::CnEndpointInfo {
+                    endpoint: "cn-a.example:4434".into(),
+                    sessions: 1,
+                    attempting: false,
+                    failures: 0,
+                    retry_in_ms: None,
+                },
+                gatewayd::cn_link::CnEndpointInfo {
+                    endpoint: "cn-b.example:4434".into(),
+                    sessions: 0,
+                    attempting: false,
+                    failures: 3,
+                    retry_in_ms: Some(4_000),
+                },
+            ],
         })
     }
 
@@ -303,6 +333,17 @@ async fn gatewayctl_drives_every_command() {
     assert_eq!(blocks[0]["addr"], "192.168.1.50");
     let text = ok(&socket, &["status"]).await;
     assert!(text.contains("devices paired         1"), "{text}");
+    // Which endpoint each CN session uses, and each endpoint's health.
+    assert_eq!(status["cn_sessions"][0]["endpoint"], "cn-a.example:4434");
+    assert_eq!(status["cn_endpoints"][1]["failures"], 3);
+    for want in [
+        "CN endpoint            cn-a.example:4434  1 sessions, healthy",
+        "CN endpoint            cn-b.example:4434  0 sessions, 3 failures, retried in 4s",
+        "CN session 0           up cn-a.example:4434 (192.0.2.10:4434)",
+        "CN session 1           waiting every endpoint in backoff",
+    ] {
+        assert!(text.contains(want), "{want:?} not in {text}");
+    }
     // The LAN filter's mode and counters.
     assert_eq!(status["filter"]["mode"], "userspace");
     assert_eq!(status["filter"]["counters"]["dropped_short_initial"], 3);

@@ -335,6 +335,15 @@ fn devices_table(devices: &[DeviceInfo], now: i64) -> String {
     text
 }
 
+/// Milliseconds as `850ms` or `12s`.
+fn coarse_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        coarse(ms / 1000)
+    }
+}
+
 fn status_text(s: &StatusInfo, now: i64) -> String {
     let mut t = String::new();
     let mut line = |k: &str, v: String| t.push_str(&format!("{k:<22} {v}\n"));
@@ -349,6 +358,29 @@ fn status_text(s: &StatusInfo, now: i64) -> String {
         line("gateway key", format!("sha256:{fp}"));
     }
     line("core network link", s.cn_link.as_str().into());
+    for e in &s.cn_endpoints {
+        let health = match (e.failures, e.retry_in_ms) {
+            (0, _) => "healthy".to_string(),
+            (n, Some(ms)) => format!("{n} failures, retried in {}", coarse_ms(ms)),
+            (n, None) if e.attempting => format!("{n} failures, being retried"),
+            (n, None) => format!("{n} failures, usable again at the next connection"),
+        };
+        line(
+            "CN endpoint",
+            format!("{}  {} sessions, {health}", e.endpoint, e.sessions),
+        );
+    }
+    for c in &s.cn_sessions {
+        let at = match (&c.endpoint, &c.remote) {
+            (Some(e), Some(r)) if *e != *r => format!("{e} ({r})"),
+            (Some(e), _) => e.clone(),
+            (None, _) => "every endpoint in backoff".into(),
+        };
+        line(
+            &format!("CN session {}", c.slot),
+            format!("{} {at}", c.state),
+        );
+    }
     line("devices paired", s.devices_paired.to_string());
     line(
         "credentials held",
