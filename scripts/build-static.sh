@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Static (musl) router binaries of gatewayd, gatewayctl and iotdev, for x86_64 and aarch64:
+# Static (musl) router binaries of gatewayd, gatewayctl and iotdev, for x86_64, aarch64 and armv7
+# (hard-float; IPQ40xx and most ARM home routers):
 #
-#   scripts/build-static.sh                 # both targets -> target/dist/<target>/{gatewayd,gatewayctl,iotdev}
+#   scripts/build-static.sh                 # all targets -> target/dist/<target>/{gatewayd,gatewayctl,iotdev}
 #   TARGETS=aarch64-unknown-linux-musl scripts/build-static.sh
+#
+# armv7-unknown-linux-musleabihf is built with the nightly toolchain and `-Zbuild-std` (std compiled
+# from the nightly's rust-src, which setup.sh installs for the eBPF build anyway): rustup offers no
+# prebuilt std for that target here (`rustup target add` fails with HTTP 404). The other targets
+# use the stable toolchain and rustup's std.
 #
 # C code (SQLite via rusqlite's bundled build, ring, mimalloc) is cross-compiled with zig as the C
 # compiler and linker (cargo-zigbuild); `scripts/setup.sh` installs zig (PyPI `ziglang`),
 # cargo-zigbuild and the rustup targets. The eBPF filter object gatewayd embeds is built by
 # gatewayd's build.rs with nightly + bpf-linker for bpfel-unknown-none; it is target-independent
-# (both targets are little-endian), so it is the same object in every binary. AYA_BUILD_SKIP=1
+# (all three targets are little-endian), so it is the same object in every binary. AYA_BUILD_SKIP=1
 # builds without it (gatewayd then filters in userspace and says so).
 #
 # Release profile with symbols stripped and no debug info; a separate target directory
@@ -17,7 +23,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=${TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl"}
+TARGETS=${TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf"}
+# Targets whose std is built from source by the nightly (see above).
+BUILD_STD_TARGETS=" armv7-unknown-linux-musleabihf "
 DIST=${DIST:-target/dist}
 export CARGO_TARGET_DIR=${STATIC_TARGET_DIR:-$PWD/target/static}
 export CARGO_PROFILE_RELEASE_STRIP=symbols
@@ -29,9 +37,19 @@ python3 -m ziglang version >/dev/null 2>&1 || command -v zig >/dev/null ||
   die "zig not found (PyPI ziglang): run scripts/setup.sh"
 
 for t in $TARGETS; do
-  rustup target list --installed | grep -qx "$t" || die "rustup target $t missing: run scripts/setup.sh"
-  echo "build-static: $t" >&2
-  cargo zigbuild --release --locked --target "$t" \
+  toolchain=() build_std=() how=""
+  case "$BUILD_STD_TARGETS" in
+  *" $t "*)
+    toolchain=(+nightly) build_std=("-Zbuild-std=std,panic_abort") how=" (nightly, -Zbuild-std)"
+    [ -f "$(rustc +nightly --print sysroot 2>/dev/null)/lib/rustlib/src/rust/library/std/Cargo.toml" ] ||
+      die "the nightly toolchain's rust-src (to build std for $t) is missing: run scripts/setup.sh"
+    ;;
+  *)
+    rustup target list --installed | grep -qx "$t" || die "rustup target $t missing: run scripts/setup.sh"
+    ;;
+  esac
+  echo "build-static: $t$how" >&2
+  cargo "${toolchain[@]}" zigbuild "${build_std[@]}" --release --locked --target "$t" \
     -p gatewayd --bin gatewayd --bin gatewayctl -p iotdev --bin iotdev
   mkdir -p "$DIST/$t"
   : > "$DIST/$t/SIZES"
