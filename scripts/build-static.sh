@@ -8,7 +8,8 @@
 # armv7-unknown-linux-musleabihf is built with the nightly toolchain and `-Zbuild-std` (std compiled
 # from the nightly's rust-src, which setup.sh installs for the eBPF build anyway): rustup offers no
 # prebuilt std for that target here (`rustup target add` fails with HTTP 404). The other targets
-# use the stable toolchain and rustup's std.
+# use the stable toolchain and rustup's std. A first armv7 build takes about as long as aarch64's
+# plus std (a few minutes more).
 #
 # C code (SQLite via rusqlite's bundled build, ring, mimalloc) is cross-compiled with zig as the C
 # compiler and linker (cargo-zigbuild); `scripts/setup.sh` installs zig (PyPI `ziglang`),
@@ -37,20 +38,25 @@ python3 -m ziglang version >/dev/null 2>&1 || command -v zig >/dev/null ||
   die "zig not found (PyPI ziglang): run scripts/setup.sh"
 
 for t in $TARGETS; do
-  toolchain=() build_std=() how=""
+  echo "build-static: $t" >&2
   case "$BUILD_STD_TARGETS" in
   *" $t "*)
-    toolchain=(+nightly) build_std=("-Zbuild-std=std,panic_abort") how=" (nightly, -Zbuild-std)"
     [ -f "$(rustc +nightly --print sysroot 2>/dev/null)/lib/rustlib/src/rust/library/std/Cargo.toml" ] ||
       die "the nightly toolchain's rust-src (to build std for $t) is missing: run scripts/setup.sh"
+    # std built from source has no self-contained musl start files (crt1.o, ...) in the sysroot:
+    # -C link-self-contained=no lets zig supply them, with musl and libunwind. `cargo rustc` passes
+    # that to the linking crate only (one binary per call; the dependencies are built once).
+    for pb in gatewayd:gatewayd gatewayd:gatewayctl iotdev:iotdev; do
+      rustup run nightly cargo-zigbuild rustc -Zbuild-std=std,panic_abort --release --locked \
+        --target "$t" -p "${pb%%:*}" --bin "${pb#*:}" -- -C link-self-contained=no
+    done
     ;;
   *)
     rustup target list --installed | grep -qx "$t" || die "rustup target $t missing: run scripts/setup.sh"
+    cargo zigbuild --release --locked --target "$t" \
+      -p gatewayd --bin gatewayd --bin gatewayctl -p iotdev --bin iotdev
     ;;
   esac
-  echo "build-static: $t$how" >&2
-  cargo "${toolchain[@]}" zigbuild "${build_std[@]}" --release --locked --target "$t" \
-    -p gatewayd --bin gatewayd --bin gatewayctl -p iotdev --bin iotdev
   mkdir -p "$DIST/$t"
   : > "$DIST/$t/SIZES"
   for b in gatewayd gatewayctl iotdev; do
