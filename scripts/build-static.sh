@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Static (musl) router binaries of gatewayd, gatewayctl and iotdev, for x86_64 and aarch64:
+# Static (musl) router binaries of gatewayd, gatewayctl and iotdev, for x86_64, aarch64 and armv7
+# (hard-float; IPQ40xx and most ARM home routers):
 #
-#   scripts/build-static.sh                 # both targets -> target/dist/<target>/{gatewayd,gatewayctl,iotdev}
+#   scripts/build-static.sh                 # all targets -> target/dist/<target>/{gatewayd,gatewayctl,iotdev}
 #   TARGETS=aarch64-unknown-linux-musl scripts/build-static.sh
+#
+# armv7-unknown-linux-musleabihf is built with the nightly toolchain and `-Zbuild-std` (std compiled
+# from the nightly's rust-src, which setup.sh installs for the eBPF build anyway): rustup offers no
+# prebuilt std for that target here (`rustup target add` fails with HTTP 404). The other targets
+# use the stable toolchain and rustup's std. A first armv7 build takes about as long as aarch64's
+# plus std (a few minutes more).
 #
 # C code (SQLite via rusqlite's bundled build, ring, mimalloc) is cross-compiled with zig as the C
 # compiler and linker (cargo-zigbuild); `scripts/setup.sh` installs zig (PyPI `ziglang`),
 # cargo-zigbuild and the rustup targets. The eBPF filter object gatewayd embeds is built by
 # gatewayd's build.rs with nightly + bpf-linker for bpfel-unknown-none; it is target-independent
-# (both targets are little-endian), so it is the same object in every binary. AYA_BUILD_SKIP=1
+# (all three targets are little-endian), so it is the same object in every binary. AYA_BUILD_SKIP=1
 # builds without it (gatewayd then filters in userspace and says so).
 #
 # Release profile with symbols stripped and no debug info; a separate target directory
@@ -17,7 +24,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=${TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl"}
+TARGETS=${TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf"}
+# Targets whose std is built from source by the nightly (see above).
+BUILD_STD_TARGETS=" armv7-unknown-linux-musleabihf "
 DIST=${DIST:-target/dist}
 export CARGO_TARGET_DIR=${STATIC_TARGET_DIR:-$PWD/target/static}
 export CARGO_PROFILE_RELEASE_STRIP=symbols
@@ -29,10 +38,25 @@ python3 -m ziglang version >/dev/null 2>&1 || command -v zig >/dev/null ||
   die "zig not found (PyPI ziglang): run scripts/setup.sh"
 
 for t in $TARGETS; do
-  rustup target list --installed | grep -qx "$t" || die "rustup target $t missing: run scripts/setup.sh"
   echo "build-static: $t" >&2
-  cargo zigbuild --release --locked --target "$t" \
-    -p gatewayd --bin gatewayd --bin gatewayctl -p iotdev --bin iotdev
+  case "$BUILD_STD_TARGETS" in
+  *" $t "*)
+    [ -f "$(rustc +nightly --print sysroot 2>/dev/null)/lib/rustlib/src/rust/library/std/Cargo.toml" ] ||
+      die "the nightly toolchain's rust-src (to build std for $t) is missing: run scripts/setup.sh"
+    # std built from source has no self-contained musl start files (crt1.o, ...) in the sysroot:
+    # -C link-self-contained=no lets zig supply them, with musl and libunwind. `cargo rustc` passes
+    # that to the linking crate only (one binary per call; the dependencies are built once).
+    for pb in gatewayd:gatewayd gatewayd:gatewayctl iotdev:iotdev; do
+      rustup run nightly cargo-zigbuild rustc -Zbuild-std=std,panic_abort --release --locked \
+        --target "$t" -p "${pb%%:*}" --bin "${pb#*:}" -- -C link-self-contained=no
+    done
+    ;;
+  *)
+    rustup target list --installed | grep -qx "$t" || die "rustup target $t missing: run scripts/setup.sh"
+    cargo zigbuild --release --locked --target "$t" \
+      -p gatewayd --bin gatewayd --bin gatewayctl -p iotdev --bin iotdev
+    ;;
+  esac
   mkdir -p "$DIST/$t"
   : > "$DIST/$t/SIZES"
   for b in gatewayd gatewayctl iotdev; do

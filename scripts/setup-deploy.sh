@@ -2,11 +2,12 @@
 # Tools for the deployment tests and the static router builds (issue 7), called by setup.sh.
 # Idempotent: each step checks first.
 #   Debian packages: systemd (systemd-analyze, -sysusers, -tmpfiles), prometheus (promtool and the
-#   server), qemu-user-static (runs the aarch64 binaries), make, file; for the Debian packages and
+#   server), qemu-user-static (runs the aarch64 and armv7 binaries), make, file; for the Debian packages and
 #   their real-systemd suite (deploy/tests/debian.rs): debootstrap, systemd-container
 #   (systemd-nspawn), lintian, help2man, dpkg-dev (dpkg-shlibdeps).
 #   Rust: cargo-deb (scripts/build-deb.sh).
-#   Rust: the x86_64/aarch64 musl targets; zig (PyPI `ziglang`) as the cross C compiler/linker
+#   Rust: the x86_64/aarch64 musl targets (armv7 needs none: its std is built from the nightly's
+#   rust-src, installed by setup.sh); zig (PyPI `ziglang`) as the cross C compiler/linker
 #   for SQLite, ring and mimalloc; cargo-zigbuild.
 set -euo pipefail
 
@@ -15,7 +16,7 @@ log() { printf '\033[1;34msetup:\033[0m %s\n' "$*" >&2; }
 debs=()
 command -v systemd-analyze >/dev/null || debs+=(systemd)
 { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || debs+=(prometheus)
-command -v qemu-aarch64-static >/dev/null || debs+=(qemu-user-static)
+{ command -v qemu-aarch64-static >/dev/null && command -v qemu-arm-static >/dev/null; } || debs+=(qemu-user-static)
 command -v make >/dev/null || debs+=(make)
 command -v file >/dev/null || debs+=(file)
 command -v debootstrap >/dev/null || debs+=(debootstrap)

@@ -26,7 +26,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo build --bins (the end-to-end tests start the real binaries)"
 cargo build --workspace --bins --locked
 
-step "static router binaries (scripts/build-static.sh: x86_64 + aarch64 musl, target/static cached)"
+step "static router binaries (scripts/build-static.sh: x86_64, aarch64, armv7 musl; target/static cached)"
 bash scripts/build-static.sh
 
 step "Debian packages (scripts/build-deb.sh): the debug build above, as the new and a previous version"
