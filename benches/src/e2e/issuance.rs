@@ -867,7 +867,7 @@ fn postgres_runs(
         Ok(p) => p,
         Err(why) => return Ok(Err(why)),
     };
-    let n1 = if env.quick { 64 } else { 4_000 };
+    let n1 = if env.quick { 32 } else { 4_000 };
     eprintln!("issuance: {} fresh device keys for PostgreSQL", n1 + 3 * n);
     let d1 = devices("pg1", n1)?;
     let d_one = devices("pga", n)?;
@@ -979,7 +979,7 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
 
     // As many devices per PostgreSQL run as SQLite issued in its budget, with headroom.
     let n_pg = if quick {
-        768
+        512
     } else {
         (runn.credentials as f64 * 1.5).clamp(5_000.0, 200_000.0) as usize
     };
