@@ -242,20 +242,22 @@ impl PgProbe {
             .get(0))
     }
 
-    /// The most frequent statements since the last reset: (calls, the statement's start).
-    fn top_statements(&mut self, n: i64) -> anyhow::Result<Vec<(i64, String)>> {
+    /// The statements since the last reset that took the server longest: (calls, total
+    /// execution ms, the statement's start).
+    fn top_statements(&mut self, n: i64) -> anyhow::Result<Vec<(i64, f64, String)>> {
         Ok(self
             .db
             .query(
                 &format!(
-                    "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 100) \
-                     {PG_COUNTED} ORDER BY calls DESC LIMIT $1"
+                    "SELECT calls, round(total_exec_time::numeric, 1)::float8, \
+                     left(regexp_replace(query, '\\s+', ' ', 'g'), 100) \
+                     {PG_COUNTED} ORDER BY total_exec_time DESC LIMIT $1"
                 ),
                 &[&n],
             )
             .context("reading pg_stat_statements")?
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
     }
 }
@@ -851,8 +853,9 @@ pub struct PgRuns {
     pub one_instance: CnRun,
     /// Two instances over the same database, full batches, driven concurrently.
     pub two_instances: CnRun,
-    /// The most frequent statements of the one-instance full-batch run: (calls, statement).
-    pub top_statements: Vec<(i64, String)>,
+    /// The statements of the one-instance full-batch run that took the server longest:
+    /// (calls, total execution ms, statement).
+    pub top_statements: Vec<(i64, f64, String)>,
 }
 
 /// The PostgreSQL runs, `n` fresh devices for each full-batch run (twice that for two
@@ -1260,14 +1263,16 @@ fn pg_markdown(quick: bool, sqlite: &CnRun, pg: &Result<PgRuns, String>) -> Stri
     if !p.top_statements.is_empty() {
         let _ = writeln!(
             m,
-            "The statements of the one-instance run of full batches ({} batches), most frequent \
-             first:\n",
+            "The statements of the one-instance run of full batches ({} batches), longest total \
+             execution time first (`pg_stat_statements.total_exec_time`: the server's wall time in \
+             the statement, lock waits and waits for a core included, so the parent row's \
+             `FOR UPDATE`, where a companion's batches queue, leads without costing CPU):\n",
             p.one_instance.batches
         );
-        let _ = writeln!(m, "| calls | statement |");
-        let _ = writeln!(m, "|---:|---|");
-        for (calls, q) in &p.top_statements {
-            let _ = writeln!(m, "| {calls} | `{}` |", q.replace('|', "\\|"));
+        let _ = writeln!(m, "| calls | total ms | statement |");
+        let _ = writeln!(m, "|---:|---:|---|");
+        for (calls, ms, q) in &p.top_statements {
+            let _ = writeln!(m, "| {calls} | {ms} | `{}` |", q.replace('|', "\\|"));
         }
         let _ = writeln!(m);
     }
