@@ -202,6 +202,37 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64((ticks(11)? + ticks(12)?) / USER_HZ))
 }
 
+/// User + system CPU time of process `pid` and of its children: the live ones (every process
+/// whose parent is `pid`) and the reaped ones (`cutime` + `cstime` of `pid`). For a PostgreSQL
+/// server: the postmaster and its backends and auxiliary processes.
+pub fn tree_cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let fields = |p: u32| -> Option<Vec<u64>> {
+        let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let rest = stat.rsplit_once(')')?.1;
+        // After the ')': state f[0], ppid f[1], utime f[11], stime f[12], cutime f[13], cstime f[14].
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let n = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+        Some(vec![n(1)?, n(11)?, n(12)?, n(13)?, n(14)?])
+    };
+    let root = fields(pid).ok_or_else(|| anyhow!("cannot read /proc/{pid}/stat"))?;
+    let mut ticks = root[1] + root[2] + root[3] + root[4];
+    for e in fs::read_dir("/proc").context("listing /proc")? {
+        let Some(p) = e
+            .ok()
+            .and_then(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        // A child that exits meanwhile is skipped here and counted in the parent's cutime.
+        if let Some(f) = fields(p)
+            && f[0] == u64::from(pid)
+        {
+            ticks += f[1] + f[2];
+        }
+    }
+    Ok(Duration::from_secs_f64(ticks as f64 / USER_HZ))
+}
+
 /// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`).
 pub fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status"))
@@ -253,11 +284,27 @@ impl Cn {
         max_children: u64,
         netns: Option<&str>,
     ) -> anyhow::Result<Self> {
+        let cn_dir = Self::init(bins, dir, None)?;
+        Self::add_companion(
+            bins,
+            &cn_dir,
+            (COMPANION_SUPI, COMPANION_K, COMPANION_OPC),
+            max_children,
+        )?;
+        Self::serve(bins, &cn_dir, dir, netns)
+    }
+
+    /// `cn-backend init` into `dir/cn` (on the database of `store`, a `postgres://` URL, when
+    /// given; else SQLite), with the bench's allocation limit. Returns the data directory.
+    pub fn init(bins: &Bins, dir: &Path, store: Option<&str>) -> anyhow::Result<PathBuf> {
         let cn_dir = dir.join("cn");
         let mut c = bins.command("cn-backend");
         c.arg("--dir")
             .arg(&cn_dir)
             .args(["init", "--mcc", "001", "--mnc", "01"]);
+        if let Some(url) = store {
+            c.args(["--store", url]);
+        }
         run(c, "cn-backend init")?;
         // The benches issue far more than the operator's default cap on new credentials per
         // parent and hour (child_allocation_limit, 10,000): lift it, since a bench is a flood
@@ -275,22 +322,54 @@ impl Cn {
             )
             .with_context(|| format!("writing {}", path.display()))?;
         }
+        Ok(cn_dir)
+    }
+
+    /// `cn-backend subscriber add` of a companion `(supi, k, opc)` allowed `max_children`.
+    pub fn add_companion(
+        bins: &Bins,
+        cn_dir: &Path,
+        (supi, k, opc): (&str, &str, &str),
+        max_children: u64,
+    ) -> anyhow::Result<()> {
         let mut c = bins.command("cn-backend");
-        c.arg("--dir").arg(&cn_dir).args([
+        c.arg("--dir").arg(cn_dir).args([
             "subscriber",
             "add",
             "--supi",
-            COMPANION_SUPI,
+            supi,
             "--k",
-            COMPANION_K,
+            k,
             "--opc",
-            COMPANION_OPC,
+            opc,
             "--max-children",
             &max_children.to_string(),
             "--max-lifetime",
             "30d",
         ]);
         run(c, "cn-backend subscriber add")?;
+        Ok(())
+    }
+
+    /// A copy of the data directory `cn_dir` as `dir/cn` (`cp -a`: another host's copy of a
+    /// fleet's directory, same KEK and keys). Returns the copy.
+    pub fn copy_dir(cn_dir: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let copy = dir.join("cn");
+        let mut c = Command::new("cp");
+        c.arg("-a").arg(cn_dir).arg(&copy);
+        run(c, "cp -a of the CN directory")?;
+        Ok(copy)
+    }
+
+    /// `cn-backend serve` of data directory `cn_dir` on loopback ports chosen by the kernel
+    /// (inside network namespace `netns` when given); its ready file and log go in `dir`.
+    pub fn serve(
+        bins: &Bins,
+        cn_dir: &Path,
+        dir: &Path,
+        netns: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut c = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -299,7 +378,7 @@ impl Cn {
             }
             None => bins.command("cn-backend"),
         };
-        c.arg("--dir").arg(&cn_dir).args([
+        c.arg("--dir").arg(cn_dir).args([
             "serve",
             "--listen",
             "127.0.0.1:0",
@@ -311,7 +390,7 @@ impl Cn {
         c.arg(&ready);
         let daemon = Daemon::spawn("cn-backend", c, &ready, &dir.join("cn-backend.log"))?;
         Ok(Self {
-            dir: cn_dir,
+            dir: cn_dir.to_path_buf(),
             daemon,
         })
     }

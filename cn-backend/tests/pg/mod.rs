@@ -89,13 +89,20 @@ impl PgServer {
     }
 
     fn start() -> Result<Self, String> {
-        Self::start_with(None)
+        Self::start_with(None, "")
     }
 
     /// A second, separate Unix-socket server of this test's own (for fault tests that stop and
     /// reconfigure it); stopped when dropped.
     pub fn start_private() -> Result<Self, String> {
-        Self::start_with(None)
+        Self::start_with(None, "")
+    }
+
+    /// [`PgServer::start_private`] with `extra` appended to the server's options (`-c name=value
+    /// …`, after the defaults, so it overrides them), e.g. `-c fsync=on -c
+    /// shared_preload_libraries=pg_stat_statements` for the issuance bench.
+    pub fn start_private_with(extra: &str) -> Result<Self, String> {
+        Self::start_with(None, extra)
     }
 
     /// `pg_ctl stop -m fast`: clients are disconnected, the server shuts down cleanly.
@@ -151,10 +158,10 @@ impl PgServer {
     /// A second, separate server that also listens on a free loopback TCP port with TLS on
     /// (`ssl=on`, the given certificate); stopped when dropped.
     pub fn start_tls(tls: &TlsFiles) -> Result<Self, String> {
-        Self::start_with(Some(tls))
+        Self::start_with(Some(tls), "")
     }
 
-    fn start_with(tls: Option<&TlsFiles>) -> Result<Self, String> {
+    fn start_with(tls: Option<&TlsFiles>, extra: &str) -> Result<Self, String> {
         let bin = bin_dir().ok_or(
             "no PostgreSQL server binaries (initdb, pg_ctl) found under \
                                     /usr/lib/postgresql/*/bin; install Debian's `postgresql` \
@@ -245,6 +252,10 @@ impl PgServer {
                 ));
             }
             _ => opts.push_str(" -c listen_addresses=''"),
+        }
+        if !extra.is_empty() {
+            opts.push(' ');
+            opts.push_str(extra);
         }
         run(
             server
