@@ -1102,8 +1102,9 @@ fn markdown(
          and the shared secret, then the RFC 9180 key schedule and ChaCha20-Poly1305) \
          and plain SQLite inserts of the same bytes for {:.1} µs; the remaining {:.1} µs are \
          cn-backend's own rows and indexes (child, idempotency ledger, audit, SUPI allocation), \
-         the per-batch quota count (a scan of the companion's active children: {} of them by the \
-         end of this run, a real companion has tens), QUIC/TLS and CBOR. Sealing runs on all \
+         the verification of each device's key-binding signature and the bundle's signature \
+         (ECDSA P-256, not in the crypto ceiling row), QUIC/TLS and CBOR; the quota check is a \
+         counter, O(1) per batch. Sealing runs on all \
          cores inside the batch's transaction, so the wall rate can exceed one core's. The \
          target of {:.0} credentials per CPU-second {}.",
         run1.per_wall_s,
@@ -1114,7 +1115,6 @@ fn markdown(
         seal.cpu_us_per_op,
         raw256.cpu_us_per_op,
         rest.max(0.0),
-        run1.credentials + runn.credentials,
         TARGET_PER_CPU_S,
         if holds {
             format!("holds ({:.0})", runn.per_cn_cpu_s)
