@@ -108,6 +108,17 @@ impl PgConfig {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.application_name("cn-backend");
+        // Server notices ("relation … already exists, skipping" from the idempotent first
+        // migration step, on every start against an existing database) are detail for
+        // debugging; the driver would log them at info, in front of the one line a failed start
+        // prints.
+        config.notice_callback(|n| {
+            tracing::debug!(
+                severity = n.severity(),
+                "PostgreSQL notice: {}",
+                n.message()
+            );
+        });
         // A password kept out of the (world-readable) configuration file.
         if config.get_password().is_none()
             && let Some(pw) = std::env::var_os("PGPASSWORD").filter(|p| !p.is_empty())
