@@ -287,7 +287,8 @@ pub struct Open5gsSettings {
     #[serde(default = "default_o5_sweep")]
     pub sweep_interval: String,
     /// Whether `serve` runs the pusher and the expiry sweeper. `false` only records outbox rows
-    /// (for all but one of several instances on one PostgreSQL database). default: true.
+    /// (an instance that must never push). Several instances that push take turns through the
+    /// pusher lease, one at a time. default: true.
     #[serde(default = "default_true")]
     pub push: bool,
 }

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub sync_backlog: IntGauge,
     /// Age of the oldest unacknowledged outbox row, seconds (0 when the outbox is empty).
     pub sync_oldest_age: IntGauge,
+    /// 1 while this instance holds the fleet's pusher lease and pushes, else 0.
+    pub sync_pusher_active: IntGauge,
     /// Pushes to the core's subscriber store by operation (`upsert`, `delete`) and result
     /// (`ok`, `error`).
     pub sync_pushes: IntCounterVec,
@@ -217,6 +219,15 @@ impl Metrics {
                     "cn_backend_sync_outbox_oldest_age_seconds",
                     "Age of the oldest unacknowledged change in the sync outbox, seconds \
                      (0 when empty): how far the core's subscriber store lags behind.",
+                ))?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            sync_pusher_active: {
+                let g = IntGauge::with_opts(Opts::new(
+                    "cn_backend_sync_pusher_active",
+                    "1 while this instance holds the pusher lease and pushes to the 5G core's \
+                     subscriber store (one instance of a fleet at a time), else 0.",
                 ))?;
                 r.register(Box::new(g.clone()))?;
                 g

@@ -187,6 +187,11 @@ CREATE TABLE sync_state (
     present   INTEGER NOT NULL CHECK (present IN (0, 1)),
     pushed_at INTEGER NOT NULL
 ) STRICT;
+CREATE TABLE sync_lease (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    until  INTEGER NOT NULL
+) STRICT;
 "#,
 ];
 

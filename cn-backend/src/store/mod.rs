@@ -455,6 +455,16 @@ pub trait WriteTx {
         present: bool,
         now: Timestamp,
     ) -> Result<(), StoreError>;
+    /// Takes or renews the lease of the one pusher of a fleet: `holder` gets it (until `until`)
+    /// when nobody holds it, when it already holds it, or when the holder's lease ended before
+    /// `now`. Returns whether `holder` holds it now. Several instances on one database thus
+    /// push one at a time, and another takes over when the pusher stops renewing.
+    fn sync_lease(
+        &mut self,
+        holder: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool, StoreError>;
 }
 
 /// A storage engine. Reads may run concurrently with each other and with the writer.

@@ -190,6 +190,11 @@ CREATE TABLE sync_state (
     present   BOOLEAN NOT NULL,
     pushed_at BIGINT NOT NULL
 );
+CREATE TABLE sync_lease (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    until  BIGINT NOT NULL
+);
 "#,
 ];
 

@@ -1632,6 +1632,30 @@ impl WriteTx for PgTx<'_, '_> {
         Ok(())
     }
 
+    fn sync_lease(
+        &mut self,
+        holder: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.flush()?;
+        self.exec(
+            "INSERT INTO sync_lease (id, holder, until) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+             WHERE sync_lease.holder = excluded.holder OR sync_lease.until < $3",
+            &[&holder, &until.0, &now.0],
+        )?;
+        let row = match self
+            .db()
+            .query_one("SELECT holder FROM sync_lease WHERE id = 1", &[])
+        {
+            Ok(r) => r,
+            Err(e) => return Err(self.err(e)),
+        };
+        let held: String = get(&row, 0)?;
+        Ok(held == holder)
+    }
+
     fn append_audit(&mut self, e: &AuditEvent) -> Result<(), StoreError> {
         self.deferred.audit.push(e.clone());
         Ok(())

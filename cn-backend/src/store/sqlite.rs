@@ -1069,6 +1069,29 @@ impl WriteTx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn sync_lease(
+        &mut self,
+        holder: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO sync_lease (id, holder, until) VALUES (1, ?1, ?2) \
+                 ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+                 WHERE sync_lease.holder = excluded.holder OR sync_lease.until < ?3",
+                params![holder, until.0, now.0],
+            )
+            .map_err(db_err)?;
+        let held: String = self
+            .conn
+            .query_row("SELECT holder FROM sync_lease WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .map_err(db_err)?;
+        Ok(held == holder)
+    }
+
     fn append_audit(&mut self, e: &AuditEvent) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(

@@ -34,6 +34,9 @@ const BATCH: u32 = 64;
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// First pause after a failed push (doubles up to `retry_max`).
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// How long the pusher lease lasts without renewal: another instance takes over this long after
+/// the pusher stopped (it renews it every round, at least every [`IDLE_POLL`]).
+pub const LEASE: Duration = Duration::from_secs(10);
 
 /// Sync failures.
 #[derive(Debug, Error)]
@@ -68,6 +71,8 @@ pub struct Pusher {
     settings: Open5gsSettings,
     collection: Collection<Document>,
     metrics: Metrics,
+    /// This process's name in the pusher lease (host, PID and a random tag).
+    holder: String,
 }
 
 /// What one push did.
@@ -98,11 +103,21 @@ impl Pusher {
         let collection = client
             .database(&settings.database)
             .collection::<Document>(&settings.collection);
+        let mut tag = [0u8; 6];
+        getrandom::fill(&mut tag).map_err(|e| SyncError::Task(format!("random tag: {e}")))?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let holder = format!(
+            "{}:{}:{}",
+            host.trim(),
+            std::process::id(),
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
         Ok(Self {
             store,
             settings,
             collection,
             metrics,
+            holder,
         })
     }
 
@@ -170,6 +185,19 @@ impl Pusher {
                 Err(e.into())
             }
         }
+    }
+
+    /// Takes or renews the fleet's pusher lease ([`crate::store::WriteTx::sync_lease`]):
+    /// whether this instance may push now.
+    pub async fn hold_lease(&self) -> Result<bool, SyncError> {
+        let st = self.store.clone();
+        let me = self.holder.clone();
+        let now = Timestamp::now();
+        let until = Timestamp(
+            now.0
+                .saturating_add(i64::try_from(LEASE.as_secs()).unwrap_or(10)),
+        );
+        blocking(move || transact(&*st, |tx| tx.sync_lease(&me, now, until))).await
     }
 
     /// Pushes the oldest outbox rows once; returns how many rows were acknowledged. Stops at
@@ -275,6 +303,22 @@ impl Pusher {
             }
             if let Err(e) = self.update_gauges().await {
                 warn!(error = %e, "reading the sync outbox failed");
+            }
+            // One pusher per fleet: the others record outbox rows and wait for the lease.
+            match self.hold_lease().await {
+                Ok(true) => self.metrics.sync_pusher_active.set(1),
+                Ok(false) => {
+                    self.metrics.sync_pusher_active.set(0);
+                    tokio::select! {
+                        () = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.metrics.sync_pusher_active.set(0);
+                    warn!(error = %e, "renewing the pusher lease failed");
+                }
             }
             let pause = match self.push_once().await {
                 Ok(n) => {

@@ -58,6 +58,7 @@ macro_rules! all_tests {
             manufacturer_roots,
             live_counter_matches_scan,
             sync_outbox_follows_lifecycle,
+            sync_lease_admits_one_pusher_at_a_time,
         );
     };
 }
@@ -1531,4 +1532,23 @@ pub fn sync_outbox_follows_lifecycle<S: Store + ?Sized>(store: &S) {
     assert!(ops::revoke_child(store, &supi(999), "op", t2).is_err());
     assert_eq!(pending(store).len(), before);
     store.set_sync_outbox(false);
+}
+
+/// The pusher lease of a fleet: one holder at a time; it renews its own lease; another takes
+/// over only once the lease has ended; the old holder then no longer holds it.
+pub fn sync_lease_admits_one_pusher_at_a_time<S: Store + ?Sized>(store: &S) {
+    let lease = |who: &str, now: i64| -> bool {
+        transact(store, |tx| {
+            tx.sync_lease(who, Timestamp(now), Timestamp(now + 10))
+        })
+        .unwrap()
+    };
+    assert!(lease("a", 100), "a free lease is taken");
+    assert!(!lease("b", 105), "b must wait while a's lease runs");
+    assert!(lease("a", 108), "a renews its own lease (now until 118)");
+    assert!(!lease("b", 117), "a's renewal holds b off");
+    assert!(!lease("b", 118), "the lease runs to its end inclusive");
+    assert!(lease("b", 119), "b takes over once a stopped renewing");
+    assert!(!lease("a", 120), "a lost it: it must not push any more");
+    assert!(lease("b", 125));
 }
