@@ -388,3 +388,63 @@ async fn server_down_and_back_and_kill_9_between_commit_and_push() {
     wait_metric(&srv2, BACKLOG, |v| v == 0.0);
     assert_eq!(coll.count_documents(doc! {}).await.unwrap(), 1);
 }
+
+const ACTIVE: &str = "cn_backend_sync_pusher_active ";
+
+/// Two instances with `[sync.open5gs]` on one store: exactly one pushes (holds the lease), never
+/// both; when it is killed, the other takes over once the lease runs out and pushes what was
+/// committed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_push_one_at_a_time_and_the_other_takes_over() {
+    let Some(mongo) = mongo::MongoServer::start() else {
+        return;
+    };
+    let (coll, _) = collections(&mongo.uri()).await;
+    let dir = Dir::init(&sync_config(&mongo.uri()));
+    dir.add_parent(P1, &["--max-children", "10"]);
+    // Two `serve` processes on the one data directory (and store).
+    let mut servers = [dir.serve(), dir.serve()];
+    let actives =
+        |servers: &[Server]| -> Vec<f64> { servers.iter().map(|s| metric(s, ACTIVE)).collect() };
+    let t0 = Instant::now();
+    let pusher = loop {
+        let v = actives(&servers);
+        assert!(v[0] + v[1] <= 1.0, "both instances push at once: {v:?}");
+        if v[0] + v[1] == 1.0 {
+            break usize::from(v[1] == 1.0);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "nobody took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let other = 1 - pusher;
+    // A credential issued through the other instance is pushed by the pusher.
+    let s = connect(&servers[other], P1).await;
+    let c1 = issue(&s, 1, &DeviceReq::new(1)).await;
+    wait_doc(&coll, &c1, true).await;
+    for _ in 0..10 {
+        let v = actives(&servers);
+        assert_eq!(v[pusher] + v[other], 1.0, "pusher_active {v:?}");
+        assert_eq!(
+            v[pusher], 1.0,
+            "the lease moved while its holder renews it: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The pusher is killed: the other takes the lease when it runs out (10 s), then pushes.
+    servers[pusher].kill9();
+    let killed_at = Instant::now();
+    let c2 = issue(&s, 2, &DeviceReq::new(2)).await;
+    wait_metric(&servers[other], ACTIVE, |v| v == 1.0);
+    let took_over = killed_at.elapsed();
+    wait_doc(&coll, &c2, true).await;
+    eprintln!(
+        "pusher lease: the other instance took over {took_over:?} after the pusher was killed"
+    );
+    assert!(
+        took_over >= Duration::from_secs(5),
+        "lease taken over before it ran out: {took_over:?}"
+    );
+}
