@@ -27,41 +27,15 @@ struct Fleet {
     servers: Vec<Server>,
 }
 
-/// Copies `dir`'s data directory into a new temporary directory (a second host's copy).
-fn copy_dir(dir: &Dir) -> Dir {
-    let tmp = tempfile::tempdir().unwrap();
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(dir.path())
-        .arg(tmp.path().join("cn"))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    Dir { tmp }
-}
-
 /// `cn-backend init --store URL` on a new database, `setup` (adds subscribers through the CLI),
 /// then `n` instances, each from its own copy of the directory.
 fn fleet(srv: &pg::PgServer, n: usize, setup: impl FnOnce(&Dir)) -> Fleet {
     let url = srv.create_db();
-    let first = Dir {
-        tmp: tempfile::tempdir().unwrap(),
-    };
-    first.cli_ok(&[
-        "init",
-        "--store",
-        &url,
-        "--imsi-start",
-        "100000",
-        "--imsi-count",
-        "100000",
-        "--server-name",
-        "localhost",
-    ]);
+    let first = Dir::init_store(&url);
     setup(&first);
     let mut dirs = vec![first];
     for _ in 1..n {
-        dirs.push(copy_dir(&dirs[0]));
+        dirs.push(dirs[0].copy());
     }
     let servers = dirs.iter().map(Dir::serve).collect();
     Fleet { url, dirs, servers }
@@ -409,7 +383,7 @@ async fn instance_with_another_kek_refuses_to_start() {
     let f = tokio::task::block_in_place(|| {
         fleet(srv, 1, |d| d.add_parent(P1, &["--max-children", "5"]))
     });
-    let other = copy_dir(&f.dirs[0]);
+    let other = f.dirs[0].copy();
     let kek = other.path().join("kek.key");
     std::fs::remove_file(&kek).unwrap();
     cn_backend::kek::Kek::init(&kek).unwrap();

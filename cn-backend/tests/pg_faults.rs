@@ -23,24 +23,6 @@ fn private_server() -> Option<pg::PgServer> {
     Some(pg::PgServer::start_private().unwrap())
 }
 
-fn init_dir(url: &str) -> Dir {
-    let d = Dir {
-        tmp: tempfile::tempdir().unwrap(),
-    };
-    d.cli_ok(&[
-        "init",
-        "--store",
-        url,
-        "--imsi-start",
-        "100000",
-        "--imsi-count",
-        "100000",
-        "--server-name",
-        "localhost",
-    ]);
-    d
-}
-
 /// PostgreSQL stopped (`pg_ctl stop -m fast`) for 2 s during a run of batches, then started
 /// again: meanwhile cn-backend answers `busy` with `retry_after_ms`, it reconnects by itself,
 /// and every credential it acknowledged is in the database afterwards.
@@ -52,7 +34,7 @@ async fn postgres_restart_during_batches() {
     let srv = Arc::new(srv);
     let url = tokio::task::block_in_place(|| srv.create_db());
     let dir = tokio::task::block_in_place(|| {
-        let d = init_dir(&url);
+        let d = Dir::init_store(&url);
         d.add_parent(P1, &["--max-children", "100000"]);
         d
     });
@@ -193,7 +175,7 @@ fn serve_fails(dir: &Dir, store: Option<&str>, env: Option<(&str, &str)>) -> (St
 fn startup_failures_are_one_clear_line() {
     let Some(srv) = private_server() else { return };
     let url = srv.create_db();
-    let dir = init_dir(&url);
+    let dir = Dir::init_store(&url);
 
     // Unreachable: no server behind the socket directory.
     let (line, took) = serve_fails(

@@ -108,20 +108,7 @@ fn failover_to_a_synchronous_standby_loses_no_acknowledged_credential() {
         standby.socket_dir().display(),
         primary.socket_dir().display()
     );
-    let dir = Dir {
-        tmp: tempfile::tempdir().unwrap(),
-    };
-    dir.cli_ok(&[
-        "init",
-        "--store",
-        &url,
-        "--imsi-start",
-        "100000",
-        "--imsi-count",
-        "100000",
-        "--server-name",
-        "localhost",
-    ]);
+    let dir = Dir::init_store(&url);
     dir.add_parent(P1, &["--max-children", "1000"]);
     let srv = dir.serve();
     let mut session = rt.block_on(connect(&srv, P1));

@@ -234,20 +234,7 @@ async fn binary_runs_on_postgres() {
         return;
     };
     let url = tokio::task::block_in_place(|| srv.create_db());
-    let dir = Dir {
-        tmp: tempfile::tempdir().unwrap(),
-    };
-    dir.cli_ok(&[
-        "init",
-        "--store",
-        &url,
-        "--imsi-start",
-        "100000",
-        "--imsi-count",
-        "100000",
-        "--server-name",
-        "localhost",
-    ]);
+    let dir = Dir::init_store(&url);
     assert!(!dir.path().join("cn-backend.db").exists());
     let toml = std::fs::read_to_string(dir.path().join("cn-backend.toml")).unwrap();
     assert!(toml.contains("[store]") && toml.contains(&url), "{toml}");

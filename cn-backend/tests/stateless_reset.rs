@@ -25,16 +25,7 @@ const P1: &str = "imsi-001010000000001";
 /// operator provisions a second host of the fleet. `same_reset_key = false` drops `reset.key`,
 /// so the copy creates a key of its own at start.
 fn copy_of(dir: &Dir, same_reset_key: bool) -> Dir {
-    let copy = Dir {
-        tmp: tempfile::tempdir().unwrap(),
-    };
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(dir.path())
-        .arg(copy.path())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let copy = dir.copy();
     if !same_reset_key {
         std::fs::remove_file(copy.path().join("reset.key")).unwrap();
     }

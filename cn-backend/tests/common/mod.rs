@@ -44,11 +44,12 @@ pub struct Dir {
 }
 
 impl Dir {
-    /// `cn-backend init` with a small child range; `extra_config` is appended to the TOML.
-    pub fn init(extra_config: &str) -> Dir {
-        let tmp = tempfile::tempdir().unwrap();
-        let d = Dir { tmp };
-        d.cli_ok(&[
+    /// `cn-backend init` with a small child range and `extra_args`.
+    fn init_with(extra_args: &[&str]) -> Dir {
+        let d = Dir {
+            tmp: tempfile::tempdir().unwrap(),
+        };
+        let mut args = vec![
             "init",
             "--imsi-start",
             "100000",
@@ -56,7 +57,36 @@ impl Dir {
             "100000",
             "--server-name",
             "localhost",
-        ]);
+        ];
+        args.extend_from_slice(extra_args);
+        d.cli_ok(&args);
+        d
+    }
+
+    /// [`Dir::init`] on the PostgreSQL database of `url` (`init --store URL`).
+    pub fn init_store(url: &str) -> Dir {
+        Self::init_with(&["--store", url])
+    }
+
+    /// A copy of this directory (`cp -a`: same keys, configuration and, on SQLite, a copy of
+    /// the database), as an operator provisions another host of a fleet.
+    pub fn copy(&self) -> Dir {
+        let copy = Dir {
+            tmp: tempfile::tempdir().unwrap(),
+        };
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(self.path())
+            .arg(copy.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "cp -a {}", self.path().display());
+        copy
+    }
+
+    /// `cn-backend init` with a small child range; `extra_config` is appended to the TOML.
+    pub fn init(extra_config: &str) -> Dir {
+        let d = Self::init_with(&[]);
         if !extra_config.is_empty() {
             let mut f = std::fs::OpenOptions::new()
                 .append(true)
