@@ -18,7 +18,10 @@
 # (all three targets are little-endian), so it is the same object in every binary. AYA_BUILD_SKIP=1
 # builds without it (gatewayd then filters in userspace and says so).
 #
-# Release profile with symbols stripped and no debug info; a separate target directory
+# The `router` cargo profile (Cargo.toml: the release profile with opt-level "s", fat LTO, one
+# codegen unit, no debug info, symbols stripped; issue 17 measures its size and speed against
+# release in docs/BENCHMARKS.md). PROFILE=release builds with the release profile instead, for
+# comparison. A separate target directory
 # ($STATIC_TARGET_DIR, default target/static) keeps the shared target/ untouched and is reused
 # between runs (CI caches it). Prints each binary's size; writes target/dist/<target>/SIZES.
 set -euo pipefail
@@ -29,6 +32,7 @@ TARGETS=${TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-u
 BUILD_STD_TARGETS=" armv7-unknown-linux-musleabihf "
 DIST=${DIST:-target/dist}
 export CARGO_TARGET_DIR=${STATIC_TARGET_DIR:-$PWD/target/static}
+PROFILE=${PROFILE:-router}
 export CARGO_PROFILE_RELEASE_STRIP=symbols
 export CARGO_PROFILE_RELEASE_DEBUG=0
 
@@ -47,22 +51,24 @@ for t in $TARGETS; do
     # -C link-self-contained=no lets zig supply them, with musl and libunwind. `cargo rustc` passes
     # that to the linking crate only (one binary per call; the dependencies are built once).
     for pb in gatewayd:gatewayd gatewayd:gatewayctl iotdev:iotdev; do
-      rustup run nightly cargo-zigbuild rustc -Zbuild-std=std,panic_abort --release --locked \
+      rustup run nightly cargo-zigbuild rustc -Zbuild-std=std,panic_abort --profile "$PROFILE" --locked \
         --target "$t" -p "${pb%%:*}" --bin "${pb#*:}" -- -C link-self-contained=no
     done
     ;;
   *)
     rustup target list --installed | grep -qx "$t" || die "rustup target $t missing: run scripts/setup.sh"
-    cargo zigbuild --release --locked --target "$t" \
+    cargo zigbuild --profile "$PROFILE" --locked --target "$t" \
       -p gatewayd --bin gatewayd --bin gatewayctl -p iotdev --bin iotdev
     ;;
   esac
   mkdir -p "$DIST/$t"
   : > "$DIST/$t/SIZES"
   for b in gatewayd gatewayctl iotdev; do
-    install -m 0755 "$CARGO_TARGET_DIR/$t/release/$b" "$DIST/$t/$b"
+    install -m 0755 "$CARGO_TARGET_DIR/$t/$PROFILE/$b" "$DIST/$t/$b"
     file_info=$(file -b "$DIST/$t/$b" 2>/dev/null || true)
     case "$file_info" in *dynamically*) die "$DIST/$t/$b is dynamically linked: $file_info" ;; esac
-    printf '%-11s %9d bytes  %s\n' "$b" "$(stat -c %s "$DIST/$t/$b")" "$t" | tee -a "$DIST/$t/SIZES"
+    size=$(stat -c %s "$DIST/$t/$b")
+    printf '%-11s %9d bytes  %6.2f MiB  %s  profile %s\n' "$b" "$size" \
+      "$(awk -v s="$size" 'BEGIN { print s / 1048576 }')" "$t" "$PROFILE" | tee -a "$DIST/$t/SIZES"
   done
 done

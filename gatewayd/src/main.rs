@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 #[global_allocator]
@@ -28,8 +28,14 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let env_filter = std::env::var("RUST_LOG").ok();
-    let initial = EnvFilter::try_new(env_filter.as_deref().unwrap_or("info"))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // `Targets` (a level, then `target=level` pairs: "info,gatewayd=debug") rather than
+    // `EnvFilter`: the same directives a router operator writes, without the regular-expression
+    // engine that span-field filters need (339 KB of the aarch64 router binary; issue 17).
+    let initial = env_filter
+        .as_deref()
+        .unwrap_or("info")
+        .parse::<Targets>()
+        .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(initial);
     tracing_subscriber::registry()
         .with(filter)
@@ -39,7 +45,7 @@ fn main() -> ExitCode {
         if env_filter.is_some() {
             return Ok(()); // RUST_LOG wins.
         }
-        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let f = level.parse::<Targets>().map_err(|e| e.to_string())?;
         handle.reload(f).map_err(|e| e.to_string())
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
