@@ -1,4 +1,5 @@
 //! `cn-backend`: the operator's credential service and its administration CLI.
+#![warn(missing_docs)]
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -11,9 +11,11 @@
 //! Engines encrypt K and OPc at rest with [`crate::kek::Kek`]; secrets leave the engine only as
 //! [`crate::model::SubscriberKeys`].
 
+mod engine;
 pub mod migrations;
 pub mod pg_migrations;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use companion_crypto::aka::Sqn;

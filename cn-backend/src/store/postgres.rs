@@ -18,6 +18,7 @@
 //!   `meta.kek_check` refuses a different KEK.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,22 +28,22 @@ use postgres::error::SqlState;
 use postgres::types::ToSql;
 use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement};
 
-use super::pg_migrations;
-use super::{
-    AkaFailures, AkaMaterial, AuditAction, AuditEvent, AuditQuery, AuditRecord, Issuance,
-    IssuanceKind, ManufacturerRoot, NewChild, OutboxEntry, Store, StoreError, Subscriber,
-    SyncBacklog, SyncState, WriteTx,
+use super::engine::{
+    self, CHILDREN, EncKeys, EngineTx, PARENTS, random_msin, range_supi, seal_keys,
 };
-use crate::kek::{Kek, RowId};
+use super::pg_migrations;
+use super::rows::{self, CHILD_COLS, Columns, PARENT_COLS, corrupt, join_dnns, sql_sqn, sql_u64};
+use super::{
+    AkaFailures, AkaMaterial, AuditEvent, AuditQuery, AuditRecord, Issuance, ManufacturerRoot,
+    NewChild, OutboxEntry, Store, StoreError, SyncBacklog, SyncState, WriteTx,
+};
+use crate::kek::Kek;
 use crate::model::{
-    Amf, ChildCredential, ChildStatus, DeviceId, Dnn, ImsiRange, KeyFingerprint, NewParent, Parent,
-    ParentPolicy, RequestId, Restrictions, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
+    ChildCredential, DeviceId, ImsiRange, NewParent, Parent, ParentPolicy, Restrictions,
+    SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
 };
 use crate::policy::IdempotencyKey;
 use companion_crypto::aka::Sqn;
-
-const PARENTS: &str = "parents";
-const CHILDREN: &str = "children";
 
 /// How often [`PgStore::write_tx`] runs a transaction that hit a serialisation failure.
 const MAX_ATTEMPTS: u32 = 50;
@@ -247,149 +248,38 @@ fn is_unique_violation(e: &postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
-}
-
 fn get<'a, T: postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
     row.try_get(idx)
         .map_err(|e| corrupt(format!("column {idx}: {e}")))
 }
 
-fn fixed<const N: usize>(row: &Row, idx: usize) -> Result<[u8; N], StoreError> {
-    let v: Vec<u8> = get(row, idx)?;
-    v.try_into()
-        .map_err(|_| corrupt(format!("column {idx}: wrong length")))
+impl Columns for Row {
+    fn int(&self, idx: usize) -> Result<i64, StoreError> {
+        get(self, idx)
+    }
+    fn opt_int(&self, idx: usize) -> Result<Option<i64>, StoreError> {
+        get(self, idx)
+    }
+    fn boolean(&self, idx: usize) -> Result<bool, StoreError> {
+        get(self, idx)
+    }
+    fn text(&self, idx: usize) -> Result<String, StoreError> {
+        get(self, idx)
+    }
+    fn opt_text(&self, idx: usize) -> Result<Option<String>, StoreError> {
+        get(self, idx)
+    }
+    fn blob(&self, idx: usize) -> Result<Vec<u8>, StoreError> {
+        get(self, idx)
+    }
+    fn opt_blob(&self, idx: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        get(self, idx)
+    }
 }
 
-fn supi_at(row: &Row, idx: usize) -> Result<Supi, StoreError> {
-    let s: String = get(row, idx)?;
-    Supi::parse(&s).map_err(corrupt)
-}
-
-fn dnns_at(row: &Row, idx: usize) -> Result<Vec<Dnn>, StoreError> {
-    let s: String = get(row, idx)?;
-    s.split(',')
-        .filter(|d| !d.is_empty())
-        .map(|d| Dnn::parse(d).map_err(corrupt))
-        .collect()
-}
-
-fn join_dnns(dnns: &[Dnn]) -> String {
-    dnns.iter().map(Dnn::as_str).collect::<Vec<_>>().join(",")
-}
-
-fn u64_at(row: &Row, idx: usize) -> Result<u64, StoreError> {
-    let v: i64 = get(row, idx)?;
-    u64::try_from(v).map_err(corrupt)
-}
-
+/// A count or other non-negative integer that fits a `u32`.
 fn u32_at(row: &Row, idx: usize) -> Result<u32, StoreError> {
-    let v: i64 = get(row, idx)?;
-    u32::try_from(v).map_err(corrupt)
-}
-
-fn opt_u32_at(row: &Row, idx: usize) -> Result<Option<u32>, StoreError> {
-    let v: Option<i64> = get(row, idx)?;
-    v.map(|v| u32::try_from(v).map_err(corrupt)).transpose()
-}
-
-fn sqn_at(row: &Row, idx: usize) -> Result<Sqn, StoreError> {
-    Sqn::new(u64_at(row, idx)?).map_err(corrupt)
-}
-
-fn sql_u64(v: u64) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Database(format!("value {v} out of range")))
-}
-
-/// A 48-bit SQN always fits in a BIGINT.
-fn sql_sqn(sqn: Sqn) -> i64 {
-    i64::try_from(sqn.value()).unwrap_or(i64::MAX)
-}
-
-const PARENT_COLS: &str = "supi, amf, sqn, status, max_children, max_lifetime_s, roaming_allowed, \
-                           allowed_dnns, max_bitrate_kbps, created_at, updated_at, \
-                           require_attestation";
-
-fn parent_from_row(row: &Row) -> Result<Parent, StoreError> {
-    let status: String = get(row, 3)?;
-    Ok(Parent {
-        supi: supi_at(row, 0)?,
-        amf: Amf(fixed(row, 1)?),
-        sqn: sqn_at(row, 2)?,
-        status: SubscriptionStatus::parse(&status).map_err(corrupt)?,
-        policy: ParentPolicy {
-            max_children: u32_at(row, 4)?,
-            max_lifetime_s: u64_at(row, 5)?,
-            roaming_allowed: get(row, 6)?,
-            allowed_dnns: dnns_at(row, 7)?,
-            max_bitrate_kbps: opt_u32_at(row, 8)?,
-            require_attestation: get(row, 11)?,
-        },
-        created_at: Timestamp(get(row, 9)?),
-        updated_at: Timestamp(get(row, 10)?),
-    })
-}
-
-const CHILD_COLS: &str = "c.supi, c.parent_supi, c.device_id, c.device_key_fp, c.request_id, \
-                          c.amf, c.sqn, c.issued_at, c.expires_at, c.renewed_at, \
-                          c.roaming_allowed, c.allowed_dnns, c.max_bitrate_kbps, c.status, \
-                          c.revoked_at, c.device_spki";
-
-fn child_from_row(row: &Row) -> Result<ChildCredential, StoreError> {
-    let device_id: String = get(row, 2)?;
-    let status: String = get(row, 13)?;
-    Ok(ChildCredential {
-        supi: supi_at(row, 0)?,
-        parent: supi_at(row, 1)?,
-        device_id: DeviceId::parse(&device_id).map_err(corrupt)?,
-        device_key_fingerprint: KeyFingerprint(fixed(row, 3)?),
-        device_spki: get(row, 15)?,
-        request_id: RequestId(fixed(row, 4)?),
-        amf: Amf(fixed(row, 5)?),
-        sqn: sqn_at(row, 6)?,
-        issued_at: Timestamp(get(row, 7)?),
-        expires_at: Timestamp(get(row, 8)?),
-        renewed_at: get::<Option<i64>>(row, 9)?.map(Timestamp),
-        restrictions: Restrictions {
-            roaming_allowed: get(row, 10)?,
-            allowed_dnns: dnns_at(row, 11)?,
-            max_bitrate_kbps: opt_u32_at(row, 12)?,
-        },
-        status: ChildStatus::parse(&status).map_err(corrupt)?,
-        revoked_at: get::<Option<i64>>(row, 14)?.map(Timestamp),
-    })
-}
-
-fn audit_from_row(row: &Row) -> Result<AuditRecord, StoreError> {
-    let action: String = get(row, 3)?;
-    let parent: Option<String> = get(row, 5)?;
-    let device: Option<String> = get(row, 6)?;
-    let request: Option<Vec<u8>> = get(row, 7)?;
-    Ok(AuditRecord {
-        id: get(row, 0)?,
-        event: AuditEvent {
-            at: Timestamp(get(row, 1)?),
-            actor: get(row, 2)?,
-            action: AuditAction::parse(&action)
-                .ok_or_else(|| corrupt(format!("unknown audit action {action:?}")))?,
-            supi: supi_at(row, 4)?,
-            parent: parent
-                .map(|p| Supi::parse(&p).map_err(corrupt))
-                .transpose()?,
-            device_id: device
-                .map(|d| DeviceId::parse(&d).map_err(corrupt))
-                .transpose()?,
-            request_id: request
-                .map(|r| {
-                    <[u8; 16]>::try_from(r)
-                        .map(RequestId)
-                        .map_err(|_| corrupt("wrong request ID length"))
-                })
-                .transpose()?,
-            detail: get(row, 8)?,
-        },
-    })
+    u32::try_from(rows::uint(row, idx)?).map_err(corrupt)
 }
 
 /// A connection or transaction with the statement cache of its connection.
@@ -455,8 +345,7 @@ fn q_parent(
     };
     c.query_opt(&sql, &[&supi.as_str()])
         .map_err(pg_err)?
-        .as_ref()
-        .map(parent_from_row)
+        .map(|r| rows::parent(&r))
         .transpose()
 }
 
@@ -472,8 +361,7 @@ fn q_child(
     };
     c.query_opt(&sql, &[&supi.as_str()])
         .map_err(pg_err)?
-        .as_ref()
-        .map(child_from_row)
+        .map(|r| rows::child(&r))
         .transpose()
 }
 
@@ -507,25 +395,7 @@ fn q_issuance(
             ],
         )
         .map_err(pg_err)?;
-    row.map(|r| {
-        let kind: String = get(&r, 1)?;
-        Ok(Issuance {
-            child_supi: supi_at(&r, 0)?,
-            kind: IssuanceKind::parse(&kind)
-                .ok_or_else(|| corrupt(format!("unknown issuance kind {kind:?}")))?,
-            sealed: get(&r, 2)?,
-            created_at: Timestamp(get(&r, 3)?),
-        })
-    })
-    .transpose()
-}
-
-fn failures_from_row(r: &Row) -> Result<AkaFailures, StoreError> {
-    Ok(AkaFailures {
-        count: u32_at(r, 0)?,
-        first_at: Some(Timestamp(get(r, 1)?)),
-        last_at: Some(Timestamp(get(r, 2)?)),
-    })
+    row.map(|r| rows::issuance(&r)).transpose()
 }
 
 fn q_supi_taken(c: &mut Db<'_, impl GenericClient>, supi: &Supi) -> Result<bool, StoreError> {
@@ -537,67 +407,6 @@ fn q_supi_taken(c: &mut Db<'_, impl GenericClient>, supi: &Supi) -> Result<bool,
         )
         .map_err(pg_err)?;
     get(&row, 0)
-}
-
-/// Uniform random draws the allocator makes before it falls back to a scan.
-const RANDOM_PROBES: usize = 32;
-
-/// A uniformly random MSIN of `range` from the operating system's CSPRNG (rejection sampling).
-fn random_msin(range: &ImsiRange) -> Result<u64, StoreError> {
-    let span = range.last_msin() - range.first_msin() + 1;
-    let zone = u64::MAX - (u64::MAX % span);
-    loop {
-        let mut b = [0u8; 8];
-        getrandom::fill(&mut b).map_err(|_| StoreError::Kek(crate::kek::KekError::Rng))?;
-        let x = u64::from_le_bytes(b);
-        if x < zone {
-            return Ok(range.first_msin() + x % span);
-        }
-    }
-}
-
-fn range_supi(range: &ImsiRange, msin: u64) -> Result<Supi, StoreError> {
-    range.supi(msin).ok_or_else(|| {
-        StoreError::Database(format!(
-            "MSIN {msin} outside the IMSI range {}",
-            range.plmn()
-        ))
-    })
-}
-
-/// The first MSIN in `from..=to` of `range` that no parent or child holds (one ordered walk).
-fn first_free(
-    c: &mut Db<'_, impl GenericClient>,
-    range: &ImsiRange,
-    from: u64,
-    to: u64,
-) -> Result<Option<u64>, StoreError> {
-    let (Some(lo), Some(hi)) = (range.supi(from), range.supi(to)) else {
-        return Ok(None);
-    };
-    let prefix_len = "imsi-".len() + range.plmn().len();
-    let rows = c
-        .query(
-            "SELECT supi FROM children WHERE supi BETWEEN $1 AND $2 \
-             UNION SELECT supi FROM parents WHERE supi BETWEEN $1 AND $2 ORDER BY 1",
-            &[&lo.as_str(), &hi.as_str()],
-        )
-        .map_err(pg_err)?;
-    let mut expected = from;
-    for row in rows {
-        let taken: String = get(&row, 0)?;
-        let Some(msin) = taken.get(prefix_len..).and_then(|d| d.parse::<u64>().ok()) else {
-            continue;
-        };
-        if msin > expected {
-            return Ok(Some(expected));
-        }
-        expected = expected.max(msin + 1);
-        if expected > to {
-            return Ok(None);
-        }
-    }
-    Ok((expected <= to).then_some(expected))
 }
 
 /// A [`Store`] on one PostgreSQL database, shareable by several processes.
@@ -792,9 +601,6 @@ impl Drop for PgStore {
         }
     }
 }
-
-/// Encrypted K and OPc as stored.
-type EncKeys = (Vec<u8>, Vec<u8>);
 
 /// Rows a batch writes (new children with their encrypted K and OPc, ledger entries, audit
 /// entries), kept in memory until a statement needs them in the database or the transaction
@@ -1074,40 +880,23 @@ impl<'c> PgTx<'_, 'c> {
         }
         r
     }
+}
 
-    fn seal_keys(
-        &self,
-        table: &str,
-        supi: &Supi,
-        keys: &SubscriberKeys,
-    ) -> Result<EncKeys, StoreError> {
-        let id = |column| RowId {
-            table,
-            row: supi.as_str(),
-            column,
-        };
-        Ok((
-            self.kek.seal(id("k"), &keys.k)?,
-            self.kek.seal(id("opc"), &keys.opc)?,
-        ))
+impl EngineTx for PgTx<'_, '_> {
+    fn kek(&self) -> &Kek {
+        self.kek
     }
 
-    fn open_keys(
-        &self,
-        table: &str,
+    fn parent_row(&mut self, supi: &Supi, lock: bool) -> Result<Option<Parent>, StoreError> {
+        self.q(|c| q_parent(c, supi, lock))
+    }
+
+    fn child_row(
+        &mut self,
         supi: &Supi,
-        k: &[u8],
-        opc: &[u8],
-    ) -> Result<SubscriberKeys, StoreError> {
-        let id = |column| RowId {
-            table,
-            row: supi.as_str(),
-            column,
-        };
-        Ok(SubscriberKeys {
-            k: self.kek.open(id("k"), k)?,
-            opc: self.kek.open(id("opc"), opc)?,
-        })
+        lock: bool,
+    ) -> Result<Option<ChildCredential>, StoreError> {
+        self.q(|c| q_child(c, supi, lock))
     }
 
     fn enc_keys(&mut self, table: &str, supi: &Supi) -> Result<Option<EncKeys>, StoreError> {
@@ -1122,6 +911,32 @@ impl<'c> PgTx<'_, 'c> {
         };
         row.map(|r| Ok((get(&r, 0)?, get(&r, 1)?))).transpose()
     }
+
+    fn supi_taken(&mut self, supi: &Supi) -> Result<bool, StoreError> {
+        self.q(|c| q_supi_taken(c, supi))
+    }
+
+    fn walk_taken(
+        &mut self,
+        lo: &Supi,
+        hi: &Supi,
+        visit: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let rows = self.q(|c| {
+            c.query(
+                "SELECT supi FROM children WHERE supi BETWEEN $1 AND $2 \
+                 UNION SELECT supi FROM parents WHERE supi BETWEEN $1 AND $2 ORDER BY 1",
+                &[&lo.as_str(), &hi.as_str()],
+            )
+            .map_err(pg_err)
+        })?;
+        for row in &rows {
+            if visit(&row.text(0)?).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl WriteTx for PgTx<'_, '_> {
@@ -1131,7 +946,7 @@ impl WriteTx for PgTx<'_, '_> {
             &format!("SELECT {PARENT_COLS} FROM parents WHERE supi = $1 FOR UPDATE"),
             &[&supi.as_str()],
         ) {
-            Ok(r) => r.as_ref().map(parent_from_row).transpose(),
+            Ok(r) => r.map(|r| rows::parent(&r)).transpose(),
             Err(e) => Err(self.err(e)),
         }
     }
@@ -1141,7 +956,7 @@ impl WriteTx for PgTx<'_, '_> {
         if self.q(|c| q_supi_taken(c, &parent.supi))? {
             return Err(StoreError::Duplicate(parent.supi.clone()));
         }
-        let (k, opc) = self.seal_keys(PARENTS, &parent.supi, &parent.keys)?;
+        let (k, opc) = seal_keys(self.kek, PARENTS, &parent.supi, &parent.keys)?;
         let p = &parent.policy;
         let r = self.db().execute(
             "INSERT INTO parents (supi, k_enc, opc_enc, amf, sqn, status, max_children, \
@@ -1263,7 +1078,7 @@ impl WriteTx for PgTx<'_, '_> {
         let device: Vec<&str> = keys.iter().map(|k| k.device_id.as_str()).collect();
         let rid: Vec<&[u8]> = keys.iter().map(|k| k.request_id.0.as_slice()).collect();
         let rows = match self.db().query(
-            "SELECT k.n, s.child_supi, s.kind, s.sealed, s.created_at \
+            "SELECT s.child_supi, s.kind, s.sealed, s.created_at, k.n \
              FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS k(p, d, r, n) \
              JOIN issuances s ON s.parent_supi = k.p AND s.device_id = k.d AND s.request_id = k.r",
             &[&parent, &device, &rid],
@@ -1273,19 +1088,12 @@ impl WriteTx for PgTx<'_, '_> {
         };
         let mut found: Vec<Option<Issuance>> = vec![None; keys.len()];
         for r in &rows {
-            let n: i64 = get(r, 0)?;
-            let kind: String = get(r, 2)?;
+            let n: i64 = get(r, 4)?;
             let slot = usize::try_from(n - 1)
                 .ok()
                 .and_then(|i| found.get_mut(i))
                 .ok_or_else(|| corrupt("ledger lookup out of range"))?;
-            *slot = Some(Issuance {
-                child_supi: supi_at(r, 1)?,
-                kind: IssuanceKind::parse(&kind)
-                    .ok_or_else(|| corrupt(format!("unknown issuance kind {kind:?}")))?,
-                sealed: get(r, 3)?,
-                created_at: Timestamp(get(r, 4)?),
-            });
+            *slot = Some(rows::issuance(r)?);
         }
         self.known_issuances.extend(keys.iter().cloned().zip(found));
         self.expected_allocations += keys.len();
@@ -1317,12 +1125,7 @@ impl WriteTx for PgTx<'_, '_> {
 
     fn keys(&mut self, supi: &Supi) -> Result<Option<SubscriberKeys>, StoreError> {
         self.flush()?;
-        for table in [PARENTS, CHILDREN] {
-            if let Some((k, opc)) = self.enc_keys(table, supi)? {
-                return self.open_keys(table, supi, &k, &opc).map(Some);
-            }
-        }
-        Ok(None)
+        engine::keys(self, supi)
     }
 
     fn allocate_supi(&mut self, range: &ImsiRange) -> Result<Supi, StoreError> {
@@ -1375,30 +1178,9 @@ impl WriteTx for PgTx<'_, '_> {
                 }
             }
         }
-        // A nearly full range: the rows in flight first, then the probes and walks below.
+        // A nearly full range: the rows in flight first, then the probes and walks.
         self.flush()?;
-        for _ in 0..RANDOM_PROBES {
-            let msin = random_msin(range)?;
-            let supi = range_supi(range, msin)?;
-            if !self.q(|c| q_supi_taken(c, &supi))? {
-                return Ok(supi);
-            }
-        }
-        let start = random_msin(range)?;
-        if let Some(msin) = self.q(|c| first_free(c, range, start, range.last_msin()))? {
-            return range_supi(range, msin);
-        }
-        if start > range.first_msin()
-            && let Some(msin) = self.q(|c| first_free(c, range, range.first_msin(), start - 1))?
-        {
-            return range_supi(range, msin);
-        }
-        Err(StoreError::ImsiRangeExhausted(format!(
-            "{}:{}-{}",
-            range.plmn(),
-            range.first_msin(),
-            range.last_msin()
-        )))
+        engine::allocate_by_probing(self, range)
     }
 
     fn children_issued_since(
@@ -1456,7 +1238,7 @@ impl WriteTx for PgTx<'_, '_> {
         {
             return Err(StoreError::Duplicate(c.supi.clone()));
         }
-        let (k, opc) = self.seal_keys(CHILDREN, &c.supi, &new.keys)?;
+        let (k, opc) = seal_keys(self.kek, CHILDREN, &c.supi, &new.keys)?;
         self.deferred.children.push((c.clone(), k, opc));
         Ok(())
     }
@@ -1518,7 +1300,7 @@ impl WriteTx for PgTx<'_, '_> {
         };
         let mut revoked = rows
             .iter()
-            .map(child_from_row)
+            .map(|r| rows::child(r))
             .collect::<Result<Vec<_>, _>>()?;
         revoked.sort_by(|a, b| a.supi.as_str().cmp(b.supi.as_str()));
         Ok(revoked)
@@ -1526,38 +1308,7 @@ impl WriteTx for PgTx<'_, '_> {
 
     fn aka_material(&mut self, supi: &Supi) -> Result<Option<AkaMaterial>, StoreError> {
         self.flush()?;
-        // The row is locked: the caller reserves the next SQN from the value read here.
-        if let Some(parent) = self.q(|c| q_parent(c, supi, true))? {
-            let Some((k, opc)) = self.enc_keys(PARENTS, supi)? else {
-                return Ok(None);
-            };
-            let keys = self.open_keys(PARENTS, supi, &k, &opc)?;
-            return Ok(Some(AkaMaterial {
-                amf: parent.amf,
-                sqn: parent.sqn,
-                keys,
-                subscriber: Subscriber::Parent(parent),
-            }));
-        }
-        let Some(child) = self.q(|c| q_child(c, supi, true))? else {
-            return Ok(None);
-        };
-        let parent = self
-            .q(|c| q_parent(c, &child.parent, false))?
-            .ok_or_else(|| StoreError::Corrupt(format!("{supi} has no parent row")))?;
-        let Some((k, opc)) = self.enc_keys(CHILDREN, supi)? else {
-            return Ok(None);
-        };
-        let keys = self.open_keys(CHILDREN, supi, &k, &opc)?;
-        Ok(Some(AkaMaterial {
-            amf: child.amf,
-            sqn: child.sqn,
-            keys,
-            subscriber: Subscriber::Child {
-                child,
-                parent_status: parent.status,
-            },
-        }))
+        engine::aka_material(self, supi)
     }
 
     fn set_sqn(&mut self, supi: &Supi, sqn: Sqn) -> Result<(), StoreError> {
@@ -1590,7 +1341,7 @@ impl WriteTx for PgTx<'_, '_> {
             Ok(r) => r,
             Err(e) => return Err(self.err(e)),
         };
-        failures_from_row(&row)
+        rows::aka_failures(&row)
     }
 
     fn clear_aka_failures(&mut self, supi: &Supi) -> Result<(), StoreError> {
@@ -1765,7 +1516,7 @@ impl Store for PgStore {
             )
             .map_err(pg_err)?
             .iter()
-            .map(parent_from_row)
+            .map(|r| rows::parent(r))
             .collect()
         })
     }
@@ -1775,7 +1526,7 @@ impl Store for PgStore {
             let row = c
                 .query_one("SELECT count(*) FROM parents", &[])
                 .map_err(pg_err)?;
-            u64_at(&row, 0)
+            rows::uint(&row, 0)
         })
     }
 
@@ -1794,7 +1545,7 @@ impl Store for PgStore {
             )
             .map_err(pg_err)?
             .iter()
-            .map(child_from_row)
+            .map(|r| rows::child(r))
             .collect()
         })
     }
@@ -1815,7 +1566,7 @@ impl Store for PgStore {
             )
             .map_err(pg_err)?
             .as_ref()
-            .map(failures_from_row)
+            .map(|r| rows::aka_failures(r))
             .transpose()
             .map(Option::unwrap_or_default)
         })
@@ -1836,7 +1587,7 @@ impl Store for PgStore {
             )
             .map_err(pg_err)?
             .iter()
-            .map(audit_from_row)
+            .map(|r| rows::audit(r))
             .collect()
         })
     }
@@ -1850,15 +1601,7 @@ impl Store for PgStore {
             )
             .map_err(pg_err)?
             .iter()
-            .map(|row| {
-                Ok(ManufacturerRoot {
-                    name: get(row, 0)?,
-                    cert_der: get(row, 1)?,
-                    fingerprint: fixed(row, 2)?,
-                    subject: get(row, 3)?,
-                    added_at: Timestamp(get(row, 4)?),
-                })
-            })
+            .map(|r| rows::manufacturer_root(r))
             .collect()
         })
     }
@@ -1908,13 +1651,7 @@ impl Store for PgStore {
             )
             .map_err(pg_err)?
             .iter()
-            .map(|r| {
-                Ok(OutboxEntry {
-                    id: get(r, 0)?,
-                    supi: supi_at(r, 1)?,
-                    created_at: Timestamp(get(r, 2)?),
-                })
-            })
+            .map(|r| rows::outbox_entry(r))
             .collect()
         })
     }
@@ -1949,14 +1686,7 @@ impl Store for PgStore {
                 )
                 .map_err(pg_err)?;
             let pending: i64 = get(&r, 0)?;
-            if pushed.is_none() && pending == 0 {
-                return Ok(None);
-            }
-            Ok(Some(SyncState {
-                present: pushed.map(|p| p.0),
-                pushed_at: pushed.map(|p| Timestamp(p.1)),
-                pending: u64::try_from(pending).unwrap_or(0),
-            }))
+            Ok(rows::sync_state(pushed, pending))
         })
     }
 
@@ -1971,7 +1701,7 @@ impl Store for PgStore {
             )
             .map_err(pg_err)?
             .iter()
-            .map(|r| supi_at(r, 0))
+            .map(|r| rows::supi(r, 0))
             .collect()
         })
     }

@@ -9,7 +9,6 @@
 //! - The database file is created with mode 0600; SQLite gives its `-wal`/`-shm` files the same.
 //! - Foreign keys are enforced; the audit table refuses UPDATE and DELETE by trigger.
 
-use std::error::Error as StdError;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -17,21 +16,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use rusqlite::types::Type;
+use std::ops::ControlFlow;
+
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
 };
 
+use super::engine::{self, CHILDREN, EncKeys, EngineTx, PARENTS, seal_keys};
 use super::migrations;
-use super::{
-    AkaFailures, AkaMaterial, AuditAction, AuditEvent, AuditQuery, AuditRecord, Issuance,
-    IssuanceKind, ManufacturerRoot, NewChild, OutboxEntry, Store, StoreError, Subscriber,
-    SyncBacklog, SyncState, WriteTx,
+use super::rows::{
+    self, AUDIT_COLS, CHILD_COLS, Columns, PARENT_COLS, join_dnns, sql_sqn, sql_u64,
 };
-use crate::kek::{Kek, RowId};
+use super::{
+    AkaFailures, AkaMaterial, AuditEvent, AuditQuery, AuditRecord, Issuance, ManufacturerRoot,
+    NewChild, OutboxEntry, Store, StoreError, SyncBacklog, SyncState, WriteTx,
+};
+use crate::kek::Kek;
 use crate::model::{
-    Amf, ChildCredential, ChildStatus, DeviceId, Dnn, ImsiRange, KeyFingerprint, NewParent, Parent,
-    ParentPolicy, RequestId, Restrictions, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
+    ChildCredential, ChildStatus, DeviceId, ImsiRange, NewParent, Parent, ParentPolicy,
+    Restrictions, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
 };
 use crate::policy::IdempotencyKey;
 use companion_crypto::aka::Sqn;
@@ -76,9 +79,6 @@ pub struct SqliteStore {
     sync_outbox: AtomicBool,
 }
 
-const PARENTS: &str = "parents";
-const CHILDREN: &str = "children";
-
 /// Maps a rusqlite error onto the engine-neutral [`StoreError`].
 pub(crate) fn db_err(e: rusqlite::Error) -> StoreError {
     match &e {
@@ -101,132 +101,78 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
                 || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE))
 }
 
-fn conv<T, E>(idx: usize, ty: Type, r: Result<T, E>) -> rusqlite::Result<T>
-where
-    E: StdError + Send + Sync + 'static,
-{
-    r.map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, ty, Box::new(e)))
+/// `Duplicate`/`RootExists`-style errors for a unique violation, [`db_err`] for the rest.
+fn unique_or(e: rusqlite::Error, dup: impl FnOnce() -> StoreError) -> StoreError {
+    if is_unique_violation(&e) {
+        dup()
+    } else {
+        db_err(e)
+    }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadValue(&'static str);
-
-fn fixed<const N: usize>(row: &Row<'_>, idx: usize) -> rusqlite::Result<[u8; N]> {
-    let v: Vec<u8> = row.get(idx)?;
-    conv(
-        idx,
-        Type::Blob,
-        v.try_into().map_err(|_| BadValue("wrong blob length")),
-    )
+impl Columns for Row<'_> {
+    fn int(&self, idx: usize) -> Result<i64, StoreError> {
+        self.get(idx).map_err(db_err)
+    }
+    fn opt_int(&self, idx: usize) -> Result<Option<i64>, StoreError> {
+        self.get(idx).map_err(db_err)
+    }
+    fn boolean(&self, idx: usize) -> Result<bool, StoreError> {
+        self.get(idx).map_err(db_err)
+    }
+    fn text(&self, idx: usize) -> Result<String, StoreError> {
+        self.get(idx).map_err(db_err)
+    }
+    fn opt_text(&self, idx: usize) -> Result<Option<String>, StoreError> {
+        self.get(idx).map_err(db_err)
+    }
+    fn blob(&self, idx: usize) -> Result<Vec<u8>, StoreError> {
+        self.get(idx).map_err(db_err)
+    }
+    fn opt_blob(&self, idx: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(idx).map_err(db_err)
+    }
 }
 
-fn supi_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Supi> {
-    let s: String = row.get(idx)?;
-    conv(idx, Type::Text, Supi::parse(&s))
+/// The one row of `sql` (cached statement) with `params`, decoded by `decode`; `None` if none.
+fn row_opt<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: impl FnOnce(&dyn Columns) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.query_row(params, |r| Ok(decode(r))).optional())
+        .map_err(db_err)?
+        .transpose()
 }
 
-fn dnns_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Vec<Dnn>> {
-    let s: String = row.get(idx)?;
-    s.split(',')
-        .filter(|d| !d.is_empty())
-        .map(|d| conv(idx, Type::Text, Dnn::parse(d)))
-        .collect()
-}
-
-fn join_dnns(dnns: &[Dnn]) -> String {
-    dnns.iter().map(Dnn::as_str).collect::<Vec<_>>().join(",")
-}
-
-fn u64_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
-    let v: i64 = row.get(idx)?;
-    conv(idx, Type::Integer, u64::try_from(v))
-}
-
-fn sqn_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Sqn> {
-    let v = u64_at(row, idx)?;
-    conv(idx, Type::Integer, Sqn::new(v))
-}
-
-/// A 48-bit SQN always fits in an SQLite integer.
-fn sql_sqn(sqn: Sqn) -> i64 {
-    i64::try_from(sqn.value()).unwrap_or(i64::MAX)
-}
-
-fn sql_u64(v: u64) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Database(format!("value {v} out of range")))
-}
-
-const PARENT_COLS: &str = "supi, amf, sqn, status, max_children, max_lifetime_s, roaming_allowed, \
-                           allowed_dnns, max_bitrate_kbps, created_at, updated_at, \
-                           require_attestation";
-
-fn parent_from_row(row: &Row<'_>) -> rusqlite::Result<Parent> {
-    let status: String = row.get(3)?;
-    Ok(Parent {
-        supi: supi_at(row, 0)?,
-        amf: Amf(fixed(row, 1)?),
-        sqn: sqn_at(row, 2)?,
-        status: conv(3, Type::Text, SubscriptionStatus::parse(&status))?,
-        policy: ParentPolicy {
-            max_children: row.get(4)?,
-            max_lifetime_s: u64_at(row, 5)?,
-            roaming_allowed: row.get(6)?,
-            allowed_dnns: dnns_at(row, 7)?,
-            max_bitrate_kbps: row.get(8)?,
-            require_attestation: row.get(11)?,
-        },
-        created_at: Timestamp(row.get(9)?),
-        updated_at: Timestamp(row.get(10)?),
-    })
-}
-
-const CHILD_COLS: &str = "c.supi, c.parent_supi, c.device_id, c.device_key_fp, c.request_id, \
-                          c.amf, c.sqn, c.issued_at, c.expires_at, c.renewed_at, \
-                          c.roaming_allowed, c.allowed_dnns, c.max_bitrate_kbps, c.status, \
-                          c.revoked_at, c.device_spki";
-
-fn child_from_row(row: &Row<'_>) -> rusqlite::Result<ChildCredential> {
-    let device_id: String = row.get(2)?;
-    let status: String = row.get(13)?;
-    Ok(ChildCredential {
-        supi: supi_at(row, 0)?,
-        parent: supi_at(row, 1)?,
-        device_id: conv(2, Type::Text, DeviceId::parse(&device_id))?,
-        device_key_fingerprint: KeyFingerprint(fixed(row, 3)?),
-        device_spki: row.get(15)?,
-        request_id: RequestId(fixed(row, 4)?),
-        amf: Amf(fixed(row, 5)?),
-        sqn: sqn_at(row, 6)?,
-        issued_at: Timestamp(row.get(7)?),
-        expires_at: Timestamp(row.get(8)?),
-        renewed_at: row.get::<_, Option<i64>>(9)?.map(Timestamp),
-        restrictions: Restrictions {
-            roaming_allowed: row.get(10)?,
-            allowed_dnns: dnns_at(row, 11)?,
-            max_bitrate_kbps: row.get(12)?,
-        },
-        status: conv(13, Type::Text, ChildStatus::parse(&status))?,
-        revoked_at: row.get::<_, Option<i64>>(14)?.map(Timestamp),
-    })
+/// Every row of `sql` (cached statement) with `params`, decoded by `decode`.
+fn rows_all<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    mut decode: impl FnMut(&dyn Columns) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    let mut rows = stmt.query(params).map_err(db_err)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(db_err)? {
+        out.push(decode(r)?);
+    }
+    Ok(out)
 }
 
 // ---- queries shared by the reader connections and the write transaction ----
 
 fn q_parent(conn: &Connection, supi: &Supi) -> Result<Option<Parent>, StoreError> {
-    conn.prepare_cached(&format!(
-        "SELECT {PARENT_COLS} FROM parents WHERE supi = ?1"
-    ))
-    .and_then(|mut s| s.query_row([supi.as_str()], parent_from_row).optional())
-    .map_err(db_err)
+    let sql = format!("SELECT {PARENT_COLS} FROM parents WHERE supi = ?1");
+    row_opt(conn, &sql, [supi.as_str()], rows::parent)
 }
 
 fn q_child(conn: &Connection, supi: &Supi) -> Result<Option<ChildCredential>, StoreError> {
-    conn.prepare_cached(&format!(
-        "SELECT {CHILD_COLS} FROM children c WHERE c.supi = ?1"
-    ))
-    .and_then(|mut s| s.query_row([supi.as_str()], child_from_row).optional())
-    .map_err(db_err)
+    let sql = format!("SELECT {CHILD_COLS} FROM children c WHERE c.supi = ?1");
+    row_opt(conn, &sql, [supi.as_str()], rows::child)
 }
 
 fn q_count_active(conn: &Connection, parent: &Supi, now: Timestamp) -> Result<u32, StoreError> {
@@ -239,116 +185,27 @@ fn q_count_active(conn: &Connection, parent: &Supi, now: Timestamp) -> Result<u3
 }
 
 fn q_issuance(conn: &Connection, key: &IdempotencyKey) -> Result<Option<Issuance>, StoreError> {
-    conn.prepare_cached(
+    row_opt(
+        conn,
         "SELECT child_supi, kind, sealed, created_at FROM issuances \
          WHERE parent_supi = ?1 AND device_id = ?2 AND request_id = ?3",
+        params![
+            key.parent.as_str(),
+            key.device_id.as_str(),
+            key.request_id.0.as_slice()
+        ],
+        rows::issuance,
     )
-    .and_then(|mut s| {
-        s.query_row(
-            params![
-                key.parent.as_str(),
-                key.device_id.as_str(),
-                key.request_id.0.as_slice()
-            ],
-            |r| {
-                let kind: String = r.get(1)?;
-                Ok(Issuance {
-                    child_supi: supi_at(r, 0)?,
-                    kind: conv(
-                        1,
-                        Type::Text,
-                        IssuanceKind::parse(&kind).ok_or(BadValue("unknown issuance kind")),
-                    )?,
-                    sealed: r.get(2)?,
-                    created_at: Timestamp(r.get(3)?),
-                })
-            },
-        )
-        .optional()
-    })
-    .map_err(db_err)
 }
 
 fn q_aka_failures(conn: &Connection, supi: &Supi) -> Result<AkaFailures, StoreError> {
-    conn.prepare_cached("SELECT count, first_at, last_at FROM aka_failures WHERE supi = ?1")
-        .and_then(|mut s| {
-            s.query_row([supi.as_str()], |r| {
-                Ok(AkaFailures {
-                    count: r.get(0)?,
-                    first_at: Some(Timestamp(r.get(1)?)),
-                    last_at: Some(Timestamp(r.get(2)?)),
-                })
-            })
-            .optional()
-        })
-        .map(Option::unwrap_or_default)
-        .map_err(db_err)
-}
-
-/// Uniform random draws [`SqliteStore`]'s allocator makes before it falls back to a scan.
-const RANDOM_PROBES: usize = 32;
-
-/// A uniformly random MSIN of `range`, from the operating system's CSPRNG (rejection
-/// sampling: no modulo bias), so a child SUPI says nothing about the others.
-fn random_msin(range: &ImsiRange) -> Result<u64, StoreError> {
-    let span = range.last_msin() - range.first_msin() + 1;
-    // The largest multiple of `span` that fits in u64: draws at or above it are redrawn
-    // (fewer than half of them, as span <= 10^10 < 2^63).
-    let zone = u64::MAX - (u64::MAX % span);
-    loop {
-        let mut b = [0u8; 8];
-        getrandom::fill(&mut b).map_err(|_| StoreError::Kek(crate::kek::KekError::Rng))?;
-        let x = u64::from_le_bytes(b);
-        if x < zone {
-            return Ok(range.first_msin() + x % span);
-        }
-    }
-}
-
-/// The SUPI of `msin`, which the caller drew from `range`.
-fn range_supi(range: &ImsiRange, msin: u64) -> Result<Supi, StoreError> {
-    range.supi(msin).ok_or_else(|| {
-        StoreError::Database(format!(
-            "MSIN {msin} outside the IMSI range {}",
-            range.plmn()
-        ))
-    })
-}
-
-/// The first MSIN in `from..=to` of `range` that no parent or child holds: one walk, in order,
-/// over the SUPIs taken in that span (same width within a PLMN, so text order is numeric).
-fn first_free(
-    conn: &Connection,
-    range: &ImsiRange,
-    from: u64,
-    to: u64,
-) -> Result<Option<u64>, StoreError> {
-    let (Some(lo), Some(hi)) = (range.supi(from), range.supi(to)) else {
-        return Ok(None);
-    };
-    let prefix_len = "imsi-".len() + range.plmn().len();
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT supi FROM children WHERE supi BETWEEN ?1 AND ?2 \
-             UNION SELECT supi FROM parents WHERE supi BETWEEN ?1 AND ?2 ORDER BY 1",
-        )
-        .map_err(db_err)?;
-    let mut rows = stmt.query([lo.as_str(), hi.as_str()]).map_err(db_err)?;
-    let mut expected = from;
-    while let Some(row) = rows.next().map_err(db_err)? {
-        let taken: String = row.get(0).map_err(db_err)?;
-        let Some(msin) = taken.get(prefix_len..).and_then(|d| d.parse::<u64>().ok()) else {
-            continue;
-        };
-        if msin > expected {
-            return Ok(Some(expected));
-        }
-        expected = expected.max(msin + 1);
-        if expected > to {
-            return Ok(None);
-        }
-    }
-    Ok((expected <= to).then_some(expected))
+    row_opt(
+        conn,
+        "SELECT count, first_at, last_at FROM aka_failures WHERE supi = ?1",
+        [supi.as_str()],
+        rows::aka_failures,
+    )
+    .map(Option::unwrap_or_default)
 }
 
 fn q_supi_taken(conn: &Connection, supi: &Supi) -> Result<bool, StoreError> {
@@ -358,43 +215,6 @@ fn q_supi_taken(conn: &Connection, supi: &Supi) -> Result<bool, StoreError> {
     )
     .and_then(|mut s| s.query_row([supi.as_str()], |r| r.get(0)))
     .map_err(db_err)
-}
-
-fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
-    let action: String = row.get(3)?;
-    let parent: Option<String> = row.get(5)?;
-    let device: Option<String> = row.get(6)?;
-    let request: Option<Vec<u8>> = row.get(7)?;
-    Ok(AuditRecord {
-        id: row.get(0)?,
-        event: AuditEvent {
-            at: Timestamp(row.get(1)?),
-            actor: row.get(2)?,
-            action: conv(
-                3,
-                Type::Text,
-                AuditAction::parse(&action).ok_or(BadValue("unknown audit action")),
-            )?,
-            supi: supi_at(row, 4)?,
-            parent: parent
-                .map(|p| conv(5, Type::Text, Supi::parse(&p)))
-                .transpose()?,
-            device_id: device
-                .map(|d| conv(6, Type::Text, DeviceId::parse(&d)))
-                .transpose()?,
-            request_id: request
-                .map(|r| {
-                    conv(
-                        7,
-                        Type::Blob,
-                        <[u8; 16]>::try_from(r).map_err(|_| BadValue("wrong request ID length")),
-                    )
-                    .map(RequestId)
-                })
-                .transpose()?,
-            detail: row.get(8)?,
-        },
-    })
 }
 
 fn configure(conn: &Connection, config: &SqliteConfig) -> Result<(), StoreError> {
@@ -539,9 +359,6 @@ impl SqliteStore {
     }
 }
 
-/// Encrypted K and OPc as stored.
-type EncKeys = (Vec<u8>, Vec<u8>);
-
 /// A write transaction on the SQLite engine.
 struct SqliteTx<'a> {
     conn: &'a Connection,
@@ -550,55 +367,59 @@ struct SqliteTx<'a> {
     sync_outbox: bool,
 }
 
-impl SqliteTx<'_> {
-    fn seal_keys(
-        &self,
-        table: &str,
-        supi: &Supi,
-        keys: &SubscriberKeys,
-    ) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
-        let id = |column| RowId {
-            table,
-            row: supi.as_str(),
-            column,
-        };
-        Ok((
-            self.kek.seal(id("k"), &keys.k)?,
-            self.kek.seal(id("opc"), &keys.opc)?,
-        ))
+impl EngineTx for SqliteTx<'_> {
+    fn kek(&self) -> &Kek {
+        self.kek
     }
 
-    fn open_keys(
-        &self,
-        table: &str,
-        supi: &Supi,
-        k: &[u8],
-        opc: &[u8],
-    ) -> Result<SubscriberKeys, StoreError> {
-        let id = |column| RowId {
-            table,
-            row: supi.as_str(),
-            column,
-        };
-        Ok(SubscriberKeys {
-            k: self.kek.open(id("k"), k)?,
-            opc: self.kek.open(id("opc"), opc)?,
-        })
+    // BEGIN IMMEDIATE already holds the database's single write lock: no row locks.
+    fn parent_row(&mut self, supi: &Supi, _lock: bool) -> Result<Option<Parent>, StoreError> {
+        q_parent(self.conn, supi)
     }
 
-    fn enc_keys(&self, table: &str, supi: &Supi) -> Result<Option<EncKeys>, StoreError> {
+    fn child_row(
+        &mut self,
+        supi: &Supi,
+        _lock: bool,
+    ) -> Result<Option<ChildCredential>, StoreError> {
+        q_child(self.conn, supi)
+    }
+
+    fn enc_keys(&mut self, table: &str, supi: &Supi) -> Result<Option<EncKeys>, StoreError> {
         let sql = if table == PARENTS {
             "SELECT k_enc, opc_enc FROM parents WHERE supi = ?1"
         } else {
             "SELECT k_enc, opc_enc FROM children WHERE supi = ?1"
         };
-        self.conn
-            .prepare_cached(sql)
-            .and_then(|mut s| {
-                s.query_row([supi.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-            })
-            .map_err(db_err)
+        row_opt(self.conn, sql, [supi.as_str()], |r| {
+            Ok((r.blob(0)?, r.blob(1)?))
+        })
+    }
+
+    fn supi_taken(&mut self, supi: &Supi) -> Result<bool, StoreError> {
+        q_supi_taken(self.conn, supi)
+    }
+
+    fn walk_taken(
+        &mut self,
+        lo: &Supi,
+        hi: &Supi,
+        visit: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT supi FROM children WHERE supi BETWEEN ?1 AND ?2 \
+                 UNION SELECT supi FROM parents WHERE supi BETWEEN ?1 AND ?2 ORDER BY 1",
+            )
+            .map_err(db_err)?;
+        let mut rows = stmt.query([lo.as_str(), hi.as_str()]).map_err(db_err)?;
+        while let Some(row) = rows.next().map_err(db_err)? {
+            if visit(&row.text(0)?).is_break() {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -612,7 +433,7 @@ impl WriteTx for SqliteTx<'_> {
         if q_supi_taken(self.conn, &parent.supi)? {
             return Err(StoreError::Duplicate(parent.supi.clone()));
         }
-        let (k, opc) = self.seal_keys(PARENTS, &parent.supi, &parent.keys)?;
+        let (k, opc) = seal_keys(self.kek, PARENTS, &parent.supi, &parent.keys)?;
         let p = &parent.policy;
         let max_lifetime_s = sql_u64(p.max_lifetime_s)?;
         self.conn
@@ -638,13 +459,7 @@ impl WriteTx for SqliteTx<'_> {
                     p.require_attestation,
                 ])
             })
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::Duplicate(parent.supi.clone())
-                } else {
-                    db_err(e)
-                }
-            })?;
+            .map_err(|e| unique_or(e, || StoreError::Duplicate(parent.supi.clone())))?;
         Ok(())
     }
 
@@ -763,42 +578,11 @@ impl WriteTx for SqliteTx<'_> {
     }
 
     fn keys(&mut self, supi: &Supi) -> Result<Option<SubscriberKeys>, StoreError> {
-        for table in [PARENTS, CHILDREN] {
-            if let Some((k, opc)) = self.enc_keys(table, supi)? {
-                return self.open_keys(table, supi, &k, &opc).map(Some);
-            }
-        }
-        Ok(None)
+        engine::keys(self, supi)
     }
 
     fn allocate_supi(&mut self, range: &ImsiRange) -> Result<Supi, StoreError> {
-        // Uniform draws first: while the range is less than ~90 % taken, one of them is free
-        // with near certainty (all RANDOM_PROBES taken at a fill of f happens with f^32).
-        for _ in 0..RANDOM_PROBES {
-            let msin = random_msin(range)?;
-            let supi = range_supi(range, msin)?;
-            // Skip SUPIs already issued or imported as parents.
-            if !q_supi_taken(self.conn, &supi)? {
-                return Ok(supi);
-            }
-        }
-        // Nearly full: the first free MSIN at or after a random point (wrapping around), found
-        // with one ordered walk over the taken SUPIs of the range instead of more draws.
-        let start = random_msin(range)?;
-        if let Some(msin) = first_free(self.conn, range, start, range.last_msin())? {
-            return range_supi(range, msin);
-        }
-        if start > range.first_msin()
-            && let Some(msin) = first_free(self.conn, range, range.first_msin(), start - 1)?
-        {
-            return range_supi(range, msin);
-        }
-        Err(StoreError::ImsiRangeExhausted(format!(
-            "{}:{}-{}",
-            range.plmn(),
-            range.first_msin(),
-            range.last_msin()
-        )))
+        engine::allocate_by_probing(self, range)
     }
 
     fn children_issued_since(
@@ -839,7 +623,7 @@ impl WriteTx for SqliteTx<'_> {
 
     fn insert_child(&mut self, new: &NewChild) -> Result<(), StoreError> {
         let c = &new.child;
-        let (k, opc) = self.seal_keys(CHILDREN, &c.supi, &new.keys)?;
+        let (k, opc) = seal_keys(self.kek, CHILDREN, &c.supi, &new.keys)?;
         self.conn
             .prepare_cached(
                 "INSERT INTO children (supi, parent_supi, device_id, device_key_fp, request_id, \
@@ -870,13 +654,7 @@ impl WriteTx for SqliteTx<'_> {
                     c.device_spki,
                 ])
             })
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::Duplicate(c.supi.clone())
-                } else {
-                    db_err(e)
-                }
-            })?;
+            .map_err(|e| unique_or(e, || StoreError::Duplicate(c.supi.clone())))?;
         Ok(())
     }
 
@@ -928,17 +706,11 @@ impl WriteTx for SqliteTx<'_> {
         parent: &Supi,
         now: Timestamp,
     ) -> Result<Vec<ChildCredential>, StoreError> {
-        let mut revoked: Vec<ChildCredential> = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {CHILD_COLS} FROM children c \
-                 WHERE c.parent_supi = ?1 AND c.status = 'active' ORDER BY c.supi"
-            ))
-            .and_then(|mut s| {
-                s.query_map([parent.as_str()], child_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(db_err)?;
+        let sql = format!(
+            "SELECT {CHILD_COLS} FROM children c \
+             WHERE c.parent_supi = ?1 AND c.status = 'active' ORDER BY c.supi"
+        );
+        let mut revoked = rows_all(self.conn, &sql, [parent.as_str()], rows::child)?;
         self.conn
             .execute(
                 "UPDATE children SET status = 'revoked', revoked_at = ?2 \
@@ -954,36 +726,7 @@ impl WriteTx for SqliteTx<'_> {
     }
 
     fn aka_material(&mut self, supi: &Supi) -> Result<Option<AkaMaterial>, StoreError> {
-        if let Some(parent) = q_parent(self.conn, supi)? {
-            let Some((k, opc)) = self.enc_keys(PARENTS, supi)? else {
-                return Ok(None);
-            };
-            let keys = self.open_keys(PARENTS, supi, &k, &opc)?;
-            return Ok(Some(AkaMaterial {
-                amf: parent.amf,
-                sqn: parent.sqn,
-                keys,
-                subscriber: Subscriber::Parent(parent),
-            }));
-        }
-        let Some(child) = q_child(self.conn, supi)? else {
-            return Ok(None);
-        };
-        let parent = q_parent(self.conn, &child.parent)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{supi} has no parent row")))?;
-        let Some((k, opc)) = self.enc_keys(CHILDREN, supi)? else {
-            return Ok(None);
-        };
-        let keys = self.open_keys(CHILDREN, supi, &k, &opc)?;
-        Ok(Some(AkaMaterial {
-            amf: child.amf,
-            sqn: child.sqn,
-            keys,
-            subscriber: Subscriber::Child {
-                child,
-                parent_status: parent.status,
-            },
-        }))
+        engine::aka_material(self, supi)
     }
 
     fn set_sqn(&mut self, supi: &Supi, sqn: Sqn) -> Result<(), StoreError> {
@@ -1009,22 +752,15 @@ impl WriteTx for SqliteTx<'_> {
         supi: &Supi,
         now: Timestamp,
     ) -> Result<AkaFailures, StoreError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO aka_failures (supi, count, first_at, last_at) VALUES (?1, 1, ?2, ?2) \
-                 ON CONFLICT (supi) DO UPDATE SET count = count + 1, last_at = excluded.last_at \
-                 RETURNING count, first_at, last_at",
-            )
-            .and_then(|mut s| {
-                s.query_row(params![supi.as_str(), now.0], |r| {
-                    Ok(AkaFailures {
-                        count: r.get(0)?,
-                        first_at: Some(Timestamp(r.get(1)?)),
-                        last_at: Some(Timestamp(r.get(2)?)),
-                    })
-                })
-            })
-            .map_err(db_err)
+        row_opt(
+            self.conn,
+            "INSERT INTO aka_failures (supi, count, first_at, last_at) VALUES (?1, 1, ?2, ?2) \
+             ON CONFLICT (supi) DO UPDATE SET count = count + 1, last_at = excluded.last_at \
+             RETURNING count, first_at, last_at",
+            params![supi.as_str(), now.0],
+            rows::aka_failures,
+        )?
+        .ok_or_else(|| StoreError::Database("INSERT … RETURNING returned no row".into()))
     }
 
     fn clear_aka_failures(&mut self, supi: &Supi) -> Result<(), StoreError> {
@@ -1139,25 +875,22 @@ impl Store for SqliteStore {
     }
 
     fn list_parents(&self, after: Option<&Supi>, limit: u32) -> Result<Vec<Parent>, StoreError> {
+        let sql =
+            format!("SELECT {PARENT_COLS} FROM parents WHERE supi > ?1 ORDER BY supi LIMIT ?2");
         self.read(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {PARENT_COLS} FROM parents WHERE supi > ?1 ORDER BY supi LIMIT ?2"
-            ))
-            .and_then(|mut s| {
-                s.query_map(
-                    params![after.map_or("", Supi::as_str), limit],
-                    parent_from_row,
-                )?
-                .collect()
-            })
-            .map_err(db_err)
+            rows_all(
+                c,
+                &sql,
+                params![after.map_or("", Supi::as_str), limit],
+                rows::parent,
+            )
         })
     }
 
     fn count_parents(&self) -> Result<u64, StoreError> {
         self.read(|c| {
-            c.query_row("SELECT count(*) FROM parents", [], |r| u64_at(r, 0))
-                .map_err(db_err)
+            row_opt(c, "SELECT count(*) FROM parents", [], |r| rows::uint(r, 0))
+                .map(Option::unwrap_or_default)
         })
     }
 
@@ -1166,13 +899,9 @@ impl Store for SqliteStore {
     }
 
     fn children_of(&self, parent: &Supi) -> Result<Vec<ChildCredential>, StoreError> {
-        self.read(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {CHILD_COLS} FROM children c WHERE c.parent_supi = ?1 ORDER BY c.supi"
-            ))
-            .and_then(|mut s| s.query_map([parent.as_str()], child_from_row)?.collect())
-            .map_err(db_err)
-        })
+        let sql =
+            format!("SELECT {CHILD_COLS} FROM children c WHERE c.parent_supi = ?1 ORDER BY c.supi");
+        self.read(|c| rows_all(c, &sql, [parent.as_str()], rows::child))
     }
 
     fn count_active_children(&self, parent: &Supi, now: Timestamp) -> Result<u32, StoreError> {
@@ -1189,23 +918,13 @@ impl Store for SqliteStore {
 
     fn manufacturer_roots(&self) -> Result<Vec<ManufacturerRoot>, StoreError> {
         self.read(|c| {
-            c.prepare_cached(
+            rows_all(
+                c,
                 "SELECT name, cert, fingerprint, subject, added_at FROM manufacturer_roots \
                  ORDER BY name",
+                [],
+                rows::manufacturer_root,
             )
-            .and_then(|mut s| {
-                s.query_map([], |row| {
-                    Ok(ManufacturerRoot {
-                        name: row.get(0)?,
-                        cert_der: row.get(1)?,
-                        fingerprint: fixed(row, 2)?,
-                        subject: row.get(3)?,
-                        added_at: Timestamp(row.get(4)?),
-                    })
-                })?
-                .collect()
-            })
-            .map_err(db_err)
         })
     }
 
@@ -1222,13 +941,7 @@ impl Store for SqliteStore {
                 root.added_at.0
             ],
         )
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::RootExists(root.name.clone())
-            } else {
-                db_err(e)
-            }
-        })?;
+        .map_err(|e| unique_or(e, || StoreError::RootExists(root.name.clone())))?;
         Ok(())
     }
 
@@ -1250,18 +963,12 @@ impl Store for SqliteStore {
 
     fn sync_pending(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
         self.read(|c| {
-            c.prepare_cached("SELECT id, supi, created_at FROM sync_outbox ORDER BY id LIMIT ?1")
-                .and_then(|mut s| {
-                    s.query_map([limit], |r| {
-                        Ok(OutboxEntry {
-                            id: r.get(0)?,
-                            supi: supi_at(r, 1)?,
-                            created_at: Timestamp(r.get(2)?),
-                        })
-                    })?
-                    .collect()
-                })
-                .map_err(db_err)
+            rows_all(
+                c,
+                "SELECT id, supi, created_at FROM sync_outbox ORDER BY id LIMIT ?1",
+                [limit],
+                rows::outbox_entry,
+            )
         })
     }
 
@@ -1270,14 +977,13 @@ impl Store for SqliteStore {
             c.query_row(
                 "SELECT count(*), min(created_at) FROM sync_outbox",
                 [],
-                |r| {
-                    Ok(SyncBacklog {
-                        pending: u64_at(r, 0)?,
-                        oldest: r.get::<_, Option<i64>>(1)?.map(Timestamp),
-                    })
-                },
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)),
             )
             .map_err(db_err)
+            .map(|(pending, oldest)| SyncBacklog {
+                pending: u64::try_from(pending).unwrap_or(0),
+                oldest: oldest.map(Timestamp),
+            })
         })
     }
 
@@ -1298,53 +1004,41 @@ impl Store for SqliteStore {
                     |r| r.get(0),
                 )
                 .map_err(db_err)?;
-            if pushed.is_none() && pending == 0 {
-                return Ok(None);
-            }
-            Ok(Some(SyncState {
-                present: pushed.map(|p| p.0),
-                pushed_at: pushed.map(|p| Timestamp(p.1)),
-                pending: u64::try_from(pending).unwrap_or(0),
-            }))
+            Ok(rows::sync_state(pushed, pending))
         })
     }
 
     fn sync_expired(&self, now: Timestamp, limit: u32) -> Result<Vec<Supi>, StoreError> {
         self.read(|c| {
-            c.prepare_cached(
+            rows_all(
+                c,
                 "SELECT s.supi FROM sync_state s JOIN children c ON c.supi = s.supi \
                  WHERE s.present = 1 AND c.expires_at <= ?1 \
                  AND NOT EXISTS (SELECT 1 FROM sync_outbox o WHERE o.supi = s.supi) \
                  ORDER BY s.supi LIMIT ?2",
+                params![now.0, limit],
+                |r| rows::supi(r, 0),
             )
-            .and_then(|mut s| {
-                s.query_map(params![now.0, limit], |r| supi_at(r, 0))?
-                    .collect()
-            })
-            .map_err(db_err)
         })
     }
 
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         let limit = if query.limit == 0 { 100 } else { query.limit };
+        let sql = format!(
+            "SELECT {AUDIT_COLS} FROM audit WHERE (?1 IS NULL OR supi = ?1 OR parent_supi = ?1) \
+             AND id > ?2 ORDER BY id LIMIT ?3"
+        );
         self.read(|c| {
-            c.prepare_cached(
-                "SELECT id, at, actor, action, supi, parent_supi, device_id, request_id, detail \
-                 FROM audit WHERE (?1 IS NULL OR supi = ?1 OR parent_supi = ?1) AND id > ?2 \
-                 ORDER BY id LIMIT ?3",
+            rows_all(
+                c,
+                &sql,
+                params![
+                    query.supi.as_ref().map(Supi::as_str),
+                    query.after_id.unwrap_or(0),
+                    limit
+                ],
+                rows::audit,
             )
-            .and_then(|mut s| {
-                s.query_map(
-                    params![
-                        query.supi.as_ref().map(Supi::as_str),
-                        query.after_id.unwrap_or(0),
-                        limit
-                    ],
-                    audit_from_row,
-                )?
-                .collect()
-            })
-            .map_err(db_err)
         })
     }
 }
