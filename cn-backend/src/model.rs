@@ -2,7 +2,7 @@
 //!
 //! Every constructor validates, so a value of these types is always well-formed; the store and the
 //! policy functions never re-check syntax. Secrets (K, OPc, OP) live in
-//! [`Key128`](companion_crypto::secret::Key128), which zeroizes on drop and never prints.
+//! [`Key128`], which zeroizes on drop and never prints.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
