@@ -1,6 +1,6 @@
-//! The operations of the service, written once over any [`Store`]: batch issuance, lifecycle
-//! changes, AKA support and subscriber administration. Each runs in one write transaction and
-//! appends its audit entries in that same transaction.
+//! The operations of the service, written once over any [`Store`](crate::store::Store): batch
+//! issuance, lifecycle changes, AKA support and subscriber administration. Each runs in one
+//! write transaction and appends its audit entries in that same transaction.
 //!
 //! # Batch issuance
 //! [`issue_batch`] decides and commits a whole batch for one parent in ONE transaction (group

@@ -104,6 +104,18 @@ pub enum StoreError {
     RootExists(String),
 }
 
+/// Refuses a database whose schema `version` is newer than the `latest` this program writes
+/// (either engine's migrations).
+pub(crate) fn check_schema_version(version: u32, latest: u32) -> Result<(), StoreError> {
+    if version > latest {
+        return Err(StoreError::Schema(format!(
+            "database schema version {version} is newer than this program's ({latest}): \
+             run the cn-backend release that upgraded it, or a newer one"
+        )));
+    }
+    Ok(())
+}
+
 /// A manufacturer root the operator trusts for device attestation (PROTOCOL.md §4.5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManufacturerRoot {
