@@ -14,12 +14,9 @@ use cn_backend::serve::{ServeOptions, serve};
 use cn_backend::service;
 use serde::Serialize;
 
+/// The operator's credential service: companion subscriptions, policy, AKA, batch provisioning of IoT credentials
 #[derive(Debug, Parser)]
-#[command(
-    name = "cn-backend",
-    version,
-    about = "The operator's credential service: companion subscriptions, policy, AKA, batch provisioning of IoT credentials"
-)]
+#[command(name = "cn-backend", version)]
 struct Cli {
     /// Data directory (configuration, keys, certificates, database).
     #[arg(long, global = true, env = "CN_BACKEND_DIR", default_value = DEFAULT_DIR)]

@@ -451,12 +451,7 @@ pub(super) fn renew_one<Se: Sealer + ?Sized>(
         Ok(s) => s,
         Err(e) => return Ok(ItemOutcome::Invalid(Invalid::Seal(e.0))),
     };
-    tx.renew_child(
-        &renewed.supi,
-        renewed.expires_at,
-        &renewed.restrictions,
-        ctx.now,
-    )?;
+    tx.renew_child(&renewed)?;
     record_issued(tx, ctx, &key, &renewed, IssuanceKind::Renew, &sealed)?;
     Ok(ItemOutcome::Renewed {
         child: renewed,

@@ -18,13 +18,15 @@ pub mod postgres;
 mod rows;
 pub mod sqlite;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use companion_crypto::aka::Sqn;
 use thiserror::Error;
 
 use crate::kek::KekError;
 use crate::model::{
     Amf, ChildCredential, DeviceId, ImsiRange, ModelError, NewParent, Parent, ParentPolicy,
-    RequestId, Restrictions, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
+    RequestId, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
 };
 use crate::policy::IdempotencyKey;
 
@@ -427,14 +429,9 @@ pub trait WriteTx {
     fn rollback_item(&mut self) -> Result<(), StoreError>;
     /// Inserts a child credential; [`StoreError::Duplicate`] if the SUPI is taken.
     fn insert_child(&mut self, child: &NewChild) -> Result<(), StoreError>;
-    /// Sets a child's expiry and restrictions (renewal).
-    fn renew_child(
-        &mut self,
-        supi: &Supi,
-        expires_at: Timestamp,
-        restrictions: &Restrictions,
-        now: Timestamp,
-    ) -> Result<(), StoreError>;
+    /// Stores a renewal: the expiry, restrictions and renewal time of `renewed`, the child row
+    /// of its SUPI.
+    fn renew_child(&mut self, renewed: &ChildCredential) -> Result<(), StoreError>;
     /// Revokes one child; returns false if it was already revoked.
     fn revoke_child(&mut self, supi: &Supi, now: Timestamp) -> Result<bool, StoreError>;
     /// Revokes every active child of `parent`; returns the ones revoked.
@@ -521,9 +518,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Turns the sync outbox on (a subscriber store is configured, `[sync.open5gs]`): from now
     /// on [`WriteTx::enqueue_sync`] records rows. Off by default, so that nothing piles up
     /// without a pusher.
-    fn set_sync_outbox(&self, on: bool);
+    fn set_sync_outbox(&self, on: bool) {
+        self.sync_outbox_flag().store(on, Ordering::Relaxed);
+    }
     /// Whether the sync outbox is on.
-    fn sync_outbox(&self) -> bool;
+    fn sync_outbox(&self) -> bool {
+        self.sync_outbox_flag().load(Ordering::Relaxed)
+    }
+    /// The engine's sync outbox switch, behind [`Store::set_sync_outbox`] and
+    /// [`Store::sync_outbox`] (its write transactions read it when they begin).
+    fn sync_outbox_flag(&self) -> &AtomicBool;
     /// The oldest outbox rows, at most `limit`.
     fn sync_pending(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;
     /// Size and age of the outbox.

@@ -10,7 +10,7 @@ use postgres::types::ToSql;
 
 use crate::kek::Kek;
 use crate::model::{
-    ChildCredential, ImsiRange, NewParent, Parent, ParentPolicy, Restrictions, SubscriberKeys,
+    ChildCredential, ImsiRange, NewParent, Parent, ParentPolicy, SubscriberKeys,
     SubscriptionStatus, Supi, Timestamp,
 };
 use crate::policy::IdempotencyKey;
@@ -470,24 +470,19 @@ impl WriteTx for PgTx<'_, '_> {
         Ok(())
     }
 
-    fn renew_child(
-        &mut self,
-        supi: &Supi,
-        expires_at: Timestamp,
-        restrictions: &Restrictions,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
+    fn renew_child(&mut self, renewed: &ChildCredential) -> Result<(), StoreError> {
+        let (supi, restrictions) = (&renewed.supi, &renewed.restrictions);
         self.flush()?;
         let n = self.exec(
             "UPDATE children SET expires_at = $2, roaming_allowed = $3, allowed_dnns = $4, \
              max_bitrate_kbps = $5, renewed_at = $6 WHERE supi = $1",
             &[
                 &supi.as_str(),
-                &expires_at.0,
+                &renewed.expires_at.0,
                 &restrictions.roaming_allowed,
                 &join_dnns(&restrictions.allowed_dnns),
                 &restrictions.max_bitrate_kbps.map(i64::from),
-                &now.0,
+                &renewed.renewed_at.map(|t| t.0),
             ],
         )?;
         if n == 0 {

@@ -321,12 +321,8 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
-    fn set_sync_outbox(&self, on: bool) {
-        self.sync_outbox.store(on, Ordering::Relaxed);
-    }
-
-    fn sync_outbox(&self) -> bool {
-        self.sync_outbox.load(Ordering::Relaxed)
+    fn sync_outbox_flag(&self) -> &AtomicBool {
+        &self.sync_outbox
     }
 
     fn sync_pending(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::kek::Kek;
 use crate::model::{
     ChildCredential, ChildStatus, DeviceId, ImsiRange, NewParent, Parent, ParentPolicy,
-    Restrictions, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
+    SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
 };
 use crate::policy::IdempotencyKey;
 use crate::store::engine::{self, CHILDREN, EncKeys, EngineTx, PARENTS, seal_keys};
@@ -319,13 +319,8 @@ impl WriteTx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn renew_child(
-        &mut self,
-        supi: &Supi,
-        expires_at: Timestamp,
-        restrictions: &Restrictions,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
+    fn renew_child(&mut self, renewed: &ChildCredential) -> Result<(), StoreError> {
+        let (supi, restrictions) = (&renewed.supi, &renewed.restrictions);
         let n = self
             .conn
             .execute(
@@ -333,11 +328,11 @@ impl WriteTx for SqliteTx<'_> {
                  max_bitrate_kbps = ?5, renewed_at = ?6 WHERE supi = ?1",
                 params![
                     supi.as_str(),
-                    expires_at.0,
+                    renewed.expires_at.0,
                     restrictions.roaming_allowed,
                     join_dnns(&restrictions.allowed_dnns),
                     restrictions.max_bitrate_kbps,
-                    now.0
+                    renewed.renewed_at.map(|t| t.0)
                 ],
             )
             .map_err(db_err)?;
