@@ -10,6 +10,18 @@
 //!
 //! Engines encrypt K and OPc at rest with [`crate::kek::Kek`]; secrets leave the engine only as
 //! [`crate::model::SubscriberKeys`].
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | this one | the trait, its value types, [`transact`] |
+//! | `rows` | column lists and the decoding of fetched rows, shared by both engines |
+//! | `engine` | write-transaction logic both engines run over their own SQL: keys, AKA, SUPIs |
+//! | [`sqlite`], [`migrations`] | the SQLite engine and its schema |
+//! | [`postgres`], [`pg_migrations`] | the PostgreSQL engine and its schema |
+//!
+//! A new engine implements [`Store`] and [`WriteTx`] in its own folder (connection layer,
+//! write transaction, store), reads its rows through `rows::Columns` and supplies
+//! `engine::EngineTx`, then runs the conformance suite.
 
 mod engine;
 pub mod migrations;

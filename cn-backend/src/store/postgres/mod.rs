@@ -16,6 +16,9 @@
 //!   prepared statements, so a statement costs one round trip after its first use.
 //! - K and OPc are sealed under the KEK, bound to their table, row and column, as on SQLite;
 //!   `meta.kek_check` refuses a different KEK.
+//!
+//! Here: the store, its connection pool and its reads. `config` parses the URL and builds the
+//! TLS connector, `db` maps errors and caches statements, `tx` is the write transaction.
 
 mod config;
 mod db;

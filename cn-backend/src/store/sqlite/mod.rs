@@ -8,6 +8,9 @@
 //! - Readers use a small pool of extra connections.
 //! - The database file is created with mode 0600; SQLite gives its `-wal`/`-shm` files the same.
 //! - Foreign keys are enforced; the audit table refuses UPDATE and DELETE by trigger.
+//!
+//! Here: the store, its connections and its reads. `db` maps errors and holds the queries the
+//! readers and the writer share, `tx` is the write transaction.
 
 mod db;
 mod tx;
