@@ -53,10 +53,13 @@ impl From<StoreError> for AdminError {
 /// A manufacturer root as shown to operators.
 #[derive(Debug, Clone, Serialize)]
 pub struct RootView {
+    /// The operator's name for the root.
     pub name: String,
+    /// The certificate's subject.
     pub subject: String,
     /// SHA-256 of the certificate (DER), hex.
     pub fingerprint: String,
+    /// When it was installed (Unix seconds).
     pub added_at: i64,
 }
 
@@ -176,31 +179,24 @@ pub struct AddSubscriber {
     /// K, 32 hex digits.
     pub k: String,
     /// OPc, 32 hex digits (or set `op_from_operator`).
-    #[serde(default)]
     pub opc: Option<String>,
     /// Compute OPc from the operator's OP (`op.key`).
     #[serde(default)]
     pub op_from_operator: bool,
     /// AMF, 4 hex digits (default 8000).
-    #[serde(default)]
     pub amf: Option<String>,
     /// Initial SQN_HE (default 0).
-    #[serde(default)]
     pub sqn: Option<u64>,
     /// Most active children (default 10).
-    #[serde(default)]
     pub max_children: Option<u32>,
     /// Longest child lifetime: seconds or humantime (default 30d).
-    #[serde(default)]
     pub max_lifetime: Option<String>,
     /// Whether children may roam (default false).
-    #[serde(default)]
     pub roaming: Option<bool>,
     /// DNNs children may use (default: any).
     #[serde(default)]
     pub dnns: Vec<String>,
     /// Bitrate cap of children in kbit/s (default: none).
-    #[serde(default)]
     pub max_bitrate_kbps: Option<u32>,
     /// Whether devices need a manufacturer attestation (default false).
     #[serde(default)]
@@ -217,41 +213,48 @@ pub const DEFAULT_MAX_LIFETIME: &str = "30d";
 #[serde(deny_unknown_fields)]
 pub struct PolicyUpdate {
     /// New quota.
-    #[serde(default)]
     pub max_children: Option<u32>,
     /// New longest lifetime: seconds or humantime.
-    #[serde(default)]
     pub max_lifetime: Option<String>,
     /// Roaming allowed.
-    #[serde(default)]
     pub roaming: Option<bool>,
     /// Replace the DNN list (empty list = any).
-    #[serde(default)]
     pub dnns: Option<Vec<String>>,
     /// New bitrate cap; 0 removes the cap.
-    #[serde(default)]
     pub max_bitrate_kbps: Option<u32>,
     /// Require (or stop requiring) manufacturer attestation.
-    #[serde(default)]
     pub require_attestation: Option<bool>,
 }
 
 /// A parent subscription as shown to operators.
 #[derive(Debug, Clone, Serialize)]
 pub struct ParentView {
+    /// The parent SUPI (`imsi-…`).
     pub supi: String,
+    /// `active`, `suspended` or `revoked`.
     pub status: String,
+    /// AMF put in AUTN, 4 hex digits.
     pub amf: String,
+    /// SQN_HE: the last SQN handed out (0: none yet).
     pub sqn: u64,
+    /// Most active children at once (quota).
     pub max_children: u32,
+    /// Longest lifetime of a child credential, seconds.
     pub max_lifetime_s: u64,
+    /// Whether children may attach from a visited network.
     pub roaming_allowed: bool,
+    /// DNNs children may use (empty: any).
     pub dnns: Vec<String>,
+    /// Bitrate cap of children in kbit/s (none: no cap).
     pub max_bitrate_kbps: Option<u32>,
+    /// Whether devices need a manufacturer attestation.
     pub require_attestation: bool,
+    /// When the subscription was added (Unix seconds).
     pub created_at: i64,
+    /// When its status or policy last changed (Unix seconds).
     pub updated_at: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Live children counted now (`subscriber show` only).
     pub active_children: Option<u32>,
 }
 
@@ -284,19 +287,31 @@ impl ParentView {
 /// A child credential as shown to operators (never its keys).
 #[derive(Debug, Clone, Serialize)]
 pub struct ChildView {
+    /// The child SUPI.
     pub supi: String,
+    /// The parent's SUPI.
     pub parent: String,
+    /// The device it was issued to.
     pub device_id: String,
+    /// SHA-256 of the device's identity key, hex.
     pub device_key_fingerprint: String,
+    /// The request ID it was provisioned under, hex.
     pub request_id: String,
     /// `active`, `revoked` or `expired`.
     pub state: String,
+    /// When it was issued (Unix seconds).
     pub issued_at: i64,
+    /// When it expires (Unix seconds).
     pub expires_at: i64,
+    /// When it was last renewed (Unix seconds), if ever.
     pub renewed_at: Option<i64>,
+    /// When it was revoked (Unix seconds), if it was.
     pub revoked_at: Option<i64>,
+    /// Whether it may attach from a visited network.
     pub roaming_allowed: bool,
+    /// DNNs it may use (empty: any).
     pub dnns: Vec<String>,
+    /// Its bitrate cap in kbit/s (none: no cap).
     pub max_bitrate_kbps: Option<u32>,
     /// Where the 5G core's subscriber store stands (`[sync.open5gs]` configured only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -390,21 +405,32 @@ impl ChildView {
 /// A subscriber with its children (`subscriber show`).
 #[derive(Debug, Clone, Serialize)]
 pub struct SubscriberDetail {
+    /// The parent subscription.
     pub subscriber: ParentView,
+    /// Every child credential of it, active or not.
     pub children: Vec<ChildView>,
 }
 
 /// An audit entry as shown to operators.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditView {
+    /// Position in the trail (increasing).
     pub id: i64,
+    /// When it happened (Unix seconds).
     pub at: i64,
+    /// Who did it (`cli`, `api`, `gateway:<parent SUPI>`, …).
     pub actor: String,
+    /// What was done (`issue`, `renew`, `revoke`, …).
     pub action: String,
+    /// The subscriber it concerns.
     pub supi: String,
+    /// The parent's SUPI, for an entry about a child.
     pub parent: Option<String>,
+    /// The device, for an entry about a child.
     pub device_id: Option<String>,
+    /// The request ID, for an issuance or renewal, hex.
     pub request_id: Option<String>,
+    /// Free-form detail (new expiry, reason); never secrets.
     pub detail: String,
 }
 
@@ -428,9 +454,13 @@ impl AuditView {
 /// The result of suspend/resume/revoke.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusView {
+    /// The parent SUPI.
     pub supi: String,
+    /// Its status before.
     pub from: String,
+    /// Its status now.
     pub to: String,
+    /// The children revoked with it (suspend, revoke).
     pub revoked_children: Vec<String>,
 }
 

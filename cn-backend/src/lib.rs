@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The operator-side core-network credential service: storage and policy core.
 //!
 //! | module | what |

@@ -1,4 +1,5 @@
 //! `cn-backend`: the operator's credential service and its administration CLI.
+#![warn(missing_docs)]
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,12 +14,9 @@ use cn_backend::serve::{ServeOptions, serve};
 use cn_backend::service;
 use serde::Serialize;
 
+/// The operator's credential service: companion subscriptions, policy, AKA, batch provisioning of IoT credentials
 #[derive(Debug, Parser)]
-#[command(
-    name = "cn-backend",
-    version,
-    about = "The operator's credential service: companion subscriptions, policy, AKA, batch provisioning of IoT credentials"
-)]
+#[command(name = "cn-backend", version)]
 struct Cli {
     /// Data directory (configuration, keys, certificates, database).
     #[arg(long, global = true, env = "CN_BACKEND_DIR", default_value = DEFAULT_DIR)]

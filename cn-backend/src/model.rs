@@ -2,7 +2,7 @@
 //!
 //! Every constructor validates, so a value of these types is always well-formed; the store and the
 //! policy functions never re-check syntax. Secrets (K, OPc, OP) live in
-//! [`Key128`](companion_crypto::secret::Key128), which zeroizes on drop and never prints.
+//! [`Key128`], which zeroizes on drop and never prints.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -77,42 +77,39 @@ impl fmt::Display for Timestamp {
     }
 }
 
-/// A subscription permanent identifier in IMSI form: `imsi-<MCC><MNC><MSIN>`.
+/// A subscription permanent identifier in IMSI form: `imsi-<MCC><MNC><MSIN>`: the protocol's
+/// [`companion_proto::ids::Supi`] (which validates it), with this crate's error type.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Supi(String);
+pub struct Supi(companion_proto::ids::Supi);
 
 impl Supi {
     /// Parses `imsi-` followed by 6 to 15 decimal digits.
     pub fn parse(s: &str) -> Result<Self, ModelError> {
-        let digits = s
-            .strip_prefix("imsi-")
-            .ok_or_else(|| ModelError::Supi(truncate(s)))?;
-        if !(6..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(ModelError::Supi(truncate(s)));
-        }
-        Ok(Self(s.to_owned()))
+        companion_proto::ids::Supi::new(s)
+            .map(Self)
+            .map_err(|_| ModelError::Supi(truncate(s)))
     }
 
     /// The full `imsi-…` string.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 
     /// The IMSI digits without the `imsi-` prefix.
     pub fn imsi(&self) -> &str {
-        self.0.get(5..).unwrap_or_default()
+        self.0.imsi()
     }
 }
 
 impl fmt::Display for Supi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
 impl fmt::Debug for Supi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Supi({})", self.0)
+        fmt::Debug::fmt(&self.0, f)
     }
 }
 
@@ -192,7 +189,7 @@ impl ImsiRange {
             return None;
         }
         let width = 15 - self.plmn.len();
-        Some(Supi(format!("imsi-{}{msin:0width$}", self.plmn)))
+        Supi::parse(&format!("imsi-{}{msin:0width$}", self.plmn)).ok()
     }
 }
 

@@ -104,9 +104,13 @@ fn read_secret(path: &Path) -> Result<Zeroizing<String>, SetupError> {
 /// What `init` created.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct InitReport {
+    /// The data directory.
     pub dir: String,
+    /// The files written into it (configuration, keys, certificates, database).
     pub files: Vec<String>,
+    /// The names the server certificate is valid for.
     pub server_names: Vec<String>,
+    /// The IMSI range child SUPIs are drawn from (`PLMN:first-last`).
     pub imsi_range: String,
 }
 

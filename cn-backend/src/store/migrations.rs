@@ -11,8 +11,8 @@
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::StoreError;
 use super::sqlite::db_err;
+use super::{StoreError, check_schema_version};
 
 /// The migrations, in order; `MIGRATIONS[i]` brings the schema from version `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[
@@ -215,12 +215,7 @@ pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
         // Read inside the write lock so two processes cannot both apply the same step.
         let version = current_version(&tx)?;
         let latest = latest_version();
-        if version > latest {
-            return Err(StoreError::Schema(format!(
-                "database schema version {version} is newer than this program's ({latest}): \
-                 run the cn-backend release that upgraded it, or a newer one"
-            )));
-        }
+        check_schema_version(version, latest)?;
         let Some(sql) = MIGRATIONS.get(version as usize) else {
             return Ok(version);
         };

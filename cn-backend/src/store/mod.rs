@@ -10,11 +10,27 @@
 //!
 //! Engines encrypt K and OPc at rest with [`crate::kek::Kek`]; secrets leave the engine only as
 //! [`crate::model::SubscriberKeys`].
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | this one | the trait, its value types, [`transact`] |
+//! | `rows` | column lists and the decoding of fetched rows, shared by both engines |
+//! | `engine` | write-transaction logic both engines run over their own SQL: keys, AKA, SUPIs |
+//! | [`sqlite`], [`migrations`] | the SQLite engine and its schema |
+//! | [`postgres`], [`pg_migrations`] | the PostgreSQL engine and its schema |
+//!
+//! A new engine implements [`Store`] and [`WriteTx`] in its own folder (connection layer,
+//! write transaction, store), reads its rows through `rows::Columns` and supplies
+//! `engine::EngineTx`, then runs the conformance suite.
 
+mod engine;
 pub mod migrations;
 pub mod pg_migrations;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use companion_crypto::aka::Sqn;
 use thiserror::Error;
@@ -22,7 +38,7 @@ use thiserror::Error;
 use crate::kek::KekError;
 use crate::model::{
     Amf, ChildCredential, DeviceId, ImsiRange, ModelError, NewParent, Parent, ParentPolicy,
-    RequestId, Restrictions, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
+    RequestId, SubscriberKeys, SubscriptionStatus, Supi, Timestamp,
 };
 use crate::policy::IdempotencyKey;
 
@@ -100,6 +116,18 @@ pub enum StoreError {
     /// A manufacturer root with this name or certificate is already installed.
     #[error("a manufacturer root named {0:?}, or with the same certificate, is already installed")]
     RootExists(String),
+}
+
+/// Refuses a database whose schema `version` is newer than the `latest` this program writes
+/// (either engine's migrations).
+pub(crate) fn check_schema_version(version: u32, latest: u32) -> Result<(), StoreError> {
+    if version > latest {
+        return Err(StoreError::Schema(format!(
+            "database schema version {version} is newer than this program's ({latest}): \
+             run the cn-backend release that upgraded it, or a newer one"
+        )));
+    }
+    Ok(())
 }
 
 /// A manufacturer root the operator trusts for device attestation (PROTOCOL.md §4.5).
@@ -413,14 +441,9 @@ pub trait WriteTx {
     fn rollback_item(&mut self) -> Result<(), StoreError>;
     /// Inserts a child credential; [`StoreError::Duplicate`] if the SUPI is taken.
     fn insert_child(&mut self, child: &NewChild) -> Result<(), StoreError>;
-    /// Sets a child's expiry and restrictions (renewal).
-    fn renew_child(
-        &mut self,
-        supi: &Supi,
-        expires_at: Timestamp,
-        restrictions: &Restrictions,
-        now: Timestamp,
-    ) -> Result<(), StoreError>;
+    /// Stores a renewal: the expiry, restrictions and renewal time of `renewed`, the child row
+    /// of its SUPI.
+    fn renew_child(&mut self, renewed: &ChildCredential) -> Result<(), StoreError>;
     /// Revokes one child; returns false if it was already revoked.
     fn revoke_child(&mut self, supi: &Supi, now: Timestamp) -> Result<bool, StoreError>;
     /// Revokes every active child of `parent`; returns the ones revoked.
@@ -507,9 +530,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Turns the sync outbox on (a subscriber store is configured, `[sync.open5gs]`): from now
     /// on [`WriteTx::enqueue_sync`] records rows. Off by default, so that nothing piles up
     /// without a pusher.
-    fn set_sync_outbox(&self, on: bool);
+    fn set_sync_outbox(&self, on: bool) {
+        self.sync_outbox_flag().store(on, Ordering::Relaxed);
+    }
     /// Whether the sync outbox is on.
-    fn sync_outbox(&self) -> bool;
+    fn sync_outbox(&self) -> bool {
+        self.sync_outbox_flag().load(Ordering::Relaxed)
+    }
+    /// The engine's sync outbox switch, behind [`Store::set_sync_outbox`] and
+    /// [`Store::sync_outbox`] (its write transactions read it when they begin).
+    fn sync_outbox_flag(&self) -> &AtomicBool;
     /// The oldest outbox rows, at most `limit`.
     fn sync_pending(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;
     /// Size and age of the outbox.

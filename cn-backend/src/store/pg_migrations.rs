@@ -8,8 +8,8 @@
 
 use postgres::Client;
 
-use super::StoreError;
 use super::postgres::pg_err;
+use super::{StoreError, check_schema_version};
 
 /// Advisory lock key held while migrating (any constant unique to this program).
 const MIGRATION_LOCK: i64 = 0x636e_2d62_6b65_6e64; // "cn-bkend"
@@ -210,6 +210,11 @@ fn read_version(tx: &mut postgres::Transaction<'_>) -> Result<u32, StoreError> {
         .query_opt("SELECT max(version) FROM schema_version", &[])
         .map_err(pg_err)?
         .and_then(|r| r.get(0));
+    stored_version(v)
+}
+
+/// The version in `schema_version` (none: 0).
+fn stored_version(v: Option<i64>) -> Result<u32, StoreError> {
     u32::try_from(v.unwrap_or(0))
         .map_err(|_| StoreError::Schema(format!("invalid schema version {v:?}")))
 }
@@ -224,8 +229,7 @@ pub fn current_version(client: &mut Client) -> Result<u32, StoreError> {
         )
         .map_err(pg_err)?
         .and_then(|r| r.get(0));
-    u32::try_from(v.unwrap_or(0))
-        .map_err(|_| StoreError::Schema(format!("invalid schema version {v:?}")))
+    stored_version(v)
 }
 
 /// Applies every pending migration; returns the resulting version.
@@ -236,12 +240,7 @@ pub fn migrate(client: &mut Client) -> Result<u32, StoreError> {
         .map_err(pg_err)?;
     let mut version = read_version(&mut tx)?;
     let latest = latest_version();
-    if version > latest {
-        return Err(StoreError::Schema(format!(
-            "database schema version {version} is newer than this program's ({latest}): \
-                 run the cn-backend release that upgraded it, or a newer one"
-        )));
-    }
+    check_schema_version(version, latest)?;
     while let Some(sql) = MIGRATIONS.get(version as usize) {
         tx.batch_execute(sql).map_err(pg_err)?;
         version += 1;

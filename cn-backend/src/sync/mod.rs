@@ -35,7 +35,7 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 /// First pause after a failed push (doubles up to `retry_max`).
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// How long the pusher lease lasts without renewal: another instance takes over this long after
-/// the pusher stopped (it renews it every round, at least every [`IDLE_POLL`]).
+/// the pusher stopped (it renews it every round, at least every `IDLE_POLL`).
 pub const LEASE: Duration = Duration::from_secs(10);
 
 /// Sync failures.
