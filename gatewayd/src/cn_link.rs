@@ -30,7 +30,9 @@ use crate::metrics::Metrics;
 /// Reconnection settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
+    /// First delay after a failure.
     pub min: Duration,
+    /// Longest delay (the doubling stops here).
     pub max: Duration,
 }
 
@@ -167,15 +169,20 @@ impl Endpoints {
 /// One CN endpoint: its configured `host:port` and the TLS name its certificate must carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CnEndpoint {
+    /// `host:port` as configured (resolved at each attempt).
     pub label: String,
+    /// The DNS name the CN's certificate must carry.
     pub server_name: String,
 }
 
 /// What every endpoint shares: the operator CA and the serving network name.
 #[derive(Debug, Clone)]
 pub struct CnTargets {
+    /// The configured endpoints, in order of preference.
     pub endpoints: Vec<CnEndpoint>,
+    /// The operator CA certificates the CN's chain must lead to.
     pub trust_anchors: Vec<CertificateDer<'static>>,
+    /// The serving network name bound into RES* (TS 33.501 §6.1.1.4).
     pub serving_network_name: String,
 }
 
@@ -201,7 +208,9 @@ impl CnTargets {
 /// The gateway's QUIC client endpoints towards the CN, one per address family.
 #[derive(Debug, Clone)]
 pub struct CnClients {
+    /// The IPv4 client endpoint, if one could be bound.
     pub v4: Option<quinn::Endpoint>,
+    /// The IPv6 client endpoint, if the host has IPv6.
     pub v6: Option<quinn::Endpoint>,
 }
 
@@ -241,6 +250,7 @@ impl CnClients {
 /// One slot as `gatewayctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CnSessionInfo {
+    /// The slot's index (0-based, `[cn] sessions` slots).
     pub slot: usize,
     /// The endpoint (`host:port` as configured) the slot uses or tries; none while it waits.
     pub endpoint: Option<String>,
@@ -254,6 +264,7 @@ pub struct CnSessionInfo {
 /// One endpoint as `gatewayctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CnEndpointInfo {
+    /// `host:port` as configured.
     pub endpoint: String,
     /// Authenticated sessions on it.
     pub sessions: usize,

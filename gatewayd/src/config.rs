@@ -26,21 +26,31 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read configuration {path}: {source}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema (unknown key, wrong type, bad value).
     #[error("invalid configuration {path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        /// The configuration file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
     /// A value parsed but is out of range or inconsistent with another.
     #[error("invalid configuration: {0}")]
     Invalid(String),
     /// An environment override could not be parsed.
     #[error("invalid environment override {var}={value:?}: {message}")]
     Env {
+        /// The environment variable.
         var: &'static str,
+        /// Its value.
         value: String,
+        /// Why the value was refused.
         message: String,
     },
 }
@@ -59,14 +69,23 @@ pub struct Config {
     /// Default `10s`.
     #[serde(with = "duration_str")]
     pub drain_timeout: Duration,
+    /// `[devices]`: the device-facing QUIC server.
     pub devices: DevicesConfig,
+    /// `[cn]`: the link to the operator's core network.
     pub cn: CnConfig,
+    /// `[companion]`: the companion's own 3GPP credential.
     pub companion: CompanionConfig,
+    /// `[control]`: the `gatewayctl` socket.
     pub control: ControlConfig,
+    /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[batching]`: how requests are grouped towards the CN.
     pub batching: BatchingConfig,
+    /// `[credentials]`: the child credentials asked for and their renewal.
     pub credentials: CredentialsConfig,
+    /// `[pairing]`: the pairing window.
     pub pairing: PairingConfig,
+    /// `[filter]`: the LAN filter.
     pub filter: FilterConfig,
 }
 
@@ -253,6 +272,7 @@ pub struct CnConfig {
     /// Defaults `500ms` and `30s`.
     #[serde(with = "duration_str")]
     pub reconnect_min: Duration,
+    /// Longest reconnection delay (see `reconnect_min`).
     #[serde(with = "duration_str")]
     pub reconnect_max: Duration,
     /// Longest a device waits (kept informed with `Pending`) for the CN before it is told
@@ -713,10 +733,12 @@ pub mod duration_str {
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
 
+    /// Writes `d` as a humantime string.
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 
+    /// Reads a humantime string.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text).map_err(|e| {

@@ -48,29 +48,40 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Request {
     /// Pair a device from its pairing code.
     Pair {
+        /// The `CPN:` pairing code.
         code: String,
+        /// The owner's name for the device.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         label: Option<String>,
     },
     /// Open the pairing window; `None` = the configured default length.
     OpenWindow {
+        /// Window length in seconds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         seconds: Option<u64>,
     },
     /// List paired devices.
     Devices,
     /// Unpair a device and revoke its credential at the CN.
-    Revoke { device: String },
+    Revoke {
+        /// The device ID.
+        device: String,
+    },
     /// Daemon status.
     Status,
     /// Block a LAN address, for `seconds` or indefinitely.
     Block {
+        /// The LAN address to block.
         addr: IpAddr,
+        /// Block length in seconds; `None` = until unblocked.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         seconds: Option<u64>,
     },
     /// Lift a block.
-    Unblock { addr: IpAddr },
+    Unblock {
+        /// The blocked address.
+        addr: IpAddr,
+    },
 }
 
 /// Where a device stands.
@@ -92,6 +103,7 @@ pub enum DeviceStatus {
 }
 
 impl DeviceStatus {
+    /// The status as `gatewayctl devices` prints it.
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceStatus::Paired => "paired",
@@ -107,15 +119,21 @@ impl DeviceStatus {
 /// One device, as listed by `gatewayctl devices`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
+    /// The device ID.
     pub device: String,
+    /// The owner's name for the device.
     pub label: Option<String>,
     /// SHA-256 of the device key's SPKI, hex.
     pub fingerprint: String,
+    /// When the device was paired.
     pub paired_at: UnixTime,
+    /// How the device was paired.
     pub paired_via: PairedVia,
     /// The child credential's SUPI, if one was issued.
     pub supi: Option<String>,
+    /// When the child credential expires, if one was issued.
     pub expires_at: Option<UnixTime>,
+    /// Where the device stands.
     pub status: DeviceStatus,
 }
 
@@ -189,6 +207,7 @@ pub fn list_devices(
 pub enum CnLinkState {
     /// No `[cn] endpoint` configured.
     NotConfigured,
+    /// Connecting or authenticating (AKA under way).
     Connecting,
     /// Connected and authenticated (AKA done).
     Up,
@@ -197,6 +216,7 @@ pub enum CnLinkState {
 }
 
 impl CnLinkState {
+    /// The state as `gatewayctl status` prints it.
     pub fn as_str(self) -> &'static str {
         match self {
             CnLinkState::NotConfigured => "not configured",
@@ -210,22 +230,35 @@ impl CnLinkState {
 /// What `gatewayctl status` shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
+    /// The daemon's version.
     pub version: String,
+    /// Seconds since the daemon started.
     pub uptime_secs: u64,
     /// The companion's own SUPI.
     pub companion_supi: Option<String>,
     /// SHA-256 of the gateway's TLS key (devices pin it), hex.
     pub gateway_fingerprint: Option<String>,
+    /// The link to the CN.
     pub cn_link: CnLinkState,
+    /// Paired devices.
     pub devices_paired: u64,
+    /// Devices holding a child credential.
     pub credentials_held: u64,
+    /// Credentials expiring within 24 hours.
     pub credentials_expiring_24h: u64,
+    /// Sealed credentials waiting for their device's acknowledgement.
     pub deliveries_pending: u64,
+    /// Requests the CN has not answered yet.
     pub requests_outstanding: u64,
+    /// Revocations the CN has not confirmed yet.
     pub revocations_unconfirmed: u64,
+    /// Requests queued for the next batch.
     pub queue_depth: u64,
+    /// Open device connections.
     pub active_connections: u64,
+    /// The pairing window, while open.
     pub pairing_window: Option<WindowStatus>,
+    /// The owner's blocks in force.
     pub blocks: Vec<Block>,
     /// The smart batcher's limits and load (absent from daemons that predate it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -244,9 +277,13 @@ pub struct StatusInfo {
 /// Batching limits in force and the batcher's load, for `gatewayctl status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchingStatus {
+    /// Most requests in one batch.
     pub max_batch: usize,
+    /// Longest a request waits for its batch to fill, milliseconds.
     pub max_wait_ms: u64,
+    /// Most batches at the CN at once.
     pub max_in_flight: usize,
+    /// Most requests queued before new ones are refused.
     pub queue_capacity: usize,
     /// Batches sent to the CN and not answered yet.
     pub batches_in_flight: usize,
@@ -261,7 +298,10 @@ pub enum CnRevocation {
     /// The device held no credential; nothing to revoke at the CN.
     NoCredential,
     /// Not confirmed yet (CN unreachable); retried until it is.
-    Pending { reason: String },
+    Pending {
+        /// Why the CN has not confirmed.
+        reason: String,
+    },
 }
 
 /// Error categories, for scripts.
@@ -274,11 +314,13 @@ pub enum ErrorKind {
     PairingCode,
     /// Pairing refused (already paired, window too long, ...).
     Pairing,
+    /// No such device.
     NotFound,
     /// The peer may not use the control socket.
     Forbidden,
     /// A dependency (the CN, the database) is unavailable; retry later.
     Unavailable,
+    /// A bug or an unexpected failure inside the daemon.
     Internal,
 }
 
@@ -286,11 +328,14 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct ControlError {
+    /// The category.
     pub kind: ErrorKind,
+    /// What went wrong, for the owner.
     pub message: String,
 }
 
 impl ControlError {
+    /// An error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
@@ -322,34 +367,54 @@ impl From<crate::state::StateError> for ControlError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
+    /// The device is paired.
     Paired {
         /// `false` when the device was already paired with this key (label updated).
         new: bool,
+        /// The device as now listed.
         device: DeviceInfo,
     },
+    /// The pairing window is open.
     WindowOpened {
+        /// The window's code and end.
         window: WindowStatus,
     },
+    /// The paired devices.
     Devices {
+        /// One entry per device, by device ID.
         devices: Vec<DeviceInfo>,
     },
+    /// The device is unpaired.
     Revoked {
+        /// The device ID.
         device: String,
+        /// The child credential it held, if any.
         supi: Option<String>,
+        /// What happened at the CN.
         cn: CnRevocation,
     },
+    /// The daemon's status.
     Status {
+        /// The status.
         status: StatusInfo,
     },
+    /// The address is blocked.
     Blocked {
+        /// The block as stored.
         block: Block,
     },
+    /// The block is lifted.
     Unblocked {
+        /// The address.
         addr: IpAddr,
+        /// Whether a block was in force.
         was_blocked: bool,
     },
+    /// The request was refused or failed.
     Error {
+        /// The category.
         kind: ErrorKind,
+        /// What went wrong, for the owner.
         message: String,
     },
 }
@@ -366,14 +431,18 @@ impl From<ControlError> for Response {
 /// Result of [`ControlHandler::pair`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PairOutcome {
+    /// `false` when the device was already paired with this key (label updated).
     pub new: bool,
+    /// The device as now listed.
     pub device: DeviceInfo,
 }
 
 /// Result of [`ControlHandler::revoke`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevokeOutcome {
+    /// The child credential the device held, if any.
     pub supi: Option<String>,
+    /// What happened at the CN.
     pub cn: CnRevocation,
 }
 
@@ -392,6 +461,7 @@ pub trait ControlHandler: Send + Sync + 'static {
         duration: Option<Duration>,
     ) -> impl Future<Output = Result<WindowStatus, ControlError>> + Send;
 
+    /// Every paired device with its credential's state.
     fn devices(&self) -> impl Future<Output = Result<Vec<DeviceInfo>, ControlError>> + Send;
 
     /// Unpair `device` locally (at once, durably), close its connections, and revoke its
@@ -402,6 +472,7 @@ pub trait ControlHandler: Send + Sync + 'static {
         device: DeviceId,
     ) -> impl Future<Output = Result<RevokeOutcome, ControlError>> + Send;
 
+    /// The daemon's status.
     fn status(&self) -> impl Future<Output = Result<StatusInfo, ControlError>> + Send;
 
     /// Store a block of `addr` for `duration` (`None` = until unblocked).
@@ -491,16 +562,22 @@ pub struct AccessPolicy {
 /// The configured control group, resolved.
 #[derive(Debug, Clone)]
 pub struct AllowedGroup {
+    /// The group's name.
     pub name: String,
+    /// Its numeric ID.
     pub gid: u32,
+    /// Its supplementary members' user names.
     pub members: Vec<String>,
 }
 
 /// A connecting process, as the kernel reports it.
 #[derive(Debug, Clone)]
 pub struct Peer {
+    /// The peer's user ID.
     pub uid: u32,
+    /// The peer's primary group ID.
     pub gid: u32,
+    /// The peer's process ID, when the kernel reports it.
     pub pid: Option<i32>,
 }
 
@@ -590,16 +667,27 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlServerError {
+    /// The configured control group does not exist or cannot be read.
     #[error("control group {name:?}: {reason}")]
-    Group { name: String, reason: String },
+    Group {
+        /// The configured group.
+        name: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The socket could not be created or its permissions set.
     #[error("control socket {path}: {source}")]
     Io {
+        /// The socket path.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// Another process answers on the socket.
     #[error("control socket {0} is in use: another gatewayd is running")]
     InUse(PathBuf),
+    /// The path exists and is something else.
     #[error("{0} exists and is not a socket; remove it or change [control] socket")]
     NotASocket(PathBuf),
 }
@@ -652,6 +740,7 @@ impl ControlServer {
         Ok(server)
     }
 
+    /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -759,16 +848,27 @@ pub enum ClientError {
     /// `source`, so `{:#}` chains do not repeat it.)
     #[error("cannot reach gatewayd at {path}: {}{}", describe(.error), hint(.error))]
     Connect {
+        /// The socket path.
         path: PathBuf,
+        /// The operating system's error.
         error: std::io::Error,
     },
+    /// The connection broke mid-request.
     #[error("connection to gatewayd at {path} failed: {}", describe(.error))]
     Io {
+        /// The socket path.
         path: PathBuf,
+        /// The operating system's error.
         error: std::io::Error,
     },
+    /// The daemon's answer did not parse.
     #[error("gatewayd at {path} sent an invalid answer: {message}")]
-    Protocol { path: PathBuf, message: String },
+    Protocol {
+        /// The socket path.
+        path: PathBuf,
+        /// What was wrong with the answer.
+        message: String,
+    },
 }
 
 /// An I/O error's description without the "(os error N)" suffix.

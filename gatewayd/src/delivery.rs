@@ -117,7 +117,9 @@ pub enum Reply {
 /// What the device side of a connection proved in its handshake.
 #[derive(Debug, Clone)]
 pub struct Peer {
+    /// SHA-256 of the device key's SPKI.
     pub fingerprint: [u8; 32],
+    /// DER SubjectPublicKeyInfo of the device's TLS key.
     pub spki_der: Vec<u8>,
     /// The manufacturer chain the device presented as its TLS certificate chain, when its leaf
     /// is not self-issued (PROTOCOL.md §4.5); forwarded, never trusted here.
@@ -167,7 +169,9 @@ struct Hub {
 /// Settings that SIGHUP may change.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The child credentials asked for and the renewal margin.
     pub credentials: CredentialsConfig,
+    /// Longest a device waits for the CN before it is told to retry.
     pub request_timeout: Duration,
 }
 
@@ -200,6 +204,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Provisioner {
+    /// Builds the provisioner; its tasks start with [`Provisioner::run`].
     pub fn new(
         state: Arc<State>,
         registry: Arc<PairingRegistry>,

@@ -41,37 +41,62 @@ pub const MAX_LABEL: usize = 64;
 /// Why a pairing operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PairingError {
+    /// The pairing code does not parse.
     #[error("pairing code rejected: {0}")]
     Code(#[from] companion_proto::pairing::PairingError),
+    /// The device ID is paired with another key.
     #[error("device {0} is already paired with a different key; revoke it first")]
     DeviceAlreadyPaired(DeviceId),
+    /// The key is paired under another device ID.
     #[error("this key is already paired as device {0}")]
     KeyAlreadyPaired(DeviceId),
+    /// No such paired device.
     #[error("device {0} is not paired")]
     NotPaired(DeviceId),
+    /// The window asked for is longer than allowed.
     #[error(
         "a pairing window of {} is longer than the allowed {} ([pairing] max_window)",
         humantime::format_duration(*.requested),
         humantime::format_duration(*.max)
     )]
-    WindowTooLong { requested: Duration, max: Duration },
+    WindowTooLong {
+        /// The length asked for.
+        requested: Duration,
+        /// `[pairing] max_window`.
+        max: Duration,
+    },
+    /// A window of zero length was asked for.
     #[error("pairing window must be longer than 0s")]
     WindowZero,
+    /// No window is open.
     #[error("no pairing window is open for a new device")]
     WindowClosed,
+    /// A device sent a wrong window code.
     #[error("wrong pairing-window code ({attempts} of {MAX_WRONG_CODES} wrong codes{})", if *.closed { "; the window is now closed" } else { "" })]
-    WrongCode { attempts: u32, closed: bool },
+    WrongCode {
+        /// Wrong codes so far in this window.
+        attempts: u32,
+        /// Whether the window closed because of it.
+        closed: bool,
+    },
+    /// The device sent no window code.
     #[error("a device pairing through the window must send the window's one-time code")]
     CodeMissing,
+    /// The operating system's random source failed.
     #[error("the random source failed; cannot draw a window code")]
     Rng,
+    /// A paired key claims another device ID.
     #[error("device presents the key paired as {paired} but claims to be {presented}")]
     DeviceMismatch {
+        /// The device ID claimed in the handshake.
         presented: DeviceId,
+        /// The device ID the key is paired as.
         paired: DeviceId,
     },
+    /// The label is too long or holds control characters.
     #[error("invalid label: {0}")]
     Label(String),
+    /// The database failed.
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -501,6 +526,7 @@ impl PairingRegistry {
         self.lock().by_fp.len()
     }
 
+    /// Whether no device is paired.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -12,6 +12,7 @@
 //!
 //! It talks to the daemon over its control socket (`--socket`, else `$GATEWAYD_CONTROL_SOCKET`,
 //! else `[control] socket` from the configuration, else `/run/gatewayd/control.sock`).
+#![warn(missing_docs)]
 
 use std::io::Write;
 use std::net::IpAddr;

@@ -17,7 +17,9 @@ pub static OBJECT: &[u8] =
 /// What [`EbpfFilter::set_paired`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PairedSync {
+    /// Entries added.
     pub inserted: u64,
+    /// Entries removed.
     pub removed: u64,
     /// Inserts or removals the kernel refused.
     pub failed: u64,
@@ -41,7 +43,9 @@ pub enum Attach {
 /// The loaded object, its attachments and maps.
 pub struct EbpfFilter {
     bpf: Ebpf,
+    /// How the program is attached.
     pub attach: Attach,
+    /// The interfaces it is attached to.
     pub interfaces: Vec<String>,
 }
 
@@ -173,6 +177,7 @@ impl EbpfFilter {
         }
     }
 
+    /// Writes the global configuration map.
     pub fn set_config(&mut self, cfg: FilterConfig) -> anyhow::Result<()> {
         let mut a: Array<&mut MapData, FilterConfig> = Array::try_from(
             self.bpf
@@ -192,10 +197,12 @@ impl EbpfFilter {
         .map_err(err)
     }
 
+    /// Blocks `k` until `e` ends.
     pub fn set_deny(&mut self, k: SourceKey, e: DenyEntry) -> anyhow::Result<()> {
         self.deny_map()?.insert(k, e, 0).map_err(err)
     }
 
+    /// Lifts the block of `k` (no error if there is none).
     pub fn remove_deny(&mut self, k: &SourceKey) -> anyhow::Result<()> {
         let mut m = self.deny_map()?;
         match m.remove(k) {
@@ -205,6 +212,7 @@ impl EbpfFilter {
         }
     }
 
+    /// The blocked sources.
     pub fn deny_keys(&mut self) -> anyhow::Result<Vec<SourceKey>> {
         let m = self.deny_map()?;
         Ok(m.keys().filter_map(Result::ok).collect())

@@ -10,9 +10,11 @@ use super::{State, StateError, UnixTime};
 /// An owner's block of a LAN address (enforced by the eBPF filter).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Block {
+    /// The blocked address.
     pub addr: IpAddr,
     /// Unix time the block ends; `None` = until unblocked.
     pub until: Option<UnixTime>,
+    /// When the block was made.
     pub created_at: UnixTime,
 }
 

@@ -10,8 +10,11 @@ use super::{State, StateError, UnixTime};
 /// The child credential a device holds (as far as the gateway knows).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldCredential {
+    /// The device holding it.
     pub device_id: DeviceId,
+    /// The child credential's SUPI.
     pub supi: Supi,
+    /// When it expires.
     pub expires_at: UnixTime,
     /// The request that issued it.
     pub request_id: RequestId,
@@ -30,6 +33,7 @@ fn credential_from_row(row: &Row<'_>) -> rusqlite::Result<HeldCredential> {
 }
 
 impl State {
+    /// The credential `device` holds, if any.
     pub fn credential(&self, device: &DeviceId) -> Result<Option<HeldCredential>, StateError> {
         self.reader()
             .query_row(

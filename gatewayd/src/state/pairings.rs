@@ -18,6 +18,7 @@ pub enum PairedVia {
 }
 
 impl PairedVia {
+    /// The value stored and reported.
     pub fn as_str(self) -> &'static str {
         match self {
             PairedVia::Code => "code",
@@ -37,13 +38,17 @@ impl PairedVia {
 /// A paired device: its ID bound to its TLS key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pairing {
+    /// The device's ID.
     pub device_id: DeviceId,
     /// DER SubjectPublicKeyInfo of the device's TLS key.
     pub spki_der: Vec<u8>,
     /// SHA-256 of `spki_der`.
     pub fingerprint: [u8; 32],
+    /// The owner's name for the device.
     pub label: Option<String>,
+    /// When it was paired.
     pub paired_at: UnixTime,
+    /// How it was paired.
     pub paired_via: PairedVia,
 }
 
@@ -96,6 +101,7 @@ impl State {
         Ok(n > 0)
     }
 
+    /// The pairing of `device`, if it is paired.
     pub fn pairing(&self, device: &DeviceId) -> Result<Option<Pairing>, StateError> {
         self.reader()
             .query_row(

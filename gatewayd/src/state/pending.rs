@@ -11,12 +11,17 @@ use super::{State, StateError, UnixTime};
 /// A sealed credential waiting for its device's acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingDelivery {
+    /// The request that issued it.
     pub request_id: RequestId,
+    /// The device it is for.
     pub device_id: DeviceId,
+    /// The child credential's SUPI.
     pub supi: Supi,
+    /// When the credential expires.
     pub expires_at: UnixTime,
     /// The encoded `Sealed` bundle exactly as the CN returned it; the gateway cannot open it.
     pub sealed: Vec<u8>,
+    /// When the CN's answer was recorded.
     pub created_at: UnixTime,
 }
 

@@ -13,11 +13,14 @@ use super::{State, StateError, UnixTime};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestKind {
+    /// A first credential for a device.
     Provision,
+    /// A new credential replacing the one the device holds.
     Renew,
 }
 
 impl RequestKind {
+    /// The value stored and reported.
     pub fn as_str(self) -> &'static str {
         match self {
             RequestKind::Provision => "provision",
@@ -37,11 +40,15 @@ impl RequestKind {
 /// A request the CN has not answered yet (at most one per device).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutstandingRequest {
+    /// The request's ID (reused on every retry).
     pub request_id: RequestId,
+    /// The device it is for.
     pub device_id: DeviceId,
+    /// Provisioning or renewal.
     pub kind: RequestKind,
     /// The device's HPKE (X25519) public key the CN seals to.
     pub hpke_public_key: Vec<u8>,
+    /// When it was recorded.
     pub created_at: UnixTime,
     /// The control parameters asked for, as JSON (v2; `None` for older rows: use defaults).
     pub params: Option<String>,

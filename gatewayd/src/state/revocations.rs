@@ -19,6 +19,7 @@ pub enum RevocationScope {
 }
 
 impl RevocationScope {
+    /// The value stored.
     pub fn as_str(self) -> &'static str {
         match self {
             RevocationScope::Device => "device",
@@ -30,13 +31,18 @@ impl RevocationScope {
 /// A revocation to carry out at the CN; `cn_confirmed_at` stays `None` until the CN confirms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
+    /// Row ID.
     pub id: i64,
+    /// The revoked device.
     pub device_id: DeviceId,
     /// `Device` scope: the child the device held when revoked (informational: every child of
     /// the device is revoked). `Child` scope: the child to revoke.
     pub supi: Option<Supi>,
+    /// What is revoked at the CN.
     pub scope: RevocationScope,
+    /// When it was revoked locally.
     pub revoked_at: UnixTime,
+    /// When the CN confirmed it.
     pub cn_confirmed_at: Option<UnixTime>,
 }
 
