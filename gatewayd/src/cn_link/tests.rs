@@ -57,8 +57,7 @@ fn slots_spread_over_endpoints_and_leave_a_failed_one() {
     // It fails again: the wait doubles (with jitter), independently of endpoint 0.
     let retry2 = e.failed(1, retry, &b);
     assert!(
-        retry2 - retry >= Duration::from_millis(500)
-            && retry2 - retry <= Duration::from_secs(1)
+        retry2 - retry >= Duration::from_millis(500) && retry2 - retry <= Duration::from_secs(1)
     );
     assert!(!e.in_backoff(0, retry));
     // Both down: the slot waits for the earliest retry time.

@@ -248,8 +248,7 @@ fn revoke_removes_the_key_and_survives_reload() {
     ));
     // A fresh registry over the same database knows exactly the remaining device.
     let again =
-        PairingRegistry::load(f.state.clone(), f.clock.clone(), Duration::from_secs(60))
-            .unwrap();
+        PairingRegistry::load(f.state.clone(), f.clock.clone(), Duration::from_secs(60)).unwrap();
     assert_eq!(again.len(), 1);
     assert!(again.admit(&fp2, &spki2));
     assert!(!again.admit(&fp, &spki));
@@ -273,13 +272,11 @@ fn attestation_chains_are_kept_per_pairing_and_survive_reload() {
         .unwrap();
     assert_eq!(f.reg.attestation(&dev("meter-1")), Some(chain.clone()));
     let again =
-        PairingRegistry::load(f.state.clone(), f.clock.clone(), Duration::from_secs(60))
-            .unwrap();
+        PairingRegistry::load(f.state.clone(), f.clock.clone(), Duration::from_secs(60)).unwrap();
     assert_eq!(again.attestation(&dev("meter-1")), Some(chain));
     // A later connection without a chain clears it, durably; so does a revoke.
     again.note_attestation(&dev("meter-1"), None).unwrap();
     let third =
-        PairingRegistry::load(f.state.clone(), f.clock.clone(), Duration::from_secs(60))
-            .unwrap();
+        PairingRegistry::load(f.state.clone(), f.clock.clone(), Duration::from_secs(60)).unwrap();
     assert_eq!(third.attestation(&dev("meter-1")), None);
 }
