@@ -1,6 +1,11 @@
 //! Unit tests of [`super`].
 
 use super::*;
+use std::path::Path;
+
+use companion_proto::DeviceId;
+
+use crate::state::{HeldCredential, PairedVia, Pairing};
 
 #[test]
 fn wire_format_is_stable() {
