@@ -1,6 +1,7 @@
 //! Unit tests of [`super`].
 
 use super::*;
+use crate::batcher::BatcherConfig;
 
 const EXAMPLE: &str = include_str!("../../gatewayd.example.toml");
 
