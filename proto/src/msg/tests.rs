@@ -1,5 +1,8 @@
+//! Unit tests of [`super`]: encoding vectors, decoding errors, forward compatibility.
+
 use super::*;
 use crate::frame::FrameError;
+use crate::ids::{DeviceId, RequestId, Supi};
 
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
