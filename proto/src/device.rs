@@ -236,39 +236,7 @@ impl ClientExchange {
             .abort(ErrorMsg::new(ErrorCode::CredentialUnusable, reason))
     }
 
-    /// The peer finished its side of the stream.
-    pub fn handle_end_of_stream(&mut self) -> Result<(), ProtoError> {
-        let terminal = matches!(self.state, ClientState::Done | ClientState::Closed);
-        let r = self.core.end_of_stream(self.state.name(), terminal);
-        if r.is_err() {
-            self.state = ClientState::Closed;
-        }
-        r
-    }
-
-    /// Next frame to write to the stream.
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.core.poll_transmit()
-    }
-
-    /// Next event.
-    pub fn poll_event(&mut self) -> Option<ClientEvent> {
-        self.core.poll_event()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.core.poll_timeout()
-    }
-
-    /// Fails the exchange with `timeout` if the deadline has passed.
-    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError> {
-        let r = self.core.handle_timeout(now, self.state.name());
-        if r.is_err() {
-            self.state = ClientState::Closed;
-        }
-        r
-    }
+    crate::machine::stream_methods!(ClientState, ClientEvent);
 
     /// The exchange completed successfully.
     pub fn is_done(&self) -> bool {
@@ -476,39 +444,7 @@ impl ServerExchange {
         self.core.abort(e)
     }
 
-    /// The peer finished its side of the stream.
-    pub fn handle_end_of_stream(&mut self) -> Result<(), ProtoError> {
-        let terminal = matches!(self.state, ServerState::Done | ServerState::Closed);
-        let r = self.core.end_of_stream(self.state.name(), terminal);
-        if r.is_err() {
-            self.state = ServerState::Closed;
-        }
-        r
-    }
-
-    /// Next frame to write to the stream.
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.core.poll_transmit()
-    }
-
-    /// Next event.
-    pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        self.core.poll_event()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.core.poll_timeout()
-    }
-
-    /// Fails the exchange with `timeout` if the deadline has passed.
-    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError> {
-        let r = self.core.handle_timeout(now, self.state.name());
-        if r.is_err() {
-            self.state = ServerState::Closed;
-        }
-        r
-    }
+    crate::machine::stream_methods!(ServerState, ServerEvent);
 
     /// The device acknowledged the delivery.
     pub fn is_done(&self) -> bool {
