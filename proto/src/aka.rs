@@ -218,25 +218,6 @@ impl<W: AkaWire> AkaClient<W> {
         self.state == ClientState::Done
     }
 
-    /// Feeds bytes received on the AKA stream.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-        for m in self
-            .core
-            .input(data)
-            .inspect_err(|_| self.state = ClientState::Closed)?
-        {
-            self.core.touch(now);
-            if let Err(e) = self.on_message(now, m) {
-                self.state = ClientState::Closed;
-                return Err(self.core.fail(e));
-            }
-            if self.core.is_closed() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     fn on_message(&mut self, now: Instant, m: W) -> Result<(), ProtoError> {
         let got = m.msg_type();
         match (&self.state, m.classify()) {
@@ -422,26 +403,7 @@ impl<W: AkaWire> AkaServer<W> {
         self.result.as_ref()
     }
 
-    /// Feeds bytes received on the AKA stream.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-        for m in self
-            .core
-            .input(data)
-            .inspect_err(|_| self.state = ServerState::Closed)?
-        {
-            self.core.touch(now);
-            if let Err(e) = self.on_message(m) {
-                self.state = ServerState::Closed;
-                return Err(self.core.fail(e));
-            }
-            if self.core.is_closed() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn on_message(&mut self, m: W) -> Result<(), ProtoError> {
+    fn on_message(&mut self, _now: Instant, m: W) -> Result<(), ProtoError> {
         let got = m.msg_type();
         match (self.state, m.classify()) {
             (_, AkaMsg::Error(e)) => {

@@ -124,25 +124,6 @@ impl ClientExchange {
         self.request_id
     }
 
-    /// Feeds bytes received on the stream.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-        for m in self
-            .core
-            .input(data)
-            .inspect_err(|_| self.state = ClientState::Closed)?
-        {
-            self.core.touch(now);
-            if let Err(e) = self.on_message(now, m) {
-                self.state = ClientState::Closed;
-                return Err(self.core.fail(e));
-            }
-            if self.core.is_closed() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     fn on_message(&mut self, now: Instant, m: DeviceMessage) -> Result<(), ProtoError> {
         let got = m.msg_type();
         match (self.state, m) {
@@ -329,26 +310,7 @@ impl ServerExchange {
         }
     }
 
-    /// Feeds bytes received on the stream.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-        for m in self
-            .core
-            .input(data)
-            .inspect_err(|_| self.state = ServerState::Closed)?
-        {
-            self.core.touch(now);
-            if let Err(e) = self.on_message(m) {
-                self.state = ServerState::Closed;
-                return Err(self.core.fail(e));
-            }
-            if self.core.is_closed() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn on_message(&mut self, m: DeviceMessage) -> Result<(), ProtoError> {
+    fn on_message(&mut self, _now: Instant, m: DeviceMessage) -> Result<(), ProtoError> {
         let got = m.msg_type();
         match (self.state, m) {
             (_, DeviceMessage::Error(e)) => {
