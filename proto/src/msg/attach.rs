@@ -2,21 +2,11 @@
 
 use minicbor::{Decode, Encode};
 
-use crate::ids::Supi;
-
 use super::*;
 
-/// `AttachRequest` (0x30), device → CN.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
-#[cbor(map)]
-pub struct AttachRequest {
-    /// The provisioned SUPI.
-    #[n(0)]
-    pub supi: Supi,
-    /// The serving network name the device computes RES* with.
-    #[n(1)]
-    pub serving_network_name: String,
-}
+/// `AttachRequest` (0x30), device → CN: the same body as [`AuthStart`] (the provisioned SUPI and
+/// the serving network name the device computes RES* with).
+pub type AttachRequest = AuthStart;
 
 /// `AttachAccept` (0x34), CN → device.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]

@@ -10,14 +10,14 @@ use crate::ids::{DeviceId, RequestId, Supi};
 
 use super::*;
 
-/// `AuthStart` (0x10), gateway → CN.
+/// `AuthStart` (0x10), gateway → CN, and `AttachRequest` (0x30), device → CN.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 #[cbor(map)]
 pub struct AuthStart {
-    /// The companion's own SUPI.
+    /// The client's SUPI: the companion's own, or the provisioned child's when attaching.
     #[n(0)]
     pub supi: Supi,
-    /// The serving network name the USIM computes RES* with.
+    /// The serving network name the client (USIM) computes RES* with.
     #[n(1)]
     pub serving_network_name: String,
 }
