@@ -25,7 +25,7 @@ pub const MAX_RATE: u64 = 1_000_000;
 
 /// Map names in the object file.
 pub mod maps {
-    /// Global configuration (one [`FilterConfig`] entry).
+    /// Global configuration (one [`FilterConfig`](crate::FilterConfig) entry).
     pub const CONFIG: &str = "FILTER_CONFIG";
     /// Per-source Initial token buckets (LRU hash).
     pub const BUCKETS: &str = "FILTER_BUCKETS";
