@@ -212,7 +212,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Provisioner {
-    /// Builds the provisioner; its tasks start with [`Provisioner::run`].
+    /// Builds the provisioner; its tasks are [`Provisioner::run_batcher`] and [`Provisioner::maintain`].
     pub fn new(
         state: Arc<State>,
         registry: Arc<PairingRegistry>,

@@ -137,7 +137,7 @@ impl DeviceInfo {
 }
 
 /// Every paired device as [`DeviceInfo`], from the database: what a daemon's
-/// [`ControlHandler::devices`] answers.
+/// [`ControlHandler::devices`](super::ControlHandler::devices) answers.
 pub fn list_devices(
     state: &crate::state::State,
     now: UnixTime,
