@@ -21,6 +21,10 @@
 //! commit is on disk (same durability as a transaction of its own); a failing write is rolled
 //! back to its savepoint without touching the others in the group. Async callers use the
 //! `*_async` variants and never block a runtime thread on the disk.
+//!
+//! Files: `state.rs` (opening, the two connections, counts), `state/schema.rs` (migrations),
+//! `state/committer.rs` (the group committer), `state/rows.rs` (row decoding), one file per
+//! table: `pairings`, `requests`, `pending` (deliveries), `credentials`, `revocations`, `blocks`.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
