@@ -56,6 +56,7 @@
 //! let bundle = open_credential(&device_key, "watch-1", &request_id, &sealed).unwrap();
 //! assert_eq!(bundle.as_slice(), b"bundle");
 //! ```
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod aka;

@@ -62,7 +62,9 @@ pub struct Busy<T> {
 /// the attempt failed).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Batch<T> {
+    /// Sequence number, for [`Batcher::complete`].
     pub id: u64,
+    /// The items, in arrival order.
     pub items: Vec<T>,
 }
 
@@ -107,6 +109,7 @@ impl<T> Batcher<T> {
         }
     }
 
+    /// The limits in force.
     pub fn config(&self) -> &BatcherConfig {
         &self.cfg
     }

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
+/// A map of at most `capacity` entries that evicts the least recently used one to make room.
 #[derive(Debug)]
 pub struct BoundedMap<K, V> {
     map: HashMap<K, (V, u64)>,
@@ -32,14 +33,17 @@ impl<K: Eq + Hash + Copy, V> BoundedMap<K, V> {
         }
     }
 
+    /// Entries held.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
+    /// Whether no entry is held.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
+    /// Most entries held at once.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -67,6 +71,7 @@ impl<K: Eq + Hash + Copy, V> BoundedMap<K, V> {
         self.map.get(k).map(|(v, _)| v)
     }
 
+    /// Whether `k` is held (not a use: recency unchanged).
     pub fn contains_key(&self, k: &K) -> bool {
         self.map.contains_key(k)
     }
@@ -99,6 +104,7 @@ impl<K: Eq + Hash + Copy, V> BoundedMap<K, V> {
         evicted
     }
 
+    /// Removes `k`, returning its value.
     pub fn remove(&mut self, k: &K) -> Option<V> {
         // Its queue entries become stale and are skipped (or dropped at the next compaction).
         self.map.remove(k).map(|(v, _)| v)
@@ -110,10 +116,12 @@ impl<K: Eq + Hash + Copy, V> BoundedMap<K, V> {
         self.compact();
     }
 
+    /// The keys, in no particular order.
     pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.map.keys()
     }
 
+    /// The entries, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.map.iter().map(|(k, (v, _))| (k, v))
     }

@@ -37,27 +37,54 @@ pub const SQN_FILE: &str = "companion-sqn.json";
 /// Why the companion credential could not be used. Messages never contain key material.
 #[derive(Debug, thiserror::Error)]
 pub enum CompanionError {
+    /// The file could not be read.
     #[error("cannot read companion credential {path}: {source}")]
     Read {
+        /// The credential file.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is readable by group or others.
     #[error(
         "companion credential {path} is readable by group or others (mode {mode:04o}); it holds \
          the subscription key K: run `chmod 600 {path}`"
     )]
-    Permissions { path: PathBuf, mode: u32 },
+    Permissions {
+        /// The credential file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// The file does not hold a valid credential.
     #[error("companion credential {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The credential file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The SQN state file exists but cannot be read.
     #[error(
         "USIM sequence-number state {path} is unreadable ({message}); refusing to start from zero \
          because that would accept replayed challenges. Restore the file, or delete it if the \
          subscription was re-provisioned at the operator"
     )]
-    SqnState { path: PathBuf, message: String },
+    SqnState {
+        /// The SQN state file.
+        path: PathBuf,
+        /// Why it could not be read.
+        message: String,
+    },
+    /// The SQN state file could not be written.
     #[error("cannot write USIM sequence-number state {path}: {message}")]
-    SqnWrite { path: PathBuf, message: String },
+    SqnWrite {
+        /// The SQN state file.
+        path: PathBuf,
+        /// Why it could not be written.
+        message: String,
+    },
 }
 
 /// The parsed credential file; key fields are wiped when dropped.
@@ -81,8 +108,11 @@ impl Drop for CredentialFile {
 
 /// The companion's credential in memory (K and OPc zeroize on drop; `Debug` shows the SUPI only).
 pub struct CompanionCredential {
+    /// The companion's own subscription identifier.
     pub supi: Supi,
+    /// The subscription key K.
     pub k: Key128,
+    /// OPc (TS 35.206), derived from the operator key OP.
     pub opc: Key128,
     /// The AMF written in the file, if any (the USIM reads the AMF from each AUTN).
     pub amf: Option<[u8; 2]>,

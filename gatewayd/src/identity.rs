@@ -15,32 +15,56 @@ pub const KEY_FILE: &str = "gateway.key";
 /// Why the identity could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// The key or certificate could not be parsed or generated.
     #[error("gateway identity: {0}")]
     Pki(#[from] PkiError),
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The key exists without its certificate.
     #[error(
         "{key} exists but {cert} does not; restore the certificate, or delete the key to create a \
          new identity (paired devices will then see a new gateway key)"
     )]
-    CertMissing { key: PathBuf, cert: PathBuf },
+    CertMissing {
+        /// The key file (present).
+        key: PathBuf,
+        /// The certificate file (missing).
+        cert: PathBuf,
+    },
+    /// The certificate exists without its key.
     #[error(
         "{cert} exists but {key} does not; restore the key, or delete the certificate to create a \
          new identity (paired devices will then see a new gateway key)"
     )]
-    KeyMissing { key: PathBuf, cert: PathBuf },
+    KeyMissing {
+        /// The key file (missing).
+        key: PathBuf,
+        /// The certificate file (present).
+        cert: PathBuf,
+    },
+    /// The key file is readable by group or others.
     #[error("{path} is readable by group or others (mode {mode:04o}); run: chmod 600 {path}")]
-    KeyPermissions { path: PathBuf, mode: u32 },
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
 }
 
 /// Whether [`load_or_generate`] created a new identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
+    /// A new key and certificate were written.
     Generated,
+    /// The stored key and certificate were loaded.
     Loaded,
 }
 

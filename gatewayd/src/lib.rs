@@ -19,6 +19,7 @@
 //! - [`filter`]: the LAN filter (eBPF XDP/TC, or the same policy in userspace);
 //! - [`bounded`]: the fixed-capacity map behind every per-source-address table;
 //! - [`daemon`]: wiring, the control handler, signals, systemd notifications, ready file.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod batcher;

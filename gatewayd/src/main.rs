@@ -1,4 +1,5 @@
 //! `gatewayd`: the companion-UE daemon. See the crate documentation and `README.md`.
+#![warn(missing_docs)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -37,7 +37,9 @@ pub mod outcome {
 
 /// Kinds of `gatewayd_requests_total`.
 pub mod kind {
+    /// A first credential for a device.
     pub const PROVISION: &str = "provision";
+    /// A renewal of a credential the device holds.
     pub const RENEW: &str = "renew";
 }
 
@@ -108,6 +110,7 @@ pub mod address {
     pub const VALIDATED: &str = "validated";
     /// The source address may be forged: not counted.
     pub const UNVALIDATED: &str = "unvalidated";
+    /// Every value of the label.
     pub const ALL: [&str; 2] = [VALIDATED, UNVALIDATED];
 }
 
@@ -125,6 +128,7 @@ pub mod table {
     pub const RETRY_SUSPECTS: &str = "retry_suspects";
     /// Stored blocks (an automatic block evicts the one ending soonest when the deny list is full).
     pub const BLOCKS: &str = "blocks";
+    /// Every value of the label.
     pub const ALL: [&str; 6] = [
         FILTER_BUCKETS,
         FILTER_DENY,

@@ -69,70 +69,64 @@ pub trait AkaWire: Message + From<ErrorMsg> + std::fmt::Debug {
     fn classify(self) -> AkaMsg<Self::Final>;
 }
 
-impl AkaWire for CnMessage {
-    type Final = AuthResult;
-    fn start(supi: Supi, snn: String) -> Self {
-        CnMessage::AuthStart(AuthStart {
-            supi,
-            serving_network_name: snn,
-        })
-    }
-    fn challenge(c: Challenge) -> Self {
-        CnMessage::AuthChallenge(c)
-    }
-    fn response(r: ChallengeResponse) -> Self {
-        CnMessage::AuthResponse(r)
-    }
-    fn resync(r: Resync) -> Self {
-        CnMessage::AuthResync(r)
-    }
-    fn fin(f: AuthResult) -> Self {
-        CnMessage::AuthResult(f)
-    }
-    fn classify(self) -> AkaMsg<AuthResult> {
-        match self {
-            CnMessage::AuthStart(s) => AkaMsg::Start(s.supi, s.serving_network_name),
-            CnMessage::AuthChallenge(c) => AkaMsg::Challenge(c),
-            CnMessage::AuthResponse(r) => AkaMsg::Response(r),
-            CnMessage::AuthResync(r) => AkaMsg::Resync(r),
-            CnMessage::AuthResult(r) => AkaMsg::Final(r),
-            CnMessage::Error(e) => AkaMsg::Error(e),
-            other => AkaMsg::Other(other.msg_type()),
+/// Implements [`AkaWire`] for a conversation enum from the names of its AKA variants: the start
+/// (and its body type), challenge, response, resync and final message.
+macro_rules! aka_wire {
+    ($msg:ident, $final:ident, $start:ident($start_ty:ident), $challenge:ident, $response:ident,
+     $resync:ident) => {
+        impl AkaWire for $msg {
+            type Final = $final;
+            fn start(supi: Supi, snn: String) -> Self {
+                $msg::$start($start_ty {
+                    supi,
+                    serving_network_name: snn,
+                })
+            }
+            fn challenge(c: Challenge) -> Self {
+                $msg::$challenge(c)
+            }
+            fn response(r: ChallengeResponse) -> Self {
+                $msg::$response(r)
+            }
+            fn resync(r: Resync) -> Self {
+                $msg::$resync(r)
+            }
+            fn fin(f: $final) -> Self {
+                $msg::$final(f)
+            }
+            // The attach conversation has no message besides AKA's: its `other` arm is unreachable.
+            #[allow(unreachable_patterns)]
+            fn classify(self) -> AkaMsg<$final> {
+                match self {
+                    $msg::$start(s) => AkaMsg::Start(s.supi, s.serving_network_name),
+                    $msg::$challenge(c) => AkaMsg::Challenge(c),
+                    $msg::$response(r) => AkaMsg::Response(r),
+                    $msg::$resync(r) => AkaMsg::Resync(r),
+                    $msg::$final(f) => AkaMsg::Final(f),
+                    $msg::Error(e) => AkaMsg::Error(e),
+                    other => AkaMsg::Other(other.msg_type()),
+                }
+            }
         }
-    }
+    };
 }
 
-impl AkaWire for AttachMessage {
-    type Final = AttachAccept;
-    fn start(supi: Supi, snn: String) -> Self {
-        AttachMessage::AttachRequest(AttachRequest {
-            supi,
-            serving_network_name: snn,
-        })
-    }
-    fn challenge(c: Challenge) -> Self {
-        AttachMessage::AttachChallenge(c)
-    }
-    fn response(r: ChallengeResponse) -> Self {
-        AttachMessage::AttachResponse(r)
-    }
-    fn resync(r: Resync) -> Self {
-        AttachMessage::AttachResync(r)
-    }
-    fn fin(f: AttachAccept) -> Self {
-        AttachMessage::AttachAccept(f)
-    }
-    fn classify(self) -> AkaMsg<AttachAccept> {
-        match self {
-            AttachMessage::AttachRequest(s) => AkaMsg::Start(s.supi, s.serving_network_name),
-            AttachMessage::AttachChallenge(c) => AkaMsg::Challenge(c),
-            AttachMessage::AttachResponse(r) => AkaMsg::Response(r),
-            AttachMessage::AttachResync(r) => AkaMsg::Resync(r),
-            AttachMessage::AttachAccept(a) => AkaMsg::Final(a),
-            AttachMessage::Error(e) => AkaMsg::Error(e),
-        }
-    }
-}
+aka_wire!(
+    CnMessage,
+    AuthResult,
+    AuthStart(AuthStart),
+    AuthChallenge,
+    AuthResponse,
+    AuthResync
+);
+aka_wire!(
+    AttachMessage,
+    AttachAccept,
+    AttachRequest(AttachRequest),
+    AttachChallenge,
+    AttachResponse,
+    AttachResync
+);
 
 /// Events of the client (USIM) side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,25 +218,6 @@ impl<W: AkaWire> AkaClient<W> {
         self.state == ClientState::Done
     }
 
-    /// Feeds bytes received on the AKA stream.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-        for m in self
-            .core
-            .input(data)
-            .inspect_err(|_| self.state = ClientState::Closed)?
-        {
-            self.core.touch(now);
-            if let Err(e) = self.on_message(now, m) {
-                self.state = ClientState::Closed;
-                return Err(self.core.fail(e));
-            }
-            if self.core.is_closed() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     fn on_message(&mut self, now: Instant, m: W) -> Result<(), ProtoError> {
         let got = m.msg_type();
         match (&self.state, m.classify()) {
@@ -321,39 +296,7 @@ impl<W: AkaWire> AkaClient<W> {
         }
     }
 
-    /// The peer finished its side of the stream.
-    pub fn handle_end_of_stream(&mut self) -> Result<(), ProtoError> {
-        let terminal = matches!(self.state, ClientState::Done | ClientState::Closed);
-        let r = self.core.end_of_stream(self.state.name(), terminal);
-        if r.is_err() {
-            self.state = ClientState::Closed;
-        }
-        r
-    }
-
-    /// Next frame to write to the stream.
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.core.poll_transmit()
-    }
-
-    /// Next event.
-    pub fn poll_event(&mut self) -> Option<ClientEvent<W::Final>> {
-        self.core.poll_event()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.core.poll_timeout()
-    }
-
-    /// Fails with `timeout` if the deadline has passed.
-    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError> {
-        let r = self.core.handle_timeout(now, self.state.name());
-        if r.is_err() {
-            self.state = ClientState::Closed;
-        }
-        r
-    }
+    crate::machine::stream_methods!(ClientState, ClientEvent<W::Final>);
 
     /// No more input is accepted on the AKA stream (failed, or done and finished).
     pub fn is_closed(&self) -> bool {
@@ -460,26 +403,7 @@ impl<W: AkaWire> AkaServer<W> {
         self.result.as_ref()
     }
 
-    /// Feeds bytes received on the AKA stream.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-        for m in self
-            .core
-            .input(data)
-            .inspect_err(|_| self.state = ServerState::Closed)?
-        {
-            self.core.touch(now);
-            if let Err(e) = self.on_message(m) {
-                self.state = ServerState::Closed;
-                return Err(self.core.fail(e));
-            }
-            if self.core.is_closed() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn on_message(&mut self, m: W) -> Result<(), ProtoError> {
+    fn on_message(&mut self, _now: Instant, m: W) -> Result<(), ProtoError> {
         let got = m.msg_type();
         match (self.state, m.classify()) {
             (_, AkaMsg::Error(e)) => {
@@ -580,39 +504,7 @@ impl<W: AkaWire> AkaServer<W> {
         self.core.abort(e)
     }
 
-    /// The peer finished its side of the stream.
-    pub fn handle_end_of_stream(&mut self) -> Result<(), ProtoError> {
-        let terminal = matches!(self.state, ServerState::Done | ServerState::Closed);
-        let r = self.core.end_of_stream(self.state.name(), terminal);
-        if r.is_err() {
-            self.state = ServerState::Closed;
-        }
-        r
-    }
-
-    /// Next frame to write to the stream.
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.core.poll_transmit()
-    }
-
-    /// Next event.
-    pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        self.core.poll_event()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.core.poll_timeout()
-    }
-
-    /// Fails with `timeout` if the deadline has passed.
-    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError> {
-        let r = self.core.handle_timeout(now, self.state.name());
-        if r.is_err() {
-            self.state = ServerState::Closed;
-        }
-        r
-    }
+    crate::machine::stream_methods!(ServerState, ServerEvent);
 
     /// The AKA stream failed.
     pub fn is_closed(&self) -> bool {

@@ -4,7 +4,7 @@
 //!
 //! * [`Client`] (device): `new(usim, snn, exporter, now, config)` queues `AttachRequest`;
 //!   on [`ClientEvent::ChallengeReceived`] call `answer_challenge(now, usim)`;
-//!   [`ClientEvent::Authenticated`] carries the [`AttachAccept`](crate::msg::AttachAccept).
+//!   [`ClientEvent::Authenticated`] carries the [`AttachAccept`].
 //! * [`Server`] (CN): [`ServerEvent::VectorNeeded`] → `provide_vector`;
 //!   [`ServerEvent::ResyncNeeded`] → verify AUTS, `provide_vector`;
 //!   [`ServerEvent::Verified`] → check expiry, revocation, roaming, then `accept(AttachAccept)`

@@ -124,25 +124,6 @@ impl ClientExchange {
         self.request_id
     }
 
-    /// Feeds bytes received on the stream.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-        for m in self
-            .core
-            .input(data)
-            .inspect_err(|_| self.state = ClientState::Closed)?
-        {
-            self.core.touch(now);
-            if let Err(e) = self.on_message(now, m) {
-                self.state = ClientState::Closed;
-                return Err(self.core.fail(e));
-            }
-            if self.core.is_closed() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     fn on_message(&mut self, now: Instant, m: DeviceMessage) -> Result<(), ProtoError> {
         let got = m.msg_type();
         match (self.state, m) {
@@ -236,39 +217,7 @@ impl ClientExchange {
             .abort(ErrorMsg::new(ErrorCode::CredentialUnusable, reason))
     }
 
-    /// The peer finished its side of the stream.
-    pub fn handle_end_of_stream(&mut self) -> Result<(), ProtoError> {
-        let terminal = matches!(self.state, ClientState::Done | ClientState::Closed);
-        let r = self.core.end_of_stream(self.state.name(), terminal);
-        if r.is_err() {
-            self.state = ClientState::Closed;
-        }
-        r
-    }
-
-    /// Next frame to write to the stream.
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.core.poll_transmit()
-    }
-
-    /// Next event.
-    pub fn poll_event(&mut self) -> Option<ClientEvent> {
-        self.core.poll_event()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.core.poll_timeout()
-    }
-
-    /// Fails the exchange with `timeout` if the deadline has passed.
-    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError> {
-        let r = self.core.handle_timeout(now, self.state.name());
-        if r.is_err() {
-            self.state = ClientState::Closed;
-        }
-        r
-    }
+    crate::machine::stream_methods!(ClientState, ClientEvent);
 
     /// The exchange completed successfully.
     pub fn is_done(&self) -> bool {
@@ -361,26 +310,7 @@ impl ServerExchange {
         }
     }
 
-    /// Feeds bytes received on the stream.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) -> Result<(), ProtoError> {
-        for m in self
-            .core
-            .input(data)
-            .inspect_err(|_| self.state = ServerState::Closed)?
-        {
-            self.core.touch(now);
-            if let Err(e) = self.on_message(m) {
-                self.state = ServerState::Closed;
-                return Err(self.core.fail(e));
-            }
-            if self.core.is_closed() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn on_message(&mut self, m: DeviceMessage) -> Result<(), ProtoError> {
+    fn on_message(&mut self, _now: Instant, m: DeviceMessage) -> Result<(), ProtoError> {
         let got = m.msg_type();
         match (self.state, m) {
             (_, DeviceMessage::Error(e)) => {
@@ -476,39 +406,7 @@ impl ServerExchange {
         self.core.abort(e)
     }
 
-    /// The peer finished its side of the stream.
-    pub fn handle_end_of_stream(&mut self) -> Result<(), ProtoError> {
-        let terminal = matches!(self.state, ServerState::Done | ServerState::Closed);
-        let r = self.core.end_of_stream(self.state.name(), terminal);
-        if r.is_err() {
-            self.state = ServerState::Closed;
-        }
-        r
-    }
-
-    /// Next frame to write to the stream.
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.core.poll_transmit()
-    }
-
-    /// Next event.
-    pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        self.core.poll_event()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.core.poll_timeout()
-    }
-
-    /// Fails the exchange with `timeout` if the deadline has passed.
-    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtoError> {
-        let r = self.core.handle_timeout(now, self.state.name());
-        if r.is_err() {
-            self.state = ServerState::Closed;
-        }
-        r
-    }
+    crate::machine::stream_methods!(ServerState, ServerEvent);
 
     /// The device acknowledged the delivery.
     pub fn is_done(&self) -> bool {

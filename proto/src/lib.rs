@@ -14,6 +14,7 @@
 //! * [`device`], [`cn`], [`attach`]: one state machine per conversation and role.
 //!
 //! The wire format is specified in `docs/PROTOCOL.md`.
+#![warn(missing_docs)]
 
 pub mod aka;
 pub mod attach;

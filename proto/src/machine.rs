@@ -86,6 +86,77 @@ macro_rules! impl_sansio {
 }
 pub(crate) use impl_sansio;
 
+/// Writes the stream-facing inherent methods of a machine whose `state` enum has `Done` and
+/// `Closed` variants and a `name()`, and whose `on_message(now, message)` handles one decoded
+/// message: input (each message restarts the deadline), end of stream (fine only in `Done` or
+/// `Closed`), transmit, events, deadline and timeout, each failure moving the state to
+/// `Closed`. Invoked inside the machine's `impl` block:
+/// `stream_methods!(ServerState, ServerEvent);`.
+macro_rules! stream_methods {
+    ($state:ident, $ev:ty) => {
+        /// Feeds bytes received on the stream.
+        pub fn handle_bytes(
+            &mut self,
+            now: std::time::Instant,
+            data: &[u8],
+        ) -> Result<(), $crate::error::ProtoError> {
+            for m in self
+                .core
+                .input(data)
+                .inspect_err(|_| self.state = $state::Closed)?
+            {
+                self.core.touch(now);
+                if let Err(e) = self.on_message(now, m) {
+                    self.state = $state::Closed;
+                    return Err(self.core.fail(e));
+                }
+                if self.core.is_closed() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+
+        /// The peer finished its side of the stream.
+        pub fn handle_end_of_stream(&mut self) -> Result<(), $crate::error::ProtoError> {
+            let terminal = matches!(self.state, $state::Done | $state::Closed);
+            let r = self.core.end_of_stream(self.state.name(), terminal);
+            if r.is_err() {
+                self.state = $state::Closed;
+            }
+            r
+        }
+
+        /// Next frame to write to the stream.
+        pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+            self.core.poll_transmit()
+        }
+
+        /// Next event.
+        pub fn poll_event(&mut self) -> Option<$ev> {
+            self.core.poll_event()
+        }
+
+        /// When [`handle_timeout`](Self::handle_timeout) must be called.
+        pub fn poll_timeout(&self) -> Option<std::time::Instant> {
+            self.core.poll_timeout()
+        }
+
+        /// Fails the exchange with `timeout` if the deadline has passed.
+        pub fn handle_timeout(
+            &mut self,
+            now: std::time::Instant,
+        ) -> Result<(), $crate::error::ProtoError> {
+            let r = self.core.handle_timeout(now, self.state.name());
+            if r.is_err() {
+                self.state = $state::Closed;
+            }
+            r
+        }
+    };
+}
+pub(crate) use stream_methods;
+
 /// Longest `reason` this crate puts in an `Error` it sends.
 const MAX_REASON: usize = 200;
 

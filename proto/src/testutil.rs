@@ -8,6 +8,7 @@ use companion_crypto::secret::Key128;
 use companion_crypto::usim::SoftUsim;
 
 use crate::Config;
+use crate::aka::{AkaClient, AkaServer, AkaWire};
 
 pub(crate) const SNN: &str = "5G:mnc001.mcc001.3gppnetwork.org";
 pub(crate) const K: [u8; 16] = [
@@ -86,3 +87,20 @@ macro_rules! sent {
     }};
 }
 pub(crate) use sent;
+
+/// Runs AKA from the client's start until the client has answered the challenge for SEQ `seq`
+/// (the answer is queued at the client, not yet delivered); the events before it are consumed.
+pub(crate) fn answer_challenge_for<W: AkaWire>(
+    usim: &mut SoftUsim,
+    c: &mut AkaClient<W>,
+    s: &mut AkaServer<W>,
+    seq: u64,
+    now: Instant,
+) {
+    pump!(c, s, now).unwrap();
+    events!(s);
+    s.provide_vector(now, vector_for(seq, SNN)).unwrap();
+    pump!(s, c, now).unwrap();
+    events!(c);
+    c.answer_challenge(now, usim).unwrap();
+}

@@ -4,6 +4,7 @@
 //!
 //! Every map value is `#[repr(C)]`, padding-free and derives zerocopy's traits; with the `user`
 //! feature they also implement `aya::Pod` so gatewayd can read and write the maps.
+#![warn(missing_docs)]
 #![no_std]
 #![deny(unsafe_code)]
 
@@ -24,20 +25,29 @@ pub const MAX_RATE: u64 = 1_000_000;
 
 /// Map names in the object file.
 pub mod maps {
+    /// Global configuration (one [`FilterConfig`](crate::FilterConfig) entry).
     pub const CONFIG: &str = "FILTER_CONFIG";
+    /// Per-source Initial token buckets (LRU hash).
     pub const BUCKETS: &str = "FILTER_BUCKETS";
+    /// Blocked sources and when each block ends.
     pub const DENY: &str = "FILTER_DENY";
+    /// Sources of paired devices (strict mode lets only these through).
     pub const PAIRED: &str = "FILTER_PAIRED";
+    /// Per-CPU per-reason packet counters.
     pub const COUNTERS: &str = "FILTER_COUNTERS";
 }
 /// Program names in the object file.
 pub mod programs {
+    /// The XDP program.
     pub const XDP: &str = "companion_filter_xdp";
+    /// The TC ingress classifier (where XDP cannot attach).
     pub const TC: &str = "companion_filter_tc";
 }
 /// Capacities of the maps.
 pub const BUCKETS_MAX: u32 = 65_536;
+/// Most entries of the deny map.
 pub const DENY_MAX: u32 = 16_384;
+/// Most entries of the paired-source map.
 pub const PAIRED_MAX: u32 = 16_384;
 
 /// The parser's bound: the transport (UDP) header must start at or before this byte of the
@@ -136,6 +146,7 @@ pub enum Verdict {
     Clone, Copy, Debug, PartialEq, Eq, Hash, Default, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct SourceKey {
+    /// The 16 bytes of the IPv6 (or IPv4-mapped) address, network order.
     pub addr: [u8; 16],
 }
 
@@ -172,6 +183,7 @@ pub struct FilterConfig {
     pub strict: u8,
     /// 1 = a pairing window is open.
     pub window_open: u8,
+    /// Explicit padding (keeps the layout padding-free); always 0.
     pub _pad: u32,
     /// Initials per second per source (token refill); 0 = no rate limit.
     pub initial_rate: u64,
@@ -207,6 +219,7 @@ pub struct DenyEntry {
     Clone, Copy, Debug, PartialEq, Eq, Default, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct PairedEntry {
+    /// Reserved; 0.
     pub flags: u32,
 }
 
@@ -300,6 +313,7 @@ pub fn decide(
 /// What the caller must do with the bucket after [`decide`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BucketAction {
+    /// Nothing to write back (the packet was dropped or the filter is off).
     None,
     /// The existing bucket was updated in place.
     Updated,

@@ -258,30 +258,20 @@ fn judge(data: usize, end: usize) -> Option<Reason> {
         None
     };
     let mut fresh = Bucket::default();
-    let (reason, action) = match bucket_ptr {
-        Some(p) => decide(
-            cfg,
-            denied_until,
-            paired,
-            payload_len,
-            first,
-            version,
-            now,
-            Some(unsafe { &mut *p }),
-            &mut fresh,
-        ),
-        None => decide(
-            cfg,
-            denied_until,
-            paired,
-            payload_len,
-            first,
-            version,
-            now,
-            None,
-            &mut fresh,
-        ),
-    };
+    // SAFETY: a pointer from the lookup above; the entry outlives this program run (RCU) and
+    // the reference ends before the insert below.
+    let bucket = bucket_ptr.map(|p| unsafe { &mut *p });
+    let (reason, action) = decide(
+        cfg,
+        denied_until,
+        paired,
+        payload_len,
+        first,
+        version,
+        now,
+        bucket,
+        &mut fresh,
+    );
     if let BucketAction::Insert = action {
         let _ = FILTER_BUCKETS.insert(&src, &fresh, 0);
     }

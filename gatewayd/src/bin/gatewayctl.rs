@@ -12,6 +12,7 @@
 //!
 //! It talks to the daemon over its control socket (`--socket`, else `$GATEWAYD_CONTROL_SOCKET`,
 //! else `[control] socket` from the configuration, else `/run/gatewayd/control.sock`).
+#![warn(missing_docs)]
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -64,6 +65,8 @@ enum Command {
         label: Option<String>,
         /// Instead of a code: accept the next new device that connects within DURATION
         /// (e.g. 120s, 5m) [default: [pairing] window of the configuration]
+        // The text is the --help output: `[pairing]` names the TOML section, not an item.
+        #[allow(rustdoc::broken_intra_doc_links)]
         #[arg(long, value_name = "DURATION", num_args = 0..=1, value_parser = parse_duration)]
         window: Option<Option<Duration>>,
     },

@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use aya::programs::{Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use companion_filter_common::{
     DenyEntry, FilterConfig, PairedEntry, Reason, SourceKey, maps, programs,
@@ -17,7 +17,9 @@ pub static OBJECT: &[u8] =
 /// What [`EbpfFilter::set_paired`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PairedSync {
+    /// Entries added.
     pub inserted: u64,
+    /// Entries removed.
     pub removed: u64,
     /// Inserts or removals the kernel refused.
     pub failed: u64,
@@ -41,7 +43,9 @@ pub enum Attach {
 /// The loaded object, its attachments and maps.
 pub struct EbpfFilter {
     bpf: Ebpf,
+    /// How the program is attached.
     pub attach: Attach,
+    /// The interfaces it is attached to.
     pub interfaces: Vec<String>,
 }
 
@@ -58,6 +62,31 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
+/// Program `name` of `bpf` as its concrete type (`Xdp`, `SchedClassifier`); `what` names it in
+/// the error when the object lacks it.
+fn program<'a, P>(bpf: &'a mut Ebpf, name: &str, what: &str) -> anyhow::Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    bpf.program_mut(name)
+        .ok_or_else(|| anyhow::anyhow!("{what} program missing"))?
+        .try_into()
+        .map_err(err)
+}
+
+/// Map `name` of `bpf` as its typed view (`Array`, `HashMap`, `PerCpuArray`); `what` names it in
+/// the error when the object lacks it.
+fn map<'a, T>(bpf: &'a mut Ebpf, name: &str, what: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<&'a mut Map, Error = MapError>,
+{
+    T::try_from(
+        bpf.map_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("{what} map missing"))?,
+    )
+    .map_err(err)
+}
+
 impl EbpfFilter {
     /// Loads the object (maps created, programs not yet loaded).
     pub fn open() -> anyhow::Result<Ebpf> {
@@ -72,11 +101,7 @@ impl EbpfFilter {
         let mut bpf = Self::open()?;
         let mut generic = false;
         if tc {
-            let prog: &mut SchedClassifier = bpf
-                .program_mut(programs::TC)
-                .ok_or_else(|| err("TC program missing"))?
-                .try_into()
-                .map_err(err)?;
+            let prog: &mut SchedClassifier = program(&mut bpf, programs::TC, "TC")?;
             prog.load().map_err(err)?;
             for i in interfaces {
                 // The clsact qdisc may already exist (another program, or a previous run).
@@ -85,11 +110,7 @@ impl EbpfFilter {
                     .map_err(|e| anyhow::anyhow!("TC ingress on {i}: {e}"))?;
             }
         } else {
-            let prog: &mut Xdp = bpf
-                .program_mut(programs::XDP)
-                .ok_or_else(|| err("XDP program missing"))?
-                .try_into()
-                .map_err(err)?;
+            let prog: &mut Xdp = program(&mut bpf, programs::XDP, "XDP")?;
             prog.load().map_err(err)?;
             for i in interfaces {
                 if let Err(native) = prog.attach(i, XdpMode::Driver) {
@@ -125,17 +146,9 @@ impl EbpfFilter {
             anyhow::bail!("gatewayd was built without the eBPF object (AYA_BUILD_SKIP)");
         }
         let mut bpf = EbpfLoader::new().load(object).map_err(err)?;
-        let prog: &mut Xdp = bpf
-            .program_mut(programs::XDP)
-            .ok_or_else(|| err("XDP program missing"))?
-            .try_into()
-            .map_err(err)?;
+        let prog: &mut Xdp = program(&mut bpf, programs::XDP, "XDP")?;
         prog.load().map_err(err)?;
-        let prog: &mut SchedClassifier = bpf
-            .program_mut(programs::TC)
-            .ok_or_else(|| err("TC program missing"))?
-            .try_into()
-            .map_err(err)?;
+        let prog: &mut SchedClassifier = program(&mut bpf, programs::TC, "TC")?;
         prog.load().map_err(err)?;
         Ok(Self {
             bpf,
@@ -153,49 +166,43 @@ impl EbpfFilter {
             ..TestRunOptions::default()
         };
         if tc {
-            let prog: &mut SchedClassifier = self
-                .bpf
-                .program_mut(programs::TC)
-                .ok_or_else(|| err("TC program missing"))?
-                .try_into()
-                .map_err(err)?;
+            let prog: &mut SchedClassifier = program(&mut self.bpf, programs::TC, "TC")?;
             let r = prog.test_run(opts).map_err(err)?;
             Ok(r.return_value == 0) // TC_ACT_OK; TC_ACT_SHOT is 2
         } else {
-            let prog: &mut Xdp = self
-                .bpf
-                .program_mut(programs::XDP)
-                .ok_or_else(|| err("XDP program missing"))?
-                .try_into()
-                .map_err(err)?;
+            let prog: &mut Xdp = program(&mut self.bpf, programs::XDP, "XDP")?;
             let r = prog.test_run(opts).map_err(err)?;
             Ok(r.return_value == 2) // XDP_PASS; XDP_DROP is 1
         }
     }
 
+    /// Writes the global configuration map.
     pub fn set_config(&mut self, cfg: FilterConfig) -> anyhow::Result<()> {
-        let mut a: Array<&mut MapData, FilterConfig> = Array::try_from(
-            self.bpf
-                .map_mut(maps::CONFIG)
-                .ok_or_else(|| err("config map missing"))?,
-        )
-        .map_err(err)?;
+        let mut a: Array<&mut MapData, FilterConfig> = map(&mut self.bpf, maps::CONFIG, "config")?;
         a.set(0, cfg, 0).map_err(err)
     }
 
+    /// `FILTER_DENY`: blocked sources and when each block ends.
     fn deny_map(&mut self) -> anyhow::Result<BpfHashMap<&mut MapData, SourceKey, DenyEntry>> {
-        BpfHashMap::try_from(
-            self.bpf
-                .map_mut(maps::DENY)
-                .ok_or_else(|| err("deny map missing"))?,
-        )
-        .map_err(err)
+        map(&mut self.bpf, maps::DENY, "deny")
     }
 
+    /// `FILTER_PAIRED`: the paired sources.
+    fn paired_map(&mut self) -> anyhow::Result<BpfHashMap<&mut MapData, SourceKey, PairedEntry>> {
+        map(&mut self.bpf, maps::PAIRED, "paired")
+    }
+
+    /// `FILTER_COUNTERS`: per-CPU per-reason packet counters.
+    fn counter_map(&mut self) -> anyhow::Result<PerCpuArray<&mut MapData, u64>> {
+        map(&mut self.bpf, maps::COUNTERS, "counter")
+    }
+
+    /// Blocks `k` until `e` ends.
     pub fn set_deny(&mut self, k: SourceKey, e: DenyEntry) -> anyhow::Result<()> {
         self.deny_map()?.insert(k, e, 0).map_err(err)
     }
 
+    /// Lifts the block of `k` (no error if there is none).
     pub fn remove_deny(&mut self, k: &SourceKey) -> anyhow::Result<()> {
         let mut m = self.deny_map()?;
         match m.remove(k) {
@@ -205,6 +212,7 @@ impl EbpfFilter {
         }
     }
 
+    /// The blocked sources.
     pub fn deny_keys(&mut self) -> anyhow::Result<Vec<SourceKey>> {
         let m = self.deny_map()?;
         Ok(m.keys().filter_map(Result::ok).collect())
@@ -216,12 +224,7 @@ impl EbpfFilter {
     /// count. The caller keeps `keys` within [`PAIRED_MAX`](companion_filter_common::PAIRED_MAX)
     /// (see `Filter::sync_paired`), so in practice nothing fails.
     pub fn set_paired(&mut self, keys: &HashSet<SourceKey>) -> anyhow::Result<PairedSync> {
-        let mut m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
-            self.bpf
-                .map_mut(maps::PAIRED)
-                .ok_or_else(|| err("paired map missing"))?,
-        )
-        .map_err(err)?;
+        let mut m = self.paired_map()?;
         let present: HashSet<SourceKey> = m.keys().filter_map(Result::ok).collect();
         let mut out = PairedSync::default();
         for k in present.iter().filter(|k| !keys.contains(k)) {
@@ -247,23 +250,13 @@ impl EbpfFilter {
 
     /// Adds one source to `FILTER_PAIRED`.
     pub fn insert_paired(&mut self, k: SourceKey) -> anyhow::Result<()> {
-        let mut m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
-            self.bpf
-                .map_mut(maps::PAIRED)
-                .ok_or_else(|| err("paired map missing"))?,
-        )
-        .map_err(err)?;
+        let mut m = self.paired_map()?;
         m.insert(k, PairedEntry { flags: 1 }, 0).map_err(err)
     }
 
     /// Removes one source from `FILTER_PAIRED` (absent is fine).
     pub fn remove_paired(&mut self, k: &SourceKey) -> anyhow::Result<()> {
-        let mut m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
-            self.bpf
-                .map_mut(maps::PAIRED)
-                .ok_or_else(|| err("paired map missing"))?,
-        )
-        .map_err(err)?;
+        let mut m = self.paired_map()?;
         match m.remove(k) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(err(e)),
@@ -272,23 +265,13 @@ impl EbpfFilter {
 
     /// How many sources `FILTER_PAIRED` holds.
     pub fn paired_len(&mut self) -> anyhow::Result<usize> {
-        let m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
-            self.bpf
-                .map_mut(maps::PAIRED)
-                .ok_or_else(|| err("paired map missing"))?,
-        )
-        .map_err(err)?;
+        let m = self.paired_map()?;
         Ok(m.keys().filter(Result::is_ok).count())
     }
 
     /// Whether `FILTER_PAIRED` holds `k`.
     pub fn is_paired(&mut self, k: &SourceKey) -> anyhow::Result<bool> {
-        let m: BpfHashMap<&mut MapData, SourceKey, PairedEntry> = BpfHashMap::try_from(
-            self.bpf
-                .map_mut(maps::PAIRED)
-                .ok_or_else(|| err("paired map missing"))?,
-        )
-        .map_err(err)?;
+        let m = self.paired_map()?;
         match m.get(k, 0) {
             Ok(_) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
@@ -298,23 +281,13 @@ impl EbpfFilter {
 
     /// One reason's counter, summed over CPUs.
     pub fn counter(&mut self, r: Reason) -> anyhow::Result<u64> {
-        let a: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(
-            self.bpf
-                .map_mut(maps::COUNTERS)
-                .ok_or_else(|| err("counter map missing"))?,
-        )
-        .map_err(err)?;
+        let a = self.counter_map()?;
         Ok(a.get(&(r as u32), 0).map_err(err)?.iter().sum())
     }
 
     /// Per-reason counters, summed over CPUs.
     pub fn counters(&mut self) -> anyhow::Result<[u64; Reason::COUNT as usize]> {
-        let a: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(
-            self.bpf
-                .map_mut(maps::COUNTERS)
-                .ok_or_else(|| err("counter map missing"))?,
-        )
-        .map_err(err)?;
+        let a = self.counter_map()?;
         let mut out = [0u64; Reason::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             let v = a.get(&(i as u32), 0).map_err(err)?;

@@ -15,9 +15,9 @@
 //!
 //! The mode is said loudly: a log line at start, `gatewayctl status`, and the
 //! `gatewayd_filter_mode{mode}` gauge; counters are `gatewayd_filter_packets_total{reason}`.
-
-pub mod ebpf;
-pub mod userspace;
+//!
+//! Files: `filter/mod.rs` ([`Filter`]: start, sync, blocks), `filter/paired.rs` (paired-source
+//! tables), `filter/status.rs` (mode, counters, status), [`ebpf`], [`userspace`].
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -27,108 +27,19 @@ use std::time::Duration;
 use companion_filter_common::{
     DENY_MAX, DenyEntry, FilterConfig as BpfConfig, PAIRED_MAX, Reason, SourceKey,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::bounded::BoundedMap;
 use crate::config::{Config, FilterModeSetting};
 use crate::metrics::{Metrics, table};
 use crate::state::Block;
+
+pub mod ebpf;
+mod paired;
+mod status;
+pub mod userspace;
+
+pub use status::{FilterCounters, FilterMode, FilterStatus};
 pub use userspace::{FilteredSocket, TableStats, UserspacePolicy};
-
-/// Where the policy runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FilterMode {
-    /// XDP in the driver.
-    Xdp,
-    /// XDP in generic (skb) mode.
-    XdpGeneric,
-    /// TC ingress classifier.
-    Tc,
-    /// On the QUIC socket in gatewayd.
-    Userspace,
-}
-
-impl FilterMode {
-    pub const ALL: [FilterMode; 4] = [
-        FilterMode::Xdp,
-        FilterMode::XdpGeneric,
-        FilterMode::Tc,
-        FilterMode::Userspace,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FilterMode::Xdp => "xdp",
-            FilterMode::XdpGeneric => "xdp_generic",
-            FilterMode::Tc => "tc",
-            FilterMode::Userspace => "userspace",
-        }
-    }
-}
-
-/// Per-reason packet counters (UDP to the QUIC port only).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FilterCounters {
-    pub passed: u64,
-    pub dropped_short_initial: u64,
-    pub rate_limited: u64,
-    pub denied: u64,
-    pub not_paired: u64,
-    /// May be UDP to the port, but the headers could not be walked (fail closed).
-    #[serde(default)]
-    pub dropped_unparsed: u64,
-    /// IP fragments of UDP to the port.
-    #[serde(default)]
-    pub dropped_fragment: u64,
-}
-
-impl FilterCounters {
-    pub fn from_array(a: [u64; Reason::COUNT as usize]) -> Self {
-        Self {
-            passed: a[Reason::Passed as usize],
-            dropped_short_initial: a[Reason::DroppedShortInitial as usize],
-            rate_limited: a[Reason::RateLimited as usize],
-            denied: a[Reason::Denied as usize],
-            not_paired: a[Reason::NotPaired as usize],
-            dropped_unparsed: a[Reason::DroppedUnparsed as usize],
-            dropped_fragment: a[Reason::DroppedFragment as usize],
-        }
-    }
-
-    /// Every packet dropped, whatever the reason.
-    pub fn dropped(&self) -> u64 {
-        self.dropped_short_initial
-            + self.rate_limited
-            + self.denied
-            + self.not_paired
-            + self.dropped_unparsed
-            + self.dropped_fragment
-    }
-}
-
-/// What `gatewayctl status` shows of the filter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FilterStatus {
-    pub mode: FilterMode,
-    /// Interfaces the eBPF program is attached to (empty in userspace mode).
-    pub interfaces: Vec<String>,
-    /// Why eBPF is not used, in userspace mode.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fallback_reason: Option<String>,
-    pub port: u16,
-    pub strict: bool,
-    /// Initials per second per source (0 = unlimited) and bucket size.
-    pub initial_rate: u32,
-    pub initial_burst: u32,
-    pub deny_entries: u64,
-    pub paired_sources: u64,
-    /// Learned paired-device addresses evicted (least recently seen first) to keep the
-    /// paired-source map within its capacity, since start.
-    #[serde(default)]
-    pub paired_evicted: u64,
-    pub counters: FilterCounters,
-}
 
 /// Monotonic nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -371,6 +282,7 @@ impl Filter {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Where the filter runs.
     pub fn mode(&self) -> FilterMode {
         self.mode
     }
@@ -478,136 +390,6 @@ impl Filter {
         }
     }
 
-    /// Brings both paired-source tables (kernel and userspace) in line with the learned and
-    /// configured sources (start, SIGHUP). Every key that fits is inserted; refusals are
-    /// logged and counted, never silently skipped.
-    fn sync_paired(&self) {
-        let mut i = self.inner();
-        let keys = i.paired_keys();
-        if let Some(e) = i.ebpf.as_mut() {
-            match e.set_paired(&keys) {
-                Ok(r) if r.failed == 0 => {}
-                Ok(r) => {
-                    self.metrics.filter_paired_sync_failures.inc_by(r.failed);
-                    tracing::error!(
-                        failed = r.failed,
-                        inserted = r.inserted,
-                        removed = r.removed,
-                        error = r.first_error.as_deref().unwrap_or(""),
-                        "the eBPF paired-source map refused some sources: in strict mode those \
-                         devices are dropped as not_paired; check `gatewayctl status` (paired \
-                         sources) and the kernel's memory limits for BPF maps"
-                    );
-                }
-                Err(err) => {
-                    self.metrics.filter_paired_sync_failures.inc();
-                    tracing::error!(error = %err, "cannot update the eBPF paired-source map");
-                }
-            }
-        }
-        self.policy.set_paired(keys);
-    }
-
-    /// Adds or removes one source in both paired-source tables.
-    fn put_paired(&self, i: &mut Inner, k: SourceKey, present: bool) {
-        if let Some(e) = i.ebpf.as_mut() {
-            let r = if present {
-                e.insert_paired(k)
-            } else {
-                e.remove_paired(&k)
-            };
-            if let Err(err) = r {
-                self.metrics.filter_paired_sync_failures.inc();
-                tracing::error!(
-                    source = %userspace::key_ip(&k),
-                    error = %err,
-                    "cannot update the eBPF paired-source map: in strict mode this source is \
-                     judged as before until the next successful update"
-                );
-            }
-        }
-        if present {
-            self.policy.add_paired(k);
-        } else {
-            self.policy.remove_paired(&k);
-        }
-    }
-
-    /// A paired device (certificate `fingerprint`) completed a handshake from `ip`: admit that
-    /// source in strict mode. The learned sources are bounded: when full, the least recently
-    /// seen one is evicted (logged, counted in `gatewayd_filter_paired_evictions_total`); a
-    /// device whose address was evicted is admitted again from its next handshake inside a
-    /// pairing window, or at once if its address is in `allowed_sources`.
-    pub fn learn_paired(&self, ip: IpAddr, fingerprint: [u8; 32]) {
-        let k = source_key(ip);
-        let now = std::time::Instant::now();
-        let mut guard = self.inner();
-        let i = &mut *guard;
-        if let Some(l) = i.learned.get_mut(&k) {
-            l.last_seen = now;
-            l.devices.retain(|d| *d != fingerprint);
-            if l.devices.len() >= DEVICES_PER_SOURCE {
-                l.devices.remove(0);
-            }
-            l.devices.push(fingerprint);
-            return;
-        }
-        let max = i.learned_max();
-        while i.learned.len() >= max {
-            let Some(oldest) = i
-                .learned
-                .iter()
-                .min_by_key(|(_, l)| l.last_seen)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
-            i.learned.remove(&oldest);
-            i.evicted += 1;
-            self.metrics.filter_paired_evictions.inc();
-            tracing::warn!(
-                source = %userspace::key_ip(&oldest),
-                capacity = max,
-                "LAN filter: paired-source map full; evicted the least recently seen learned \
-                 address (in strict mode its device is admitted again inside a pairing window, \
-                 or list it in [filter] allowed_sources)"
-            );
-            if !i.allowed().contains(&oldest) {
-                self.put_paired(i, oldest, false);
-            }
-        }
-        i.learned.insert(
-            k,
-            Learned {
-                last_seen: now,
-                devices: vec![fingerprint],
-            },
-        );
-        self.put_paired(i, k, true);
-    }
-
-    /// A device was revoked: the sources learned from it alone leave the paired-source
-    /// tables. Returns how many did.
-    pub fn forget_device(&self, fingerprint: &[u8; 32]) -> usize {
-        let mut guard = self.inner();
-        let i = &mut *guard;
-        let mut gone = Vec::new();
-        for (k, l) in i.learned.iter_mut() {
-            l.devices.retain(|d| d != fingerprint);
-            if l.devices.is_empty() {
-                gone.push(*k);
-            }
-        }
-        let allowed = i.allowed();
-        for k in &gone {
-            i.learned.remove(k);
-            if !allowed.contains(k) {
-                self.put_paired(i, *k, false);
-            }
-        }
-        gone.len()
-    }
-
     /// Runs `f` on the eBPF filter, if one is loaded (tests: inspect the kernel maps).
     #[doc(hidden)]
     pub fn with_ebpf<R>(&self, f: impl FnOnce(&mut ebpf::EbpfFilter) -> R) -> Option<R> {
@@ -710,6 +492,7 @@ impl Filter {
         );
     }
 
+    /// What `gatewayctl status` shows of the filter now.
     pub fn status(&self) -> FilterStatus {
         let counters = self.counters();
         let i = self.inner();

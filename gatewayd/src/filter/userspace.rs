@@ -53,9 +53,13 @@ impl Default for Tables {
 /// Sizes of the userspace policy's per-source tables and their evictions so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TableStats {
+    /// Sources with a token bucket.
     pub buckets: usize,
+    /// Buckets evicted to make room, since start.
     pub bucket_evictions: u64,
+    /// Blocked sources.
     pub deny: usize,
+    /// Blocks evicted to make room, since start.
     pub deny_evictions: u64,
 }
 
@@ -71,6 +75,7 @@ pub struct UserspacePolicy {
 }
 
 impl UserspacePolicy {
+    /// An inactive policy with the default configuration and empty tables.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
@@ -101,14 +106,17 @@ impl UserspacePolicy {
         self.tables.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Turns filtering on (userspace mode) or off (eBPF does the work).
     pub fn set_active(&self, on: bool) {
         self.active.store(on, Ordering::Relaxed);
     }
 
+    /// Whether filtering is on.
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// Replaces the configuration (rate, burst, strict mode, window).
     pub fn set_config(&self, cfg: FilterConfig) {
         self.tables().cfg = cfg;
     }
@@ -150,22 +158,27 @@ impl UserspacePolicy {
         t.deny.insert(key, e);
     }
 
+    /// Lifts the block of `key`.
     pub fn remove_deny(&self, key: &SourceKey) {
         self.tables().deny.remove(key);
     }
 
+    /// The blocked sources.
     pub fn deny_keys(&self) -> Vec<SourceKey> {
         self.tables().deny.keys().copied().collect()
     }
 
+    /// Replaces the paired sources.
     pub fn set_paired(&self, keys: HashSet<SourceKey>) {
         self.tables().paired = keys;
     }
 
+    /// Adds a paired source.
     pub fn add_paired(&self, key: SourceKey) {
         self.tables().paired.insert(key);
     }
 
+    /// Removes a paired source.
     pub fn remove_paired(&self, key: &SourceKey) {
         self.tables().paired.remove(key);
     }
@@ -175,6 +188,7 @@ impl UserspacePolicy {
         self.tables().paired.contains(key)
     }
 
+    /// Packets counted so far, indexed by [`Reason`].
     pub fn counters(&self) -> [u64; Reason::COUNT as usize] {
         std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
     }
@@ -365,6 +379,7 @@ impl fmt::Debug for FilteredSocket {
 }
 
 impl FilteredSocket {
+    /// Wraps `inner` so every received datagram passes `policy` first.
     pub fn new(inner: Arc<dyn AsyncUdpSocket>, policy: Arc<UserspacePolicy>) -> Self {
         Self { inner, policy }
     }

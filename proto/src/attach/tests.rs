@@ -145,13 +145,8 @@ fn resync_then_success() {
     }
     let mut c = Client::new(&usim, SNN, EXP_A, now, cfg()).unwrap();
     let mut s = Server::new(EXP_A, now, cfg());
-    pump!(c, s, now).unwrap();
-    events!(s);
     // The CN lost track: SEQ 1 is stale.
-    s.provide_vector(now, vector_for(1, SNN)).unwrap();
-    pump!(s, c, now).unwrap();
-    events!(c);
-    c.answer_challenge(now, &mut usim).unwrap();
+    answer_challenge_for(&mut usim, &mut c, &mut s, 1, now);
     assert!(matches!(
         sent!(c, AttachMessage)[..],
         [AttachMessage::AttachResync(_)]
@@ -159,12 +154,7 @@ fn resync_then_success() {
     // Replay into the server through a fresh pair to see the event.
     let mut c = Client::new(&usim, SNN, EXP_A, now, cfg()).unwrap();
     let mut s = Server::new(EXP_A, now, cfg());
-    pump!(c, s, now).unwrap();
-    events!(s);
-    s.provide_vector(now, vector_for(1, SNN)).unwrap();
-    pump!(s, c, now).unwrap();
-    events!(c);
-    c.answer_challenge(now, &mut usim).unwrap();
+    answer_challenge_for(&mut usim, &mut c, &mut s, 1, now);
     pump!(c, s, now).unwrap();
     let ev = events!(s);
     let [ServerEvent::ResyncNeeded { rand, auts, .. }] = &ev[..] else {

@@ -295,12 +295,7 @@ fn binding_from_another_session_is_refused() {
     let mut usim = usim();
     let mut c = ClientSession::new(&usim, SNN, [1; 32], now, cfg()).unwrap();
     let mut s = ServerSession::new([2; 32], now, cfg());
-    pump!(c, s, now).unwrap();
-    events!(s);
-    s.provide_vector(now, vector_for(1, SNN)).unwrap();
-    pump!(s, c, now).unwrap();
-    events!(c);
-    c.answer_challenge(now, &mut usim).unwrap();
+    answer_challenge_for(&mut usim, &mut c, &mut s, 1, now);
     let r = pump!(c, s, now);
     assert!(matches!(r, Err(ProtoError::AuthFailed(_))));
     assert!(matches!(

@@ -43,6 +43,17 @@ fn delivery() -> CredentialDelivery {
     }
 }
 
+/// A server exchange (no device ID expected) that has received [`req`].
+fn requested(now: std::time::Instant) -> ServerExchange {
+    let mut s = ServerExchange::new(now, cfg(), None);
+    s.handle_bytes(
+        now,
+        &DeviceMessage::ProvisionRequest(req()).encode().unwrap(),
+    )
+    .unwrap();
+    s
+}
+
 #[test]
 fn provision_with_pending_delivery_ack_confirm() {
     let now = t0();
@@ -222,12 +233,7 @@ fn wrong_request_id_and_order() {
     );
 
     // Ack for another SUPI.
-    let mut s = ServerExchange::new(now, cfg(), None);
-    s.handle_bytes(
-        now,
-        &DeviceMessage::ProvisionRequest(req()).encode().unwrap(),
-    )
-    .unwrap();
+    let mut s = requested(now);
     s.deliver(now, delivery()).unwrap();
     let bad = DeviceMessage::DeliveryAck(DeliveryAck {
         request_id: rid(),
@@ -274,12 +280,7 @@ fn garbage_oversize_and_early_end() {
         Err(ProtoError::Frame(FrameError::UnsupportedVersion(0xde)))
     ));
 
-    let mut s = ServerExchange::new(now, cfg(), None);
-    s.handle_bytes(
-        now,
-        &DeviceMessage::ProvisionRequest(req()).encode().unwrap(),
-    )
-    .unwrap();
+    let mut s = requested(now);
     assert!(matches!(s.handle_end_of_stream(), Ok(()) | Err(_)));
     let mut c = ClientExchange::provision(req(), now, cfg()).unwrap();
     assert!(matches!(
@@ -288,12 +289,7 @@ fn garbage_oversize_and_early_end() {
     ));
 
     // Server-side timeout while waiting for the ack.
-    let mut s = ServerExchange::new(now, cfg(), None);
-    s.handle_bytes(
-        now,
-        &DeviceMessage::ProvisionRequest(req()).encode().unwrap(),
-    )
-    .unwrap();
+    let mut s = requested(now);
     s.deliver(now, delivery()).unwrap();
     s.poll_transmit();
     let late = now + Duration::from_secs(11);

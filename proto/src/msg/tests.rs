@@ -1,5 +1,8 @@
+//! Unit tests of [`super`]: encoding vectors, decoding errors, forward compatibility.
+
 use super::*;
 use crate::frame::FrameError;
+use crate::ids::{DeviceId, RequestId, Supi};
 
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -26,6 +29,25 @@ fn dev() -> DeviceId {
 }
 
 /// One example per message type: (name, message frame bytes).
+/// The AKA bodies of the golden examples, the same in the CN and attach conversations.
+const CHALLENGE: Challenge = Challenge {
+    rand: [0x23; 16],
+    autn: [0x55; 16],
+};
+const RESPONSE: ChallengeResponse = ChallengeResponse {
+    res_star: [0xa5; 16],
+    binding: [0xb6; 32],
+};
+const RESYNC: Resync = Resync { auts: [0x77; 14] };
+
+/// The golden examples' AKA start (`AuthStart` / `AttachRequest`) for `supi`.
+fn aka_start(supi: Supi) -> AuthStart {
+    AuthStart {
+        supi,
+        serving_network_name: "5G:mnc001.mcc001.3gppnetwork.org".into(),
+    }
+}
+
 pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
     let sealed = Sealed {
         enc: [0x22; 32],
@@ -105,29 +127,13 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "AuthStart",
-            c(CnMessage::AuthStart(AuthStart {
-                supi: Supi::new("imsi-001010000000001").unwrap(),
-                serving_network_name: "5G:mnc001.mcc001.3gppnetwork.org".into(),
-            })),
+            c(CnMessage::AuthStart(aka_start(
+                Supi::new("imsi-001010000000001").unwrap(),
+            ))),
         ),
-        (
-            "AuthChallenge",
-            c(CnMessage::AuthChallenge(Challenge {
-                rand: [0x23; 16],
-                autn: [0x55; 16],
-            })),
-        ),
-        (
-            "AuthResponse",
-            c(CnMessage::AuthResponse(ChallengeResponse {
-                res_star: [0xa5; 16],
-                binding: [0xb6; 32],
-            })),
-        ),
-        (
-            "AuthResync",
-            c(CnMessage::AuthResync(Resync { auts: [0x77; 14] })),
-        ),
+        ("AuthChallenge", c(CnMessage::AuthChallenge(CHALLENGE))),
+        ("AuthResponse", c(CnMessage::AuthResponse(RESPONSE))),
+        ("AuthResync", c(CnMessage::AuthResync(RESYNC))),
         (
             "AuthResult",
             c(CnMessage::AuthResult(AuthResult {
@@ -200,29 +206,14 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "AttachRequest",
-            a(AttachMessage::AttachRequest(AttachRequest {
-                supi: supi(),
-                serving_network_name: "5G:mnc001.mcc001.3gppnetwork.org".into(),
-            })),
+            a(AttachMessage::AttachRequest(aka_start(supi()))),
         ),
         (
             "AttachChallenge",
-            a(AttachMessage::AttachChallenge(Challenge {
-                rand: [0x23; 16],
-                autn: [0x55; 16],
-            })),
+            a(AttachMessage::AttachChallenge(CHALLENGE)),
         ),
-        (
-            "AttachResponse",
-            a(AttachMessage::AttachResponse(ChallengeResponse {
-                res_star: [0xa5; 16],
-                binding: [0xb6; 32],
-            })),
-        ),
-        (
-            "AttachResync",
-            a(AttachMessage::AttachResync(Resync { auts: [0x77; 14] })),
-        ),
+        ("AttachResponse", a(AttachMessage::AttachResponse(RESPONSE))),
+        ("AttachResync", a(AttachMessage::AttachResync(RESYNC))),
         (
             "AttachAccept",
             a(AttachMessage::AttachAccept(AttachAccept {
