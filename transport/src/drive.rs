@@ -141,12 +141,11 @@ impl StreamDriver {
     /// Writes every frame the machine has queued.
     pub async fn flush<M: SansIo + ?Sized>(&mut self, m: &mut M) -> Result<(), DriveError> {
         while let Some(frame) = m.poll_transmit() {
-            let r = match tokio::time::timeout(self.write_timeout, self.send.write_all(&frame))
-                .await
-            {
-                Ok(r) => r.map_err(DriveError::from),
-                Err(_) => Err(DriveError::Timeout("peer does not read".into())),
-            };
+            let r =
+                match tokio::time::timeout(self.write_timeout, self.send.write_all(&frame)).await {
+                    Ok(r) => r.map_err(DriveError::from),
+                    Err(_) => Err(DriveError::Timeout("peer does not read".into())),
+                };
             if r.is_err() {
                 self.write_failed = true;
             }

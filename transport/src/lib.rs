@@ -13,6 +13,7 @@
 //! Protocol logic lives in `companion-proto`; this crate moves bytes securely and drives the
 //! protocol machines over QUIC.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod attach_client;
 pub mod attestation;

@@ -6,14 +6,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use companion_proto::device::{ClientEvent, ClientExchange, DeviceRequest, ServerEvent, ServerExchange};
+use companion_proto::device::{
+    ClientEvent, ClientExchange, DeviceRequest, ServerEvent, ServerExchange,
+};
 use companion_proto::msg::{CredentialDelivery, ErrorCode, KeyBinding, ProvisionRequest, Sealed};
 use companion_proto::{Config, DeviceId, ProtoError, RequestId, Supi};
 
 use super::*;
 use crate::{
-    ALPN_DEVICE, Identity, Limits, PinnedServerVerifier, ServerTrust, client_config,
-    server_config,
+    ALPN_DEVICE, Identity, Limits, PinnedServerVerifier, ServerTrust, client_config, server_config,
 };
 
 /// A connected pair on loopback; the endpoints live as long as this.
