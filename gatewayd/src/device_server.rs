@@ -140,7 +140,6 @@ fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usi
 /// A connection and its local id.
 type ConnEntry = (usize, quinn::Connection);
 
-
 /// Shared state of the server.
 #[derive(Debug)]
 pub struct DeviceServer {
@@ -250,7 +249,6 @@ impl DeviceServer {
         let _ = self.filter.set(filter);
     }
 
-
     /// Limits that apply to new connections from now on (SIGHUP).
     pub fn reconfigure(&self, cfg: DevicesConfig) {
         *lock(&self.cfg) = cfg;
@@ -274,7 +272,6 @@ impl DeviceServer {
         }
         conns.len()
     }
-
 
     /// Accepts connections until `shutdown` turns true; then refuses new ones.
     pub async fn serve(
