@@ -376,7 +376,7 @@ async fn exchange(
     let mut opened: Option<ProvisionedCredential> = None;
     loop {
         let step = drv
-            .next(&mut ex, &mut no_work, give_up)
+            .next(&mut ex, ClientExchange::is_closed, &mut no_work, give_up)
             .await
             .map_err(|e| drive_error(e, &drv, &lost))?;
         let ev = match step {

@@ -7,13 +7,12 @@
 //! [`StreamDriver::next_event`]; gatewayd's device server and `iotdev`'s client with
 //! [`StreamDriver::next`], which also waits on outside work (the CN's answer to a device's
 //! request), wakes its caller at a chosen time (the next `Pending` keep-alive, or a give-up
-//! time) and stops at the end of a [`Conversation`].
+//! time) and stops at the end of the conversation.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use companion_proto::ProtoError;
-use companion_proto::device::{ClientExchange, ServerExchange};
 
 /// Largest chunk read from a stream at once.
 const READ_CHUNK: usize = 64 * 1024;
@@ -55,25 +54,6 @@ impl DriveError {
     /// The failure came from the connection, not from this stream's content.
     pub fn is_transport(&self) -> bool {
         matches!(self, DriveError::Write(_) | DriveError::Read(_))
-    }
-}
-
-/// A machine that knows when its conversation is over, so [`StreamDriver::next`] stops reading
-/// then instead of waiting for the peer's end of stream.
-pub trait Conversation: SansIo {
-    /// No more input is accepted (the exchange completed or failed).
-    fn is_closed(&self) -> bool;
-}
-
-impl Conversation for ClientExchange {
-    fn is_closed(&self) -> bool {
-        ClientExchange::is_closed(self)
-    }
-}
-
-impl Conversation for ServerExchange {
-    fn is_closed(&self) -> bool {
-        ServerExchange::is_closed(self)
     }
 }
 
@@ -161,7 +141,7 @@ impl StreamDriver {
         m: &mut M,
     ) -> Result<M::Event, DriveError> {
         let mut no_work: Option<std::future::Pending<std::convert::Infallible>> = None;
-        match self.step(m, |_| false, &mut no_work, None).await? {
+        match self.next(m, |_| false, &mut no_work, None).await? {
             Step::Event(ev) => Ok(ev),
             Step::Done(never) => match never {},
             // Neither can happen without a wake-up time and a conversation end.
@@ -170,27 +150,14 @@ impl StreamDriver {
     }
 
     /// Like [`StreamDriver::next_event`], and also returns when the outside `work` finishes
-    /// (the driver then clears it), when `wake_at` passes, or when the conversation is over
-    /// (after its last frames are written and the sending side is finished). The machine's
-    /// deadline is handled as in `next_event`: while `work` runs, the caller keeps the peer
-    /// waiting with keep-alives sent at `wake_at` (`Pending` moves both sides' deadlines).
-    /// When several are ready at once, input from the peer comes first, then the work, then
-    /// the wake-up, then the machine's deadline.
+    /// (the driver then clears it), when `wake_at` passes, or when `closed` says the
+    /// conversation is over (after its last frames are written and the sending side is
+    /// finished; pass the machine's own `is_closed`). The machine's deadline is handled as in
+    /// `next_event`: while `work` runs, the caller keeps the peer waiting with keep-alives sent
+    /// at `wake_at` (`Pending` moves both sides' deadlines). When several are ready at once,
+    /// input from the peer comes first, then the work, then the wake-up, then the machine's
+    /// deadline. `next_event` is this loop without work, wake-up or end.
     pub async fn next<M, W>(
-        &mut self,
-        m: &mut M,
-        work: &mut Option<W>,
-        wake_at: Option<Instant>,
-    ) -> Result<Step<M::Event, W::Output>, DriveError>
-    where
-        M: Conversation + ?Sized,
-        W: Future + Unpin,
-    {
-        self.step(m, |m: &M| m.is_closed(), work, wake_at).await
-    }
-
-    /// The one loop behind [`StreamDriver::next_event`] and [`StreamDriver::next`].
-    async fn step<M, W>(
         &mut self,
         m: &mut M,
         closed: impl Fn(&M) -> bool,

@@ -91,7 +91,10 @@ impl DeviceServer {
         };
         loop {
             let pending_at = x.next_pending.filter(|_| x.work.is_some());
-            match drv.next(&mut ex, &mut x.work, pending_at).await {
+            match drv
+                .next(&mut ex, ServerExchange::is_closed, &mut x.work, pending_at)
+                .await
+            {
                 Ok(Step::Event(ev)) => self.on_event(&mut ex, &mut x, ev).await,
                 Ok(Step::Done(reply)) => {
                     x.next_pending = None;

@@ -11,6 +11,7 @@ use crate::cmd::show::{fmt_time, remaining};
 use crate::cmd::{endpoint_for, now_unix};
 use crate::{Failure, attach_failure, open};
 
+/// `attach`: authenticates to the CN named in the credential and prints the outcome.
 pub(crate) async fn attach_cmd(
     dir: &Path,
     snn: Option<&str>,

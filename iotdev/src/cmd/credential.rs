@@ -5,12 +5,30 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use companion_proto::msg::Params;
+use iotdev::DeviceError;
 use iotdev::client::AttemptKind;
 
 use crate::cmd::show::{fmt_time, print_credential_summary};
 use crate::cmd::{client_options, endpoint_for, now_unix, resolve};
 use crate::{Failure, GatewayArgs, ParamArgs, device_failure, open, state_file};
 
+/// After a failed try: waits as the gateway asked (1 s if it did not) when the failure is
+/// retryable and the wait ends before `until`; otherwise returns the failure to report.
+async fn wait_to_retry(e: DeviceError, until: Instant) -> Result<(), Failure> {
+    if !e.is_retryable() {
+        return Err(device_failure(e));
+    }
+    let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
+    if Instant::now() + wait > until {
+        return Err(device_failure(e));
+    }
+    eprintln!("{e}; retrying in {} ms", wait.as_millis());
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
+/// `provision`: a first credential (or another one with `--again`), resuming an unfinished
+/// request with the same request ID.
 pub(crate) async fn provision(
     dir: &Path,
     gw: &GatewayArgs,
@@ -51,15 +69,7 @@ pub(crate) async fn provision(
     let cred = loop {
         match d.provision(&ep, addr, params.clone(), &opts).await {
             Ok(c) => break c,
-            Err(e) if e.is_retryable() => {
-                let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
-                if Instant::now() + wait > until {
-                    return Err(device_failure(e));
-                }
-                eprintln!("{e}; retrying in {} ms", wait.as_millis());
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => return Err(device_failure(e)),
+            Err(e) => wait_to_retry(e, until).await?,
         }
     };
     ep.wait_idle().await;
@@ -79,6 +89,7 @@ pub(crate) async fn provision(
     Ok(())
 }
 
+/// `renew`: a fresh expiry (and optionally lifetime) for the credential the device holds.
 pub(crate) async fn renew(
     dir: &Path,
     gw: &GatewayArgs,
@@ -113,15 +124,7 @@ pub(crate) async fn renew(
     let cred = loop {
         match d.renew(&ep, addr, params.clone(), &opts).await {
             Ok(c) => break c,
-            Err(e) if e.is_retryable() => {
-                let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
-                if Instant::now() + wait > until {
-                    return Err(device_failure(e));
-                }
-                eprintln!("{e}; retrying in {} ms", wait.as_millis());
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => return Err(device_failure(e)),
+            Err(e) => wait_to_retry(e, until).await?,
         }
     };
     ep.wait_idle().await;

@@ -15,6 +15,7 @@ use iotdev::client::ClientOptions;
 
 use crate::{Failure, GatewayArgs};
 
+/// The gateway's address: `host:port` parsed, or resolved (IPv4 first).
 pub(crate) async fn resolve(addr: &str) -> Result<SocketAddr, Failure> {
     if let Ok(a) = addr.parse::<SocketAddr>() {
         return Ok(a);
@@ -30,6 +31,7 @@ pub(crate) async fn resolve(addr: &str) -> Result<SocketAddr, Failure> {
         .ok_or_else(|| anyhow!("`{addr}` resolves to no address").into())
 }
 
+/// A client QUIC endpoint on an ephemeral port of `peer`'s address family.
 pub(crate) fn endpoint_for(peer: SocketAddr) -> Result<quinn::Endpoint, Failure> {
     let bind: SocketAddr = if peer.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
@@ -41,6 +43,7 @@ pub(crate) fn endpoint_for(peer: SocketAddr) -> Result<quinn::Endpoint, Failure>
         .map_err(Failure::from)
 }
 
+/// The client options for the `--gateway` arguments (`--timeout` is the patience).
 pub(crate) fn client_options(gw: &GatewayArgs) -> ClientOptions {
     let d = ClientOptions::default();
     ClientOptions {
@@ -51,6 +54,7 @@ pub(crate) fn client_options(gw: &GatewayArgs) -> ClientOptions {
     }
 }
 
+/// Now, Unix seconds.
 pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

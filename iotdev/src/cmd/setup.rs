@@ -11,7 +11,7 @@ use iotdev::Device;
 use crate::{FactoryCmd, Failure, device_failure, state_file};
 
 /// Reads a certificate file, PEM (first CERTIFICATE block) or DER.
-pub(crate) fn read_certificate(path: &Path) -> Result<Vec<u8>, Failure> {
+fn read_certificate(path: &Path) -> Result<Vec<u8>, Failure> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let bytes = std::fs::read(path)
@@ -25,6 +25,7 @@ pub(crate) fn read_certificate(path: &Path) -> Result<Vec<u8>, Failure> {
     Ok(bytes)
 }
 
+/// `factory ca|device`: a manufacturer CA, or a device identity certified by one.
 pub(crate) fn factory(cmd: FactoryCmd) -> Result<(), Failure> {
     use companion_transport::ManufacturerCa;
     let mkdir = |out: &Path| {
@@ -77,6 +78,8 @@ pub(crate) fn factory(cmd: FactoryCmd) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `init`: creates the device's state directory, keys and first attempt, then prints the
+/// pairing code.
 pub(crate) fn init(
     dir: &Path,
     id: Option<&str>,
@@ -158,6 +161,7 @@ pub(crate) fn init(
     Ok(())
 }
 
+/// Prints the `CPN:` pairing code, and its QR code unless `no_qr`.
 pub(crate) fn print_pairing_code(d: &Device, no_qr: bool) -> Result<(), Failure> {
     let code = d.pairing_code().map_err(device_failure)?;
     println!("pairing code:\n{code}\n");

@@ -9,6 +9,7 @@ use iotdev::store::StoredCredential;
 use crate::cmd::now_unix;
 use crate::{Failure, device_failure, open};
 
+/// A few lines on a credential: SUPI, expiry, restrictions.
 pub(crate) fn print_credential_summary(c: &StoredCredential) {
     let b = &c.bundle;
     println!("  SUPI        {}", b.supi);
@@ -35,6 +36,7 @@ pub(crate) fn print_credential_summary(c: &StoredCredential) {
     );
 }
 
+/// `show`: the device, its pin and its credential (keys only with `--reveal`), or JSON.
 pub(crate) fn show(dir: &Path, json: bool, reveal: bool) -> Result<(), Failure> {
     let d = open(dir)?;
     let keys = d.keys();
@@ -123,6 +125,7 @@ pub(crate) fn show(dir: &Path, json: bool, reveal: bool) -> Result<(), Failure> 
     }
     Ok(())
 }
+/// Time left before `expires_at`, or how long ago it passed.
 pub(crate) fn remaining(expires_at: u64) -> String {
     let now = now_unix();
     if expires_at <= now {
@@ -131,7 +134,8 @@ pub(crate) fn remaining(expires_at: u64) -> String {
     format!("{} left", human(expires_at - now))
 }
 
-pub(crate) fn human(s: u64) -> String {
+/// Seconds as a short human duration (s, m, h or d).
+fn human(s: u64) -> String {
     match s {
         0..120 => format!("{s}s"),
         120..7200 => format!("{}m", s / 60),

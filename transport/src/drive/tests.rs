@@ -100,7 +100,10 @@ async fn device(
     let mut none: Option<std::future::Ready<()>> = None;
     let mut pendings = 0;
     loop {
-        let step = match drv.next(&mut ex, &mut none, give_up).await {
+        let step = match drv
+            .next(&mut ex, ClientExchange::is_closed, &mut none, give_up)
+            .await
+        {
             Ok(s) => s,
             Err(e) => return (pendings, Err(e)),
         };
@@ -140,7 +143,10 @@ async fn gateway(
     let mut seen = None;
     loop {
         let at = wake.filter(|_| job.is_some());
-        match drv.next(&mut ex, &mut job, at).await {
+        match drv
+            .next(&mut ex, ServerExchange::is_closed, &mut job, at)
+            .await
+        {
             Ok(Step::Event(ServerEvent::Request(DeviceRequest::Provision(_)))) => {
                 job = Some(Box::pin(tokio::time::sleep(work)));
                 wake = every.map(|(e, _)| Instant::now() + e);
@@ -271,11 +277,14 @@ async fn an_end_of_stream_mid_exchange_is_reported_as_the_peer_finishing() {
     let mut drv = StreamDriver::new(send, recv, WRITE);
     let mut ex = ClientExchange::provision(request(), Instant::now(), cfg(WRITE)).unwrap();
     let mut none: Option<std::future::Ready<()>> = None;
-    let (r, ()) = tokio::join!(drv.next(&mut ex, &mut none, None), async {
-        let (mut send, mut recv) = p.server.accept_bi().await.unwrap();
-        let _ = recv.read_chunk(1024, true).await;
-        send.finish().unwrap();
-    });
+    let (r, ()) = tokio::join!(
+        drv.next(&mut ex, ClientExchange::is_closed, &mut none, None),
+        async {
+            let (mut send, mut recv) = p.server.accept_bi().await.unwrap();
+            let _ = recv.read_chunk(1024, true).await;
+            send.finish().unwrap();
+        }
+    );
     assert!(
         matches!(r, Err(DriveError::Proto(ProtoError::UnexpectedEnd(_)))),
         "{r:?}"
