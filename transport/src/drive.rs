@@ -71,6 +71,19 @@ pub enum Step<E, O> {
     Closed,
 }
 
+/// What one call of [`StreamDriver::run`] waits for besides the machine's events, and in which
+/// order it hands them over.
+struct Until<'a, M: ?Sized, W> {
+    /// Whether the conversation is over (the driver then stops reading).
+    closed: &'a (dyn Fn(&M) -> bool + Sync),
+    /// Outside work the caller waits on, cleared when it finishes.
+    work: &'a mut Option<W>,
+    /// When to wake the caller.
+    wake_at: Option<Instant>,
+    /// Hand an event over before writing the frames queued with it.
+    events_first: bool,
+}
+
 /// What woke the wait for input.
 enum Input<O> {
     Read(Result<Option<quinn::Chunk>, quinn::ReadError>),
@@ -141,7 +154,13 @@ impl StreamDriver {
         m: &mut M,
     ) -> Result<M::Event, DriveError> {
         let mut no_work: Option<std::future::Pending<std::convert::Infallible>> = None;
-        match self.next(m, |_| false, &mut no_work, None).await? {
+        let until = Until {
+            closed: &|_| false,
+            work: &mut no_work,
+            wake_at: None,
+            events_first: false,
+        };
+        match self.run(m, until).await? {
             Step::Event(ev) => Ok(ev),
             Step::Done(never) => match never {},
             // Neither can happen without a wake-up time and a conversation end.
@@ -156,11 +175,13 @@ impl StreamDriver {
     /// `next_event`: while `work` runs, the caller keeps the peer waiting with keep-alives sent
     /// at `wake_at` (`Pending` moves both sides' deadlines). When several are ready at once,
     /// input from the peer comes first, then the work, then the wake-up, then the machine's
-    /// deadline. `next_event` is this loop without work, wake-up or end.
+    /// deadline. Unlike `next_event`, an event is handed over before the frames the machine
+    /// queued with it are written (they go at the next call), so the caller acts on it first:
+    /// gatewayd records a device's acknowledgement before the confirmation leaves.
     pub async fn next<M, W>(
         &mut self,
         m: &mut M,
-        closed: impl Fn(&M) -> bool,
+        closed: impl Fn(&M) -> bool + Sync,
         work: &mut Option<W>,
         wake_at: Option<Instant>,
     ) -> Result<Step<M::Event, W::Output>, DriveError>
@@ -168,7 +189,31 @@ impl StreamDriver {
         M: SansIo + ?Sized,
         W: Future + Unpin,
     {
+        let until = Until {
+            closed: &closed,
+            work,
+            wake_at,
+            events_first: true,
+        };
+        self.run(m, until).await
+    }
+
+    /// The one loop behind [`StreamDriver::next_event`] and [`StreamDriver::next`].
+    async fn run<M: SansIo + ?Sized, W: Future + Unpin>(
+        &mut self,
+        m: &mut M,
+        until: Until<'_, M, W>,
+    ) -> Result<Step<M::Event, W::Output>, DriveError> {
+        let Until {
+            closed,
+            work,
+            wake_at,
+            events_first,
+        } = until;
         loop {
+            if events_first && let Some(ev) = m.poll_event() {
+                return Ok(Step::Event(ev));
+            }
             self.flush(m).await?;
             if let Some(ev) = m.poll_event() {
                 return Ok(Step::Event(ev));

@@ -307,3 +307,43 @@ async fn next_event_still_reports_a_silent_peer_as_a_timeout() {
     });
     assert!(matches!(r, Err(DriveError::Timeout(_))), "{r:?}");
 }
+
+#[tokio::test]
+async fn the_caller_acts_on_an_event_before_the_answer_queued_with_it_leaves() {
+    let p = pair().await;
+    let timeout = Duration::from_secs(5);
+    let gw = async {
+        let (send, recv) = p.server.accept_bi().await.unwrap();
+        let mut drv = StreamDriver::new(send, recv, WRITE);
+        let mut ex = ServerExchange::new(Instant::now(), cfg(timeout), None);
+        let mut none: Option<std::future::Ready<()>> = None;
+        let mut recorded = None;
+        loop {
+            match drv
+                .next(&mut ex, ServerExchange::is_closed, &mut none, None)
+                .await
+            {
+                Ok(Step::Event(ServerEvent::Request(_))) => {
+                    ex.deliver(Instant::now(), delivery()).unwrap();
+                }
+                Ok(Step::Event(ServerEvent::Acked { .. })) => {
+                    // Recording the acknowledgement takes a while; `AckConfirmed` is queued.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    recorded = Some(Instant::now());
+                }
+                Ok(Step::Closed) => {
+                    drv.wait_delivered(Duration::from_secs(2)).await;
+                    return recorded.unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let dev = async {
+        let r = device(p.client.clone(), timeout, Duration::from_secs(10)).await;
+        (r, Instant::now())
+    };
+    let (recorded, ((_, r), confirmed)) = tokio::join!(gw, dev);
+    assert_eq!(r.unwrap(), "confirmed");
+    assert!(confirmed >= recorded, "confirmed before it was recorded");
+}
