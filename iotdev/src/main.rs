@@ -10,6 +10,10 @@
 //!
 //! Exit status: 0 success, 1 failure, 75 (EX_TEMPFAIL) for a failure worth retrying later
 //! (gateway busy, operator network unreachable).
+//!
+//! This file parses the arguments and maps failures to the exit status; each subcommand lives
+//! in `cmd/` (`setup`: factory, init, pairing-code; `credential`: provision, renew; `show`;
+//! `attach`).
 #![warn(missing_docs)]
 
 use std::path::{Path, PathBuf};
