@@ -11,13 +11,13 @@
 //!   have not proved they receive our packets (always, by default), so a forged source address
 //!   costs no handshake work; only failures from validated addresses count towards an automatic
 //!   block. Every table keyed by address is bounded ([`BoundedMap`]).
-//! - One [`ServerExchange`] per stream with a per-stream silence deadline; a device that sends
+//! - One [`ServerExchange`](companion_proto::device::ServerExchange) per stream with a per-stream silence deadline; a device that sends
 //!   garbage is cut off (connection closed), one that stalls loses its stream, one that
 //!   reconnects in a loop is refused at the door — none of it affects other devices.
 //!
 //! This module owns the endpoint, the accept loop and each connection's admission by key;
-//! [`admission`] decides who may connect at all (rate, Retry, automatic blocks), and
-//! [`exchange`] runs one exchange per stream through the shared
+//! `admission` decides who may connect at all (rate, Retry, automatic blocks), and
+//! `exchange` runs one exchange per stream through the shared
 //! [`StreamDriver`](companion_transport::drive::StreamDriver).
 
 use std::collections::{HashMap, HashSet};

@@ -1,5 +1,5 @@
 //! One provisioning or renewal over QUIC, driving the sans-IO
-//! [`ClientExchange`](companion_proto::device::ClientExchange).
+//! [`companion_proto::device::ClientExchange`].
 //!
 //! ```text
 //! connect (ALPN companion-device/2; the device presents its self-signed certificate; the
