@@ -41,7 +41,10 @@ pub enum AttachError {
         "the credential expired (at {expires_at} Unix time): renew credentials before they expire \
          (`iotdev renew`); an expired one must be provisioned again (`iotdev provision`)"
     )]
-    Expired { expires_at: u64 },
+    Expired {
+        /// When it expired, Unix seconds.
+        expires_at: u64,
+    },
     /// The credential, or its parent subscription, was revoked.
     #[error(
         "the network refused the credential: it was revoked (the device was unpaired or the owner's \
@@ -54,25 +57,45 @@ pub enum AttachError {
         "the network refused the attach: this credential may not roam and {snn} is not its home \
          network; attach from the home network or ask the operator to allow roaming"
     )]
-    RoamingNotAllowed { snn: String },
+    RoamingNotAllowed {
+        /// The serving network name used.
+        snn: String,
+    },
     /// The owner's subscription is suspended.
     #[error("the owner's subscription is suspended{}: ask the operator to resume it", detail(.0))]
     SubscriptionSuspended(String),
     /// The CN does not know the SUPI, or AKA failed (wrong keys).
     #[error("the network does not accept this credential ({what}){}: provision the device again", detail(.reason))]
-    NotAccepted { what: &'static str, reason: String },
+    NotAccepted {
+        /// Which check failed (unknown SUPI, authentication).
+        what: &'static str,
+        /// The CN's words.
+        reason: String,
+    },
     /// The CN could not be reached (down, wrong address, network).
     #[error("cannot reach the operator's network at {endpoint}: {reason}; retry later")]
-    CnUnreachable { endpoint: String, reason: String },
+    CnUnreachable {
+        /// The CN address from the credential.
+        endpoint: String,
+        /// Why the connection failed.
+        reason: String,
+    },
     /// The CN asked to retry later.
     #[error("the operator's network is busy ({reason}); retry in {} ms", .retry_after.as_millis())]
     CnBusy {
+        /// The CN's words.
         reason: String,
+        /// How long the CN asked to wait.
         retry_after: Duration,
     },
     /// Another refusal.
     #[error("the operator's network refused the attach: {} ({reason})", .code.name())]
-    Rejected { code: ErrorCode, reason: String },
+    Rejected {
+        /// The CN's error code.
+        code: ErrorCode,
+        /// The CN's words.
+        reason: String,
+    },
     /// The credential's attach information is unusable, or a local failure.
     #[error("{0}")]
     Local(String),

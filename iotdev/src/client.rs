@@ -1,5 +1,5 @@
 //! One provisioning or renewal over QUIC, driving the sans-IO
-//! [`ClientExchange`](companion_proto::device::ClientExchange).
+//! [`companion_proto::device::ClientExchange`].
 //!
 //! ```text
 //! connect (ALPN companion-device/2; the device presents its self-signed certificate; the
@@ -23,6 +23,7 @@ use companion_proto::bundle::CredentialBundle;
 use companion_proto::device::{ClientEvent, ClientExchange};
 use companion_proto::msg::{CredentialDelivery, Params, ProvisionRequest, RenewRequest};
 use companion_proto::{Config, RequestId, Supi};
+use companion_transport::drive::{DriveError, Step, StreamDriver};
 use companion_transport::{
     ALPN_DEVICE, Limits, PinnedServerVerifier, ServerTrust, client_config, negotiated_alpn,
 };
@@ -33,16 +34,26 @@ use crate::{DeviceError, DeviceKeys, random_request_id, renewal_request_id};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptKind {
     /// A first credential with these control parameters.
-    Provision { params: Params },
+    Provision {
+        /// The control parameters asked for.
+        params: Params,
+    },
     /// A fresh expiry for `supi` (`None` params: keep the current ones).
-    Renew { supi: Supi, params: Option<Params> },
+    Renew {
+        /// The SUPI of the credential renewed.
+        supi: Supi,
+        /// New control parameters, or `None` to keep the current ones.
+        params: Option<Params>,
+    },
 }
 
 /// One logical request: its ID and HPKE key are kept across retries so the gateway and the CN
 /// answer a retry idempotently (same credential, no second quota unit).
 #[derive(Debug, Clone)]
 pub struct Attempt {
+    /// The request ID, the same on every retry.
     pub request_id: RequestId,
+    /// Provisioning or renewal, with its parameters.
     pub kind: AttemptKind,
     /// The key the credential is sealed to.
     pub hpke: DeviceHpkeKey,
@@ -112,6 +123,7 @@ impl Default for ClientOptions {
 pub struct ProvisionParams {
     /// Control parameters asked for (lifetime, roaming, DNNs, bitrate).
     pub params: Params,
+    /// How the client behaves on the wire.
     pub options: ClientOptions,
     /// Keep retrying retryable failures (busy, CN unavailable, unreachable) with the same
     /// request ID for this long; zero = one try.
@@ -123,6 +135,7 @@ pub struct ProvisionParams {
 pub struct ProvisionedCredential {
     /// The opened bundle (K and OPc wipe themselves on drop).
     pub bundle: CredentialBundle,
+    /// The request that obtained it.
     pub request_id: RequestId,
     /// The key the bundle was sealed to: keep it as the renewal key.
     pub hpke: DeviceHpkeKey,
@@ -311,7 +324,10 @@ async fn exchange(
     let gateway_fingerprint = companion_transport::peer_fingerprint(conn)
         .or_else(|| verifier.seen())
         .ok_or_else(|| DeviceError::Protocol("the gateway presented no certificate".into()))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
+    let (send, recv) = conn.open_bi().await.map_err(lost)?;
+    // Writes are not bounded on their own (the gateway's flow control paces them); the
+    // patience bounds the wait for the gateway's answers.
+    let mut drv = StreamDriver::new(send, recv, Duration::MAX);
     let now = Instant::now();
     let config = Config {
         timeout: opts.stream_timeout,
@@ -353,112 +369,96 @@ async fn exchange(
         ),
     }
     .map_err(proto)?;
-    let give_up = started + opts.patience;
+    // The patience is the driver's wake-up time: reaching it ends the exchange.
+    let give_up = Some(started + opts.patience);
+    let mut no_work: Option<std::future::Pending<()>> = None;
     let mut pendings = 0u32;
     let mut opened: Option<ProvisionedCredential> = None;
-    let mut buf_err: Option<DeviceError> = None;
     loop {
-        while let Some(ev) = ex.poll_event() {
-            match ev {
-                ClientEvent::Pending { .. } => pendings += 1,
-                ClientEvent::Delivery(d) => match open_delivery(keys, attempt, &d) {
-                    Ok(bundle) => {
-                        let cred = ProvisionedCredential {
-                            bundle,
-                            request_id: attempt.request_id,
-                            hpke: attempt.hpke.clone(),
-                            gateway_fingerprint,
-                            acknowledged: false,
-                            pendings,
-                            elapsed: started.elapsed(),
-                        };
-                        if !opts.acknowledge {
-                            // Test hook: walk away with the credential, unacknowledged.
-                            let _ = send.reset(0u32.into());
-                            return Ok(cred);
-                        }
-                        sink(&cred)?;
-                        ex.accept(Instant::now()).map_err(proto)?;
-                        opened = Some(cred);
-                    }
-                    Err(reason) => {
-                        let _ = ex.reject(&reason);
-                        buf_err = Some(DeviceError::CredentialUnusable(reason));
-                    }
-                },
-                ClientEvent::Confirmed { .. } => {
-                    let _ = send.finish();
-                    let mut cred = opened.take().ok_or_else(|| {
-                        DeviceError::Protocol("confirmation without delivery".into())
-                    })?;
-                    cred.acknowledged = true;
-                    cred.elapsed = started.elapsed();
-                    return Ok(cred);
-                }
-                ClientEvent::Failed { error, .. } => return Err(DeviceError::from_gateway(error)),
+        let step = drv
+            .next(&mut ex, ClientExchange::is_closed, &mut no_work, give_up)
+            .await
+            .map_err(|e| drive_error(e, &drv, &lost))?;
+        let ev = match step {
+            Step::Event(ev) => ev,
+            Step::Wake => {
+                return Err(DeviceError::Timeout(format!(
+                    "no credential after {} s",
+                    opts.patience.as_secs()
+                )));
             }
-        }
-        while let Some(frame) = ex.poll_transmit() {
-            send.write_all(&frame).await.map_err(|e| match e {
-                quinn::WriteError::ConnectionLost(c) => lost(c),
-                other => DeviceError::ConnectionLost(other.to_string()),
-            })?;
-        }
-        if let Some(e) = buf_err.take() {
-            while let Some(frame) = ex.poll_transmit() {
-                let _ = send.write_all(&frame).await;
+            Step::Closed | Step::Done(()) => {
+                return Err(DeviceError::Protocol(
+                    "the exchange ended without a credential".into(),
+                ));
             }
-            let _ = send.finish();
-            return Err(e);
-        }
-        if ex.is_closed() {
-            return Err(DeviceError::Protocol(
-                "the exchange ended without a credential".into(),
-            ));
-        }
-        let deadline = ex.poll_timeout().map_or(give_up, |d| d.min(give_up));
-        tokio::select! {
-            chunk = recv.read_chunk(16 * 1024, true) => match chunk {
-                Ok(Some(c)) => {
-                    if let Err(e) = ex.handle_bytes(Instant::now(), &c.bytes) {
-                        return flush_then(&mut ex, &mut send, DeviceError::Protocol(e.to_string())).await;
+        };
+        match ev {
+            ClientEvent::Pending { .. } => pendings += 1,
+            ClientEvent::Delivery(d) => match open_delivery(keys, attempt, &d) {
+                Ok(bundle) => {
+                    let cred = ProvisionedCredential {
+                        bundle,
+                        request_id: attempt.request_id,
+                        hpke: attempt.hpke.clone(),
+                        gateway_fingerprint,
+                        acknowledged: false,
+                        pendings,
+                        elapsed: started.elapsed(),
+                    };
+                    if !opts.acknowledge {
+                        // Test hook: walk away with the credential, unacknowledged.
+                        drv.abort(0);
+                        return Ok(cred);
                     }
+                    sink(&cred)?;
+                    ex.accept(Instant::now()).map_err(proto)?;
+                    opened = Some(cred);
                 }
-                Ok(None) => {
-                    if let Err(e) = ex.handle_end_of_stream() {
-                        return Err(DeviceError::ConnectionLost(format!("the gateway ended the stream: {e}")));
-                    }
+                Err(reason) => {
+                    let _ = ex.reject(&reason);
+                    drv.flush(&mut ex)
+                        .await
+                        .map_err(|e| drive_error(e, &drv, &lost))?;
+                    drv.finish();
+                    return Err(DeviceError::CredentialUnusable(reason));
                 }
-                Err(quinn::ReadError::ConnectionLost(c)) => return Err(lost(c)),
-                Err(e) => return Err(DeviceError::ConnectionLost(e.to_string())),
             },
-            () = tokio::time::sleep_until(deadline.into()) => {
-                let now = Instant::now();
-                if now >= give_up {
-                    return Err(DeviceError::Timeout(format!(
-                        "no credential after {} s", opts.patience.as_secs()
-                    )));
-                }
-                if ex.handle_timeout(now).is_err() {
-                    return flush_then(&mut ex, &mut send, DeviceError::Timeout(
-                        "the gateway went silent".into(),
-                    )).await;
-                }
+            ClientEvent::Confirmed { .. } => {
+                drv.finish();
+                let mut cred = opened
+                    .take()
+                    .ok_or_else(|| DeviceError::Protocol("confirmation without delivery".into()))?;
+                cred.acknowledged = true;
+                cred.elapsed = started.elapsed();
+                return Ok(cred);
             }
+            ClientEvent::Failed { error, .. } => return Err(DeviceError::from_gateway(error)),
         }
     }
 }
 
-async fn flush_then(
-    ex: &mut ClientExchange,
-    send: &mut quinn::SendStream,
-    e: DeviceError,
-) -> Result<ProvisionedCredential, DeviceError> {
-    while let Some(frame) = ex.poll_transmit() {
-        let _ = send.write_all(&frame).await;
+/// The device's error for a failure of the stream driver (`lost` maps a lost connection).
+fn drive_error(
+    e: DriveError,
+    drv: &StreamDriver,
+    lost: &dyn Fn(quinn::ConnectionError) -> DeviceError,
+) -> DeviceError {
+    match e {
+        // The gateway ended its side in the middle of the exchange.
+        DriveError::Proto(e) if drv.peer_finished() => {
+            DeviceError::ConnectionLost(format!("the gateway ended the stream: {e}"))
+        }
+        DriveError::Proto(e) => DeviceError::Protocol(e.to_string()),
+        DriveError::Timeout(_) => DeviceError::Timeout("the gateway went silent".into()),
+        DriveError::Read(quinn::ReadError::ConnectionLost(c))
+        | DriveError::Write(quinn::WriteError::ConnectionLost(c)) => lost(c),
+        DriveError::Read(e) => DeviceError::ConnectionLost(e.to_string()),
+        DriveError::Write(e) => DeviceError::ConnectionLost(e.to_string()),
+        DriveError::Ended | DriveError::OverBudget { .. } => {
+            DeviceError::Protocol("the exchange ended without a credential".into())
+        }
     }
-    let _ = send.finish();
-    Err(e)
 }
 
 /// Opens the sealed bundle and checks it answers this device's request.

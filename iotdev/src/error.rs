@@ -27,10 +27,16 @@ pub enum DeviceError {
     PolicyDenied(String),
     /// The gateway is overloaded.
     #[error("the gateway is busy; retry in {} ms", .retry_after.as_millis())]
-    Busy { retry_after: Duration },
+    Busy {
+        /// How long the gateway asked to wait.
+        retry_after: Duration,
+    },
     /// The gateway cannot reach the operator's core network right now.
     #[error("the operator's network is unreachable from the gateway; retry in {} ms", .retry_after.as_millis())]
-    CnUnavailable { retry_after: Duration },
+    CnUnavailable {
+        /// How long the gateway asked to wait.
+        retry_after: Duration,
+    },
     /// The credential to renew has expired: provision a new one.
     #[error("the credential has expired and cannot be renewed; provision the device again")]
     Expired,
@@ -42,13 +48,23 @@ pub enum DeviceError {
     NotFound(String),
     /// No answer from the gateway (address wrong, gateway down, network).
     #[error("cannot reach the gateway at {addr}: {reason}")]
-    GatewayUnreachable { addr: String, reason: String },
+    GatewayUnreachable {
+        /// The gateway address tried.
+        addr: String,
+        /// Why the connection failed.
+        reason: String,
+    },
     /// The gateway presents another key than the one pinned at first use.
     #[error(
         "the gateway's key changed (pinned {pinned}, presented {presented}): this may be an attack; \
          if the gateway was really replaced, reset the device's gateway pin"
     )]
-    GatewayKeyChanged { pinned: String, presented: String },
+    GatewayKeyChanged {
+        /// The pinned fingerprint, hex.
+        pinned: String,
+        /// The fingerprint presented now, hex.
+        presented: String,
+    },
     /// The gateway or the device gave up waiting.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -65,8 +81,11 @@ pub enum DeviceError {
     /// The gateway answered with another error.
     #[error("the gateway answered {}: {reason}", .code.name())]
     Gateway {
+        /// The gateway's error code.
         code: ErrorCode,
+        /// The gateway's words.
         reason: String,
+        /// How long to wait before retrying, if the gateway said.
         retry_after: Option<Duration>,
     },
     /// The gateway broke the protocol.

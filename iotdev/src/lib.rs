@@ -21,6 +21,7 @@
 //! pre-fetch a renewal sealed to the device before the device asks; the device's own
 //! `RenewRequest` then finds it waiting (same request ID, idempotent at the CN).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod attach;
 pub mod client;

@@ -126,6 +126,7 @@ struct StateFile {
 /// The credential a device holds, as stored.
 #[derive(Debug, Clone)]
 pub struct StoredCredential {
+    /// The opened, checked bundle (K and OPc wipe themselves on drop).
     pub bundle: CredentialBundle,
     /// The request that issued (or last renewed) it.
     pub request_id: RequestId,
@@ -367,10 +368,12 @@ impl Device {
             .map_err(|e| local("device state", e))
     }
 
+    /// The device's ID, TLS identity and gateway pin.
     pub fn keys(&self) -> &DeviceKeys {
         &self.keys
     }
 
+    /// The device's state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -4,15 +4,10 @@
 //!
 //! Every wait for the CN is bounded ([`crate::cn_client::ClientOptions`]).
 
-use std::time::Instant;
-
-use companion_crypto::binding::EXPORTER_LABEL;
 use companion_crypto::usim::Usim;
-use companion_proto::attach::Client;
-use companion_proto::msg::AttachAccept;
+use companion_proto::msg::{AttachAccept, AttachMessage};
 
-use crate::cn_client::{ClientOptions, CnTarget, open_connection, open_stream, run_aka};
-use crate::quic::tls_exporter;
+use crate::cn_client::{ClientOptions, CnTarget, authenticate, open_connection};
 
 /// Why an attach failed; the same kinds as a CN session's errors. A refusal by the CN is
 /// [`AttachClientError::Rejected`] with `credential_revoked`, `credential_expired`,
@@ -44,20 +39,9 @@ pub async fn attach_with(
         &opts,
     )
     .await?;
-    let result = async {
-        let exporter = tls_exporter(&conn, EXPORTER_LABEL)?;
-        let mut machine = Client::new(
-            usim,
-            &target.serving_network_name,
-            exporter,
-            Instant::now(),
-            opts.proto_config(),
-        )?;
-        let mut drv = open_stream(&conn, opts.exchange_timeout).await?;
-        let accept = run_aka(&mut drv, &mut machine, usim, &conn).await?;
-        Ok::<_, AttachClientError>(accept)
-    }
-    .await;
+    let result = authenticate::<AttachMessage>(&conn, target, usim, &opts)
+        .await
+        .map(|(_, accept)| accept);
     conn.close(0u32.into(), b"attach done");
     result
 }

@@ -149,8 +149,10 @@ pub enum BundleAuthError {
 
 /// Checks a bundle against the device's factory trust anchor (the operator CA, DER): the signer's
 /// certificate chains to it as a server certificate for the bundle's attach server name, the
-/// signature over [`CredentialBundle::signed_message`] verifies under that certificate's key,
-/// and the bundle's attach trust anchor is that same CA.
+/// signature over the bundle's [`signed_message`] verifies under that certificate's key, and the
+/// bundle's attach trust anchor is that same CA.
+///
+/// [`signed_message`]: companion_proto::bundle::CredentialBundle::signed_message
 pub fn verify_bundle(
     bundle: &companion_proto::bundle::CredentialBundle,
     anchor_der: &[u8],

@@ -220,6 +220,27 @@ pub(crate) async fn open_stream(
     }
 }
 
+/// 5G AKA as a client on a new stream of `conn`, bound to its TLS session (the exporter): the
+/// machine (kept by a CN session for its operations) and what the server sent on success.
+pub(crate) async fn authenticate<W: companion_proto::aka::AkaWire>(
+    conn: &quinn::Connection,
+    target: &CnTarget,
+    usim: &mut dyn Usim,
+    opts: &ClientOptions,
+) -> Result<(companion_proto::aka::AkaClient<W>, W::Final), CnClientError> {
+    let exporter = tls_exporter(conn, EXPORTER_LABEL)?;
+    let mut machine = companion_proto::aka::AkaClient::<W>::new(
+        usim,
+        &target.serving_network_name,
+        exporter,
+        Instant::now(),
+        opts.proto_config(),
+    )?;
+    let mut drv = open_stream(conn, opts.exchange_timeout).await?;
+    let last = run_aka(&mut drv, &mut machine, usim, conn).await?;
+    Ok((machine, last))
+}
+
 /// Runs the AKA client machine to completion on `drv`.
 pub(crate) async fn run_aka<W: companion_proto::aka::AkaWire>(
     drv: &mut StreamDriver,
@@ -314,17 +335,7 @@ impl CnSession {
         usim: &mut dyn Usim,
         opts: &ClientOptions,
     ) -> Result<(ClientSession, AuthResult), CnClientError> {
-        let exporter = tls_exporter(conn, EXPORTER_LABEL)?;
-        let mut machine = ClientSession::new(
-            usim,
-            &target.serving_network_name,
-            exporter,
-            Instant::now(),
-            opts.proto_config(),
-        )?;
-        let mut drv = open_stream(conn, opts.exchange_timeout).await?;
-        let policy = run_aka(&mut drv, &mut machine, usim, conn).await?;
-        Ok((machine, policy))
+        authenticate(conn, target, usim, opts).await
     }
 
     /// The policy summary the CN sent when the session was authenticated.

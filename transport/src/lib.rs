@@ -6,13 +6,16 @@
 //! - [`quic`]: quinn endpoint configurations (TLS 1.3 only, ring, one ALPN per conversation),
 //!   transport limits, and the TLS exporter the AKA session binding uses;
 //! - [`restart`]: connection IDs and stateless resets that survive a daemon's restart;
-//! - [`drive`]: runs a `companion-proto` sans-IO machine over one QUIC stream, with timeouts;
+//! - [`drive`]: runs a `companion-proto` sans-IO machine over one QUIC stream, with timeouts,
+//!   outside work and keep-alives: the one stream loop of the CN client and server, gatewayd's
+//!   device server and the `iotdev` client;
 //! - [`cn_client`]: the gateway's authenticated session with the CN (AKA, batches, revoke, list);
 //! - [`attach_client`]: the device's attach to the CN with a provisioned credential.
 //!
 //! Protocol logic lives in `companion-proto`; this crate moves bytes securely and drives the
 //! protocol machines over QUIC.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod attach_client;
 pub mod attestation;

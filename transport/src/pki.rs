@@ -20,17 +20,24 @@ use zeroize::Zeroizing;
 /// Errors from key and certificate handling.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    /// rcgen could not make the key or the certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// The bytes are not a certificate this crate can read.
     #[error("not a valid X.509 certificate: {0}")]
     BadCertificate(String),
+    /// The PEM text has no block of the expected label.
     #[error("PEM input holds no {0}")]
     MissingPem(&'static str),
+    /// A server name is neither a DNS name nor an IP address.
     #[error("invalid subject name {0:?}: expected a DNS name or an IP address")]
     BadName(String),
+    /// Reading or writing a key or certificate file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: String,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
@@ -149,8 +156,7 @@ impl Identity {
 
     /// Loads `cert_path` and `key_path` (PEM).
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
-        let cert = read_to_string(cert_path)?;
-        let key = Zeroizing::new(read_to_string(key_path)?);
+        let (cert, key) = read_pem_pair(cert_path, key_path)?;
         Self::from_pem(&cert, &key)
     }
 
@@ -160,6 +166,7 @@ impl Identity {
         write_file(key_path, self.key_pem().as_bytes(), 0o600)
     }
 
+    /// The certificate chain as PEM, leaf first.
     pub fn cert_pem(&self) -> String {
         self.chain
             .iter()
@@ -167,10 +174,12 @@ impl Identity {
             .collect()
     }
 
+    /// The private key as PKCS#8 PEM (wiped on drop).
     pub fn key_pem(&self) -> Zeroizing<String> {
         Zeroizing::new(to_pem("PRIVATE KEY", &self.key_pkcs8))
     }
 
+    /// The certificate chain, leaf first, as presented in TLS.
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.chain
     }
@@ -235,6 +244,7 @@ impl CertificateAuthority {
         })
     }
 
+    /// The CA from its certificate and key in PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let cert = pem_blocks(cert_pem, "CERTIFICATE")
             .into_iter()
@@ -247,9 +257,9 @@ impl CertificateAuthority {
         })
     }
 
+    /// Loads the CA's certificate and key from `cert_path` and `key_path` (PEM).
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
-        let cert = read_to_string(cert_path)?;
-        let key = Zeroizing::new(read_to_string(key_path)?);
+        let (cert, key) = read_pem_pair(cert_path, key_path)?;
         Self::from_pem(&cert, &key)
     }
 
@@ -263,10 +273,12 @@ impl CertificateAuthority {
         )
     }
 
+    /// The CA certificate (DER), the trust anchor clients are given.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }
 
+    /// The CA certificate as PEM.
     pub fn cert_pem(&self) -> String {
         to_pem("CERTIFICATE", &self.cert_der)
     }
@@ -314,6 +326,17 @@ impl CertificateAuthority {
             key_pkcs8: Zeroizing::new(key.serialize_der()),
         })
     }
+}
+
+/// A certificate file and its key file, both PEM text (the key wiped on drop).
+fn read_pem_pair(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(String, Zeroizing<String>), PkiError> {
+    Ok((
+        read_to_string(cert_path)?,
+        Zeroizing::new(read_to_string(key_path)?),
+    ))
 }
 
 fn read_to_string(path: &Path) -> Result<String, PkiError> {

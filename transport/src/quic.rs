@@ -16,12 +16,16 @@ use crate::verify::provider;
 /// Errors building an endpoint configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// rustls refused the configuration (protocol versions, key, certificate).
     #[error("TLS configuration rejected: {0}")]
     Tls(#[from] rustls::Error),
+    /// The TLS configuration does not suit QUIC (it needs TLS 1.3 and an initial suite).
     #[error("TLS configuration cannot be used for QUIC: {0}")]
     Quic(String),
+    /// A [`Limits`] value does not fit QUIC's variable-length integers.
     #[error("transport limit out of range: {0}")]
     Limit(String),
+    /// A CA certificate given as a trust anchor cannot be used.
     #[error("trust anchor rejected: {0}")]
     TrustAnchor(String),
 }
@@ -238,6 +242,8 @@ pub fn peer_chain(conn: &quinn::Connection) -> Vec<CertificateDer<'static>> {
         .unwrap_or_default()
 }
 
+/// SHA-256 of the SubjectPublicKeyInfo of the peer's leaf certificate (the key pairings and
+/// pins are made of); `None` before the handshake or without a certificate.
 pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<[u8; 32]> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;

@@ -37,17 +37,29 @@ pub const MIN_RESET_INTERVAL: Duration = Duration::from_millis(1);
 pub enum ResetKeyError {
     /// The file exists but is not a 32-byte key.
     #[error("{path} holds {len} bytes, expected 32: delete it and restart to create a new one")]
-    BadLength { path: String, len: usize },
+    BadLength {
+        /// The key file.
+        path: String,
+        /// Its length, bytes.
+        len: usize,
+    },
     /// The file could not be read.
     #[error("reading {path}: {source}")]
     Read {
+        /// The key file.
         path: String,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
     /// A new key could not be drawn or written.
     #[error("creating {path}: {reason}")]
-    Create { path: String, reason: String },
+    Create {
+        /// The key file.
+        path: String,
+        /// Why it could not be made.
+        reason: String,
+    },
 }
 
 /// Reads the endpoint's 32-byte reset key from `path`, or creates it (random, 0600) on the first

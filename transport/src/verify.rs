@@ -35,6 +35,36 @@ fn fingerprint_of(cert: &CertificateDer<'_>) -> Result<([u8; 32], Vec<u8>), rust
     Ok((spki_fingerprint(&spki), spki))
 }
 
+/// The handshake-signature half of a verifier, the same for both below: the TLS
+/// CertificateVerify signature is checked with the presented certificate's own key (proof of
+/// possession), with ring's algorithms kept in the verifier's `algorithms` field. The traits
+/// for the two sides declare these methods separately, hence one macro rather than a helper.
+macro_rules! handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(message, cert, dss, &self.algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(message, cert, dss, &self.algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algorithms.supported_schemes()
+        }
+    };
+}
+
 /// Server-side verifier for client certificates: mandatory client auth, admitted by a [`KeyPolicy`].
 pub struct PinnedClientVerifier {
     policy: Arc<dyn KeyPolicy>,
@@ -50,6 +80,7 @@ impl fmt::Debug for PinnedClientVerifier {
 }
 
 impl PinnedClientVerifier {
+    /// A verifier that admits the client keys `policy` admits.
     pub fn new(policy: Arc<dyn KeyPolicy>) -> Self {
         Self {
             policy,
@@ -79,27 +110,7 @@ impl ClientCertVerifier for PinnedClientVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// Client-side verifier that pins the server's key: a fixed fingerprint, or trust on first use
@@ -159,27 +170,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// The crypto provider every endpoint in this project uses (ring).

@@ -17,6 +17,19 @@ impl KeyPolicy for Paired {
     }
 }
 
+impl Paired {
+    /// A registry where only `device`'s key is paired.
+    fn only(device: &Identity) -> Arc<Self> {
+        let paired = Arc::new(Paired::default());
+        paired
+            .0
+            .lock()
+            .unwrap()
+            .insert(device.fingerprint().unwrap());
+        paired
+    }
+}
+
 const LABEL: &[u8] = b"EXPORTER-companion-aka-binding";
 
 fn server(identity: &Identity, policy: Option<Arc<dyn KeyPolicy>>, alpn: &[u8]) -> quinn::Endpoint {
@@ -92,12 +105,7 @@ async fn echo_server(ep: quinn::Endpoint) -> Result<[u8; 32], String> {
 async fn paired_key_connects_and_exporters_agree() {
     let gateway = Identity::self_signed("gateway").unwrap();
     let device = Identity::self_signed("watch-01").unwrap();
-    let paired = Arc::new(Paired::default());
-    paired
-        .0
-        .lock()
-        .unwrap()
-        .insert(device.fingerprint().unwrap());
+    let paired = Paired::only(&device);
     let ep = server(&gateway, Some(paired), ALPN_DEVICE);
     let addr = ep.local_addr().unwrap();
     let srv = tokio::spawn(echo_server(ep));
@@ -145,12 +153,7 @@ async fn wrong_server_pin_is_refused() {
     let gateway = Identity::self_signed("gateway").unwrap();
     let other = Identity::self_signed("other").unwrap();
     let device = Identity::self_signed("watch-01").unwrap();
-    let paired = Arc::new(Paired::default());
-    paired
-        .0
-        .lock()
-        .unwrap()
-        .insert(device.fingerprint().unwrap());
+    let paired = Paired::only(&device);
     let ep = server(&gateway, Some(paired), ALPN_DEVICE);
     let addr = ep.local_addr().unwrap();
     let _srv = tokio::spawn(accept_one(ep));
@@ -167,6 +170,20 @@ async fn wrong_server_pin_is_refused() {
     .await
     .unwrap_err();
     assert!(err.contains("certificate") || err.contains("TLS"), "{err}");
+}
+
+/// A client that trusts only `anchor` and offers `alpn` connects to a new server presenting
+/// `identity` (ALPN `companion-cn/2`).
+async fn connect_anchored(
+    identity: &Identity,
+    anchor: &OperatorCa,
+    alpn: &[u8],
+) -> Result<[u8; 32], String> {
+    let ep = server(identity, None, ALPN_CN);
+    let addr = ep.local_addr().unwrap();
+    let _srv = tokio::spawn(accept_one(ep));
+    let trust = ServerTrust::Anchors(vec![anchor.cert_der().clone()]);
+    connect(addr, trust, None, alpn, "localhost").await
 }
 
 #[tokio::test]
@@ -188,18 +205,7 @@ async fn operator_ca_chain_is_trusted_and_alpn_is_enforced() {
     assert_eq!(exporter, srv.await.unwrap().unwrap());
 
     // Same server, wrong ALPN: no shared application protocol, no connection.
-    let ep = server(&cn, None, ALPN_CN);
-    let addr = ep.local_addr().unwrap();
-    let _srv = tokio::spawn(accept_one(ep));
-    let err = connect(
-        addr,
-        ServerTrust::Anchors(vec![ca.cert_der().clone()]),
-        None,
-        ALPN_ATTACH,
-        "localhost",
-    )
-    .await
-    .unwrap_err();
+    let err = connect_anchored(&cn, &ca, ALPN_ATTACH).await.unwrap_err();
     assert!(!err.is_empty());
 
     // A CA the client does not trust.
@@ -207,18 +213,7 @@ async fn operator_ca_chain_is_trusted_and_alpn_is_enforced() {
         .unwrap()
         .issue_server(&["localhost".into()])
         .unwrap();
-    let ep = server(&rogue, None, ALPN_CN);
-    let addr = ep.local_addr().unwrap();
-    let _srv = tokio::spawn(accept_one(ep));
-    let err = connect(
-        addr,
-        ServerTrust::Anchors(vec![ca.cert_der().clone()]),
-        None,
-        ALPN_CN,
-        "localhost",
-    )
-    .await
-    .unwrap_err();
+    let err = connect_anchored(&rogue, &ca, ALPN_CN).await.unwrap_err();
     assert!(
         err.contains("certificate") || err.contains("issuer"),
         "{err}"
