@@ -23,6 +23,9 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo doc --no-deps, warnings denied (every crate warns on missing docs)"
+RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc --workspace --no-deps --locked
+
 step "cargo build --bins (the end-to-end tests start the real binaries)"
 cargo build --workspace --bins --locked
 
