@@ -1,19 +1,19 @@
 //! End-to-end tests with REAL processes: `cn-backend` (built by `cargo build -p cn-backend`,
-//! found at `target/debug/cn-backend` or `$CN_BACKEND_BIN`) and `gatewayd`, on loopback with
-//! port 0 and ready files, in temporary directories; devices are driven through the `iotdev`
-//! library.
+//! found in this target directory or at `$CN_BACKEND_BIN`) and `gatewayd`, on loopback with
+//! port 0 and ready files, in temporary directories (started through `companion-testkit`);
+//! devices are driven through the `iotdev` library.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use companion_crypto::Key128;
 use companion_crypto::usim::SoftUsim;
 use companion_proto::DeviceId;
 use companion_proto::msg::Params;
+use companion_testkit::{CnServer, Out, cn, gateway};
 use companion_transport::attach_client;
 use companion_transport::cn_client::CnTarget;
 use iotdev::client::{self, Attempt, ClientOptions, ProvisionParams};
@@ -23,21 +23,15 @@ use rustls::pki_types::CertificateDer;
 mod common;
 use common::*;
 
-const SNN: &str = "5G:mnc001.mcc001.3gppnetwork.org";
+const SNN: &str = companion_testkit::HOME_SNN;
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} failed");
-}
-
+/// cn-backend: a data directory with the companion subscription, and its server (restartable
+/// on the same QUIC port).
 struct Cn {
     dir: PathBuf,
     proc: Option<Proc>,
     quic: SocketAddr,
+    http: String,
 }
 
 impl Cn {
@@ -47,44 +41,40 @@ impl Cn {
             dir: dir.to_path_buf(),
             proc: None,
             quic: "127.0.0.1:0".parse().unwrap(),
+            http: String::new(),
         };
         cn.start();
         cn
     }
 
     fn start(&mut self) {
-        let ready = self.dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let mut child = Command::new(bin("cn-backend"))
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("serve")
-            .arg("--listen")
-            .arg(self.quic.to_string())
-            .args(["--http-listen", "127.0.0.1:0", "--ready-file"])
-            .arg(&ready)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "cn-backend", None);
-        self.quic = v["quic"].as_str().unwrap().parse().unwrap();
-        self.proc = Some(Proc(child));
+        let s = CnServer::serve(
+            &bins(),
+            &self.dir,
+            &self.quic.to_string(),
+            &self.dir.join("ready.json"),
+            &self.dir.with_extension("log"),
+        )
+        .unwrap();
+        self.quic = s.quic.parse().unwrap();
+        self.http = s.http;
+        self.proc = Some(s.proc);
     }
 
     /// SIGTERM (a clean stop) and wait for the exit.
     fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
-            signal(&p.0, "-TERM");
-            let until = Instant::now() + Duration::from_secs(10);
-            while p.0.try_wait().unwrap().is_none() && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            p.terminate(Duration::from_secs(10)).unwrap();
         }
     }
 
-    fn child(&self) -> &Child {
-        &self.proc.as_ref().unwrap().0
+    fn signal(&self, sig: &str) {
+        self.proc.as_ref().unwrap().signal(sig).unwrap();
+    }
+
+    /// `cn-backend --dir <dir> <args>`, which must succeed.
+    fn cli(&self, args: &[&str]) -> Out {
+        Out::of(&mut cn::cli(&bins(), &self.dir, args)).unwrap().ok()
     }
 }
 
@@ -104,53 +94,13 @@ impl Gw {
     }
 
     fn with_devices(dir: &Path, cn: &Cn, batching: &str, devices: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let cred = dir.join("companion.toml");
-        std::fs::write(
-            &cred,
-            format!(
-                "supi = \"{COMPANION_SUPI}\"\nk = \"{COMPANION_K}\"\nopc = \"{COMPANION_OPC}\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let config = dir.join("gatewayd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"state_dir = "{state}"
-log_level = "info,gatewayd=debug"
-drain_timeout = "5s"
-[devices]
-listen = "127.0.0.1:0"
-{devices}
-[cn]
-endpoint = "{cn}"
-server_name = "localhost"
-ca_file = "{ca}"
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-request_timeout = "3s"
-[companion]
-credential_file = "{cred}"
-[control]
-socket = "{sock}"
-[metrics]
-listen = "127.0.0.1:0"
-[batching]
-{batching}
-"#,
-                state = dir.join("state").display(),
-                cn = cn.quic,
-                ca = cn.dir.join("ca.pem").display(),
-                cred = cred.display(),
-                sock = dir.join("control.sock").display(),
-            ),
-        )
-        .unwrap();
+        let mut toml = gw_toml(dir, &cn.quic.to_string(), &cn.dir);
+        toml.devices = devices;
+        let tables = format!("[batching]\n{batching}");
+        toml.tables = &tables;
         let mut gw = Gw {
             dir: dir.to_path_buf(),
-            config,
+            config: toml.write().unwrap(),
             proc: None,
             devices: "127.0.0.1:0".parse().unwrap(),
             metrics: "127.0.0.1:0".parse().unwrap(),
@@ -162,91 +112,38 @@ listen = "127.0.0.1:0"
     }
 
     fn start(&mut self) {
-        let ready = self.dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::File::create(self.dir.join(format!(
-            "gatewayd-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        )))
-        .unwrap();
-        // GATEWAYD_BIN: another build (e.g. main's) for before/after figures.
-        let exe = std::env::var_os("GATEWAYD_BIN").map_or_else(
-            || PathBuf::from(env!("CARGO_BIN_EXE_gatewayd")),
-            PathBuf::from,
-        );
-        let mut child = Command::new(exe)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "gatewayd", None);
-        self.devices = v["devices"].as_str().unwrap().parse().unwrap();
-        self.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
-        self.control = PathBuf::from(v["control"].as_str().unwrap());
-        self.proc = Some(Proc(child));
+        let mut c = gateway::command(&bins(), &self.config, &self.dir.join("ready.json"), None);
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let g = Gatewayd::start(&self.dir, c).unwrap();
+        self.devices = g.devices.parse().unwrap();
+        self.metrics = g.metrics.parse().unwrap();
+        self.control = g.control;
+        self.proc = Some(g.proc);
+    }
+
+    fn signal(&self, sig: &str) {
+        self.proc.as_ref().unwrap().signal(sig).unwrap();
     }
 
     /// SIGTERM, and the exit status must be success (drained).
     fn stop(&mut self) {
         let mut p = self.proc.take().unwrap();
-        signal(&p.0, "-TERM");
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = p.0.try_wait().unwrap() {
-                assert!(st.success(), "gatewayd exited with {st} after SIGTERM");
-                break;
-            }
-            assert!(
-                Instant::now() < until,
-                "gatewayd did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let st = p.terminate(Duration::from_secs(20)).unwrap();
+        let st = st.expect("gatewayd did not stop after SIGTERM");
+        assert!(st.success(), "gatewayd exited with {st} after SIGTERM");
     }
 
     fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
-            .arg("--socket")
-            .arg(&self.control)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        let out = gateway::ctl(&bins(), &self.control, args).unwrap();
+        (out.success(), format!("{}{}", out.stdout, out.stderr))
     }
 
     fn status(&self) -> serde_json::Value {
-        let (ok, text) = self.ctl(&["status", "--json"]);
-        assert!(ok, "{text}");
-        serde_json::from_str(&text).unwrap()
+        ctl_status(&self.control)
     }
 
     fn wait_cn(&self, want: &str) {
-        let until = Instant::now() + Duration::from_secs(20);
-        while self.status()["cn_link"] != want {
-            assert!(
-                Instant::now() < until,
-                "CN link not {want}: {}",
-                self.status()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_cn(&self.control, want, Duration::from_secs(20));
     }
 
     fn pair(&self, keys: &DeviceKeys) {
@@ -256,14 +153,10 @@ listen = "127.0.0.1:0"
     }
 
     async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        let addr = self.metrics.to_string();
+        tokio::task::spawn_blocking(move || http::get_ok(&addr, "/metrics"))
             .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+            .unwrap()
     }
 }
 
@@ -285,11 +178,7 @@ fn opts() -> ClientOptions {
 }
 
 fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {line_start} missing"))
+    http::metric(text, line_start).unwrap_or_else(|| panic!("metric {line_start} missing"))
 }
 
 /// Attaches to the CN with a provisioned credential.
@@ -560,7 +449,7 @@ async fn a_full_queue_answers_busy() {
         gw.pair(k);
     }
     // A frozen CN: the link stays up but batches hang.
-    signal(cn.child(), "-STOP");
+    cn.signal("-STOP");
     let mut tasks = Vec::new();
     for k in keys.iter().take(2) {
         let (ep, k, addr) = (ep.clone(), k.clone(), gw.devices);
@@ -576,7 +465,7 @@ async fn a_full_queue_answers_busy() {
         .unwrap_err();
     assert!(matches!(e, DeviceError::Busy { .. }), "{e}");
     assert!(e.is_retryable() && e.retry_after().unwrap() >= Duration::from_millis(50));
-    signal(cn.child(), "-CONT");
+    cn.signal("-CONT");
     for t in tasks {
         let (r, a, k) = t.await.unwrap();
         let cred = match r {
@@ -814,17 +703,10 @@ fn low_order_keys() -> Vec<[u8; 32]> {
 
 /// `GET /metrics` of cn-backend (its admin address from its ready file).
 async fn cn_metrics(cn: &Cn) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cn.dir.join("ready.json")).unwrap()).unwrap();
-    let addr: SocketAddr = v["http"].as_str().unwrap().parse().unwrap();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    let addr = cn.http.clone();
+    tokio::task::spawn_blocking(move || http::get_ok(&addr, "/metrics"))
         .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+        .unwrap()
 }
 
 /// Issue 15, attack 1 at the gateway: a paired device asks for a credential sealed to an
@@ -937,7 +819,7 @@ async fn systemd_notifications_sighup_reload_and_sigterm() {
     // SIGHUP: new batching limits apply without a restart.
     let text = std::fs::read_to_string(&gw.config).unwrap();
     std::fs::write(&gw.config, text.replace("max_batch = 64", "max_batch = 7")).unwrap();
-    signal(&gw.proc.as_ref().unwrap().0, "-HUP");
+    gw.signal("-HUP");
     let until = Instant::now() + Duration::from_secs(10);
     while gw.status()["batching"]["max_batch"] != 7 {
         assert!(
@@ -972,7 +854,7 @@ async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
         format!("{text}[credentials]\ndefault_lifetime = \"3h\"\nrenewal_margin = \"2h\"\n"),
     )
     .unwrap();
-    signal(&gw.proc.as_ref().unwrap().0, "-HUP");
+    gw.signal("-HUP");
     std::thread::sleep(Duration::from_millis(300));
     gw.wait_cn("up");
     let ep = endpoint();
@@ -1027,13 +909,7 @@ async fn a_device_cannot_widen_the_owners_credential_settings() {
     let tmp = tempfile::tempdir().unwrap();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     // The operator allows roaming and any DNN, 30 days, no bitrate cap.
-    let out = Command::new(bin("cn-backend"))
-        .arg("--dir")
-        .arg(&cn.dir)
-        .args(["subscriber", "policy", COMPANION_SUPI, "--roaming", "true"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    cn.cli(&["subscriber", "policy", COMPANION_SUPI, "--roaming", "true"]);
     let owner = "max_batch = 16\n[credentials]\ndefault_lifetime = \"2days\"\nroaming = false\n\
                  dnns = [\"iot\"]\nmax_bitrate_kbps = 256\n";
     let gw = Gw::new(&tmp.path().join("gw"), &cn, owner);
@@ -1452,18 +1328,7 @@ async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
 
 /// The parent's children at the CN, as `(SUPI, state, device)`, read with the operator's CLI.
 fn cn_children(cn: &Cn) -> Vec<(String, String, String)> {
-    let out = Command::new(bin("cn-backend"))
-        .arg("--dir")
-        .arg(&cn.dir)
-        .args(["--json", "subscriber", "show", COMPANION_SUPI])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = cn.cli(&["--json", "subscriber", "show", COMPANION_SUPI]).json();
     v["children"]
         .as_array()
         .unwrap()
@@ -1594,7 +1459,7 @@ async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
     let ep = endpoint();
     let keys = device("cam-1");
     gw.pair(&keys);
-    signal(cn.child(), "-STOP");
+    cn.signal("-STOP");
     let waiting = {
         let ep = ep.clone();
         let addr = gw.devices;
@@ -1617,7 +1482,7 @@ async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    signal(cn.child(), "-CONT");
+    cn.signal("-CONT");
     let out = revoke.join().unwrap();
     assert!(
         out.status.success(),
@@ -1866,13 +1731,7 @@ async fn an_ed25519_device_is_provisioned_and_attaches() {
 }
 
 fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Out::of(cmd).unwrap().ok().stdout
 }
 
 /// Manufacturer attestation end to end (PROTOCOL.md §4.5), with the real binaries: a test
@@ -1898,14 +1757,7 @@ async fn a_factory_attested_device_is_provisioned_where_attestation_is_required(
             .arg("--out")
             .arg(&maker),
     );
-    let cn_cli = |args: &[&str]| {
-        run_ok(
-            Command::new(bin("cn-backend"))
-                .arg("--dir")
-                .arg(&cn.dir)
-                .args(args),
-        )
-    };
+    let cn_cli = |args: &[&str]| cn.cli(args);
     cn_cli(&[
         "attestation",
         "add-root",

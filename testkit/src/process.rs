@@ -282,11 +282,14 @@ pub fn run(mut cmd: Command, what: &str) -> Result<std::process::Output> {
     Ok(out)
 }
 
-/// Polls `f` every `every` until it holds; panics naming `what` after `limit`.
-pub fn wait_until(what: &str, limit: Duration, every: Duration, mut f: impl FnMut() -> bool) {
+/// Polls `f` every 20 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let until = Instant::now() + limit;
     while !f() {
-        assert!(Instant::now() < until, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(every);
+        assert!(
+            Instant::now() < until,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
