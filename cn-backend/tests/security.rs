@@ -694,7 +694,7 @@ async fn unauthenticated_connections_hold_little_memory() {
     let dir = Dir::init("exchange_timeout = \"120s\"");
     dir.add_parent(P1, &[]);
     let srv = dir.serve();
-    let pid = srv.child.id();
+    let pid = srv.proc.pid();
     // Warm up with one real session, so the baseline includes the runtime's first allocations.
     let s = connect(&srv, P1).await;
     assert!(s.list_children().await.unwrap().children.is_empty());

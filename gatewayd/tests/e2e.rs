@@ -74,7 +74,9 @@ impl Cn {
 
     /// `cn-backend --dir <dir> <args>`, which must succeed.
     fn cli(&self, args: &[&str]) -> Out {
-        Out::of(&mut cn::cli(&bins(), &self.dir, args)).unwrap().ok()
+        Out::of(&mut cn::cli(&bins(), &self.dir, args))
+            .unwrap()
+            .ok()
     }
 }
 
@@ -1328,7 +1330,9 @@ async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
 
 /// The parent's children at the CN, as `(SUPI, state, device)`, read with the operator's CLI.
 fn cn_children(cn: &Cn) -> Vec<(String, String, String)> {
-    let v = cn.cli(&["--json", "subscriber", "show", COMPANION_SUPI]).json();
+    let v = cn
+        .cli(&["--json", "subscriber", "show", COMPANION_SUPI])
+        .json();
     v["children"]
         .as_array()
         .unwrap()

@@ -59,7 +59,9 @@ fn gateway(dir: &Path, ca: &Path, endpoints: &[&str]) -> Gatewayd {
 
 /// `gatewayctl status` (the text) of `gw`.
 fn status_text(gw: &Gatewayd) -> String {
-    gateway::ctl(&bins(), &gw.control, &["status"]).unwrap().stdout
+    gateway::ctl(&bins(), &gw.control, &["status"])
+        .unwrap()
+        .stdout
 }
 
 /// Sessions per endpoint label, from `gatewayctl status --json`.
@@ -81,7 +83,12 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
     let tmp = tempfile::tempdir().unwrap();
     let cn_dir = tmp.path().join("cn");
     let bins = bins();
-    cn::init(&bins, &cn_dir, &["--store", &url, "--server-name", "localhost"]).unwrap();
+    cn::init(
+        &bins,
+        &cn_dir,
+        &["--store", &url, "--server-name", "localhost"],
+    )
+    .unwrap();
     let max_children = (DEVICES + 50).to_string();
     cn::add_companion(&bins, &cn_dir, &["--max-children", &max_children]).unwrap();
     let mut a = instance(&cn_dir, "a", "127.0.0.1:0");
@@ -257,7 +264,8 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
     // The kill was noticed and the sessions moved: every session is up on instance b.
     assert!(a_failures >= 1.0, "{m}");
     wait_until("all sessions on b", Duration::from_secs(20), || {
-        sessions_by_endpoint(&ctl_status(&gw.control)) == HashMap::from([(b.quic.clone(), SESSIONS)])
+        sessions_by_endpoint(&ctl_status(&gw.control))
+            == HashMap::from([(b.quic.clone(), SESSIONS)])
     });
     let st = ctl_status(&gw.control);
     let ep_a = st["cn_endpoints"]

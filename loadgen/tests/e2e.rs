@@ -566,10 +566,7 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
         if metric(&m, "cn_backend_credentials_issued_total") >= 40.0 {
             break;
         }
-        assert!(
-            lg.running(),
-            "loadgen ended before the kill"
-        );
+        assert!(lg.running(), "loadgen ended before the kill");
         assert!(Instant::now() < until, "the CN issued too little: {m}");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -773,10 +770,7 @@ fn hold_keeps_devices_connected_until_sigterm() {
         f64::from(n),
         "{m}"
     );
-    assert!(
-        lg.running(),
-        "loadgen hold ended early"
-    );
+    assert!(lg.running(), "loadgen hold ended early");
 
     lg.signal("-TERM").unwrap();
     let (status, stdout) = finish(&mut lg, Duration::from_secs(20));

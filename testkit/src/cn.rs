@@ -96,7 +96,12 @@ impl CnServer {
 
     /// `serve` of `dir` on loopback (QUIC on `listen`), ready file `ready`, log `log`.
     pub fn serve(bins: &Bins, dir: &Path, listen: &str, ready: &Path, log: &Path) -> Result<Self> {
-        Self::start(dir, serve_command(bins, dir, listen, ready, None), ready, log)
+        Self::start(
+            dir,
+            serve_command(bins, dir, listen, ready, None),
+            ready,
+            log,
+        )
     }
 
     fn from_started(dir: &Path, s: Started) -> Result<Self> {

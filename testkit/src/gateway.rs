@@ -130,13 +130,17 @@ listen = "127.0.0.1:0"
 /// Writes `config` as `dir/gatewayd.toml`, with the companion credential beside it (unless one
 /// is there already); the configuration's path.
 pub fn write_config(dir: &Path, config: &str) -> Result<PathBuf> {
-    io(fs::create_dir_all(dir), || format!("creating {}", dir.display()))?;
+    io(fs::create_dir_all(dir), || {
+        format!("creating {}", dir.display())
+    })?;
     let cred = dir.join("companion.toml");
     if !cred.exists() {
         write_companion(&cred)?;
     }
     let path = dir.join("gatewayd.toml");
-    io(fs::write(&path, config), || format!("writing {}", path.display()))?;
+    io(fs::write(&path, config), || {
+        format!("writing {}", path.display())
+    })?;
     Ok(path)
 }
 

@@ -21,7 +21,7 @@ pub mod scratch;
 
 pub use bins::{Bins, bin};
 pub use cn::CnServer;
-pub use gateway::{Gatewayd, GatewayToml};
+pub use gateway::{GatewayToml, Gatewayd};
 pub use process::{Out, Proc, Started, start, wait_until};
 pub use scratch::{Scratch, scratch};
 

@@ -47,10 +47,9 @@ impl Proc {
     /// Sends `signal` (`"-TERM"`, `"-STOP"`, ...) with kill(1).
     pub fn signal(&self, signal: &str) -> Result<()> {
         let pid = self.pid().to_string();
-        let st = io(
-            Command::new("kill").args([signal, &pid]).status(),
-            || format!("kill {signal} {pid}"),
-        )?;
+        let st = io(Command::new("kill").args([signal, &pid]).status(), || {
+            format!("kill {signal} {pid}")
+        })?;
         if st.success() {
             Ok(())
         } else {
@@ -66,7 +65,9 @@ impl Proc {
     pub fn wait_exit(&mut self, limit: Duration) -> Result<Option<ExitStatus>> {
         let until = Instant::now() + limit;
         loop {
-            if let Some(st) = io(self.child.try_wait(), || format!("waiting for {}", self.name))? {
+            if let Some(st) = io(self.child.try_wait(), || {
+                format!("waiting for {}", self.name)
+            })? {
                 return Ok(Some(st));
             }
             if Instant::now() >= until {
@@ -211,10 +212,7 @@ pub fn wait_ready(proc: &mut Proc, path: &Path, limit: Duration) -> Result<serde
 }
 
 fn log_tail(proc: &Proc) -> String {
-    proc.log
-        .as_deref()
-        .map(|l| tail(l, 30))
-        .unwrap_or_default()
+    proc.log.as_deref().map(|l| tail(l, 30)).unwrap_or_default()
 }
 
 /// What a finished command printed, and how it exited.
@@ -231,7 +229,9 @@ pub struct Out {
 impl Out {
     /// Runs `cmd` to completion (stdin from /dev/null) and captures what it printed.
     pub fn of(cmd: &mut Command) -> Result<Self> {
-        let o = io(cmd.stdin(Stdio::null()).output(), || format!("running {cmd:?}"))?;
+        let o = io(cmd.stdin(Stdio::null()).output(), || {
+            format!("running {cmd:?}")
+        })?;
         Ok(o.into())
     }
 
@@ -265,7 +265,9 @@ impl From<std::process::Output> for Out {
 /// Runs `cmd` to completion; its output, or [`Error::Failed`] with its stderr when it exits
 /// non-zero.
 pub fn run(mut cmd: Command, what: &str) -> Result<std::process::Output> {
-    let out = io(cmd.stdin(Stdio::null()).output(), || format!("starting {what}"))?;
+    let out = io(cmd.stdin(Stdio::null()).output(), || {
+        format!("starting {what}")
+    })?;
     if !out.status.success() {
         return Err(Error::Failed {
             what: what.to_owned(),

@@ -25,17 +25,22 @@ fn panic_no_dir(e: &std::io::Error) -> tempfile::TempDir {
 impl Scratch {
     /// The directory.
     pub fn path(&self) -> &Path {
-        self.0.as_ref().map_or(Path::new(""), tempfile::TempDir::path)
+        self.0
+            .as_ref()
+            .map_or(Path::new(""), tempfile::TempDir::path)
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let keep = std::thread::panicking()
-            || std::env::var("TESTKIT_KEEP").is_ok_and(|v| v == "1");
+        let keep =
+            std::thread::panicking() || std::env::var("TESTKIT_KEEP").is_ok_and(|v| v == "1");
         if keep && let Some(d) = self.0.take() {
             let p = d.keep();
-            eprintln!("--- kept the test's directory (logs inside): {}", p.display());
+            eprintln!(
+                "--- kept the test's directory (logs inside): {}",
+                p.display()
+            );
         }
     }
 }

@@ -2,14 +2,20 @@
 //! `companion-testkit`: the binaries of this target directory, a CN data directory with the
 //! companion subscription, and the gateway configuration every suite starts from.
 // Each test crate uses a different subset.
-#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use companion_testkit::{
-    Bins, COMPANION_K, COMPANION_OPC, COMPANION_SUPI, GatewayToml, Gatewayd, Proc, http,
-    scratch, wait_until,
+    Bins, COMPANION_K, COMPANION_OPC, COMPANION_SUPI, GatewayToml, Gatewayd, Proc, http, scratch,
+    wait_until,
 };
 use companion_testkit::{cn, gateway};
 
