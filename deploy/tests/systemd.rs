@@ -374,7 +374,8 @@ fn cn_backend_notifies_ready_watchdog_and_stopping() {
         pings >= 5,
         "only {pings} WATCHDOG=1 in 1.2 s at WATCHDOG_USEC=200000"
     );
-    let status = cn.proc.terminate(Duration::from_secs(30));
+    let status = cn.proc.terminate(Duration::from_secs(30)).unwrap();
+    let status = status.expect("no exit 30 s after SIGTERM");
     assert!(
         status.success(),
         "cn-backend exited with {status} after SIGTERM"

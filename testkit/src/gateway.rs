@@ -179,12 +179,17 @@ impl Gatewayd {
     /// the ready file `dir/ready.json`, written once the device port and the control socket are
     /// open (the CN link comes up in the background: [`Gatewayd::wait_cn`]).
     pub fn start(dir: &Path, cmd: Command) -> Result<Self> {
+        Self::start_within(dir, cmd, READY_LIMIT)
+    }
+
+    /// [`Gatewayd::start`], waiting up to `limit` for the ready file (an emulated build is slow).
+    pub fn start_within(dir: &Path, cmd: Command, limit: Duration) -> Result<Self> {
         let s = process::start(
             "gatewayd",
             cmd,
             &dir.join("ready.json"),
             &dir.join("gatewayd.log"),
-            READY_LIMIT,
+            limit,
         )?;
         Ok(Self {
             dir: dir.to_path_buf(),
