@@ -150,9 +150,10 @@ pub fn ready_str(ready: &serde_json::Value, key: &str, name: &str) -> Result<Str
         })
 }
 
-/// Spawns `cmd` (stdin and stdout to /dev/null, stderr appended to `log`), after removing a
+/// Spawns `cmd` (stdin and stdout to /dev/null, stderr to a new `log`), after removing a
 /// stale `ready` file, and waits up to `limit` for the daemon to write JSON there. A daemon that
 /// exits first, or is not ready in time (then it is killed), is an error carrying its log's end.
+/// The log of an earlier start on the same path (a restart) is kept as `<log>.1`, `<log>.2`, ...
 pub fn start(
     name: &str,
     mut cmd: Command,
@@ -161,10 +162,10 @@ pub fn start(
     limit: Duration,
 ) -> Result<Started> {
     let _ = fs::remove_file(ready);
-    let err = io(
-        fs::OpenOptions::new().create(true).append(true).open(log),
-        || format!("opening {}", log.display()),
-    )?;
+    keep_old_log(log);
+    let err = io(fs::File::create(log), || {
+        format!("creating {}", log.display())
+    })?;
     let started = Instant::now();
     let child = io(
         cmd.stdin(Stdio::null())
@@ -180,6 +181,21 @@ pub fn start(
         ready,
         start_to_ready: started.elapsed(),
     })
+}
+
+/// Renames an existing `log` to the first free `<log>.N`.
+fn keep_old_log(log: &Path) {
+    if !log.exists() {
+        return;
+    }
+    for n in 1.. {
+        let mut old = log.as_os_str().to_owned();
+        old.push(format!(".{n}"));
+        if !Path::new(&old).exists() {
+            let _ = fs::rename(log, &old);
+            return;
+        }
+    }
 }
 
 /// Waits up to `limit` for `proc` to write JSON to `path`; fails (with its log) if it exits
