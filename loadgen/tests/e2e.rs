@@ -537,7 +537,7 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
     let devices = 300;
     let mut lg = spawn(
         "loadgen",
-        &mut Command::new(bin("loadgen"))
+        Command::new(bin("loadgen"))
             .args([
                 "provision",
                 "--devices",
@@ -748,7 +748,7 @@ fn hold_keeps_devices_connected_until_sigterm() {
     let n = 60;
     let mut lg = spawn(
         "loadgen",
-        &mut loadgen(
+        loadgen(
             &gw,
             &["hold", "--devices", &n.to_string(), "--concurrency", "16"],
         )
@@ -812,7 +812,7 @@ fn a_restarted_gateway_resets_its_held_devices_at_once() {
     let n = 20;
     let mut lg = spawn(
         "loadgen",
-        &mut loadgen(
+        loadgen(
             &gw,
             &["hold", "--devices", &n.to_string(), "--concurrency", "10"],
         )
