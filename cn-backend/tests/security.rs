@@ -16,26 +16,9 @@ use companion_transport::cn_client::{CnClientError, CnSession};
 
 const P1: &str = "imsi-001010000000001";
 
-/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1): 0, 1, the two
-/// order-8 points, p − 1, p, p + 1, each also with bit 255 set.
+/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1).
 fn low_order_keys() -> Vec<[u8; 32]> {
-    [
-        "0000000000000000000000000000000000000000000000000000000000000000",
-        "0100000000000000000000000000000000000000000000000000000000000000",
-        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    ]
-    .iter()
-    .flat_map(|h| {
-        let k: [u8; 32] = hex::decode(h).unwrap().try_into().unwrap();
-        let mut hi = k;
-        hi[31] |= 0x80;
-        [k, hi]
-    })
-    .collect()
+    companion_testkit::vectors::x25519_low_order_keys()
 }
 
 /// Child credentials in the database, every status: each one is a SUPI taken from the range

@@ -13,7 +13,7 @@ use companion_crypto::Key128;
 use companion_crypto::usim::SoftUsim;
 use companion_proto::DeviceId;
 use companion_proto::msg::Params;
-use companion_testkit::{CnServer, Out, cn, gateway};
+use companion_testkit::{CnServer, Out, Scratch, cn, gateway};
 use companion_transport::attach_client;
 use companion_transport::cn_client::CnTarget;
 use iotdev::client::{self, Attempt, ClientOptions, ProvisionParams};
@@ -162,6 +162,55 @@ impl Gw {
     }
 }
 
+/// A temporary directory with a CN (the companion allowed 10 children) and a gateway on it
+/// (`batching`: its `[batching]` keys) whose CN link is up.
+fn stack(batching: &str) -> (Scratch, Cn, Gw) {
+    stack_with(batching, "")
+}
+
+/// [`stack`] with more `[devices]` keys.
+fn stack_with(batching: &str, devices: &str) -> (Scratch, Cn, Gw) {
+    let tmp = scratch();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::with_devices(&tmp.path().join("gw"), &cn, batching, devices);
+    gw.wait_cn("up");
+    (tmp, cn, gw)
+}
+
+/// Renews `cred` through `gw` with default parameters, which must succeed.
+async fn renew(
+    ep: &quinn::Endpoint,
+    gw: &Gw,
+    keys: &DeviceKeys,
+    cred: &iotdev::ProvisionedCredential,
+) -> iotdev::ProvisionedCredential {
+    let (supi, hpke) = (cred.bundle.supi.clone(), cred.hpke.clone());
+    client::renew(
+        ep,
+        gw.devices,
+        keys,
+        &cred.request_id,
+        supi,
+        hpke,
+        &Default::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A device's client configuration that trusts any gateway key, with ALPN `alpn`.
+fn unpinned_client_config(keys: &DeviceKeys, alpn: &[u8]) -> quinn::ClientConfig {
+    companion_transport::client_config(
+        companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
+            companion_transport::PinnedServerVerifier::new(None),
+        )),
+        Some(&keys.identity),
+        alpn,
+        &companion_transport::Limits::device_link(),
+    )
+    .unwrap()
+}
+
 fn device(name: &str) -> DeviceKeys {
     DeviceKeys::generate(DeviceId::new(name).unwrap()).unwrap()
 }
@@ -208,10 +257,7 @@ async fn attach(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let ep = endpoint();
 
     let mut keys = device("watch-01");
@@ -245,17 +291,7 @@ async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
 
     // Renewal (pinned gateway from now on): same SUPI, request ID derived from the first.
     keys.gateway_pin = Some(cred.gateway_fingerprint);
-    let renewed = client::renew(
-        &ep,
-        gw.devices,
-        &keys,
-        &cred.request_id,
-        cred.bundle.supi.clone(),
-        cred.hpke.clone(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let renewed = renew(&ep, &gw, &keys, &cred).await;
     assert_eq!(renewed.bundle.supi, cred.bundle.supi);
     assert_eq!(
         renewed.request_id,
@@ -322,10 +358,7 @@ async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpaired_key_is_refused_and_the_window_admits_exactly_one_device() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let ep = endpoint();
 
     let stranger = device("stranger");
@@ -394,10 +427,7 @@ async fn unpaired_key_is_refused_and_the_window_admits_exactly_one_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cn_down_means_retry_later_and_the_gateway_recovers_by_itself() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, mut cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("meter-1");
     gw.pair(&keys);
@@ -437,7 +467,7 @@ async fn cn_down_means_retry_later_and_the_gateway_recovers_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_busy() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     let gw = Gw::new(
         &tmp.path().join("gw"),
@@ -509,10 +539,7 @@ async fn continue_after(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_knows_its_devices_and_redelivers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let mut gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, mut gw) = stack("");
     let ep = endpoint();
     let mut keys = device("car-7");
     gw.pair(&keys);
@@ -577,29 +604,13 @@ async fn raw_connect(
     addr: SocketAddr,
     keys: &DeviceKeys,
 ) -> quinn::Connection {
-    let cfg = companion_transport::client_config(
-        companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-            companion_transport::PinnedServerVerifier::new(None),
-        )),
-        Some(&keys.identity),
-        companion_transport::ALPN_DEVICE,
-        &companion_transport::Limits::device_link(),
-    )
-    .unwrap();
+    let cfg = unpinned_client_config(&keys, companion_transport::ALPN_DEVICE);
     ep.connect_with(cfg, addr, "gw").unwrap().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_devices_are_cut_off_without_affecting_others() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::with_devices(
-        &tmp.path().join("gw"),
-        &cn,
-        "",
-        "stream_timeout = \"1s\"\nnew_connections_per_ip = 5\n",
-    );
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack_with("", "stream_timeout = \"1s\"\nnew_connections_per_ip = 5\n");
     let ep = endpoint();
     let names = ["garbage", "staller", "streamer", "looper"];
     let keys: Vec<_> = names.iter().map(|n| device(n)).collect();
@@ -651,15 +662,7 @@ async fn misbehaving_devices_are_cut_off_without_affecting_others() {
     let looping = Instant::now();
     for _ in 0..30 {
         let cfg_keys = &keys[3];
-        let c = companion_transport::client_config(
-            companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-                companion_transport::PinnedServerVerifier::new(None),
-            )),
-            Some(&cfg_keys.identity),
-            companion_transport::ALPN_DEVICE,
-            &companion_transport::Limits::device_link(),
-        )
-        .unwrap();
+        let c = unpinned_client_config(cfg_keys, companion_transport::ALPN_DEVICE);
         match ep.connect_with(c, gw.devices, "gw").unwrap().await {
             Ok(c) => c.close(0u32.into(), b""),
             Err(_) => refused += 1,
@@ -681,26 +684,9 @@ async fn misbehaving_devices_are_cut_off_without_affecting_others() {
     assert!(cred.acknowledged);
 }
 
-/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1): 0, 1, the two
-/// order-8 points, p − 1, p, p + 1, each also with bit 255 set.
+/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1).
 fn low_order_keys() -> Vec<[u8; 32]> {
-    [
-        "0000000000000000000000000000000000000000000000000000000000000000",
-        "0100000000000000000000000000000000000000000000000000000000000000",
-        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    ]
-    .iter()
-    .flat_map(|h| {
-        let k: [u8; 32] = hex::decode(h).unwrap().try_into().unwrap();
-        let mut hi = k;
-        hi[31] |= 0x80;
-        [k, hi]
-    })
-    .collect()
+    companion_testkit::vectors::x25519_low_order_keys()
 }
 
 /// `GET /metrics` of cn-backend (its admin address from its ready file).
@@ -718,10 +704,7 @@ async fn cn_metrics(cn: &Cn) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
     use companion_proto::msg::{DeviceMessage, ErrorCode, Message};
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("zero-key");
     gw.pair(&keys);
@@ -792,10 +775,7 @@ async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications_sighup_reload_and_sigterm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let mut gw = Gw::new(&tmp.path().join("gw"), &cn, "max_batch = 64\n");
-    gw.wait_cn("up");
+    let (tmp, cn, mut gw) = stack("max_batch = 64\n");
     assert_eq!(gw.status()["batching"]["max_batch"], 64);
     gw.stop();
 
@@ -845,7 +825,7 @@ async fn systemd_notifications_sighup_reload_and_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
     // Every credential is "inside the renewal margin" from the start: lifetime 1h asked for,
@@ -882,17 +862,7 @@ async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
     }
     let m0 = gw.metrics().await;
     let batches_before = metric(&m0, "gatewayd_batch_size_count");
-    let renewed = client::renew(
-        &ep,
-        gw.devices,
-        &keys,
-        &cred.request_id,
-        cred.bundle.supi.clone(),
-        cred.hpke.clone(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let renewed = renew(&ep, &gw, &keys, &cred).await;
     assert_eq!(renewed.bundle.supi, cred.bundle.supi);
     let m1 = gw.metrics().await;
     assert_eq!(
@@ -908,7 +878,7 @@ async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
 /// credential it gets carries the owner's limits: device parameters only ever narrow them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_cannot_widen_the_owners_credential_settings() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     // The operator allows roaming and any DNN, 30 days, no bitrate cap.
     cn.cli(&["subscriber", "policy", COMPANION_SUPI, "--roaming", "true"]);
@@ -953,15 +923,7 @@ struct Forger {
 impl Forger {
     fn new(alpn: &[u8]) -> Self {
         let keys = device("forger");
-        let cfg = companion_transport::client_config(
-            companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-                companion_transport::PinnedServerVerifier::new(None),
-            )),
-            Some(&keys.identity),
-            alpn,
-            &companion_transport::Limits::device_link(),
-        )
-        .unwrap();
+        let cfg = unpinned_client_config(&keys, alpn);
         let ep = quinn_proto::Endpoint::new(
             std::sync::Arc::new(quinn_proto::EndpointConfig::default()),
             None,
@@ -1009,10 +971,7 @@ fn labelled(text: &str, name: &str, label: &str) -> f64 {
 /// never sees, nothing is counted, and a real device at that address is then served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_initials_never_block_an_address_and_its_device_is_served() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let victim: std::net::IpAddr = "127.0.0.9".parse().unwrap();
     let mut forger = Forger::new(b"not-companion/0");
     const FORGED: usize = 200;
@@ -1062,15 +1021,7 @@ async fn forged_initials_never_block_an_address_and_its_device_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_handshake_from_an_unvalidated_address_is_not_counted() {
     for policy in ["under_load", "never"] {
-        let tmp = tempfile::tempdir().unwrap();
-        let cn = Cn::init(&tmp.path().join("cn"), 10);
-        let gw = Gw::with_devices(
-            &tmp.path().join("gw"),
-            &cn,
-            "",
-            &format!("retry = \"{policy}\"\n"),
-        );
-        gw.wait_cn("up");
+        let (tmp, cn, gw) = stack_with("", &format!("retry = \"{policy}\"\n"));
         let victim: std::net::IpAddr = "127.0.0.10".parse().unwrap();
         let mut forger = Forger::new(b"not-companion/0");
         for i in 0..25 {
@@ -1130,27 +1081,11 @@ async fn a_failed_handshake_from_an_unvalidated_address_is_not_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_failures_from_a_validated_address_still_block_it() {
     for (policy, expect_failures) in [("always", 10.0), ("under_load", 10.0)] {
-        let tmp = tempfile::tempdir().unwrap();
-        let cn = Cn::init(&tmp.path().join("cn"), 10);
-        let gw = Gw::with_devices(
-            &tmp.path().join("gw"),
-            &cn,
-            "",
-            &format!("retry = \"{policy}\"\n"),
-        );
-        gw.wait_cn("up");
+        let (tmp, cn, gw) = stack_with("", &format!("retry = \"{policy}\"\n"));
         let attacker: std::net::IpAddr = "127.0.0.11".parse().unwrap();
         let ep = quinn::Endpoint::client(SocketAddr::new(attacker, 0)).unwrap();
         let keys = device("attacker");
-        let bad = companion_transport::client_config(
-            companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-                companion_transport::PinnedServerVerifier::new(None),
-            )),
-            Some(&keys.identity),
-            b"not-companion/0",
-            &companion_transport::Limits::device_link(),
-        )
-        .unwrap();
+        let bad = unpinned_client_config(&keys, b"not-companion/0");
         let mut tries = 0;
         while !blocked(&gw).contains(&attacker.to_string()) {
             tries += 1;
@@ -1201,7 +1136,7 @@ async fn repeated_failures_from_a_validated_address_still_block_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
     const MAX: f64 = 256.0;
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     // `under_load` that never counts as loaded: forged Initials reach the connection-rate table
     // and TLS (their failures fill the suspects table); the filter's buckets see every source.
@@ -1241,15 +1176,7 @@ async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
     // Validated failures from 400 real addresses fill the failure counters: each one's first
     // bad handshake is unvalidated (a suspect from then on), its second one follows a Retry.
     let keys = device("flooder");
-    let bad = companion_transport::client_config(
-        companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-            companion_transport::PinnedServerVerifier::new(None),
-        )),
-        Some(&keys.identity),
-        b"not-companion/0",
-        &companion_transport::Limits::device_link(),
-    )
-    .unwrap();
+    let bad = unpinned_client_config(&keys, b"not-companion/0");
     // In batches of 100 (the suspects table holds 256), each batch's second round once gatewayd
     // has recorded the first round's failures (the client learns of its failure before the
     // server's connection task records it).
@@ -1364,10 +1291,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// revoke goes to the CN by device ID and every child of the device is revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_device_revokes_every_child_it_was_ever_issued() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("meter-9");
     gw.pair(&keys);
@@ -1409,10 +1333,7 @@ async fn revoking_a_device_revokes_every_child_it_was_ever_issued() {
 /// device ID is not provisioned again, and it is carried out once the CN is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_while_the_cn_is_down_is_kept_and_carried_out_later() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, mut cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("lock-1");
     gw.pair(&keys);
@@ -1456,10 +1377,7 @@ async fn a_revoke_while_the_cn_is_down_is_kept_and_carried_out_later() {
 /// the CN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("cam-1");
     gw.pair(&keys);
@@ -1514,10 +1432,7 @@ async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_unusable_revokes_the_child_at_the_cn() {
     use companion_proto::device::{ClientEvent, ClientExchange};
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("broken-1");
     gw.pair(&keys);
@@ -1609,10 +1524,7 @@ fn operator_ca_der(cn: &Cn) -> Vec<u8> {
 async fn a_device_with_the_operator_anchor_refuses_a_bundle_the_gateway_made_up() {
     use companion_proto::bundle::{AttachInfo, BundleSignature, CredentialBundle, HomeNetwork};
     use companion_proto::msg::{CredentialDelivery, Restrictions, Sealed};
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let ep = endpoint();
     let anchor = operator_ca_der(&cn);
     let mut keys = device("anchored-1");
@@ -1708,10 +1620,7 @@ async fn a_device_with_the_operator_anchor_refuses_a_bundle_the_gateway_made_up(
 /// 0x0807, is provisioned and attaches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ed25519_device_is_provisioned_and_attaches() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = DeviceKeys {
         device_id: DeviceId::new("ed-1").unwrap(),
@@ -1745,7 +1654,7 @@ fn run_ok(cmd: &mut Command) -> String {
 /// self-signed key, paired just the same, is refused by the CN with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_factory_attested_device_is_provisioned_where_attestation_is_required() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     let maker = tmp.path().join("maker");
     let iotdev = bin("iotdev");

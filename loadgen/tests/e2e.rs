@@ -14,7 +14,9 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use companion_testkit::process::wait_ready;
-use companion_testkit::{Bins, CnServer, GatewayToml, Gatewayd, Out, Proc, cn, gateway, http};
+use companion_testkit::{
+    Bins, CnServer, GatewayToml, Gatewayd, Out, Proc, Scratch, cn, gateway, http, scratch,
+};
 use serde_json::Value;
 
 const COMPANION_SUPI: &str = companion_testkit::COMPANION_SUPI;
@@ -192,6 +194,23 @@ impl Gw {
     }
 }
 
+/// A temporary directory with a CN (the companion allowed what `policy` says: extra
+/// `subscriber add` flags) and a gateway on it (`gw_tables` appended to its configuration).
+fn stack(policy: &[&str], gw_tables: &str) -> (Scratch, Cn, Gw) {
+    let tmp = scratch();
+    let cn = Cn::start_new(&tmp.path().join("cn"), policy);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, gw_tables);
+    (tmp, cn, gw)
+}
+
+/// Fails unless the gateway's metrics `m` count no device giving up, for any reason.
+fn assert_no_giveups(m: &str) {
+    for reason in ["timeout", "error", "disconnected"] {
+        let name = format!("gatewayd_device_giveups_total{{reason=\"{reason}\"}}");
+        assert_eq!(series(m, &name), 0.0, "{m}");
+    }
+}
+
 /// One `iotdev` device directory.
 struct Dev {
     dir: PathBuf,
@@ -261,9 +280,7 @@ fn now_unix() -> u64 {
 /// CN comes back is covered by `cn_killed_and_restarted_during_a_loadgen_run`.)
 #[test]
 fn whole_procedure_with_the_iotdev_cli() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, mut cn, gw) = stack(&["--max-children", "10"], "");
 
     // The device's factory configuration holds the operator CA: every credential must be
     // signed by the CN under it (PROTOCOL.md §9.1).
@@ -391,9 +408,7 @@ fn whole_procedure_with_the_iotdev_cli() {
 /// The parent's quota (max 1 child) reaches the second device as a clear, final error.
 #[test]
 fn quota_exhaustion_reaches_the_device() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "1"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "1"], "");
     let first = paired_device(tmp.path(), &gw, "tag-1");
     let second = paired_device(tmp.path(), &gw, "tag-2");
     first.provision(&gw, &[]).ok();
@@ -412,15 +427,9 @@ fn quota_exhaustion_reaches_the_device() {
 /// again", and a new provisioning works.
 #[test]
 fn expiry_and_renewal_with_short_lifetimes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(
-        &tmp.path().join("cn"),
-        &["--max-children", "5", "--max-lifetime", "3"],
-    );
     // No pre-fetched renewals: the device renews itself.
-    let gw = Gw::start(
-        &tmp.path().join("gw"),
-        &cn,
+    let (tmp, cn, gw) = stack(
+        &["--max-children", "5", "--max-lifetime", "3"],
         "[credentials]\nrenewal_margin = \"0s\"\n",
     );
     let dev = paired_device(tmp.path(), &gw, "meter-9");
@@ -468,12 +477,7 @@ fn expiry_and_renewal_with_short_lifetimes() {
 /// an attach from a visited network is refused (home works).
 #[test]
 fn roaming_is_refused_at_attach_when_the_parent_forbids_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(
-        &tmp.path().join("cn"),
-        &["--max-children", "5", "--roaming", "false"],
-    );
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "5", "--roaming", "false"], "");
     let dev = paired_device(tmp.path(), &gw, "car-3");
     dev.provision(&gw, &["--roaming"]).ok();
     assert_eq!(
@@ -492,9 +496,7 @@ fn roaming_is_refused_at_attach_when_the_parent_forbids_it() {
 /// device's attach fails with "revoked".
 #[test]
 fn revoking_the_parent_makes_every_child_attach_fail() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "10"], "");
     let devs: Vec<Dev> = (0..3)
         .map(|i| paired_device(tmp.path(), &gw, &format!("bulb-{i}")))
         .collect();
@@ -530,9 +532,7 @@ fn revoking_the_parent_makes_every_child_attach_fail() {
 /// exactly one child per device.
 #[test]
 fn cn_killed_and_restarted_during_a_loadgen_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "1000"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "[batching]\nmax_batch = 16\n");
+    let (tmp, mut cn, gw) = stack(&["--max-children", "1000"], "[batching]\nmax_batch = 16\n");
     let report = tmp.path().join("report.json");
     let devices = 300;
     let mut lg = spawn(
@@ -612,16 +612,7 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
         0.0,
         "the old session ended by idle timeout, not by a reset: {m}"
     );
-    for reason in ["timeout", "error", "disconnected"] {
-        assert_eq!(
-            series(
-                &m,
-                &format!("gatewayd_device_giveups_total{{reason=\"{reason}\"}}")
-            ),
-            0.0,
-            "{m}"
-        );
-    }
+    assert_no_giveups(&m);
 
     // No request was issued twice: one child per device at most; every device that succeeded
     // has exactly one; a device that ended with a retryable error may have one waiting at the
@@ -683,9 +674,7 @@ fn gateway_status(gw: &Gw) -> Value {
 /// paired are refused in the TLS handshake, each reported as `not_paired`, exit status 1.
 #[test]
 fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "10"], "");
     let report = tmp.path().join("handshake.json");
     let out: Out = loadgen(&gw, &["handshake", "--devices", "40", "--concurrency", "8"])
         .args(["--id-prefix", "hs", "--json"])
@@ -740,9 +729,7 @@ fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
 /// the end, exits 0, removes its ready file, and the gateway sees every connection go.
 #[test]
 fn hold_keeps_devices_connected_until_sigterm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "10"], "");
     let ready = tmp.path().join("hold-ready.json");
     let report = tmp.path().join("hold.json");
     let n = 60;
@@ -804,9 +791,7 @@ fn hold_keeps_devices_connected_until_sigterm() {
 /// the same devices then provision at once through the restarted gateway.
 #[test]
 fn a_restarted_gateway_resets_its_held_devices_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "100"]);
-    let mut gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, mut gw) = stack(&["--max-children", "100"], "");
     let ready = tmp.path().join("hold-ready.json");
     let report = tmp.path().join("hold.json");
     let n = 20;
@@ -872,9 +857,7 @@ fn a_restarted_gateway_resets_its_held_devices_at_once() {
 /// is counted at gatewayd.
 #[test]
 fn a_frozen_cn_never_makes_a_device_think_the_gateway_went_silent() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "10"], "");
     let dev = paired_device(tmp.path(), &gw, "frozen-cn-watch");
     let cn_pid = cn.proc.as_ref().unwrap().pid().to_string();
     let signal = |sig: &str| {
@@ -915,16 +898,7 @@ fn a_frozen_cn_never_makes_a_device_think_the_gateway_went_silent() {
         series(&m, "gatewayd_pendings_sent_total") >= 2.0,
         "the device was not kept informed: {m}"
     );
-    for reason in ["timeout", "error", "disconnected"] {
-        assert_eq!(
-            series(
-                &m,
-                &format!("gatewayd_device_giveups_total{{reason=\"{reason}\"}}")
-            ),
-            0.0,
-            "{m}"
-        );
-    }
+    assert_no_giveups(&m);
     let shown = dev.show();
     assert!(
         shown["credential"]["supi"]

@@ -10,6 +10,7 @@
 //! - [`cn`]: `cn-backend init`, the companion subscription, `cn-backend serve`.
 //! - [`gateway`]: `gatewayd`'s configuration, the daemon, `gatewayctl` and the control socket.
 //! - [`http`]: plain HTTP/1.1 GETs and Prometheus text parsing.
+//! - [`vectors`]: test vectors the suites share.
 #![warn(missing_docs)]
 
 pub mod bins;
@@ -18,6 +19,7 @@ pub mod gateway;
 pub mod http;
 pub mod process;
 pub mod scratch;
+pub mod vectors;
 
 pub use bins::{Bins, bin};
 pub use cn::CnServer;
