@@ -257,7 +257,7 @@ async fn attach(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, _cn, gw) = stack("");
     let ep = endpoint();
 
     let mut keys = device("watch-01");
@@ -358,7 +358,7 @@ async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpaired_key_is_refused_and_the_window_admits_exactly_one_device() {
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
 
     let stranger = device("stranger");
@@ -427,7 +427,7 @@ async fn unpaired_key_is_refused_and_the_window_admits_exactly_one_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cn_down_means_retry_later_and_the_gateway_recovers_by_itself() {
-    let (tmp, mut cn, gw) = stack("");
+    let (_tmp, mut cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("meter-1");
     gw.pair(&keys);
@@ -539,7 +539,7 @@ async fn continue_after(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_knows_its_devices_and_redelivers() {
-    let (tmp, cn, mut gw) = stack("");
+    let (_tmp, _cn, mut gw) = stack("");
     let ep = endpoint();
     let mut keys = device("car-7");
     gw.pair(&keys);
@@ -610,7 +610,7 @@ async fn raw_connect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_devices_are_cut_off_without_affecting_others() {
-    let (tmp, cn, gw) = stack_with("", "stream_timeout = \"1s\"\nnew_connections_per_ip = 5\n");
+    let (_tmp, _cn, gw) = stack_with("", "stream_timeout = \"1s\"\nnew_connections_per_ip = 5\n");
     let ep = endpoint();
     let names = ["garbage", "staller", "streamer", "looper"];
     let keys: Vec<_> = names.iter().map(|n| device(n)).collect();
@@ -704,7 +704,7 @@ async fn cn_metrics(cn: &Cn) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
     use companion_proto::msg::{DeviceMessage, ErrorCode, Message};
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("zero-key");
     gw.pair(&keys);
@@ -775,7 +775,7 @@ async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications_sighup_reload_and_sigterm() {
-    let (tmp, cn, mut gw) = stack("max_batch = 64\n");
+    let (tmp, _cn, mut gw) = stack("max_batch = 64\n");
     assert_eq!(gw.status()["batching"]["max_batch"], 64);
     gw.stop();
 
@@ -971,7 +971,7 @@ fn labelled(text: &str, name: &str, label: &str) -> f64 {
 /// never sees, nothing is counted, and a real device at that address is then served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_initials_never_block_an_address_and_its_device_is_served() {
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, _cn, gw) = stack("");
     let victim: std::net::IpAddr = "127.0.0.9".parse().unwrap();
     let mut forger = Forger::new(b"not-companion/0");
     const FORGED: usize = 200;
@@ -1021,7 +1021,7 @@ async fn forged_initials_never_block_an_address_and_its_device_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_handshake_from_an_unvalidated_address_is_not_counted() {
     for policy in ["under_load", "never"] {
-        let (tmp, cn, gw) = stack_with("", &format!("retry = \"{policy}\"\n"));
+        let (_tmp, _cn, gw) = stack_with("", &format!("retry = \"{policy}\"\n"));
         let victim: std::net::IpAddr = "127.0.0.10".parse().unwrap();
         let mut forger = Forger::new(b"not-companion/0");
         for i in 0..25 {
@@ -1081,7 +1081,7 @@ async fn a_failed_handshake_from_an_unvalidated_address_is_not_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_failures_from_a_validated_address_still_block_it() {
     for (policy, expect_failures) in [("always", 10.0), ("under_load", 10.0)] {
-        let (tmp, cn, gw) = stack_with("", &format!("retry = \"{policy}\"\n"));
+        let (_tmp, _cn, gw) = stack_with("", &format!("retry = \"{policy}\"\n"));
         let attacker: std::net::IpAddr = "127.0.0.11".parse().unwrap();
         let ep = quinn::Endpoint::client(SocketAddr::new(attacker, 0)).unwrap();
         let keys = device("attacker");
@@ -1291,7 +1291,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// revoke goes to the CN by device ID and every child of the device is revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_device_revokes_every_child_it_was_ever_issued() {
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("meter-9");
     gw.pair(&keys);
@@ -1333,7 +1333,7 @@ async fn revoking_a_device_revokes_every_child_it_was_ever_issued() {
 /// device ID is not provisioned again, and it is carried out once the CN is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_while_the_cn_is_down_is_kept_and_carried_out_later() {
-    let (tmp, mut cn, gw) = stack("");
+    let (_tmp, mut cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("lock-1");
     gw.pair(&keys);
@@ -1377,7 +1377,7 @@ async fn a_revoke_while_the_cn_is_down_is_kept_and_carried_out_later() {
 /// the CN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("cam-1");
     gw.pair(&keys);
@@ -1432,7 +1432,7 @@ async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_unusable_revokes_the_child_at_the_cn() {
     use companion_proto::device::{ClientEvent, ClientExchange};
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("broken-1");
     gw.pair(&keys);
@@ -1524,7 +1524,7 @@ fn operator_ca_der(cn: &Cn) -> Vec<u8> {
 async fn a_device_with_the_operator_anchor_refuses_a_bundle_the_gateway_made_up() {
     use companion_proto::bundle::{AttachInfo, BundleSignature, CredentialBundle, HomeNetwork};
     use companion_proto::msg::{CredentialDelivery, Restrictions, Sealed};
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let anchor = operator_ca_der(&cn);
     let mut keys = device("anchored-1");
@@ -1620,7 +1620,7 @@ async fn a_device_with_the_operator_anchor_refuses_a_bundle_the_gateway_made_up(
 /// 0x0807, is provisioned and attaches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ed25519_device_is_provisioned_and_attaches() {
-    let (tmp, cn, gw) = stack("");
+    let (_tmp, _cn, gw) = stack("");
     let ep = endpoint();
     let keys = DeviceKeys {
         device_id: DeviceId::new("ed-1").unwrap(),

@@ -408,7 +408,7 @@ fn whole_procedure_with_the_iotdev_cli() {
 /// The parent's quota (max 1 child) reaches the second device as a clear, final error.
 #[test]
 fn quota_exhaustion_reaches_the_device() {
-    let (tmp, cn, gw) = stack(&["--max-children", "1"], "");
+    let (tmp, _cn, gw) = stack(&["--max-children", "1"], "");
     let first = paired_device(tmp.path(), &gw, "tag-1");
     let second = paired_device(tmp.path(), &gw, "tag-2");
     first.provision(&gw, &[]).ok();
@@ -428,7 +428,7 @@ fn quota_exhaustion_reaches_the_device() {
 #[test]
 fn expiry_and_renewal_with_short_lifetimes() {
     // No pre-fetched renewals: the device renews itself.
-    let (tmp, cn, gw) = stack(
+    let (tmp, _cn, gw) = stack(
         &["--max-children", "5", "--max-lifetime", "3"],
         "[credentials]\nrenewal_margin = \"0s\"\n",
     );
@@ -674,7 +674,7 @@ fn gateway_status(gw: &Gw) -> Value {
 /// paired are refused in the TLS handshake, each reported as `not_paired`, exit status 1.
 #[test]
 fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
-    let (tmp, cn, gw) = stack(&["--max-children", "10"], "");
+    let (tmp, _cn, gw) = stack(&["--max-children", "10"], "");
     let report = tmp.path().join("handshake.json");
     let out: Out = loadgen(&gw, &["handshake", "--devices", "40", "--concurrency", "8"])
         .args(["--id-prefix", "hs", "--json"])
@@ -729,7 +729,7 @@ fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
 /// the end, exits 0, removes its ready file, and the gateway sees every connection go.
 #[test]
 fn hold_keeps_devices_connected_until_sigterm() {
-    let (tmp, cn, gw) = stack(&["--max-children", "10"], "");
+    let (tmp, _cn, gw) = stack(&["--max-children", "10"], "");
     let ready = tmp.path().join("hold-ready.json");
     let report = tmp.path().join("hold.json");
     let n = 60;
@@ -791,7 +791,7 @@ fn hold_keeps_devices_connected_until_sigterm() {
 /// the same devices then provision at once through the restarted gateway.
 #[test]
 fn a_restarted_gateway_resets_its_held_devices_at_once() {
-    let (tmp, cn, mut gw) = stack(&["--max-children", "100"], "");
+    let (tmp, _cn, mut gw) = stack(&["--max-children", "100"], "");
     let ready = tmp.path().join("hold-ready.json");
     let report = tmp.path().join("hold.json");
     let n = 20;

@@ -100,6 +100,21 @@ pub fn policy(max_children: u32) -> ParentPolicy {
     }
 }
 
+/// `ops::add_parent` of `supi` with all-zero keys and one child allowed (for the refusals).
+pub fn add_zero_key_parent<S: Store + ?Sized>(store: &S, supi: Supi) -> Result<(), StoreError> {
+    let parent = NewParent {
+        supi,
+        keys: SubscriberKeys {
+            k: Key128::from_bytes([0; 16]),
+            opc: Key128::from_bytes([0; 16]),
+        },
+        amf: Amf::DEFAULT,
+        sqn: Sqn::ZERO,
+        policy: policy(1),
+    };
+    ops::add_parent(store, &parent, "test", T0)
+}
+
 pub fn add_parent<S: Store + ?Sized>(store: &S, n: u64, max_children: u32) -> Supi {
     let s = supi(n);
     let byte = u8::try_from(n % 251).unwrap();
@@ -167,6 +182,20 @@ pub fn batch(parent: &Supi, now: Timestamp, items: Vec<BatchItem>) -> Batch {
     }
 }
 
+/// One provisioning item (device `device`, request `req`) for `parent` at `now`: its outcome.
+pub fn provision_one<S: Store + ?Sized>(
+    store: &S,
+    parent: &Supi,
+    now: Timestamp,
+    device: &str,
+    req: u8,
+) -> Vec<ItemOutcome> {
+    issue(
+        store,
+        &batch(parent, now, vec![BatchItem::Provision(prov(device, req))]),
+    )
+}
+
 pub fn issue<S: Store + ?Sized>(store: &S, b: &Batch) -> Vec<ItemOutcome> {
     ops::issue_batch(store, &cfg(), b, &sealer()).unwrap()
 }
@@ -186,21 +215,7 @@ pub fn parents_add_list_policy<S: Store + ?Sized>(store: &S) {
     for n in [3, 1, 2] {
         add_parent(store, n, 5);
     }
-    let dup = ops::add_parent(
-        store,
-        &NewParent {
-            supi: supi(1),
-            keys: SubscriberKeys {
-                k: Key128::from_bytes([0; 16]),
-                opc: Key128::from_bytes([0; 16]),
-            },
-            amf: Amf::DEFAULT,
-            sqn: Sqn::ZERO,
-            policy: policy(1),
-        },
-        "test",
-        T0,
-    );
+    let dup = add_zero_key_parent(store, supi(1));
     assert!(matches!(dup, Err(StoreError::Duplicate(s)) if s == supi(1)));
     assert_eq!(store.count_parents().unwrap(), 3);
     let page1 = store.list_parents(None, 2).unwrap();
@@ -257,6 +272,53 @@ pub fn secrets_round_trip<S: Store + ?Sized>(store: &S) {
     assert_eq!(m.keys.opc.expose(), &[7 ^ 0xff; 16]);
     assert!(matches!(m.subscriber, Subscriber::Parent(ref pp) if pp.supi == p));
     assert_eq!(m.amf, Amf([0x80, 0x00]));
+}
+
+/// A credential issued before the store is closed is there after `open` opens it again: the
+/// same request is answered `AlreadyIssued` with the same sealed bundle. The reopened store.
+pub fn reopen_keeps_issued<S: Store>(open: impl Fn() -> S) -> S {
+    let request = |p: &Supi| batch(p, T0, vec![BatchItem::Provision(prov("w", 1))]);
+    let sealed = {
+        let store = open();
+        let p = add_parent(&store, 1, 2);
+        match &issue(&store, &request(&p))[0] {
+            ItemOutcome::Issued { sealed, .. } => sealed.clone(),
+            o => panic!("{o:?}"),
+        }
+    };
+    let store = open();
+    let out = issue(&store, &request(&supi(1)));
+    assert!(matches!(&out[0], ItemOutcome::AlreadyIssued { sealed: s, .. } if *s == sealed));
+    store
+}
+
+/// Nine threads on three stores (three connections, as three processes would have) each ask
+/// for four credentials of one parent allowed ten; the parent and every outcome.
+pub fn race_for_quota<S: Store + Sync>(stores: &[S; 3]) -> (Supi, Vec<ItemOutcome>) {
+    let p = add_parent(&stores[0], 1, 10);
+    let outcomes = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..9u8)
+            .map(|t| {
+                let store = &stores[usize::from(t % 3)];
+                let p = &p;
+                s.spawn(move || {
+                    let items = (0..4u8)
+                        .map(|i| {
+                            let mut it = prov(&format!("d{t}-{i}"), t);
+                            it.request_id.0[1] = i;
+                            BatchItem::Provision(it)
+                        })
+                        .collect();
+                    ops::issue_batch(store, &cfg(), &batch(p, T0, items), &sealer()).unwrap()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    (p, outcomes)
 }
 
 pub fn issue_narrows_and_seals<S: Store + ?Sized>(store: &S) {
@@ -427,17 +489,11 @@ pub fn quota_counts_active_unexpired<S: Store + ?Sized>(store: &S) {
     // After the short one expires a slot is free again.
     let later = T0.plus_secs(10);
     assert_eq!(store.count_active_children(&p, later).unwrap(), 1);
-    let out = issue(
-        store,
-        &batch(&p, later, vec![BatchItem::Provision(prov("c", 3))]),
-    );
+    let out = provision_one(store, &p, later, "c", 3);
     let (c, _) = issued(&out[0]);
     // Revoking frees a slot.
     assert!(ops::revoke_child(store, &c.supi, "op", later).unwrap());
-    let out = issue(
-        store,
-        &batch(&p, later, vec![BatchItem::Provision(prov("d", 4))]),
-    );
+    let out = provision_one(store, &p, later, "d", 4);
     issued(&out[0]);
     // Zero quota.
     let z = add_parent(store, 2, 0);
@@ -473,10 +529,7 @@ pub fn policy_denials<S: Store + ?Sized>(store: &S) {
     );
     assert!(store.children_of(&p).unwrap().is_empty());
     // The refused request IDs are not burnt: fixing the request works.
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "a", 1);
     issued(&out[0]);
 }
 
@@ -499,10 +552,7 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
     assert!(matches!(&out[0], ItemOutcome::Invalid(Invalid::Seal(m)) if m == "bad recipient key"));
     // The failed item took no SUPI: the store holds exactly the two issued children.
     assert_eq!(store.children_of(&p).unwrap().len(), 2);
-    let more = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("d", 4))]),
-    );
+    let more = provision_one(store, &p, T0, "d", 4);
     assert!(matches!(more[0], ItemOutcome::QuotaExhausted { limit: 2 }));
     let mut bad = prov("e", 5);
     bad.recipient = b"bad".to_vec();
@@ -526,10 +576,7 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
 
 pub fn renewal<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 5);
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "w", 1);
     let (child, _) = issued(&out[0]);
     let k_before = ops::aka_vector(store, &child.supi).unwrap().keys.k;
 
@@ -645,10 +692,7 @@ pub fn renewal<S: Store + ?Sized>(store: &S) {
 
 pub fn revoke_child<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 5);
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "w", 1);
     let (child, _) = issued(&out[0]);
     assert!(ops::revoke_child(store, &child.supi, "op", T0.plus_secs(1)).unwrap());
     assert!(!ops::revoke_child(store, &child.supi, "op", T0.plus_secs(2)).unwrap());
@@ -661,10 +705,7 @@ pub fn revoke_child<S: Store + ?Sized>(store: &S) {
     ));
     // A replay of the provisioning request still answers with the stored credential, whose
     // status now shows it is revoked.
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "w", 1);
     assert!(
         matches!(&out[0], ItemOutcome::AlreadyIssued { child, .. } if child.status == ChildStatus::Revoked)
     );
@@ -687,10 +728,7 @@ pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
     let mut kids: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
     // Cascades report children in SUPI order; random SUPIs come in any order.
     kids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    let out = issue(
-        store,
-        &batch(&other, T0, vec![BatchItem::Provision(prov("x", 1))]),
-    );
+    let out = provision_one(store, &other, T0, "x", 1);
     let other_kid = issued(&out[0]).0.supi.clone();
 
     let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Suspended, "op", T0).unwrap();
@@ -732,10 +770,7 @@ pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
         store.child(&kids[0]).unwrap().unwrap().status,
         ChildStatus::Revoked
     );
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("c", 3))]),
-    );
+    let out = provision_one(store, &p, T0, "c", 3);
     let new_kid = issued(&out[0]).0.supi.clone();
     // Revoke: terminal, cascades.
     let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Revoked, "op", T0).unwrap();
@@ -883,21 +918,7 @@ pub fn supi_allocation_skips_taken<S: Store + ?Sized>(store: &S) {
     ));
     assert_eq!(store.children_of(&p).unwrap().len(), 3);
     // Importing a parent over an existing child SUPI is refused.
-    let dup = ops::add_parent(
-        store,
-        &NewParent {
-            supi: supi(9_000_000_000),
-            keys: SubscriberKeys {
-                k: Key128::from_bytes([0; 16]),
-                opc: Key128::from_bytes([0; 16]),
-            },
-            amf: Amf::DEFAULT,
-            sqn: Sqn::ZERO,
-            policy: policy(1),
-        },
-        "test",
-        T0,
-    );
+    let dup = add_zero_key_parent(store, supi(9_000_000_000));
     assert!(matches!(dup, Err(StoreError::Duplicate(_))));
 }
 
@@ -990,10 +1011,7 @@ pub fn sqn_advances_and_resyncs<S: Store + ?Sized>(store: &S) {
         sqn_after_resync(sqn_ms)
     );
     // Children have their own SQN.
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "a", 1);
     let c = issued(&out[0]).0.supi.clone();
     assert_eq!(ops::aka_vector(store, &c).unwrap().sqn, next_sqn(Sqn::ZERO));
     assert!(matches!(
@@ -1401,10 +1419,7 @@ pub fn sync_outbox_follows_lifecycle<S: Store + ?Sized>(store: &S) {
     };
     let p = add_parent(store, 1, 5);
     assert!(!store.sync_outbox());
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("off", 9))]),
-    );
+    let out = provision_one(store, &p, T0, "off", 9);
     let untracked = issued(&out[0]).0.supi.clone();
     assert!(pending(store).is_empty(), "outbox off: nothing recorded");
     assert_eq!(store.sync_state(&untracked).unwrap(), None);
@@ -1428,10 +1443,7 @@ pub fn sync_outbox_follows_lifecycle<S: Store + ?Sized>(store: &S) {
     assert_eq!(rows.len(), 2);
     assert!(rows.contains(&(a.supi.clone(), T0)) && rows.contains(&(b.supi.clone(), T0)));
     // A replay commits nothing new, so it records nothing.
-    issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
-    );
+    provision_one(store, &p, T0, "a", 1);
     assert_eq!(pending(store).len(), 2);
     let backlog = store.sync_backlog().unwrap();
     assert_eq!((backlog.pending, backlog.oldest), (2, Some(T0)));
@@ -1515,10 +1527,7 @@ pub fn sync_outbox_follows_lifecycle<S: Store + ?Sized>(store: &S) {
     let t2 = T0.plus_secs(20);
     assert!(ops::revoke_child(store, &a.supi, "op", t2).unwrap());
     assert_eq!(pending(store), vec![(a.supi.clone(), t2)]);
-    let out = issue(
-        store,
-        &batch(&p, t2, vec![BatchItem::Provision(prov("c", 3))]),
-    );
+    let out = provision_one(store, &p, t2, "c", 3);
     let c = issued(&out[0]).0.clone();
     let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Suspended, "op", t2).unwrap();
     assert!(ch.revoked_children.contains(&c.supi));
