@@ -604,7 +604,7 @@ async fn raw_connect(
     addr: SocketAddr,
     keys: &DeviceKeys,
 ) -> quinn::Connection {
-    let cfg = unpinned_client_config(&keys, companion_transport::ALPN_DEVICE);
+    let cfg = unpinned_client_config(keys, companion_transport::ALPN_DEVICE);
     ep.connect_with(cfg, addr, "gw").unwrap().await.unwrap()
 }
 
