@@ -215,20 +215,8 @@ async fn allocation_cap_stops_revoke_and_reissue_churn() {
     let mut renew = DeviceReq::new(200);
     renew.device_id = reqs[0].device_id.clone();
     let item = renew.renew_item(&child);
-    let rr = s2
-        .batch(BatchProvision {
-            batch_id: 2,
-            items: vec![item],
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        rr.items[0].outcome,
-        Outcome::Issued,
-        "{:?}",
-        rr.items[0].reason
-    );
-    assert_eq!(renew.open(&rr.items[0]).supi, child);
+    let rr = issued_one(&s2, 2, item).await;
+    assert_eq!(renew.open(&rr).supi, child);
 }
 
 // --- Attack 2: locking a subscriber out of AKA without its key ------------------------------

@@ -9,6 +9,7 @@
 //! Binaries: the native ones come from the target directory this test binary was built in
 //! (`cargo build --workspace --bins` first) or `$DEPLOY_BIN_DIR`; the static router binaries from
 //! `scripts/build-static.sh` (`target/dist/<target>/`, or `$DEPLOY_STATIC_DIR/<target>/`).
+#![warn(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::os::unix::fs::PermissionsExt;
@@ -162,16 +163,29 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// What a command printed: its standard output, then its standard error.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Fails the test, with everything the command printed, unless `out` is a success.
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        printed(out)
+    );
+}
+
 /// Runs `c` and returns its output; panics with both streams unless it succeeded.
 pub fn run_ok(c: &mut Command, what: &str) -> Output {
     let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out, what);
     out
 }
 

@@ -38,6 +38,13 @@ pub const HOME_SNN: &str = "5G:mnc001.mcc001.3gppnetwork.org";
 /// A visited network's serving network name (MCC 208, MNC 02): a roaming attach.
 pub const VISITED_SNN: &str = "5G:mnc002.mcc208.3gppnetwork.org";
 
+/// Whether a missing external program (PostgreSQL's server, a MongoDB stand-in) fails the
+/// test instead of skipping it: on CI (`CI` set) or with `DEPLOY_TESTS_STRICT=1`.
+pub fn strict() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+        || std::env::var("DEPLOY_TESTS_STRICT").is_ok_and(|v| v == "1")
+}
+
 /// What can go wrong while starting or driving a binary.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,5 +1,6 @@
 //! `e2e-bench`: the end-to-end benchmarks of issue #8 against the real release binaries, written
 //! as JSON and markdown (and SVG plots). Run through `scripts/bench.sh`; see docs/BENCHMARKS.md.
+#![warn(missing_docs)]
 
 use std::fmt::Write as _;
 use std::fs;

@@ -65,11 +65,15 @@ pub struct ModeRun {
     pub mode: String,
     /// Datagrams the flooder sent, and over how long.
     pub offered: u64,
+    /// Length of the flood, seconds.
     pub elapsed_s: f64,
+    /// Datagrams per second the flooder sent.
     pub offered_pps: f64,
     /// Datagrams the filter dropped (its counters, every drop reason).
     pub dropped: u64,
+    /// Datagrams per second the filter dropped.
     pub dropped_pps: f64,
+    /// Dropped as a share of sent, percent.
     pub dropped_pct_of_offered: f64,
     /// Datagrams the filter let through (0 expected: every datagram is a short Initial).
     pub passed: u64,
@@ -82,6 +86,7 @@ pub struct ModeRun {
     pub receive_side_saturated: bool,
     /// CPU seconds: the filter's own (BPF run time, or gatewayd's CPU in userspace).
     pub own_cpu_s: f64,
+    /// How the filter's own CPU was measured (BPF run time or gatewayd's CPU).
     pub own_cpu_measure: &'static str,
     /// The receive path: softirq time of the flooder's CPU + gatewayd's CPU time.
     pub rx_cpu_s: f64,
@@ -90,7 +95,9 @@ pub struct ModeRun {
     /// Machine-wide busy CPU seconds during the flood (all CPUs), the flooder's CPU time
     /// (including the softirq work run in its context) and the softirq time of its CPU.
     pub machine_busy_s: f64,
+    /// The flooder's CPU seconds (with the softirq work charged to it).
     pub flooder_cpu_s: f64,
+    /// Softirq seconds of the flooder's CPU.
     pub flooder_cpu_softirq_s: f64,
     /// Softirq time of all CPUs.
     pub softirq_s: f64,
@@ -102,13 +109,19 @@ pub struct ModeRun {
     pub bpf_run_cnt: Option<u64>,
     /// Derived: ns of CPU per dropped packet and dropped packets per CPU-second.
     pub own_ns_per_drop: f64,
+    /// Drops per CPU-second of the filter's own work.
     pub own_drops_per_cpu_s: f64,
+    /// Receive-path CPU nanoseconds per dropped datagram.
     pub rx_ns_per_drop: f64,
+    /// Drops per receive-path CPU-second (the figure the target judges).
     pub rx_drops_per_cpu_s: f64,
+    /// Machine-wide CPU nanoseconds per dropped datagram.
     pub machine_ns_per_drop: f64,
+    /// Drops per machine-wide CPU-second.
     pub machine_drops_per_cpu_s: f64,
 }
 
+/// Runs the filter suite (needs root).
 pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     ensure_root()?;
     for tool in ["ip", "taskset"] {

@@ -109,12 +109,19 @@ pub struct CnRun {
     pub store: &'static str,
     /// cn-backend instances driven at once (over one database).
     pub instances: usize,
+    /// Items per batch.
     pub batch_size: usize,
+    /// Authenticated sessions to the CN.
     pub sessions: usize,
+    /// Batches in flight over all sessions.
     pub batches_in_flight: usize,
+    /// Credentials issued.
     pub credentials: u64,
+    /// Batches answered.
     pub batches: u64,
+    /// Length of the run, seconds.
     pub wall_s: f64,
+    /// Credentials per wall-clock second.
     pub per_wall_s: f64,
     /// CPU seconds of the cn-backend processes during the run (summed over the instances).
     pub cn_cpu_s: f64,
@@ -126,7 +133,9 @@ pub struct CnRun {
     pub cn_cores_busy: f64,
     /// Cores this driver (the stand-in gateway) kept busy.
     pub driver_cores_busy: f64,
+    /// Median batch round trip, milliseconds.
     pub batch_p50_ms: f64,
+    /// 99th-percentile batch round trip, milliseconds.
     pub batch_p99_ms: f64,
     /// Sealed credentials opened and checked with the devices' keys.
     pub opened: usize,
@@ -138,6 +147,7 @@ pub struct CnRun {
     pub statements_per_batch: Option<f64>,
 }
 
+/// Runs the issuance suite.
 pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     let quick = env.quick;
     let budget = if quick {

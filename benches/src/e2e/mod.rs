@@ -5,12 +5,19 @@
 //! Every suite returns a [`SuiteReport`]: its raw figures (JSON), a markdown section, and the
 //! performance targets of issue #8 it checks. Targets are reported, never asserted.
 
+/// The LAN filter under a flood: XDP and TC against the userspace fallback.
 pub mod filter;
+/// Starting the real binaries and reading their CPU and memory.
 pub mod harness;
+/// cn-backend's issuance rate next to its crypto and store ceilings.
 pub mod issuance;
+/// SVG line charts of the figures.
 pub mod plot;
+/// Devices provisioned end to end through gatewayd at rising concurrency.
 pub mod provisioning;
+/// How fast provisioning resumes after the CN is killed and restarted.
 pub mod recovery;
+/// gatewayd's start-up time and memory per connected device.
 pub mod resources;
 
 use std::path::PathBuf;
@@ -22,6 +29,7 @@ use harness::Bins;
 /// What every suite gets.
 #[derive(Debug)]
 pub struct Env {
+    /// The binaries under test.
     pub bins: Bins,
     /// Scratch space for daemons' directories (removed after the run).
     pub work: PathBuf,
@@ -50,12 +58,14 @@ pub struct Target {
     pub goal: String,
     /// What was measured, e.g. "7.9× (1412/s vs 179/s)".
     pub measured: String,
+    /// Whether the measurement meets the goal.
     pub holds: bool,
 }
 
 /// One suite's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct SuiteReport {
+    /// The suite's name (`issuance`, `provisioning`, ...).
     pub name: &'static str,
     /// Raw figures.
     pub data: serde_json::Value,
@@ -63,6 +73,7 @@ pub struct SuiteReport {
     /// the stage.
     #[serde(skip)]
     pub markdown: String,
+    /// The targets the suite checks.
     pub targets: Vec<Target>,
 }
 

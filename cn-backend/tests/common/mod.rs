@@ -426,6 +426,18 @@ pub async fn one(s: &CnSession, id: u64, item: BatchItem) -> ItemResult {
     r.items.into_iter().next().unwrap()
 }
 
+/// [`one`], which must be issued (the failure names the CN's reason).
+pub async fn issued_one(s: &CnSession, id: u64, item: BatchItem) -> ItemResult {
+    let r = one(s, id, item).await;
+    assert_eq!(
+        r.outcome,
+        companion_proto::msg::Outcome::Issued,
+        "{:?}",
+        r.reason
+    );
+    r
+}
+
 /// The device's USIM built from its bundle.
 pub fn device_usim(b: &CredentialBundle) -> SoftUsim {
     SoftUsim::new(b.supi.as_str().into(), b.k.clone(), b.opc.clone())

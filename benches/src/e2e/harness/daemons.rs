@@ -263,6 +263,34 @@ impl Gateway {
         Ok(t.write()?)
     }
 
+    /// `loadgen <sub>` arguments for `devices` devices, `concurrency` at a time, against this
+    /// gateway (device address and control socket), without progress output, device IDs
+    /// starting with `prefix`; `extra` appended.
+    pub fn loadgen_args(
+        &self,
+        sub: &str,
+        devices: u64,
+        concurrency: u64,
+        prefix: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Vec<String>> {
+        let args = [sub, "--devices", &devices.to_string()]
+            .into_iter()
+            .chain(["--concurrency", &concurrency.to_string()])
+            .chain([
+                "--gateway",
+                &self.devices()?,
+                "--control-socket",
+                &self.control()?,
+            ])
+            .chain(["--progress", "never"])
+            .chain(extra.iter().copied())
+            .chain(["--id-prefix", prefix])
+            .map(str::to_owned)
+            .collect();
+        Ok(args)
+    }
+
     /// The device-facing QUIC address.
     pub fn devices(&self) -> anyhow::Result<String> {
         self.daemon.ready_str("devices")

@@ -15,12 +15,14 @@ use anyhow::Context;
 pub struct DelayProxy {
     /// Where clients send (stands in for the upstream's address).
     pub addr: SocketAddr,
+    /// The round-trip time added.
     pub rtt: std::time::Duration,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DelayProxy {
+    /// Starts a relay to `upstream` adding `rtt` (half each way).
     pub fn start(upstream: SocketAddr, rtt: Duration) -> anyhow::Result<Self> {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("binding the delay proxy")?;
         socket.set_nonblocking(true)?;

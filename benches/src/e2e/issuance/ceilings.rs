@@ -6,12 +6,17 @@ use super::*;
 /// One ceiling measurement on one thread.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ceiling {
+    /// What was measured.
     pub what: String,
+    /// Operations done.
     pub ops: u64,
+    /// Wall-clock seconds.
     pub wall_s: f64,
     /// CPU time of the measuring thread.
     pub cpu_s: f64,
+    /// Operations per wall-clock second.
     pub per_wall_s: f64,
+    /// Operations per CPU-second of the measuring thread.
     pub per_cpu_s: f64,
     /// CPU microseconds per operation.
     pub cpu_us_per_op: f64,

@@ -115,6 +115,7 @@ impl PgProbe {
 /// The PostgreSQL rows of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PgRuns {
+    /// The PostgreSQL server's version.
     pub server_version: String,
     /// The server's `fsync` setting during the runs (`on`: durable commits).
     pub fsync: String,

@@ -6,8 +6,11 @@ use super::*;
 /// One line of `perf report`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Hot {
+    /// Share of the samples, percent.
     pub percent: f64,
+    /// The binary or library.
     pub dso: String,
+    /// The function.
     pub symbol: String,
 }
 
