@@ -6,7 +6,7 @@
 //! - [`bins`]: where the binaries are (the target directory of the running test, or overrides).
 //! - [`process`]: [`Proc`] (SIGKILL on drop, log tail printed on failure), [`start`] (spawn and
 //!   wait for a ready file), [`Out`] (what a finished command printed).
-//! - [`scratch`]: temporary directories kept (and named on stderr) when the test panics.
+//! - [`scratch`](mod@scratch): temporary directories kept (and named on stderr) when the test panics.
 //! - [`cn`]: `cn-backend init`, the companion subscription, `cn-backend serve`.
 //! - [`gateway`]: `gatewayd`'s configuration, the daemon, `gatewayctl` and the control socket.
 //! - [`http`]: plain HTTP/1.1 GETs and Prometheus text parsing.

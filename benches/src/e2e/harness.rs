@@ -7,11 +7,8 @@
 //! - [`delay`]: a UDP relay that delays every datagram ([`DelayProxy`]);
 //! - [`stats`]: CPU time and resident memory from `/proc`.
 
-/// The CN and the gateway a benchmark runs.
 pub mod daemons;
-/// A UDP relay that delays every datagram.
 pub mod delay;
-/// CPU time and resident memory from `/proc`.
 pub mod stats;
 
 use std::fs;

@@ -5,19 +5,12 @@
 //! Every suite returns a [`SuiteReport`]: its raw figures (JSON), a markdown section, and the
 //! performance targets of issue #8 it checks. Targets are reported, never asserted.
 
-/// The LAN filter under a flood: XDP and TC against the userspace fallback.
 pub mod filter;
-/// Starting the real binaries and reading their CPU and memory.
 pub mod harness;
-/// cn-backend's issuance rate next to its crypto and store ceilings.
 pub mod issuance;
-/// SVG line charts of the figures.
 pub mod plot;
-/// Devices provisioned end to end through gatewayd at rising concurrency.
 pub mod provisioning;
-/// How fast provisioning resumes after the CN is killed and restarted.
 pub mod recovery;
-/// gatewayd's start-up time and memory per connected device.
 pub mod resources;
 
 use std::path::PathBuf;
