@@ -182,6 +182,17 @@ pub fn batch(parent: &Supi, now: Timestamp, items: Vec<BatchItem>) -> Batch {
     }
 }
 
+/// A batch of provisioning `items` for `parent` at `now`: their outcomes.
+pub fn provision<S: Store + ?Sized>(
+    store: &S,
+    parent: &Supi,
+    now: Timestamp,
+    items: Vec<ProvisionItem>,
+) -> Vec<ItemOutcome> {
+    let items = items.into_iter().map(BatchItem::Provision).collect();
+    issue(store, &batch(parent, now, items))
+}
+
 /// One provisioning item (device `device`, request `req`) for `parent` at `now`: its outcome.
 pub fn provision_one<S: Store + ?Sized>(
     store: &S,
@@ -330,17 +341,7 @@ pub fn issue_narrows_and_seals<S: Store + ?Sized>(store: &S) {
         dnns: vec![dnn("ims")],
         max_bitrate_kbps: Some(5000),
     };
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(item),
-                BatchItem::Provision(prov("watch-2", 2)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![item, prov("watch-2", 2)]);
     assert_eq!(out.len(), 2);
     let (c1, sealed1) = issued(&out[0]);
     let (c2, _) = issued(&out[1]);
@@ -433,17 +434,7 @@ pub fn idempotent_replay<S: Store + ?Sized>(store: &S) {
     }
     assert_eq!(store.children_of(&p).unwrap().len(), 1);
     // A duplicate inside the first batch is a replay too.
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(prov("cam", 2)),
-                BatchItem::Provision(prov("cam", 2)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![prov("cam", 2), prov("cam", 2)]);
     let (c, s) = issued(&out[0]);
     assert!(
         matches!(&out[1], ItemOutcome::AlreadyIssued { child, sealed, .. } if child == c && sealed.as_slice() == s)
@@ -458,10 +449,7 @@ pub fn idempotent_replay<S: Store + ?Sized>(store: &S) {
     );
     // Same request ID for another device is a different request (and here over quota).
     assert_eq!(
-        issue(
-            store,
-            &batch(&p, T0, vec![BatchItem::Provision(prov("lamp", 1))])
-        )[0],
+        provision_one(store, &p, T0, "lamp", 1)[0],
         ItemOutcome::QuotaExhausted { limit: 2 }
     );
 }
@@ -470,18 +458,7 @@ pub fn quota_counts_active_unexpired<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 2);
     let mut short = prov("a", 1);
     short.params.lifetime_s = Some(10);
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(short),
-                BatchItem::Provision(prov("b", 2)),
-                BatchItem::Provision(prov("c", 3)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![short, prov("b", 2), prov("c", 3)]);
     issued(&out[0]);
     issued(&out[1]);
     assert_eq!(out[2], ItemOutcome::QuotaExhausted { limit: 2 });
@@ -498,10 +475,7 @@ pub fn quota_counts_active_unexpired<S: Store + ?Sized>(store: &S) {
     // Zero quota.
     let z = add_parent(store, 2, 0);
     assert_eq!(
-        issue(
-            store,
-            &batch(&z, T0, vec![BatchItem::Provision(prov("a", 1))])
-        )[0],
+        provision_one(store, &z, T0, "a", 1)[0],
         ItemOutcome::QuotaExhausted { limit: 0 }
     );
 }
@@ -537,18 +511,7 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 2);
     let mut bad = prov("a", 1);
     bad.recipient = b"bad".to_vec();
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(bad),
-                BatchItem::Provision(prov("b", 2)),
-                BatchItem::Provision(prov("c", 3)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![bad, prov("b", 2), prov("c", 3)]);
     assert!(matches!(&out[0], ItemOutcome::Invalid(Invalid::Seal(m)) if m == "bad recipient key"));
     // The failed item took no SUPI: the store holds exactly the two issued children.
     assert_eq!(store.children_of(&p).unwrap().len(), 2);
@@ -557,17 +520,7 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
     let mut bad = prov("e", 5);
     bad.recipient = b"bad".to_vec();
     ops::revoke_child(store, &issued(&out[1]).0.supi, "test", T0).unwrap();
-    let more = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(bad),
-                BatchItem::Provision(prov("d", 4)),
-            ],
-        ),
-    );
+    let more = provision(store, &p, T0, vec![bad, prov("d", 4)]);
     assert!(matches!(&more[0], ItemOutcome::Invalid(Invalid::Seal(_))));
     issued(&more[1]);
     // Three children in all (one revoked): the second failed seal took nothing either.
@@ -714,17 +667,7 @@ pub fn revoke_child<S: Store + ?Sized>(store: &S) {
 pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 5);
     let other = add_parent(store, 2, 5);
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(prov("a", 1)),
-                BatchItem::Provision(prov("b", 2)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![prov("a", 1), prov("b", 2)]);
     let mut kids: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
     // Cascades report children in SUPI order; random SUPIs come in any order.
     kids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
@@ -746,17 +689,7 @@ pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
     );
     assert_eq!(store.count_active_children(&p, T0).unwrap(), 0);
     // A suspended parent gets nothing, replays included.
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(prov("a", 1)),
-                BatchItem::Provision(prov("c", 3)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![prov("a", 1), prov("c", 3)]);
     assert!(
         out.iter()
             .all(|o| *o == ItemOutcome::ParentInactive(SubscriptionStatus::Suspended))
@@ -1426,17 +1359,7 @@ pub fn sync_outbox_follows_lifecycle<S: Store + ?Sized>(store: &S) {
 
     store.set_sync_outbox(true);
     assert!(store.sync_outbox());
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(prov("a", 1)),
-                BatchItem::Provision(prov("b", 2)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![prov("a", 1), prov("b", 2)]);
     let a = issued(&out[0]).0.clone();
     let b = issued(&out[1]).0.clone();
     let rows = pending(store);
