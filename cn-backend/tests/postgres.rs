@@ -276,7 +276,7 @@ async fn binary_runs_on_postgres() {
     }
     // Another directory (another KEK) pointed at the same database is refused in one line.
     let other = Dir {
-        tmp: tempfile::tempdir().unwrap(),
+        tmp: companion_testkit::scratch(),
     };
     let (ok, _, err) = other.cli(&["init", "--store", &url, "--server-name", "localhost"]);
     assert!(!ok);

@@ -80,7 +80,7 @@ fn sessions_by_endpoint(status: &serde_json::Value) -> HashMap<String, usize> {
 fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
     let Some(srv) = pg::server() else { return };
     let url = srv.create_db();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn_dir = tmp.path().join("cn");
     let bins = bins();
     cn::init(

@@ -232,7 +232,7 @@ fn n(v: &serde_json::Value, k: &str) -> u64 {
 fn scenario(mode: &str, filter_cfg: &str, expect_mode: &[&str]) -> String {
     let tag = format!("{}{}", std::process::id() % 100_000, &mode[..1]);
     let (_ns, [gw, dev, atk]) = topology(&tag);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn_dir = tmp.path().join("cn");
     let (_cn, cn_addr) = start_cn(&gw, &cn_dir);
     let (mut gw_proc, control) =
@@ -555,7 +555,7 @@ fn blocked_ipv6_source_cannot_pass_the_xdp_filter_behind_extension_headers() {
         "nud",
         "permanent",
     ]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn_dir = tmp.path().join("cn");
     let (_cn, cn_addr) = start_cn(&gw, &cn_dir);
     let (_gw_proc, control) = start_gw_on(

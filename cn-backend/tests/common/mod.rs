@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use companion_testkit::{Bins, CnServer, Proc, cn};
+use companion_testkit::{Bins, CnServer, Proc, Scratch, cn, scratch};
 
 use companion_crypto::hpke::{DeviceHpkeKey, SealedCredential, open_credential};
 use companion_crypto::secret::Key128;
@@ -27,7 +27,6 @@ use companion_proto::msg::{BatchItem, BatchProvision, ItemKind, ItemResult, KeyB
 use companion_proto::{DeviceId, RequestId, Supi};
 use companion_transport::cn_client::{ClientOptions, CnSession, CnTarget};
 use companion_transport::{Identity, OperatorCa};
-use tempfile::TempDir;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cn-backend");
 
@@ -47,14 +46,14 @@ pub const OPC: &str = companion_testkit::COMPANION_OPC;
 
 /// An initialised data directory.
 pub struct Dir {
-    pub tmp: TempDir,
+    pub tmp: Scratch,
 }
 
 impl Dir {
     /// `cn-backend init` with a small child range and `extra_args`.
     fn init_with(extra_args: &[&str]) -> Dir {
         let d = Dir {
-            tmp: tempfile::tempdir().unwrap(),
+            tmp: scratch(),
         };
         let mut args = vec![
             "init",
@@ -79,7 +78,7 @@ impl Dir {
     /// the database), as an operator provisions another host of a fleet.
     pub fn copy(&self) -> Dir {
         let copy = Dir {
-            tmp: tempfile::tempdir().unwrap(),
+            tmp: scratch(),
         };
         let st = Command::new("cp")
             .arg("-a")
