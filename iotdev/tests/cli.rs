@@ -13,7 +13,10 @@ use companion_testkit::{Out, scratch};
 /// stderr.
 fn iotdev(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_iotdev"));
-    c.arg("--dir").arg(dir).args(args).env_remove("IOTDEV_GATEWAY");
+    c.arg("--dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("IOTDEV_GATEWAY");
     let o = Out::of(&mut c).unwrap();
     (o.code, o.stdout, o.stderr)
 }

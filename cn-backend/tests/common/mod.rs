@@ -52,9 +52,7 @@ pub struct Dir {
 impl Dir {
     /// `cn-backend init` with a small child range and `extra_args`.
     fn init_with(extra_args: &[&str]) -> Dir {
-        let d = Dir {
-            tmp: scratch(),
-        };
+        let d = Dir { tmp: scratch() };
         let mut args = vec![
             "init",
             "--imsi-start",
@@ -77,9 +75,7 @@ impl Dir {
     /// A copy of this directory (`cp -a`: same keys, configuration and, on SQLite, a copy of
     /// the database), as an operator provisions another host of a fleet.
     pub fn copy(&self) -> Dir {
-        let copy = Dir {
-            tmp: scratch(),
-        };
+        let copy = Dir { tmp: scratch() };
         let st = Command::new("cp")
             .arg("-a")
             .arg(self.path())
