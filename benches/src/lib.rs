@@ -1,6 +1,7 @@
 //! Fixtures shared by the criterion benchmarks in `benches/` (run them with
 //! `cargo bench -p companion-benches`; figures and method in `docs/BENCHMARKS.md`).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use companion_crypto::milenage::Milenage;
 use companion_crypto::secret::Key128;

@@ -9,7 +9,6 @@ mod common;
 mod pg;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -387,35 +386,11 @@ async fn instance_with_another_kek_refuses_to_start() {
     let kek = other.path().join("kek.key");
     std::fs::remove_file(&kek).unwrap();
     cn_backend::kek::Kek::init(&kek).unwrap();
-    let t0 = Instant::now();
-    let out = tokio::task::block_in_place(|| {
-        Command::new(bin())
-            .arg("--dir")
-            .arg(other.path())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    });
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!(
-        "fleet KEK: another KEK exits with {} after {:.1?}: {}",
-        out.status,
-        t0.elapsed(),
-        stderr.trim()
-    );
-    assert!(!out.status.success());
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
+    let (line, took) = tokio::task::block_in_place(|| other.serve_fails(None, None));
+    eprintln!("fleet KEK: another KEK exits after {took:.1?}: {line}");
     assert!(
-        lines[0].contains("KEK does not match") && lines[0].contains("kek.key"),
-        "{stderr}"
+        line.contains("KEK does not match") && line.contains("kek.key"),
+        "{line}"
     );
     // The CLI refuses too; the first instance still serves.
     let (ok, _, err) = other.cli(&["subscriber", "list"]);

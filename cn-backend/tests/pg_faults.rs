@@ -7,7 +7,6 @@ mod common;
 mod pg;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -138,37 +137,6 @@ async fn postgres_restart_during_batches() {
     assert!(recovered.saturating_sub(started) < Duration::from_secs(5));
 }
 
-/// Runs `cn-backend serve` (optionally with `--store url` and an environment variable) and
-/// expects a non-zero exit with one line on stderr; returns that line and how long it took.
-fn serve_fails(dir: &Dir, store: Option<&str>, env: Option<(&str, &str)>) -> (String, Duration) {
-    let mut cmd = Command::new(bin());
-    cmd.arg("--dir").arg(dir.path());
-    if let Some(u) = store {
-        cmd.args(["--store", u]);
-    }
-    if let Some((k, v)) = env {
-        cmd.env(k, v);
-    }
-    let t0 = Instant::now();
-    let out = cmd
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let took = t0.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    (lines[0].to_owned(), took)
-}
-
 /// The database unreachable at start, a wrong password, a schema newer than the binary: each
 /// time `serve` exits non-zero with one line saying what happened and what to do.
 #[test]
@@ -178,8 +146,7 @@ fn startup_failures_are_one_clear_line() {
     let dir = Dir::init_store(&url);
 
     // Unreachable: no server behind the socket directory.
-    let (line, took) = serve_fails(
-        &dir,
+    let (line, took) = dir.serve_fails(
         Some("postgres://postgres@/cn?host=/nonexistent-cn-pg"),
         None,
     );
@@ -193,7 +160,7 @@ fn startup_failures_are_one_clear_line() {
         .unwrap();
     srv.set_hba("local all cnpw scram-sha-256\nlocal all all trust\n");
     let pw_url = url.replace("postgres://postgres@", "postgres://cnpw@");
-    let (line, took) = serve_fails(&dir, Some(&pw_url), Some(("PGPASSWORD", "wrong")));
+    let (line, took) = dir.serve_fails(Some(&pw_url), Some(("PGPASSWORD", "wrong")));
     eprintln!("wrong password ({took:.1?}): {line}");
     assert!(line.contains("PostgreSQL refused the login"), "{line}");
     assert!(line.contains("password"), "{line}");
@@ -202,7 +169,7 @@ fn startup_failures_are_one_clear_line() {
     srv.client(&url)
         .batch_execute("UPDATE schema_version SET version = 99")
         .unwrap();
-    let (line, took) = serve_fails(&dir, None, None);
+    let (line, took) = dir.serve_fails(None, None);
     eprintln!("newer schema ({took:.1?}): {line}");
     assert!(line.contains("schema version 99 is newer"), "{line}");
     assert!(line.contains("run the cn-backend release"), "{line}");

@@ -88,24 +88,7 @@ fn secrets_are_encrypted_and_bound_to_their_row() {
 fn reopen_keeps_data_and_checks_kek() {
     let Some(srv) = pg::server() else { return };
     let url = srv.create_db();
-    let sealed = {
-        let store = open(&url);
-        let p = add_parent(&store, 1, 2);
-        let out = issue(
-            &store,
-            &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-        );
-        match &out[0] {
-            ItemOutcome::Issued { sealed, .. } => sealed.clone(),
-            o => panic!("{o:?}"),
-        }
-    };
-    let store = open(&url);
-    let out = issue(
-        &store,
-        &batch(&supi(1), T0, vec![BatchItem::Provision(prov("w", 1))]),
-    );
-    assert!(matches!(&out[0], ItemOutcome::AlreadyIssued { sealed: s, .. } if *s == sealed));
+    let store = reopen_keeps_issued(|| open(&url));
     drop(store);
     let wrong = PgStore::open_url(&url, Kek::from_bytes(&[1; 32]));
     assert!(matches!(wrong, Err(StoreError::WrongKek)));
@@ -152,30 +135,11 @@ fn separate_stores_respect_quota() {
     let Some(srv) = pg::server() else { return };
     let url = srv.create_db();
     let stores = [open(&url), open(&url), open(&url)];
-    let p = add_parent(&stores[0], 1, 10);
-    let issued: usize = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..9u8)
-            .map(|t| {
-                let store = &stores[usize::from(t % 3)];
-                let p = &p;
-                s.spawn(move || {
-                    let items = (0..4u8)
-                        .map(|i| {
-                            let mut it = prov(&format!("d{t}-{i}"), t);
-                            it.request_id.0[1] = i;
-                            BatchItem::Provision(it)
-                        })
-                        .collect();
-                    ops::issue_batch(store, &cfg(), &batch(p, T0, items), &sealer())
-                        .unwrap()
-                        .iter()
-                        .filter(|o| matches!(o, ItemOutcome::Issued { .. }))
-                        .count()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).sum()
-    });
+    let (p, outcomes) = race_for_quota(&stores);
+    let issued = outcomes
+        .iter()
+        .filter(|o| matches!(o, ItemOutcome::Issued { .. }))
+        .count();
     assert_eq!(issued, 10);
     assert_eq!(stores[1].count_active_children(&p, T0).unwrap(), 10);
 }
@@ -312,7 +276,7 @@ async fn binary_runs_on_postgres() {
     }
     // Another directory (another KEK) pointed at the same database is refused in one line.
     let other = Dir {
-        tmp: tempfile::tempdir().unwrap(),
+        tmp: companion_testkit::scratch(),
     };
     let (ok, _, err) = other.cli(&["init", "--store", &url, "--server-name", "localhost"]);
     assert!(!ok);

@@ -16,26 +16,9 @@ use companion_transport::cn_client::{CnClientError, CnSession};
 
 const P1: &str = "imsi-001010000000001";
 
-/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1): 0, 1, the two
-/// order-8 points, p − 1, p, p + 1, each also with bit 255 set.
+/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1).
 fn low_order_keys() -> Vec<[u8; 32]> {
-    [
-        "0000000000000000000000000000000000000000000000000000000000000000",
-        "0100000000000000000000000000000000000000000000000000000000000000",
-        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    ]
-    .iter()
-    .flat_map(|h| {
-        let k: [u8; 32] = hex::decode(h).unwrap().try_into().unwrap();
-        let mut hi = k;
-        hi[31] |= 0x80;
-        [k, hi]
-    })
-    .collect()
+    companion_testkit::vectors::x25519_low_order_keys()
 }
 
 /// Child credentials in the database, every status: each one is a SUPI taken from the range
@@ -232,20 +215,8 @@ async fn allocation_cap_stops_revoke_and_reissue_churn() {
     let mut renew = DeviceReq::new(200);
     renew.device_id = reqs[0].device_id.clone();
     let item = renew.renew_item(&child);
-    let rr = s2
-        .batch(BatchProvision {
-            batch_id: 2,
-            items: vec![item],
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        rr.items[0].outcome,
-        Outcome::Issued,
-        "{:?}",
-        rr.items[0].reason
-    );
-    assert_eq!(renew.open(&rr.items[0]).supi, child);
+    let rr = issued_one(&s2, 2, item).await;
+    assert_eq!(renew.open(&rr).supi, child);
 }
 
 // --- Attack 2: locking a subscriber out of AKA without its key ------------------------------
@@ -694,7 +665,7 @@ async fn unauthenticated_connections_hold_little_memory() {
     let dir = Dir::init("exchange_timeout = \"120s\"");
     dir.add_parent(P1, &[]);
     let srv = dir.serve();
-    let pid = srv.child.id();
+    let pid = srv.proc.pid();
     // Warm up with one real session, so the baseline includes the runtime's first allocations.
     let s = connect(&srv, P1).await;
     assert!(s.list_children().await.unwrap().children.is_empty());

@@ -340,20 +340,8 @@ async fn attach_checks_revocation_expiry_roaming_and_parent() {
     renew.request_id = companion_proto::RequestId::from([0xee; 16]);
     renew.hpke = companion_crypto::hpke::DeviceHpkeKey::derive(&[0xab; 32]);
     let item = renew.renew_item(&b.supi);
-    let rr = s1
-        .batch(BatchProvision {
-            batch_id: 3,
-            items: vec![item],
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        rr.items[0].outcome,
-        Outcome::Issued,
-        "{:?}",
-        rr.items[0].reason
-    );
-    let nb = renew.open(&rr.items[0]);
+    let rr = issued_one(&s1, 3, item).await;
+    let nb = renew.open(&rr);
     assert_eq!(nb.supi, b.supi);
     assert_eq!(nb.k, b.k);
     assert!(nb.expires_at > b.expires_at);

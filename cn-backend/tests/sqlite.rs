@@ -110,25 +110,8 @@ fn secrets_are_encrypted_and_bound_to_their_row() {
 fn reopen_keeps_data_and_checks_kek() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cn.db");
-    let sealed = {
-        let store = open(&path);
-        let p = add_parent(&store, 1, 2);
-        let out = issue(
-            &store,
-            &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-        );
-        match &out[0] {
-            ItemOutcome::Issued { sealed, .. } => sealed.clone(),
-            o => panic!("{o:?}"),
-        }
-    };
-    let store = open(&path);
+    let store = reopen_keeps_issued(|| open(&path));
     let p = supi(1);
-    let out = issue(
-        &store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-    );
-    assert!(matches!(&out[0], ItemOutcome::AlreadyIssued { sealed: s, .. } if *s == sealed));
     // After a restart, allocation sees the SUPI taken before it: a new request gets another.
     let out = issue(
         &store,
@@ -178,29 +161,7 @@ fn separate_connections_respect_quota() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cn.db");
     let stores = [open(&path), open(&path), open(&path)];
-    let p = add_parent(&stores[0], 1, 10);
-    let outcomes: Vec<ItemOutcome> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..9u8)
-            .map(|t| {
-                let store = &stores[usize::from(t % 3)];
-                let p = &p;
-                s.spawn(move || {
-                    let items = (0..4u8)
-                        .map(|i| {
-                            let mut it = prov(&format!("d{t}-{i}"), t);
-                            it.request_id.0[1] = i;
-                            BatchItem::Provision(it)
-                        })
-                        .collect();
-                    ops::issue_batch(store, &cfg(), &batch(p, T0, items), &sealer()).unwrap()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
+    let (p, outcomes) = race_for_quota(&stores);
     let issued: Vec<_> = outcomes
         .iter()
         .filter_map(|o| match o {

@@ -9,23 +9,19 @@
 //! Binaries: the native ones come from the target directory this test binary was built in
 //! (`cargo build --workspace --bins` first) or `$DEPLOY_BIN_DIR`; the static router binaries from
 //! `scripts/build-static.sh` (`target/dist/<target>/`, or `$DEPLOY_STATIC_DIR/<target>/`).
+#![warn(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
+use companion_testkit::{Bins, CnServer, GatewayToml, Gatewayd, cn, gateway};
 use serde_json::Value;
 
-/// The companion (router) subscription: TS 35.208 test set 1 keys.
-pub const COMPANION_SUPI: &str = "imsi-001010000000001";
-/// K of the companion subscription.
-pub const COMPANION_K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
-/// OPc of the companion subscription.
-pub const COMPANION_OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+pub use companion_testkit::http::get as http_get;
+pub use companion_testkit::{COMPANION_K, COMPANION_OPC, COMPANION_SUPI, Proc};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -65,14 +61,10 @@ pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
     None
 }
 
-/// The directory holding the workspace's native binaries.
+/// The directory holding the workspace's native binaries (`$DEPLOY_BIN_DIR`, else this test's
+/// target directory).
 pub fn bin_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("DEPLOY_BIN_DIR") {
-        return PathBuf::from(d);
-    }
-    // <target>/<profile>/deps/<test binary>
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    Bins::of_test("DEPLOY_BIN_DIR").dir
 }
 
 /// A native workspace binary.
@@ -137,59 +129,6 @@ impl Runner {
     }
 }
 
-/// A child process, SIGKILLed when dropped.
-#[derive(Debug)]
-pub struct Proc(pub Child);
-
-impl Proc {
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// SIGTERM, then waits up to `timeout` for the exit.
-    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM {} failed", self.0.id());
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < until, "no exit {timeout:?} after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits for `path` to hold JSON (a ready file), failing early if `child` exits.
-pub fn wait_json(path: &Path, child: &mut Child, what: &str, timeout: Duration) -> Value {
-    let until = Instant::now() + timeout;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&text)
-        {
-            return v;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before it was ready: {status}");
-        }
-        assert!(Instant::now() < until, "{what} not ready after {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A free TCP port on 127.0.0.1 (for tools that cannot bind port 0 and report it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -197,47 +136,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// `GET path` over HTTP/1.1 on `addr`: (status, body).
-pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let chunked = head
-        .lines()
-        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// Percent-encodes a query parameter value.
@@ -265,16 +163,29 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// What a command printed: its standard output, then its standard error.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Fails the test, with everything the command printed, unless `out` is a success.
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        printed(out)
+    );
+}
+
 /// Runs `c` and returns its output; panics with both streams unless it succeeded.
 pub fn run_ok(c: &mut Command, what: &str) -> Output {
     let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out, what);
     out
 }
 
@@ -294,94 +205,32 @@ pub struct Cn {
 impl Cn {
     /// `init`, `subscriber add` (up to `max_children` devices) and `serve` on port 0, with `env`.
     pub fn start(dir: &Path, max_children: u32, env: &[(&str, &str)]) -> Self {
-        let b = bin("cn-backend");
-        let mut c = Command::new(&b);
-        c.arg("--dir")
-            .arg(dir)
-            .args(["init", "--mcc", "001", "--mnc", "01"]);
-        run_ok(&mut c, "cn-backend init");
-        let mut c = Command::new(&b);
-        c.arg("--dir").arg(dir).args([
-            "subscriber",
-            "add",
-            "--supi",
-            COMPANION_SUPI,
-            "--k",
-            COMPANION_K,
-            "--opc",
-            COMPANION_OPC,
-            "--max-children",
-            &max_children.to_string(),
-        ]);
-        run_ok(&mut c, "cn-backend subscriber add");
+        let bins = Bins::new(&bin_dir());
+        cn::init_with_companion(&bins, dir, max_children.into()).unwrap();
         let ready = dir.join("ready.json");
-        let log = std::fs::File::create(dir.join("cn-backend.log")).unwrap();
-        let mut child = Command::new(&b)
-            .arg("--dir")
-            .arg(dir)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--ready-file")
-            .arg(&ready)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "cn-backend", Duration::from_secs(30));
+        let mut c = cn::serve_command(&bins, dir, "127.0.0.1:0", &ready, None);
+        c.envs(env.iter().copied());
+        let s = CnServer::start(dir, c, &ready, &dir.join("cn-backend.log")).unwrap();
         Cn {
             dir: dir.to_path_buf(),
-            proc: Proc(child),
-            quic: v["quic"].as_str().unwrap().to_string(),
-            http: v["http"].as_str().unwrap().to_string(),
+            proc: s.proc,
+            quic: s.quic,
+            http: s.http,
         }
     }
 }
 
 /// gatewayd's configuration for the tests: everything on loopback, port 0, under `dir`.
 pub fn gateway_config(dir: &Path, cn: &Cn) -> String {
-    format!(
-        r#"state_dir = "{state}"
-drain_timeout = "5s"
-[devices]
-listen = "127.0.0.1:0"
-[cn]
-endpoint = "{quic}"
-server_name = "localhost"
-ca_file = "{ca}"
-reconnect_min = "100ms"
-reconnect_max = "1s"
-request_timeout = "20s"
-[companion]
-credential_file = "{cred}"
-[control]
-socket = "{sock}"
-[metrics]
-listen = "127.0.0.1:0"
-"#,
-        state = dir.join("state").display(),
-        quic = cn.quic,
-        ca = cn.dir.join("ca.pem").display(),
-        cred = dir.join("companion.toml").display(),
-        sock = dir.join("control.sock").display(),
-    )
+    let mut t = GatewayToml::new(dir, &cn.quic, &cn.dir.join("ca.pem"));
+    t.top = "drain_timeout = \"5s\"";
+    t.cn = "reconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nrequest_timeout = \"20s\"";
+    t.render()
 }
 
 /// Writes the companion credential (0600) to `path`.
 pub fn write_companion(path: &Path) {
-    std::fs::write(
-        path,
-        format!("supi = \"{COMPANION_SUPI}\"\nk = \"{COMPANION_K}\"\nopc = \"{COMPANION_OPC}\"\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    gateway::write_companion(path).unwrap();
 }
 
 /// A running `gatewayd` (native or emulated).
@@ -404,36 +253,23 @@ pub struct Gw {
 impl Gw {
     /// Starts gatewayd with `config` (written to `dir/gatewayd.toml`) and the companion credential.
     pub fn start_with(dir: &Path, config: &str, runner: &Runner, env: &[(&str, &str)]) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let cred = dir.join("companion.toml");
-        if !cred.exists() {
-            write_companion(&cred);
-        }
-        let path = dir.join("gatewayd.toml");
-        std::fs::write(&path, config).unwrap();
-        let ready = dir.join("ready.json");
-        let log = std::fs::File::create(dir.join("gatewayd.log")).unwrap();
-        let mut child = runner
-            .cmd("gatewayd")
-            .arg("--config")
+        let path = gateway::write_config(dir, config).unwrap();
+        let mut c = runner.cmd("gatewayd");
+        c.arg("--config")
             .arg(&path)
             .arg("--ready-file")
-            .arg(&ready)
+            .arg(dir.join("ready.json"))
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "gatewayd", Duration::from_secs(90));
+            .envs(env.iter().copied());
+        let g = Gatewayd::start_within(dir, c, Duration::from_secs(90)).unwrap();
         let gw = Gw {
             dir: dir.to_path_buf(),
-            proc: Proc(child),
-            devices: v["devices"].as_str().unwrap().to_string(),
-            metrics: v["metrics"].as_str().unwrap().to_string(),
-            control: PathBuf::from(v["control"].as_str().unwrap()),
+            proc: g.proc,
+            devices: g.devices,
+            metrics: g.metrics,
+            control: g.control,
             runner: runner.clone(),
         };
         gw.wait_cn_up();
@@ -454,19 +290,10 @@ impl Gw {
 
     /// Waits until `gatewayctl status` reports the CN link up.
     pub fn wait_cn_up(&self) {
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
+        companion_testkit::wait_until("the CN link up", Duration::from_secs(60), || {
             let v: Value = serde_json::from_str(&self.ctl(&["status", "--json"])).unwrap();
-            if v["cn_link"] == "up" {
-                return;
-            }
-            assert!(
-                Instant::now() < until,
-                "CN link not up after 60 s: {v}; log: {}",
-                std::fs::read_to_string(self.dir.join("gatewayd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            v["cn_link"] == "up"
+        });
     }
 
     /// GET /metrics.

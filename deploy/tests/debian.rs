@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deploy_tests::{bin, repo, run_ok, skip, tool};
+use deploy_tests::{bin, printed, repo, run_ok, skip, tool};
 
 /// What the cached root is made of. Changing it (or anything in the stamp) rebuilds the root.
 /// The Debian release of the root when the machine's own cannot be told (see `suite`).
@@ -291,12 +291,7 @@ fn lintian_report(lintian: &Path, debs: &[&Path]) -> (bool, String) {
         .args(debs)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    (out.status.success(), printed(&out))
 }
 
 #[test]

@@ -270,7 +270,8 @@ fn a_real_prometheus_scrapes_both_daemons() {
     .unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-    let _prom = Proc(
+    let _prom = Proc::new(
+        "prometheus",
         Command::new(prometheus)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
@@ -282,6 +283,7 @@ fn a_real_prometheus_scrapes_both_daemons() {
             .stderr(log)
             .spawn()
             .unwrap(),
+        Some(&dir.path().join("prometheus.log")),
     );
     let log_text =
         || std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();

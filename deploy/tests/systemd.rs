@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use deploy_tests::{Cn, repo, tool};
+use deploy_tests::{Cn, printed, repo, tool};
 
 const UNITS: [&str; 2] = ["gatewayd.service", "cn-backend.service"];
 
@@ -75,11 +75,7 @@ fn verify(analyze: &Path, root: &Path, names: &[&str]) -> (bool, String) {
         .env("SYSTEMD_LOG_LEVEL", "notice")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = printed(&out);
     (out.status.success() && text.trim().is_empty(), text)
 }
 
@@ -374,7 +370,8 @@ fn cn_backend_notifies_ready_watchdog_and_stopping() {
         pings >= 5,
         "only {pings} WATCHDOG=1 in 1.2 s at WATCHDOG_USEC=200000"
     );
-    let status = cn.proc.terminate(Duration::from_secs(30));
+    let status = cn.proc.terminate(Duration::from_secs(30)).unwrap();
+    let status = status.expect("no exit 30 s after SIGTERM");
     assert!(
         status.success(),
         "cn-backend exited with {status} after SIGTERM"

@@ -1,19 +1,19 @@
 //! End-to-end tests with REAL processes: `cn-backend` (built by `cargo build -p cn-backend`,
-//! found at `target/debug/cn-backend` or `$CN_BACKEND_BIN`) and `gatewayd`, on loopback with
-//! port 0 and ready files, in temporary directories; devices are driven through the `iotdev`
-//! library.
+//! found in this target directory or at `$CN_BACKEND_BIN`) and `gatewayd`, on loopback with
+//! port 0 and ready files, in temporary directories (started through `companion-testkit`);
+//! devices are driven through the `iotdev` library.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use companion_crypto::Key128;
 use companion_crypto::usim::SoftUsim;
 use companion_proto::DeviceId;
 use companion_proto::msg::Params;
+use companion_testkit::{CnServer, Out, Scratch, cn, gateway};
 use companion_transport::attach_client;
 use companion_transport::cn_client::CnTarget;
 use iotdev::client::{self, Attempt, ClientOptions, ProvisionParams};
@@ -23,21 +23,15 @@ use rustls::pki_types::CertificateDer;
 mod common;
 use common::*;
 
-const SNN: &str = "5G:mnc001.mcc001.3gppnetwork.org";
+const SNN: &str = companion_testkit::HOME_SNN;
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} failed");
-}
-
+/// cn-backend: a data directory with the companion subscription, and its server (restartable
+/// on the same QUIC port).
 struct Cn {
     dir: PathBuf,
     proc: Option<Proc>,
     quic: SocketAddr,
+    http: String,
 }
 
 impl Cn {
@@ -47,44 +41,42 @@ impl Cn {
             dir: dir.to_path_buf(),
             proc: None,
             quic: "127.0.0.1:0".parse().unwrap(),
+            http: String::new(),
         };
         cn.start();
         cn
     }
 
     fn start(&mut self) {
-        let ready = self.dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let mut child = Command::new(bin("cn-backend"))
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("serve")
-            .arg("--listen")
-            .arg(self.quic.to_string())
-            .args(["--http-listen", "127.0.0.1:0", "--ready-file"])
-            .arg(&ready)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "cn-backend", None);
-        self.quic = v["quic"].as_str().unwrap().parse().unwrap();
-        self.proc = Some(Proc(child));
+        let s = CnServer::serve(
+            &bins(),
+            &self.dir,
+            &self.quic.to_string(),
+            &self.dir.join("ready.json"),
+            &self.dir.with_extension("log"),
+        )
+        .unwrap();
+        self.quic = s.quic.parse().unwrap();
+        self.http = s.http;
+        self.proc = Some(s.proc);
     }
 
     /// SIGTERM (a clean stop) and wait for the exit.
     fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
-            signal(&p.0, "-TERM");
-            let until = Instant::now() + Duration::from_secs(10);
-            while p.0.try_wait().unwrap().is_none() && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            p.terminate(Duration::from_secs(10)).unwrap();
         }
     }
 
-    fn child(&self) -> &Child {
-        &self.proc.as_ref().unwrap().0
+    fn signal(&self, sig: &str) {
+        self.proc.as_ref().unwrap().signal(sig).unwrap();
+    }
+
+    /// `cn-backend --dir <dir> <args>`, which must succeed.
+    fn cli(&self, args: &[&str]) -> Out {
+        Out::of(&mut cn::cli(&bins(), &self.dir, args))
+            .unwrap()
+            .ok()
     }
 }
 
@@ -104,53 +96,13 @@ impl Gw {
     }
 
     fn with_devices(dir: &Path, cn: &Cn, batching: &str, devices: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let cred = dir.join("companion.toml");
-        std::fs::write(
-            &cred,
-            format!(
-                "supi = \"{COMPANION_SUPI}\"\nk = \"{COMPANION_K}\"\nopc = \"{COMPANION_OPC}\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let config = dir.join("gatewayd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"state_dir = "{state}"
-log_level = "info,gatewayd=debug"
-drain_timeout = "5s"
-[devices]
-listen = "127.0.0.1:0"
-{devices}
-[cn]
-endpoint = "{cn}"
-server_name = "localhost"
-ca_file = "{ca}"
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-request_timeout = "3s"
-[companion]
-credential_file = "{cred}"
-[control]
-socket = "{sock}"
-[metrics]
-listen = "127.0.0.1:0"
-[batching]
-{batching}
-"#,
-                state = dir.join("state").display(),
-                cn = cn.quic,
-                ca = cn.dir.join("ca.pem").display(),
-                cred = cred.display(),
-                sock = dir.join("control.sock").display(),
-            ),
-        )
-        .unwrap();
+        let mut toml = gw_toml(dir, &cn.quic.to_string(), &cn.dir);
+        toml.devices = devices;
+        let tables = format!("[batching]\n{batching}");
+        toml.tables = &tables;
         let mut gw = Gw {
             dir: dir.to_path_buf(),
-            config,
+            config: toml.write().unwrap(),
             proc: None,
             devices: "127.0.0.1:0".parse().unwrap(),
             metrics: "127.0.0.1:0".parse().unwrap(),
@@ -162,91 +114,38 @@ listen = "127.0.0.1:0"
     }
 
     fn start(&mut self) {
-        let ready = self.dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::File::create(self.dir.join(format!(
-            "gatewayd-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        )))
-        .unwrap();
-        // GATEWAYD_BIN: another build (e.g. main's) for before/after figures.
-        let exe = std::env::var_os("GATEWAYD_BIN").map_or_else(
-            || PathBuf::from(env!("CARGO_BIN_EXE_gatewayd")),
-            PathBuf::from,
-        );
-        let mut child = Command::new(exe)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "gatewayd", None);
-        self.devices = v["devices"].as_str().unwrap().parse().unwrap();
-        self.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
-        self.control = PathBuf::from(v["control"].as_str().unwrap());
-        self.proc = Some(Proc(child));
+        let mut c = gateway::command(&bins(), &self.config, &self.dir.join("ready.json"), None);
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let g = Gatewayd::start(&self.dir, c).unwrap();
+        self.devices = g.devices.parse().unwrap();
+        self.metrics = g.metrics.parse().unwrap();
+        self.control = g.control;
+        self.proc = Some(g.proc);
+    }
+
+    fn signal(&self, sig: &str) {
+        self.proc.as_ref().unwrap().signal(sig).unwrap();
     }
 
     /// SIGTERM, and the exit status must be success (drained).
     fn stop(&mut self) {
         let mut p = self.proc.take().unwrap();
-        signal(&p.0, "-TERM");
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = p.0.try_wait().unwrap() {
-                assert!(st.success(), "gatewayd exited with {st} after SIGTERM");
-                break;
-            }
-            assert!(
-                Instant::now() < until,
-                "gatewayd did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let st = p.terminate(Duration::from_secs(20)).unwrap();
+        let st = st.expect("gatewayd did not stop after SIGTERM");
+        assert!(st.success(), "gatewayd exited with {st} after SIGTERM");
     }
 
     fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
-            .arg("--socket")
-            .arg(&self.control)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        let out = gateway::ctl(&bins(), &self.control, args).unwrap();
+        (out.success(), format!("{}{}", out.stdout, out.stderr))
     }
 
     fn status(&self) -> serde_json::Value {
-        let (ok, text) = self.ctl(&["status", "--json"]);
-        assert!(ok, "{text}");
-        serde_json::from_str(&text).unwrap()
+        ctl_status(&self.control)
     }
 
     fn wait_cn(&self, want: &str) {
-        let until = Instant::now() + Duration::from_secs(20);
-        while self.status()["cn_link"] != want {
-            assert!(
-                Instant::now() < until,
-                "CN link not {want}: {}",
-                self.status()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_cn(&self.control, want, Duration::from_secs(20));
     }
 
     fn pair(&self, keys: &DeviceKeys) {
@@ -256,15 +155,60 @@ listen = "127.0.0.1:0"
     }
 
     async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        let addr = self.metrics.to_string();
+        tokio::task::spawn_blocking(move || http::get_ok(&addr, "/metrics"))
             .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+            .unwrap()
     }
+}
+
+/// A temporary directory with a CN (the companion allowed 10 children) and a gateway on it
+/// (`batching`: its `[batching]` keys) whose CN link is up.
+fn stack(batching: &str) -> (Scratch, Cn, Gw) {
+    stack_with(batching, "")
+}
+
+/// [`stack`] with more `[devices]` keys.
+fn stack_with(batching: &str, devices: &str) -> (Scratch, Cn, Gw) {
+    let tmp = scratch();
+    let cn = Cn::init(&tmp.path().join("cn"), 10);
+    let gw = Gw::with_devices(&tmp.path().join("gw"), &cn, batching, devices);
+    gw.wait_cn("up");
+    (tmp, cn, gw)
+}
+
+/// Renews `cred` through `gw` with default parameters, which must succeed.
+async fn renew(
+    ep: &quinn::Endpoint,
+    gw: &Gw,
+    keys: &DeviceKeys,
+    cred: &iotdev::ProvisionedCredential,
+) -> iotdev::ProvisionedCredential {
+    let (supi, hpke) = (cred.bundle.supi.clone(), cred.hpke.clone());
+    client::renew(
+        ep,
+        gw.devices,
+        keys,
+        &cred.request_id,
+        supi,
+        hpke,
+        &Default::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A device's client configuration that trusts any gateway key, with ALPN `alpn`.
+fn unpinned_client_config(keys: &DeviceKeys, alpn: &[u8]) -> quinn::ClientConfig {
+    companion_transport::client_config(
+        companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
+            companion_transport::PinnedServerVerifier::new(None),
+        )),
+        Some(&keys.identity),
+        alpn,
+        &companion_transport::Limits::device_link(),
+    )
+    .unwrap()
 }
 
 fn device(name: &str) -> DeviceKeys {
@@ -285,11 +229,7 @@ fn opts() -> ClientOptions {
 }
 
 fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {line_start} missing"))
+    http::metric(text, line_start).unwrap_or_else(|| panic!("metric {line_start} missing"))
 }
 
 /// Attaches to the CN with a provisioned credential.
@@ -317,10 +257,7 @@ async fn attach(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, _cn, gw) = stack("");
     let ep = endpoint();
 
     let mut keys = device("watch-01");
@@ -354,17 +291,7 @@ async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
 
     // Renewal (pinned gateway from now on): same SUPI, request ID derived from the first.
     keys.gateway_pin = Some(cred.gateway_fingerprint);
-    let renewed = client::renew(
-        &ep,
-        gw.devices,
-        &keys,
-        &cred.request_id,
-        cred.bundle.supi.clone(),
-        cred.hpke.clone(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let renewed = renew(&ep, &gw, &keys, &cred).await;
     assert_eq!(renewed.bundle.supi, cred.bundle.supi);
     assert_eq!(
         renewed.request_id,
@@ -431,10 +358,7 @@ async fn paired_device_is_provisioned_renews_and_revocation_reaches_the_cn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpaired_key_is_refused_and_the_window_admits_exactly_one_device() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
 
     let stranger = device("stranger");
@@ -503,10 +427,7 @@ async fn unpaired_key_is_refused_and_the_window_admits_exactly_one_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cn_down_means_retry_later_and_the_gateway_recovers_by_itself() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, mut cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("meter-1");
     gw.pair(&keys);
@@ -546,7 +467,7 @@ async fn cn_down_means_retry_later_and_the_gateway_recovers_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_busy() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     let gw = Gw::new(
         &tmp.path().join("gw"),
@@ -560,7 +481,7 @@ async fn a_full_queue_answers_busy() {
         gw.pair(k);
     }
     // A frozen CN: the link stays up but batches hang.
-    signal(cn.child(), "-STOP");
+    cn.signal("-STOP");
     let mut tasks = Vec::new();
     for k in keys.iter().take(2) {
         let (ep, k, addr) = (ep.clone(), k.clone(), gw.devices);
@@ -576,7 +497,7 @@ async fn a_full_queue_answers_busy() {
         .unwrap_err();
     assert!(matches!(e, DeviceError::Busy { .. }), "{e}");
     assert!(e.is_retryable() && e.retry_after().unwrap() >= Duration::from_millis(50));
-    signal(cn.child(), "-CONT");
+    cn.signal("-CONT");
     for t in tasks {
         let (r, a, k) = t.await.unwrap();
         let cred = match r {
@@ -618,10 +539,7 @@ async fn continue_after(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_knows_its_devices_and_redelivers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let mut gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, _cn, mut gw) = stack("");
     let ep = endpoint();
     let mut keys = device("car-7");
     gw.pair(&keys);
@@ -686,29 +604,13 @@ async fn raw_connect(
     addr: SocketAddr,
     keys: &DeviceKeys,
 ) -> quinn::Connection {
-    let cfg = companion_transport::client_config(
-        companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-            companion_transport::PinnedServerVerifier::new(None),
-        )),
-        Some(&keys.identity),
-        companion_transport::ALPN_DEVICE,
-        &companion_transport::Limits::device_link(),
-    )
-    .unwrap();
+    let cfg = unpinned_client_config(keys, companion_transport::ALPN_DEVICE);
     ep.connect_with(cfg, addr, "gw").unwrap().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_devices_are_cut_off_without_affecting_others() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::with_devices(
-        &tmp.path().join("gw"),
-        &cn,
-        "",
-        "stream_timeout = \"1s\"\nnew_connections_per_ip = 5\n",
-    );
-    gw.wait_cn("up");
+    let (_tmp, _cn, gw) = stack_with("", "stream_timeout = \"1s\"\nnew_connections_per_ip = 5\n");
     let ep = endpoint();
     let names = ["garbage", "staller", "streamer", "looper"];
     let keys: Vec<_> = names.iter().map(|n| device(n)).collect();
@@ -760,15 +662,7 @@ async fn misbehaving_devices_are_cut_off_without_affecting_others() {
     let looping = Instant::now();
     for _ in 0..30 {
         let cfg_keys = &keys[3];
-        let c = companion_transport::client_config(
-            companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-                companion_transport::PinnedServerVerifier::new(None),
-            )),
-            Some(&cfg_keys.identity),
-            companion_transport::ALPN_DEVICE,
-            &companion_transport::Limits::device_link(),
-        )
-        .unwrap();
+        let c = unpinned_client_config(cfg_keys, companion_transport::ALPN_DEVICE);
         match ep.connect_with(c, gw.devices, "gw").unwrap().await {
             Ok(c) => c.close(0u32.into(), b""),
             Err(_) => refused += 1,
@@ -790,41 +684,17 @@ async fn misbehaving_devices_are_cut_off_without_affecting_others() {
     assert!(cred.acknowledged);
 }
 
-/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1): 0, 1, the two
-/// order-8 points, p − 1, p, p + 1, each also with bit 255 set.
+/// The X25519 public keys whose shared secret is all-zero (RFC 7748 §6.1).
 fn low_order_keys() -> Vec<[u8; 32]> {
-    [
-        "0000000000000000000000000000000000000000000000000000000000000000",
-        "0100000000000000000000000000000000000000000000000000000000000000",
-        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    ]
-    .iter()
-    .flat_map(|h| {
-        let k: [u8; 32] = hex::decode(h).unwrap().try_into().unwrap();
-        let mut hi = k;
-        hi[31] |= 0x80;
-        [k, hi]
-    })
-    .collect()
+    companion_testkit::vectors::x25519_low_order_keys()
 }
 
 /// `GET /metrics` of cn-backend (its admin address from its ready file).
 async fn cn_metrics(cn: &Cn) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cn.dir.join("ready.json")).unwrap()).unwrap();
-    let addr: SocketAddr = v["http"].as_str().unwrap().parse().unwrap();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    let addr = cn.http.clone();
+    tokio::task::spawn_blocking(move || http::get_ok(&addr, "/metrics"))
         .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+        .unwrap()
 }
 
 /// Issue 15, attack 1 at the gateway: a paired device asks for a credential sealed to an
@@ -834,10 +704,7 @@ async fn cn_metrics(cn: &Cn) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
     use companion_proto::msg::{DeviceMessage, ErrorCode, Message};
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("zero-key");
     gw.pair(&keys);
@@ -908,10 +775,7 @@ async fn low_order_hpke_keys_are_refused_without_contacting_the_cn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications_sighup_reload_and_sigterm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let mut gw = Gw::new(&tmp.path().join("gw"), &cn, "max_batch = 64\n");
-    gw.wait_cn("up");
+    let (tmp, _cn, mut gw) = stack("max_batch = 64\n");
     assert_eq!(gw.status()["batching"]["max_batch"], 64);
     gw.stop();
 
@@ -937,7 +801,7 @@ async fn systemd_notifications_sighup_reload_and_sigterm() {
     // SIGHUP: new batching limits apply without a restart.
     let text = std::fs::read_to_string(&gw.config).unwrap();
     std::fs::write(&gw.config, text.replace("max_batch = 64", "max_batch = 7")).unwrap();
-    signal(&gw.proc.as_ref().unwrap().0, "-HUP");
+    gw.signal("-HUP");
     let until = Instant::now() + Duration::from_secs(10);
     while gw.status()["batching"]["max_batch"] != 7 {
         assert!(
@@ -961,7 +825,7 @@ async fn systemd_notifications_sighup_reload_and_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
     // Every credential is "inside the renewal margin" from the start: lifetime 1h asked for,
@@ -972,7 +836,7 @@ async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
         format!("{text}[credentials]\ndefault_lifetime = \"3h\"\nrenewal_margin = \"2h\"\n"),
     )
     .unwrap();
-    signal(&gw.proc.as_ref().unwrap().0, "-HUP");
+    gw.signal("-HUP");
     std::thread::sleep(Duration::from_millis(300));
     gw.wait_cn("up");
     let ep = endpoint();
@@ -998,17 +862,7 @@ async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
     }
     let m0 = gw.metrics().await;
     let batches_before = metric(&m0, "gatewayd_batch_size_count");
-    let renewed = client::renew(
-        &ep,
-        gw.devices,
-        &keys,
-        &cred.request_id,
-        cred.bundle.supi.clone(),
-        cred.hpke.clone(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let renewed = renew(&ep, &gw, &keys, &cred).await;
     assert_eq!(renewed.bundle.supi, cred.bundle.supi);
     let m1 = gw.metrics().await;
     assert_eq!(
@@ -1024,16 +878,10 @@ async fn renewals_inside_the_margin_are_prefetched_for_the_device() {
 /// credential it gets carries the owner's limits: device parameters only ever narrow them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_cannot_widen_the_owners_credential_settings() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     // The operator allows roaming and any DNN, 30 days, no bitrate cap.
-    let out = Command::new(bin("cn-backend"))
-        .arg("--dir")
-        .arg(&cn.dir)
-        .args(["subscriber", "policy", COMPANION_SUPI, "--roaming", "true"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    cn.cli(&["subscriber", "policy", COMPANION_SUPI, "--roaming", "true"]);
     let owner = "max_batch = 16\n[credentials]\ndefault_lifetime = \"2days\"\nroaming = false\n\
                  dnns = [\"iot\"]\nmax_bitrate_kbps = 256\n";
     let gw = Gw::new(&tmp.path().join("gw"), &cn, owner);
@@ -1075,15 +923,7 @@ struct Forger {
 impl Forger {
     fn new(alpn: &[u8]) -> Self {
         let keys = device("forger");
-        let cfg = companion_transport::client_config(
-            companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-                companion_transport::PinnedServerVerifier::new(None),
-            )),
-            Some(&keys.identity),
-            alpn,
-            &companion_transport::Limits::device_link(),
-        )
-        .unwrap();
+        let cfg = unpinned_client_config(&keys, alpn);
         let ep = quinn_proto::Endpoint::new(
             std::sync::Arc::new(quinn_proto::EndpointConfig::default()),
             None,
@@ -1131,10 +971,7 @@ fn labelled(text: &str, name: &str, label: &str) -> f64 {
 /// never sees, nothing is counted, and a real device at that address is then served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_initials_never_block_an_address_and_its_device_is_served() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, _cn, gw) = stack("");
     let victim: std::net::IpAddr = "127.0.0.9".parse().unwrap();
     let mut forger = Forger::new(b"not-companion/0");
     const FORGED: usize = 200;
@@ -1184,15 +1021,7 @@ async fn forged_initials_never_block_an_address_and_its_device_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_handshake_from_an_unvalidated_address_is_not_counted() {
     for policy in ["under_load", "never"] {
-        let tmp = tempfile::tempdir().unwrap();
-        let cn = Cn::init(&tmp.path().join("cn"), 10);
-        let gw = Gw::with_devices(
-            &tmp.path().join("gw"),
-            &cn,
-            "",
-            &format!("retry = \"{policy}\"\n"),
-        );
-        gw.wait_cn("up");
+        let (_tmp, _cn, gw) = stack_with("", &format!("retry = \"{policy}\"\n"));
         let victim: std::net::IpAddr = "127.0.0.10".parse().unwrap();
         let mut forger = Forger::new(b"not-companion/0");
         for i in 0..25 {
@@ -1252,27 +1081,11 @@ async fn a_failed_handshake_from_an_unvalidated_address_is_not_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_failures_from_a_validated_address_still_block_it() {
     for (policy, expect_failures) in [("always", 10.0), ("under_load", 10.0)] {
-        let tmp = tempfile::tempdir().unwrap();
-        let cn = Cn::init(&tmp.path().join("cn"), 10);
-        let gw = Gw::with_devices(
-            &tmp.path().join("gw"),
-            &cn,
-            "",
-            &format!("retry = \"{policy}\"\n"),
-        );
-        gw.wait_cn("up");
+        let (_tmp, _cn, gw) = stack_with("", &format!("retry = \"{policy}\"\n"));
         let attacker: std::net::IpAddr = "127.0.0.11".parse().unwrap();
         let ep = quinn::Endpoint::client(SocketAddr::new(attacker, 0)).unwrap();
         let keys = device("attacker");
-        let bad = companion_transport::client_config(
-            companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-                companion_transport::PinnedServerVerifier::new(None),
-            )),
-            Some(&keys.identity),
-            b"not-companion/0",
-            &companion_transport::Limits::device_link(),
-        )
-        .unwrap();
+        let bad = unpinned_client_config(&keys, b"not-companion/0");
         let mut tries = 0;
         while !blocked(&gw).contains(&attacker.to_string()) {
             tries += 1;
@@ -1323,7 +1136,7 @@ async fn repeated_failures_from_a_validated_address_still_block_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
     const MAX: f64 = 256.0;
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     // `under_load` that never counts as loaded: forged Initials reach the connection-rate table
     // and TLS (their failures fill the suspects table); the filter's buckets see every source.
@@ -1363,15 +1176,7 @@ async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
     // Validated failures from 400 real addresses fill the failure counters: each one's first
     // bad handshake is unvalidated (a suspect from then on), its second one follows a Retry.
     let keys = device("flooder");
-    let bad = companion_transport::client_config(
-        companion_transport::ServerTrust::Verifier(std::sync::Arc::new(
-            companion_transport::PinnedServerVerifier::new(None),
-        )),
-        Some(&keys.identity),
-        b"not-companion/0",
-        &companion_transport::Limits::device_link(),
-    )
-    .unwrap();
+    let bad = unpinned_client_config(&keys, b"not-companion/0");
     // In batches of 100 (the suspects table holds 256), each batch's second round once gatewayd
     // has recorded the first round's failures (the client learns of its failure before the
     // server's connection task records it).
@@ -1452,18 +1257,9 @@ async fn per_address_tables_stay_bounded_under_a_flood_of_sources() {
 
 /// The parent's children at the CN, as `(SUPI, state, device)`, read with the operator's CLI.
 fn cn_children(cn: &Cn) -> Vec<(String, String, String)> {
-    let out = Command::new(bin("cn-backend"))
-        .arg("--dir")
-        .arg(&cn.dir)
-        .args(["--json", "subscriber", "show", COMPANION_SUPI])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = cn
+        .cli(&["--json", "subscriber", "show", COMPANION_SUPI])
+        .json();
     v["children"]
         .as_array()
         .unwrap()
@@ -1495,10 +1291,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// revoke goes to the CN by device ID and every child of the device is revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_device_revokes_every_child_it_was_ever_issued() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("meter-9");
     gw.pair(&keys);
@@ -1540,10 +1333,7 @@ async fn revoking_a_device_revokes_every_child_it_was_ever_issued() {
 /// device ID is not provisioned again, and it is carried out once the CN is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_while_the_cn_is_down_is_kept_and_carried_out_later() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, mut cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("lock-1");
     gw.pair(&keys);
@@ -1587,14 +1377,11 @@ async fn a_revoke_while_the_cn_is_down_is_kept_and_carried_out_later() {
 /// the CN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("cam-1");
     gw.pair(&keys);
-    signal(cn.child(), "-STOP");
+    cn.signal("-STOP");
     let waiting = {
         let ep = ep.clone();
         let addr = gw.devices;
@@ -1617,7 +1404,7 @@ async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    signal(cn.child(), "-CONT");
+    cn.signal("-CONT");
     let out = revoke.join().unwrap();
     assert!(
         out.status.success(),
@@ -1645,10 +1432,7 @@ async fn a_result_for_a_revoked_device_is_discarded_and_revoked_at_the_cn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_unusable_revokes_the_child_at_the_cn() {
     use companion_proto::device::{ClientEvent, ClientExchange};
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let keys = device("broken-1");
     gw.pair(&keys);
@@ -1740,10 +1524,7 @@ fn operator_ca_der(cn: &Cn) -> Vec<u8> {
 async fn a_device_with_the_operator_anchor_refuses_a_bundle_the_gateway_made_up() {
     use companion_proto::bundle::{AttachInfo, BundleSignature, CredentialBundle, HomeNetwork};
     use companion_proto::msg::{CredentialDelivery, Restrictions, Sealed};
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, cn, gw) = stack("");
     let ep = endpoint();
     let anchor = operator_ca_der(&cn);
     let mut keys = device("anchored-1");
@@ -1839,10 +1620,7 @@ async fn a_device_with_the_operator_anchor_refuses_a_bundle_the_gateway_made_up(
 /// 0x0807, is provisioned and attaches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ed25519_device_is_provisioned_and_attaches() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::init(&tmp.path().join("cn"), 10);
-    let gw = Gw::new(&tmp.path().join("gw"), &cn, "");
-    gw.wait_cn("up");
+    let (_tmp, _cn, gw) = stack("");
     let ep = endpoint();
     let keys = DeviceKeys {
         device_id: DeviceId::new("ed-1").unwrap(),
@@ -1866,13 +1644,7 @@ async fn an_ed25519_device_is_provisioned_and_attaches() {
 }
 
 fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Out::of(cmd).unwrap().ok().stdout
 }
 
 /// Manufacturer attestation end to end (PROTOCOL.md §4.5), with the real binaries: a test
@@ -1882,7 +1654,7 @@ fn run_ok(cmd: &mut Command) -> String {
 /// self-signed key, paired just the same, is refused by the CN with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_factory_attested_device_is_provisioned_where_attestation_is_required() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn = Cn::init(&tmp.path().join("cn"), 10);
     let maker = tmp.path().join("maker");
     let iotdev = bin("iotdev");
@@ -1898,14 +1670,7 @@ async fn a_factory_attested_device_is_provisioned_where_attestation_is_required(
             .arg("--out")
             .arg(&maker),
     );
-    let cn_cli = |args: &[&str]| {
-        run_ok(
-            Command::new(bin("cn-backend"))
-                .arg("--dir")
-                .arg(&cn.dir)
-                .args(args),
-        )
-    };
+    let cn_cli = |args: &[&str]| cn.cli(args);
     cn_cli(&[
         "attestation",
         "add-root",

@@ -12,10 +12,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use companion_testkit::{CnServer, cn, gateway};
 
 mod common;
 use common::*;
@@ -26,209 +27,41 @@ mod pg;
 const DEVICES: usize = 300;
 const SESSIONS: usize = 4;
 
-fn cn_cli(dir: &Path, args: &[&str]) {
-    let out = Command::new(bin("cn-backend"))
-        .arg("--dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cn-backend {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// One `cn-backend serve` of the fleet (the data directory, so the KEK and the TLS identity,
-/// is shared; the database is named in its cn-backend.toml).
-struct Instance {
-    proc: Option<Proc>,
-    quic: String,
-    http: String,
-}
-
-impl Instance {
-    fn start(dir: &Path, name: &str) -> Self {
-        Self::start_at(dir, name, "127.0.0.1:0")
-    }
-
-    fn start_at(dir: &Path, name: &str, listen: &str) -> Self {
-        let ready = dir.join(format!("ready-{name}.json"));
-        let log_path = dir.join(format!("cn-{name}.log"));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(bin("cn-backend"))
-            .arg("--dir")
-            .arg(dir)
-            .args([
-                "serve",
-                "--listen",
-                listen,
-                "--http-listen",
-                "127.0.0.1:0",
-                "--ready-file",
-            ])
-            .arg(&ready)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, name, Some(&log_path));
-        Instance {
-            proc: Some(Proc(child)),
-            quic: v["quic"].as_str().unwrap().to_string(),
-            http: v["http"].as_str().unwrap().to_string(),
-        }
-    }
-
-    /// SIGKILL: no goodbye, no stateless reset; the gateway notices by the liveness timeout.
-    fn kill9(&mut self) {
-        let mut p = self.proc.take().unwrap();
-        p.0.kill().unwrap();
-        p.0.wait().unwrap();
-    }
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+/// is shared; the database is named in its cn-backend.toml), listening on `listen`.
+fn instance(dir: &Path, name: &str, listen: &str) -> CnServer {
+    let ready = dir.join(format!("ready-{name}.json"));
+    let log = dir.join(format!("cn-{name}.log"));
+    let mut s = CnServer::serve(&bins(), dir, listen, &ready, &log).unwrap();
+    s.proc.name = format!("cn-backend {name}");
+    s
 }
 
 /// The value of the series starting with `prefix` (name and labels), 0 when absent.
 fn series(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    http::sum(text, prefix)
 }
 
-struct Gateway {
-    proc: Proc,
-    devices: String,
-    metrics: String,
-    control: PathBuf,
+/// gatewayd with both instances' endpoints, `SESSIONS` sessions spread over them.
+fn gateway(dir: &Path, ca: &Path, endpoints: &[&str]) -> Gatewayd {
+    let mut toml = gw_toml(dir, endpoints[0], ca.parent().unwrap());
+    toml.endpoints = endpoints.iter().map(|e| (*e).to_owned()).collect();
+    toml.devices = "max_connections = 4096\nnew_connections_per_ip = 0";
+    let cn = format!(
+        "sessions = {SESSIONS}\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\n\
+         request_timeout = \"20s\""
+    );
+    toml.cn = &cn;
+    toml.tables = "[filter]\nmode = \"userspace\"\nblock_after_failures = 0\n\
+                   [batching]\nmax_batch = 16\nmax_in_flight = 4";
+    spawn_gw(&toml, None, &[])
 }
 
-impl Gateway {
-    fn start(dir: &Path, ca: &Path, endpoints: &[&str]) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let cred = dir.join("companion.toml");
-        std::fs::write(
-            &cred,
-            format!(
-                "supi = \"{COMPANION_SUPI}\"\nk = \"{COMPANION_K}\"\nopc = \"{COMPANION_OPC}\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-        let config = dir.join("gatewayd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"state_dir = "{state}"
-log_level = "info,gatewayd=debug"
-drain_timeout = "5s"
-[devices]
-listen = "127.0.0.1:0"
-max_connections = 4096
-new_connections_per_ip = 0
-[cn]
-endpoints = [{list}]
-server_name = "localhost"
-ca_file = "{ca}"
-sessions = {SESSIONS}
-reconnect_min = "200ms"
-reconnect_max = "2s"
-request_timeout = "20s"
-[companion]
-credential_file = "{cred}"
-[control]
-socket = "{sock}"
-[metrics]
-listen = "127.0.0.1:0"
-[filter]
-mode = "userspace"
-block_after_failures = 0
-[batching]
-max_batch = 16
-max_in_flight = 4
-"#,
-                state = dir.join("state").display(),
-                list = list.join(", "),
-                ca = ca.display(),
-                cred = cred.display(),
-                sock = dir.join("control.sock").display(),
-            ),
-        )
-        .unwrap();
-        let ready = dir.join("ready.json");
-        let log_path = dir.join("gatewayd.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "gatewayd", Some(&log_path));
-        Gateway {
-            proc: Proc(child),
-            devices: v["devices"].as_str().unwrap().to_string(),
-            metrics: v["metrics"].as_str().unwrap().to_string(),
-            control: PathBuf::from(v["control"].as_str().unwrap()),
-        }
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
-            .arg("--socket")
-            .arg(&self.control)
-            .args(["status", "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn status_text(&self) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
-            .arg("--socket")
-            .arg(&self.control)
-            .arg("status")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn metrics(&self) -> String {
-        http_get(&self.metrics, "/metrics")
-    }
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// `gatewayctl status` (the text) of `gw`.
+fn status_text(gw: &Gatewayd) -> String {
+    gateway::ctl(&bins(), &gw.control, &["status"])
+        .unwrap()
+        .stdout
 }
 
 /// Sessions per endpoint label, from `gatewayctl status --json`.
@@ -247,40 +80,20 @@ fn sessions_by_endpoint(status: &serde_json::Value) -> HashMap<String, usize> {
 fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
     let Some(srv) = pg::server() else { return };
     let url = srv.create_db();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn_dir = tmp.path().join("cn");
-    cn_cli(
+    let bins = bins();
+    cn::init(
+        &bins,
         &cn_dir,
-        &[
-            "init",
-            "--store",
-            &url,
-            "--mcc",
-            "001",
-            "--mnc",
-            "01",
-            "--server-name",
-            "localhost",
-        ],
-    );
-    cn_cli(
-        &cn_dir,
-        &[
-            "subscriber",
-            "add",
-            "--supi",
-            COMPANION_SUPI,
-            "--k",
-            COMPANION_K,
-            "--opc",
-            COMPANION_OPC,
-            "--max-children",
-            &(DEVICES + 50).to_string(),
-        ],
-    );
-    let mut a = Instance::start(&cn_dir, "a");
-    let b = Instance::start(&cn_dir, "b");
-    let gw = Gateway::start(
+        &["--store", &url, "--server-name", "localhost"],
+    )
+    .unwrap();
+    let max_children = (DEVICES + 50).to_string();
+    cn::add_companion(&bins, &cn_dir, &["--max-children", &max_children]).unwrap();
+    let mut a = instance(&cn_dir, "a", "127.0.0.1:0");
+    let b = instance(&cn_dir, "b", "127.0.0.1:0");
+    let gw = gateway(
         &tmp.path().join("gw"),
         &cn_dir.join("ca.pem"),
         &[&a.quic, &b.quic],
@@ -290,12 +103,12 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
         "sessions on both endpoints",
         Duration::from_secs(30),
         || {
-            let m = sessions_by_endpoint(&gw.status());
+            let m = sessions_by_endpoint(&ctl_status(&gw.control));
             m.get(&a.quic).copied().unwrap_or(0) == SESSIONS / 2
                 && m.get(&b.quic).copied().unwrap_or(0) == SESSIONS / 2
         },
     );
-    let before = gw.metrics();
+    let before = http::get_ok(&gw.metrics, "/metrics");
     assert_eq!(
         series(
             &before,
@@ -307,7 +120,8 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
 
     let report = tmp.path().join("report.json");
     let lg_log = std::fs::File::create(tmp.path().join("loadgen.log")).unwrap();
-    let mut loadgen = Proc(
+    let mut loadgen = Proc::new(
+        "loadgen",
         Command::new(bin("loadgen"))
             .args([
                 "provision",
@@ -335,6 +149,7 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
             .stderr(lg_log)
             .spawn()
             .unwrap(),
+        Some(&tmp.path().join("loadgen.log")),
     );
 
     // Mid-run: a quarter of the devices issued and batches at the CN, then SIGKILL instance a.
@@ -350,18 +165,18 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
         || issued(&mut db) >= (DEVICES / 4) as i64,
     );
     wait_until("batches in flight", Duration::from_secs(30), || {
-        gw.status()["batching"]["batches_in_flight"]
+        ctl_status(&gw.control)["batching"]["batches_in_flight"]
             .as_u64()
             .unwrap_or(0)
             >= 2
     });
     let at_kill = issued(&mut db);
-    a.kill9();
+    a.proc.kill9();
     let killed_at = Instant::now();
 
     let until = Instant::now() + Duration::from_secs(300);
     let status = loop {
-        if let Some(st) = loadgen.0.try_wait().unwrap() {
+        if let Some(st) = loadgen.child.try_wait().unwrap() {
             break st;
         }
         assert!(Instant::now() < until, "loadgen did not finish in 300 s");
@@ -411,7 +226,7 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
         .iter()
         .filter(|(dev, supi)| in_db.get(*dev).is_none_or(|v| v != &vec![(*supi).clone()]))
         .count();
-    let m = gw.metrics();
+    let m = http::get_ok(&gw.metrics, "/metrics");
     let resent = series(&m, "gatewayd_batches_resent_total");
     let a_failures = series(
         &m,
@@ -421,7 +236,7 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
         ),
     );
     let replayed = series(
-        &http_get(&b.http, "/metrics"),
+        &http::get_ok(&b.http, "/metrics"),
         "cn_backend_credentials_replayed_total",
     );
     eprintln!(
@@ -449,9 +264,10 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
     // The kill was noticed and the sessions moved: every session is up on instance b.
     assert!(a_failures >= 1.0, "{m}");
     wait_until("all sessions on b", Duration::from_secs(20), || {
-        sessions_by_endpoint(&gw.status()) == HashMap::from([(b.quic.clone(), SESSIONS)])
+        sessions_by_endpoint(&ctl_status(&gw.control))
+            == HashMap::from([(b.quic.clone(), SESSIONS)])
     });
-    let st = gw.status();
+    let st = ctl_status(&gw.control);
     let ep_a = st["cn_endpoints"]
         .as_array()
         .unwrap()
@@ -460,12 +276,12 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
         .unwrap();
     assert!(ep_a["failures"].as_u64().unwrap() >= 1, "{st}");
     assert_eq!(st["requests_outstanding"], 0, "{st}");
-    let text = gw.status_text();
+    let text = status_text(&gw);
     assert!(
         text.contains(&format!("CN session 0           up {}", b.quic)),
         "{text}"
     );
-    let m = gw.metrics();
+    let m = http::get_ok(&gw.metrics, "/metrics");
     assert_eq!(
         series(
             &m,
@@ -484,11 +300,11 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
     // Instance a comes back on its address: once its backoff has ended, sessions move back one
     // at a time (a new session is authenticated before the old one is let go) until the spread
     // is even again.
-    let back = Instance::start_at(&cn_dir, "a2", &a.quic);
+    let back = instance(&cn_dir, "a2", &a.quic);
     assert_eq!(back.quic, a.quic);
     let t = Instant::now();
     wait_until("sessions spread again", Duration::from_secs(30), || {
-        sessions_by_endpoint(&gw.status())
+        sessions_by_endpoint(&ctl_status(&gw.control))
             == HashMap::from([
                 (a.quic.clone(), SESSIONS / 2),
                 (b.quic.clone(), SESSIONS / 2),
@@ -498,7 +314,7 @@ fn an_instance_killed_mid_run_loses_nothing_and_issues_nothing_twice() {
         "failover: instance a restarted; sessions spread 2/2 again after {:.1}s",
         t.elapsed().as_secs_f64()
     );
-    let st = gw.status();
+    let st = ctl_status(&gw.control);
     assert_eq!(st["cn_link"], "up", "{st}");
     drop(gw.proc);
 }

@@ -338,6 +338,11 @@ fn run(imp: &mut dyn Impl, steps: &[Step]) -> Vec<(bool, Option<Reason>)> {
     out
 }
 
+/// A step sending `p`, which must get `reason`.
+fn is(p: Pkt, reason: Reason) -> Step {
+    Step::Send(p, Want::Is(reason))
+}
+
 fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
     use Step::{Send, Setup as S};
     let open = cfg(0, 0, false, false);
@@ -361,30 +366,24 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
             "IPv4 and IPv6 Initials: 1200 bytes pass, 1199 are dropped",
             vec![
                 S(Setup::Config(open)),
-                Send(pkt(v4(1), initial(1200)), Want::Is(Reason::Passed)),
-                Send(
-                    pkt(v4(1), initial(1199)),
-                    Want::Is(Reason::DroppedShortInitial),
-                ),
-                Send(pkt(v6(1), initial(1350)), Want::Is(Reason::Passed)),
-                Send(
-                    pkt(v6(1), initial(40)),
-                    Want::Is(Reason::DroppedShortInitial),
-                ),
-                Send(
+                is(pkt(v4(1), initial(1200)), Reason::Passed),
+                is(pkt(v4(1), initial(1199)), Reason::DroppedShortInitial),
+                is(pkt(v6(1), initial(1350)), Reason::Passed),
+                is(pkt(v6(1), initial(40)), Reason::DroppedShortInitial),
+                is(
                     pkt(L3::V6Hbh(hbh), initial(40)),
-                    Want::Is(Reason::DroppedShortInitial),
+                    Reason::DroppedShortInitial,
                 ),
-                Send(pkt(L3::V6Hbh(hbh), initial(1200)), Want::Is(Reason::Passed)),
+                is(pkt(L3::V6Hbh(hbh), initial(1200)), Reason::Passed),
             ],
         ),
         (
             "VLAN-tagged frames (802.1Q, 802.1ad QinQ) are parsed",
             vec![
                 S(Setup::Config(open)),
-                Send(vlan_q, Want::Is(Reason::DroppedShortInitial)),
-                Send(vlan_qinq, Want::Is(Reason::DroppedShortInitial)),
-                Send(vlan_ok, Want::Is(Reason::Passed)),
+                is(vlan_q, Reason::DroppedShortInitial),
+                is(vlan_qinq, Reason::DroppedShortInitial),
+                is(vlan_ok, Reason::Passed),
             ],
         ),
         (
@@ -394,9 +393,9 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
                 Send(tcp, Want::NotOurs),
                 Send(other_port, Want::NotOurs),
                 Send(other_port6, Want::NotOurs),
-                Send(pkt(v4(6), short_header(40)), Want::Is(Reason::Passed)),
-                Send(pkt(v4(6), handshake(80)), Want::Is(Reason::Passed)),
-                Send(pkt(v4(6), vec![]), Want::Is(Reason::Passed)),
+                is(pkt(v4(6), short_header(40)), Reason::Passed),
+                is(pkt(v4(6), handshake(80)), Reason::Passed),
+                is(pkt(v4(6), vec![]), Reason::Passed),
             ],
         ),
         (
@@ -404,24 +403,21 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
              non-Initials never limited",
             vec![
                 S(Setup::Config(cfg(1, 3, false, false))),
-                Send(pkt(v4(7), initial(1200)), Want::Is(Reason::Passed)),
-                Send(pkt(v4(7), initial(1200)), Want::Is(Reason::Passed)),
-                Send(pkt(v4(7), initial(1200)), Want::Is(Reason::Passed)),
-                Send(pkt(v4(7), initial(1200)), Want::Is(Reason::RateLimited)),
-                Send(pkt(v4(7), initial(1200)), Want::Is(Reason::RateLimited)),
-                Send(pkt(v4(7), short_header(100)), Want::Is(Reason::Passed)),
-                Send(pkt(v6(7), initial(1200)), Want::Is(Reason::Passed)),
+                is(pkt(v4(7), initial(1200)), Reason::Passed),
+                is(pkt(v4(7), initial(1200)), Reason::Passed),
+                is(pkt(v4(7), initial(1200)), Reason::Passed),
+                is(pkt(v4(7), initial(1200)), Reason::RateLimited),
+                is(pkt(v4(7), initial(1200)), Reason::RateLimited),
+                is(pkt(v4(7), short_header(100)), Reason::Passed),
+                is(pkt(v6(7), initial(1200)), Reason::Passed),
                 // Short Initials are dropped before they cost a token.
-                Send(
-                    pkt(v4(8), initial(100)),
-                    Want::Is(Reason::DroppedShortInitial),
-                ),
+                is(pkt(v4(8), initial(100)), Reason::DroppedShortInitial),
                 S(Setup::Config(cfg(20, 1, false, false))),
-                Send(pkt(v4(9), initial(1200)), Want::Is(Reason::Passed)),
-                Send(pkt(v4(9), initial(1200)), Want::Is(Reason::RateLimited)),
+                is(pkt(v4(9), initial(1200)), Reason::Passed),
+                is(pkt(v4(9), initial(1200)), Reason::RateLimited),
                 S(Setup::Sleep(Duration::from_millis(120))), // 20/s: 2.4 tokens, capped at 1
-                Send(pkt(v4(9), initial(1200)), Want::Is(Reason::Passed)),
-                Send(pkt(v4(9), initial(1200)), Want::Is(Reason::RateLimited)),
+                is(pkt(v4(9), initial(1200)), Reason::Passed),
+                is(pkt(v4(9), initial(1200)), Reason::RateLimited),
             ],
         ),
         (
@@ -429,20 +425,20 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
             vec![
                 S(Setup::Config(open)),
                 S(Setup::Deny(src_ip(v4(10)), None)),
-                Send(pkt(v4(10), initial(1200)), Want::Is(Reason::Denied)),
-                Send(pkt(v4(10), short_header(50)), Want::Is(Reason::Denied)),
-                Send(pkt(v4(11), initial(1200)), Want::Is(Reason::Passed)),
+                is(pkt(v4(10), initial(1200)), Reason::Denied),
+                is(pkt(v4(10), short_header(50)), Reason::Denied),
+                is(pkt(v4(11), initial(1200)), Reason::Passed),
                 S(Setup::Undeny(src_ip(v4(10)))),
-                Send(pkt(v4(10), initial(1200)), Want::Is(Reason::Passed)),
+                is(pkt(v4(10), initial(1200)), Reason::Passed),
                 S(Setup::Deny(src_ip(v6(10)), Some(-1000))), // expired a second ago
-                Send(pkt(v6(10), initial(1200)), Want::Is(Reason::Passed)),
+                is(pkt(v6(10), initial(1200)), Reason::Passed),
                 S(Setup::Deny(src_ip(v6(10)), Some(150))),
-                Send(pkt(v6(10), initial(1200)), Want::Is(Reason::Denied)),
+                is(pkt(v6(10), initial(1200)), Reason::Denied),
                 S(Setup::Sleep(Duration::from_millis(200))),
-                Send(pkt(v6(10), initial(1200)), Want::Is(Reason::Passed)),
+                is(pkt(v6(10), initial(1200)), Reason::Passed),
                 // Deny wins over everything else, even for other traffic to the port.
                 S(Setup::Deny(src_ip(v4(12)), None)),
-                Send(pkt(v4(12), initial(10)), Want::Is(Reason::Denied)),
+                is(pkt(v4(12), initial(10)), Reason::Denied),
             ],
         ),
         (
@@ -450,22 +446,19 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
             vec![
                 S(Setup::Config(cfg(0, 0, true, false))),
                 S(Setup::Paired(vec![src_ip(v4(20)), src_ip(v6(20))])),
-                Send(pkt(v4(20), initial(1200)), Want::Is(Reason::Passed)),
-                Send(pkt(v6(20), short_header(60)), Want::Is(Reason::Passed)),
-                Send(pkt(v4(21), initial(1200)), Want::Is(Reason::NotPaired)),
-                Send(pkt(v4(21), short_header(60)), Want::Is(Reason::NotPaired)),
+                is(pkt(v4(20), initial(1200)), Reason::Passed),
+                is(pkt(v6(20), short_header(60)), Reason::Passed),
+                is(pkt(v4(21), initial(1200)), Reason::NotPaired),
+                is(pkt(v4(21), short_header(60)), Reason::NotPaired),
                 S(Setup::Config(cfg(0, 0, true, true))),
-                Send(pkt(v4(21), initial(1200)), Want::Is(Reason::Passed)),
-                Send(
-                    pkt(v4(21), initial(300)),
-                    Want::Is(Reason::DroppedShortInitial),
-                ),
+                is(pkt(v4(21), initial(1200)), Reason::Passed),
+                is(pkt(v4(21), initial(300)), Reason::DroppedShortInitial),
                 S(Setup::Config(cfg(0, 0, true, false))),
                 S(Setup::Paired(vec![src_ip(v6(20))])),
-                Send(pkt(v4(20), initial(1200)), Want::Is(Reason::NotPaired)),
+                is(pkt(v4(20), initial(1200)), Reason::NotPaired),
                 // Deny is checked before pairing.
                 S(Setup::Deny(src_ip(v6(20)), None)),
-                Send(pkt(v6(20), initial(1200)), Want::Is(Reason::Denied)),
+                is(pkt(v6(20), initial(1200)), Reason::Denied),
             ],
         ),
         (
@@ -564,69 +557,42 @@ fn fail_closed_ipv6() -> Vec<Step> {
         S(Setup::Config(cfg(0, 0, false, false))),
         S(Setup::Deny(src_ip(blocked), None)),
         // The attack of issue 15: five Destination Options headers. Walked and judged now.
-        Send(
-            dest_opts(blocked, 5, initial(1200)),
-            Want::Is(Reason::Denied),
-        ),
-        Send(
-            dest_opts(blocked, 5, short_header(60)),
-            Want::Is(Reason::Denied),
-        ),
-        Send(
-            dest_opts(blocked, 6, initial(1200)),
-            Want::Is(Reason::Denied),
-        ),
+        is(dest_opts(blocked, 5, initial(1200)), Reason::Denied),
+        is(dest_opts(blocked, 5, short_header(60)), Reason::Denied),
+        is(dest_opts(blocked, 6, initial(1200)), Reason::Denied),
         // Legitimate packets with extension headers still pass.
-        Send(
-            dest_opts(honest, 5, initial(1200)),
-            Want::Is(Reason::Passed),
-        ),
-        Send(
-            dest_opts(honest, 6, initial(1200)),
-            Want::Is(Reason::Passed),
-        ),
-        Send(
+        is(dest_opts(honest, 5, initial(1200)), Reason::Passed),
+        is(dest_opts(honest, 6, initial(1200)), Reason::Passed),
+        is(
             dest_opts(honest, 6, initial(300)),
-            Want::Is(Reason::DroppedShortInitial),
+            Reason::DroppedShortInitial,
         ),
         Send(other_port, Want::NotOurs),
         Send(tcp6, Want::NotOurs),
         Send(icmp, Want::NotOurs),
         // More than MAX_EXT_HEADERS (6): cannot be walked, dropped whatever it carries.
-        Send(
+        is(
             dest_opts(blocked, 7, initial(1200)),
-            Want::Is(Reason::DroppedUnparsed),
+            Reason::DroppedUnparsed,
         ),
-        Send(
-            dest_opts(honest, 7, initial(1200)),
-            Want::Is(Reason::DroppedUnparsed),
-        ),
-        Send(tcp7, Want::Is(Reason::DroppedUnparsed)),
+        is(dest_opts(honest, 7, initial(1200)), Reason::DroppedUnparsed),
+        is(tcp7, Reason::DroppedUnparsed),
         // A header ending past byte 200: UDP would start at 14 + 40 + 168 = 222.
-        Send(
-            with_ext(blocked, vec![(60, 168)]),
-            Want::Is(Reason::DroppedUnparsed),
-        ),
-        Send(
-            with_ext(honest, vec![(60, 168)]),
-            Want::Is(Reason::DroppedUnparsed),
-        ),
+        is(with_ext(blocked, vec![(60, 168)]), Reason::DroppedUnparsed),
+        is(with_ext(honest, vec![(60, 168)]), Reason::DroppedUnparsed),
         // The second of two headers crossing the bound (198 → 206).
-        Send(
+        is(
             with_ext(blocked, vec![(60, 144), (60, 8)]),
-            Want::Is(Reason::DroppedUnparsed),
+            Reason::DroppedUnparsed,
         ),
         // UDP starting exactly at the bound (14 + 40 + 144 = 198 ≤ 200) is judged.
-        Send(with_ext(blocked, vec![(60, 144)]), Want::Is(Reason::Denied)),
-        Send(with_ext(honest, vec![(60, 144)]), Want::Is(Reason::Passed)),
+        is(with_ext(blocked, vec![(60, 144)]), Reason::Denied),
+        is(with_ext(honest, vec![(60, 144)]), Reason::Passed),
         // AH (length in 4-byte units) is walked too: a blocked source behind it is denied.
-        Send(
-            with_ext(blocked, vec![(51, 24), (60, 8)]),
-            Want::Is(Reason::Denied),
-        ),
+        is(with_ext(blocked, vec![(51, 24), (60, 8)]), Reason::Denied),
         // Cut short inside the chain or inside the UDP ports.
-        Send(truncated, Want::Is(Reason::DroppedUnparsed)),
-        Send(udp_cut, Want::Is(Reason::DroppedUnparsed)),
+        is(truncated, Reason::DroppedUnparsed),
+        is(udp_cut, Reason::DroppedUnparsed),
     ]
 }
 
@@ -660,33 +626,33 @@ fn fragments() -> Vec<Step> {
         S(Setup::Deny(src_ip(v4(42)), None)),
         S(Setup::Deny(src_ip(v6(42)), None)),
         // First fragments (more follow) of UDP to the port: dropped, blocked source or not.
-        Send(
+        is(
             frag4(v4(42), 0, true, initial(1200)),
-            Want::Is(Reason::DroppedFragment),
+            Reason::DroppedFragment,
         ),
-        Send(
+        is(
             frag4(v4(43), 0, true, initial(1200)),
-            Want::Is(Reason::DroppedFragment),
+            Reason::DroppedFragment,
         ),
-        Send(
+        is(
             frag6(v6(42), 0, true, initial(1200)),
-            Want::Is(Reason::DroppedFragment),
+            Reason::DroppedFragment,
         ),
-        Send(
+        is(
             frag6(v6(43), 0, true, initial(1200)),
-            Want::Is(Reason::DroppedFragment),
+            Reason::DroppedFragment,
         ),
-        Send(f6_behind_opts, Want::Is(Reason::DroppedFragment)),
+        is(f6_behind_opts, Reason::DroppedFragment),
         // An IPv6 atomic fragment (offset 0, no more; RFC 8021 deprecates them).
-        Send(
+        is(
             frag6(v6(43), 0, false, initial(1200)),
-            Want::Is(Reason::DroppedFragment),
+            Reason::DroppedFragment,
         ),
         // First fragments too short to hold the UDP ports may be to the port.
-        Send(f4_tiny, Want::Is(Reason::DroppedFragment)),
-        Send(f6_tiny, Want::Is(Reason::DroppedFragment)),
+        is(f4_tiny, Reason::DroppedFragment),
+        is(f6_tiny, Reason::DroppedFragment),
         // An unfragmented IPv4 packet cut inside the UDP ports.
-        Send(v4_cut, Want::Is(Reason::DroppedUnparsed)),
+        is(v4_cut, Reason::DroppedUnparsed),
         // Non-first fragments carry no UDP header; the kernel cannot reassemble them without
         // their (dropped) first fragment: untouched.
         Send(frag4(v4(42), 100, false, initial(1200)), Want::NotOurs),
@@ -696,9 +662,9 @@ fn fragments() -> Vec<Step> {
         Send(f4_other, Want::NotOurs),
         Send(f6_other, Want::NotOurs),
         // Unfragmented datagrams are judged as before.
-        Send(pkt(v4(43), initial(1200)), Want::Is(Reason::Passed)),
-        Send(pkt(v6(43), initial(1200)), Want::Is(Reason::Passed)),
-        Send(pkt(v4(42), initial(1200)), Want::Is(Reason::Denied)),
+        is(pkt(v4(43), initial(1200)), Reason::Passed),
+        is(pkt(v6(43), initial(1200)), Reason::Passed),
+        is(pkt(v4(42), initial(1200)), Reason::Denied),
     ]
 }
 

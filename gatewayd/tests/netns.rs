@@ -12,10 +12,11 @@
 //! namespaces the test creates.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use companion_testkit::{CnServer, cn};
 
 mod common;
 use common::*;
@@ -146,30 +147,13 @@ fn topology(tag: &str) -> (Netns, [String; 3]) {
     (guard, [gw, dev, atk])
 }
 
-fn start_cn(ns: &str, dir: &Path) -> (Proc, String) {
-    let cn = bin("cn-backend");
+fn start_cn(ns: &str, dir: &Path) -> (CnServer, String) {
     init_cn_dir(dir, 1000);
     let ready = dir.join("ready.json");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(&cn)
-        .arg("--dir")
-        .arg(dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--ready-file",
-        ])
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let v = wait_json(&ready, &mut child, "cn-backend", None);
-    (Proc(child), v["quic"].as_str().unwrap().to_string())
+    let cmd = cn::serve_command(&bins(), dir, "127.0.0.1:0", &ready, Some(ns));
+    let s = CnServer::start(dir, cmd, &ready, &dir.with_extension("log")).unwrap();
+    let quic = s.quic.clone();
+    (s, quic)
 }
 
 fn start_gw(ns: &str, dir: &Path, cn: &str, cn_dir: &Path, filter: &str) -> (Proc, PathBuf) {
@@ -185,94 +169,23 @@ fn start_gw_on(
     filter: &str,
     listen: &str,
 ) -> (Proc, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let cred = dir.join("companion.toml");
-    std::fs::write(
-        &cred,
-        format!("supi = \"{COMPANION_SUPI}\"\nk = \"{COMPANION_K}\"\nopc = \"{COMPANION_OPC}\"\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let control = dir.join("control.sock");
-    let config = dir.join("gatewayd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"state_dir = "{state}"
-log_level = "info"
-drain_timeout = "3s"
-[devices]
-listen = "{listen}"
-new_connections_per_ip = 0
-[cn]
-endpoint = "{cn}"
-server_name = "localhost"
-ca_file = "{ca}"
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-request_timeout = "5s"
-[companion]
-credential_file = "{cred}"
-[control]
-socket = "{control}"
-[metrics]
-listen = "127.0.0.1:0"
-[filter]
-{filter}
-"#,
-            state = dir.join("state").display(),
-            ca = cn_dir.join("ca.pem").display(),
-            cred = cred.display(),
-            control = control.display(),
-        ),
-    )
-    .unwrap();
-    let ready = dir.join("ready.json");
-    let log = std::fs::File::create(dir.join("gatewayd.log")).unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(std::env::var_os("GATEWAYD_BIN").map_or_else(
-            || PathBuf::from(env!("CARGO_BIN_EXE_gatewayd")),
-            PathBuf::from,
-        ))
-        .arg("--config")
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    wait_json(
-        &ready,
-        &mut child,
-        "gatewayd",
-        Some(&dir.join("gatewayd.log")),
-    );
-    (Proc(child), control)
+    let mut toml = gw_toml(dir, cn, cn_dir);
+    toml.top = "log_level = \"info\"\ndrain_timeout = \"3s\"";
+    toml.listen = listen;
+    toml.devices = "new_connections_per_ip = 0";
+    toml.cn = "reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\nrequest_timeout = \"5s\"";
+    let tables = format!("[filter]\n{filter}");
+    toml.tables = &tables;
+    let g = spawn_gw(&toml, Some(ns), &[]);
+    (g.proc, g.control)
 }
 
 fn status(control: &Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
-        .arg("--socket")
-        .arg(control)
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    ctl_status(control)
 }
 
 fn wait_cn_up(control: &Path) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while status(control)["cn_link"] != "up" {
-        assert!(Instant::now() < until, "CN link not up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_cn(control, "up", Duration::from_secs(30));
 }
 
 fn flood(ns: &str, pattern: &str, sources: Option<&str>, count: u64, secs: u64) -> Child {
@@ -319,7 +232,7 @@ fn n(v: &serde_json::Value, k: &str) -> u64 {
 fn scenario(mode: &str, filter_cfg: &str, expect_mode: &[&str]) -> String {
     let tag = format!("{}{}", std::process::id() % 100_000, &mode[..1]);
     let (_ns, [gw, dev, atk]) = topology(&tag);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn_dir = tmp.path().join("cn");
     let (_cn, cn_addr) = start_cn(&gw, &cn_dir);
     let (mut gw_proc, control) =
@@ -449,10 +362,10 @@ fn scenario(mode: &str, filter_cfg: &str, expect_mode: &[&str]) -> String {
             "XDP attached while running"
         );
     }
-    sh(&["kill", "-TERM", &gw_proc.0.id().to_string()]);
+    sh(&["kill", "-TERM", &gw_proc.child.id().to_string()]);
     let until = Instant::now() + Duration::from_secs(15);
     let code = loop {
-        if let Some(s) = gw_proc.0.try_wait().unwrap() {
+        if let Some(s) = gw_proc.child.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < until, "gatewayd did not stop on SIGTERM");
@@ -642,7 +555,7 @@ fn blocked_ipv6_source_cannot_pass_the_xdp_filter_behind_extension_headers() {
         "nud",
         "permanent",
     ]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let cn_dir = tmp.path().join("cn");
     let (_cn, cn_addr) = start_cn(&gw, &cn_dir);
     let (_gw_proc, control) = start_gw_on(

@@ -7,24 +7,23 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
+use companion_testkit::{Out, scratch};
+
+/// `iotdev --dir <dir> <args>` (without a gateway from the environment): exit code, stdout,
+/// stderr.
 fn iotdev(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_iotdev"))
-        .arg("--dir")
+    let mut c = Command::new(env!("CARGO_BIN_EXE_iotdev"));
+    c.arg("--dir")
         .arg(dir)
         .args(args)
-        .env_remove("IOTDEV_GATEWAY")
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+        .env_remove("IOTDEV_GATEWAY");
+    let o = Out::of(&mut c).unwrap();
+    (o.code, o.stdout, o.stderr)
 }
 
 #[test]
 fn init_creates_private_keys_and_prints_the_pairing_code() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let dir = tmp.path().join("dev");
     let (code, out, err) = iotdev(&dir, &["init", "--id", "watch-01"]);
     assert_eq!(code, 0, "{err}");
@@ -74,7 +73,7 @@ fn init_creates_private_keys_and_prints_the_pairing_code() {
 
 #[test]
 fn clear_errors_without_a_device_or_with_bad_input() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let dir = tmp.path().join("none");
     let (code, _, err) = iotdev(&dir, &["show"]);
     assert_eq!(code, 1);
@@ -94,7 +93,7 @@ fn clear_errors_without_a_device_or_with_bad_input() {
 
 #[test]
 fn an_unreachable_gateway_is_a_retryable_failure() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let dir = tmp.path().join("dev");
     assert_eq!(iotdev(&dir, &["init", "--id", "s-1", "--no-qr"]).0, 0);
     // Nothing listens on this UDP port: the handshake times out.

@@ -28,10 +28,13 @@ const PAIRING_CONNECTIONS: usize = 4;
 /// How to build the fleet.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
+    /// How many simulated devices.
     pub devices: usize,
+    /// gatewayd's control socket (status and bulk pairing).
     pub control_socket: PathBuf,
     /// Device IDs are `<prefix>-<n>`.
     pub id_prefix: String,
+    /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Wait (30 s at most) for gatewayd's CN link to be up before starting.
     pub wait_cn_up: bool,
@@ -40,14 +43,50 @@ pub struct FleetOptions {
     pub pair: bool,
 }
 
+/// What every load shares: the devices, how many at once, and the gateway they go to.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// How many simulated devices.
+    pub devices: usize,
+    /// Devices in their flow at once.
+    pub concurrency: usize,
+    /// gatewayd's device address.
+    pub gateway: SocketAddr,
+    /// gatewayd's control socket (status and bulk pairing).
+    pub control_socket: PathBuf,
+    /// quinn client endpoints shared by the simulated devices.
+    pub endpoints: usize,
+    /// Device IDs are `<prefix>-<n>`.
+    pub id_prefix: String,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Load {
+    /// How to build this load's fleet: waiting for the CN link first (`wait_cn_up`), paired
+    /// with the gateway or not (`pair`).
+    pub fn fleet(&self, wait_cn_up: bool, pair: bool) -> FleetOptions {
+        FleetOptions {
+            devices: self.devices,
+            control_socket: self.control_socket.clone(),
+            id_prefix: self.id_prefix.clone(),
+            progress: self.progress,
+            wait_cn_up,
+            pair,
+        }
+    }
+}
+
 /// N simulated devices, paired (or not) with the gateway.
 #[derive(Debug, Clone)]
 pub struct Fleet {
+    /// The devices' identities, in device-ID order.
     pub keys: Arc<Vec<DeviceKeys>>,
     /// The gateway's key fingerprint every device pins (`None` if the status did not say).
     pub gateway_pin: Option<[u8; 32]>,
     /// Time spent pairing over the control socket, seconds (0 without pairing).
     pub pairing_s: f64,
+    /// Whether the devices were paired with the gateway.
     pub paired: bool,
 }
 
@@ -106,10 +145,12 @@ impl Fleet {
         })
     }
 
+    /// How many devices.
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// Whether the fleet has no device.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

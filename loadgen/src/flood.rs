@@ -27,8 +27,11 @@ pub const MAX_DURATION: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pattern {
+    /// Random bytes: not QUIC at all.
     Junk,
+    /// QUIC Initials below the 1200-byte minimum (RFC 9000 §14.1).
     ShortInitial,
+    /// Full-size QUIC Initials with a random connection ID.
     Initial,
 }
 
@@ -49,7 +52,9 @@ impl std::str::FromStr for Pattern {
 /// A flood to run.
 #[derive(Debug, Clone)]
 pub struct FloodOptions {
+    /// Where the datagrams go.
     pub target: SocketAddr,
+    /// What the datagrams look like.
     pub pattern: Pattern,
     /// Source addresses to send from (empty: the kernel's choice).
     pub sources: Vec<IpAddr>,
@@ -68,17 +73,26 @@ pub struct FloodOptions {
 /// What was sent.
 #[derive(Debug, Clone, Serialize)]
 pub struct FloodReport {
+    /// Where the datagrams went.
     pub target: String,
+    /// What the datagrams looked like.
     pub pattern: Pattern,
+    /// Source addresses sent from (1 for the kernel's choice).
     pub sources: usize,
+    /// Datagrams the kernel accepted.
     pub sent: u64,
+    /// Sends the kernel refused (full buffers, unreachable).
     pub send_errors: u64,
+    /// Payload bytes sent.
     pub bytes: u64,
+    /// Length of the run, seconds.
     pub elapsed_s: f64,
+    /// Datagrams sent per second.
     pub pps: f64,
 }
 
 impl FloodReport {
+    /// The one-line human summary.
     pub fn human(&self) -> String {
         format!(
             "flood {:?} -> {} from {} source(s): {} datagrams ({} bytes, {} send errors) in {:.2}s = {:.0} pps\n",

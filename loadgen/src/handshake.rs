@@ -21,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +32,7 @@ use iotdev::DeviceKeys;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::fleet::{Fleet, FleetOptions, client_endpoints, progress_bar};
+use crate::fleet::{Fleet, Load, client_endpoints, progress_bar};
 use crate::report::{HandshakeReport, Recorder};
 
 /// TLS server name the devices send (not verified: the gateway's key is pinned), as `iotdev`.
@@ -53,16 +52,30 @@ pub enum HandshakeError {
     NotPaired(String),
     /// The gateway presented another key than the pinned one.
     #[error("the gateway's key changed: pinned {pinned}, presented {presented}")]
-    GatewayKeyChanged { pinned: String, presented: String },
+    GatewayKeyChanged {
+        /// The fingerprint the device pinned.
+        pinned: String,
+        /// The fingerprint of the key the gateway presented.
+        presented: String,
+    },
+    /// No answer in time (what was awaited).
     #[error("timed out: {0}")]
     Timeout(&'static str),
     /// The gateway closed the connection for another reason.
     #[error("the gateway closed the connection (code {code}): {reason}")]
-    Closed { code: u64, reason: String },
+    Closed {
+        /// The application close code.
+        code: u64,
+        /// The close reason.
+        reason: String,
+    },
+    /// The connection failed otherwise (transport error, reset).
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+    /// The gateway selected no or another application protocol.
     #[error("the gateway did not agree on ALPN companion-device/2")]
     Alpn,
+    /// This side could not set the connection up (configuration, endpoint).
     #[error("{0}")]
     Local(String),
 }
@@ -85,6 +98,7 @@ impl HandshakeError {
 /// A connection both sides hold as established.
 #[derive(Debug)]
 pub struct Established {
+    /// The connection.
     pub conn: quinn::Connection,
     /// From `connect` to quinn's "connected" (the device sent its `Finished`).
     pub client_side: Duration,
@@ -193,14 +207,8 @@ pub fn classify(
 /// What `loadgen handshake` does.
 #[derive(Debug, Clone)]
 pub struct HandshakeOptions {
-    pub devices: usize,
-    pub concurrency: usize,
-    pub gateway: SocketAddr,
-    pub control_socket: PathBuf,
-    /// quinn client endpoints shared by the simulated devices.
-    pub endpoints: usize,
-    pub id_prefix: String,
-    pub progress: bool,
+    /// The devices, how many at once, and the gateway they go to.
+    pub load: Load,
     /// Pair the devices first (`false`: every handshake must be refused).
     pub pair: bool,
     /// Longest single handshake.
@@ -209,39 +217,78 @@ pub struct HandshakeOptions {
 
 type Outcome = Result<(Duration, Duration), HandshakeError>;
 
-/// Runs the handshakes and returns the report.
-pub async fn run(opts: HandshakeOptions) -> anyhow::Result<HandshakeReport> {
-    anyhow::ensure!(opts.concurrency > 0, "--concurrency must be at least 1");
-    let fleet = Fleet::prepare(&FleetOptions {
-        devices: opts.devices,
-        control_socket: opts.control_socket.clone(),
-        id_prefix: opts.id_prefix.clone(),
-        progress: opts.progress,
-        wait_cn_up: false,
-        pair: opts.pair,
-    })
-    .await?;
-    let endpoints = client_endpoints(opts.gateway, opts.endpoints)?;
-    let limits = Arc::new(Limits::device_link());
+/// Where and how long each device of a fleet connects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Connects {
+    /// gatewayd's device address.
+    pub gateway: SocketAddr,
+    /// Longest single handshake.
+    pub timeout: Duration,
+}
 
-    let bar = progress_bar(opts.progress, opts.devices as u64, "handshakes");
-    let sem = Arc::new(Semaphore::new(opts.concurrency));
-    let started = Instant::now();
-    let mut tasks: JoinSet<Outcome> = JoinSet::new();
+impl HandshakeOptions {
+    fn as_connects(&self) -> Connects {
+        Connects {
+            gateway: self.load.gateway,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// Spawns one task per device of `fleet` (on `endpoints` in turn, at most as many at once as
+/// `sem` allows) that connects it to the gateway with `limits`, ticks `bar` and hands the
+/// outcome to `then`, inside the task.
+pub(crate) fn spawn_connects<T: Send + 'static>(
+    fleet: &Fleet,
+    endpoints: &[quinn::Endpoint],
+    c: &Connects,
+    limits: Arc<Limits>,
+    sem: Arc<Semaphore>,
+    bar: indicatif::ProgressBar,
+    then: fn(Result<Established, HandshakeError>) -> T,
+) -> JoinSet<T> {
+    let mut tasks = JoinSet::new();
     for i in 0..fleet.len() {
         let (keys, sem, bar, limits) =
             (fleet.keys.clone(), sem.clone(), bar.clone(), limits.clone());
         let ep = endpoints[i % endpoints.len()].clone();
-        let (gateway, timeout) = (opts.gateway, opts.timeout);
+        let (gateway, timeout) = (c.gateway, c.timeout);
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
             let r = connect(&ep, gateway, &keys[i], &limits, timeout).await;
             bar.inc(1);
+            then(r)
+        });
+    }
+    tasks
+}
+
+/// Runs the handshakes and returns the report.
+pub async fn run(opts: HandshakeOptions) -> anyhow::Result<HandshakeReport> {
+    anyhow::ensure!(
+        opts.load.concurrency > 0,
+        "--concurrency must be at least 1"
+    );
+    let fleet = Fleet::prepare(&opts.load.fleet(false, opts.pair)).await?;
+    let endpoints = client_endpoints(opts.load.gateway, opts.load.endpoints)?;
+    let limits = Arc::new(Limits::device_link());
+
+    let bar = progress_bar(opts.load.progress, opts.load.devices as u64, "handshakes");
+    let sem = Arc::new(Semaphore::new(opts.load.concurrency));
+    let started = Instant::now();
+    let mut tasks: JoinSet<Outcome> = spawn_connects(
+        &fleet,
+        &endpoints,
+        &opts.as_connects(),
+        limits,
+        sem,
+        bar.clone(),
+        |r| {
             let e = r?;
             e.conn.close(0u32.into(), b"done");
             Ok((e.client_side, e.confirmed))
-        });
-    }
+        },
+    );
     let mut confirmed = Recorder::new().context("latency histogram")?;
     let mut client_side = Recorder::new().context("latency histogram")?;
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
@@ -269,8 +316,8 @@ pub async fn run(opts: HandshakeOptions) -> anyhow::Result<HandshakeReport> {
     let failed = failures.values().sum::<u64>();
     let duration_s = duration.as_secs_f64();
     Ok(HandshakeReport {
-        devices: opts.devices as u64,
-        concurrency: opts.concurrency as u64,
+        devices: opts.load.devices as u64,
+        concurrency: opts.load.concurrency as u64,
         paired: fleet.paired,
         succeeded: ok,
         failed,
@@ -281,7 +328,7 @@ pub async fn run(opts: HandshakeOptions) -> anyhow::Result<HandshakeReport> {
         pairing_s: fleet.pairing_s,
         failures_by_reason: failures,
         last_error,
-        gateway: opts.gateway.to_string(),
+        gateway: opts.load.gateway.to_string(),
     })
 }
 

@@ -12,7 +12,6 @@
 //!    open (and why the others ended), closes them (application code 0) and reports.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,22 +21,16 @@ use companion_transport::Limits;
 use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
-use crate::fleet::{Fleet, FleetOptions, client_endpoints, progress_bar};
-use crate::handshake::{HandshakeError, connect, per_second};
+use crate::fleet::{Fleet, Load, client_endpoints, progress_bar};
+use crate::handshake::{Connects, HandshakeError, per_second, spawn_connects};
 use crate::report::{HoldReport, Recorder};
 
 /// What `loadgen hold` does.
 #[derive(Debug, Clone)]
 pub struct HoldOptions {
-    pub devices: usize,
-    pub concurrency: usize,
-    pub gateway: SocketAddr,
-    pub control_socket: PathBuf,
-    pub endpoints: usize,
-    pub id_prefix: String,
-    pub progress: bool,
+    /// The devices, how many at once, and the gateway they go to.
+    pub load: Load,
     /// Longest single handshake.
     pub timeout: Duration,
     /// QUIC keep-alive interval of the held connections.
@@ -80,46 +73,41 @@ impl Stop {
 
 /// Connects the devices, holds them, closes them; returns the report.
 pub async fn run(opts: HoldOptions) -> anyhow::Result<HoldReport> {
-    anyhow::ensure!(opts.concurrency > 0, "--concurrency must be at least 1");
+    anyhow::ensure!(
+        opts.load.concurrency > 0,
+        "--concurrency must be at least 1"
+    );
     anyhow::ensure!(
         !opts.keep_alive.is_zero(),
         "--keep-alive must be longer than 0 s"
     );
     // Installed first: a SIGTERM during pairing or connecting ends the run cleanly too.
     let mut stop = Stop::new()?;
-    let fleet = Fleet::prepare(&FleetOptions {
-        devices: opts.devices,
-        control_socket: opts.control_socket.clone(),
-        id_prefix: opts.id_prefix.clone(),
-        progress: opts.progress,
-        wait_cn_up: false,
-        pair: true,
-    })
-    .await?;
-    let endpoints = client_endpoints(opts.gateway, opts.endpoints)?;
+    let fleet = Fleet::prepare(&opts.load.fleet(false, true)).await?;
+    let endpoints = client_endpoints(opts.load.gateway, opts.load.endpoints)?;
     let limits = Arc::new(Limits {
         keep_alive: Some(opts.keep_alive),
         ..Limits::device_link()
     });
 
-    let bar = progress_bar(opts.progress, opts.devices as u64, "connecting");
-    let sem = Arc::new(Semaphore::new(opts.concurrency));
+    let bar = progress_bar(opts.load.progress, opts.load.devices as u64, "connecting");
+    let sem = Arc::new(Semaphore::new(opts.load.concurrency));
     let started = Instant::now();
-    let mut tasks = JoinSet::new();
-    for i in 0..fleet.len() {
-        let (keys, sem, bar, limits) =
-            (fleet.keys.clone(), sem.clone(), bar.clone(), limits.clone());
-        let ep = endpoints[i % endpoints.len()].clone();
-        let (gateway, timeout) = (opts.gateway, opts.timeout);
-        tasks.spawn(async move {
-            let _permit = sem.acquire_owned().await;
-            let r = connect(&ep, gateway, &keys[i], &limits, timeout).await;
-            bar.inc(1);
-            r
-        });
-    }
+    let connects = Connects {
+        gateway: opts.load.gateway,
+        timeout: opts.timeout,
+    };
+    let mut tasks = spawn_connects(
+        &fleet,
+        &endpoints,
+        &connects,
+        limits,
+        sem,
+        bar.clone(),
+        |r| r,
+    );
     let mut latency = Recorder::new().context("latency histogram")?;
-    let mut conns: Vec<quinn::Connection> = Vec::with_capacity(opts.devices);
+    let mut conns: Vec<quinn::Connection> = Vec::with_capacity(opts.load.devices);
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut last_error: Option<String> = None;
     let mut note_failure = |failures: &mut BTreeMap<String, u64>, e: &HandshakeError| {
@@ -160,7 +148,7 @@ pub async fn run(opts: HoldOptions) -> anyhow::Result<HoldReport> {
         let ready = json!({
             "connected": connected,
             "failed": failed,
-            "devices": opts.devices,
+            "devices": opts.load.devices,
             "pid": std::process::id(),
             "connect_duration_s": (connect_s * 1000.0).round() / 1000.0,
             "failures_by_reason": failures,
@@ -206,8 +194,8 @@ pub async fn run(opts: HoldOptions) -> anyhow::Result<HoldReport> {
         let _ = std::fs::remove_file(path);
     }
     Ok(HoldReport {
-        devices: opts.devices as u64,
-        concurrency: opts.concurrency as u64,
+        devices: opts.load.devices as u64,
+        concurrency: opts.load.concurrency as u64,
         succeeded: connected,
         failed,
         duration_s: (connect_s * 1000.0).round() / 1000.0,
@@ -222,7 +210,7 @@ pub async fn run(opts: HoldOptions) -> anyhow::Result<HoldReport> {
         closed_by_reason,
         failures_by_reason: failures,
         last_error,
-        gateway: opts.gateway.to_string(),
+        gateway: opts.load.gateway.to_string(),
     })
 }
 

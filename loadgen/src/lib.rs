@@ -2,6 +2,7 @@
 //! library) against a real `gatewayd`, optionally attaching each to `cn-backend`, and reports
 //! throughput and HDR latency percentiles; measures the bare handshake (`handshake`) and holds
 //! devices connected (`hold`). See `README.md`.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod control;

@@ -1,5 +1,6 @@
 //! `loadgen`: simulated devices against a real gatewayd (and cn-backend): `provision`,
 //! `handshake`, `hold`, `flood`. See `README.md`.
+#![warn(missing_docs)]
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -10,8 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use companion_proto::msg::Params;
+use loadgen::fleet::Load;
 use loadgen::handshake::HandshakeOptions;
 use loadgen::hold::HoldOptions;
+use loadgen::report::Summary;
 use loadgen::run::{Options, run};
 use serde::Serialize;
 
@@ -63,15 +66,10 @@ struct Common {
     progress: Progress,
 }
 
-/// `Common`, resolved.
-struct Resolved {
-    gateway: SocketAddr,
-    id_prefix: String,
-    progress: bool,
-}
-
 impl Common {
-    async fn resolve(&self) -> anyhow::Result<Resolved> {
+    /// The load these options describe, with the gateway's address resolved, the device-ID
+    /// prefix drawn when not given, and the progress bar decided.
+    async fn load(&self) -> anyhow::Result<Load> {
         let gateway = resolve(&self.gateway).await?;
         let id_prefix = match &self.id_prefix {
             Some(p) => p.clone(),
@@ -85,8 +83,12 @@ impl Common {
             Progress::Never => false,
             Progress::Auto => std::io::stderr().is_terminal(),
         };
-        Ok(Resolved {
+        Ok(Load {
+            devices: self.devices,
+            concurrency: self.concurrency,
             gateway,
+            control_socket: self.control_socket.clone(),
+            endpoints: self.endpoints,
             id_prefix,
             progress,
         })
@@ -209,19 +211,12 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             patience,
             lifetime,
         } => {
-            let r = common.resolve().await?;
             let opts = Options {
-                devices: common.devices,
-                concurrency: common.concurrency,
-                gateway: r.gateway,
-                control_socket: common.control_socket.clone(),
+                load: common.load().await?,
                 attach,
                 serving_network,
-                endpoints: common.endpoints,
                 retry_for: Duration::from_secs(retry_for),
                 max_retries,
-                id_prefix: r.id_prefix,
-                progress: r.progress,
                 per_device,
                 params: Params {
                     lifetime_s: lifetime,
@@ -230,31 +225,20 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 patience: Duration::from_secs(patience),
             };
             let report = run(opts).await?;
-            print!("{}", report.human());
-            write_json(common.json.as_deref(), &report)?;
-            Ok(report.all_ok())
+            emit(&report, common.json.as_deref())
         }
         Cmd::Handshake {
             common,
             unpaired,
             timeout,
         } => {
-            let r = common.resolve().await?;
             let report = loadgen::handshake::run(HandshakeOptions {
-                devices: common.devices,
-                concurrency: common.concurrency,
-                gateway: r.gateway,
-                control_socket: common.control_socket.clone(),
-                endpoints: common.endpoints,
-                id_prefix: r.id_prefix,
-                progress: r.progress,
+                load: common.load().await?,
                 pair: !unpaired,
                 timeout: Duration::from_secs(timeout),
             })
             .await?;
-            print!("{}", report.human());
-            write_json(common.json.as_deref(), &report)?;
-            Ok(report.all_ok())
+            emit(&report, common.json.as_deref())
         }
         Cmd::Hold {
             common,
@@ -263,31 +247,30 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             keep_alive,
             timeout,
         } => {
-            let r = common.resolve().await?;
             let secs = |what: &str, v: f64| {
                 Duration::try_from_secs_f64(v)
                     .map_err(|e| anyhow!("{what} must be a number of seconds: {e}"))
             };
             let report = loadgen::hold::run(HoldOptions {
-                devices: common.devices,
-                concurrency: common.concurrency,
-                gateway: r.gateway,
-                control_socket: common.control_socket.clone(),
-                endpoints: common.endpoints,
-                id_prefix: r.id_prefix,
-                progress: r.progress,
+                load: common.load().await?,
                 timeout: Duration::from_secs(timeout),
                 keep_alive: secs("--keep-alive", keep_alive)?,
                 hold_for: hold_for.map(|h| secs("--hold-for", h)).transpose()?,
                 ready_file,
             })
             .await?;
-            print!("{}", report.human());
-            write_json(common.json.as_deref(), &report)?;
-            Ok(report.all_ok())
+            emit(&report, common.json.as_deref())
         }
         Cmd::Flood(_) => Err(anyhow!("unexpected subcommand")),
     }
+}
+
+/// Prints `report`'s human summary, writes its JSON to `json` when asked, and says whether
+/// every device succeeded.
+fn emit<R: Summary + Serialize>(report: &R, json: Option<&Path>) -> anyhow::Result<bool> {
+    print!("{}", report.human());
+    write_json(json, report)?;
+    Ok(report.all_ok())
 }
 
 /// Writes the JSON report to `path` (`-` = stdout), if asked.

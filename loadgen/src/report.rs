@@ -6,14 +6,28 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+/// What every run's report says in the end: a human summary, and whether it all went well.
+pub trait Summary {
+    /// Whether every device succeeded.
+    fn all_ok(&self) -> bool;
+    /// The human summary.
+    fn human(&self) -> String;
+}
+
 /// Latency percentiles, milliseconds.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Latency {
+    /// Samples recorded.
     pub count: u64,
+    /// Median, milliseconds.
     pub p50_ms: f64,
+    /// 90th percentile, milliseconds.
     pub p90_ms: f64,
+    /// 99th percentile, milliseconds.
     pub p99_ms: f64,
+    /// Longest, milliseconds.
     pub max_ms: f64,
+    /// Mean, milliseconds.
     pub mean_ms: f64,
 }
 
@@ -31,11 +45,13 @@ impl Recorder {
         })
     }
 
+    /// Adds one sample.
     pub fn record(&mut self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
         self.h.saturating_record(us);
     }
 
+    /// The percentiles of what was recorded.
     pub fn latency(&self) -> Latency {
         let ms = |us: u64| (us as f64 / 1000.0 * 1000.0).round() / 1000.0;
         if self.h.is_empty() {
@@ -55,9 +71,11 @@ impl Recorder {
 /// The outcome of one simulated device.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceResult {
+    /// The device ID.
     pub device: String,
     /// `true` when the credential was delivered, opened, checked and acknowledged.
     pub provisioned: bool,
+    /// The SUPI it was issued, if provisioned.
     pub supi: Option<String>,
     /// `None` without `--attach`.
     pub attached: Option<bool>,
@@ -67,15 +85,20 @@ pub struct DeviceResult {
     pub error: Option<String>,
     /// Whether the failure was one a device would retry later (busy, CN unavailable...).
     pub retryable: bool,
+    /// Retries it needed (all phases).
     pub retries: u32,
 }
 
 /// The whole run's report (`--json FILE`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// How many simulated devices.
     pub devices: u64,
+    /// Devices in flight at once.
     pub concurrency: u64,
+    /// Devices that completed.
     pub succeeded: u64,
+    /// Devices that did not complete.
     pub failed: u64,
     /// Time of the provisioning phase (pairing excluded), seconds.
     pub duration_s: f64,
@@ -83,8 +106,11 @@ pub struct Report {
     pub throughput_per_s: f64,
     /// Device-perceived provisioning latency, first try to acknowledged credential.
     pub latency_ms: Latency,
+    /// Whether the devices attached after provisioning.
     pub attach: bool,
+    /// Attaches the CN accepted.
     pub attaches_succeeded: u64,
+    /// Attach latency.
     pub attach_latency_ms: Latency,
     /// Time spent pairing the devices through the control socket, seconds.
     pub pairing_s: f64,
@@ -92,19 +118,21 @@ pub struct Report {
     pub failures_by_reason: BTreeMap<String, u64>,
     /// Retries (busy, CN unavailable, ...) by reason.
     pub retries_by_reason: BTreeMap<String, u64>,
+    /// gatewayd's device address.
     pub gateway: String,
+    /// Every device's outcome (with `--per-device`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub results: Option<Vec<DeviceResult>>,
 }
 
-impl Report {
+impl Summary for Report {
     /// Whether everything succeeded (every device provisioned, and attached with `--attach`).
-    pub fn all_ok(&self) -> bool {
+    fn all_ok(&self) -> bool {
         self.failed == 0 && (!self.attach || self.attaches_succeeded == self.devices)
     }
 
     /// The human summary.
-    pub fn human(&self) -> String {
+    fn human(&self) -> String {
         let mut s = String::new();
         let l = &self.latency_ms;
         s += &format!(
@@ -140,12 +168,15 @@ impl Report {
 /// `loadgen handshake`'s report (`--json FILE`): the field names of [`Report`] where they apply.
 #[derive(Debug, Clone, Serialize)]
 pub struct HandshakeReport {
+    /// How many simulated devices.
     pub devices: u64,
+    /// Devices in flight at once.
     pub concurrency: u64,
     /// Whether the devices were paired first (`--unpaired`: every handshake must be refused).
     pub paired: bool,
     /// Handshakes the gateway confirmed.
     pub succeeded: u64,
+    /// Devices that did not complete.
     pub failed: u64,
     /// Time of the handshake phase (key generation and pairing excluded), seconds.
     pub duration_s: f64,
@@ -155,21 +186,24 @@ pub struct HandshakeReport {
     pub latency_ms: Latency,
     /// From `connect` to quinn's "connected" on the device (it sent its `Finished`).
     pub client_side_latency_ms: Latency,
+    /// Time spent pairing over the control socket, seconds.
     pub pairing_s: f64,
+    /// Failed devices by reason.
     pub failures_by_reason: BTreeMap<String, u64>,
     /// One failure's message, if any failed.
     pub last_error: Option<String>,
+    /// gatewayd's device address.
     pub gateway: String,
 }
 
-impl HandshakeReport {
+impl Summary for HandshakeReport {
     /// Whether every handshake was confirmed.
-    pub fn all_ok(&self) -> bool {
+    fn all_ok(&self) -> bool {
         self.failed == 0 && self.succeeded == self.devices
     }
 
     /// The human summary.
-    pub fn human(&self) -> String {
+    fn human(&self) -> String {
         let mut s = format!(
             "loadgen handshake: {} devices ({}), concurrency {}, gateway {}\n",
             self.devices,
@@ -198,7 +232,9 @@ impl HandshakeReport {
 /// `loadgen hold`'s report (`--json FILE`), written when the devices have been closed.
 #[derive(Debug, Clone, Serialize)]
 pub struct HoldReport {
+    /// How many simulated devices.
     pub devices: u64,
+    /// Devices in flight at once.
     pub concurrency: u64,
     /// Devices whose connection the gateway confirmed.
     pub succeeded: u64,
@@ -210,6 +246,7 @@ pub struct HoldReport {
     pub throughput_per_s: f64,
     /// Per device, `connect` to the gateway's `HANDSHAKE_DONE`.
     pub latency_ms: Latency,
+    /// Time spent pairing over the control socket, seconds.
     pub pairing_s: f64,
     /// Keep-alive interval of the held connections, seconds.
     pub keep_alive_s: f64,
@@ -223,19 +260,22 @@ pub struct HoldReport {
     pub closed_early: u64,
     /// Those, by reason (`closed_by_gateway_<code>`, `timed_out`, `reset`, ...).
     pub closed_by_reason: BTreeMap<String, u64>,
+    /// Failed devices by reason.
     pub failures_by_reason: BTreeMap<String, u64>,
+    /// One failure's message, if any failed.
     pub last_error: Option<String>,
+    /// gatewayd's device address.
     pub gateway: String,
 }
 
-impl HoldReport {
+impl Summary for HoldReport {
     /// Whether every device connected and stayed connected to the end.
-    pub fn all_ok(&self) -> bool {
+    fn all_ok(&self) -> bool {
         self.failed == 0 && self.still_connected == self.devices
     }
 
     /// The human summary.
-    pub fn human(&self) -> String {
+    fn human(&self) -> String {
         let mut s = format!(
             "loadgen hold: {} devices, concurrency {}, gateway {}\n",
             self.devices, self.concurrency, self.gateway

@@ -12,8 +12,6 @@
 //! 4. Records each device's latency in HDR histograms and reports.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,30 +24,25 @@ use iotdev::{DeviceError, DeviceKeys};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::fleet::{Fleet, FleetOptions, client_endpoints, progress_bar};
+use crate::fleet::{Fleet, Load, client_endpoints, progress_bar};
 use crate::report::{DeviceResult, Recorder, Report};
 
 /// What `loadgen provision` does.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub devices: usize,
-    pub concurrency: usize,
-    /// gatewayd's device address.
-    pub gateway: SocketAddr,
-    pub control_socket: PathBuf,
+    /// The devices, how many at once, and the gateway they go to.
+    pub load: Load,
+    /// After provisioning, attach at the CN with the new credential.
     pub attach: bool,
+    /// The serving network name the devices attach in.
     pub serving_network: String,
-    /// quinn client endpoints shared by the simulated devices.
-    pub endpoints: usize,
     /// Longest a device keeps retrying retryable failures (per phase).
     pub retry_for: Duration,
     /// Most retries per device and phase.
     pub max_retries: u32,
-    /// Device IDs are `<prefix>-<n>`.
-    pub id_prefix: String,
-    pub progress: bool,
     /// Include every device's outcome in the report.
     pub per_device: bool,
+    /// The parameters every device asks for.
     pub params: Params,
     /// Longest single exchange with the gateway.
     pub patience: Duration,
@@ -93,21 +86,16 @@ struct Outcome {
 
 /// Runs the whole load and returns the report.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
-    anyhow::ensure!(opts.concurrency > 0, "--concurrency must be at least 1");
-    let fleet = Fleet::prepare(&FleetOptions {
-        devices: opts.devices,
-        control_socket: opts.control_socket.clone(),
-        id_prefix: opts.id_prefix.clone(),
-        progress: opts.progress,
-        wait_cn_up: true,
-        pair: true,
-    })
-    .await?;
+    anyhow::ensure!(
+        opts.load.concurrency > 0,
+        "--concurrency must be at least 1"
+    );
+    let fleet = Fleet::prepare(&opts.load.fleet(true, true)).await?;
     let (keys, pairing_s) = (fleet.keys.clone(), fleet.pairing_s);
-    let endpoints = client_endpoints(opts.gateway, opts.endpoints)?;
+    let endpoints = client_endpoints(opts.load.gateway, opts.load.endpoints)?;
 
-    let bar = progress_bar(opts.progress, opts.devices as u64, "provisioning");
-    let sem = Arc::new(Semaphore::new(opts.concurrency));
+    let bar = progress_bar(opts.load.progress, opts.load.devices as u64, "provisioning");
+    let sem = Arc::new(Semaphore::new(opts.load.concurrency));
     let opts = Arc::new(opts);
     let started = Instant::now();
     let mut tasks = JoinSet::new();
@@ -125,7 +113,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let mut att = Recorder::new().context("latency histogram")?;
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut retries: BTreeMap<String, u64> = BTreeMap::new();
-    let mut results = Vec::with_capacity(opts.devices);
+    let mut results = Vec::with_capacity(opts.load.devices);
     let (mut ok, mut attached) = (0u64, 0u64);
     while let Some(r) = tasks.join_next().await {
         let o = r.context("device task")?;
@@ -159,8 +147,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let failed = results.iter().filter(|r| r.reason.is_some()).count() as u64;
     let duration_s = duration.as_secs_f64();
     Ok(Report {
-        devices: opts.devices as u64,
-        concurrency: opts.concurrency as u64,
+        devices: opts.load.devices as u64,
+        concurrency: opts.load.concurrency as u64,
         succeeded: results.iter().filter(|r| r.reason.is_none()).count() as u64,
         failed,
         duration_s: (duration_s * 1000.0).round() / 1000.0,
@@ -176,7 +164,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         pairing_s,
         failures_by_reason: failures,
         retries_by_reason: retries,
-        gateway: opts.gateway.to_string(),
+        gateway: opts.load.gateway.to_string(),
         results: opts.per_device.then_some(results),
     })
 }
@@ -216,7 +204,7 @@ async fn one_device(ep: &quinn::Endpoint, keys: &DeviceKeys, opts: &Options) -> 
     };
     let started = Instant::now();
     let cred = loop {
-        match client::run(ep, opts.gateway, keys, &attempt, &copts).await {
+        match client::run(ep, opts.load.gateway, keys, &attempt, &copts).await {
             Ok(c) => break c,
             Err(e) => {
                 let why = reason(&e);

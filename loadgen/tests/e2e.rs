@@ -10,31 +10,30 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use companion_testkit::process::wait_ready;
+use companion_testkit::{
+    Bins, CnServer, GatewayToml, Gatewayd, Out, Proc, Scratch, cn, gateway, http, scratch,
+};
 use serde_json::Value;
 
-const COMPANION_SUPI: &str = "imsi-001010000000001";
-const COMPANION_K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
-const COMPANION_OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
-const VISITED_SNN: &str = "5G:mnc002.mcc208.3gppnetwork.org";
+const COMPANION_SUPI: &str = companion_testkit::COMPANION_SUPI;
+const VISITED_SNN: &str = companion_testkit::VISITED_SNN;
 
 // ------------------------------------------------------------------------------------ harness
+
+/// The workspace binaries of this test's target directory, or of `$E2E_BIN_DIR`.
+fn bins() -> Bins {
+    Bins::of_test("E2E_BIN_DIR")
+}
 
 fn bin(name: &str) -> PathBuf {
     if name == "loadgen" {
         return PathBuf::from(env!("CARGO_BIN_EXE_loadgen"));
     }
-    let dir = match std::env::var_os("E2E_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            // target/<profile>/deps/e2e-<hash> -> target/<profile>
-            let exe = std::env::current_exe().unwrap();
-            exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-        }
-    };
-    let p = dir.join(name);
+    let p = bins().path(name);
     assert!(
         p.exists(),
         "the `{name}` binary is missing at {}: build the workspace's binaries first with \
@@ -44,83 +43,43 @@ fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A process killed (SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `command` spawned with stdout and stderr piped, SIGKILLed when dropped.
+fn spawn(what: &str, command: &mut Command) -> Proc {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Proc::new(what, child, None)
 }
 
-fn wait_json(path: &Path, child: &mut Child, what: &str) -> Value {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&text)
-        {
-            return v;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("{what} exited before it was ready: {st}");
-        }
-        assert!(Instant::now() < until, "{what} not ready after 30 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// What a command printed, and how it exited.
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "expected success: {self:#?}");
-        self
-    }
-}
-
-impl From<Output> for Out {
-    fn from(o: Output) -> Self {
-        Out {
-            code: o.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
+/// Waits up to `limit` for `p` to exit; its status and what it printed on stdout.
+fn finish(p: &mut Proc, limit: Duration) -> (ExitStatus, String) {
+    let st = p.wait_exit(limit).unwrap();
+    let st = st.unwrap_or_else(|| panic!("{} did not finish in {limit:?}", p.name));
+    let mut stdout = String::new();
+    use std::io::Read;
+    p.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    (st, stdout)
 }
 
 fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    http::get_ok(addr, path)
 }
 
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    http::metric(text, name).unwrap_or(0.0)
 }
 
 /// The value of the series `name` (with its labels) in a Prometheus text page; fails the test if
 /// the series is missing, so a zero read is a real zero.
 fn series(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no series {name} in:\n{text}"))
+    http::series(text, name).unwrap_or_else(|| panic!("no series {name} in:\n{text}"))
 }
 
 /// cn-backend: a data directory, the companion (parent) subscription, and the server.
@@ -135,68 +94,30 @@ impl Cn {
     /// `init` + `subscriber add` of the companion with `policy` (extra `subscriber add` flags),
     /// then `serve`.
     fn start_new(dir: &Path, policy: &[&str]) -> Self {
+        cn::init(&bins(), dir, &[]).unwrap();
+        cn::add_companion(&bins(), dir, policy).unwrap();
         let mut cn = Cn {
             dir: dir.to_path_buf(),
             proc: None,
             quic: "127.0.0.1:0".into(),
             http: String::new(),
         };
-        cn.cli(&["init", "--mcc", "001", "--mnc", "01"]).ok();
-        let mut add = vec![
-            "subscriber",
-            "add",
-            "--supi",
-            COMPANION_SUPI,
-            "--k",
-            COMPANION_K,
-            "--opc",
-            COMPANION_OPC,
-        ];
-        add.extend_from_slice(policy);
-        cn.cli(&add).ok();
         cn.start();
         cn
     }
 
     fn cli(&self, args: &[&str]) -> Out {
-        Command::new(bin("cn-backend"))
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .unwrap()
-            .into()
+        Out::of(&mut cn::cli(&bins(), &self.dir, args)).unwrap()
     }
 
     /// Starts the server (on the same QUIC port as before, if it ran already).
     fn start(&mut self) {
         let ready = self.dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("serve.log"))
-            .unwrap();
-        let mut child = Command::new(bin("cn-backend"))
-            .arg("--dir")
-            .arg(&self.dir)
-            .args([
-                "serve",
-                "--listen",
-                &self.quic,
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--ready-file")
-            .arg(&ready)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "cn-backend");
-        self.quic = v["quic"].as_str().unwrap().to_string();
-        self.http = v["http"].as_str().unwrap().to_string();
-        self.proc = Some(Proc(child));
+        let log = self.dir.join("serve.log");
+        let s = CnServer::serve(&bins(), &self.dir, &self.quic, &ready, &log).unwrap();
+        self.quic = s.quic;
+        self.http = s.http;
+        self.proc = Some(s.proc);
     }
 
     /// SIGKILL: no drain, no goodbye.
@@ -205,10 +126,9 @@ impl Cn {
     }
 
     fn subscriber(&self) -> Value {
-        let out = self
-            .cli(&["--json", "subscriber", "show", COMPANION_SUPI])
-            .ok();
-        serde_json::from_str(&out.stdout).unwrap()
+        self.cli(&["--json", "subscriber", "show", COMPANION_SUPI])
+            .ok()
+            .json()
     }
 }
 
@@ -224,56 +144,16 @@ struct Gw {
 
 impl Gw {
     fn start(dir: &Path, cn: &Cn, extra: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let cred = dir.join("companion.toml");
-        std::fs::write(
-            &cred,
-            format!(
-                "supi = \"{COMPANION_SUPI}\"\nk = \"{COMPANION_K}\"\nopc = \"{COMPANION_OPC}\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let config = dir.join("gatewayd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"state_dir = "{state}"
-log_level = "info"
-drain_timeout = "2s"
-[devices]
-listen = "127.0.0.1:0"
-new_connections_per_ip = 0
-[cn]
-endpoint = "{cn}"
-server_name = "localhost"
-ca_file = "{ca}"
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-request_timeout = "3s"
-[companion]
-credential_file = "{cred}"
-[control]
-socket = "{sock}"
-[metrics]
-listen = "127.0.0.1:0"
-[filter]
-mode = "userspace"
-block_after_failures = 0
-{extra}
-"#,
-                state = dir.join("state").display(),
-                cn = cn.quic,
-                ca = cn.dir.join("ca.pem").display(),
-                cred = cred.display(),
-                sock = dir.join("control.sock").display(),
-            ),
-        )
-        .unwrap();
+        let mut toml = GatewayToml::new(dir, &cn.quic, &cn.dir.join("ca.pem"));
+        toml.top = "log_level = \"info\"\ndrain_timeout = \"2s\"";
+        toml.devices = "new_connections_per_ip = 0";
+        toml.cn = "reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\nrequest_timeout = \"3s\"";
+        let tables = format!("[filter]\nmode = \"userspace\"\nblock_after_failures = 0\n{extra}");
+        toml.tables = &tables;
         let mut gw = Gw {
             proc: None,
             dir: dir.to_path_buf(),
-            config,
+            config: toml.write().unwrap(),
             devices: String::new(),
             control: PathBuf::new(),
             metrics: String::new(),
@@ -284,29 +164,12 @@ block_after_failures = 0
     }
 
     fn spawn(&mut self) {
-        let ready = self.dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("gatewayd.log"))
-            .unwrap();
-        let mut child = Command::new(bin("gatewayd"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let v = wait_json(&ready, &mut child, "gatewayd");
-        self.devices = v["devices"].as_str().unwrap().to_string();
-        self.control = PathBuf::from(v["control"].as_str().unwrap());
-        self.metrics = v["metrics"].as_str().unwrap().to_string();
-        self.proc = Some(Proc(child));
+        let cmd = gateway::command(&bins(), &self.config, &self.dir.join("ready.json"), None);
+        let g = Gatewayd::start(&self.dir, cmd).unwrap();
+        self.devices = g.devices;
+        self.control = g.control;
+        self.metrics = g.metrics;
+        self.proc = Some(g.proc);
     }
 
     /// SIGKILL, then a new process on the same state directory and the same device port.
@@ -323,31 +186,28 @@ block_after_failures = 0
     }
 
     fn ctl(&self, args: &[&str]) -> Out {
-        Command::new(bin("gatewayctl"))
-            .arg("--socket")
-            .arg(&self.control)
-            .args(args)
-            .output()
-            .unwrap()
-            .into()
+        gateway::ctl(&bins(), &self.control, args).unwrap()
     }
 
     fn wait_cn_up(&self) {
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = self.ctl(&["status", "--json"]);
-            if out.code == 0 {
-                let v: Value = serde_json::from_str(&out.stdout).unwrap();
-                if v["cn_link"] == "up" {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < until,
-                "gatewayd's CN link is not up: {out:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        gateway::wait_cn(&self.control, "up", Duration::from_secs(20)).unwrap();
+    }
+}
+
+/// A temporary directory with a CN (the companion allowed what `policy` says: extra
+/// `subscriber add` flags) and a gateway on it (`gw_tables` appended to its configuration).
+fn stack(policy: &[&str], gw_tables: &str) -> (Scratch, Cn, Gw) {
+    let tmp = scratch();
+    let cn = Cn::start_new(&tmp.path().join("cn"), policy);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, gw_tables);
+    (tmp, cn, gw)
+}
+
+/// Fails unless the gateway's metrics `m` count no device giving up, for any reason.
+fn assert_no_giveups(m: &str) {
+    for reason in ["timeout", "error", "disconnected"] {
+        let name = format!("gatewayd_device_giveups_total{{reason=\"{reason}\"}}");
+        assert_eq!(series(m, &name), 0.0, "{m}");
     }
 }
 
@@ -420,9 +280,7 @@ fn now_unix() -> u64 {
 /// CN comes back is covered by `cn_killed_and_restarted_during_a_loadgen_run`.)
 #[test]
 fn whole_procedure_with_the_iotdev_cli() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, mut cn, gw) = stack(&["--max-children", "10"], "");
 
     // The device's factory configuration holds the operator CA: every credential must be
     // signed by the CN under it (PROTOCOL.md §9.1).
@@ -550,9 +408,7 @@ fn whole_procedure_with_the_iotdev_cli() {
 /// The parent's quota (max 1 child) reaches the second device as a clear, final error.
 #[test]
 fn quota_exhaustion_reaches_the_device() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "1"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, _cn, gw) = stack(&["--max-children", "1"], "");
     let first = paired_device(tmp.path(), &gw, "tag-1");
     let second = paired_device(tmp.path(), &gw, "tag-2");
     first.provision(&gw, &[]).ok();
@@ -571,15 +427,9 @@ fn quota_exhaustion_reaches_the_device() {
 /// again", and a new provisioning works.
 #[test]
 fn expiry_and_renewal_with_short_lifetimes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(
-        &tmp.path().join("cn"),
-        &["--max-children", "5", "--max-lifetime", "3"],
-    );
     // No pre-fetched renewals: the device renews itself.
-    let gw = Gw::start(
-        &tmp.path().join("gw"),
-        &cn,
+    let (tmp, _cn, gw) = stack(
+        &["--max-children", "5", "--max-lifetime", "3"],
         "[credentials]\nrenewal_margin = \"0s\"\n",
     );
     let dev = paired_device(tmp.path(), &gw, "meter-9");
@@ -627,12 +477,7 @@ fn expiry_and_renewal_with_short_lifetimes() {
 /// an attach from a visited network is refused (home works).
 #[test]
 fn roaming_is_refused_at_attach_when_the_parent_forbids_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(
-        &tmp.path().join("cn"),
-        &["--max-children", "5", "--roaming", "false"],
-    );
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "5", "--roaming", "false"], "");
     let dev = paired_device(tmp.path(), &gw, "car-3");
     dev.provision(&gw, &["--roaming"]).ok();
     assert_eq!(
@@ -651,9 +496,7 @@ fn roaming_is_refused_at_attach_when_the_parent_forbids_it() {
 /// device's attach fails with "revoked".
 #[test]
 fn revoking_the_parent_makes_every_child_attach_fail() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "10"], "");
     let devs: Vec<Dev> = (0..3)
         .map(|i| paired_device(tmp.path(), &gw, &format!("bulb-{i}")))
         .collect();
@@ -689,12 +532,11 @@ fn revoking_the_parent_makes_every_child_attach_fail() {
 /// exactly one child per device.
 #[test]
 fn cn_killed_and_restarted_during_a_loadgen_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "1000"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "[batching]\nmax_batch = 16\n");
+    let (tmp, mut cn, gw) = stack(&["--max-children", "1000"], "[batching]\nmax_batch = 16\n");
     let report = tmp.path().join("report.json");
     let devices = 300;
-    let mut lg = Proc(
+    let mut lg = spawn(
+        "loadgen",
         Command::new(bin("loadgen"))
             .args([
                 "provision",
@@ -715,11 +557,7 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
             ])
             .args(["--id-prefix", "kill"])
             .arg("--json")
-            .arg(&report)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(&report),
     );
     // Kill once the CN has issued some credentials, i.e. mid-run.
     let until = Instant::now() + Duration::from_secs(60);
@@ -728,10 +566,7 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
         if metric(&m, "cn_backend_credentials_issued_total") >= 40.0 {
             break;
         }
-        assert!(
-            lg.0.try_wait().unwrap().is_none(),
-            "loadgen ended before the kill"
-        );
+        assert!(lg.running(), "loadgen ended before the kill");
         assert!(Instant::now() < until, "the CN issued too little: {m}");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -741,21 +576,7 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
     std::thread::sleep(Duration::from_millis(300));
     cn.start();
 
-    let until = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(st) = lg.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < until, "loadgen did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stdout = String::new();
-    use std::io::Read;
-    lg.0.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
+    let (status, stdout) = finish(&mut lg, Duration::from_secs(120));
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     eprintln!("{stdout}");
     let results = r["results"].as_array().unwrap();
@@ -791,16 +612,7 @@ fn cn_killed_and_restarted_during_a_loadgen_run() {
         0.0,
         "the old session ended by idle timeout, not by a reset: {m}"
     );
-    for reason in ["timeout", "error", "disconnected"] {
-        assert_eq!(
-            series(
-                &m,
-                &format!("gatewayd_device_giveups_total{{reason=\"{reason}\"}}")
-            ),
-            0.0,
-            "{m}"
-        );
-    }
+    assert_no_giveups(&m);
 
     // No request was issued twice: one child per device at most; every device that succeeded
     // has exactly one; a device that ended with a retryable error may have one waiting at the
@@ -862,9 +674,7 @@ fn gateway_status(gw: &Gw) -> Value {
 /// paired are refused in the TLS handshake, each reported as `not_paired`, exit status 1.
 #[test]
 fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, _cn, gw) = stack(&["--max-children", "10"], "");
     let report = tmp.path().join("handshake.json");
     let out: Out = loadgen(&gw, &["handshake", "--devices", "40", "--concurrency", "8"])
         .args(["--id-prefix", "hs", "--json"])
@@ -919,13 +729,12 @@ fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
 /// the end, exits 0, removes its ready file, and the gateway sees every connection go.
 #[test]
 fn hold_keeps_devices_connected_until_sigterm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, _cn, gw) = stack(&["--max-children", "10"], "");
     let ready = tmp.path().join("hold-ready.json");
     let report = tmp.path().join("hold.json");
     let n = 60;
-    let mut lg = Proc(
+    let mut lg = spawn(
+        "loadgen",
         loadgen(
             &gw,
             &["hold", "--devices", &n.to_string(), "--concurrency", "16"],
@@ -933,13 +742,9 @@ fn hold_keeps_devices_connected_until_sigterm() {
         .args(["--id-prefix", "hold", "--keep-alive", "1", "--ready-file"])
         .arg(&ready)
         .arg("--json")
-        .arg(&report)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap(),
+        .arg(&report),
     );
-    let r = wait_json(&ready, &mut lg.0, "loadgen hold");
+    let r = wait_ready(&mut lg, &ready, Duration::from_secs(30)).unwrap();
     assert_eq!(r["connected"], n, "{r}");
     assert_eq!(r["failed"], 0, "{r}");
     // Held past a few keep-alive intervals: still all there, on both counts.
@@ -952,34 +757,10 @@ fn hold_keeps_devices_connected_until_sigterm() {
         f64::from(n),
         "{m}"
     );
-    assert!(
-        lg.0.try_wait().unwrap().is_none(),
-        "loadgen hold ended early"
-    );
+    assert!(lg.running(), "loadgen hold ended early");
 
-    let pid = lg.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let until = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = lg.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < until, "loadgen hold ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stdout = String::new();
-    use std::io::Read;
-    lg.0.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
+    lg.signal("-TERM").unwrap();
+    let (status, stdout) = finish(&mut lg, Duration::from_secs(20));
     assert!(status.success(), "{status}: {stdout}");
     let r = read_json(&report);
     assert_eq!(r["succeeded"], n, "{r}");
@@ -1010,13 +791,12 @@ fn hold_keeps_devices_connected_until_sigterm() {
 /// the same devices then provision at once through the restarted gateway.
 #[test]
 fn a_restarted_gateway_resets_its_held_devices_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "100"]);
-    let mut gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, _cn, mut gw) = stack(&["--max-children", "100"], "");
     let ready = tmp.path().join("hold-ready.json");
     let report = tmp.path().join("hold.json");
     let n = 20;
-    let mut lg = Proc(
+    let mut lg = spawn(
+        "loadgen",
         loadgen(
             &gw,
             &["hold", "--devices", &n.to_string(), "--concurrency", "10"],
@@ -1032,20 +812,12 @@ fn a_restarted_gateway_resets_its_held_devices_at_once() {
         .arg("--ready-file")
         .arg(&ready)
         .arg("--json")
-        .arg(&report)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap(),
+        .arg(&report),
     );
-    let r = wait_json(&ready, &mut lg.0, "loadgen hold");
+    let r = wait_ready(&mut lg, &ready, Duration::from_secs(30)).unwrap();
     assert_eq!(r["connected"], n, "{r}");
     gw.kill9_and_restart();
-    let until = Instant::now() + Duration::from_secs(30);
-    while lg.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < until, "loadgen hold did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    finish(&mut lg, Duration::from_secs(30));
     let r = read_json(&report);
     // Keep-alives every second, so within about a second of the restart each device sent a
     // packet and got the reset; the idle timeout (30 s) is far beyond the 6 s hold.
@@ -1085,11 +857,9 @@ fn a_restarted_gateway_resets_its_held_devices_at_once() {
 /// is counted at gatewayd.
 #[test]
 fn a_frozen_cn_never_makes_a_device_think_the_gateway_went_silent() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "10"]);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, "");
+    let (tmp, cn, gw) = stack(&["--max-children", "10"], "");
     let dev = paired_device(tmp.path(), &gw, "frozen-cn-watch");
-    let cn_pid = cn.proc.as_ref().unwrap().0.id().to_string();
+    let cn_pid = cn.proc.as_ref().unwrap().pid().to_string();
     let signal = |sig: &str| {
         assert!(
             Command::new("kill")
@@ -1128,16 +898,7 @@ fn a_frozen_cn_never_makes_a_device_think_the_gateway_went_silent() {
         series(&m, "gatewayd_pendings_sent_total") >= 2.0,
         "the device was not kept informed: {m}"
     );
-    for reason in ["timeout", "error", "disconnected"] {
-        assert_eq!(
-            series(
-                &m,
-                &format!("gatewayd_device_giveups_total{{reason=\"{reason}\"}}")
-            ),
-            0.0,
-            "{m}"
-        );
-    }
+    assert_no_giveups(&m);
     let shown = dev.show();
     assert!(
         shown["credential"]["supi"]

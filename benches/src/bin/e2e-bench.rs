@@ -1,5 +1,6 @@
 //! `e2e-bench`: the end-to-end benchmarks of issue #8 against the real release binaries, written
 //! as JSON and markdown (and SVG plots). Run through `scripts/bench.sh`; see docs/BENCHMARKS.md.
+#![warn(missing_docs)]
 
 use std::fmt::Write as _;
 use std::fs;
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use companion_benches::e2e::{self, Env, SuiteReport, harness::Bins};
+use companion_benches::e2e::{self, Env, SuiteReport};
 
 const SUITES: [&str; 5] = [
     "provisioning",
@@ -73,7 +74,7 @@ fn real_main() -> anyhow::Result<bool> {
             SUITES.join(", ")
         );
     }
-    let bins = Bins::new(&cli.bin_dir)?;
+    let bins = e2e::harness::release_bins(&cli.bin_dir)?;
     fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
     fs::create_dir_all(&cli.plots).with_context(|| format!("creating {}", cli.plots.display()))?;
     let work = tempfile::Builder::new()

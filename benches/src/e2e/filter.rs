@@ -39,6 +39,14 @@ use serde::Serialize;
 use super::harness::{self, Cn, Daemon, Gateway, GatewaySettings, gateway_status};
 use super::{Env, SuiteReport, Target, round};
 
+mod cpu;
+mod report;
+mod topology;
+
+use cpu::*;
+use report::*;
+use topology::*;
+
 /// The gateway's address on the veth and the QUIC port gatewayd listens on.
 const GW_ADDR: &str = "10.210.0.1";
 const PORT: u16 = 4433;
@@ -48,9 +56,6 @@ const SOURCES: std::ops::RangeInclusive<u8> = 10..=19;
 const MODES: [&str; 3] = ["xdp", "tc", "userspace"];
 /// The issue's target: XDP drops at least this many times more packets per CPU-second.
 const TARGET_RATIO: f64 = 10.0;
-/// `/proc/stat` and `/proc/<pid>/stat` count in USER_HZ ticks.
-const USER_HZ: f64 = 100.0;
-
 /// One filter mode under the flood.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeRun {
@@ -60,11 +65,15 @@ pub struct ModeRun {
     pub mode: String,
     /// Datagrams the flooder sent, and over how long.
     pub offered: u64,
+    /// Length of the flood, seconds.
     pub elapsed_s: f64,
+    /// Datagrams per second the flooder sent.
     pub offered_pps: f64,
     /// Datagrams the filter dropped (its counters, every drop reason).
     pub dropped: u64,
+    /// Datagrams per second the filter dropped.
     pub dropped_pps: f64,
+    /// Dropped as a share of sent, percent.
     pub dropped_pct_of_offered: f64,
     /// Datagrams the filter let through (0 expected: every datagram is a short Initial).
     pub passed: u64,
@@ -77,6 +86,7 @@ pub struct ModeRun {
     pub receive_side_saturated: bool,
     /// CPU seconds: the filter's own (BPF run time, or gatewayd's CPU in userspace).
     pub own_cpu_s: f64,
+    /// How the filter's own CPU was measured (BPF run time or gatewayd's CPU).
     pub own_cpu_measure: &'static str,
     /// The receive path: softirq time of the flooder's CPU + gatewayd's CPU time.
     pub rx_cpu_s: f64,
@@ -85,7 +95,9 @@ pub struct ModeRun {
     /// Machine-wide busy CPU seconds during the flood (all CPUs), the flooder's CPU time
     /// (including the softirq work run in its context) and the softirq time of its CPU.
     pub machine_busy_s: f64,
+    /// The flooder's CPU seconds (with the softirq work charged to it).
     pub flooder_cpu_s: f64,
+    /// Softirq seconds of the flooder's CPU.
     pub flooder_cpu_softirq_s: f64,
     /// Softirq time of all CPUs.
     pub softirq_s: f64,
@@ -97,13 +109,19 @@ pub struct ModeRun {
     pub bpf_run_cnt: Option<u64>,
     /// Derived: ns of CPU per dropped packet and dropped packets per CPU-second.
     pub own_ns_per_drop: f64,
+    /// Drops per CPU-second of the filter's own work.
     pub own_drops_per_cpu_s: f64,
+    /// Receive-path CPU nanoseconds per dropped datagram.
     pub rx_ns_per_drop: f64,
+    /// Drops per receive-path CPU-second (the figure the target judges).
     pub rx_drops_per_cpu_s: f64,
+    /// Machine-wide CPU nanoseconds per dropped datagram.
     pub machine_ns_per_drop: f64,
+    /// Drops per machine-wide CPU-second.
     pub machine_drops_per_cpu_s: f64,
 }
 
+/// Runs the filter suite (needs root).
 pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     ensure_root()?;
     for tool in ["ip", "taskset"] {
@@ -388,199 +406,6 @@ fn flood(env: &Env, topo: &Topology, secs: u64, pin: bool) -> anyhow::Result<ser
     })
 }
 
-fn report(
-    runs: &[ModeRun],
-    cpus: usize,
-    pin: bool,
-    secs: u64,
-    quick: bool,
-) -> anyhow::Result<SuiteReport> {
-    let find = |m: &str| runs.iter().find(|r| r.requested == m);
-    let xdp = find("xdp").ok_or_else(|| anyhow!("no XDP run"))?;
-    let user = find("userspace").ok_or_else(|| anyhow!("no userspace run"))?;
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-    let rx_ratio = ratio(xdp.rx_drops_per_cpu_s, user.rx_drops_per_cpu_s);
-    let machine_ratio = ratio(xdp.machine_drops_per_cpu_s, user.machine_drops_per_cpu_s);
-    let own_ratio = ratio(xdp.own_drops_per_cpu_s, user.own_drops_per_cpu_s);
-
-    let mut md = String::new();
-    md.push_str("### LAN filter: XDP and TC against the userspace fallback\n\n");
-    let _ = writeln!(
-        md,
-        "A {secs} s flood of 200-byte QUIC Initials (dropped by every mode, RFC 9000 §14.1) from 10 \
-         source addresses, `loadgen flood` as fast as it goes, from an attacker namespace over a \
-         veth pair into the namespace where gatewayd (and cn-backend) run; a fresh gatewayd per \
-         mode{}. CPU per dropped packet, three ways: *own*, the BPF program's run time \
-         (`kernel.bpf_stats_enabled`) for XDP/TC and gatewayd's CPU time for userspace; \
-         *receive path*, the softirq time of the flooder's CPU (where a veth's receiver runs: \
-         NAPI poll with native XDP, backlog with TC and the socket path) plus gatewayd's CPU time \
-         — the target's measure, as it charges every mode for everything the kernel and gatewayd \
-         do with the flood and is immune to unrelated work; *machine*, busy time of all {cpus} \
-         CPUs (`/proc/stat`) minus the flooder's sending (its CPU time minus its CPU's softirq, \
-         which tick accounting also charges to it), meaningful on an idle machine only.\n",
-        if pin {
-            "; the flooder is pinned to CPU 0, gatewayd to CPU 1"
-        } else {
-            " (one CPU, nothing pinned)"
-        }
-    );
-    md.push_str(
-        "| mode | offered pps | dropped pps | dropped % | lost in veth | lost at socket |\n\
-         |---|---:|---:|---:|---:|---:|\n",
-    );
-    for r in runs {
-        let _ = writeln!(
-            md,
-            "| {} | {:.0} | {:.0} | {:.1}% | {} | {} |",
-            r.mode,
-            r.offered_pps,
-            r.dropped_pps,
-            r.dropped_pct_of_offered,
-            r.lost_in_veth,
-            r.lost_at_socket,
-        );
-    }
-    md.push_str(
-        "\n| mode | own ns/drop | drops per own CPU-s | receive path ns/drop | drops per \
-         receive-path CPU-s | machine ns/drop | drops per machine CPU-s |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
-    );
-    for r in runs {
-        let _ = writeln!(
-            md,
-            "| {} | {:.0} | {} | {:.0} | {} | {:.0} | {} |",
-            r.mode,
-            r.own_ns_per_drop,
-            human(r.own_drops_per_cpu_s),
-            r.rx_ns_per_drop,
-            human(r.rx_drops_per_cpu_s),
-            r.machine_ns_per_drop,
-            human(r.machine_drops_per_cpu_s),
-        );
-    }
-    md.push('\n');
-    let _ = writeln!(
-        md,
-        "XDP vs userspace, drops per CPU-second: **{rx_ratio:.1}×** on the receive path, \
-         {own_ratio:.1}× on the filters' own CPU, {machine_ratio:.1}× machine-wide. Background \
-         load before the floods: {} cores busy.\n",
-        runs.iter()
-            .map(|r| format!("{:.2}", r.background_busy_cores))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    );
-    let busiest = runs
-        .iter()
-        .map(|r| r.background_busy_cores)
-        .fold(0.0, f64::max);
-    if busiest > 0.25 {
-        let _ = writeln!(
-            md,
-            "**The machine was not idle ({busiest:.2} cores busy before a flood): the machine-wide \
-             figures include that other work and do not mean much, and the other figures are \
-             provisional; rerun on a quiet machine.**\n"
-        );
-    }
-    let _ = write!(
-        md,
-        "The XDP program itself costs {:.0} ns per packet, but its receive path {:.0} ns per drop: \
-         on veth, native XDP gets skbs the sender already built and copies each into a page-pool \
-         page with XDP headroom before running the program (in a profile, `skb_pp_cow_data` is \
-         half of the veth's NAPI poll, the program under a tenth), whereas on a NIC driver it \
-         runs on the DMA buffer before any skb exists. ",
-        xdp.own_ns_per_drop, xdp.rx_ns_per_drop
-    );
-    if let Some(tc) = find("tc") {
-        let _ = write!(
-            md,
-            "TC ingress judges the skb after the veth's backlog ({:.0} ns per drop, {:.0} ns of it \
-             the program). ",
-            tc.rx_ns_per_drop, tc.own_ns_per_drop
-        );
-    }
-    let _ = write!(
-        md,
-        "The userspace fallback pays the whole UDP receive path (IP, socket lookup and buffer, \
-         wake-up, `recvmmsg` copy; {:.0} ns per drop, {:.0} ns of it in gatewayd) before judging a \
-         datagram, and judging itself is a few percent of gatewayd's profile",
-        user.rx_ns_per_drop, user.own_ns_per_drop
-    );
-    if user.lost_at_socket > 0 {
-        let _ = write!(
-            md,
-            "; its socket buffer overflowed for {:.1}% of the offered datagrams, lost after the \
-             kernel's receive work",
-            100.0 * user.lost_at_socket as f64 / user.offered.max(1) as f64
-        );
-    }
-    md.push_str(". ");
-    let saturated: Vec<&str> = runs
-        .iter()
-        .filter(|r| r.receive_side_saturated)
-        .map(|r| r.mode.as_str())
-        .collect();
-    if saturated.is_empty() {
-        md.push_str(
-            "No mode lost more than 1% before its filter: the flooder, which also runs the \
-             receive path on its CPU, bounded every drop rate, so the CPU per drop is the figure \
-             to compare.",
-        );
-    } else {
-        let _ = write!(
-            md,
-            "The receive side could not keep up with the flooder in: {}.",
-            saturated.join(", ")
-        );
-    }
-    md.push('\n');
-    if quick {
-        md.push_str("\n(quick mode: 2 s floods; figures are indicative only)\n");
-    }
-
-    let target = Target {
-        goal: format!(
-            "XDP filter drops ≥ {TARGET_RATIO:.0}× more packets per CPU-second than the userspace fallback"
-        ),
-        measured: format!(
-            "{rx_ratio:.1}× on receive-path CPU ({} vs {} drops per CPU-s, {}); own CPU (BPF run \
-             time vs gatewayd): {own_ratio:.1}× ({} vs {}); machine-wide: {machine_ratio:.1}×",
-            human(xdp.rx_drops_per_cpu_s),
-            human(user.rx_drops_per_cpu_s),
-            xdp.mode,
-            human(xdp.own_drops_per_cpu_s),
-            human(user.own_drops_per_cpu_s),
-        ),
-        holds: rx_ratio >= TARGET_RATIO,
-    };
-    let data = serde_json::json!({
-        "flood": {"pattern": "short-initial", "payload_bytes": 200, "sources": SOURCES.len(), "seconds": secs},
-        "cpus": cpus,
-        "pinned": pin,
-        "target_measure": "receive_path",
-        "xdp_vs_userspace_receive_path": round(rx_ratio, 2),
-        "xdp_vs_userspace_machine": round(machine_ratio, 2),
-        "xdp_vs_userspace_own": round(own_ratio, 2),
-        "runs": runs,
-    });
-    Ok(SuiteReport {
-        name: "filter",
-        data,
-        markdown: md,
-        targets: vec![target],
-    })
-}
-
-/// `12.3 M`, `456 k`.
-fn human(x: f64) -> String {
-    if x >= 1e6 {
-        format!("{:.1} M", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.0} k", x / 1e3)
-    } else {
-        format!("{x:.0}")
-    }
-}
-
 fn ensure_root() -> anyhow::Result<()> {
     let s = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let euid = s
@@ -595,293 +420,6 @@ fn ensure_root() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Online CPUs (`cpuN` lines of /proc/stat).
-fn online_cpus() -> anyhow::Result<usize> {
-    let s = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    Ok(s.lines()
-        .filter(|l| {
-            l.strip_prefix("cpu")
-                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
-        })
-        .count())
-}
-
-/// Ticks from `/proc/stat`.
-#[derive(Debug, Clone, Copy)]
-struct Ticks {
-    /// All CPUs: user + nice + system + irq + softirq (not idle, iowait, steal; guest is in
-    /// user).
-    busy: u64,
-    /// All CPUs' softirq.
-    softirq: u64,
-    /// The flooder's CPU's softirq (all CPUs' when it is not pinned).
-    flooder_softirq: u64,
-}
-
-fn busy_ticks(flooder_cpu: Option<usize>) -> anyhow::Result<Ticks> {
-    let s = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let fields = |name: &str| -> anyhow::Result<Vec<u64>> {
-        let line = s
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .ok_or_else(|| anyhow!("no {name} line in /proc/stat"))?;
-        let f: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .map(|x| x.parse().context("parsing /proc/stat"))
-            .collect::<anyhow::Result<_>>()?;
-        ensure!(f.len() >= 7, "unexpected /proc/stat line: {line}");
-        Ok(f)
-    };
-    // user nice system idle iowait irq softirq ...
-    let all = fields("cpu")?;
-    let flooder_softirq = match flooder_cpu {
-        Some(n) => fields(&format!("cpu{n}"))?[6],
-        None => all[6],
-    };
-    Ok(Ticks {
-        busy: all[0] + all[1] + all[2] + all[5] + all[6],
-        softirq: all[6],
-        flooder_softirq,
-    })
-}
-
-/// CPU ticks of this process's reaped children (cutime + cstime of /proc/self/stat).
-fn children_cpu() -> anyhow::Result<u64> {
-    let stat = fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("unexpected /proc/self/stat: {stat}"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the ')': field 3 is f[0], so cutime (16) is f[13] and cstime (17) f[14].
-    let tick = |i: usize| -> anyhow::Result<u64> {
-        f.get(i)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("unexpected /proc/self/stat: {stat}"))
-    };
-    Ok(tick(13)? + tick(14)?)
-}
-
-const PROG_TYPE_SCHED_CLS: u32 = 3;
-const PROG_TYPE_XDP: u32 = 6;
-
-#[derive(Debug, Clone, Copy, Default)]
-struct ProgStats {
-    run_time_ns: u64,
-    run_cnt: u64,
-}
-
-/// Run time and count of the BPF programs of type `prog_type` that process `pid` holds
-/// (fdinfo of its `anon_inode:bpf-prog` descriptors), summed.
-fn bpf_prog_stats(pid: u32, prog_type: u32) -> anyhow::Result<ProgStats> {
-    let fd_dir = format!("/proc/{pid}/fd");
-    let mut total = ProgStats::default();
-    let mut found = false;
-    for e in fs::read_dir(&fd_dir).with_context(|| format!("reading {fd_dir}"))? {
-        let e = e?;
-        let Ok(link) = fs::read_link(e.path()) else {
-            continue;
-        };
-        if link.as_os_str() != "anon_inode:bpf-prog" {
-            continue;
-        }
-        let info_path = format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy());
-        let Ok(info) = fs::read_to_string(&info_path) else {
-            continue;
-        };
-        let field = |k: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|r| r.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-        };
-        if field("prog_type") != Some(u64::from(prog_type)) {
-            continue;
-        }
-        let (Some(t), Some(n)) = (field("run_time_ns"), field("run_cnt")) else {
-            bail!("{info_path} has no run_time_ns/run_cnt (kernel without BPF stats?)");
-        };
-        total.run_time_ns += t;
-        total.run_cnt += n;
-        found = true;
-    }
-    ensure!(
-        found,
-        "gatewayd (pid {pid}) holds no BPF program of type {prog_type}"
-    );
-    Ok(total)
-}
-
-/// `kernel.bpf_stats_enabled` on while alive; the old value restored on drop.
-struct BpfStats {
-    old: String,
-}
-
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-impl BpfStats {
-    fn enable() -> anyhow::Result<Self> {
-        let old = fs::read_to_string(BPF_STATS)
-            .with_context(|| format!("reading {BPF_STATS}"))?
-            .trim()
-            .to_string();
-        fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
-        Ok(Self { old })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        if let Err(e) = fs::write(BPF_STATS, &self.old) {
-            eprintln!(
-                "filter suite: could not restore {BPF_STATS} to {}: {e}",
-                self.old
-            );
-        }
-    }
-}
-
-/// The two namespaces and the veth between them; removed on drop.
-struct Topology {
-    gw: String,
-    atk: String,
-    /// The gateway's end of the veth (the attacker's is `eth0`).
-    gw_if: String,
-    net: &'static str,
-}
-
-impl Topology {
-    fn create(tag: u32) -> anyhow::Result<Self> {
-        let t = Self {
-            gw: format!("bench{tag}fg"),
-            atk: format!("bench{tag}fa"),
-            gw_if: format!("bf{tag}"),
-            net: "10.210.0",
-        };
-        for n in [&t.gw, &t.atk] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", n])
-                .stderr(Stdio::null())
-                .status();
-        }
-        // From here on the guard removes whatever was created.
-        for n in [&t.gw, &t.atk] {
-            ip(&["netns", "add", n])?;
-            ip(&["-n", n, "link", "set", "lo", "up"])?;
-        }
-        let (gw_mac, atk_mac) = ("02:00:00:00:0b:01", "02:00:00:00:0b:02");
-        ip(&[
-            "-n", &t.gw, "link", "add", &t.gw_if, "address", gw_mac, "type", "veth", "peer",
-            "name", "eth0", "address", atk_mac, "netns", &t.atk,
-        ])?;
-        ip(&[
-            "-n",
-            &t.gw,
-            "addr",
-            "add",
-            &format!("{GW_ADDR}/24"),
-            "dev",
-            &t.gw_if,
-        ])?;
-        ip(&["-n", &t.gw, "link", "set", &t.gw_if, "up"])?;
-        ip(&["-n", &t.atk, "addr", "add", &t.addr_cidr(2), "dev", "eth0"])?;
-        for i in SOURCES {
-            ip(&["-n", &t.atk, "addr", "add", &t.addr_cidr(i), "dev", "eth0"])?;
-        }
-        ip(&["-n", &t.atk, "link", "set", "eth0", "up"])?;
-        // Static neighbours: no ARP in the measurement.
-        ip(&[
-            "-n",
-            &t.atk,
-            "neigh",
-            "replace",
-            GW_ADDR,
-            "lladdr",
-            gw_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
-        ip(&[
-            "-n",
-            &t.gw,
-            "neigh",
-            "replace",
-            &t.addr(2),
-            "lladdr",
-            atk_mac,
-            "dev",
-            &t.gw_if,
-            "nud",
-            "permanent",
-        ])?;
-        Ok(t)
-    }
-
-    fn addr(&self, host: u8) -> String {
-        format!("{}.{host}", self.net)
-    }
-
-    fn addr_cidr(&self, host: u8) -> String {
-        format!("{}.{host}/24", self.net)
-    }
-
-    /// Packets the veth dropped (both ends, rx + tx): NAPI ring or backlog full.
-    fn veth_drops(&self) -> anyhow::Result<u64> {
-        let mut total = 0;
-        for (ns, dev) in [(&self.gw, self.gw_if.as_str()), (&self.atk, "eth0")] {
-            let mut c = Command::new("ip");
-            c.args(["-n", ns, "-s", "-j", "link", "show", "dev", dev]);
-            let out = harness::run(c, "ip -s link show")?;
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).context("parsing `ip -j -s link show`")?;
-            let s = &v[0]["stats64"];
-            for dir in ["rx", "tx"] {
-                total += s[dir]["dropped"]
-                    .as_u64()
-                    .ok_or_else(|| anyhow!("no {dir} drop counter for {dev}: {v}"))?;
-            }
-        }
-        Ok(total)
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for n in [&self.gw, &self.atk] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", n])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let mut c = Command::new("ip");
-    c.args(args);
-    harness::run(c, &format!("ip {}", args.join(" "))).map(|_| ())
-}
-
-/// UDP `RcvbufErrors` in the namespace (datagrams lost at a full socket buffer).
-fn rcvbuf_errors(ns: &str) -> anyhow::Result<u64> {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, "cat", "/proc/net/snmp"]);
-    let out = harness::run(c, "reading /proc/net/snmp")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(head), Some(vals)) = (udp.next(), udp.next()) else {
-        bail!("no Udp lines in /proc/net/snmp");
-    };
-    head.split_whitespace()
-        .zip(vals.split_whitespace())
-        .find(|(k, _)| *k == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| anyhow!("no RcvbufErrors in /proc/net/snmp"))
 }
 
 fn counters(control: &str) -> anyhow::Result<serde_json::Value> {

@@ -22,6 +22,7 @@ use harness::Bins;
 /// What every suite gets.
 #[derive(Debug)]
 pub struct Env {
+    /// The binaries under test.
     pub bins: Bins,
     /// Scratch space for daemons' directories (removed after the run).
     pub work: PathBuf,
@@ -50,12 +51,14 @@ pub struct Target {
     pub goal: String,
     /// What was measured, e.g. "7.9× (1412/s vs 179/s)".
     pub measured: String,
+    /// Whether the measurement meets the goal.
     pub holds: bool,
 }
 
 /// One suite's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct SuiteReport {
+    /// The suite's name (`issuance`, `provisioning`, ...).
     pub name: &'static str,
     /// Raw figures.
     pub data: serde_json::Value,
@@ -63,6 +66,7 @@ pub struct SuiteReport {
     /// the stage.
     #[serde(skip)]
     pub markdown: String,
+    /// The targets the suite checks.
     pub targets: Vec<Target>,
 }
 

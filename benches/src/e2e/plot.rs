@@ -9,7 +9,9 @@ use plotters::prelude::*;
 /// One line: a label and its (x, y) points.
 #[derive(Debug, Clone)]
 pub struct Series {
+    /// The series' legend.
     pub label: String,
+    /// Its points, `(x, y)`.
     pub points: Vec<(f64, f64)>,
 }
 

@@ -8,8 +8,6 @@
 //! the machine's state.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -27,13 +25,21 @@ pub struct Run {
     pub mode: &'static str,
     /// Round-trip time added between gatewayd and cn-backend (0 = loopback).
     pub cn_rtt_ms: u64,
+    /// Devices in flight at once.
     pub concurrency: usize,
+    /// Devices in the run.
     pub devices: usize,
+    /// Devices that completed.
     pub succeeded: u64,
+    /// Devices that did not.
     pub failed: u64,
+    /// Length of the run, seconds.
     pub duration_s: f64,
+    /// Devices completed per second.
     pub throughput_per_s: f64,
+    /// Median device latency, milliseconds.
     pub p50_ms: f64,
+    /// 99th-percentile device latency, milliseconds.
     pub p99_ms: f64,
     /// Retries the devices needed (busy, CN unavailable...).
     pub retries: u64,
@@ -41,6 +47,7 @@ pub struct Run {
     pub mean_batch: Option<f64>,
     /// CPU seconds used by gatewayd and cn-backend during the run.
     pub gatewayd_cpu_s: f64,
+    /// CPU seconds cn-backend used during the run.
     pub cn_backend_cpu_s: f64,
 }
 
@@ -65,6 +72,7 @@ fn plan(quick: bool) -> Vec<(usize, usize)> {
     }
 }
 
+/// Runs the provisioning suite.
 pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     let mut runs = Vec::new();
     for (c, n) in plan(env.quick) {
@@ -123,24 +131,8 @@ fn one(
     } else {
         "provision"
     };
-    let args: Vec<String> = [
-        sub,
-        "--devices",
-        &n.to_string(),
-        "--concurrency",
-        &c.to_string(),
-        "--gateway",
-        &gw.devices()?,
-        "--control-socket",
-        &gw.control()?,
-        "--progress",
-        "never",
-        "--id-prefix",
-        &format!("b{c}{}{rtt_ms}", &mode[..2]),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let prefix = format!("b{c}{}{rtt_ms}", &mode[..2]);
+    let args = gw.loadgen_args(sub, n as u64, c as u64, &prefix, &[])?;
     let (gw_cpu0, cn_cpu0) = (gw.daemon.cpu()?, cn.daemon.cpu()?);
     let rep = loadgen_json(&env.bins, &dir, &args)?;
     let (gw_cpu, cn_cpu) = (
@@ -209,20 +201,10 @@ fn batch_mean(addr: &str) -> anyhow::Result<f64> {
 
 /// A minimal HTTP/1.0 GET (the daemons' metrics endpoints are plain HTTP on loopback).
 pub fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    let (head, rest) = body
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP response from {addr}"))?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "GET {path} from {addr}: {}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(rest.to_string())
+    let (status, body) = companion_testkit::http::get(addr, path)
+        .with_context(|| format!("GET {path} from {addr}"))?;
+    anyhow::ensure!(status == 200, "GET {path} from {addr}: status {status}");
+    Ok(body)
 }
 
 fn find<'a>(runs: &'a [Run], mode: &str, rtt: u64, c: usize) -> Option<&'a Run> {

@@ -62,26 +62,13 @@ fn loadgen_args(
     concurrency: u64,
     prefix: &str,
 ) -> anyhow::Result<Vec<String>> {
-    Ok([
+    gw.loadgen_args(
         "provision",
-        "--devices",
-        &devices.to_string(),
-        "--concurrency",
-        &concurrency.to_string(),
-        "--gateway",
-        &gw.devices()?,
-        "--control-socket",
-        &gw.control()?,
-        "--progress",
-        "never",
-        "--retry-for",
-        "300",
-        "--id-prefix",
+        devices,
+        concurrency,
         prefix,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect())
+        &["--retry-for", "300"],
+    )
 }
 
 /// The CN's `cn_backend_credentials_issued_total`, or `None` while it does not answer.
@@ -101,6 +88,7 @@ fn random_between(lo: Duration, hi: Duration) -> Duration {
     lo + Duration::from_millis(r % span)
 }
 
+/// Runs the recovery suite.
 pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     // Quick mode: fewer devices in flight, so the run lasts several batches and both kills land
     // inside it on any machine.

@@ -62,29 +62,42 @@ pub struct Startup {
 /// Median and maximum of a series of start-ups.
 #[derive(Debug, Clone, Serialize)]
 pub struct StartupSummary {
+    /// The state directory gatewayd started on (`fresh` or `populated`).
     pub state: &'static str,
+    /// Start-ups measured.
     pub runs: usize,
+    /// Median spawn-to-ready time, milliseconds.
     pub ready_median_ms: f64,
+    /// Longest spawn-to-ready time, milliseconds.
     pub ready_max_ms: f64,
+    /// Median spawn-to-CN-link-up time, milliseconds.
     pub cn_up_median_ms: f64,
+    /// Longest spawn-to-CN-link-up time, milliseconds.
     pub cn_up_max_ms: f64,
     /// Medians of the phases (see [`Startup`]).
     pub process_median_ms: f64,
+    /// Median time to open the state and the identity, milliseconds.
     pub state_identity_median_ms: f64,
+    /// Median time to the device port listening, milliseconds.
     pub device_port_median_ms: f64,
+    /// Median time to the control socket and metrics, milliseconds.
     pub control_metrics_median_ms: f64,
+    /// Every start-up.
     pub startups: Vec<Startup>,
 }
 
 /// gatewayd's memory with `devices` held connected.
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
+    /// Devices connected.
     pub devices: usize,
     /// Devices `loadgen hold` reported connected.
     pub connected: u64,
     /// gatewayd's own count of open device connections when the memory was read.
     pub gateway_connections: u64,
+    /// gatewayd's resident set size with them connected, KiB.
     pub rss_kib: u64,
+    /// gatewayd's peak resident set size, KiB.
     pub hwm_kib: u64,
     /// Of `rss_kib`, anonymous memory backed by transparent huge pages.
     pub anon_huge_kib: u64,
@@ -92,7 +105,9 @@ pub struct Memory {
     pub per_device_kib: Option<f64>,
     /// loadgen: time to connect every device, and their handshake latency.
     pub connect_s: f64,
+    /// Median connection time, milliseconds.
     pub connect_p50_ms: f64,
+    /// 99th-percentile connection time, milliseconds.
     pub connect_p99_ms: f64,
     /// loadgen's final report: connections still open when the hold ended.
     pub still_connected: u64,
@@ -106,6 +121,7 @@ fn plan(quick: bool) -> (Vec<usize>, usize) {
     }
 }
 
+/// Runs the resources suite.
 pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     let (levels, startups) = plan(env.quick);
     let root = env.scratch("resources")?;

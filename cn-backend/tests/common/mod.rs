@@ -5,15 +5,18 @@
     clippy::expect_used,
     clippy::panic,
     dead_code,
+    unused_imports,
     missing_debug_implementations
 )]
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use companion_testkit::{Bins, CnServer, Proc, Scratch, cn, scratch};
 
 use companion_crypto::hpke::{DeviceHpkeKey, SealedCredential, open_credential};
 use companion_crypto::secret::Key128;
@@ -24,31 +27,32 @@ use companion_proto::msg::{BatchItem, BatchProvision, ItemKind, ItemResult, KeyB
 use companion_proto::{DeviceId, RequestId, Supi};
 use companion_transport::cn_client::{ClientOptions, CnSession, CnTarget};
 use companion_transport::{Identity, OperatorCa};
-use tempfile::TempDir;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cn-backend");
 
 /// The binary under test: `CN_BACKEND_BIN` if set (to measure another build, e.g. the previous
 /// one for before/after figures of the security suite), else this crate's.
-pub fn bin() -> String {
-    std::env::var("CN_BACKEND_BIN").unwrap_or_else(|_| BIN.to_owned())
+pub fn bin() -> PathBuf {
+    bins().path("cn-backend")
 }
-pub const HOME_SNN: &str = "5G:mnc001.mcc001.3gppnetwork.org";
-pub const VISITED_SNN: &str = "5G:mnc002.mcc208.3gppnetwork.org";
-pub const K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
-pub const OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+
+/// The directory of this crate's binary (`CN_BACKEND_BIN` overrides the binary itself).
+pub fn bins() -> Bins {
+    Bins::new(Path::new(BIN).parent().unwrap())
+}
+pub use companion_testkit::{HOME_SNN, VISITED_SNN};
+pub const K: &str = companion_testkit::COMPANION_K;
+pub const OPC: &str = companion_testkit::COMPANION_OPC;
 
 /// An initialised data directory.
 pub struct Dir {
-    pub tmp: TempDir,
+    pub tmp: Scratch,
 }
 
 impl Dir {
     /// `cn-backend init` with a small child range and `extra_args`.
     fn init_with(extra_args: &[&str]) -> Dir {
-        let d = Dir {
-            tmp: tempfile::tempdir().unwrap(),
-        };
+        let d = Dir { tmp: scratch() };
         let mut args = vec![
             "init",
             "--imsi-start",
@@ -71,9 +75,7 @@ impl Dir {
     /// A copy of this directory (`cp -a`: same keys, configuration and, on SQLite, a copy of
     /// the database), as an operator provisions another host of a fleet.
     pub fn copy(&self) -> Dir {
-        let copy = Dir {
-            tmp: tempfile::tempdir().unwrap(),
-        };
+        let copy = Dir { tmp: scratch() };
         let st = Command::new("cp")
             .arg("-a")
             .arg(self.path())
@@ -149,6 +151,41 @@ impl Dir {
             .to_owned()
     }
 
+    /// Runs `cn-backend serve` (optionally with `--store url` and an environment variable) and
+    /// expects a non-zero exit with one line on stderr; returns that line and how long it took.
+    pub fn serve_fails(
+        &self,
+        store: Option<&str>,
+        env: Option<(&str, &str)>,
+    ) -> (String, Duration) {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--dir").arg(self.path());
+        if let Some(u) = store {
+            cmd.args(["--store", u]);
+        }
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let t0 = std::time::Instant::now();
+        let out = cmd
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let took = t0.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        (lines[0].to_owned(), took)
+    }
+
     /// Starts `cn-backend serve` on loopback and waits for its ready file.
     pub fn serve(&self) -> Server {
         let ready = self.tmp.path().join(format!(
@@ -158,51 +195,23 @@ impl Dir {
                 .unwrap()
                 .as_nanos()
         ));
-        let log = std::fs::File::create(self.tmp.path().join("serve.log")).unwrap();
-        let child = Command::new(bin())
-            .arg("--dir")
-            .arg(self.path())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--ready-file",
-            ])
-            .arg(&ready)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut server = Server {
-            child,
-            quic: "127.0.0.1:0".parse().unwrap(),
-            http: "127.0.0.1:0".parse().unwrap(),
+        let mut cmd = cn::serve_command(&bins(), &self.path(), "127.0.0.1:0", &ready, None);
+        cmd.env("RUST_LOG", "info");
+        let log = self.tmp.path().join("serve.log");
+        let s = CnServer::start(&self.path(), cmd, &ready, &log).unwrap();
+        Server {
+            quic: s.quic.parse().unwrap(),
+            http: s.http.parse().unwrap(),
+            proc: s.proc,
             anchor: self.trust_anchor(),
-            log: self.tmp.path().join("serve.log"),
-        };
-        let t0 = Instant::now();
-        loop {
-            if let Ok(s) = std::fs::read_to_string(&ready) {
-                let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-                server.quic = v["quic"].as_str().unwrap().parse().unwrap();
-                server.http = v["http"].as_str().unwrap().parse().unwrap();
-                return server;
-            }
-            if let Ok(Some(st)) = server.child.try_wait() {
-                panic!("cn-backend serve exited with {st}: {}", server.log_text());
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "no ready file");
-            std::thread::sleep(Duration::from_millis(20));
+            log,
         }
     }
 }
 
 /// A running `cn-backend serve`; SIGKILLed on drop if still running.
 pub struct Server {
-    pub child: Child,
+    pub proc: Proc,
     pub quic: SocketAddr,
     pub http: SocketAddr,
     pub anchor: rustls::pki_types::CertificateDer<'static>,
@@ -220,30 +229,18 @@ impl Server {
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log_text()
     }
 
     /// SIGKILL, now.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill9();
     }
 
     /// SIGTERM and wait; returns whether it exited 0.
     pub fn terminate(&mut self) -> bool {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let t0 = Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.success();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "no exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let st = self.proc.terminate(Duration::from_secs(20)).unwrap();
+        st.expect("no exit after SIGTERM").success()
     }
 
     /// A raw HTTP/1.1 request; returns (status, body).
@@ -285,14 +282,6 @@ impl Server {
             st,
             serde_json::from_str(&b[start..end]).unwrap_or(serde_json::Value::Null),
         )
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill9();
-        }
     }
 }
 
@@ -430,6 +419,18 @@ pub async fn one(s: &CnSession, id: u64, item: BatchItem) -> ItemResult {
         .await
         .unwrap();
     r.items.into_iter().next().unwrap()
+}
+
+/// [`one`], which must be issued (the failure names the CN's reason).
+pub async fn issued_one(s: &CnSession, id: u64, item: BatchItem) -> ItemResult {
+    let r = one(s, id, item).await;
+    assert_eq!(
+        r.outcome,
+        companion_proto::msg::Outcome::Issued,
+        "{:?}",
+        r.reason
+    );
+    r
 }
 
 /// The device's USIM built from its bundle.

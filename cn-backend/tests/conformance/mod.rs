@@ -100,6 +100,21 @@ pub fn policy(max_children: u32) -> ParentPolicy {
     }
 }
 
+/// `ops::add_parent` of `supi` with all-zero keys and one child allowed (for the refusals).
+pub fn add_zero_key_parent<S: Store + ?Sized>(store: &S, supi: Supi) -> Result<(), StoreError> {
+    let parent = NewParent {
+        supi,
+        keys: SubscriberKeys {
+            k: Key128::from_bytes([0; 16]),
+            opc: Key128::from_bytes([0; 16]),
+        },
+        amf: Amf::DEFAULT,
+        sqn: Sqn::ZERO,
+        policy: policy(1),
+    };
+    ops::add_parent(store, &parent, "test", T0)
+}
+
 pub fn add_parent<S: Store + ?Sized>(store: &S, n: u64, max_children: u32) -> Supi {
     let s = supi(n);
     let byte = u8::try_from(n % 251).unwrap();
@@ -167,6 +182,31 @@ pub fn batch(parent: &Supi, now: Timestamp, items: Vec<BatchItem>) -> Batch {
     }
 }
 
+/// A batch of provisioning `items` for `parent` at `now`: their outcomes.
+pub fn provision<S: Store + ?Sized>(
+    store: &S,
+    parent: &Supi,
+    now: Timestamp,
+    items: Vec<ProvisionItem>,
+) -> Vec<ItemOutcome> {
+    let items = items.into_iter().map(BatchItem::Provision).collect();
+    issue(store, &batch(parent, now, items))
+}
+
+/// One provisioning item (device `device`, request `req`) for `parent` at `now`: its outcome.
+pub fn provision_one<S: Store + ?Sized>(
+    store: &S,
+    parent: &Supi,
+    now: Timestamp,
+    device: &str,
+    req: u8,
+) -> Vec<ItemOutcome> {
+    issue(
+        store,
+        &batch(parent, now, vec![BatchItem::Provision(prov(device, req))]),
+    )
+}
+
 pub fn issue<S: Store + ?Sized>(store: &S, b: &Batch) -> Vec<ItemOutcome> {
     ops::issue_batch(store, &cfg(), b, &sealer()).unwrap()
 }
@@ -186,21 +226,7 @@ pub fn parents_add_list_policy<S: Store + ?Sized>(store: &S) {
     for n in [3, 1, 2] {
         add_parent(store, n, 5);
     }
-    let dup = ops::add_parent(
-        store,
-        &NewParent {
-            supi: supi(1),
-            keys: SubscriberKeys {
-                k: Key128::from_bytes([0; 16]),
-                opc: Key128::from_bytes([0; 16]),
-            },
-            amf: Amf::DEFAULT,
-            sqn: Sqn::ZERO,
-            policy: policy(1),
-        },
-        "test",
-        T0,
-    );
+    let dup = add_zero_key_parent(store, supi(1));
     assert!(matches!(dup, Err(StoreError::Duplicate(s)) if s == supi(1)));
     assert_eq!(store.count_parents().unwrap(), 3);
     let page1 = store.list_parents(None, 2).unwrap();
@@ -259,6 +285,53 @@ pub fn secrets_round_trip<S: Store + ?Sized>(store: &S) {
     assert_eq!(m.amf, Amf([0x80, 0x00]));
 }
 
+/// A credential issued before the store is closed is there after `open` opens it again: the
+/// same request is answered `AlreadyIssued` with the same sealed bundle. The reopened store.
+pub fn reopen_keeps_issued<S: Store>(open: impl Fn() -> S) -> S {
+    let request = |p: &Supi| batch(p, T0, vec![BatchItem::Provision(prov("w", 1))]);
+    let sealed = {
+        let store = open();
+        let p = add_parent(&store, 1, 2);
+        match &issue(&store, &request(&p))[0] {
+            ItemOutcome::Issued { sealed, .. } => sealed.clone(),
+            o => panic!("{o:?}"),
+        }
+    };
+    let store = open();
+    let out = issue(&store, &request(&supi(1)));
+    assert!(matches!(&out[0], ItemOutcome::AlreadyIssued { sealed: s, .. } if *s == sealed));
+    store
+}
+
+/// Nine threads on three stores (three connections, as three processes would have) each ask
+/// for four credentials of one parent allowed ten; the parent and every outcome.
+pub fn race_for_quota<S: Store + Sync>(stores: &[S; 3]) -> (Supi, Vec<ItemOutcome>) {
+    let p = add_parent(&stores[0], 1, 10);
+    let outcomes = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..9u8)
+            .map(|t| {
+                let store = &stores[usize::from(t % 3)];
+                let p = &p;
+                s.spawn(move || {
+                    let items = (0..4u8)
+                        .map(|i| {
+                            let mut it = prov(&format!("d{t}-{i}"), t);
+                            it.request_id.0[1] = i;
+                            BatchItem::Provision(it)
+                        })
+                        .collect();
+                    ops::issue_batch(store, &cfg(), &batch(p, T0, items), &sealer()).unwrap()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    (p, outcomes)
+}
+
 pub fn issue_narrows_and_seals<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 5);
     let mut item = prov("watch-1", 1);
@@ -268,17 +341,7 @@ pub fn issue_narrows_and_seals<S: Store + ?Sized>(store: &S) {
         dnns: vec![dnn("ims")],
         max_bitrate_kbps: Some(5000),
     };
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(item),
-                BatchItem::Provision(prov("watch-2", 2)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![item, prov("watch-2", 2)]);
     assert_eq!(out.len(), 2);
     let (c1, sealed1) = issued(&out[0]);
     let (c2, _) = issued(&out[1]);
@@ -371,17 +434,7 @@ pub fn idempotent_replay<S: Store + ?Sized>(store: &S) {
     }
     assert_eq!(store.children_of(&p).unwrap().len(), 1);
     // A duplicate inside the first batch is a replay too.
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(prov("cam", 2)),
-                BatchItem::Provision(prov("cam", 2)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![prov("cam", 2), prov("cam", 2)]);
     let (c, s) = issued(&out[0]);
     assert!(
         matches!(&out[1], ItemOutcome::AlreadyIssued { child, sealed, .. } if child == c && sealed.as_slice() == s)
@@ -396,10 +449,7 @@ pub fn idempotent_replay<S: Store + ?Sized>(store: &S) {
     );
     // Same request ID for another device is a different request (and here over quota).
     assert_eq!(
-        issue(
-            store,
-            &batch(&p, T0, vec![BatchItem::Provision(prov("lamp", 1))])
-        )[0],
+        provision_one(store, &p, T0, "lamp", 1)[0],
         ItemOutcome::QuotaExhausted { limit: 2 }
     );
 }
@@ -408,18 +458,7 @@ pub fn quota_counts_active_unexpired<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 2);
     let mut short = prov("a", 1);
     short.params.lifetime_s = Some(10);
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(short),
-                BatchItem::Provision(prov("b", 2)),
-                BatchItem::Provision(prov("c", 3)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![short, prov("b", 2), prov("c", 3)]);
     issued(&out[0]);
     issued(&out[1]);
     assert_eq!(out[2], ItemOutcome::QuotaExhausted { limit: 2 });
@@ -427,25 +466,16 @@ pub fn quota_counts_active_unexpired<S: Store + ?Sized>(store: &S) {
     // After the short one expires a slot is free again.
     let later = T0.plus_secs(10);
     assert_eq!(store.count_active_children(&p, later).unwrap(), 1);
-    let out = issue(
-        store,
-        &batch(&p, later, vec![BatchItem::Provision(prov("c", 3))]),
-    );
+    let out = provision_one(store, &p, later, "c", 3);
     let (c, _) = issued(&out[0]);
     // Revoking frees a slot.
     assert!(ops::revoke_child(store, &c.supi, "op", later).unwrap());
-    let out = issue(
-        store,
-        &batch(&p, later, vec![BatchItem::Provision(prov("d", 4))]),
-    );
+    let out = provision_one(store, &p, later, "d", 4);
     issued(&out[0]);
     // Zero quota.
     let z = add_parent(store, 2, 0);
     assert_eq!(
-        issue(
-            store,
-            &batch(&z, T0, vec![BatchItem::Provision(prov("a", 1))])
-        )[0],
+        provision_one(store, &z, T0, "a", 1)[0],
         ItemOutcome::QuotaExhausted { limit: 0 }
     );
 }
@@ -473,10 +503,7 @@ pub fn policy_denials<S: Store + ?Sized>(store: &S) {
     );
     assert!(store.children_of(&p).unwrap().is_empty());
     // The refused request IDs are not burnt: fixing the request works.
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "a", 1);
     issued(&out[0]);
 }
 
@@ -484,40 +511,16 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 2);
     let mut bad = prov("a", 1);
     bad.recipient = b"bad".to_vec();
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(bad),
-                BatchItem::Provision(prov("b", 2)),
-                BatchItem::Provision(prov("c", 3)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![bad, prov("b", 2), prov("c", 3)]);
     assert!(matches!(&out[0], ItemOutcome::Invalid(Invalid::Seal(m)) if m == "bad recipient key"));
     // The failed item took no SUPI: the store holds exactly the two issued children.
     assert_eq!(store.children_of(&p).unwrap().len(), 2);
-    let more = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("d", 4))]),
-    );
+    let more = provision_one(store, &p, T0, "d", 4);
     assert!(matches!(more[0], ItemOutcome::QuotaExhausted { limit: 2 }));
     let mut bad = prov("e", 5);
     bad.recipient = b"bad".to_vec();
     ops::revoke_child(store, &issued(&out[1]).0.supi, "test", T0).unwrap();
-    let more = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(bad),
-                BatchItem::Provision(prov("d", 4)),
-            ],
-        ),
-    );
+    let more = provision(store, &p, T0, vec![bad, prov("d", 4)]);
     assert!(matches!(&more[0], ItemOutcome::Invalid(Invalid::Seal(_))));
     issued(&more[1]);
     // Three children in all (one revoked): the second failed seal took nothing either.
@@ -526,10 +529,7 @@ pub fn seal_failure_is_per_item<S: Store + ?Sized>(store: &S) {
 
 pub fn renewal<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 5);
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "w", 1);
     let (child, _) = issued(&out[0]);
     let k_before = ops::aka_vector(store, &child.supi).unwrap().keys.k;
 
@@ -645,10 +645,7 @@ pub fn renewal<S: Store + ?Sized>(store: &S) {
 
 pub fn revoke_child<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 5);
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "w", 1);
     let (child, _) = issued(&out[0]);
     assert!(ops::revoke_child(store, &child.supi, "op", T0.plus_secs(1)).unwrap());
     assert!(!ops::revoke_child(store, &child.supi, "op", T0.plus_secs(2)).unwrap());
@@ -661,10 +658,7 @@ pub fn revoke_child<S: Store + ?Sized>(store: &S) {
     ));
     // A replay of the provisioning request still answers with the stored credential, whose
     // status now shows it is revoked.
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("w", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "w", 1);
     assert!(
         matches!(&out[0], ItemOutcome::AlreadyIssued { child, .. } if child.status == ChildStatus::Revoked)
     );
@@ -673,24 +667,11 @@ pub fn revoke_child<S: Store + ?Sized>(store: &S) {
 pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
     let p = add_parent(store, 1, 5);
     let other = add_parent(store, 2, 5);
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(prov("a", 1)),
-                BatchItem::Provision(prov("b", 2)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![prov("a", 1), prov("b", 2)]);
     let mut kids: Vec<Supi> = out.iter().map(|o| issued(o).0.supi.clone()).collect();
     // Cascades report children in SUPI order; random SUPIs come in any order.
     kids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    let out = issue(
-        store,
-        &batch(&other, T0, vec![BatchItem::Provision(prov("x", 1))]),
-    );
+    let out = provision_one(store, &other, T0, "x", 1);
     let other_kid = issued(&out[0]).0.supi.clone();
 
     let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Suspended, "op", T0).unwrap();
@@ -708,17 +689,7 @@ pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
     );
     assert_eq!(store.count_active_children(&p, T0).unwrap(), 0);
     // A suspended parent gets nothing, replays included.
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(prov("a", 1)),
-                BatchItem::Provision(prov("c", 3)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![prov("a", 1), prov("c", 3)]);
     assert!(
         out.iter()
             .all(|o| *o == ItemOutcome::ParentInactive(SubscriptionStatus::Suspended))
@@ -732,10 +703,7 @@ pub fn parent_lifecycle_cascades<S: Store + ?Sized>(store: &S) {
         store.child(&kids[0]).unwrap().unwrap().status,
         ChildStatus::Revoked
     );
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("c", 3))]),
-    );
+    let out = provision_one(store, &p, T0, "c", 3);
     let new_kid = issued(&out[0]).0.supi.clone();
     // Revoke: terminal, cascades.
     let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Revoked, "op", T0).unwrap();
@@ -883,21 +851,7 @@ pub fn supi_allocation_skips_taken<S: Store + ?Sized>(store: &S) {
     ));
     assert_eq!(store.children_of(&p).unwrap().len(), 3);
     // Importing a parent over an existing child SUPI is refused.
-    let dup = ops::add_parent(
-        store,
-        &NewParent {
-            supi: supi(9_000_000_000),
-            keys: SubscriberKeys {
-                k: Key128::from_bytes([0; 16]),
-                opc: Key128::from_bytes([0; 16]),
-            },
-            amf: Amf::DEFAULT,
-            sqn: Sqn::ZERO,
-            policy: policy(1),
-        },
-        "test",
-        T0,
-    );
+    let dup = add_zero_key_parent(store, supi(9_000_000_000));
     assert!(matches!(dup, Err(StoreError::Duplicate(_))));
 }
 
@@ -990,10 +944,7 @@ pub fn sqn_advances_and_resyncs<S: Store + ?Sized>(store: &S) {
         sqn_after_resync(sqn_ms)
     );
     // Children have their own SQN.
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
-    );
+    let out = provision_one(store, &p, T0, "a", 1);
     let c = issued(&out[0]).0.supi.clone();
     assert_eq!(ops::aka_vector(store, &c).unwrap().sqn, next_sqn(Sqn::ZERO));
     assert!(matches!(
@@ -1401,37 +1352,21 @@ pub fn sync_outbox_follows_lifecycle<S: Store + ?Sized>(store: &S) {
     };
     let p = add_parent(store, 1, 5);
     assert!(!store.sync_outbox());
-    let out = issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("off", 9))]),
-    );
+    let out = provision_one(store, &p, T0, "off", 9);
     let untracked = issued(&out[0]).0.supi.clone();
     assert!(pending(store).is_empty(), "outbox off: nothing recorded");
     assert_eq!(store.sync_state(&untracked).unwrap(), None);
 
     store.set_sync_outbox(true);
     assert!(store.sync_outbox());
-    let out = issue(
-        store,
-        &batch(
-            &p,
-            T0,
-            vec![
-                BatchItem::Provision(prov("a", 1)),
-                BatchItem::Provision(prov("b", 2)),
-            ],
-        ),
-    );
+    let out = provision(store, &p, T0, vec![prov("a", 1), prov("b", 2)]);
     let a = issued(&out[0]).0.clone();
     let b = issued(&out[1]).0.clone();
     let rows = pending(store);
     assert_eq!(rows.len(), 2);
     assert!(rows.contains(&(a.supi.clone(), T0)) && rows.contains(&(b.supi.clone(), T0)));
     // A replay commits nothing new, so it records nothing.
-    issue(
-        store,
-        &batch(&p, T0, vec![BatchItem::Provision(prov("a", 1))]),
-    );
+    provision_one(store, &p, T0, "a", 1);
     assert_eq!(pending(store).len(), 2);
     let backlog = store.sync_backlog().unwrap();
     assert_eq!((backlog.pending, backlog.oldest), (2, Some(T0)));
@@ -1515,10 +1450,7 @@ pub fn sync_outbox_follows_lifecycle<S: Store + ?Sized>(store: &S) {
     let t2 = T0.plus_secs(20);
     assert!(ops::revoke_child(store, &a.supi, "op", t2).unwrap());
     assert_eq!(pending(store), vec![(a.supi.clone(), t2)]);
-    let out = issue(
-        store,
-        &batch(&p, t2, vec![BatchItem::Provision(prov("c", 3))]),
-    );
+    let out = provision_one(store, &p, t2, "c", 3);
     let c = issued(&out[0]).0.clone();
     let ch = ops::set_parent_status(store, &p, SubscriptionStatus::Suspended, "op", t2).unwrap();
     assert!(ch.revoked_children.contains(&c.supi));

@@ -19,10 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn strict() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-        || std::env::var("DEPLOY_TESTS_STRICT").is_ok_and(|v| v == "1")
-}
+use companion_testkit::strict;
 
 /// The `nx-27017` program: `NX_27017`, else the venv `scripts/setup.sh` makes.
 fn program() -> Option<PathBuf> {

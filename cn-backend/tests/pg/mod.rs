@@ -19,6 +19,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use companion_testkit::strict;
+
 /// The running server of this test binary.
 pub struct PgServer {
     /// The temporary directory: `data/`, the socket, `log`.
@@ -36,11 +38,6 @@ pub struct PgServer {
 pub struct TlsFiles {
     pub cert_pem: String,
     pub key_pem: String,
-}
-
-fn strict() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-        || std::env::var("DEPLOY_TESTS_STRICT").is_ok_and(|v| v == "1")
 }
 
 /// The directory with `initdb` and `pg_ctl`: `PG_BIN_DIR`, else the newest

@@ -1,97 +1,67 @@
-//! Process harness shared by the integration tests that start the real binaries
-//! (`e2e.rs`, `netns.rs`).
+//! What gatewayd's process suites (`e2e.rs`, `netns.rs`, `failover.rs`) share on top of
+//! `companion-testkit`: the binaries of this target directory, a CN data directory with the
+//! companion subscription, and the gateway configuration every suite starts from.
 // Each test crate uses a different subset.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// The companion's own subscription: TS 35.208 test set 1 keys.
-pub const COMPANION_SUPI: &str = "imsi-001010000000001";
-pub const COMPANION_K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
-pub const COMPANION_OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+pub use companion_testkit::{
+    Bins, COMPANION_K, COMPANION_OPC, COMPANION_SUPI, GatewayToml, Gatewayd, Proc, http, scratch,
+    wait_until,
+};
+use companion_testkit::{cn, gateway};
 
-/// A workspace binary in `target/debug` (`scripts/test.sh` builds them all first), or the path in
-/// `$<NAME>_BIN` (e.g. `CN_BACKEND_BIN`).
+/// The workspace binaries of this test's target directory (`GATEWAYD_BIN`, `CN_BACKEND_BIN`
+/// and the like name another build of one of them).
+pub fn bins() -> Bins {
+    Bins::of_test("GATEWAYD_TESTS_BIN_DIR")
+}
+
+/// A workspace binary (panics with the command that builds it when missing).
 pub fn bin(name: &str) -> PathBuf {
-    let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
-    if let Some(p) = std::env::var_os(&var) {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/debug")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} not found: run `cargo build --workspace --bins` first (or set {var})",
-        p.display()
-    );
-    p
-}
-
-/// A process killed when dropped (also when the test panics).
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits up to 30 s for a daemon's ready file; fails early (with `log`'s text) if it exits.
-pub fn wait_json(
-    path: &Path,
-    child: &mut Child,
-    what: &str,
-    log: Option<&Path>,
-) -> serde_json::Value {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(t) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&t)
-        {
-            return v;
-        }
-        if let Ok(Some(s)) = child.try_wait() {
-            let log = log
-                .and_then(|l| std::fs::read_to_string(l).ok())
-                .unwrap_or_default();
-            panic!("{what} exited before it was ready: {s}\n{log}");
-        }
-        assert!(Instant::now() < until, "{what} not ready after 30 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    companion_testkit::bin(name)
 }
 
 /// `cn-backend init` in `dir` with the companion's subscription allowed `max_children` children.
 pub fn init_cn_dir(dir: &Path, max_children: u32) {
-    let cn = bin("cn-backend");
-    let run = |args: &[&str]| {
-        let out = Command::new(&cn)
-            .arg("--dir")
-            .arg(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cn-backend {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["init", "--mcc", "001", "--mnc", "01"]);
-    run(&[
-        "subscriber",
-        "add",
-        "--supi",
-        COMPANION_SUPI,
-        "--k",
-        COMPANION_K,
-        "--opc",
-        COMPANION_OPC,
-        "--max-children",
-        &max_children.to_string(),
-    ]);
+    cn::init_with_companion(&bins(), dir, max_children.into()).unwrap();
+}
+
+/// The configuration the suites start from: logs at info (gatewayd's own at `gatewayd_log`),
+/// reconnects between 100 ms and 500 ms, no per-source connection rate limit.
+pub fn gw_toml<'a>(dir: &'a Path, cn_quic: &str, cn_dir: &Path) -> GatewayToml<'a> {
+    let mut t = GatewayToml::new(dir, cn_quic, &cn_dir.join("ca.pem"));
+    t.top = "log_level = \"info,gatewayd=debug\"\ndrain_timeout = \"5s\"";
+    t.cn = "reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\nrequest_timeout = \"3s\"";
+    t
+}
+
+/// Starts gatewayd on `toml` (inside network namespace `netns` when given), with `env` added.
+pub fn spawn_gw(toml: &GatewayToml, netns: Option<&str>, env: &[(String, String)]) -> Gatewayd {
+    let config = toml.write().unwrap();
+    let mut c = gateway::command(&bins(), &config, &toml.dir.join("ready.json"), netns);
+    c.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Gatewayd::start(toml.dir, c).unwrap()
+}
+
+/// `gatewayctl status --json` on `control`.
+pub fn ctl_status(control: &Path) -> serde_json::Value {
+    let out = gateway::ctl(&bins(), control, &["status", "--json"]).unwrap();
+    assert!(out.success(), "{}", out.stderr);
+    out.json()
+}
+
+/// Waits up to `limit` for the CN link of the gateway on `control` to be `want`.
+pub fn wait_cn(control: &Path, want: &str, limit: Duration) {
+    wait_until(&format!("the CN link {want}"), limit, || {
+        ctl_status(control)["cn_link"] == want
+    });
 }
