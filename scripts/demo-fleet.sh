@@ -21,45 +21,20 @@ DEVICES=${DEVICES:-2000}
 CONCURRENCY=${CONCURRENCY:-256}
 PROFILE=${PROFILE:-release}
 KILL_AT=${KILL_AT:-25}
-COMPANION_SUPI=imsi-001010000000001
-# TS 35.208 test set 1: the companion UE's (the router's) own 3GPP credential in this demo.
-COMPANION_K=465b5ce8b199b49faa5f0a2ee238a6bc
-COMPANION_OPC=cd63cb71954a9f4e48a5994e37a02baf
-
-say() { printf '\033[1;34mfleet:\033[0m %s\n' "$*" >&2; }
-die() { printf '\033[1;31mfleet: %s\033[0m\n' "$*" >&2; exit 1; }
-
-command -v cargo >/dev/null || [ ! -f "$HOME/.cargo/env" ] || . "$HOME/.cargo/env"
-command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then run this again"
+DEMO=fleet
+. scripts/lib/demo.sh
+need_cargo
 bash scripts/setup.sh --build
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 if [ -z "$(pg_bin)" ] || [ ! -x "$(pg_bin)/initdb" ]; then
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    say "apt-get install postgresql (server binaries only; its own cluster is not started)"
-    apt-get update -qq
-    rc_d_added=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-      rc_d_added=1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
-    if [ "$rc_d_added" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
-  else
-    die "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin: install Debian's postgresql package (sudo apt-get install postgresql, or sudo scripts/setup.sh)"
-  fi
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && bash scripts/setup.sh --postgres
+  [ -n "$(pg_bin)" ] && [ -x "$(pg_bin)/initdb" ] ||
+    die "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin: install Debian's postgresql package (sudo apt-get install postgresql, or sudo scripts/setup.sh --postgres)"
 fi
 PG=$(pg_bin)
 
-say "building cn-backend, gatewayd, loadgen ($PROFILE)"
-if [ "$PROFILE" = release ]; then
-  cargo build --release --locked -p cn-backend -p gatewayd -p loadgen
-  BIN=target/release
-else
-  cargo build --locked -p cn-backend -p gatewayd -p loadgen
-  BIN=target/debug
-fi
-BIN=$(cd "$BIN" && pwd)
+build_bins cn-backend gatewayd loadgen
 
 # Under /tmp, not TMPDIR: the socket path must stay short and reachable by the server's user.
 T=$(mktemp -d /tmp/companion-fleet.XXXXXX)
@@ -75,12 +50,7 @@ PG_STARTED=0
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_pids "${PIDS[@]}" ${GW_PID:+"$GW_PID"}
   if [ "$PG_STARTED" = 1 ]; then
     "${AS[@]}" "$PG/pg_ctl" -D "$T/pg/data" -m fast -w stop >/dev/null 2>&1 || true
   fi
@@ -95,22 +65,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-wait_ready() { # file pid name log
-  for _ in $(seq 1 300); do
-    [ -s "$1" ] && return 0
-    kill -0 "$2" 2>/dev/null || { tail -n 20 "$4" >&2; die "$3 exited before it was ready (log above)"; }
-    sleep 0.1
-  done
-  tail -n 20 "$4" >&2; die "$3 not ready after 30 s (log above)"
-}
-json_field() { sed -n "s/.*\"$2\" *: *\"\([^\"]*\)\".*/\1/p" "$1" | head -n 1; }
-scrape() { # host:port
-  local host=${1%:*} port=${1##*:}
-  exec 3<>"/dev/tcp/$host/$port"
-  printf 'GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n' "$1" >&3
-  cat <&3
-  exec 3<&-
-}
 sql() { "$PG/psql" -h "$T/pg" -U postgres -d cn -X -q -At "$@"; }
 
 say "PostgreSQL: a throwaway server in $T/pg (Unix socket only)"
@@ -140,50 +94,9 @@ start_cn a; A_PID=$CN_PID; A_QUIC=$(json_field "$T/cn-a-ready.json" quic)
 start_cn b; B_QUIC=$(json_field "$T/cn-b-ready.json" quic); B_HTTP=$(json_field "$T/cn-b-ready.json" http)
 echo "  instance a: $A_QUIC    instance b: $B_QUIC" >&2
 
-umask 077
-cat >"$T/companion.toml" <<EOF
-supi = "$COMPANION_SUPI"
-k = "$COMPANION_K"
-opc = "$COMPANION_OPC"
-EOF
-umask 022
-cat >"$T/gatewayd.toml" <<EOF
-state_dir = "$T/gw-state"
-log_level = "info"
-[devices]
-listen = "127.0.0.1:0"
-max_connections = 4096
-new_connections_per_ip = 0
-[cn]
-endpoints = ["$A_QUIC", "$B_QUIC"]
-server_name = "localhost"
-ca_file = "$T/cn/ca.pem"
-sessions = 4
-reconnect_min = "200ms"
-reconnect_max = "5s"
-request_timeout = "20s"
-[companion]
-credential_file = "$T/companion.toml"
-[control]
-socket = "$T/control.sock"
-[metrics]
-listen = "127.0.0.1:0"
-[filter]
-mode = "userspace"
-block_after_failures = 0
-[batching]
-max_batch = 64
-max_in_flight = 4
-queue_capacity = 16384
-EOF
+write_gatewayd_config "[\"$A_QUIC\", \"$B_QUIC\"]" 4 info 200ms 5s 64
 say "starting gatewayd with [cn] endpoints = [a, b], 4 sessions"
-"$BIN/gatewayd" --config "$T/gatewayd.toml" --ready-file "$T/gw-ready.json" 2>"$T/gatewayd.log" &
-GW_PID=$!
-PIDS+=("$GW_PID")
-wait_ready "$T/gw-ready.json" "$GW_PID" gatewayd "$T/gatewayd.log"
-GW_DEVICES=$(json_field "$T/gw-ready.json" devices)
-GW_METRICS=$(json_field "$T/gw-ready.json" metrics)
-GW_CONTROL=$(json_field "$T/gw-ready.json" control)
+start_gatewayd
 for _ in $(seq 1 100); do
   [ "$("$BIN/gatewayctl" --socket "$GW_CONTROL" status | grep -c '^CN session .* up ')" = 4 ] && break
   sleep 0.1

@@ -21,30 +21,15 @@ CONCURRENCY=${CONCURRENCY:-256}
 PROFILE=${PROFILE:-release}
 SYNC=${SYNC:-}
 case "$SYNC" in "" | open5gs) ;; *) echo "demo: SYNC must be empty or open5gs" >&2; exit 2 ;; esac
-COMPANION_SUPI=imsi-001010000000001
-# TS 35.208 test set 1: the companion UE's (the router's) own 3GPP credential in this demo.
-COMPANION_K=465b5ce8b199b49faa5f0a2ee238a6bc
-COMPANION_OPC=cd63cb71954a9f4e48a5994e37a02baf
-
-say() { printf '\033[1;34mdemo:\033[0m %s\n' "$*" >&2; }
-die() { printf '\033[1;31mdemo: %s\033[0m\n' "$*" >&2; exit 1; }
-
-command -v cargo >/dev/null || [ ! -f "$HOME/.cargo/env" ] || . "$HOME/.cargo/env"
-command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then run this again"
+DEMO=demo
+. scripts/lib/demo.sh
+need_cargo
 # What the build needs and a fresh machine lacks (the nightly's rust-src, bpf-linker for the eBPF
 # filter); nothing that only the tests need. A no-op taking a second once installed.
 bash scripts/setup.sh --build
 if [ "$SYNC" = open5gs ]; then bash scripts/setup.sh --mongo; fi
 
-say "building cn-backend, gatewayd, iotdev, loadgen ($PROFILE)"
-if [ "$PROFILE" = release ]; then
-  cargo build --release --locked -p cn-backend -p gatewayd -p iotdev -p loadgen
-  BIN=target/release
-else
-  cargo build --locked -p cn-backend -p gatewayd -p iotdev -p loadgen
-  BIN=target/debug
-fi
-BIN=$(cd "$BIN" && pwd)
+build_bins cn-backend gatewayd iotdev loadgen
 
 T=$(mktemp -d "${TMPDIR:-/tmp}/companion-demo.XXXXXX")
 CN_PID=""
@@ -53,14 +38,8 @@ MONGO_PID=""
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  for pid in $GW_PID $CN_PID $MONGO_PID; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in $GW_PID $CN_PID $MONGO_PID; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
+  # shellcheck disable=SC2086 # empty ones drop out
+  stop_pids $GW_PID $CN_PID $MONGO_PID
   if [ "${KEEP:-0}" = 1 ]; then
     say "kept $T (logs: cn-backend.log, gatewayd.log; report.json)"
   else
@@ -71,27 +50,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-# Waits for a ready file written by a daemon, failing if the daemon dies first.
-wait_ready() { # file pid name log
-  for _ in $(seq 1 300); do
-    [ -s "$1" ] && return 0
-    kill -0 "$2" 2>/dev/null || { tail -n 20 "$4" >&2; die "$3 exited before it was ready (log above)"; }
-    sleep 0.1
-  done
-  tail -n 20 "$4" >&2; die "$3 not ready after 30 s (log above)"
-}
-json_field() { # file key -> value of "key":"value"
-  sed -n "s/.*\"$2\" *: *\"\([^\"]*\)\".*/\1/p" "$1" | head -n 1
-}
-# GET /metrics with bash's /dev/tcp (no curl needed).
-scrape() { # host:port
-  local host=${1%:*} port=${1##*:}
-  exec 3<>"/dev/tcp/$host/$port"
-  printf 'GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n' "$1" >&3
-  cat <&3
-  exec 3<&-
-}
 
 say "operator: cn-backend init + parent subscription $COMPANION_SUPI (quota $((DEVICES + 100)) children)"
 "$BIN/cn-backend" --dir "$T/cn" init --mcc 001 --mnc 01 >/dev/null
@@ -151,51 +109,9 @@ CN_QUIC=$(json_field "$T/cn-ready.json" quic)
 CN_HTTP=$(json_field "$T/cn-ready.json" http)
 
 say "router: companion credential (0600) and gatewayd configuration"
-umask 077
-cat >"$T/companion.toml" <<EOF
-supi = "$COMPANION_SUPI"
-k = "$COMPANION_K"
-opc = "$COMPANION_OPC"
-EOF
-chmod 600 "$T/companion.toml"
-cat >"$T/gatewayd.toml" <<EOF
-state_dir = "$T/gw-state"
-log_level = "warn"
-[devices]
-listen = "127.0.0.1:0"
-max_connections = 4096
-new_connections_per_ip = 0
-[cn]
-endpoint = "$CN_QUIC"
-server_name = "localhost"
-ca_file = "$T/cn/ca.pem"
-sessions = 2
-reconnect_min = "100ms"
-reconnect_max = "2s"
-request_timeout = "20s"
-[companion]
-credential_file = "$T/companion.toml"
-[control]
-socket = "$T/control.sock"
-[metrics]
-listen = "127.0.0.1:0"
-[filter]
-# loadgen's thousands of devices share one source address (127.0.0.1): no automatic block of a
-# source after failed handshakes (a slow handshake on a busy machine must not lock them all out).
-mode = "userspace"
-block_after_failures = 0
-[batching]
-max_batch = 256
-max_in_flight = 4
-queue_capacity = 16384
-EOF
+write_gatewayd_config "[\"$CN_QUIC\"]" 2 warn 100ms 2s 256
 say "starting gatewayd"
-"$BIN/gatewayd" --config "$T/gatewayd.toml" --ready-file "$T/gw-ready.json" 2>"$T/gatewayd.log" &
-GW_PID=$!
-wait_ready "$T/gw-ready.json" "$GW_PID" gatewayd "$T/gatewayd.log"
-GW_DEVICES=$(json_field "$T/gw-ready.json" devices)
-GW_METRICS=$(json_field "$T/gw-ready.json" metrics)
-GW_CONTROL=$(json_field "$T/gw-ready.json" control)
+start_gatewayd
 
 say "loadgen: $DEVICES devices (own keys each), paired in bulk, provisioned through gatewayd${ATTACH[*]:+, attached at the CN}"
 set +e

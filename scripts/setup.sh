@@ -9,6 +9,8 @@
 #                              the musl targets, zig and cargo-zigbuild, and the MongoDB
 #                              wire-protocol server of the Open5GS sync tests (target/mongo-venv).
 #   scripts/setup.sh --mongo   only that server (SYNC=open5gs scripts/demo.sh).
+#   scripts/setup.sh --postgres  only Debian's PostgreSQL server binaries, its own cluster kept
+#                              stopped (scripts/demo-fleet.sh; as root).
 set -euo pipefail
 
 MODE=all
@@ -16,7 +18,8 @@ case "${1:-}" in
   --build) MODE=build ;;
   "" | --all) MODE=all ;;
   --mongo) MODE=mongo ;;
-  -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  --postgres) MODE=postgres ;;
+  -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "setup: unknown option '$1' (use --build, or nothing for everything)" >&2; exit 2 ;;
 esac
 
@@ -60,6 +63,48 @@ need_mongo_wire_server() {
   "$MONGO_VENV/bin/pip" install --quiet --disable-pip-version-check "${NX_PINS[@]}"
 }
 
+# The PostgreSQL store's tests (cn-backend/tests/postgres.rs) start their own throwaway server
+# with initdb + pg_ctl from Debian's postgresql package; a missing server fails them under CI.
+# The package's own cluster is not wanted: stop it and keep it from starting at boot (no
+# systemd here usually; policy-rc.d keeps apt from starting it at all during the install).
+need_postgres_server() {
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      log "apt-get install postgresql (the PostgreSQL store's tests run their own server)"
+      apt-get update -qq
+      rc_d_added=0
+      if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        rc_d_added=1
+      fi
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+      if [ "$rc_d_added" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+    else
+      log "WARNING: PostgreSQL server binaries missing: run setup as root (the PostgreSQL store's tests are skipped, or fail under CI/DEPLOY_TESTS_STRICT=1)"
+    fi
+  fi
+  # Whether installed now or before: no system cluster running beside the tests' servers.
+  if command -v pg_lsclusters >/dev/null && [ "$(id -u)" = 0 ]; then
+    pg_lsclusters --no-header 2>/dev/null | while read -r ver name _port status _rest; do
+      if [ "$status" = online ]; then
+        log "stopping the system PostgreSQL cluster $ver/$name (not used)"
+        pg_ctlcluster "$ver" "$name" stop || true
+      fi
+      conf="/etc/postgresql/$ver/$name/start.conf"
+      if [ -f "$conf" ] && ! grep -qx manual "$conf"; then
+        echo manual >"$conf"
+      fi
+    done
+    if command -v systemctl >/dev/null && systemctl is-enabled postgresql >/dev/null 2>&1; then
+      systemctl disable --now postgresql >/dev/null 2>&1 || true
+    fi
+  fi
+}
+
+if [ "$MODE" = postgres ]; then
+  need_postgres_server
+  exit 0
+fi
 if [ "$MODE" = mongo ]; then
   need_mongo_wire_server
   exit 0
@@ -117,41 +162,7 @@ if ! command -v ip >/dev/null; then
   fi
 fi
 
-# The PostgreSQL store's tests (cn-backend/tests/postgres.rs) start their own throwaway server
-# with initdb + pg_ctl from Debian's postgresql package; a missing server fails them under CI.
-# The package's own cluster is not wanted: stop it and keep it from starting at boot (no
-# systemd here usually; policy-rc.d keeps apt from starting it at all during the install).
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    log "apt-get install postgresql (the PostgreSQL store's tests run their own server)"
-    apt-get update -qq
-    rc_d_added=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-      rc_d_added=1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
-    if [ "$rc_d_added" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
-  else
-    log "WARNING: PostgreSQL server binaries missing: run setup as root (the PostgreSQL store's tests are skipped, or fail under CI/DEPLOY_TESTS_STRICT=1)"
-  fi
-fi
-# Whether installed now or before: no system cluster running beside the tests' servers.
-if command -v pg_lsclusters >/dev/null && [ "$(id -u)" = 0 ]; then
-  pg_lsclusters --no-header 2>/dev/null | while read -r ver name _port status _rest; do
-    if [ "$status" = online ]; then
-      log "stopping the system PostgreSQL cluster $ver/$name (not used)"
-      pg_ctlcluster "$ver" "$name" stop || true
-    fi
-    conf="/etc/postgresql/$ver/$name/start.conf"
-    if [ -f "$conf" ] && ! grep -qx manual "$conf"; then
-      echo manual >"$conf"
-    fi
-  done
-  if command -v systemctl >/dev/null && systemctl is-enabled postgresql >/dev/null 2>&1; then
-    systemctl disable --now postgresql >/dev/null 2>&1 || true
-  fi
-fi
+need_postgres_server
 
 need_mongo_wire_server
 
