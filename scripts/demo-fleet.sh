@@ -47,23 +47,13 @@ if [ "$(id -u)" = 0 ]; then
 fi
 PIDS=()
 PG_STARTED=0
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
+stop_demo() {
   stop_pids "${PIDS[@]}" ${GW_PID:+"$GW_PID"}
   if [ "$PG_STARTED" = 1 ]; then
     "${AS[@]}" "$PG/pg_ctl" -D "$T/pg/data" -m fast -w stop >/dev/null 2>&1 || true
   fi
-  if [ "${KEEP:-0}" = 1 ]; then
-    say "kept $T (logs: cn-a.log, cn-b.log, gatewayd.log, loadgen.log, pg/log; report.json)"
-  else
-    rm -rf "$T"
-  fi
-  exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup "cn-a.log, cn-b.log, gatewayd.log, loadgen.log, pg/log; report.json"
 
 sql() { "$PG/psql" -h "$T/pg" -U postgres -d cn -X -q -At "$@"; }
 

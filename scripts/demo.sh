@@ -35,21 +35,9 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/companion-demo.XXXXXX")
 CN_PID=""
 GW_PID=""
 MONGO_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  # shellcheck disable=SC2086 # empty ones drop out
-  stop_pids $GW_PID $CN_PID $MONGO_PID
-  if [ "${KEEP:-0}" = 1 ]; then
-    say "kept $T (logs: cn-backend.log, gatewayd.log; report.json)"
-  else
-    rm -rf "$T"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck disable=SC2086 # empty ones drop out
+stop_demo() { stop_pids $GW_PID $CN_PID $MONGO_PID; }
+trap_cleanup "cn-backend.log, gatewayd.log; report.json"
 
 say "operator: cn-backend init + parent subscription $COMPANION_SUPI (quota $((DEVICES + 100)) children)"
 "$BIN/cn-backend" --dir "$T/cn" init --mcc 001 --mnc 01 >/dev/null

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use companion_testkit::net::static_neighbour;
 use companion_testkit::{CnServer, cn};
 
 mod common;
@@ -103,34 +104,8 @@ fn topology(tag: &str) -> (Netns, [String; 3]) {
         ]);
         sh(&["ip", "-n", peer_ns, "link", "set", "eth0", "up"]);
         // Static neighbours: the XDP program never sees ARP resolution trouble.
-        sh(&[
-            "ip",
-            "-n",
-            peer_ns,
-            "neigh",
-            "replace",
-            &format!("{net}.1"),
-            "lladdr",
-            gw_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &gw,
-            "neigh",
-            "replace",
-            &format!("{net}.2"),
-            "lladdr",
-            peer_mac,
-            "dev",
-            name,
-            "nud",
-            "permanent",
-        ]);
+        static_neighbour(peer_ns, &format!("{net}.1"), gw_mac, "eth0").unwrap();
+        static_neighbour(&gw, &format!("{net}.2"), peer_mac, name).unwrap();
     }
     for i in 10..60 {
         sh(&[

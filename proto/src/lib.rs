@@ -25,6 +25,8 @@ pub mod cn;
 mod codec;
 pub mod device;
 pub mod error;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod frame;
 pub mod ids;
 mod machine;

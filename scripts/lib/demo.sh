@@ -44,6 +44,26 @@ stop_pids() { # pid...
   done
 }
 
+# The exit trap: the caller's stop_demo (its processes) first, then $T removed, or kept with
+# KEEP=1 and said so with the logs it holds.
+trap_cleanup() { # "what $T holds"
+  KEPT_LOGS=$1
+  trap demo_exit EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+demo_exit() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_demo
+  if [ "${KEEP:-0}" = 1 ]; then
+    say "kept $T (logs: $KEPT_LOGS)"
+  else
+    rm -rf "$T"
+  fi
+  exit "$rc"
+}
+
 # Waits for a ready file written by a daemon, failing if the daemon dies first.
 wait_ready() { # file pid name log
   for _ in $(seq 1 300); do

@@ -10,6 +10,7 @@
 //! - [`cn`]: `cn-backend init`, the companion subscription, `cn-backend serve`.
 //! - [`gateway`]: `gatewayd`'s configuration, the daemon, `gatewayctl` and the control socket.
 //! - [`http`]: plain HTTP/1.1 GETs and Prometheus text parsing.
+//! - [`net`]: `ip` commands and static neighbour entries in network namespaces.
 //! - [`vectors`]: test vectors the suites share.
 #![warn(missing_docs)]
 
@@ -17,6 +18,7 @@ pub mod bins;
 pub mod cn;
 pub mod gateway;
 pub mod http;
+pub mod net;
 pub mod process;
 pub mod scratch;
 pub mod vectors;

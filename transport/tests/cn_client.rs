@@ -11,10 +11,10 @@ use companion_crypto::binding::EXPORTER_LABEL;
 use companion_crypto::milenage::Milenage;
 use companion_crypto::secret::Key128;
 use companion_crypto::usim::{SoftUsim, SqnState};
+use companion_proto::Config;
 use companion_proto::aka::AkaServer;
 use companion_proto::cn::{Operation, OperationEvent, ServerEvent, ServerSession};
 use companion_proto::msg::*;
-use companion_proto::{Config, RequestId};
 use companion_transport::attach_client;
 use companion_transport::cn_client::{ClientOptions, CnClientError, CnSession, CnTarget};
 use companion_transport::drive::StreamDriver;
@@ -187,21 +187,7 @@ fn usim(k: [u8; 16]) -> SoftUsim {
 }
 
 fn item(n: u8) -> BatchItem {
-    BatchItem {
-        attestation: None,
-        kind: ItemKind::Provision,
-        request_id: RequestId::from([n; 16]),
-        device_id: "watch-01".parse().unwrap(),
-        device_key_fingerprint: [3; 32],
-        hpke_public_key: [4; 32],
-        params: Params::default(),
-        supi: None,
-        device_spki: vec![0x30, 0x00],
-        binding: KeyBinding {
-            scheme: 0x0403,
-            signature: vec![n; 8],
-        },
-    }
+    companion_proto::fixtures::batch_item(n)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

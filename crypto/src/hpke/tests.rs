@@ -171,26 +171,9 @@ fn random<const N: usize>() -> [u8; N] {
 }
 
 /// Low-order X25519 u-coordinates (RFC 7748 §6.1 discussions; the list libsodium and
-/// BoringSSL reject): 0, 1, the two order-8 points, p − 1, p, p + 1, and the same values
-/// with bit 255 set (which X25519 ignores).
+/// BoringSSL reject), with and without bit 255: the suites' one copy.
 fn low_order_points() -> Vec<[u8; 32]> {
-    let base = [
-        "0000000000000000000000000000000000000000000000000000000000000000",
-        "0100000000000000000000000000000000000000000000000000000000000000",
-        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    ];
-    let mut all = Vec::new();
-    for p in base {
-        let p = h32(p);
-        let mut hi = p;
-        hi[31] |= 0x80;
-        all.extend([p, hi]);
-    }
-    all
+    companion_testkit::vectors::x25519_low_order_keys()
 }
 
 #[test]

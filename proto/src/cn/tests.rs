@@ -2,9 +2,7 @@ use companion_crypto::usim::SoftUsim;
 
 use super::*;
 use crate::ids::DeviceId;
-use crate::msg::{
-    BatchItem, Child, ChildState, ErrorCode, ItemKind, ItemResult, KeyBinding, Params, Sealed,
-};
+use crate::msg::{BatchItem, Child, ChildState, ErrorCode, ItemResult, Sealed};
 use crate::testutil::*;
 
 const EXP: [u8; 32] = [0x5e; 32];
@@ -64,21 +62,7 @@ fn authenticated(usim: &mut SoftUsim) -> (ClientSession, ServerSession) {
 }
 
 fn item(n: u8) -> BatchItem {
-    BatchItem {
-        attestation: None,
-        kind: ItemKind::Provision,
-        request_id: RequestId([n; 16]),
-        device_id: DeviceId::new(&format!("dev-{n}")).unwrap(),
-        device_key_fingerprint: [n; 32],
-        hpke_public_key: [n; 32],
-        params: Params::default(),
-        supi: None,
-        device_spki: vec![0x30, 0x00],
-        binding: KeyBinding {
-            scheme: 0x0403,
-            signature: vec![n; 8],
-        },
-    }
+    crate::fixtures::batch_item(n)
 }
 
 fn issued(n: u8) -> ItemResult {

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::msg::{KeyBinding, Sealed};
+use crate::msg::KeyBinding;
 use crate::testutil::*;
 
 fn rid() -> RequestId {
@@ -17,30 +17,11 @@ fn child() -> Supi {
 }
 
 fn req() -> ProvisionRequest {
-    ProvisionRequest {
-        request_id: rid(),
-        device_id: dev(),
-        hpke_public_key: [0x11; 32],
-        params: Default::default(),
-        binding: KeyBinding {
-            scheme: 0x0403,
-            signature: vec![0x44; 8],
-        },
-        renewal_binding: None,
-        window_code: None,
-    }
+    crate::fixtures::provision_request()
 }
 
 fn delivery() -> CredentialDelivery {
-    CredentialDelivery {
-        request_id: rid(),
-        supi: child(),
-        expires_at: 1_767_225_600,
-        sealed: Sealed {
-            enc: [0x22; 32],
-            ciphertext: vec![1, 2, 3],
-        },
-    }
+    crate::fixtures::delivery()
 }
 
 /// A server exchange (no device ID expected) that has received [`req`].

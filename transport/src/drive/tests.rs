@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use companion_proto::device::{
     ClientEvent, ClientExchange, DeviceRequest, ServerEvent, ServerExchange,
 };
-use companion_proto::msg::{CredentialDelivery, ErrorCode, KeyBinding, ProvisionRequest, Sealed};
-use companion_proto::{Config, DeviceId, ProtoError, RequestId, Supi};
+use companion_proto::msg::{CredentialDelivery, ErrorCode, ProvisionRequest};
+use companion_proto::{Config, ProtoError};
 
 use super::*;
 use crate::{
@@ -55,35 +55,12 @@ fn cfg(timeout: Duration) -> Config {
     }
 }
 
-fn rid() -> RequestId {
-    RequestId([0x42; 16])
-}
-
 fn request() -> ProvisionRequest {
-    ProvisionRequest {
-        request_id: rid(),
-        device_id: DeviceId::new("watch-01").unwrap(),
-        hpke_public_key: [0x11; 32],
-        params: Default::default(),
-        binding: KeyBinding {
-            scheme: 0x0403,
-            signature: vec![0x44; 8],
-        },
-        renewal_binding: None,
-        window_code: None,
-    }
+    companion_proto::fixtures::provision_request()
 }
 
 fn delivery() -> CredentialDelivery {
-    CredentialDelivery {
-        request_id: rid(),
-        supi: Supi::new("imsi-001010000000042").unwrap(),
-        expires_at: 1_767_225_600,
-        sealed: Sealed {
-            enc: [0x22; 32],
-            ciphertext: vec![1, 2, 3],
-        },
-    }
+    companion_proto::fixtures::delivery()
 }
 
 /// The device side: runs its exchange to the end and reports the `Pending`s it saw and how it

@@ -2,6 +2,7 @@
 //! when the suite fails), and the receive-buffer errors of a namespace.
 
 use super::*;
+use companion_testkit::net::static_neighbour;
 
 /// The two namespaces and the veth between them; removed on drop.
 pub(super) struct Topology {
@@ -52,32 +53,8 @@ impl Topology {
         }
         ip(&["-n", &t.atk, "link", "set", "eth0", "up"])?;
         // Static neighbours: no ARP in the measurement.
-        ip(&[
-            "-n",
-            &t.atk,
-            "neigh",
-            "replace",
-            GW_ADDR,
-            "lladdr",
-            gw_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
-        ip(&[
-            "-n",
-            &t.gw,
-            "neigh",
-            "replace",
-            &t.addr(2),
-            "lladdr",
-            atk_mac,
-            "dev",
-            &t.gw_if,
-            "nud",
-            "permanent",
-        ])?;
+        static_neighbour(&t.atk, GW_ADDR, gw_mac, "eth0")?;
+        static_neighbour(&t.gw, &t.addr(2), atk_mac, &t.gw_if)?;
         Ok(t)
     }
 
@@ -121,9 +98,7 @@ impl Drop for Topology {
 }
 
 pub(super) fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let mut c = Command::new("ip");
-    c.args(args);
-    harness::run(c, &format!("ip {}", args.join(" "))).map(|_| ())
+    Ok(companion_testkit::net::ip(args)?)
 }
 
 /// UDP `RcvbufErrors` in the namespace (datagrams lost at a full socket buffer).
