@@ -13,6 +13,8 @@
 //! token bucket on Initials. Each judged packet increments one per-CPU counter.
 #![no_std]
 #![no_main]
+// No `#![warn(missing_docs)]` here, unlike every workspace crate: aya-ebpf's `#[xdp]` and
+// `#[classifier]` generate the exported wrapper functions without the items' doc comments.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
@@ -49,6 +51,7 @@ enum Out {
     Drop,
 }
 
+/// The XDP entry point (native or generic mode): the shared verdict as `XDP_PASS`/`XDP_DROP`.
 #[xdp]
 pub fn companion_filter_xdp(ctx: XdpContext) -> u32 {
     match filter(ctx.data(), ctx.data_end()) {
@@ -57,6 +60,8 @@ pub fn companion_filter_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The TC ingress entry point: the headers made linear first, then the shared verdict as
+/// `TC_ACT_OK`/`TC_ACT_SHOT`.
 #[classifier]
 pub fn companion_filter_tc(ctx: TcContext) -> i32 {
     // Make the headers (and the first payload bytes) linear, up to everything the parser may
