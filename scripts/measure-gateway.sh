@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Resident memory of a static gatewayd under load (docs/OPERATIONS.md, "Sizes and memory"):
-# a native cn-backend, the gatewayd from target/dist/<TARGET> (aarch64 through qemu-user), and
-# loadgen provisioning DEVICES devices through it; prints gatewayd's VmRSS/VmHWM.
+# Resident memory and CPU of a static gatewayd under load (docs/OPERATIONS.md, "Sizes and
+# memory"): a native cn-backend, the gatewayd from target/dist/<TARGET> (aarch64 through
+# qemu-user) or GW=<path>, and loadgen provisioning DEVICES devices through it; prints gatewayd's
+# VmRSS/VmHWM, the provisioning rate and gatewayd's CPU time per provisioned device (utime + stime
+# from /proc, while loadgen pairs and provisions: start-up and the CN link excluded).
 #   TARGET=aarch64-unknown-linux-musl DEVICES=300 scripts/measure-gateway.sh
+#   GW=target/static/x86_64-unknown-linux-musl/release/gatewayd scripts/measure-gateway.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=${TARGET:-x86_64-unknown-linux-musl}
 DEVICES=${DEVICES:-500}
 CONCURRENCY=${CONCURRENCY:-64}
 BIN=${BIN:-target/debug}   # cn-backend and loadgen (native)
-GW=target/dist/$TARGET/gatewayd
+GW=${GW:-target/dist/$TARGET/gatewayd}
 [ -x "$GW" ] || { echo "no $GW: run scripts/build-static.sh" >&2; exit 1; }
+[ -x "$BIN/cn-backend" ] && [ -x "$BIN/loadgen" ] ||
+  { echo "no $BIN/cn-backend or $BIN/loadgen: cargo build -p cn-backend -p loadgen (BIN=target/release after --release)" >&2; exit 1; }
 EMU=()
 case "$TARGET" in aarch64-*) [ "$(uname -m)" = aarch64 ] || EMU=(qemu-aarch64-static) ;; esac
 
@@ -51,10 +56,23 @@ TOML
 pids+=($gwpid)
 wait_file "$D/gw.json"
 rss() { awk '/^VmRSS|^VmHWM/ {printf "%s %s kB  ", $1, $2}' "/proc/$gwpid/status"; echo; }
+# utime + stime of gatewayd, in clock ticks (fields 14 and 15 of /proc/<pid>/stat; the command
+# name in field 2 has no spaces here).
+ticks() { awk '{ print $14 + $15 }' "/proc/$gwpid/stat"; }
 echo "idle:            $(rss)"
+t0=$(ticks)
 "$BIN/loadgen" provision --devices "$DEVICES" --concurrency "$CONCURRENCY" \
   --gateway "$(json "$D/gw.json" devices)" --control-socket "$D/control.sock" \
   --retry-for 120 --progress never --json "$D/report.json" >/dev/null
+t1=$(ticks)
 echo "after $DEVICES devices: $(rss)"
-python3 -c "import json; r=json.load(open('$D/report.json')); print('succeeded', r['succeeded'], 'of', r['devices'], '; p50', r['latency_ms']['p50_ms'], 'ms p99', r['latency_ms']['p99_ms'], 'ms')"
+python3 - "$D/report.json" "$((t1 - t0))" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ticks, hz = int(sys.argv[2]), int(sys.argv[3])
+print("succeeded", r["succeeded"], "of", r["devices"], "; p50", r["latency_ms"]["p50_ms"],
+      "ms p99", r["latency_ms"]["p99_ms"], "ms")
+print("rate %.0f devices/s; gatewayd CPU %.2f s, %.0f us per provisioned device"
+      % (r["throughput_per_s"], ticks / hz, 1e6 * ticks / hz / max(r["succeeded"], 1)))
+PY
 echo "stripped size: $(stat -c %s "$GW") bytes ($TARGET)"
