@@ -120,6 +120,59 @@ pub fn run(cmd: Command, what: &str) -> anyhow::Result<std::process::Output> {
     Ok(process::run(cmd, what)?)
 }
 
+/// The figures of a loadgen report (`--json`) that the suites tabulate, read once here.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadgenFigures {
+    /// Simulated devices.
+    pub devices: u64,
+    /// Devices that completed.
+    pub succeeded: u64,
+    /// Devices that failed.
+    pub failed: u64,
+    /// The run's wall time, seconds.
+    pub duration_s: f64,
+    /// Completed devices per second of wall time.
+    pub throughput_per_s: f64,
+    /// Latency percentiles of the completed devices, milliseconds.
+    pub p50_ms: f64,
+    /// 90th percentile, milliseconds.
+    pub p90_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// Longest, milliseconds.
+    pub max_ms: f64,
+    /// Retries by reason, as loadgen counted them.
+    pub retries_by_reason: serde_json::Value,
+}
+
+impl LoadgenFigures {
+    /// Reads `rep`; a missing field reads as zero.
+    pub fn of(rep: &serde_json::Value) -> Self {
+        let f = |k: &str| rep[k].as_f64().unwrap_or(0.0);
+        let n = |k: &str| rep[k].as_u64().unwrap_or(0);
+        let lat = |k: &str| rep["latency_ms"][k].as_f64().unwrap_or(0.0);
+        Self {
+            devices: n("devices"),
+            succeeded: n("succeeded"),
+            failed: n("failed"),
+            duration_s: f("duration_s"),
+            throughput_per_s: f("throughput_per_s"),
+            p50_ms: lat("p50_ms"),
+            p90_ms: lat("p90_ms"),
+            p99_ms: lat("p99_ms"),
+            max_ms: lat("max_ms"),
+            retries_by_reason: rep["retries_by_reason"].clone(),
+        }
+    }
+
+    /// Retries of every reason.
+    pub fn retries(&self) -> u64 {
+        self.retries_by_reason
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum())
+    }
+}
+
 /// Runs `loadgen <args>` with `--json <file>` appended and returns the parsed report. A loadgen
 /// that reports failed devices (exit 1) still yields its report; any other failure is an error.
 pub fn loadgen_json(bins: &Bins, dir: &Path, args: &[String]) -> anyhow::Result<serde_json::Value> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use super::harness::{Cn, DelayProxy, Gateway, GatewaySettings, loadgen_json};
+use super::harness::{Cn, DelayProxy, Gateway, GatewaySettings, LoadgenFigures, loadgen_json};
 use super::plot::{Series, line_chart};
 use super::{Env, SuiteReport, Target, round};
 
@@ -145,23 +145,19 @@ fn one(
         let metrics = gw.daemon.ready_str("metrics")?;
         batch_mean(&metrics).ok()
     };
-    let f = |k: &str| rep[k].as_f64().unwrap_or(0.0);
-    let lat = |k: &str| rep["latency_ms"][k].as_f64().unwrap_or(0.0);
-    let retries = rep["retries_by_reason"]
-        .as_object()
-        .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
+    let lg = LoadgenFigures::of(&rep);
     let r = Run {
         mode,
         cn_rtt_ms: rtt_ms,
         concurrency: c,
         devices: n,
-        succeeded: rep["succeeded"].as_u64().unwrap_or(0),
-        failed: rep["failed"].as_u64().unwrap_or(0),
-        duration_s: f("duration_s"),
-        throughput_per_s: f("throughput_per_s"),
-        p50_ms: lat("p50_ms"),
-        p99_ms: lat("p99_ms"),
-        retries,
+        succeeded: lg.succeeded,
+        failed: lg.failed,
+        duration_s: lg.duration_s,
+        throughput_per_s: lg.throughput_per_s,
+        p50_ms: lg.p50_ms,
+        p99_ms: lg.p99_ms,
+        retries: lg.retries(),
         mean_batch,
         gatewayd_cpu_s: round(gw_cpu.as_secs_f64(), 2),
         cn_backend_cpu_s: round(cn_cpu.as_secs_f64(), 2),

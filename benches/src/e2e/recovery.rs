@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use super::harness::{Cn, Gateway, GatewaySettings, loadgen_json, tail};
+use super::harness::{Cn, Gateway, GatewaySettings, LoadgenFigures, loadgen_json, tail};
 use super::provisioning::http_get;
 use super::{Env, SuiteReport, Target, round};
 
@@ -28,33 +28,7 @@ use super::{Env, SuiteReport, Target, round};
 const RECOVERY_TARGET: Duration = Duration::from_secs(2);
 
 /// One run's figures.
-#[derive(Debug, Clone, serde::Serialize)]
-struct RunFigures {
-    devices: u64,
-    succeeded: u64,
-    wall_s: f64,
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    retries_by_reason: serde_json::Value,
-    timeout_retries: u64,
-}
-
-fn figures(rep: &serde_json::Value) -> RunFigures {
-    let lat = |k: &str| rep["latency_ms"][k].as_f64().unwrap_or(0.0);
-    RunFigures {
-        devices: rep["devices"].as_u64().unwrap_or(0),
-        succeeded: rep["succeeded"].as_u64().unwrap_or(0),
-        wall_s: rep["duration_s"].as_f64().unwrap_or(0.0),
-        p50_ms: lat("p50_ms"),
-        p90_ms: lat("p90_ms"),
-        p99_ms: lat("p99_ms"),
-        max_ms: lat("max_ms"),
-        retries_by_reason: rep["retries_by_reason"].clone(),
-        timeout_retries: rep["retries_by_reason"]["timeout"].as_u64().unwrap_or(0),
-    }
-}
+type RunFigures = LoadgenFigures;
 
 fn loadgen_args(
     gw: &Gateway,
@@ -114,7 +88,7 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
         &base_dir,
         &loadgen_args(&gw, baseline_devices, concurrency, "rb")?,
     )?;
-    let baseline = figures(&rep);
+    let baseline = LoadgenFigures::of(&rep);
     let gw_metrics = gw.daemon.ready_str("metrics")?;
     let base_giveups = giveups(&gw_metrics);
     drop(gw);
@@ -196,7 +170,8 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
             tail(&kill_dir.join("loadgen.log"), 20)
         )
     })?;
-    let faulted = figures(&serde_json::from_str(&text).context("parsing loadgen's report")?);
+    let faulted =
+        LoadgenFigures::of(&serde_json::from_str(&text).context("parsing loadgen's report")?);
     let gw_metrics = gw.daemon.ready_str("metrics")?;
     let losses = link_losses(&gw_metrics);
     let kill_giveups = giveups(&gw_metrics);
@@ -335,7 +310,7 @@ fn markdown(
             "| {name} | {}/{} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {giveups} |\n",
             r.succeeded,
             r.devices,
-            r.wall_s,
+            r.duration_s,
             r.p50_ms,
             r.p90_ms,
             r.p99_ms,
