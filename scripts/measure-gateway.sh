@@ -39,6 +39,10 @@ cat >"$D/gatewayd.toml" <<TOML
 state_dir = "$D/gw"
 [devices]
 listen = "127.0.0.1:0"
+# Every loadgen device comes from 127.0.0.1: no per-address admission limit (its default, 200
+# new connections/s per address, would bound the rate measured here), room for all at once.
+new_connections_per_ip = 0
+max_connections = 8192
 [cn]
 endpoint = "$(json "$D/cn.json" quic)"
 server_name = "localhost"
