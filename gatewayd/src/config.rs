@@ -283,6 +283,12 @@ impl Config {
         if self.devices.retry_load_handshakes == 0 {
             return invalid("[devices] retry_load_handshakes must be at least 1");
         }
+        if self.devices.max_handshakes == 0 {
+            return invalid(
+                "[devices] max_handshakes must be at least 1 (64 suits most routers; raise it \
+                 on machines with many cores)",
+            );
+        }
         if !(16..=MAX_TRACKED_SOURCES).contains(&self.filter.max_tracked_sources) {
             return Err(ConfigError::Invalid(format!(
                 "[filter] max_tracked_sources = {} is out of range: set it between 16 and {} \

@@ -11,6 +11,10 @@
 //!   have not proved they receive our packets (always, by default), so a forged source address
 //!   costs no handshake work; only failures from validated addresses count towards an automatic
 //!   block. Every table keyed by address is bounded ([`BoundedMap`]).
+//! - At most `max_handshakes` TLS handshakes at once: further validated connections wait for a
+//!   slot in arrival order, their Initials held by quinn, so a power-cut herd is worked through
+//!   as a queue instead of overflowing the socket buffer (every dropped Initial costs its device
+//!   a retransmission timeout).
 //! - One [`ServerExchange`](companion_proto::device::ServerExchange) per stream with a per-stream silence deadline; a device that sends
 //!   garbage is cut off (connection closed), one that stalls loses its stream, one that
 //!   reconnects in a loop is refused at the door — none of it affects other devices.
@@ -33,7 +37,7 @@ use companion_transport::{
     peer_fingerprint, server_config,
 };
 use rustls::pki_types::CertificateDer;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::bounded::BoundedMap;
 use crate::config::DevicesConfig;
@@ -48,6 +52,11 @@ mod exchange;
 
 use admission::Bucket;
 use exchange::StreamEnd;
+
+/// How long a validated connection waits for a handshake slot (`[devices] max_handshakes`)
+/// before it is dropped: a device that waited this long is retransmitting into a long queue
+/// (the client gives up by its own idle timeout).
+const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(10);
 pub use exchange::next_pending_after;
 
 /// Application close codes sent to devices.
@@ -158,6 +167,9 @@ pub struct DeviceServer {
     suspects: Mutex<BoundedMap<IpAddr, Instant>>,
     /// Handshakes in progress (the load `retry = "under_load"` looks at).
     handshaking: AtomicUsize,
+    /// Handshake slots (`max_handshakes`) and the limit they were made for; replaced when a
+    /// reload changes the limit (connections already waiting keep the old set).
+    slots: Mutex<(usize, Arc<Semaphore>)>,
     /// Open connections by device key.
     conns: Mutex<HashMap<[u8; 32], Vec<ConnEntry>>>,
     /// Device keys with an exchange in progress (one provisioning at a time per device).
@@ -226,6 +238,7 @@ impl DeviceServer {
         metrics: Arc<Metrics>,
         max_tracked_sources: usize,
     ) -> Arc<Self> {
+        let max_handshakes = cfg.max_handshakes;
         Arc::new(Self {
             cfg: Mutex::new(cfg),
             provisioner,
@@ -237,6 +250,7 @@ impl DeviceServer {
             rate: Mutex::new(BoundedMap::new(max_tracked_sources)),
             suspects: Mutex::new(BoundedMap::new(max_tracked_sources)),
             handshaking: AtomicUsize::new(0),
+            slots: Mutex::new((max_handshakes, Arc::new(Semaphore::new(max_handshakes)))),
             conns: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             filter: std::sync::OnceLock::new(),
@@ -251,7 +265,31 @@ impl DeviceServer {
 
     /// Limits that apply to new connections from now on (SIGHUP).
     pub fn reconfigure(&self, cfg: DevicesConfig) {
+        {
+            let mut slots = lock(&self.slots);
+            if slots.0 != cfg.max_handshakes {
+                *slots = (
+                    cfg.max_handshakes,
+                    Arc::new(Semaphore::new(cfg.max_handshakes)),
+                );
+            }
+        }
         *lock(&self.cfg) = cfg;
+    }
+
+    /// Waits, in arrival order, for one of the `max_handshakes` slots; `None` after
+    /// [`HANDSHAKE_SLOT_WAIT`].
+    async fn handshake_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let slots = lock(&self.slots).1.clone();
+        if let Ok(p) = slots.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        self.metrics.handshakes_queued.inc();
+        self.metrics.handshakes_waiting.inc();
+        let got = tokio::time::timeout(HANDSHAKE_SLOT_WAIT, slots.acquire_owned()).await;
+        self.metrics.handshakes_waiting.dec();
+        // The semaphore is never closed: an error cannot come back.
+        got.ok().and_then(Result::ok)
     }
 
     /// Open device connections.
@@ -332,7 +370,19 @@ impl DeviceServer {
         handshake: HandshakeGuard,
     ) {
         let remote = incoming.remote_address();
+        // A bounded number of handshakes at once: the others' Initials wait in quinn (arrival
+        // order), so a herd does not overflow the socket buffer and every started handshake
+        // gets the CPU to finish quickly.
+        let Some(slot) = self.handshake_slot().await else {
+            tracing::debug!(%remote, "no handshake slot within 10 s; the device will retry");
+            self.metrics.handshake_wait_expired.inc();
+            incoming.ignore();
+            return;
+        };
+        self.metrics.handshakes_in_progress.inc();
         let done = tokio::time::timeout(Duration::from_secs(10), async { incoming.await }).await;
+        self.metrics.handshakes_in_progress.dec();
+        drop(slot);
         drop(handshake);
         let conn = match done {
             Ok(Ok(c)) => c,

@@ -61,6 +61,14 @@ pub struct Metrics {
     pub cn_link_state: IntGauge,
     /// Open device QUIC connections.
     pub active_connections: IntGauge,
+    /// Device handshakes in progress (`[devices] max_handshakes` at most).
+    pub handshakes_in_progress: IntGauge,
+    /// Device connections waiting for a handshake slot.
+    pub handshakes_waiting: IntGauge,
+    /// Device connections that had to wait for a handshake slot.
+    pub handshakes_queued: prometheus::IntCounter,
+    /// Device connections that waited too long for a handshake slot and were dropped.
+    pub handshake_wait_expired: prometheus::IntCounter,
     /// Sealed credentials waiting for their device's acknowledgement.
     pub deliveries_pending: IntGauge,
     /// Credentials held by paired devices that expire within 24 hours.
@@ -235,6 +243,23 @@ impl Metrics {
             "active_quic_connections",
             "Open QUIC connections from devices.",
         ))?;
+        let handshakes_in_progress = IntGauge::with_opts(opts(
+            "device_handshakes_in_progress",
+            "Device TLS handshakes being worked on ([devices] max_handshakes at most).",
+        ))?;
+        let handshakes_waiting = IntGauge::with_opts(opts(
+            "device_handshakes_waiting",
+            "Device connections (validated addresses) waiting for a handshake slot.",
+        ))?;
+        let handshakes_queued = prometheus::IntCounter::with_opts(opts(
+            "device_handshakes_queued_total",
+            "Device connections that found every handshake slot taken and waited for one.",
+        ))?;
+        let handshake_wait_expired = prometheus::IntCounter::with_opts(opts(
+            "device_handshake_wait_expired_total",
+            "Device connections dropped after waiting 10 s for a handshake slot (the device \
+             retries): sustained overload.",
+        ))?;
         let deliveries_pending = IntGauge::with_opts(opts(
             "deliveries_pending",
             "Sealed credentials kept until their device acknowledges them.",
@@ -400,6 +425,10 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(cn_link_state.clone()))?;
         registry.register(Box::new(active_connections.clone()))?;
+        registry.register(Box::new(handshakes_in_progress.clone()))?;
+        registry.register(Box::new(handshakes_waiting.clone()))?;
+        registry.register(Box::new(handshakes_queued.clone()))?;
+        registry.register(Box::new(handshake_wait_expired.clone()))?;
         registry.register(Box::new(deliveries_pending.clone()))?;
         registry.register(Box::new(credentials_expiring_24h.clone()))?;
         // Pre-create the common series so dashboards see zeros instead of gaps.
@@ -426,6 +455,10 @@ impl Metrics {
             queue_depth,
             cn_link_state,
             active_connections,
+            handshakes_in_progress,
+            handshakes_waiting,
+            handshakes_queued,
+            handshake_wait_expired,
             deliveries_pending,
             credentials_expiring_24h,
             filter_mode,

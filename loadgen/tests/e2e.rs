@@ -143,10 +143,12 @@ struct Gw {
 }
 
 impl Gw {
-    fn start(dir: &Path, cn: &Cn, extra: &str) -> Self {
+    /// `devices`: lines added to `[devices]`; `extra`: tables appended.
+    fn start(dir: &Path, cn: &Cn, devices: &str, extra: &str) -> Self {
         let mut toml = GatewayToml::new(dir, &cn.quic, &cn.dir.join("ca.pem"));
         toml.top = "log_level = \"info\"\ndrain_timeout = \"2s\"";
-        toml.devices = "new_connections_per_ip = 0";
+        let devices = format!("new_connections_per_ip = 0\n{devices}");
+        toml.devices = &devices;
         toml.cn = "reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\nrequest_timeout = \"3s\"";
         let tables = format!("[filter]\nmode = \"userspace\"\nblock_after_failures = 0\n{extra}");
         toml.tables = &tables;
@@ -199,7 +201,7 @@ impl Gw {
 fn stack(policy: &[&str], gw_tables: &str) -> (Scratch, Cn, Gw) {
     let tmp = scratch();
     let cn = Cn::start_new(&tmp.path().join("cn"), policy);
-    let gw = Gw::start(&tmp.path().join("gw"), &cn, gw_tables);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "", gw_tables);
     (tmp, cn, gw)
 }
 
@@ -722,6 +724,44 @@ fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
     assert!(out.stdout.contains("FAILED"), "{}", out.stdout);
     // Nothing was paired behind our back.
     assert_eq!(gateway_status(&gw)["devices_paired"], 40);
+}
+
+/// A herd larger than gatewayd's handshake slots (`[devices] max_handshakes = 1`, 48 devices at
+/// once): the connections beyond the slot wait their turn in arrival order instead of being
+/// dropped or refused, so every device is provisioned with no retry and no give-up, and the
+/// metrics show the queue was used and is empty again.
+#[test]
+fn a_herd_beyond_the_handshake_slots_waits_its_turn_and_every_device_succeeds() {
+    let tmp = scratch();
+    let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "100"]);
+    let gw = Gw::start(&tmp.path().join("gw"), &cn, "max_handshakes = 1", "");
+    let report = tmp.path().join("herd.json");
+    let out: Out = loadgen(
+        &gw,
+        &["provision", "--devices", "48", "--concurrency", "48"],
+    )
+    .args(["--id-prefix", "herd", "--json"])
+    .arg(&report)
+    .output()
+    .unwrap()
+    .into();
+    assert_eq!(out.code, 0, "{out:#?}");
+    let r = read_json(&report);
+    assert_eq!(r["succeeded"], 48, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    let m = http_get(&gw.metrics, "/metrics");
+    assert!(
+        metric(&m, "gatewayd_device_handshakes_queued_total") >= 1.0,
+        "48 devices at once through one slot must have queued: {m}"
+    );
+    assert_eq!(r["retries_by_reason"], serde_json::json!({}), "{r}");
+    assert_eq!(
+        series(&m, "gatewayd_device_handshake_wait_expired_total"),
+        0.0
+    );
+    assert_eq!(series(&m, "gatewayd_device_handshakes_waiting"), 0.0);
+    assert_eq!(series(&m, "gatewayd_device_handshakes_in_progress"), 0.0);
+    assert_no_giveups(&m);
 }
 
 /// `loadgen hold`: N devices connect and stay connected — the gateway's status and its metrics

@@ -52,6 +52,13 @@ struct Cli {
     /// companion-benches` writes them to target/criterion).
     #[arg(long)]
     criterion: Option<PathBuf>,
+    /// Provisioning suite: only these concurrencies, comma-separated (default: 1, 64, 512, 2000).
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Provisioning suite: only these modes, comma-separated (handshake, smart, size1,
+    /// smart-wan, size1-wan; default: all). Targets needing a mode left out are not reported.
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +93,8 @@ fn real_main() -> anyhow::Result<bool> {
         work: work.path().to_path_buf(),
         out: cli.plots.clone(),
         quick: cli.quick,
+        concurrencies: cli.concurrency.clone(),
+        modes: cli.modes.clone(),
     };
     let machine = machine();
     eprintln!("e2e-bench: {}", machine["summary"].as_str().unwrap_or(""));

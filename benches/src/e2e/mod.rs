@@ -30,6 +30,11 @@ pub struct Env {
     pub out: PathBuf,
     /// Small counts and short runs: checks that the suites work, figures mean little.
     pub quick: bool,
+    /// Provisioning suite: run only these concurrencies (empty = the whole plan).
+    pub concurrencies: Vec<usize>,
+    /// Provisioning suite: run only these modes (`handshake`, `smart`, `size1`, `smart-wan`,
+    /// `size1-wan`; empty = all).
+    pub modes: Vec<String>,
 }
 
 impl Env {

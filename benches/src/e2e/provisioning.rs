@@ -75,8 +75,26 @@ fn plan(quick: bool) -> Vec<(usize, usize)> {
 /// Runs the provisioning suite.
 pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     let mut runs = Vec::new();
-    for (c, n) in plan(env.quick) {
+    let plan: Vec<(usize, usize)> = plan(env.quick)
+        .into_iter()
+        .filter(|(c, _)| env.concurrencies.is_empty() || env.concurrencies.contains(c))
+        .collect();
+    anyhow::ensure!(
+        !plan.is_empty(),
+        "no provisioning row at concurrency {:?} (the plan has {:?})",
+        env.concurrencies,
+        self::plan(env.quick)
+    );
+    for (c, n) in plan {
         for (mode, over_wan) in MODES {
+            let name = if over_wan {
+                format!("{mode}-wan")
+            } else {
+                mode.to_owned()
+            };
+            if !env.modes.is_empty() && !env.modes.contains(&name) {
+                continue;
+            }
             let rtt = if over_wan { Some(WAN_RTT) } else { None };
             let r = one(env, mode, rtt, c, n)
                 .with_context(|| format!("{mode} at concurrency {c} ({n} devices)"))?;

@@ -128,6 +128,12 @@ pub struct DevicesConfig {
     /// With `retry = "under_load"`: handshakes in progress from which new connections get a
     /// Retry. Default 64.
     pub retry_load_handshakes: usize,
+    /// Most device TLS handshakes worked on at once. Further connections from validated
+    /// addresses wait for a slot in arrival order (their Initials are held, not dropped) for
+    /// up to 10 s, so a power-cut herd is served at the rate of a small burst instead of
+    /// overflowing the socket buffer and costing every device retransmission timeouts.
+    /// Default 64.
+    pub max_handshakes: usize,
 }
 
 impl Default for DevicesConfig {
@@ -142,6 +148,7 @@ impl Default for DevicesConfig {
             socket_buffer: 4 * 1024 * 1024,
             retry: RetryPolicy::Always,
             retry_load_handshakes: 64,
+            max_handshakes: 64,
         }
     }
 }
