@@ -501,28 +501,58 @@ impl CredentialSealer {
     }
 }
 
-/// A fixed scalar for [`check_public_key`]; any value works once clamped (see there).
-const KEY_CHECK_SCALAR: [u8; 32] = *b"companion hpke public key check!";
+/// The u-coordinates (little-endian, bit 255 clear) whose X25519 output is zero for every
+/// clamped scalar: 0, 1, the two points of order 8, p − 1, and the non-canonical p and p + 1
+/// (RFC 7748 §6.1; the same list as libsodium's `has_small_order`).
+const LOW_ORDER_U: [[u8; 32]; 7] = [
+    [0; 32],
+    {
+        let mut u = [0u8; 32];
+        u[0] = 1;
+        u
+    },
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    p_plus(0xec),
+    p_plus(0xed),
+    p_plus(0xee),
+];
+
+/// p − 1, p and p + 1 (p = 2^255 − 19): `low` then 30 bytes of 0xff and 0x7f.
+const fn p_plus(low: u8) -> [u8; 32] {
+    let mut u = [0xffu8; 32];
+    u[0] = low;
+    u[31] = 0x7f;
+    u
+}
 
 /// Refuses an X25519 public key for which every HPKE encapsulation would give an all-zero
 /// shared secret (RFC 7748 §6.1, RFC 9180 §7.1.4): the all-zero key and the other low-order
 /// points of Curve25519 and its twist, in any encoding (bit 255 set, u ≥ p).
 ///
-/// It computes one X25519 with a fixed scalar and checks the result is not zero, which is exact,
-/// not a list: a clamped scalar is `8·s` with `2^251 ≤ s < 2^252`, so it kills the whole
-/// 8-torsion of the curve (and the 4-torsion of the twist) and no point of the prime-order
-/// subgroups (both primes exceed `s` and are odd). The output is therefore zero for this
-/// scalar exactly when it is zero for every clamped scalar, the ephemeral one of a real
-/// encapsulation included. Deterministic, no RNG; one variable-base scalar multiplication
-/// (curve25519-dalek), for callers that want to refuse a key before doing anything with it.
-/// [`encapsulate`] and [`seal_credential`] check the real shared secret anyway.
+/// A comparison with the seven such u-coordinates, bit 255 ignored as X25519 ignores it: the
+/// curve's 8-torsion has the u-coordinates 0, 1 and two of order 8, the twist's 4-torsion adds
+/// p − 1, and only 0 and 1 have a second encoding below 2^255 (p and p + 1). The tests check
+/// the list against an independent derivation (one X25519 with a fixed clamped scalar, which
+/// is zero exactly on these points) on the list, its neighbours and random keys. It replaced
+/// that scalar multiplication here: about 40 µs of gatewayd's CPU per device request (issue
+/// 17). [`encapsulate`] and [`seal_credential`] check the real shared secret anyway.
 pub fn check_public_key(pk: &[u8; 32]) -> Result<(), HpkeError> {
-    let dh = Zeroizing::new(
-        curve25519_dalek::MontgomeryPoint(*pk)
-            .mul_clamped(KEY_CHECK_SCALAR)
-            .to_bytes(),
-    );
-    if bool::from(dh.ct_eq(&[0u8; 32])) {
+    let mut u = *pk;
+    u[31] &= 0x7f;
+    let mut low = subtle::Choice::from(0);
+    for bad in &LOW_ORDER_U {
+        low |= u.ct_eq(bad);
+    }
+    if bool::from(low) {
         return Err(HpkeError::InvalidPublicKey);
     }
     Ok(())

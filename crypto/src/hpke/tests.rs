@@ -494,3 +494,65 @@ fn ikm_rng_overdraw_uses_os_rng() {
     let _ = (r.try_next_u32().unwrap(), r.try_next_u64().unwrap());
     assert!(!r.failed);
 }
+
+/// The derivation [`check_public_key`]'s list stands for: one X25519 with a fixed scalar,
+/// which, once clamped (`8·s`, `2^251 ≤ s < 2^252`), kills the curve's 8-torsion and the twist's
+/// 4-torsion and no point of either prime-order subgroup, so it is zero exactly on the low-order
+/// keys.
+fn zero_for_a_clamped_scalar(pk: &[u8; 32]) -> bool {
+    curve25519_dalek::MontgomeryPoint(*pk)
+        .mul_clamped(*b"companion hpke public key check!")
+        .to_bytes()
+        == [0u8; 32]
+}
+
+#[test]
+fn the_low_order_list_agrees_with_the_scalar_multiplication() {
+    let mut keys: Vec<[u8; 32]> = Vec::new();
+    for u in LOW_ORDER_U {
+        // Each listed key, with bit 255 set, and its neighbours in every byte and bit.
+        keys.push(u);
+        let mut hi = u;
+        hi[31] |= 0x80;
+        keys.push(hi);
+        for i in 0..32 {
+            for bit in 0..8 {
+                let mut k = u;
+                k[i] ^= 1 << bit;
+                keys.push(k);
+            }
+            let mut k = u;
+            k[i] = k[i].wrapping_add(1);
+            keys.push(k);
+            let mut k = u;
+            k[i] = k[i].wrapping_sub(1);
+            keys.push(k);
+        }
+    }
+    for _ in 0..2000 {
+        keys.push(random());
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let mut refused = 0;
+    for k in &keys {
+        let expected = zero_for_a_clamped_scalar(k);
+        assert_eq!(
+            check_public_key(k).is_err(),
+            expected,
+            "{}: the list and the scalar multiplication disagree",
+            hex::encode(k)
+        );
+        refused += usize::from(expected);
+    }
+    // Every listed key and its bit-255 twin (neighbours of one listed key that are another
+    // listed key, such as 0 and 1, are the same keys), and nothing else among these keys.
+    assert_eq!(refused, 14);
+}
+
+proptest::proptest! {
+    #[test]
+    fn check_public_key_matches_the_scalar_multiplication(k in proptest::array::uniform32(0u8..)) {
+        proptest::prop_assert_eq!(check_public_key(&k).is_err(), zero_for_a_clamped_scalar(&k));
+    }
+}
