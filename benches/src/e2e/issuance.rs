@@ -61,7 +61,7 @@ use crate::bundle_sized_plaintext;
 #[path = "../../../cn-backend/tests/pg/mod.rs"]
 mod pg;
 
-mod ceilings;
+pub(crate) mod ceilings;
 mod driver;
 mod pg_runs;
 mod profile;

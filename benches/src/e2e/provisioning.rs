@@ -18,6 +18,9 @@ use super::harness::{Cn, DelayProxy, Gateway, GatewaySettings, LoadgenFigures, l
 use super::plot::{Series, line_chart};
 use super::{Env, SuiteReport, Target, round};
 
+mod floor;
+pub use floor::Floor;
+
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -49,6 +52,33 @@ pub struct Run {
     pub gatewayd_cpu_s: f64,
     /// CPU seconds cn-backend used during the run.
     pub cn_backend_cpu_s: f64,
+    /// gatewayd's CPU microseconds per device of the run.
+    pub gatewayd_cpu_us_per_device: f64,
+    /// UDP datagrams the kernel dropped on full receive buffers during the run, machine-wide
+    /// (`UdpRcvbufErrors` + `Udp6RcvbufErrors`): every one costs a device a retransmission.
+    pub rcvbuf_errors: u64,
+    /// gatewayd's peak resident memory (`VmHWM`; a fresh process per row), MiB.
+    pub gatewayd_peak_rss_mib: f64,
+}
+
+/// `UdpRcvbufErrors` + `Udp6RcvbufErrors` of the machine (0 where a counter is missing).
+fn rcvbuf_errors() -> u64 {
+    let field = |path: &str, line_prefix: &str, name: &str| -> Option<u64> {
+        let text = std::fs::read_to_string(path).ok()?;
+        if path.ends_with("snmp6") {
+            return text
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok());
+        }
+        // /proc/net/snmp: a header line of names, then a line of values, per protocol.
+        let mut lines = text.lines().filter(|l| l.starts_with(line_prefix));
+        let (names, values) = (lines.next()?, lines.next()?);
+        let i = names.split_whitespace().position(|n| n == name)?;
+        values.split_whitespace().nth(i)?.parse().ok()
+    };
+    field("/proc/net/snmp", "Udp:", "RcvbufErrors").unwrap_or(0)
+        + field("/proc/net/snmp6", "", "Udp6RcvbufErrors").unwrap_or(0)
 }
 
 /// Round-trip time of the emulated link to the CN.
@@ -113,12 +143,23 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
             runs.push(r);
         }
     }
+    let floor = floor::measure_floor(if env.quick {
+        Duration::from_millis(50)
+    } else {
+        Duration::from_secs(1)
+    })
+    .context("measuring the crypto floor")?;
+    eprintln!(
+        "  crypto floor: handshake {} µs, provisioning {} µs (CPU per device, one thread)",
+        floor.handshake_us, floor.provisioning_us
+    );
     let plots = plots(env, &runs)?;
-    let targets = targets(&runs);
-    let markdown = markdown(&runs, &plots);
+    let mut targets = targets(&runs);
+    targets.extend(router_targets(&runs, &floor));
+    let markdown = markdown(&runs, &plots, &floor);
     Ok(SuiteReport {
         name: "provisioning",
-        data: serde_json::json!({ "runs": runs, "plots": plots }),
+        data: serde_json::json!({ "runs": runs, "plots": plots, "crypto_floor": floor }),
         markdown,
         targets,
     })
@@ -152,7 +193,10 @@ fn one(
     let prefix = format!("b{c}{}{rtt_ms}", &mode[..2]);
     let args = gw.loadgen_args(sub, n as u64, c as u64, &prefix, &[])?;
     let (gw_cpu0, cn_cpu0) = (gw.daemon.cpu()?, cn.daemon.cpu()?);
+    let drops0 = rcvbuf_errors();
     let rep = loadgen_json(&env.bins, &dir, &args)?;
+    let drops = rcvbuf_errors().saturating_sub(drops0);
+    let peak_kib = gw.daemon.hwm_kib()?;
     let (gw_cpu, cn_cpu) = (
         gw.daemon.cpu()?.saturating_sub(gw_cpu0),
         cn.daemon.cpu()?.saturating_sub(cn_cpu0),
@@ -179,6 +223,9 @@ fn one(
         mean_batch,
         gatewayd_cpu_s: round(gw_cpu.as_secs_f64(), 2),
         cn_backend_cpu_s: round(cn_cpu.as_secs_f64(), 2),
+        gatewayd_cpu_us_per_device: round(gw_cpu.as_secs_f64() * 1e6 / n.max(1) as f64, 0),
+        rcvbuf_errors: drops,
+        gatewayd_peak_rss_mib: round(peak_kib as f64 / 1024.0, 1),
     };
     if r.failed > 0 {
         anyhow::bail!(
@@ -302,6 +349,61 @@ fn targets(runs: &[Run]) -> Vec<Target> {
     t
 }
 
+/// The router-class targets (issue 17): the power-cut herd, gatewayd's CPU per device against
+/// the crypto floor, provisioning against the bare handshake, and the herd's peak memory.
+fn router_targets(runs: &[Run], floor: &Floor) -> Vec<Target> {
+    let mut t = Vec::new();
+    if let (Some(herd), Some(c512)) = (find(runs, "smart", 0, 2000), find(runs, "smart", 0, 512)) {
+        let ratio = herd.throughput_per_s / c512.throughput_per_s.max(f64::MIN_POSITIVE);
+        t.push(Target {
+            goal: "throughput at C=2,000 ÷ at C=512 ≥ 0.9, with p99 ≤ 2 s and 0 device retries \
+                   (smart batching, CN on loopback)"
+                .into(),
+            measured: format!(
+                "{ratio:.2} ({:.0}/s vs {:.0}/s), p99 {:.2} s, {} retries, {} receive-buffer drops",
+                herd.throughput_per_s,
+                c512.throughput_per_s,
+                herd.p99_ms / 1000.0,
+                herd.retries,
+                herd.rcvbuf_errors
+            ),
+            holds: ratio >= 0.9 && herd.p99_ms <= 2000.0 && herd.retries == 0,
+        });
+        t.push(Target {
+            goal: "gatewayd peak RSS during the C=2,000 herd ≤ 64 MiB".into(),
+            measured: format!("{:.1} MiB (VmHWM)", herd.gatewayd_peak_rss_mib),
+            holds: herd.gatewayd_peak_rss_mib <= 64.0,
+        });
+    }
+    if let Some(p) = find(runs, "smart", 0, 64) {
+        let us = p.gatewayd_cpu_us_per_device;
+        t.push(Target {
+            goal: format!(
+                "gatewayd CPU per provisioned device at C=64 ≤ 400 µs (crypto floor measured \
+                 here: {:.0} µs per provisioning, {:.0} µs per handshake)",
+                floor.provisioning_us, floor.handshake_us
+            ),
+            measured: format!(
+                "{us:.0} µs ({:.1}× the provisioning floor)",
+                us / floor.provisioning_us.max(f64::MIN_POSITIVE)
+            ),
+            holds: us <= 400.0,
+        });
+        if let Some(h) = find(runs, "handshake", 0, 64) {
+            let ratio = us / h.gatewayd_cpu_us_per_device.max(f64::MIN_POSITIVE);
+            t.push(Target {
+                goal: "gatewayd CPU per provisioning ÷ per bare handshake at C=64 ≤ 1.25".into(),
+                measured: format!(
+                    "{ratio:.2} ({us:.0} µs vs {:.0} µs)",
+                    h.gatewayd_cpu_us_per_device
+                ),
+                holds: ratio <= 1.25,
+            });
+        }
+    }
+    t
+}
+
 fn plots(env: &Env, runs: &[Run]) -> anyhow::Result<Vec<String>> {
     let series = |mode: &str, rtt: u64, label: &str, f: &dyn Fn(&Run) -> f64| Series {
         label: label.to_string(),
@@ -385,7 +487,7 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn markdown(runs: &[Run], plots: &[String]) -> String {
+fn markdown(runs: &[Run], plots: &[String], floor: &Floor) -> String {
     let mut md = String::from(
         "### Provisioning: smart batching, batch size 1, and the handshake ceiling\n\n\
          `loadgen` (its own process, sharing the 2 cores) drives N simulated devices through the \
@@ -398,14 +500,16 @@ fn markdown(runs: &[Run], plots: &[String]) -> String {
          handshake` against the same gatewayd configuration: connect with mutual TLS until the \
          gateway confirms it admitted the key, then close. Fresh daemons and store per row; \
          throughput = devices completed / wall time of the phase; retries are a device's \
-         retry-after answers (busy, CN slow) and reconnections.\n\n\
-         | C | mode | CN RTT ms | devices | per s | p50 ms | p99 ms | mean batch | retries | gatewayd CPU s | cn-backend CPU s |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         retry-after answers (busy, CN slow) and reconnections; drops are the UDP datagrams \
+         the kernel dropped on full receive buffers during the row (machine-wide \
+         `UdpRcvbufErrors`); peak RSS is gatewayd's `VmHWM`.\n\n\
+         | C | mode | CN RTT ms | devices | per s | p50 ms | p99 ms | mean batch | retries | drops | gatewayd CPU s | gatewayd µs per device | gatewayd peak RSS MiB | cn-backend CPU s |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in runs {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {} | {} | {:.2} | {:.0} | {:.1} | {:.2} |",
             r.concurrency,
             r.mode,
             if r.mode == "handshake" {
@@ -419,11 +523,33 @@ fn markdown(runs: &[Run], plots: &[String]) -> String {
             r.p99_ms,
             r.mean_batch.map_or("–".into(), |b| format!("{b:.1}")),
             r.retries,
+            r.rcvbuf_errors,
             r.gatewayd_cpu_s,
+            r.gatewayd_cpu_us_per_device,
+            r.gatewayd_peak_rss_mib,
             r.cn_backend_cpu_s
         );
     }
     md.push('\n');
+    let _ = writeln!(
+        md,
+        "**The crypto floor** (one thread, ring, as gatewayd uses it through rustls and quinn): \
+         the server side of one mutually authenticated QUIC + TLS 1.3 handshake is one X25519 \
+         key generation and agreement ({} µs), one ECDSA P-256 signature ({} µs), one ECDSA \
+         P-256 verification ({} µs), the key schedule (24 HMAC-SHA256, {} µs each) and about \
+         4 KiB of AES-128-GCM ({} µs per KiB): **{} µs**. A provisioning adds the verification \
+         of the request's two key bindings (its own and the renewal authorisation, PROTOCOL.md \
+         §4.4) and 2 KiB more AEAD: **{} µs**. Everything gatewayd spends above it is QUIC and \
+         TLS processing, certificate parsing, the state writes (SQLite, fsync per group \
+         commit), CBOR and the task hops.\n",
+        floor.x25519_us,
+        floor.p256_sign_us,
+        floor.p256_verify_us,
+        floor.hmac_us,
+        floor.aead_us_per_kib,
+        floor.handshake_us,
+        floor.provisioning_us
+    );
     for p in plots {
         let _ = writeln!(md, "![{p}](bench/{p})\n");
     }

@@ -1,5 +1,6 @@
 //! The owner's block list of LAN addresses (enforced by the LAN filter).
 
+use crate::state::CachedSql;
 use std::net::IpAddr;
 
 use rusqlite::{Row, params};
@@ -32,7 +33,7 @@ fn block_from_row(row: &Row<'_>) -> rusqlite::Result<Block> {
 impl State {
     /// Blocks `addr` until `until` (`None` = indefinitely); replaces an existing block.
     pub fn block(&self, b: &Block) -> Result<(), StateError> {
-        self.conn().execute(
+        self.conn().execute_cached(
             "INSERT INTO blocks (addr, until, created_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (addr) DO UPDATE SET until = excluded.until,
                  created_at = excluded.created_at",
@@ -45,18 +46,19 @@ impl State {
     pub fn unblock(&self, addr: IpAddr) -> Result<bool, StateError> {
         let n = self
             .conn()
-            .execute("DELETE FROM blocks WHERE addr = ?1", [addr.to_string()])?;
+            .execute_cached("DELETE FROM blocks WHERE addr = ?1", [addr.to_string()])?;
         Ok(n > 0)
     }
 
     /// Blocks in force at `now` (expired ones are deleted on the way).
     pub fn blocks(&self, now: UnixTime) -> Result<Vec<Block>, StateError> {
         let conn = self.conn();
-        conn.execute(
+        conn.execute_cached(
             "DELETE FROM blocks WHERE until IS NOT NULL AND until <= ?1",
             [now],
         )?;
-        let mut stmt = conn.prepare("SELECT addr, until, created_at FROM blocks ORDER BY addr")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT addr, until, created_at FROM blocks ORDER BY addr")?;
         let rows = stmt.query_map([], block_from_row)?;
         rows.collect::<Result<_, _>>().map_err(unwrap_err)
     }

@@ -1,6 +1,7 @@
 //! Held credentials: the child credential each device holds as far as the gateway knows, and
 //! when it expires.
 
+use crate::state::CachedSql;
 use companion_proto::{DeviceId, RequestId, Supi};
 use rusqlite::{OptionalExtension, Row};
 
@@ -36,7 +37,7 @@ impl State {
     /// The credential `device` holds, if any.
     pub fn credential(&self, device: &DeviceId) -> Result<Option<HeldCredential>, StateError> {
         self.reader()
-            .query_row(
+            .query_row_cached(
                 "SELECT device_id, supi, expires_at, request_id, acknowledged_at
                  FROM credentials WHERE device_id = ?1",
                 [device.as_str()],
@@ -67,7 +68,7 @@ impl State {
         } else {
             "device_id"
         };
-        let mut stmt = conn.prepare(&format!(
+        let mut stmt = conn.prepare_cached(&format!(
             "SELECT device_id, supi, expires_at, request_id, acknowledged_at
              FROM credentials WHERE {cond} ORDER BY {order}"
         ))?;

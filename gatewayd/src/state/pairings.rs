@@ -1,6 +1,7 @@
 //! Pairings: which device ID is bound to which TLS key, how it was paired, its label and the
 //! manufacturer attestation it last presented.
 
+use crate::state::CachedSql;
 use companion_proto::DeviceId;
 use rusqlite::{OptionalExtension, Row, params};
 
@@ -70,7 +71,7 @@ impl State {
     /// Records a new pairing. [`StateError::Conflict`] if the device ID or the key is already
     /// paired.
     pub fn insert_pairing(&self, p: &Pairing) -> Result<(), StateError> {
-        let r = self.conn().execute(
+        let r = self.conn().execute_cached(
             "INSERT INTO pairings (device_id, spki, fingerprint, label, paired_at, paired_via)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -94,7 +95,7 @@ impl State {
 
     /// Changes a pairing's label; `false` if the device is not paired.
     pub fn set_label(&self, device: &DeviceId, label: Option<&str>) -> Result<bool, StateError> {
-        let n = self.conn().execute(
+        let n = self.conn().execute_cached(
             "UPDATE pairings SET label = ?2 WHERE device_id = ?1",
             params![device.as_str(), label],
         )?;
@@ -104,7 +105,7 @@ impl State {
     /// The pairing of `device`, if it is paired.
     pub fn pairing(&self, device: &DeviceId) -> Result<Option<Pairing>, StateError> {
         self.reader()
-            .query_row(
+            .query_row_cached(
                 "SELECT device_id, spki, fingerprint, label, paired_at, paired_via
                  FROM pairings WHERE device_id = ?1",
                 [device.as_str()],
@@ -120,7 +121,7 @@ impl State {
         device: &DeviceId,
         chain: Option<&[u8]>,
     ) -> Result<bool, StateError> {
-        let n = self.conn().execute(
+        let n = self.conn().execute_cached(
             "UPDATE pairings SET attestation = ?2 WHERE device_id = ?1",
             params![device.as_str(), chain],
         )?;
@@ -130,8 +131,9 @@ impl State {
     /// Every recorded manufacturer chain (CBOR), by device.
     pub fn attestations(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, StateError> {
         let conn = self.reader();
-        let mut stmt = conn
-            .prepare("SELECT device_id, attestation FROM pairings WHERE attestation IS NOT NULL")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT device_id, attestation FROM pairings WHERE attestation IS NOT NULL",
+        )?;
         let rows = stmt.query_map([], |r| Ok((device_at(r, 0)?, r.get(1)?)))?;
         rows.collect::<Result<_, _>>().map_err(unwrap_err)
     }
@@ -139,7 +141,7 @@ impl State {
     /// Every pairing, by device ID.
     pub fn pairings(&self) -> Result<Vec<Pairing>, StateError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT device_id, spki, fingerprint, label, paired_at, paired_via
              FROM pairings ORDER BY device_id",
         )?;

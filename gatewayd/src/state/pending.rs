@@ -1,11 +1,12 @@
 //! Pending deliveries: sealed credentials the CN issued, kept until their device acknowledges
 //! them; recording an issue updates the held credential and supersedes older deliveries.
 
+use crate::state::CachedSql;
 use companion_proto::{DeviceId, RequestId, Supi};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::requests::{RenewalKey, RequestKind};
-use super::rows::{device_at, exec, request_id_at, supi_at, unwrap_err};
+use super::rows::{device_at, request_id_at, supi_at, unwrap_err};
 use super::{State, StateError, UnixTime};
 
 /// A sealed credential waiting for its device's acknowledgement.
@@ -49,8 +50,7 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<PendingDelivery> {
 
 /// Records one issued credential (see [`State::record_issued`]); runs inside a transaction.
 fn record_issued_in(tx: &Connection, d: &PendingDelivery) -> Result<(), StateError> {
-    let inserted = exec(
-        tx,
+    let inserted = tx.execute_cached(
         "INSERT OR IGNORE INTO deliveries
              (request_id, device_id, supi, expires_at, sealed, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -66,22 +66,20 @@ fn record_issued_in(tx: &Connection, d: &PendingDelivery) -> Result<(), StateErr
     if inserted > 0 {
         type Row = (Option<Vec<u8>>, Option<Vec<u8>>, Option<String>);
         let (hpke_pk, renewal_binding, kind): Row = tx
-            .query_row(
+            .query_row_cached(
                 "SELECT hpke_pk, renewal_binding, kind FROM requests WHERE request_id = ?1",
                 [d.request_id.as_bytes().as_slice()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?
             .unwrap_or((None, None, None));
-        exec(
-            tx,
+        tx.execute_cached(
             "UPDATE deliveries SET kind = ?2 WHERE request_id = ?1",
             params![d.request_id.as_bytes().as_slice(), kind],
         )?;
         // The renewal authorisation belongs to the request that produced this credential: a
         // new credential without one leaves none behind (an older one would not verify).
-        exec(
-            tx,
+        tx.execute_cached(
             "INSERT INTO credentials
                  (device_id, supi, expires_at, request_id, acknowledged_at, hpke_pk,
                   renewal_binding)
@@ -101,14 +99,12 @@ fn record_issued_in(tx: &Connection, d: &PendingDelivery) -> Result<(), StateErr
             ],
         )?;
         // Deliveries of older requests of this device are superseded.
-        exec(
-            tx,
+        tx.execute_cached(
             "DELETE FROM deliveries WHERE device_id = ?1 AND request_id <> ?2",
             params![d.device_id.as_str(), d.request_id.as_bytes().as_slice()],
         )?;
     }
-    exec(
-        tx,
+    tx.execute_cached(
         "DELETE FROM requests WHERE request_id = ?1",
         [d.request_id.as_bytes().as_slice()],
     )?;
@@ -122,14 +118,12 @@ fn acknowledge_in(
     request_id: &RequestId,
     at: UnixTime,
 ) -> Result<AckOutcome, StateError> {
-    let removed = exec(
-        tx,
+    let removed = tx.execute_cached(
         "DELETE FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
         params![request_id.as_bytes().as_slice(), device.as_str()],
     )?;
     if removed > 0 {
-        exec(
-            tx,
+        tx.execute_cached(
             "UPDATE credentials SET acknowledged_at = ?3
              WHERE device_id = ?1 AND request_id = ?2",
             params![device.as_str(), request_id.as_bytes().as_slice(), at],
@@ -137,7 +131,7 @@ fn acknowledge_in(
         return Ok(AckOutcome::Acknowledged);
     }
     let acked: Option<Option<i64>> = tx
-        .query_row(
+        .query_row_cached(
             "SELECT acknowledged_at FROM credentials
              WHERE device_id = ?1 AND request_id = ?2",
             params![device.as_str(), request_id.as_bytes().as_slice()],
@@ -179,7 +173,7 @@ impl State {
         device: &DeviceId,
     ) -> Result<Vec<PendingDelivery>, StateError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT request_id, device_id, supi, expires_at, sealed, created_at
              FROM deliveries WHERE device_id = ?1 ORDER BY created_at, request_id",
         )?;
@@ -190,7 +184,7 @@ impl State {
     /// Every pending delivery.
     pub fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StateError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT request_id, device_id, supi, expires_at, sealed, created_at
              FROM deliveries ORDER BY created_at, request_id",
         )?;
@@ -227,7 +221,7 @@ impl State {
         device: &DeviceId,
         request_id: &RequestId,
     ) -> Result<bool, StateError> {
-        let n = self.conn().execute(
+        let n = self.conn().execute_cached(
             "DELETE FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
             params![request_id.as_bytes().as_slice(), device.as_str()],
         )?;
@@ -243,7 +237,7 @@ impl State {
     ) -> Result<Option<(Supi, Option<RequestKind>)>, StateError> {
         let row: Option<(String, Option<String>)> = self
             .reader()
-            .query_row(
+            .query_row_cached(
                 "SELECT supi, kind FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
                 params![request_id.as_bytes().as_slice(), device.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -265,7 +259,7 @@ impl State {
         request_id: &RequestId,
     ) -> Result<Option<PendingDelivery>, StateError> {
         self.reader()
-            .query_row(
+            .query_row_cached(
                 "SELECT request_id, device_id, supi, expires_at, sealed, created_at
                  FROM deliveries WHERE request_id = ?1 AND device_id = ?2",
                 params![request_id.as_bytes().as_slice(), device.as_str()],
@@ -281,7 +275,7 @@ impl State {
         type Row = (Option<Vec<u8>>, Option<Vec<u8>>);
         let v: Option<Row> = self
             .conn()
-            .query_row(
+            .query_row_cached(
                 "SELECT hpke_pk, renewal_binding FROM credentials WHERE device_id = ?1",
                 [device.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?)),

@@ -2,11 +2,12 @@
 //! so a retry after a reconnect reuses the same request ID; and the packed key-binding
 //! signatures they carry.
 
+use crate::state::CachedSql;
 use companion_proto::binding::KeyBinding;
 use companion_proto::{DeviceId, RequestId, Supi};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::rows::{corrupt, device_at, exec, is_unique_violation, request_id_at, unwrap_err};
+use super::rows::{corrupt, device_at, is_unique_violation, request_id_at, unwrap_err};
 use super::{State, StateError, UnixTime};
 
 /// Provisioning or renewal.
@@ -101,8 +102,7 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<OutstandingRequest> {
 
 /// Records an outstanding request (see [`State::insert_request`]).
 fn insert_request_in(conn: &Connection, r: &OutstandingRequest) -> Result<(), StateError> {
-    let res = exec(
-        conn,
+    let res = conn.execute_cached(
         "INSERT INTO requests (request_id, device_id, kind, hpke_pk, created_at, params,
              renew_supi, binding, renewal_binding)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -148,7 +148,7 @@ impl State {
         device: &DeviceId,
     ) -> Result<Option<OutstandingRequest>, StateError> {
         self.reader()
-            .query_row(
+            .query_row_cached(
                 "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi,
                     binding, renewal_binding
                  FROM requests WHERE device_id = ?1",
@@ -162,7 +162,7 @@ impl State {
     /// Every outstanding request, oldest first (to resend after a CN reconnect).
     pub fn outstanding_requests(&self) -> Result<Vec<OutstandingRequest>, StateError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT request_id, device_id, kind, hpke_pk, created_at, params, renew_supi,
                     binding, renewal_binding
              FROM requests ORDER BY created_at, request_id",
@@ -173,7 +173,7 @@ impl State {
 
     /// Forgets a request the CN refused for good; `false` if unknown.
     pub fn remove_request(&self, id: &RequestId) -> Result<bool, StateError> {
-        let n = self.conn().execute(
+        let n = self.conn().execute_cached(
             "DELETE FROM requests WHERE request_id = ?1",
             [id.as_bytes().as_slice()],
         )?;

@@ -1,6 +1,7 @@
 //! Revocations: unpairing a device or revoking one child forgets it locally at once and records
 //! what the CN still has to confirm.
 
+use crate::state::CachedSql;
 use companion_proto::{DeviceId, Supi};
 use rusqlite::{OptionalExtension, Row, TransactionBehavior, params};
 
@@ -75,7 +76,7 @@ impl State {
     ) -> Result<Option<Revocation>, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let removed = tx.execute(
+        let removed = tx.execute_cached(
             "DELETE FROM pairings WHERE device_id = ?1",
             [device.as_str()],
         )?;
@@ -83,19 +84,19 @@ impl State {
             return Ok(None);
         }
         let supi: Option<String> = tx
-            .query_row(
+            .query_row_cached(
                 "SELECT supi FROM credentials WHERE device_id = ?1",
                 [device.as_str()],
                 |r| r.get(0),
             )
             .optional()?;
         for table in ["credentials", "deliveries", "requests"] {
-            tx.execute(
+            tx.execute_cached(
                 &format!("DELETE FROM {table} WHERE device_id = ?1"),
                 [device.as_str()],
             )?;
         }
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO revocations (device_id, supi, revoked_at, cn_confirmed_at)
              VALUES (?1, ?2, ?3, NULL)",
             params![device.as_str(), supi, at],
@@ -124,15 +125,15 @@ impl State {
     ) -> Result<Revocation, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
+        tx.execute_cached(
             "DELETE FROM deliveries WHERE device_id = ?1 AND supi = ?2",
             params![device.as_str(), supi.as_str()],
         )?;
-        tx.execute(
+        tx.execute_cached(
             "DELETE FROM credentials WHERE device_id = ?1 AND supi = ?2",
             params![device.as_str(), supi.as_str()],
         )?;
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO revocations (device_id, supi, revoked_at, cn_confirmed_at, scope)
              VALUES (?1, ?2, ?3, NULL, 'child')",
             params![device.as_str(), supi.as_str(), at],
@@ -152,7 +153,7 @@ impl State {
     /// Whether a revocation of the whole `device` still waits for the CN's confirmation (the
     /// device ID must not be provisioned again until it has: the CN revokes by device ID).
     pub fn device_revocation_pending(&self, device: &DeviceId) -> Result<bool, StateError> {
-        let n: i64 = self.reader().query_row(
+        let n: i64 = self.reader().query_row_cached(
             "SELECT count(*) FROM revocations
              WHERE device_id = ?1 AND scope = 'device' AND cn_confirmed_at IS NULL",
             [device.as_str()],
@@ -164,7 +165,7 @@ impl State {
     /// Revocations the CN has not confirmed yet (retry them after a reconnect), oldest first.
     pub fn unconfirmed_revocations(&self) -> Result<Vec<Revocation>, StateError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT id, device_id, supi, revoked_at, cn_confirmed_at, scope FROM revocations
              WHERE cn_confirmed_at IS NULL ORDER BY id",
         )?;
@@ -174,7 +175,7 @@ impl State {
 
     /// The CN confirmed revocation `id`; `false` if unknown.
     pub fn confirm_revocation(&self, id: i64, at: UnixTime) -> Result<bool, StateError> {
-        let n = self.conn().execute(
+        let n = self.conn().execute_cached(
             "UPDATE revocations SET cn_confirmed_at = ?2 WHERE id = ?1",
             params![id, at],
         )?;

@@ -1,9 +1,9 @@
 //! Row decoding and statement helpers shared by the tables: typed column readers that turn a
-//! stored value that no longer parses into [`StateError::Corrupt`], and the cached `execute`.
+//! stored value that no longer parses into [`StateError::Corrupt`].
 
 use companion_proto::{DeviceId, RequestId, Supi};
+use rusqlite::Row;
 use rusqlite::types::Type;
-use rusqlite::{Connection, Row};
 
 use super::StateError;
 
@@ -47,14 +47,4 @@ pub(super) fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
             || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
-}
-
-/// `execute` through the connection's statement cache: the hot path's statements are parsed
-/// once per connection, not once per device.
-pub(super) fn exec(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> rusqlite::Result<usize> {
-    conn.prepare_cached(sql)?.execute(params)
 }

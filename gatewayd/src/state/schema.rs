@@ -1,5 +1,6 @@
 //! The schema: the append-only list of migrations and the loop that applies them.
 
+use crate::state::CachedSql;
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::StateError;
@@ -92,7 +93,7 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<u32, StateError> {
     let supported = MIGRATIONS.len() as u32;
     loop {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version: u32 = tx.query_row_cached("PRAGMA user_version", [], |r| r.get(0))?;
         if version > supported {
             return Err(StateError::TooNew {
                 found: version,

@@ -37,7 +37,7 @@ impl Ceiling {
     }
 }
 
-pub(super) fn thread_cpu() -> anyhow::Result<Duration> {
+pub(crate) fn thread_cpu() -> anyhow::Result<Duration> {
     // The first field of schedstat is the time this thread spent on a CPU, in nanoseconds.
     let s = fs::read_to_string("/proc/thread-self/schedstat")
         .context("reading /proc/thread-self/schedstat")?;
@@ -50,7 +50,7 @@ pub(super) fn thread_cpu() -> anyhow::Result<Duration> {
 }
 
 /// Runs `op` on this thread until `budget` has passed (at least `min_ops` times).
-pub(super) fn measure(
+pub(crate) fn measure(
     what: String,
     budget: Duration,
     min_ops: u64,
