@@ -59,6 +59,10 @@ struct Cli {
     /// smart-wan, size1-wan; default: all). Targets needing a mode left out are not reported.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
+    /// Lines added to the `[devices]` table of every gatewayd started, to measure a setting,
+    /// e.g. `--gateway-devices 'max_handshakes = 256'` (newlines as `\n` or `;`).
+    #[arg(long)]
+    gateway_devices: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +86,9 @@ fn real_main() -> anyhow::Result<bool> {
         );
     }
     let bins = e2e::harness::release_bins(&cli.bin_dir)?;
+    if let Some(lines) = &cli.gateway_devices {
+        e2e::harness::Gateway::set_extra_devices(lines.replace("\\n", "\n").replace(';', "\n"))?;
+    }
     fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
     fs::create_dir_all(&cli.plots).with_context(|| format!("creating {}", cli.plots.display()))?;
     let work = tempfile::Builder::new()

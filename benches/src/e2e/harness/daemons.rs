@@ -202,6 +202,9 @@ impl Default for GatewaySettings {
     }
 }
 
+/// See [`Gateway::set_extra_devices`].
+static EXTRA_DEVICES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// A gatewayd connected to a [`Cn`].
 #[derive(Debug)]
 pub struct Gateway {
@@ -227,6 +230,14 @@ impl Gateway {
         })
     }
 
+    /// Lines added to the `[devices]` table of every gatewayd the suites start from now on
+    /// (`e2e-bench --gateway-devices`), to measure a setting; once per process.
+    pub fn set_extra_devices(lines: String) -> anyhow::Result<()> {
+        EXTRA_DEVICES
+            .set(lines)
+            .map_err(|_| anyhow::anyhow!("the extra [devices] lines were already set"))
+    }
+
     /// Writes `gatewayd.toml` (and `companion.toml`) into `dir`; returns the configuration's path.
     pub fn write_config(
         dir: &Path,
@@ -242,8 +253,9 @@ impl Gateway {
         t.listen = listen;
         t.top = "log_level = \"warn\"";
         let devices = format!(
-            "max_connections = {}\nnew_connections_per_ip = 0",
-            s.max_connections
+            "max_connections = {}\nnew_connections_per_ip = 0\n{}",
+            s.max_connections,
+            EXTRA_DEVICES.get().map_or("", String::as_str)
         );
         t.devices = &devices;
         let cn_keys = format!(
