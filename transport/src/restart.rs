@@ -3,7 +3,7 @@
 //! A QUIC server that restarts loses its connection state. Its peers keep sending on the old
 //! connections until an idle timeout unless the new process answers them with a **stateless
 //! reset**, which quinn sends only for packets whose destination connection ID its
-//! [`ConnectionIdGenerator`](quinn::ConnectionIdGenerator) recognises and whose reset token it
+//! [`ConnectionIdGenerator`] recognises and whose reset token it
 //! can recompute. Both therefore derive here from one 32-byte key kept on disk (0600):
 //!
 //! - the reset token: HMAC-SHA-256 under the key (quinn's `reset_key`), so the token a restarted
