@@ -25,6 +25,11 @@ struct Args {
     /// Write {"devices":"ip:port","metrics":"ip:port","control":"path"} here once ready.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
+    /// Threads of the async runtime [default: one per CPU core]. A single-core router, or one
+    /// that shares its cores with hostapd and dnsmasq, can run on fewer; every handshake,
+    /// request and batch runs on these (the state database commits on a thread of its own).
+    #[arg(long, value_name = "N", env = "GATEWAYD_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -50,10 +55,11 @@ fn main() -> ExitCode {
         let f = level.parse::<Targets>().map_err(|e| e.to_string())?;
         handle.reload(f).map_err(|e| e.to_string())
     });
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gatewayd: cannot start the async runtime: {e}");

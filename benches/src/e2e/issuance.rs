@@ -231,6 +231,21 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
         ),
         holds,
     }];
+    // Issue 17: how close cn-backend comes to the crypto it cannot avoid, same run.
+    let share = runn.per_cn_cpu_s / crypto.per_cpu_s.max(f64::MIN_POSITIVE);
+    targets.push(Target {
+        goal: "cn-backend credentials per CPU-second ÷ the per-credential crypto ceiling, same \
+               run, ≥ 0.85 (batches, SQLite)"
+            .into(),
+        measured: format!(
+            "{share:.2} ({:.0} vs {:.0} per CPU-second: {:.1} vs {:.1} µs per credential)",
+            runn.per_cn_cpu_s,
+            crypto.per_cpu_s,
+            1e6 / runn.per_cn_cpu_s.max(f64::MIN_POSITIVE),
+            crypto.cpu_us_per_op
+        ),
+        holds: share >= 0.85,
+    });
     if let Ok(p) = &pg {
         targets.extend(pg_targets(&runn, p));
     }

@@ -81,9 +81,11 @@ pub(super) fn seal_ceiling(budget: Duration) -> anyhow::Result<Ceiling> {
     })
 }
 
-/// Everything cn-backend computes per credential: fresh K, OPc from the operator OP, K and OPc
-/// encrypted under the KEK (XChaCha20-Poly1305, random nonces), the CBOR bundle (with the
-/// operator CA certificate) and the HPKE seal.
+/// Everything cn-backend computes per credential: the device's key binding checked (SPKI
+/// fingerprint and one ECDSA P-256 verification, PROTOCOL.md §4.4), fresh K, OPc from the
+/// operator OP, K and OPc encrypted under the KEK (XChaCha20-Poly1305, random nonces), the CBOR
+/// bundle (with the operator CA certificate) signed with the CN's key (one ECDSA P-256
+/// signature, §4.6) and the HPKE seal.
 pub(super) fn credential_crypto_ceiling(budget: Duration) -> anyhow::Result<Ceiling> {
     let device = DeviceHpkeKey::try_generate()?;
     let pk = device.public_key();
@@ -98,12 +100,34 @@ pub(super) fn credential_crypto_ceiling(budget: Duration) -> anyhow::Result<Ceil
     let device_id = DeviceId::new("bench-device-000001")?;
     let supi = Supi::new("imsi-001010900000001")?;
     let rid = [9u8; 16];
+    // The device's key and its binding of the HPKE key to this request, as a gateway forwards
+    // them; the CN's bundle-signing key (its server identity under the operator CA).
+    let device_key = companion_transport::Identity::self_signed(device_id.as_str())?;
+    let spki = device_key.spki_der()?;
+    let fingerprint = companion_transport::spki_fingerprint(&spki);
+    let binding_msg = companion_proto::binding::binding_message(
+        companion_proto::binding::BindingOp::Provision,
+        &RequestId::from(rid),
+        &device_id,
+        &pk,
+    );
+    let binding = companion_transport::sign_binding(&device_key, &binding_msg)?;
+    let signer =
+        companion_transport::IdentitySigner::new(&ca.issue_server(&["localhost".into()])?)?;
+    let leaf: Vec<Vec<u8>> = signer.chain().iter().take(1).cloned().collect();
     let mut bundle_len = 0;
     let mut c = measure(
-        "all per-credential crypto (K, OPc, KEK wrap x2, bundle, HPKE seal)".into(),
+        "all per-credential crypto (key binding check, K, OPc, KEK wrap x2, signed bundle, HPKE \
+         seal)"
+            .into(),
         budget,
         20,
         || {
+            ensure!(
+                companion_transport::spki_fingerprint(&spki) == fingerprint,
+                "fingerprint"
+            );
+            companion_transport::verify_binding(&spki, &binding_msg, &binding)?;
             let k = Key128::try_random()?;
             let opc = Milenage::compute_opc(&k, op.expose());
             let row = |column| cn_backend::kek::RowId {
@@ -133,7 +157,16 @@ pub(super) fn credential_crypto_ceiling(budget: Duration) -> anyhow::Result<Ceil
                 },
                 operator_signature: None,
             };
-            let pt = bundle.encode()?;
+            let sig = signer.sign(&bundle.signed_message()?)?;
+            let pt = CredentialBundle {
+                operator_signature: Some(companion_proto::bundle::BundleSignature::new(
+                    leaf.clone(),
+                    sig.scheme,
+                    sig.signature,
+                )),
+                ..bundle
+            }
+            .encode()?;
             bundle_len = pt.len();
             seal_credential(&pk, device_id.as_str(), &rid, &pt)?;
             Ok(1)
