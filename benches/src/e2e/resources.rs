@@ -179,7 +179,12 @@ pub fn run(env: &Env) -> anyhow::Result<SuiteReport> {
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    let targets = targets(&memory, &fresh, &populated);
+    let mut targets = targets(&memory, &fresh, &populated);
+    targets.extend(router_targets(&memory));
+    match static_size(Path::new(STATIC_SIZES)) {
+        Ok(t) => targets.push(t),
+        Err(why) => eprintln!("resources: note: the router binary's size is left out: {why}"),
+    }
     let markdown = markdown(&memory, &fresh, &populated, paired, &thp, env.quick);
     Ok(SuiteReport {
         name: "resources",
@@ -460,6 +465,69 @@ fn targets(memory: &[Memory], fresh: &StartupSummary, populated: &StartupSummary
     t
 }
 
+/// What `scripts/build-static.sh` writes for the aarch64 router binaries (run from the
+/// repository's root, as `scripts/bench.sh` does).
+const STATIC_SIZES: &str = "target/dist/aarch64-unknown-linux-musl/SIZES";
+
+/// The router binary's size target (issue 17), from `scripts/build-static.sh`'s SIZES file.
+fn static_size(sizes: &Path) -> anyhow::Result<Target> {
+    let text = std::fs::read_to_string(sizes).with_context(|| {
+        format!(
+            "reading {} (run scripts/build-static.sh first)",
+            sizes.display()
+        )
+    })?;
+    // "gatewayd      6036488 bytes    5.76 MiB  aarch64-unknown-linux-musl  profile router"
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("gatewayd"))
+        .with_context(|| format!("no gatewayd line in {}", sizes.display()))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let bytes: u64 = words
+        .get(1)
+        .and_then(|b| b.parse().ok())
+        .with_context(|| format!("unexpected line in {}: {line}", sizes.display()))?;
+    let profile = words.last().copied().unwrap_or("?");
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    Ok(Target {
+        goal: "static aarch64-musl gatewayd, stripped, ≤ 6 MiB".into(),
+        measured: format!(
+            "{mib:.2} MiB ({bytes} bytes, profile {profile}; scripts/build-static.sh)"
+        ),
+        holds: mib <= 6.0,
+    })
+}
+
+/// The router-class memory targets (issue 17): idle, 1,000 and 5,000 devices held connected.
+fn router_targets(memory: &[Memory]) -> Vec<Target> {
+    [(0usize, 12.0f64), (1000, 28.0), (5000, 96.0)]
+        .iter()
+        .filter_map(|&(devices, limit_mib)| {
+            let m = memory.iter().find(|m| m.devices == devices)?;
+            let all = m.gateway_connections == m.devices as u64;
+            Some(Target {
+                goal: if devices == 0 {
+                    format!("gatewayd idle RSS ≤ {limit_mib:.0} MiB")
+                } else {
+                    format!(
+                        "gatewayd RSS with {devices} devices held connected ≤ {limit_mib:.0} MiB"
+                    )
+                },
+                measured: format!(
+                    "{:.1} MiB VmRSS{}",
+                    mib(m.rss_kib),
+                    if devices == 0 || all {
+                        String::new()
+                    } else {
+                        format!(" ({} of {devices} connected)", m.gateway_connections)
+                    }
+                ),
+                holds: mib(m.rss_kib) <= limit_mib && all,
+            })
+        })
+        .collect()
+}
+
 fn markdown(
     memory: &[Memory],
     fresh: &StartupSummary,
@@ -669,6 +737,62 @@ mod tests {
             &startup(20.0),
         );
         assert_eq!(t.len(), 1, "{t:?}");
+    }
+
+    #[test]
+    fn the_size_target_reads_build_statics_sizes_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("SIZES");
+        std::fs::write(
+            &p,
+            "gatewayd      6036488 bytes    5.76 MiB  aarch64-unknown-linux-musl  profile router\n\
+             gatewayctl    1092560 bytes    1.04 MiB  aarch64-unknown-linux-musl  profile router\n",
+        )
+        .unwrap();
+        let t = static_size(&p).unwrap();
+        assert!(t.holds, "{t:?}");
+        assert!(
+            t.measured.contains("5.76 MiB") && t.measured.contains("router"),
+            "{t:?}"
+        );
+        std::fs::write(
+            &p,
+            "gatewayd 9667080 bytes 9.22 MiB aarch64 profile release\n",
+        )
+        .unwrap();
+        assert!(!static_size(&p).unwrap().holds);
+        assert!(static_size(&dir.path().join("none")).is_err());
+    }
+
+    #[test]
+    fn router_targets_follow_the_figures() {
+        let m = |devices: usize, rss_kib: u64, connected: u64| Memory {
+            devices,
+            connected,
+            gateway_connections: connected,
+            rss_kib,
+            hwm_kib: rss_kib,
+            anon_huge_kib: 0,
+            per_device_kib: None,
+            connect_s: 0.0,
+            connect_p50_ms: 0.0,
+            connect_p99_ms: 0.0,
+            still_connected: connected,
+        };
+        let t = router_targets(&[
+            m(0, 12_000, 0),
+            m(1000, 29_000, 1000),
+            m(5000, 90_000, 4999),
+        ]);
+        assert_eq!(t.len(), 3, "{t:?}");
+        assert!(t[0].holds, "{t:?}");
+        assert!(!t[1].holds, "29 MiB is over 28: {t:?}");
+        assert!(!t[2].holds, "one device short: {t:?}");
+        // Quick mode has no 1,000- or 5,000-device level: only the idle target is claimed.
+        assert_eq!(
+            router_targets(&[m(0, 13_000, 0), m(50, 14_000, 50)]).len(),
+            1
+        );
     }
 
     #[test]
