@@ -700,12 +700,12 @@ mod tests {
         )
     }
 
-    #[test]
-    fn targets_follow_the_figures() {
-        let m = |devices: usize, rss_kib: u64| Memory {
+    /// A memory level with `connected` of `devices` connected.
+    fn level(devices: usize, rss_kib: u64, connected: u64) -> Memory {
+        Memory {
             devices,
-            connected: devices as u64,
-            gateway_connections: devices as u64,
+            connected,
+            gateway_connections: connected,
             rss_kib,
             hwm_kib: rss_kib,
             anon_huge_kib: 0,
@@ -713,8 +713,13 @@ mod tests {
             connect_s: 0.0,
             connect_p50_ms: 0.0,
             connect_p99_ms: 0.0,
-            still_connected: devices as u64,
-        };
+            still_connected: connected,
+        }
+    }
+
+    #[test]
+    fn targets_follow_the_figures() {
+        let m = |devices: usize, rss_kib: u64| level(devices, rss_kib, devices as u64);
         let t = targets(
             &[m(0, 12_000), m(1000, 70_000)],
             &startup(20.0),
@@ -766,19 +771,7 @@ mod tests {
 
     #[test]
     fn router_targets_follow_the_figures() {
-        let m = |devices: usize, rss_kib: u64, connected: u64| Memory {
-            devices,
-            connected,
-            gateway_connections: connected,
-            rss_kib,
-            hwm_kib: rss_kib,
-            anon_huge_kib: 0,
-            per_device_kib: None,
-            connect_s: 0.0,
-            connect_p50_ms: 0.0,
-            connect_p99_ms: 0.0,
-            still_connected: connected,
-        };
+        let m = level;
         let t = router_targets(&[
             m(0, 12_000, 0),
             m(1000, 29_000, 1000),
