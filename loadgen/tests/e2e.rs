@@ -667,6 +667,20 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// `loadgen` with `args` against `gw`, device IDs starting with `prefix`, its JSON report
+/// written to `dir/<prefix>.json`: the run's output and the report.
+fn loadgen_report(gw: &Gw, dir: &Path, args: &[&str], prefix: &str) -> (Out, Value) {
+    let report = dir.join(format!("{prefix}.json"));
+    let out: Out = loadgen(gw, args)
+        .args(["--id-prefix", prefix, "--json"])
+        .arg(&report)
+        .output()
+        .unwrap()
+        .into();
+    let r = read_json(&report);
+    (out, r)
+}
+
 fn gateway_status(gw: &Gw) -> Value {
     serde_json::from_str(&gw.ctl(&["status", "--json"]).ok().stdout).unwrap()
 }
@@ -677,15 +691,13 @@ fn gateway_status(gw: &Gw) -> Value {
 #[test]
 fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
     let (tmp, _cn, gw) = stack(&["--max-children", "10"], "");
-    let report = tmp.path().join("handshake.json");
-    let out: Out = loadgen(&gw, &["handshake", "--devices", "40", "--concurrency", "8"])
-        .args(["--id-prefix", "hs", "--json"])
-        .arg(&report)
-        .output()
-        .unwrap()
-        .into();
+    let (out, r) = loadgen_report(
+        &gw,
+        tmp.path(),
+        &["handshake", "--devices", "40", "--concurrency", "8"],
+        "hs",
+    );
     assert_eq!(out.code, 0, "{out:#?}");
-    let r = read_json(&report);
     assert_eq!(r["devices"], 40, "{r}");
     assert_eq!(r["paired"], true, "{r}");
     assert_eq!(r["succeeded"], 40, "{r}");
@@ -704,15 +716,13 @@ fn handshake_baseline_counts_confirmed_handshakes_and_refuses_unpaired_keys() {
     let st = gateway_status(&gw);
     assert_eq!(st["devices_paired"], 40, "{st}");
 
-    let unpaired = tmp.path().join("unpaired.json");
-    let out: Out = loadgen(&gw, &["handshake", "--devices", "5", "--unpaired"])
-        .args(["--id-prefix", "stranger", "--json"])
-        .arg(&unpaired)
-        .output()
-        .unwrap()
-        .into();
+    let (out, r) = loadgen_report(
+        &gw,
+        tmp.path(),
+        &["handshake", "--devices", "5", "--unpaired"],
+        "stranger",
+    );
     assert_eq!(out.code, 1, "unpaired keys must fail: {out:#?}");
-    let r = read_json(&unpaired);
     assert_eq!(r["paired"], false, "{r}");
     assert_eq!(r["succeeded"], 0, "{r}");
     assert_eq!(r["failed"], 5, "{r}");
@@ -735,18 +745,13 @@ fn a_herd_beyond_the_handshake_slots_waits_its_turn_and_every_device_succeeds() 
     let tmp = scratch();
     let cn = Cn::start_new(&tmp.path().join("cn"), &["--max-children", "100"]);
     let gw = Gw::start(&tmp.path().join("gw"), &cn, "max_handshakes = 1", "");
-    let report = tmp.path().join("herd.json");
-    let out: Out = loadgen(
+    let (out, r) = loadgen_report(
         &gw,
+        tmp.path(),
         &["provision", "--devices", "48", "--concurrency", "48"],
-    )
-    .args(["--id-prefix", "herd", "--json"])
-    .arg(&report)
-    .output()
-    .unwrap()
-    .into();
+        "herd",
+    );
     assert_eq!(out.code, 0, "{out:#?}");
-    let r = read_json(&report);
     assert_eq!(r["succeeded"], 48, "{r}");
     assert_eq!(r["failed"], 0, "{r}");
     let m = http_get(&gw.metrics, "/metrics");
