@@ -23,7 +23,7 @@ pub use companion_testkit::process::tail;
 pub use companion_testkit::{Bins, COMPANION_K, COMPANION_OPC, COMPANION_SUPI};
 pub use daemons::{Cn, Gateway, GatewaySettings};
 pub use delay::DelayProxy;
-pub use stats::{cpu_time, status_kib, tree_cpu_time};
+pub use stats::{cpu_time, snmp_udp_rcvbuf_errors, status_kib, tree_cpu_time};
 
 /// The release binaries in `dir` (`cargo build --release` output), after checking that every
 /// binary the benchmarks start is there.

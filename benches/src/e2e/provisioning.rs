@@ -14,7 +14,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use super::harness::{Cn, DelayProxy, Gateway, GatewaySettings, LoadgenFigures, loadgen_json};
+use super::harness::{
+    Cn, DelayProxy, Gateway, GatewaySettings, LoadgenFigures, loadgen_json, snmp_udp_rcvbuf_errors,
+};
 use super::plot::{Series, line_chart};
 use super::{Env, SuiteReport, Target, round};
 
@@ -63,22 +65,18 @@ pub struct Run {
 
 /// `UdpRcvbufErrors` + `Udp6RcvbufErrors` of the machine (0 where a counter is missing).
 fn rcvbuf_errors() -> u64 {
-    let field = |path: &str, line_prefix: &str, name: &str| -> Option<u64> {
-        let text = std::fs::read_to_string(path).ok()?;
-        if path.ends_with("snmp6") {
-            return text
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok());
-        }
-        // /proc/net/snmp: a header line of names, then a line of values, per protocol.
-        let mut lines = text.lines().filter(|l| l.starts_with(line_prefix));
-        let (names, values) = (lines.next()?, lines.next()?);
-        let i = names.split_whitespace().position(|n| n == name)?;
-        values.split_whitespace().nth(i)?.parse().ok()
-    };
-    field("/proc/net/snmp", "Udp:", "RcvbufErrors").unwrap_or(0)
-        + field("/proc/net/snmp6", "", "Udp6RcvbufErrors").unwrap_or(0)
+    let v4 = std::fs::read_to_string("/proc/net/snmp")
+        .ok()
+        .and_then(|t| snmp_udp_rcvbuf_errors(&t));
+    // /proc/net/snmp6: one "name value" pair per line.
+    let v6 = std::fs::read_to_string("/proc/net/snmp6")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Udp6RcvbufErrors"))
+                .and_then(|v| v.trim().parse().ok())
+        });
+    v4.unwrap_or(0) + v6.unwrap_or(0)
 }
 
 /// Round-trip time of the emulated link to the CN.

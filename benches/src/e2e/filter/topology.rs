@@ -106,14 +106,6 @@ pub(super) fn rcvbuf_errors(ns: &str) -> anyhow::Result<u64> {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, "cat", "/proc/net/snmp"]);
     let out = harness::run(c, "reading /proc/net/snmp")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(head), Some(vals)) = (udp.next(), udp.next()) else {
-        bail!("no Udp lines in /proc/net/snmp");
-    };
-    head.split_whitespace()
-        .zip(vals.split_whitespace())
-        .find(|(k, _)| *k == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| anyhow!("no RcvbufErrors in /proc/net/snmp"))
+    harness::snmp_udp_rcvbuf_errors(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| anyhow!("no Udp RcvbufErrors in /proc/net/snmp"))
 }

@@ -71,3 +71,29 @@ pub fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
         })
         .ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"))
 }
+
+/// UDP `RcvbufErrors` (datagrams dropped at a full socket receive buffer) from the text of
+/// `/proc/net/snmp`: its `Udp:` header line of names, then the line of values.
+pub fn snmp_udp_rcvbuf_errors(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rcvbuf_errors_are_read_from_the_udp_lines_only() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 100 2 7 90 7 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    UdpLite: 0 0 0 0 99 0\n";
+        assert_eq!(super::snmp_udp_rcvbuf_errors(snmp), Some(7));
+        assert_eq!(super::snmp_udp_rcvbuf_errors("Ip: a\nIp: 1\n"), None);
+    }
+}
