@@ -167,9 +167,9 @@ pub struct DeviceServer {
     suspects: Mutex<BoundedMap<IpAddr, Instant>>,
     /// Handshakes in progress (the load `retry = "under_load"` looks at).
     handshaking: AtomicUsize,
-    /// Handshake slots (`max_handshakes`) and the limit they were made for; replaced when a
-    /// reload changes the limit (connections already waiting keep the old set).
-    slots: Mutex<(usize, Arc<Semaphore>)>,
+    /// Handshake slots (`cfg.max_handshakes` of them); replaced when a reload changes the
+    /// limit (connections already waiting keep the old set).
+    slots: Mutex<Arc<Semaphore>>,
     /// Open connections by device key.
     conns: Mutex<HashMap<[u8; 32], Vec<ConnEntry>>>,
     /// Device keys with an exchange in progress (one provisioning at a time per device).
@@ -238,7 +238,7 @@ impl DeviceServer {
         metrics: Arc<Metrics>,
         max_tracked_sources: usize,
     ) -> Arc<Self> {
-        let max_handshakes = cfg.max_handshakes;
+        let slots = Mutex::new(Arc::new(Semaphore::new(cfg.max_handshakes)));
         Arc::new(Self {
             cfg: Mutex::new(cfg),
             provisioner,
@@ -250,7 +250,7 @@ impl DeviceServer {
             rate: Mutex::new(BoundedMap::new(max_tracked_sources)),
             suspects: Mutex::new(BoundedMap::new(max_tracked_sources)),
             handshaking: AtomicUsize::new(0),
-            slots: Mutex::new((max_handshakes, Arc::new(Semaphore::new(max_handshakes)))),
+            slots,
             conns: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             filter: std::sync::OnceLock::new(),
@@ -265,22 +265,17 @@ impl DeviceServer {
 
     /// Limits that apply to new connections from now on (SIGHUP).
     pub fn reconfigure(&self, cfg: DevicesConfig) {
-        {
-            let mut slots = lock(&self.slots);
-            if slots.0 != cfg.max_handshakes {
-                *slots = (
-                    cfg.max_handshakes,
-                    Arc::new(Semaphore::new(cfg.max_handshakes)),
-                );
-            }
+        let mut current = lock(&self.cfg);
+        if current.max_handshakes != cfg.max_handshakes {
+            *lock(&self.slots) = Arc::new(Semaphore::new(cfg.max_handshakes));
         }
-        *lock(&self.cfg) = cfg;
+        *current = cfg;
     }
 
     /// Waits, in arrival order, for one of the `max_handshakes` slots; `None` after
     /// [`HANDSHAKE_SLOT_WAIT`].
     async fn handshake_slot(&self) -> Option<OwnedSemaphorePermit> {
-        let slots = lock(&self.slots).1.clone();
+        let slots = lock(&self.slots).clone();
         if let Ok(p) = slots.clone().try_acquire_owned() {
             return Some(p);
         }
