@@ -1,6 +1,6 @@
 //! Batch issuance ([`issue_batch`]): one transaction per batch, the parent locked and its quota
 //! and allocation window counted once; new credentials decided one by one, encapsulated together
-//! on all cores, then given their SUPI, sealed and written each in its own savepoint; renewals
+//! on all cores, then given their SUPI, sealed and written one by one; renewals
 //! re-sealed to the key the child was issued to.
 
 use companion_crypto::aka::Sqn;
@@ -243,8 +243,8 @@ pub(super) fn prepare_provision<'i, Se: Sealer + ?Sized>(
 }
 
 /// Issues every pending credential: encapsulates them all (on all cores), then, in item order,
-/// allocates, seals and writes each in its own savepoint. An item that fails either step costs
-/// only itself, and consumes no SUPI.
+/// allocates, seals and writes each. An item that fails either step costs only itself, and
+/// consumes no SUPI.
 pub(super) fn flush<Se: Sealer + ?Sized>(
     tx: &mut dyn WriteTx,
     ctx: &BatchCtx<'_, Se>,
@@ -274,16 +274,16 @@ pub(super) fn flush<Se: Sealer + ?Sized>(
     Ok(())
 }
 
-/// Allocates the SUPI of one encapsulated credential, seals and writes it, all in the item
-/// savepoint: a seal error rolls the allocation back (`Ok(Err(_))`); a storage error aborts the
-/// batch.
+/// Allocates the SUPI of one encapsulated credential, seals and writes it. A seal error
+/// (`Ok(Err(_))`) comes before any write, so the item costs nothing: an allocation is only a
+/// choice until the child row takes it ([`WriteTx::allocate_supi`]), and no savepoint is needed
+/// to give it back. A storage error aborts the batch.
 pub(super) fn issue_one<Se: Sealer + ?Sized>(
     tx: &mut dyn WriteTx,
     ctx: &BatchCtx<'_, Se>,
     p: Pending<'_>,
     enc: Se::Encapsulated,
 ) -> Result<Result<ItemOutcome, SealError>, StoreError> {
-    tx.item_savepoint()?;
     let supi = tx.allocate_supi(&ctx.cfg.imsi_range)?;
     let child = ChildCredential {
         supi,
@@ -302,15 +302,8 @@ pub(super) fn issue_one<Se: Sealer + ?Sized>(
         revoked_at: None,
     };
     match ctx.sealer.seal(enc, &child, &p.keys) {
-        Ok(sealed) => {
-            let outcome = write_provision(tx, ctx, child, p.keys, sealed)?;
-            tx.release_item()?;
-            Ok(Ok(outcome))
-        }
-        Err(e) => {
-            tx.rollback_item()?;
-            Ok(Err(e))
-        }
+        Ok(sealed) => Ok(Ok(write_provision(tx, ctx, child, p.keys, sealed)?)),
+        Err(e) => Ok(Err(e)),
     }
 }
 

@@ -14,10 +14,11 @@
 //! public-key work, and the only step a bad device key can fail) needs nothing but the request,
 //! while the seal proper (encoding the bundle, one AEAD pass) needs the SUPI. So new credentials
 //! are decided and given their keys one by one, then *encapsulated* together on all cores, and
-//! only then, item by item in a savepoint of the batch transaction, given their SUPI, sealed and
-//! written: an item whose encapsulation fails never allocates, and one whose seal fails rolls
-//! its savepoint (and with it the allocation) back. Nothing is consumed for an item that is not
-//! issued, SUPIs stay contiguous, and the expensive half still runs in parallel. The outcomes
+//! only then, item by item in the batch transaction, given their SUPI, sealed and written: an
+//! item whose encapsulation fails never allocates, and one whose seal fails has written nothing
+//! yet (an allocation is only a choice until the child row takes it). Nothing is consumed for an
+//! item that is not issued, no savepoint is needed per item, and the expensive half still runs in
+//! parallel. The outcomes
 //! are exactly those of deciding and committing the items one after another: a renewal, a
 //! repeated request ID, or a quota or rate refusal that could depend on the credentials still
 //! pending first seals and writes those.
@@ -110,8 +111,8 @@ pub trait Sealer: Sync {
         request_id: &RequestId,
     ) -> Result<Self::Encapsulated, SealError>;
 
-    /// Seals `child` with its `keys`. Runs in item order, after the SUPI is allocated in the
-    /// item's savepoint; an error rolls the allocation back.
+    /// Seals `child` with its `keys`. Runs in item order, after the SUPI is allocated and before
+    /// anything of the item is written; after an error nothing is, and the SUPI stays free.
     fn seal(
         &self,
         encapsulated: Self::Encapsulated,

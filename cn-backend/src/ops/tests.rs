@@ -59,7 +59,7 @@ fn parallel_sealing_keeps_items_in_order() {
         max_batch_items: 256,
     };
     // Items 10, 20, ... fail their encapsulation (a bad key: before any allocation), items
-    // 5, 15, ... their seal (after the SUPI was allocated in the item's savepoint); the
+    // 5, 15, ... their seal (after the SUPI was allocated, before any write); the
     // others get a blob naming their own item and SUPI.
     struct TwoStep;
     impl Sealer for TwoStep {

@@ -421,9 +421,10 @@ pub trait WriteTx {
     /// nearly full, the first free one after a random point), so child SUPIs cannot be guessed
     /// from one another. No allocator state is kept: a SUPI is taken by the child row stored
     /// with it in the same transaction, so rolled back (to a savepoint or entirely) it is free
-    /// again. Batch issuance allocates only in the item savepoint that also stores the sealed
-    /// credential, so an item that fails consumes nothing. [`StoreError::ImsiRangeExhausted`]
-    /// when no SUPI of the range is free.
+    /// again, and one never stored was never taken: batch issuance allocates before the seal,
+    /// which may still fail, and writes only after it, so an item that fails consumes nothing.
+    /// An engine must keep it so (an allocation writes nothing the transaction keeps).
+    /// [`StoreError::ImsiRangeExhausted`] when no SUPI of the range is free.
     fn allocate_supi(&mut self, range: &ImsiRange) -> Result<Supi, StoreError>;
     /// Children of `parent` issued at or after `since` (SUPIs allocated to it in that window,
     /// since every allocation is stored with its child) and the oldest of their `issued_at`.
@@ -432,13 +433,6 @@ pub trait WriteTx {
         parent: &Supi,
         since: Timestamp,
     ) -> Result<(u32, Option<Timestamp>), StoreError>;
-    /// Opens the item savepoint (not nested: one item at a time).
-    fn item_savepoint(&mut self) -> Result<(), StoreError>;
-    /// Keeps what was written since [`WriteTx::item_savepoint`] (still inside the transaction).
-    fn release_item(&mut self) -> Result<(), StoreError>;
-    /// Undoes everything written since [`WriteTx::item_savepoint`] (an allocated SUPI
-    /// included) and closes the savepoint.
-    fn rollback_item(&mut self) -> Result<(), StoreError>;
     /// Inserts a child credential; [`StoreError::Duplicate`] if the SUPI is taken.
     fn insert_child(&mut self, child: &NewChild) -> Result<(), StoreError>;
     /// Stores a renewal: the expiry, restrictions and renewal time of `renewed`, the child row

@@ -254,8 +254,6 @@ impl PgStore {
             sync_outbox: self.sync_outbox.load(Ordering::Relaxed),
             retry: false,
             deferred: Deferred::default(),
-            item: None,
-            savepoint_open: false,
             known_issuances: Vec::new(),
             reserve: Vec::new(),
             reserve_range: None,

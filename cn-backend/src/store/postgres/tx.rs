@@ -25,7 +25,7 @@ use companion_crypto::aka::Sqn;
 
 mod deferred;
 
-pub(super) use deferred::{Deferred, Mark};
+pub(super) use deferred::Deferred;
 
 use super::db::{
     Db, get, is_retryable, is_retryable_store_err, is_unique_violation, pg_err, q_child,
@@ -51,11 +51,6 @@ pub(super) struct PgTx<'a, 'c> {
     /// the reads that consult these rows first ([`WriteTx::issuance`], [`WriteTx::child`],
     /// [`WriteTx::allocate_supi`]'s candidates).
     pub(super) deferred: Deferred,
-    /// The open item savepoint: where its rows begin in `deferred`. The SQL savepoint is only
-    /// opened when something of the item must reach the database before it ends.
-    pub(super) item: Option<Mark>,
-    /// Whether `SAVEPOINT batch_item` was sent for the open item.
-    pub(super) savepoint_open: bool,
     /// Ledger lookups answered in advance ([`WriteTx::prefetch_issuances`]); a key is dropped
     /// when its entry is written, after which the database answers.
     pub(super) known_issuances: Vec<(IdempotencyKey, Option<Issuance>)>,
@@ -428,31 +423,6 @@ impl WriteTx for PgTx<'_, '_> {
             u32_at(&row, 0)?,
             get::<Option<i64>>(&row, 1)?.map(Timestamp),
         ))
-    }
-
-    fn item_savepoint(&mut self) -> Result<(), StoreError> {
-        self.item = Some(self.deferred.mark());
-        self.savepoint_open = false;
-        Ok(())
-    }
-
-    fn release_item(&mut self) -> Result<(), StoreError> {
-        if std::mem::take(&mut self.savepoint_open) {
-            self.exec("RELEASE SAVEPOINT batch_item", &[])?;
-        }
-        self.item = None;
-        Ok(())
-    }
-
-    fn rollback_item(&mut self) -> Result<(), StoreError> {
-        if std::mem::take(&mut self.savepoint_open) {
-            self.exec("ROLLBACK TO SAVEPOINT batch_item", &[])?;
-            self.exec("RELEASE SAVEPOINT batch_item", &[])?;
-        }
-        if let Some(mark) = self.item.take() {
-            self.deferred.truncate(mark);
-        }
-        Ok(())
     }
 
     fn insert_child(&mut self, new: &NewChild) -> Result<(), StoreError> {

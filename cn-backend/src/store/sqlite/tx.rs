@@ -264,24 +264,6 @@ impl WriteTx for SqliteTx<'_> {
             .map_err(db_err)
     }
 
-    fn item_savepoint(&mut self) -> Result<(), StoreError> {
-        self.conn
-            .execute_batch("SAVEPOINT batch_item")
-            .map_err(db_err)
-    }
-
-    fn release_item(&mut self) -> Result<(), StoreError> {
-        self.conn
-            .execute_batch("RELEASE batch_item")
-            .map_err(db_err)
-    }
-
-    fn rollback_item(&mut self) -> Result<(), StoreError> {
-        self.conn
-            .execute_batch("ROLLBACK TO batch_item; RELEASE batch_item")
-            .map_err(db_err)
-    }
-
     fn insert_child(&mut self, new: &NewChild) -> Result<(), StoreError> {
         let c = &new.child;
         let (k, opc) = seal_keys(self.kek, CHILDREN, &c.supi, &new.keys)?;

@@ -1,6 +1,6 @@
 //! Deferred writes of the PostgreSQL transaction: the rows a batch writes (children, ledger
 //! entries, audit, sync outbox) kept in memory and sent with one multi-row statement per table
-//! when a statement needs them or the transaction commits, item savepoints included.
+//! when a statement needs them or the transaction commits.
 
 use postgres::types::ToSql;
 
@@ -25,9 +25,6 @@ pub(in crate::store::postgres) struct Deferred {
     pub(in crate::store::postgres) sync: Vec<(Supi, i64)>,
 }
 
-/// Lengths of the four [`Deferred`] lists.
-pub(in crate::store::postgres) type Mark = (usize, usize, usize, usize);
-
 impl Deferred {
     pub(in crate::store::postgres) fn is_empty(&self) -> bool {
         self.children.is_empty()
@@ -35,56 +32,15 @@ impl Deferred {
             && self.audit.is_empty()
             && self.sync.is_empty()
     }
-
-    pub(in crate::store::postgres) fn mark(&self) -> Mark {
-        (
-            self.children.len(),
-            self.issuances.len(),
-            self.audit.len(),
-            self.sync.len(),
-        )
-    }
-
-    pub(in crate::store::postgres) fn truncate(&mut self, (c, i, a, o): Mark) {
-        self.children.truncate(c);
-        self.issuances.truncate(i);
-        self.audit.truncate(a);
-        self.sync.truncate(o);
-    }
-
-    /// Keeps the rows before `mark`, returns the rest.
-    pub(in crate::store::postgres) fn split_off(&mut self, (c, i, a, o): Mark) -> Deferred {
-        Deferred {
-            children: self.children.split_off(c),
-            issuances: self.issuances.split_off(i),
-            audit: self.audit.split_off(a),
-            sync: self.sync.split_off(o),
-        }
-    }
 }
 
 impl<'c> PgTx<'_, 'c> {
-    /// Sends the deferred rows. Inside an item whose SQL savepoint is not open yet, the rows
-    /// before the item go first, then the savepoint, then the item's, so that
-    /// [`WriteTx::rollback_item`] still undoes exactly the item.
+    /// Sends the deferred rows, if any.
     pub(in crate::store::postgres) fn flush(&mut self) -> Result<(), StoreError> {
         if self.deferred.is_empty() {
             return Ok(());
         }
-        if let Some(mark) = self.item
-            && !self.savepoint_open
-        {
-            let tail = self.deferred.split_off(mark);
-            self.write_deferred()?;
-            self.exec("SAVEPOINT batch_item", &[])?;
-            self.savepoint_open = true;
-            self.deferred = tail;
-        }
-        self.write_deferred()?;
-        if self.item.is_some() {
-            self.item = Some((0, 0, 0, 0));
-        }
-        Ok(())
+        self.write_deferred()
     }
 
     /// Writes `deferred` with one statement per table (children before the ledger entries
