@@ -340,11 +340,12 @@ fn markdown(
          for {:.1} µs (the HPKE seal alone {:.1} µs: ring's X25519 for the ephemeral key \
          and the shared secret, then the RFC 9180 key schedule and ChaCha20-Poly1305) \
          and plain SQLite inserts of the same bytes for {:.1} µs; the remaining {:.1} µs are \
-         cn-backend's own rows and indexes (child, idempotency ledger, audit, SUPI allocation), \
-         the verification of each device's key-binding signature and the bundle's signature \
-         (ECDSA P-256, not in the crypto ceiling row), QUIC/TLS and CBOR; the quota check is a \
-         counter, O(1) per batch. Sealing runs on all \
-         cores inside the batch's transaction, so the wall rate can exceed one core's. The \
+         cn-backend's own rows and indexes (child, idempotency ledger, audit, SUPI allocation; \
+         the random SUPI keys land on random index pages, each a WAL frame at commit and again \
+         at checkpoint), the public-key crypto's cost above the one-thread ceiling when both \
+         cores run it at once, QUIC/TLS, CBOR and the allocator; the quota check is a counter, \
+         O(1) per batch. The key-binding checks (before the batch's transaction) and the HPKE \
+         encapsulations (inside it) run on all cores, so the wall rate can exceed one core's. The \
          target of {:.0} credentials per CPU-second {}.",
         run1.per_wall_s,
         raw1.per_wall_s,
