@@ -18,10 +18,9 @@
 //! item whose encapsulation fails never allocates, and one whose seal fails has written nothing
 //! yet (an allocation is only a choice until the child row takes it). Nothing is consumed for an
 //! item that is not issued, no savepoint is needed per item, and the expensive half still runs in
-//! parallel. The outcomes
-//! are exactly those of deciding and committing the items one after another: a renewal, a
-//! repeated request ID, or a quota or rate refusal that could depend on the credentials still
-//! pending first seals and writes those.
+//! parallel. The outcomes are exactly those of deciding and committing the items one after
+//! another: a renewal, a repeated request ID, or a quota or rate refusal that could depend on the
+//! credentials still pending first seals and writes those.
 //!
 //! # Allocation cap
 //! Besides the quota (live credentials), the operator caps how many new credentials (SUPIs) a

@@ -25,28 +25,12 @@ pub(in crate::store::postgres) struct Deferred {
     pub(in crate::store::postgres) sync: Vec<(Supi, i64)>,
 }
 
-impl Deferred {
-    pub(in crate::store::postgres) fn is_empty(&self) -> bool {
-        self.children.is_empty()
-            && self.issuances.is_empty()
-            && self.audit.is_empty()
-            && self.sync.is_empty()
-    }
-}
-
 impl<'c> PgTx<'_, 'c> {
-    /// Sends the deferred rows, if any.
+    /// Sends the deferred rows: one statement per non-empty table (children before the ledger
+    /// entries that reference them), nothing when there are none; empties `deferred`. A unique
+    /// violation can only come from another transaction that took a SUPI meanwhile: the
+    /// transaction is run again.
     pub(in crate::store::postgres) fn flush(&mut self) -> Result<(), StoreError> {
-        if self.deferred.is_empty() {
-            return Ok(());
-        }
-        self.write_deferred()
-    }
-
-    /// Writes `deferred` with one statement per table (children before the ledger entries
-    /// that reference them) and empties it. A unique violation can only come from another
-    /// transaction that took a SUPI meanwhile: the transaction is run again.
-    pub(in crate::store::postgres) fn write_deferred(&mut self) -> Result<(), StoreError> {
         let d = std::mem::take(&mut self.deferred);
         if !d.children.is_empty() {
             let cs = &d.children;
